@@ -1,0 +1,266 @@
+"""A batch: its tasks, their attempts, the retry rules and the execution report.
+
+No processes and no I/O here; the runner feeds attempts in and reads decisions out.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from .governor import Limits
+
+REPORT_VERSION = 1
+
+# Task states
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+GIVEN_UP = "given-up"
+CANCELLED = "cancelled"
+FINISHED = (SUCCEEDED, FAILED, GIVEN_UP, CANCELLED)
+
+# Why an attempt ended
+CAUSE_EXIT = "exit"  # the worker ended on its own (any status, or a signal pmlmd did not send)
+CAUSE_GOVERNOR_MEMORY = "governor-memory"  # terminated by the governor to keep memory free
+CAUSE_CANCELLED = "cancelled"  # the batch was cancelled (Ctrl-C, SIGTERM)
+CAUSE_SPAWN_FAILED = "spawn-failed"  # the command could not be executed
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Attempt:
+    number: int  # 1-based
+    pid: int | None
+    start: float  # wall-clock seconds
+    end: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    cause: str | None = None
+    reason: str | None = None
+    peak_rss: int = 0
+    cpu_seconds: float = 0.0
+    pauses: int = 0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["start"], data["end"] = iso(self.start), iso(self.end)
+        data["cpu_seconds"] = round(self.cpu_seconds, 3)
+        return data
+
+
+@dataclass
+class Task:
+    index: int
+    line: str | None
+    status: str = QUEUED
+    attempts: list[Attempt] = field(default_factory=list)
+    governor_ends: int = 0  # attempts ended by the governor (budget: --retries)
+    failures: int = 0  # attempts that failed on their own (budget: --retry-failed)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "task": self.line, "status": self.status,
+                "attempts": [a.to_json() for a in self.attempts]}
+
+
+@dataclass
+class BatchSpec:
+    """Everything a batch needs to run; validated by the CLI before it gets here."""
+
+    batch_id: str
+    command: list[str]
+    tasks: list[str | None]
+    limits: Limits
+    shell: bool = False
+    term_grace: float = 10.0
+    retries: int = 3
+    retry_failed: int = 0
+    task_id: str | None = None
+
+
+class Series:
+    """Min / median / max of a sampled quantity, kept cheaply."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    def summary(self, digits: int = 1) -> dict | None:
+        if not self.values:
+            return None
+        return {"min": round(min(self.values), digits), "median": round(statistics.median(self.values), digits),
+                "max": round(max(self.values), digits), "samples": len(self.values)}
+
+
+class Batch:
+    """The batch's bookkeeping: which task runs next and how each attempt's end counts."""
+
+    def __init__(self, spec: BatchSpec, now: float):
+        self.spec = spec
+        self.tasks = [Task(i, line) for i, line in enumerate(spec.tasks)]
+        self.queue: deque[Task] = deque(self.tasks)
+        self.started = now
+        self.finished: float | None = None
+        self.requeued = 0
+        self.critical_reason: str | None = None
+        self.cancel_reason: str | None = None
+        self.cpu = Series()
+        self.free_pct = Series()
+        self.lowest_free: int | None = None
+
+    # --- tasks -------------------------------------------------------------------
+    def next_task(self) -> Task:
+        task = self.queue.popleft()
+        task.status = RUNNING
+        return task
+
+    def start_attempt(self, task: Task, pid: int | None, now: float) -> Attempt:
+        attempt = Attempt(number=len(task.attempts) + 1, pid=pid, start=now)
+        task.attempts.append(attempt)
+        return attempt
+
+    def end_attempt(self, task: Task, attempt: Attempt, now: float, cause: str) -> None:
+        """Record the end and decide the task's fate: done, failed, or queued again."""
+        attempt.end = now
+        attempt.cause = cause
+        if cause == CAUSE_GOVERNOR_MEMORY:
+            task.governor_ends += 1
+            if task.governor_ends <= self.spec.retries and self.cancel_reason is None:
+                self._requeue(task)
+            else:
+                task.status = GIVEN_UP
+        elif cause == CAUSE_CANCELLED:
+            task.status = CANCELLED
+        elif attempt.exit_code == 0:
+            task.status = SUCCEEDED
+        else:
+            task.failures += 1
+            if task.failures <= self.spec.retry_failed and self.cancel_reason is None:
+                self._requeue(task)
+            else:
+                task.status = FAILED
+
+    def _requeue(self, task: Task) -> None:
+        # Back to the front: it has waited longest, and what it needs is known now.
+        task.status = QUEUED
+        self.queue.appendleft(task)
+        self.requeued += 1
+
+    def cancel_queued(self) -> None:
+        while self.queue:
+            self.queue.popleft().status = CANCELLED
+
+    # --- samples -------------------------------------------------------------------
+    def record_sample(self, cpu_pct: float | None, free: int, total: int) -> None:
+        if cpu_pct is not None:
+            self.cpu.add(cpu_pct)
+        self.free_pct.add(100.0 * free / total)
+        if self.lowest_free is None or free < self.lowest_free:
+            self.lowest_free = free
+
+    # --- outcome -------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        statuses = [t.status for t in self.tasks]
+        return {
+            "tasks": len(self.tasks),
+            "succeeded": statuses.count(SUCCEEDED),
+            "failed": statuses.count(FAILED),
+            "given_up": statuses.count(GIVEN_UP),
+            "cancelled": statuses.count(CANCELLED),
+            "terminated": sum(1 for t in self.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY),
+            "requeued": self.requeued,
+        }
+
+    def done(self) -> int:
+        return sum(1 for t in self.tasks if t.status in FINISHED)
+
+    def exit_status(self) -> int:
+        """0 all succeeded, 1 some task did not, 3 critical finish."""
+        if self.critical_reason:
+            return 3
+        return 0 if all(t.status == SUCCEEDED for t in self.tasks) else 1
+
+    def error_message(self) -> str | None:
+        if self.critical_reason:
+            return f"critical finish: {self.critical_reason}"
+        if self.cancel_reason:
+            return f"cancelled: {self.cancel_reason}"
+        bad = [t for t in self.tasks if t.status != SUCCEEDED]
+        if not bad:
+            return None
+        shown = ", ".join(f"{t.index} ({_describe_end(t)})" for t in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return f"{len(bad)} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
+
+    def summary_line(self) -> str:
+        c = self.counts()
+        took = (self.finished or self.started) - self.started
+        parts = [f"{c['succeeded']} succeeded"]
+        parts += [f"{c[k]} {k.replace('_', ' ')}" for k in ("failed", "given_up", "cancelled", "terminated", "requeued")
+                  if c[k]]
+        return f"batch {self.spec.batch_id}: {c['tasks']} tasks, {', '.join(parts)} in {took:.1f}s"
+
+    def report(self) -> dict:
+        spec, limits = self.spec, self.spec.limits
+        error = self.error_message()
+        return {
+            "report_version": REPORT_VERSION,
+            "batch_id": spec.batch_id,
+            "task_id": spec.task_id or spec.batch_id,
+            "command": spec.command,
+            "shell": spec.shell,
+            "started": iso(self.started),
+            "finished": iso(self.finished),
+            "duration_s": round((self.finished or self.started) - self.started, 3),
+            "error_exist": error is not None,
+            "error_message": error,
+            "critical_error": self.critical_reason is not None,
+            "execution_message": self.summary_line(),
+            "exit_status": self.exit_status(),
+            "limits": {
+                "cpu_limit_pct": limits.cpu_limit,
+                "memfree_limit_pct": limits.memfree_limit,
+                "memory_metric": limits.memory_metric,
+                "memory_gap_bytes": limits.memory_gap,
+                "min_free_bytes": limits.min_free,
+                "victim": limits.victim,
+                "max_workers": limits.max_workers,
+                "cpu_margin_pct": limits.cpu_margin,
+                "interval_s": limits.window,
+                "term_grace_s": spec.term_grace,
+                "retries": spec.retries,
+                "retry_failed": spec.retry_failed,
+            },
+            "counts": self.counts(),
+            "lowest_free_memory_bytes": self.lowest_free,
+            "lowest_free_memory_pct": self.free_pct.summary()["min"] if self.free_pct.values else None,
+            "highest_cpu_pct": self.cpu.summary()["max"] if self.cpu.values else None,
+            "cpu_pct": self.cpu.summary(),
+            "free_memory_pct": self.free_pct.summary(),
+            "tasks": [t.to_json() for t in self.tasks],
+        }
+
+
+def _describe_end(task: Task) -> str:
+    if task.status == GIVEN_UP:
+        return f"given up after {task.governor_ends} terminations"
+    if task.status == CANCELLED:
+        return "cancelled"
+    last = task.attempts[-1] if task.attempts else None
+    if last is None:
+        return task.status
+    if last.cause == CAUSE_SPAWN_FAILED:
+        return last.reason or "could not start"
+    if last.signal is not None:
+        return f"killed by signal {last.signal}"
+    return f"exit {last.exit_code}"

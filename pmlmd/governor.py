@@ -1,0 +1,290 @@
+"""The load governor: a pure function from (node sample, worker table) to decisions.
+
+No I/O happens here. The caller samples /proc, builds the worker table, calls
+``decide`` and carries the decisions out (signals, spawns). Everything the policy
+needs, including the current time, arrives in the arguments, so a table of inputs
+fully describes a situation and the same input always yields the same decisions.
+
+Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU limit):
+
+1. floor      free < F          kill victims at once until projected free >= max(L, F);
+                                with no worker left and tasks queued: critical.
+2. memory     free < L          terminate victims (SIGTERM, then SIGKILL after the
+                                grace) until projected free >= L; admit nothing.
+3. gap        free < L + G      admit nothing; pause every running worker whose
+                                memory is growing. If all are paused and nothing
+                                changes for a window: continue the last one, or make
+                                room by terminating the first victim among several.
+4. cpu        cpu > C           admit nothing; pause running victims that use CPU
+                                until their share covers the excess. The last running
+                                worker is kept if it fits the limit alone (within half
+                                the margin, for measuring noise) and the node
+                                without it is within the limit (pausing it would only
+                                start a pause/continue cycle).
+5. calm       otherwise         continue one paused worker (oldest first) per step if
+                                it fits the CPU headroom; with nothing paused, admit
+                                new workers while usage + 2 x average + G fits.
+
+Hysteresis: continue and admit need cpu <= C - margin while any worker runs (the
+memory rules already hold the gap G in reserve). A worker is never continued in the
+window it was paused in. Liveness: when no worker runs, one may be continued or
+admitted as soon as no limit is breached, so a batch always makes progress.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Sequence
+
+RUNNING = "running"
+PAUSED = "paused"
+TERMINATING = "terminating"  # SIGTERM sent, waiting for exit or the grace to pass
+KILLED = "killed"  # SIGKILL sent, waiting for the exit to be reaped
+RELEASING = (TERMINATING, KILLED)
+
+SPAWN = "spawn"
+PAUSE = "pause"
+CONTINUE = "continue"
+TERMINATE = "terminate"
+KILL = "kill"
+CRITICAL = "critical"
+
+VICTIM_POLICIES = ("newest", "oldest", "largest")
+MEMORY_METRICS = ("available", "free")
+
+# A worker whose memory grows faster than this is "growing" (noise from page
+# cache and allocator churn stays well below it).
+GROWTH_THRESHOLD = 1 << 20  # bytes per second
+# A worker using less than this share of the node's CPU is not worth pausing for CPU.
+CPU_NEGLIGIBLE = 1.0  # percentage points
+
+
+@dataclass(frozen=True)
+class NodeSample:
+    time: float  # monotonic seconds
+    cpu_pct: float | None  # node-wide utilisation over all cores, 0-100; None until a window has passed
+    mem_total: int  # bytes
+    mem_available: int  # bytes (MemAvailable)
+    mem_free: int  # bytes (MemFree)
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_limit: float = 90.0  # percent of all cores
+    memfree_limit: float = 20.0  # percent of total memory that must stay free
+    memory_metric: str = "available"
+    memory_gap: int = 200 << 20
+    min_free: int = 300 << 20
+    victim: str = "newest"
+    max_workers: int = 16
+    cpu_margin: float = 10.0  # hysteresis for continue/admit, in percentage points
+    window: float = 0.5  # base sampling interval; also the pause cool-down
+
+    def memory_limit_bytes(self, total: int) -> int:
+        return int(total * self.memfree_limit / 100)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    key: Hashable  # (pid, start time): stable even if a pid is reused
+    started: float  # monotonic seconds
+    state: str  # RUNNING, PAUSED, TERMINATING or KILLED
+    rss: int = 0  # bytes, the worker's whole process group
+    rss_growth: float | None = None  # bytes per second over the last refresh
+    cpu: float | None = None  # share of the node's CPU, 0-100; None until measured
+    paused_at: float | None = None
+    cpu_at_pause: float | None = None
+    priority: int = 0  # higher runs first and pays last
+
+
+@dataclass(frozen=True)
+class Workload:
+    queued: int  # tasks waiting for a worker
+    avg_rss: float | None = None  # bytes per worker measured so far (peak)
+    avg_cpu: float | None = None  # node CPU share per worker measured so far
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    worker: Hashable | None = None
+    count: int = 0
+    rule: str = ""
+    reason: str = ""
+
+
+def free_bytes(sample: NodeSample, limits: Limits) -> int:
+    return sample.mem_available if limits.memory_metric == "available" else sample.mem_free
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / (1 << 20):.0f}MiB"
+
+
+def victim_order(workers: Iterable[WorkerView], policy: str, resource: str) -> list[WorkerView]:
+    """Workers in the order they pay: lowest priority first, then by the policy.
+
+    ``resource`` ("rss" or "cpu") is what "largest" measures.
+    """
+
+    def key(w: WorkerView):
+        if policy == "oldest":
+            second = (w.started,)
+        elif policy == "largest":
+            size = w.rss if resource == "rss" else (w.cpu or 0.0)
+            second = (-size, -w.started)
+        else:  # newest
+            second = (-w.started,)
+        return (w.priority, *second, repr(w.key))
+
+    return sorted(workers, key=key)
+
+
+def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload, limits: Limits) -> list[Decision]:
+    """Return the decisions for one sample. Pure: no I/O, no clock, no randomness."""
+    free = free_bytes(sample, limits)
+    limit = limits.memory_limit_bytes(sample.mem_total)
+    gap = limits.memory_gap
+    cpu = sample.cpu_pct
+    running = [w for w in workers if w.state == RUNNING]
+    paused = [w for w in workers if w.state == PAUSED]
+    releasing = [w for w in workers if w.state in RELEASING]
+    seen = f"free {_mib(free)}, limit {_mib(limit)}"
+
+    # 1. Critical floor: kill at once, the grace is a luxury we no longer have.
+    if free < limits.min_free:
+        decisions = []
+        projected = free
+        for w in victim_order([w for w in releasing if w.state == TERMINATING], limits.victim, "rss"):
+            decisions.append(Decision(KILL, w.key, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)}: "
+                                      f"killing worker already told to stop ({_mib(w.rss)})"))
+        projected += sum(w.rss for w in releasing)
+        target = max(limit, limits.min_free)
+        for w in victim_order(running + paused, limits.victim, "rss"):
+            if projected >= target:
+                break
+            decisions.append(Decision(KILL, w.key, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)}: "
+                                      f"killing {limits.victim} worker ({_mib(w.rss)})"))
+            projected += w.rss
+        if not workers and workload.queued:
+            decisions.append(Decision(CRITICAL, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)} "
+                                      "with no worker left to terminate"))
+        return decisions
+
+    # 2. Below the memory limit: terminate until the projection clears the limit.
+    if free < limit:
+        decisions = []
+        projected = free + sum(w.rss for w in releasing)
+        for w in victim_order(running + paused, limits.victim, "rss"):
+            if projected >= limit:
+                break
+            decisions.append(Decision(TERMINATE, w.key, rule="memory", reason=f"{seen}: terminating "
+                                      f"{limits.victim} worker ({_mib(w.rss)}) to get back above the limit"))
+            projected += w.rss
+        return decisions
+
+    # 3. Inside the gap above the limit: hold still, stop whatever is growing.
+    if free < limit + gap:
+        growing = [w for w in running if (w.rss_growth or 0) > GROWTH_THRESHOLD]
+        decisions = [Decision(PAUSE, w.key, rule="gap", reason=f"{seen}, gap {_mib(gap)}: pausing worker whose "
+                              f"memory grows {_mib(w.rss_growth)}/s") for w in victim_order(growing, limits.victim, "rss")]
+        stuck = (not decisions and not running and not releasing and paused
+                 and all(sample.time - w.paused_at >= limits.window for w in paused))
+        if stuck and (cpu is None or cpu <= limits.cpu_limit):
+            if len(paused) == 1:
+                decisions.append(Decision(CONTINUE, paused[0].key, rule="gap", reason=f"{seen}: every worker paused "
+                                          "in the gap; continuing the last one so the batch makes progress"))
+            else:
+                w = victim_order(paused, limits.victim, "rss")[0]
+                decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: every worker paused in the "
+                                          f"gap; terminating the {limits.victim} ({_mib(w.rss)}) to make room"))
+        return decisions
+
+    # 4. Over the CPU limit: pause the victims that actually burn CPU.
+    if cpu is not None and cpu > limits.cpu_limit:
+        excess = cpu - limits.cpu_limit
+        decisions = []
+        covered = 0.0
+        burners = [w for w in running if (w.cpu or 0.0) >= CPU_NEGLIGIBLE]
+        left_running = len(running)
+        for w in victim_order(burners, limits.victim, "cpu"):
+            if covered >= excess:
+                break
+            alone_fits = w.cpu <= limits.cpu_limit + limits.cpu_margin / 2  # half the margin absorbs tick noise
+            if left_running == 1 and alone_fits and cpu - covered - w.cpu <= limits.cpu_limit:
+                break  # the last runner fits the limit alone and the rest of the node is within it: keep it
+            left_running -= 1
+            decisions.append(Decision(PAUSE, w.key, rule="cpu", reason=f"cpu {cpu:.0f}% > limit "
+                                      f"{limits.cpu_limit:.0f}%: pausing {limits.victim} worker (cpu {w.cpu:.0f}%)"))
+            covered += w.cpu
+        return decisions
+
+    # 5. Within the limits.
+    cpu_now = cpu or 0.0
+    calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
+    if paused:
+        ready = [w for w in paused if sample.time - w.paused_at >= limits.window]
+        ready.sort(key=lambda w: (-w.priority, w.started, repr(w.key)))
+        for w in ready[:1]:
+            if not running or (calm and cpu_now + (w.cpu_at_pause or 0.0) <= limits.cpu_limit):
+                why = "nothing else runs" if not running else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
+                return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
+                                 f"paused worker ({why})")]
+        # Paused workers keep their claim on the headroom: admit nothing new.
+        return []
+
+    if workload.queued <= 0:
+        return []
+    room = limits.max_workers - len(workers)
+    if room <= 0 or (running and not calm):
+        return []
+    young = [w for w in running if w.cpu is None]
+    cpu_projected = cpu_now + len(young) * (workload.avg_cpu or 0.0)
+    free_projected = free
+    if workload.avg_rss:
+        free_projected -= sum(max(0.0, workload.avg_rss - w.rss) for w in young)
+    bounds = {"queued": workload.queued, "cap": room}
+    if workload.avg_rss is None or workload.avg_cpu is None:
+        bounds["ramp"] = max(1, len(running))  # nothing measured yet: double the workers per step
+    if workload.avg_rss:
+        bounds["memory"] = math.floor((free_projected - limit - gap) / workload.avg_rss) - 1
+    if workload.avg_cpu and workload.avg_cpu >= CPU_NEGLIGIBLE:
+        bounds["cpu"] = math.floor((limits.cpu_limit - cpu_projected) / workload.avg_cpu)
+    bound_by = min(bounds, key=bounds.get)
+    count = bounds[bound_by]
+    if count < 1 and not running:
+        count, bound_by = 1, "liveness: nothing else runs"  # one worker may always try
+    if count < 1:
+        return []
+    return [Decision(SPAWN, count=count, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: admitting {count} "
+                     f"(bound by {bound_by})")]
+
+
+def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01) -> float:
+    """How long to wait before the next node sample.
+
+    The base interval while far from the limits; when free memory falls, wait at
+    most half the time it needs at its current rate to reach the next threshold
+    (gap edge, limit, floor), down to ``floor`` seconds; near the CPU limit, sample
+    at least twice per base interval.
+    """
+    base = limits.window
+    free = free_bytes(sample, limits)
+    limit = limits.memory_limit_bytes(sample.mem_total)
+    thresholds = [t for t in (limit + limits.memory_gap, limit, limits.min_free) if t < free]
+    interval = base
+    if thresholds:
+        next_threshold = max(thresholds)
+        distance = free - next_threshold
+        if distance < limits.memory_gap:
+            interval = base / 5
+        if previous is not None and sample.time > previous.time:
+            falling = (free_bytes(previous, limits) - free) / (sample.time - previous.time)
+            if falling > 0:
+                interval = min(interval, distance / falling / 2)
+    else:
+        interval = base / 5  # already below the floor: watch closely
+    if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
+        interval = min(interval, base / 2)
+    return max(floor, min(base, interval))

@@ -1,0 +1,173 @@
+"""Sampling the node and the workers from /proc, without blocking and without psutil.
+
+Everything reads from a ``root`` directory (``/proc`` by default) so that the parsers
+can be tested against fake /proc trees. Parsing is kept in small pure functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .governor import NodeSample
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that pmlmd uses."""
+
+    pid: int
+    state: str  # R, S, D, T (stopped), t, Z, ...
+    ppid: int
+    pgrp: int
+    cpu_ticks: int  # utime + stime + cutime + cstime
+    start_ticks: int  # since boot: with the pid, identifies a process for its whole life
+    rss_pages: int
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """Parse /proc/meminfo into bytes per field (fields given in kB are scaled)."""
+    fields = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            value = int(parts[0])
+        except ValueError:
+            continue
+        if len(parts) > 1 and parts[1] == "kB":
+            value *= 1024
+        fields[name.strip()] = value
+    return fields
+
+
+def parse_cpu_line(text: str) -> tuple[int, int]:
+    """From /proc/stat, return (busy, total) jiffies of the aggregate "cpu" line.
+
+    Idle and iowait count as not busy; guest time is already inside user/nice.
+    """
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:]]
+            values = values[:8]  # user nice system idle iowait irq softirq steal
+            idle = values[3] + (values[4] if len(values) > 4 else 0)
+            total = sum(values)
+            return total - idle, total
+    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+
+
+def count_cpus(text: str) -> int:
+    """Number of per-CPU lines (cpu0, cpu1, ...) in /proc/stat."""
+    return sum(1 for line in text.splitlines() if line.startswith("cpu") and line[3:4].isdigit()) or 1
+
+
+def parse_pid_stat(text: str) -> ProcStat:
+    """Parse /proc/PID/stat. The command name may hold spaces and parentheses."""
+    pid_part, _, rest = text.partition(" (")
+    fields = rest[rest.rindex(")") + 2:].split()
+    # fields[0] is field 3 of proc(5) (state); field n of proc(5) is fields[n - 3].
+    return ProcStat(
+        pid=int(pid_part),
+        state=fields[0],
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        cpu_ticks=sum(int(v) for v in fields[11:15]),
+        start_ticks=int(fields[19]),
+        rss_pages=int(fields[21]),
+    )
+
+
+class ProcReader:
+    """Reads /proc (or a fake tree laid out like it)."""
+
+    def __init__(self, root: str = "/proc"):
+        self.root = root
+
+    def _read(self, relpath: str) -> str:
+        with open(os.path.join(self.root, relpath), "rb", buffering=0) as f:
+            return f.read().decode("utf-8", "replace")
+
+    def meminfo(self) -> dict[str, int]:
+        return parse_meminfo(self._read("meminfo"))
+
+    def cpu_times(self) -> tuple[int, int]:
+        return parse_cpu_line(self._read("stat"))
+
+    def cpu_count(self) -> int:
+        return count_cpus(self._read("stat"))
+
+    def pid_stat(self, pid: int) -> ProcStat | None:
+        """The process's stat, or None when it is gone."""
+        try:
+            return parse_pid_stat(self._read(f"{pid}/stat"))
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def all_pid_stats(self) -> Iterable[ProcStat]:
+        for name in os.listdir(self.root):
+            if name.isdigit():
+                stat = self.pid_stat(int(name))
+                if stat is not None:
+                    yield stat
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    """What a worker's process group uses right now."""
+
+    rss: int  # bytes
+    cpu_ticks: int
+    states: str  # one letter per process, e.g. "TT"
+    processes: int
+
+
+def group_usage(stats: Iterable[ProcStat], pgids: set[int]) -> dict[int, GroupUsage]:
+    """Sum the members of each wanted process group (zombies hold no memory)."""
+    acc: dict[int, list] = {}
+    for st in stats:
+        if st.pgrp in pgids:
+            entry = acc.setdefault(st.pgrp, [0, 0, []])
+            entry[0] += st.rss_pages * PAGE_SIZE
+            entry[1] += st.cpu_ticks
+            entry[2].append(st.state)
+    return {pgid: GroupUsage(rss, ticks, "".join(states), len(states)) for pgid, (rss, ticks, states) in acc.items()}
+
+
+class NodeSampler:
+    """Produces NodeSamples; node CPU is measured over windows of at least ``cpu_window`` s.
+
+    Jiffies tick at 100 Hz, so shorter windows are too coarse to mean anything; when
+    memory is sampled faster than that the last CPU reading is repeated.
+    """
+
+    def __init__(self, proc: ProcReader | None = None, cpu_window: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic):
+        self.proc = proc or ProcReader()
+        self.cpu_window = cpu_window
+        self.clock = clock
+        self.cpu_count = self.proc.cpu_count()
+        self._mark: tuple[float, int, int] | None = None
+        self._cpu_pct: float | None = None
+
+    def sample(self) -> NodeSample:
+        now = self.clock()
+        info = self.proc.meminfo()
+        if self._mark is None or now - self._mark[0] >= self.cpu_window:
+            busy, total = self.proc.cpu_times()
+            if self._mark is not None and total > self._mark[2]:
+                self._cpu_pct = 100.0 * (busy - self._mark[1]) / (total - self._mark[2])
+            self._mark = (now, busy, total)
+        return NodeSample(
+            time=now,
+            cpu_pct=self._cpu_pct,
+            mem_total=info["MemTotal"],
+            mem_available=info.get("MemAvailable", info["MemFree"]),
+            mem_free=info["MemFree"],
+        )

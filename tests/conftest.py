@@ -1,0 +1,138 @@
+"""Shared fixtures: run pmlmctl as a real process, and clean up after it whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pmlmd.sampler import ProcReader
+
+HELPERS = Path(__file__).parent / "helpers"
+BURN = str(HELPERS / "burn.py")
+HOG = str(HELPERS / "hog.py")
+
+
+def wait_for(predicate, timeout: float = 10.0, poll: float = 0.01, what: str = "condition"):
+    """Wait until predicate() is truthy (an event we can only observe by looking)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def meminfo() -> dict[str, int]:
+    return ProcReader().meminfo()
+
+
+def read_trace(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # the last line may be half written
+    return records
+
+
+def group_states(pgid: int) -> str:
+    """State letters of every live process in a process group."""
+    return "".join(st.state for st in ProcReader().all_pid_stats() if st.pgrp == pgid and st.state != "Z")
+
+
+class PmlmRun:
+    """One ``pmlmctl run`` process with a trace file, ended by the test or by teardown."""
+
+    def __init__(self, tmp_path: Path, args: list[str], stdin=None):
+        self.trace_path = tmp_path / f"trace-{id(self)}.jsonl"
+        self.report_path = tmp_path / f"report-{id(self)}.json"
+        cmd = [sys.executable, "-m", "pmlmd.ctl", "run", "--trace", str(self.trace_path),
+               "--report", str(self.report_path), *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if stdin is not None:
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
+        self.stdout = self.stderr = None
+
+    def wait(self, timeout: float = 60.0) -> int:
+        self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode
+
+    def trace(self) -> list[dict]:
+        return read_trace(self.trace_path)
+
+    def report(self) -> dict:
+        return json.loads(self.report_path.read_text())
+
+    def started_workers(self) -> list[dict]:
+        return [r for r in self.trace() if r.get("event") == "start"]
+
+    def kill_everything(self) -> None:
+        """Teardown: end pmlmctl and every worker it started that is still the same process."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        reader = ProcReader()
+        for start in self.started_workers():
+            stat = reader.pid_stat(start["pid"])
+            if stat is not None and stat.start_ticks == start["start_ticks"]:
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    try:
+                        os.killpg(start["pid"], sig)
+                    except ProcessLookupError:
+                        pass
+
+
+@pytest.fixture
+def pmlm(tmp_path):
+    """Start ``pmlmctl run`` processes; all of them and their workers end with the test."""
+    runs: list[PmlmRun] = []
+
+    def start(*args: str, stdin: str | None = None) -> PmlmRun:
+        run = PmlmRun(tmp_path, list(args), stdin=stdin)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.kill_everything()
+
+
+class MemorySampler:
+    """Reads MemAvailable every few milliseconds in a thread, to see what the governor may miss."""
+
+    def __init__(self, period: float = 0.002):
+        self.period = period
+        self.lowest = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        reader = ProcReader()
+        while not self._stop.is_set():
+            available = reader.meminfo()["MemAvailable"]
+            if self.lowest is None or available < self.lowest:
+                self.lowest = available
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,276 @@
+"""Table tests for the governor: one situation per test, the decision the rules require."""
+
+import dataclasses
+
+import pytest
+
+from pmlmd.governor import (CONTINUE, CRITICAL, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
+                            Limits, NodeSample, WorkerView, Workload, decide, next_interval)
+
+MiB = 1 << 20
+GiB = 1 << 30
+TOTAL = 16 * GiB
+LIMITS = Limits(cpu_limit=80.0, memfree_limit=20.0, memory_gap=200 * MiB, min_free=300 * MiB, max_workers=8,
+                cpu_margin=10.0, window=0.5)
+LIMIT = LIMITS.memory_limit_bytes(TOTAL)  # 3.2 GiB
+NOW = 100.0
+
+
+def node(free=8 * GiB, cpu=20.0, t=NOW, mem_free=None):
+    return NodeSample(time=t, cpu_pct=cpu, mem_total=TOTAL, mem_available=free,
+                      mem_free=free if mem_free is None else mem_free)
+
+
+def worker(pid, started=None, state=RUNNING, rss=100 * MiB, growth=0.0, cpu=10.0, paused_at=None, cpu_at_pause=None,
+           priority=0):
+    return WorkerView(key=pid, started=float(pid) if started is None else started, state=state, rss=rss,
+                      rss_growth=growth, cpu=cpu, paused_at=paused_at, cpu_at_pause=cpu_at_pause, priority=priority)
+
+
+def paused(pid, since=1.0, cpu_at_pause=40.0, **kw):
+    return worker(pid, state=PAUSED, paused_at=NOW - since, cpu_at_pause=cpu_at_pause, cpu=0.0, **kw)
+
+
+def actions(decisions):
+    return [(d.action, d.worker) for d in decisions]
+
+
+WORK = Workload(queued=5, avg_rss=100 * MiB, avg_cpu=10.0)
+
+
+# --- 1. floor ------------------------------------------------------------------------------
+def test_floor_kills_newest_until_projection_clears_the_limit():
+    workers = [worker(1, rss=2 * GiB), worker(2, rss=2 * GiB), worker(3, rss=2 * GiB)]
+    out = decide(node(free=200 * MiB), workers, WORK, LIMITS)
+    # 200M + 2G < 3.2G, + 2G more clears it: the two newest pay, the oldest runs on.
+    assert actions(out) == [(KILL, 3), (KILL, 2)]
+    assert all(d.rule == "floor" for d in out)
+
+
+def test_floor_escalates_workers_already_told_to_stop():
+    workers = [worker(1, rss=1 * GiB), worker(2, state=TERMINATING, rss=4 * GiB)]
+    out = decide(node(free=200 * MiB), workers, WORK, LIMITS)
+    assert actions(out) == [(KILL, 2)]  # its 4G clear the limit: nobody else pays
+
+
+def test_floor_kills_paused_workers_too():
+    out = decide(node(free=100 * MiB), [paused(1, rss=4 * GiB)], WORK, LIMITS)
+    assert actions(out) == [(KILL, 1)]
+
+
+def test_floor_with_nothing_left_to_terminate_is_critical():
+    out = decide(node(free=100 * MiB), [], WORK, LIMITS)
+    assert [d.action for d in out] == [CRITICAL]
+    assert "floor" in out[0].reason
+
+
+def test_floor_with_no_work_left_is_not_critical():
+    assert decide(node(free=100 * MiB), [], Workload(queued=0), LIMITS) == []
+
+
+# --- 2. memory limit ----------------------------------------------------------------------------
+def test_below_limit_terminates_newest_until_projection_clears_it():
+    workers = [worker(1, rss=1 * GiB), worker(2, rss=300 * MiB), worker(3, rss=300 * MiB)]
+    out = decide(node(free=LIMIT - 500 * MiB), workers, WORK, LIMITS)
+    assert actions(out) == [(TERMINATE, 3), (TERMINATE, 2)]
+    assert all(d.rule == "memory" for d in out)
+
+
+def test_below_limit_counts_memory_already_being_released():
+    workers = [worker(1, rss=1 * GiB), worker(2, state=TERMINATING, rss=600 * MiB)]
+    assert decide(node(free=LIMIT - 500 * MiB), workers, WORK, LIMITS) == []
+
+
+@pytest.mark.parametrize("policy,expected", [("newest", 3), ("oldest", 1), ("largest", 2)])
+def test_victim_policy_picks_who_pays_first(policy, expected):
+    workers = [worker(1, rss=1 * GiB), worker(2, rss=3 * GiB), worker(3, rss=1 * GiB)]
+    out = decide(node(free=LIMIT - 10 * MiB), workers, WORK, dataclasses.replace(LIMITS, victim=policy))
+    assert actions(out)[0] == (TERMINATE, expected)
+
+
+def test_lower_priority_pays_before_the_policy_applies():
+    workers = [worker(1, priority=0), worker(2, priority=5)]
+    out = decide(node(free=LIMIT - 10 * MiB), workers, WORK, LIMITS)
+    assert actions(out) == [(TERMINATE, 1)]
+
+
+def test_below_limit_admits_nothing():
+    out = decide(node(free=LIMIT - 10 * MiB), [], WORK, LIMITS)
+    assert out == []
+
+
+# --- 3. gap ------------------------------------------------------------------------------
+def test_gap_pauses_growing_workers_only_and_admits_nothing():
+    workers = [worker(1, growth=0.0), worker(2, growth=50 * MiB), worker(3, growth=-5 * MiB)]
+    out = decide(node(free=LIMIT + 100 * MiB), workers, WORK, LIMITS)
+    assert actions(out) == [(PAUSE, 2)]
+    assert out[0].rule == "gap"
+
+
+def test_gap_with_a_lone_paused_worker_continues_it_after_a_window():
+    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6)], WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 1)]
+
+
+def test_gap_with_several_paused_workers_makes_room_by_terminating_the_first_victim():
+    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=2), paused(2, since=2)], WORK, LIMITS)
+    assert actions(out) == [(TERMINATE, 2)]
+
+
+def test_gap_waits_while_a_pause_is_younger_than_a_window():
+    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=2), paused(2, since=0.1)], WORK, LIMITS)
+    assert out == []
+
+
+# --- 4. cpu --------------------------------------------------------------------------------
+def test_cpu_over_limit_pauses_newest_burners_until_the_excess_is_covered():
+    workers = [worker(1, cpu=30), worker(2, cpu=30), worker(3, cpu=30), worker(4, cpu=0.2)]
+    out = decide(node(cpu=95.0), workers, WORK, LIMITS)
+    # excess 15: one burner covers it; the idle worker 4 would not help.
+    assert actions(out) == [(PAUSE, 3)]
+    assert out[0].rule == "cpu"
+
+
+def test_cpu_pauses_several_when_one_is_not_enough():
+    workers = [worker(1, cpu=25), worker(2, cpu=25), worker(3, cpu=25), worker(4, cpu=25)]
+    out = decide(node(cpu=100.0), workers, WORK, LIMITS)
+    assert actions(out) == [(PAUSE, 4)]
+    out = decide(node(cpu=100.0), workers, WORK, dataclasses.replace(LIMITS, cpu_limit=50.0))
+    assert actions(out) == [(PAUSE, 4), (PAUSE, 3)]
+
+
+def test_cpu_keeps_the_last_runner_when_it_fits_the_limit_alone():
+    out = decide(node(cpu=81.0), [worker(1, cpu=80.5)], WORK, LIMITS)
+    assert out == []
+
+
+def test_cpu_pauses_the_last_runner_when_the_rest_of_the_node_is_over_the_limit():
+    out = decide(node(cpu=99.0), [worker(1, cpu=10.0)], WORK, LIMITS)
+    assert actions(out) == [(PAUSE, 1)]
+
+
+def test_cpu_pauses_the_last_runner_when_it_alone_exceeds_the_limit():
+    out = decide(node(cpu=100.0), [worker(1, cpu=100.0)], WORK, LIMITS)
+    assert actions(out) == [(PAUSE, 1)]
+
+
+def test_cpu_over_limit_admits_nothing():
+    assert decide(node(cpu=90.0), [], WORK, LIMITS) == []
+
+
+# --- 5. calm: continue first, then admit ------------------------------------------------------
+def test_continue_oldest_paused_first_one_per_step():
+    workers = [worker(5, cpu=20), paused(2, cpu_at_pause=20), paused(1, cpu_at_pause=20)]
+    out = decide(node(cpu=30.0), workers, WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 1)]
+
+
+def test_no_continue_in_the_window_of_the_pause():
+    workers = [worker(5), paused(1, since=0.2, cpu_at_pause=10)]
+    assert decide(node(cpu=10.0), workers, WORK, LIMITS) == []
+
+
+def test_no_continue_when_its_cpu_would_not_fit_while_others_run():
+    workers = [worker(5, cpu=50), paused(1, cpu_at_pause=40)]
+    assert decide(node(cpu=60.0), workers, WORK, LIMITS) == []
+
+
+def test_continue_within_hysteresis_only():
+    workers = [worker(5, cpu=20), paused(1, cpu_at_pause=5)]
+    assert decide(node(cpu=75.0), workers, WORK, LIMITS) == []  # 75 > 80 - 10
+    assert actions(decide(node(cpu=65.0), workers, WORK, LIMITS)) == [(CONTINUE, 1)]
+
+
+def test_continue_when_nothing_runs_even_if_its_share_exceeds_the_headroom():
+    out = decide(node(cpu=5.0), [paused(1, cpu_at_pause=100)], WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 1)]
+
+
+def test_higher_priority_is_continued_first():
+    out = decide(node(cpu=5.0), [paused(1), paused(2, priority=3)], WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 2)]
+
+
+def test_paused_workers_block_admission():
+    workers = [worker(5), paused(1, since=0.1)]
+    assert decide(node(cpu=10.0), workers, WORK, LIMITS) == []
+
+
+def spawned(decisions):
+    assert all(d.action == SPAWN for d in decisions)
+    return sum(d.count for d in decisions)
+
+
+def test_admission_ramps_up_while_nothing_is_measured():
+    unknown = Workload(queued=50)
+    assert spawned(decide(node(), [], unknown, LIMITS)) == 1
+    assert spawned(decide(node(), [worker(1, cpu=None), worker(2, cpu=None)], unknown, LIMITS)) == 2
+
+
+def test_admission_bounded_by_memory_usage_plus_two_averages_plus_gap():
+    work = Workload(queued=50, avg_rss=1 * GiB, avg_cpu=1.0)
+    # headroom above limit + gap is 3.5G: 3 averages fit, the rule keeps one in reserve.
+    free = LIMIT + 200 * MiB + int(3.5 * GiB)
+    assert spawned(decide(node(free=free), [worker(1, cpu=1.0)], work, LIMITS)) == 2
+
+
+def test_admission_bounded_by_cpu_headroom():
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=20.0)
+    assert spawned(decide(node(cpu=30.0), [worker(1, cpu=20)], work, LIMITS)) == 2  # 30 + 2 x 20 <= 80
+
+
+def test_admission_counts_unmeasured_young_workers_at_the_average():
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=20.0)
+    young = [worker(1, cpu=20), worker(2, cpu=None), worker(3, cpu=None)]
+    # 30 + 2 young x 20 = 70: one more would reach 90 > 80.
+    assert decide(node(cpu=30.0), young, work, LIMITS) == []
+
+
+def test_admission_bounded_by_cap_and_queue():
+    work = Workload(queued=3, avg_rss=1 * MiB, avg_cpu=0.1)
+    assert spawned(decide(node(cpu=1.0), [worker(1, cpu=0.1)], work, LIMITS)) == 3
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=0.1)
+    assert spawned(decide(node(cpu=1.0), [worker(1, cpu=0.1)], work, LIMITS)) == 7  # cap 8
+
+
+def test_no_admission_in_the_cpu_hysteresis_band_while_workers_run():
+    assert decide(node(cpu=75.0), [worker(1, cpu=30)], WORK, LIMITS) == []
+
+
+def test_one_admission_when_nothing_runs_even_without_headroom():
+    work = Workload(queued=5, avg_rss=1 * MiB, avg_cpu=50.0)
+    assert spawned(decide(node(cpu=75.0), [], work, LIMITS)) == 1
+
+
+def test_no_admission_without_the_memory_gap():
+    assert decide(node(free=LIMIT + 100 * MiB), [], WORK, LIMITS) == []
+
+
+def test_memory_metric_free_reads_memfree():
+    limits = dataclasses.replace(LIMITS, memory_metric="free")
+    out = decide(node(free=8 * GiB, mem_free=LIMIT - 10 * MiB), [worker(1)], WORK, limits)
+    assert actions(out) == [(TERMINATE, 1)]
+    # MemAvailable below the limit does not matter when the metric is MemFree.
+    assert spawned(decide(node(free=LIMIT - 10 * MiB, mem_free=8 * GiB), [], WORK, limits)) == 5
+
+
+def test_decisions_carry_reasons():
+    out = decide(node(free=LIMIT - 10 * MiB), [worker(1)], WORK, LIMITS)
+    assert "limit" in out[0].reason and out[0].rule == "memory"
+
+
+# --- sampling interval ---------------------------------------------------------------------
+def test_interval_is_the_base_far_from_the_limits():
+    assert next_interval(node(t=0), node(t=0.5), LIMITS) == 0.5
+
+
+def test_interval_shrinks_when_memory_falls_fast():
+    before, now = node(free=6 * GiB, t=0.0), node(free=5 * GiB, t=0.5)  # 2 GiB/s, 1.6 GiB above the gap
+    assert next_interval(before, now, LIMITS) < 0.5
+    fast_before, fast_now = node(free=LIMIT + 300 * MiB, t=0.0), node(free=LIMIT + 250 * MiB, t=0.01)
+    assert next_interval(fast_before, fast_now, LIMITS) == pytest.approx(0.01)
+
+
+def test_interval_shrinks_near_the_limits():
+    assert next_interval(None, node(free=LIMIT + 50 * MiB), LIMITS) < 0.5
+    assert next_interval(None, node(cpu=75.0), LIMITS) <= 0.25
