@@ -244,10 +244,9 @@ class Runner:
                      "start_ticks": child.start_ticks})
 
     def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
-        was_paused = w.state == PAUSED
         procctl.signal_group(w.child.pid, signal.SIGTERM)
-        if was_paused:
-            procctl.signal_group(w.child.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        # A stopped process cannot act on SIGTERM; it may be paused by us or stopped by anyone.
+        procctl.signal_group(w.child.pid, signal.SIGCONT)
         w.state, w.kill_at, w.end_cause = TERMINATING, time.monotonic() + self.spec.term_grace, cause
         w.attempt.reason = reason
 

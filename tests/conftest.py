@@ -66,6 +66,7 @@ class PmlmRun:
         if stdin is not None:
             self.proc.stdin.write(stdin)
             self.proc.stdin.close()
+            self.proc.stdin = None
         self.stdout = self.stderr = None
 
     def wait(self, timeout: float = 60.0) -> int:
@@ -85,7 +86,7 @@ class PmlmRun:
         """Teardown: end pmlmctl and every worker it started that is still the same process."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
         reader = ProcReader()
         for start in self.started_workers():
             stat = reader.pid_stat(start["pid"])

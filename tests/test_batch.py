@@ -1,0 +1,76 @@
+"""Retry budgets, task fates and the report's shape, without processes."""
+
+from pmlmd.batch import (CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CANCELLED, FAILED, GIVEN_UP, QUEUED,
+                         SUCCEEDED, Batch, BatchSpec)
+from pmlmd.governor import Limits
+
+
+def make_batch(n=2, retries=3, retry_failed=0):
+    spec = BatchSpec(batch_id="b1", command=["true"], tasks=[None] * n, limits=Limits(), retries=retries,
+                     retry_failed=retry_failed)
+    return Batch(spec, now=1000.0)
+
+
+def run_attempt(batch, cause, exit_code=None, signal=None):
+    task = batch.next_task()
+    attempt = batch.start_attempt(task, pid=123, now=1000.0)
+    attempt.exit_code, attempt.signal = exit_code, signal
+    batch.end_attempt(task, attempt, 1001.0, cause)
+    return task
+
+
+def test_governor_terminations_are_requeued_at_the_front_until_the_budget_is_spent():
+    batch = make_batch(n=2, retries=2)
+    task = run_attempt(batch, CAUSE_GOVERNOR_MEMORY, signal=15)
+    assert task.status == QUEUED and batch.queue[0] is task
+    run_attempt(batch, CAUSE_GOVERNOR_MEMORY, signal=15)
+    run_attempt(batch, CAUSE_GOVERNOR_MEMORY, signal=9)
+    assert task.status == GIVEN_UP and len(task.attempts) == 3
+    assert batch.counts()["terminated"] == 3 and batch.counts()["requeued"] == 2
+
+
+def test_own_failures_are_not_retried_by_default():
+    batch = make_batch(n=1)
+    task = run_attempt(batch, CAUSE_EXIT, exit_code=2)
+    assert task.status == FAILED and batch.exit_status() == 1
+    assert "exit 2" in batch.error_message()
+
+
+def test_retry_failed_is_a_separate_budget():
+    batch = make_batch(n=1, retries=0, retry_failed=1)
+    task = run_attempt(batch, CAUSE_EXIT, exit_code=1)
+    assert task.status == QUEUED
+    task = run_attempt(batch, CAUSE_EXIT, exit_code=0)
+    assert task.status == SUCCEEDED
+    assert [a.cause for a in task.attempts] == ["exit", "exit"]
+
+
+def test_cancel_marks_queued_and_running_tasks_cancelled():
+    batch = make_batch(n=3)
+    running = batch.next_task()
+    attempt = batch.start_attempt(running, 5, 1000.0)
+    batch.cancel_reason = "received SIGINT"
+    batch.cancel_queued()
+    batch.end_attempt(running, attempt, 1001.0, CAUSE_CANCELLED)
+    assert [t.status for t in batch.tasks] == [CANCELLED] * 3
+    assert batch.counts()["cancelled"] == 3
+
+
+def test_report_carries_the_compatible_fields_and_the_new_ones():
+    batch = make_batch(n=2)
+    run_attempt(batch, CAUSE_EXIT, exit_code=0)
+    run_attempt(batch, CAUSE_EXIT, exit_code=3)
+    batch.record_sample(40.0, 2 << 30, 8 << 30)
+    batch.record_sample(60.0, 1 << 30, 8 << 30)
+    batch.finished = 1002.0
+    report = batch.report()
+    for key in ("error_exist", "error_message", "execution_message", "task_id", "critical_error"):
+        assert key in report
+    assert report["error_exist"] is True and report["critical_error"] is False
+    assert report["task_id"] == "b1" and report["batch_id"] == "b1"
+    assert report["counts"] == {"tasks": 2, "succeeded": 1, "failed": 1, "given_up": 0, "cancelled": 0,
+                                "terminated": 0, "requeued": 0}
+    assert report["lowest_free_memory_bytes"] == 1 << 30 and report["lowest_free_memory_pct"] == 12.5
+    assert report["highest_cpu_pct"] == 60.0
+    attempt = report["tasks"][1]["attempts"][0]
+    assert attempt["exit_code"] == 3 and attempt["cause"] == "exit" and attempt["start"].endswith("+00:00")

@@ -1,0 +1,54 @@
+"""Usage errors: each names the problem and the fix, exits 2, and starts nothing."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def pmlmctl(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "pmlmd.ctl", *args], input=stdin, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run"], "missing command: give it after --"),
+    (["run", "--"], "missing command"),
+    (["run", "--", "no-such-command-pmlm"], "command not found: 'no-such-command-pmlm'"),
+    (["run", "--", "/nonexistent/tool"], "cannot execute '/nonexistent/tool'"),
+    (["run", "--bogus", "--", "true"], "unrecognized arguments: --bogus"),
+    (["run", "-n", "0", "--", "true"], "--tasks must be between 1"),
+    (["run", "-n", "2", "--tasks-file", "x", "--", "true"], "not allowed with argument"),
+    (["run", "--cpu-limit", "150", "--", "true"], "--cpu-limit must be between 1 and 100"),
+    (["run", "--memfree-limit", "lots", "--", "true"], "--memfree-limit must be a number"),
+    (["run", "--memory-gap", "12X", "--", "true"], "use a number of bytes or a number with K, M, G or T"),
+    (["run", "--victim", "random", "--", "true"], "invalid choice: 'random'"),
+    (["run", "-j", "many", "--", "true"], "--max-workers must be a number"),
+    (["run", "--tasks-file", "/nonexistent/tasks", "--", "true"], "cannot read tasks file '/nonexistent/tasks'"),
+    (["run", "--report", "/nonexistent/dir/r.json", "--", "true"], "cannot write '/nonexistent/dir/r.json'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_usage_errors_exit_2_with_a_clear_message(args, message):
+    result = pmlmctl(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_empty_tasks_file_is_refused():
+    result = pmlmctl("run", "--tasks-file", "-", "--", "echo", "{}", stdin="\n\n")
+    assert result.returncode == 2
+    assert "holds no tasks (one task per line)" in result.stderr
+
+
+def test_help_documents_exit_statuses_and_limits():
+    result = pmlmctl("run", "--help")
+    assert result.returncode == 0
+    for text in ("exit status:", "--memfree-limit", "--memory-gap", "--min-free", "--victim", "critical finish"):
+        assert text in result.stdout
+
+
+def test_version():
+    result = pmlmctl("--version")
+    assert result.returncode == 0 and result.stdout.startswith("pmlmctl ")
