@@ -49,7 +49,7 @@ class Worker:
     end_cause: str | None = None
 
     def view(self) -> WorkerView:
-        return WorkerView(key=self.child.pid, started=self.child.started, state=self.state, rss=self.rss,
+        return WorkerView(key=(self.child.pid, self.child.start_ticks), started=self.child.started, state=self.state, rss=self.rss,
                           rss_growth=self.rss_growth, cpu=self.cpu, paused_at=self.paused_at,
                           cpu_at_pause=self.cpu_at_pause)
 
@@ -202,8 +202,9 @@ class Runner:
             self.batch.cancel_queued()
             self._record(d, sample, None)
             return
-        w = self.workers.get(d.worker)
-        if w is None:
+        pid, start_ticks = d.worker
+        w = self.workers.get(pid)
+        if w is None or w.child.start_ticks != start_ticks:
             return
         if d.action == PAUSE:
             procctl.signal_group(w.child.pid, signal.SIGSTOP)

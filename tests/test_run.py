@@ -234,3 +234,37 @@ def test_floor_breached_with_nothing_to_terminate_is_a_critical_finish(pmlm):
     assert report["critical_error"] is True and report["error_exist"] is True
     assert "floor" in report["error_message"]
     assert report["tasks"][0]["attempts"] == []
+
+
+def test_live_status_line_on_a_terminal(tmp_path):
+    """On a TTY, stderr carries a one-line status redrawn in place; without one, nothing."""
+    import pty
+    import subprocess
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen([PY, "-m", "pmlmd.ctl", "run", "-n", "3", "-j", "1", "--", "sleep", "0.5"],
+                                stdout=subprocess.DEVNULL, stderr=secondary, stdin=subprocess.DEVNULL)
+        os.close(secondary)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(primary)
+    text = output.decode()
+    assert "\r\x1b[K" in text
+    assert "running" in text and "queued" in text and "cpu" in text and "free" in text
+    assert "/3 done" in text
+
+
+def test_no_status_line_without_a_terminal(pmlm):
+    run = pmlm("-n", "2", "--", "true")
+    assert run.wait() == 0
+    assert run.stderr == ""
