@@ -25,6 +25,11 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 it fits the CPU headroom; with nothing paused, admit
                                 new workers while usage + 2 x average + G fits.
 
+Several batches: workers carry their batch's priority (victims come from the lowest
+priority first) and admissions go through the batches' workloads in the order given
+(highest priority first, FIFO within a priority). Workers of a batch that a user paused
+are HELD: never continued or counted as paused, but still victims of the memory rules.
+
 Hysteresis: continue and admit need cpu <= C - margin while any worker runs (the
 memory rules already hold the gap G in reserve). A worker is never continued in the
 window it was paused in. Liveness: when no worker runs, one may be continued or
@@ -33,6 +38,7 @@ admitted as soon as no limit is breached, so a batch always makes progress.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
@@ -41,6 +47,7 @@ RUNNING = "running"
 PAUSED = "paused"
 TERMINATING = "terminating"  # SIGTERM sent, waiting for exit or the grace to pass
 KILLED = "killed"  # SIGKILL sent, waiting for the exit to be reaped
+HELD = "held"  # stopped because its batch was paused by a user: only memory rules touch it
 RELEASING = (TERMINATING, KILLED)
 
 SPAWN = "spawn"
@@ -96,13 +103,18 @@ class WorkerView:
     paused_at: float | None = None
     cpu_at_pause: float | None = None
     priority: int = 0  # higher runs first and pays last
+    batch: Hashable = None  # the Workload (batch) it belongs to
 
 
 @dataclass(frozen=True)
 class Workload:
+    """What one batch still wants to run; the caller lists batches in admission order."""
+
     queued: int  # tasks waiting for a worker
     avg_rss: float | None = None  # bytes per worker measured so far (peak)
     avg_cpu: float | None = None  # node CPU share per worker measured so far
+    key: Hashable = None  # the batch; spawn decisions name it
+    room: int | None = None  # the batch's own cap on more workers, if it has one
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,7 @@ class Decision:
     action: str
     worker: Hashable | None = None
     count: int = 0
+    batch: Hashable = None  # for spawn: which Workload gets the workers
     rule: str = ""
     reason: str = ""
 
@@ -141,8 +154,15 @@ def victim_order(workers: Iterable[WorkerView], policy: str, resource: str) -> l
     return sorted(workers, key=key)
 
 
-def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload, limits: Limits) -> list[Decision]:
-    """Return the decisions for one sample. Pure: no I/O, no clock, no randomness."""
+def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload | Sequence[Workload],
+           limits: Limits) -> list[Decision]:
+    """Return the decisions for one sample. Pure: no I/O, no clock, no randomness.
+
+    ``workload`` is one batch's, or several in admission order (highest priority
+    first, FIFO within a priority): a batch is admitted only after those before it.
+    """
+    demands = [workload] if isinstance(workload, Workload) else list(workload)
+    queued = sum(d.queued for d in demands)
     free = free_bytes(sample, limits)
     limit = limits.memory_limit_bytes(sample.mem_total)
     gap = limits.memory_gap
@@ -150,6 +170,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     running = [w for w in workers if w.state == RUNNING]
     paused = [w for w in workers if w.state == PAUSED]
     releasing = [w for w in workers if w.state in RELEASING]
+    held = [w for w in workers if w.state == HELD]
     seen = f"free {_mib(free)}, limit {_mib(limit)}"
 
     # 1. Critical floor: kill at once, the grace is a luxury we no longer have.
@@ -161,13 +182,13 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                                       f"killing worker already told to stop ({_mib(w.rss)})"))
         projected += sum(w.rss for w in releasing)
         target = max(limit, limits.min_free)
-        for w in victim_order(running + paused, limits.victim, "rss"):
+        for w in victim_order(running + paused + held, limits.victim, "rss"):
             if projected >= target:
                 break
             decisions.append(Decision(KILL, w.key, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)}: "
                                       f"killing {limits.victim} worker ({_mib(w.rss)})"))
             projected += w.rss
-        if not workers and workload.queued:
+        if not workers and queued:
             decisions.append(Decision(CRITICAL, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)} "
                                       "with no worker left to terminate"))
         return decisions
@@ -176,7 +197,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     if free < limit:
         decisions = []
         projected = free + sum(w.rss for w in releasing)
-        for w in victim_order(running + paused, limits.victim, "rss"):
+        for w in victim_order(running + paused + held, limits.victim, "rss"):
             if projected >= limit:
                 break
             decisions.append(Decision(TERMINATE, w.key, rule="memory", reason=f"{seen}: terminating "
@@ -234,31 +255,49 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         # Paused workers keep their claim on the headroom: admit nothing new.
         return []
 
-    if workload.queued <= 0:
+    if queued <= 0:
         return []
     room = limits.max_workers - len(workers)
     if room <= 0 or (running and not calm):
         return []
+    by_batch = {d.key: d for d in demands}
+
+    def expected(w: WorkerView, field: str) -> float:
+        demand = by_batch.get(w.batch, demands[0])
+        return getattr(demand, field) or 0.0
+
     young = [w for w in running if w.cpu is None]
-    cpu_projected = cpu_now + len(young) * (workload.avg_cpu or 0.0)
-    free_projected = free
-    if workload.avg_rss:
-        free_projected -= sum(max(0.0, workload.avg_rss - w.rss) for w in young)
-    bounds = {"queued": workload.queued, "cap": room}
-    if workload.avg_rss is None or workload.avg_cpu is None:
-        bounds["ramp"] = max(1, len(running))  # nothing measured yet: double the workers per step
-    if workload.avg_rss:
-        bounds["memory"] = math.floor((free_projected - limit - gap) / workload.avg_rss) - 1
-    if workload.avg_cpu and workload.avg_cpu >= CPU_NEGLIGIBLE:
-        bounds["cpu"] = math.floor((limits.cpu_limit - cpu_projected) / workload.avg_cpu)
-    bound_by = min(bounds, key=bounds.get)
-    count = bounds[bound_by]
-    if count < 1 and not running:
-        count, bound_by = 1, "liveness: nothing else runs"  # one worker may always try
-    if count < 1:
-        return []
-    return [Decision(SPAWN, count=count, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: admitting {count} "
-                     f"(bound by {bound_by})")]
+    cpu_projected = cpu_now + sum(expected(w, "avg_cpu") for w in young)
+    free_projected = free - sum(max(0.0, expected(w, "avg_rss") - w.rss) for w in young)
+    decisions = []
+    admitted = 0
+    for demand in demands:
+        if demand.queued <= 0 or demand.room == 0:
+            continue
+        bounds = {"queued": demand.queued, "cap": room}
+        if demand.room is not None:
+            bounds["batch cap"] = demand.room
+        if demand.avg_rss is None or demand.avg_cpu is None:
+            bounds["ramp"] = max(1, len(running) + admitted)  # nothing measured yet: double per step
+        if demand.avg_rss:
+            bounds["memory"] = math.floor((free_projected - limit - gap) / demand.avg_rss) - 1
+        if demand.avg_cpu and demand.avg_cpu >= CPU_NEGLIGIBLE:
+            bounds["cpu"] = math.floor((limits.cpu_limit - cpu_projected) / demand.avg_cpu)
+        bound_by = min(bounds, key=bounds.get)
+        count = bounds[bound_by]
+        if count < 1 and not running and not admitted:
+            count, bound_by = 1, "liveness: nothing else runs"  # one worker may always try
+        if count < 1:
+            break  # strict priority: who comes later waits for this batch
+        decisions.append(Decision(SPAWN, count=count, batch=demand.key, rule="calm", reason=f"{seen}, cpu "
+                                  f"{cpu_now:.0f}%: admitting {count} (bound by {bound_by})"))
+        admitted += count
+        room -= count
+        free_projected -= count * (demand.avg_rss or 0.0)
+        cpu_projected += count * (demand.avg_cpu or 0.0)
+        if room <= 0:
+            break
+    return decisions
 
 
 def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01) -> float:
@@ -288,3 +327,24 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
         interval = min(interval, base / 2)
     return max(floor, min(base, interval))
+
+
+def tighten(node: Limits, **asked) -> Limits:
+    """A batch's limits: the node's, made stricter where the batch asks (never looser).
+
+    ``asked`` takes Limits field names; None means "as the node". A looser ask is
+    silently held to the node's value.
+    """
+    stricter = {"cpu_limit": min, "cpu_margin": max, "memfree_limit": max, "memory_gap": max, "min_free": max,
+                "window": min}
+    changes = {}
+    for name, value in asked.items():
+        if value is None:
+            continue
+        if name in stricter:
+            changes[name] = stricter[name](getattr(node, name), value)
+        elif name in ("victim", "memory_metric"):
+            changes[name] = value
+        else:
+            raise TypeError(f"tighten: unknown limit {name!r}")
+    return dataclasses.replace(node, **changes) if changes else node

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -20,12 +21,23 @@ from .sampler import ProcReader
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Who a worker runs as: a submitter's uid, gid and supplementary groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
 @dataclass
 class Child:
     pid: int  # also the process group id
     start_ticks: int  # with the pid, the worker's identity
     pidfd: int
     started: float  # monotonic seconds
+    popen: subprocess.Popen | None = None  # kept so that Popen never reaps the child behind our back
+    adopted: bool = False  # started by an earlier pmlmd: not our child, its exit status is out of reach
 
 
 @dataclass(frozen=True)
@@ -34,25 +46,37 @@ class Exit:
     signal: int | None  # set when a signal ended it
     cpu_seconds: float  # user + system of the leader and the children it waited for
     max_rss: int  # bytes, largest resident set of the leader or a waited-for child
+    known: bool = True  # False for an adopted worker: it ended, but how is unknown
 
 
-def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None,
-          proc: ProcReader | None = None) -> Child:
+def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None, cwd: str | None = None,
+          credentials: Credentials | None = None, proc: ProcReader | None = None) -> Child:
     """Start ``argv`` in a new process group with stdin from /dev/null.
 
-    Raises OSError (FileNotFoundError, PermissionError) when the command cannot be
-    executed; no child is left behind in that case.
+    With ``cwd`` or ``credentials`` the child changes directory or identity before it
+    executes the command. Raises OSError (FileNotFoundError, PermissionError, ...)
+    when the command cannot be executed; no child is left behind in that case.
     """
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
-    if stdout_fd is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
-    pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setpgroup=0,
-                          setsigdef=_RESET_SIGNALS, setsigmask=())
+    popen = None
+    if cwd is None and credentials is None:
+        # posix_spawn is the cheapest way to start a process from Python.
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        if stdout_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
+        pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setpgroup=0,
+                              setsigdef=_RESET_SIGNALS, setsigmask=())
+    else:
+        ids = {}
+        if credentials is not None:
+            ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
+        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout_fd,
+                                 process_group=0, close_fds=True, restore_signals=True, **ids)
+        pid = popen.pid
     started = time.monotonic()
     pidfd = os.pidfd_open(pid)
     stat = (proc or ProcReader()).pid_stat(pid)
     # The child is ours and not reaped, so its stat is readable even if it already exited.
-    return Child(pid=pid, start_ticks=stat.start_ticks if stat else 0, pidfd=pidfd, started=started)
+    return Child(pid=pid, start_ticks=stat.start_ticks if stat else 0, pidfd=pidfd, started=started, popen=popen)
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -74,12 +98,31 @@ def reap(child: Child) -> Exit | None:
 
     The caller closes ``child.pidfd`` once it has stopped watching it.
     """
+    if child.adopted:
+        # Only its parent may wait for it; a readable pidfd already says it has ended.
+        return Exit(exit_code=None, signal=None, cpu_seconds=0.0, max_rss=0, known=False)
     pid, status, usage = os.wait4(child.pid, os.WNOHANG)
     if pid == 0:
         return None
+    if child.popen is not None:
+        child.popen.returncode = os.waitstatus_to_exitcode(status)
     return Exit(
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         max_rss=usage.ru_maxrss * 1024,
     )
+
+
+def adopt(pid: int, start_ticks: int, proc: ProcReader | None = None) -> Child | None:
+    """Watch a process started by an earlier pmlmd, if it is still that same process."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    stat = (proc or ProcReader()).pid_stat(pid)
+    # Checked after the pidfd is open: from then on the pidfd refers to this very process.
+    if stat is None or stat.start_ticks != start_ticks or stat.state == "Z":
+        os.close(pidfd)
+        return None
+    return Child(pid=pid, start_ticks=start_ticks, pidfd=pidfd, started=time.monotonic(), adopted=True)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pmlmd.governor import (CONTINUE, CRITICAL, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
+from pmlmd.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
                             Limits, NodeSample, WorkerView, Workload, decide, next_interval)
 
 MiB = 1 << 20
@@ -274,3 +274,45 @@ def test_interval_shrinks_when_memory_falls_fast():
 def test_interval_shrinks_near_the_limits():
     assert next_interval(None, node(free=LIMIT + 50 * MiB), LIMITS) < 0.5
     assert next_interval(None, node(cpu=75.0), LIMITS) <= 0.25
+
+
+# --- several batches --------------------------------------------------------------------------
+def test_admissions_go_to_the_first_batch_then_the_next():
+    high = Workload(queued=2, avg_rss=1 * MiB, avg_cpu=0.1, key="high")
+    low = Workload(queued=10, avg_rss=1 * MiB, avg_cpu=0.1, key="low")
+    out = decide(node(cpu=1.0), [worker(1, cpu=0.1)], [high, low], LIMITS)
+    assert [(d.batch, d.count) for d in out] == [("high", 2), ("low", 5)]  # cap 8 - 1 running
+
+
+def test_a_batch_that_does_not_fit_blocks_those_after_it():
+    big = Workload(queued=5, avg_rss=6 * GiB, avg_cpu=1.0, key="big")
+    small = Workload(queued=5, avg_rss=1 * MiB, avg_cpu=1.0, key="small")
+    assert decide(node(free=8 * GiB), [worker(1, cpu=1.0)], [big, small], LIMITS) == []
+
+
+def test_a_batch_at_its_own_cap_lets_the_next_one_in():
+    capped = Workload(queued=5, avg_rss=1 * MiB, avg_cpu=0.1, key="capped", room=0)
+    other = Workload(queued=1, avg_rss=1 * MiB, avg_cpu=0.1, key="other")
+    out = decide(node(cpu=1.0), [worker(1, cpu=0.1)], [capped, other], LIMITS)
+    assert [(d.batch, d.count) for d in out] == [("other", 1)]
+
+
+def test_held_workers_are_never_continued_and_do_not_block_admission():
+    held = dataclasses.replace(paused(1), state=HELD)
+    out = decide(node(cpu=1.0), [held], Workload(queued=1, avg_rss=1 * MiB, avg_cpu=0.1), LIMITS)
+    assert [d.action for d in out] == [SPAWN]
+
+
+def test_held_workers_are_still_memory_victims():
+    held = dataclasses.replace(paused(1, rss=2 * GiB), state=HELD)
+    out = decide(node(free=LIMIT - 10 * MiB), [held, worker(2, rss=5 * MiB)], WORK, LIMITS)
+    assert actions(out) == [(TERMINATE, 2), (TERMINATE, 1)]
+
+
+def test_a_batch_can_only_tighten_the_node_limits():
+    from pmlmd.governor import tighten
+    out = tighten(LIMITS, cpu_limit=95.0, memfree_limit=30.0, min_free=None, victim="largest", window=0.1)
+    assert out.cpu_limit == 80.0  # looser ask held to the node's
+    assert out.memfree_limit == 30.0 and out.min_free == LIMITS.min_free
+    assert out.victim == "largest" and out.window == 0.1
+    assert tighten(LIMITS) is LIMITS

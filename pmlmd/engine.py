@@ -1,0 +1,504 @@
+"""The engine: batches, their workers and the node-wide governor, on one event loop.
+
+The engine owns every worker process. Each step it samples the node, refreshes the
+worker table from /proc, asks the governor and carries the decisions out; exits
+arrive through pidfds. It is shared by the foreground runner (``pmlmctl run``, one
+batch) and the daemon (many batches, priorities, users). It reports what happens
+as plain event dicts through ``on_event``; it writes no files and owns no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from . import procctl
+from .batch import CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, Attempt, Batch, Task
+from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
+                       TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
+                       next_interval)
+from .sampler import CLOCK_TICKS, NodeSampler, ProcReader, group_usage
+
+log = logging.getLogger("pmlmd.engine")
+
+FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
+STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
+SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
+
+
+class Loop:
+    """One poller over ZeroMQ sockets and plain file descriptors, plus signal delivery."""
+
+    def __init__(self):
+        self.poller = zmq.Poller()
+        self.callbacks: dict = {}
+        self._signals: list[int] = []
+        self._restore: list[Callable[[], None]] = []
+
+    def watch(self, source, callback: Callable[[], None]) -> None:
+        self.poller.register(source, zmq.POLLIN)
+        self.callbacks[source] = callback
+
+    def unwatch(self, source) -> None:
+        self.poller.unregister(source)
+        del self.callbacks[source]
+
+    def poll(self, timeout: float) -> None:
+        for source, _ in self.poller.poll(math.ceil(max(0.0, timeout) * 1000)):
+            callback = self.callbacks.get(source)  # an earlier callback may have unwatched it
+            if callback is not None:
+                callback()
+
+    def handle_signals(self, signals, handler: Callable[[int], None]) -> None:
+        """Deliver ``signals`` to ``handler`` from the loop, not from inside whatever code was running."""
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = {sig: signal.signal(sig, lambda signum, frame: self._signals.append(signum)) for sig in signals}
+        previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+        def dispatch():
+            try:
+                while os.read(read_end, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            while self._signals:
+                handler(self._signals.pop(0))
+
+        def restore():
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            self.unwatch(read_end)
+            os.close(read_end)
+            os.close(write_end)
+
+        self.watch(read_end, dispatch)
+        self._restore.append(restore)
+
+    def close(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+
+@dataclass
+class BatchRun:
+    """A batch inside the engine, with what the engine needs beyond the bookkeeping."""
+
+    batch: Batch
+    limits: Limits  # the node's, tightened by what the batch asked
+    priority: int = 0
+    seq: int = 0  # submission order: FIFO within a priority
+    max_workers: int | None = None  # the batch's own cap, within the node's
+    owner: procctl.Credentials | None = None  # run workers as this user (daemon)
+    cwd: str | None = None
+    env: dict[str, str] | None = None  # the workers' base environment; None: the engine's own
+    held: bool = False  # paused by a user
+    finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
+    finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
+
+    @property
+    def id(self) -> str:
+        return self.batch.spec.batch_id
+
+
+@dataclass
+class Worker:
+    child: procctl.Child
+    run: BatchRun
+    task: Task
+    attempt: Attempt
+    state: str = RUNNING
+    rss: int = 0
+    peak_rss: int = 0
+    rss_growth: float | None = None
+    cpu: float | None = None
+    ticks: int | None = None
+    measured_at: float | None = None
+    paused_at: float | None = None
+    cpu_at_pause: float | None = None
+    kill_at: float | None = None
+    end_cause: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.child.pid, self.child.start_ticks)
+
+    def view(self) -> WorkerView:
+        return WorkerView(key=self.key, started=self.child.started, state=self.state, rss=self.rss,
+                          rss_growth=self.rss_growth, cpu=self.cpu, paused_at=self.paused_at,
+                          cpu_at_pause=self.cpu_at_pause, priority=self.run.priority, batch=self.run.id)
+
+
+def worker_argv(run: BatchRun, line: str | None) -> list[str]:
+    """The command for one task: ``{}`` replaced by the task line (shell-quoted with --shell)."""
+    spec = run.batch.spec
+    if spec.shell:
+        script = " ".join(spec.command)
+        if line is not None:
+            script = script.replace("{}", shlex.quote(line))
+        return ["/bin/sh", "-c", script]
+    if line is None:
+        return list(spec.command)
+    return [arg.replace("{}", line) for arg in spec.command]
+
+
+class Engine:
+    def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
+                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None):
+        self.limits = limits
+        self.loop = loop
+        self.proc = proc or ProcReader()
+        self.node = NodeSampler(self.proc)
+        self.stdout_fd = stdout_fd
+        self.critical_finish = critical_finish  # False in the daemon: wait out a floor breach instead
+        self.on_event = on_event or (lambda event: None)
+        self.runs: dict[str, BatchRun] = {}
+        self.workers: dict[int, Worker] = {}
+        self.stragglers: dict[int, float] = {}  # pgid -> when to SIGKILL what is left of the group
+        self.last_sample: NodeSample | None = None
+        self.previous_sample: NodeSample | None = None
+        self.next_sample_at = 0.0
+        self.last_refresh = float("-inf")
+        self.base_env = dict(os.environ)
+        self._seq = 0
+
+    # --- batches ------------------------------------------------------------------------
+    def add(self, run: BatchRun) -> BatchRun:
+        self._seq += 1
+        run.seq = self._seq
+        self.runs[run.id] = run
+        self.next_sample_at = 0.0
+        return run
+
+    def busy(self) -> bool:
+        return bool(self.runs or self.workers or self.stragglers)
+
+    def cancel(self, run: BatchRun, reason: str) -> None:
+        if run.batch.cancel_reason is None:
+            run.batch.cancel_reason = reason
+        run.batch.cancel_queued()
+        for w in self.workers_of(run):
+            if w.state not in RELEASING:
+                self._terminate(w, CAUSE_CANCELLED, f"batch cancelled ({reason})")
+        self._finish_if_done(run)
+
+    def kill_all(self, reason: str) -> None:
+        for w in list(self.workers.values()):
+            self._kill(w, CAUSE_CANCELLED, reason)
+        for pgid in self.stragglers:
+            procctl.signal_group(pgid, signal.SIGKILL)
+
+    def hold(self, run: BatchRun) -> None:
+        """A user's pause: stop every worker of the batch and admit none until released."""
+        run.held = True
+        for w in self.workers_of(run):
+            if w.state in (RUNNING, PAUSED):
+                procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                w.state = HELD
+        self.on_event({"event": "held", "batch": run.id})
+
+    def release(self, run: BatchRun) -> None:
+        run.held = False
+        for w in self.workers_of(run):
+            if w.state == HELD:
+                procctl.signal_group(w.child.pid, signal.SIGCONT)
+                self._measure_afresh(w)
+                w.state = RUNNING
+        self.next_sample_at = 0.0
+        self.on_event({"event": "released", "batch": run.id})
+
+    def workers_of(self, run: BatchRun) -> list[Worker]:
+        return [w for w in self.workers.values() if w.run is run]
+
+    # --- time ---------------------------------------------------------------------------
+    def next_deadline(self) -> float:
+        deadline = self.next_sample_at
+        for w in self.workers.values():
+            if w.kill_at is not None:
+                deadline = min(deadline, w.kill_at)
+        if self.stragglers:
+            deadline = min(deadline, time.monotonic() + STRAGGLER_POLL)
+        return deadline
+
+    def tick(self) -> None:
+        """Do whatever is due: grace deadlines, then a governor step."""
+        now = time.monotonic()
+        self._enforce_deadlines(now)
+        if now >= self.next_sample_at:
+            self.step()
+
+    # --- one governor step ----------------------------------------------------------------
+    def step(self) -> None:
+        sample = self.node.sample()
+        limits = self.limits
+        free = free_bytes(sample, limits)
+        for run in self.runs.values():
+            run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
+        since_refresh = sample.time - self.last_refresh
+        near_memory_limit = free < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
+        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)):
+            self._refresh_workers(sample.time)
+        decisions = self._decide(sample)
+        for decision in decisions:
+            self._apply(decision, sample)
+        self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
+                       "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
+                       "running": self.count(RUNNING), "paused": self.count(PAUSED)})
+        fastest = min([limits.window] + [run.limits.window for run in self.runs.values()])
+        window = limits if fastest == limits.window else dataclasses.replace(limits, window=fastest)
+        if self.previous_sample is None or sample.time - self.previous_sample.time >= 0.005:
+            interval = next_interval(self.previous_sample, sample, window)
+            self.previous_sample = sample
+        else:  # samples taken right after a worker exit carry no rate information
+            interval = next_interval(None, sample, window)
+        self.last_sample = sample
+        self.next_sample_at = sample.time + interval
+
+    def _admission_order(self) -> list[BatchRun]:
+        runs = [r for r in self.runs.values() if r.batch.queue and not r.held and r.batch.cancel_reason is None]
+        return sorted(runs, key=lambda r: (-r.priority, r.seq))
+
+    def _workload(self, run: BatchRun) -> Workload:
+        rss_sum, rss_n = run.finished_rss
+        cpu_sum, cpu_n = run.finished_cpu
+        mine = self.workers_of(run)
+        for w in mine:
+            if w.measured_at is not None:
+                rss_sum += w.peak_rss
+                rss_n += 1
+            if w.state == RUNNING and w.cpu is not None:
+                cpu_sum += w.cpu
+                cpu_n += 1
+        room = None if run.max_workers is None else max(0, run.max_workers - len(mine))
+        return Workload(queued=len(run.batch.queue), avg_rss=rss_sum / rss_n if rss_n else None,
+                        avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room)
+
+    def _decide(self, sample: NodeSample) -> list[Decision]:
+        """The node-wide decision, narrowed by batches that asked for stricter limits."""
+        views = [w.view() for w in self.workers.values()]
+        demands = [self._workload(run) for run in self._admission_order()]
+        decisions = decide(sample, views, demands, self.limits)
+        stricter = [run for run in self.runs.values() if run.limits != self.limits]
+        if not stricter:
+            return decisions
+        by_worker = {d.worker: d for d in decisions if d.worker is not None}
+        spawns = {d.batch: d for d in decisions if d.action == SPAWN}
+        for run in stricter:
+            own = decide(sample, [v for v in views if v.batch == run.id], [self._workload(run)], run.limits)
+            own_workers = {d.worker: d for d in own if d.worker is not None}
+            for key, d in list(by_worker.items()):
+                if d.action == CONTINUE and key[0] in self.workers and self.workers[key[0]].run is run \
+                        and own_workers.get(key, d).action != CONTINUE:
+                    del by_worker[key]  # the batch's own limits do not allow it yet
+            for key, d in own_workers.items():
+                if d.action != CONTINUE and SEVERITY[d.action] > SEVERITY.get(getattr(by_worker.get(key), "action",
+                                                                                       None), -1):
+                    by_worker[key] = d
+            own_spawn = sum(d.count for d in own if d.action == SPAWN)
+            if run.id in spawns:
+                allowed = min(spawns[run.id].count, own_spawn)
+                spawns[run.id] = Decision(SPAWN, count=allowed, batch=run.id, rule=spawns[run.id].rule,
+                                          reason=spawns[run.id].reason + f"; batch limits allow {own_spawn}")
+        others = [d for d in decisions if d.worker is None and d.action != SPAWN]
+        return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
+
+    def _refresh_workers(self, now: float) -> None:
+        usage = group_usage(self.proc.all_pid_stats(), set(self.workers))
+        for pgid, w in self.workers.items():
+            u = usage.get(pgid)
+            if u is None:
+                continue
+            if w.ticks is not None and w.measured_at is not None and now > w.measured_at:
+                elapsed = now - w.measured_at
+                w.cpu = 100.0 * (u.cpu_ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
+                w.rss_growth = (u.rss - w.rss) / elapsed
+            w.ticks, w.rss, w.measured_at = u.cpu_ticks, u.rss, now
+            w.peak_rss = max(w.peak_rss, u.rss)
+        self.last_refresh = now
+
+    # --- carrying decisions out --------------------------------------------------------------
+    def _apply(self, d: Decision, sample: NodeSample) -> None:
+        if d.action == SPAWN:
+            run = self.runs.get(d.batch)
+            if run is not None:
+                for _ in range(d.count):
+                    if not run.batch.queue:
+                        break
+                    self._spawn(run, run.batch.next_task())
+            self._record(d, sample, None, run)
+            return
+        if d.action == CRITICAL:
+            self._record(d, sample, None, None)
+            if self.critical_finish:
+                for run in list(self.runs.values()):
+                    if run.batch.queue:
+                        run.batch.critical_reason = d.reason
+                        run.batch.cancel_queued()
+                        self._finish_if_done(run)
+            return
+        pid, start_ticks = d.worker
+        w = self.workers.get(pid)
+        if w is None or w.child.start_ticks != start_ticks:
+            return
+        if d.action == PAUSE:
+            procctl.signal_group(pid, signal.SIGSTOP)
+            w.state, w.paused_at, w.cpu_at_pause = PAUSED, sample.time, w.cpu
+            w.attempt.pauses += 1
+        elif d.action == CONTINUE:
+            procctl.signal_group(pid, signal.SIGCONT)
+            w.state, w.paused_at = RUNNING, None
+            self._measure_afresh(w)
+        elif d.action == TERMINATE:
+            self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)
+        elif d.action == KILL:
+            self._kill(w, CAUSE_GOVERNOR_MEMORY, d.reason)
+        self._record(d, sample, w, w.run)
+
+    @staticmethod
+    def _measure_afresh(w: Worker) -> None:
+        # Its last reading covers the time it stood still.
+        w.cpu, w.ticks, w.measured_at = None, None, None
+
+    def _spawn(self, run: BatchRun, task: Task) -> None:
+        attempt_no = len(task.attempts) + 1
+        env = dict(self.base_env if run.env is None else run.env, PMLM_BATCH_ID=run.id,
+                   PMLM_TASK_INDEX=str(task.index), PMLM_ATTEMPT=str(attempt_no))
+        if task.line is not None:
+            env["PMLM_TASK"] = task.line
+        argv = worker_argv(run, task.line)
+        credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
+        try:
+            child = procctl.spawn(argv, env, stdout_fd=self.stdout_fd, cwd=run.cwd, credentials=credentials,
+                                  proc=self.proc)
+        except OSError as e:
+            attempt = run.batch.start_attempt(task, None, time.time())
+            attempt.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
+            attempt.reason = f"cannot execute {argv[0]!r}: {e.strerror}"
+            run.batch.end_attempt(task, attempt, attempt.start, CAUSE_SPAWN_FAILED)
+            self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
+                           "cause": CAUSE_SPAWN_FAILED, "status": task.status, "reason": attempt.reason})
+            self._finish_if_done(run)
+            return
+        attempt = run.batch.start_attempt(task, child.pid, time.time())
+        self._watch(Worker(child=child, run=run, task=task, attempt=attempt))
+
+    def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child, state: str) -> None:
+        """Watch a worker that a previous daemon started (it is not our child)."""
+        task.status = "running"
+        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, state=state))
+
+    def _watch(self, worker: Worker) -> None:
+        self.workers[worker.child.pid] = worker
+        self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
+        self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
+                       "attempt": worker.attempt.number, "pid": worker.child.pid,
+                       "start_ticks": worker.child.start_ticks})
+
+    def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
+        procctl.signal_group(w.child.pid, signal.SIGTERM)
+        # A stopped process cannot act on SIGTERM; it may be paused by us or stopped by anyone.
+        procctl.signal_group(w.child.pid, signal.SIGCONT)
+        w.state, w.kill_at, w.end_cause = TERMINATING, time.monotonic() + w.run.batch.spec.term_grace, cause
+        w.attempt.reason = reason
+
+    def _kill(self, w: Worker, cause: str, reason: str | None) -> None:
+        procctl.signal_group(w.child.pid, signal.SIGKILL)
+        procctl.signal_group(w.child.pid, signal.SIGCONT)
+        w.state, w.kill_at = KILLED, None
+        if w.end_cause is None:
+            w.end_cause, w.attempt.reason = cause, reason
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if w.state == TERMINATING and w.kill_at is not None and now >= w.kill_at:
+                grace = w.run.batch.spec.term_grace
+                log.info("worker %d still alive %gs after SIGTERM: SIGKILL", w.child.pid, grace)
+                self._kill(w, w.end_cause, w.attempt.reason)
+                w.attempt.reason = f"{w.attempt.reason or ''} (SIGKILL after {grace:g}s grace)".strip()
+        for pgid, deadline in list(self.stragglers.items()):
+            if not procctl.group_alive(pgid):
+                del self.stragglers[pgid]
+            elif now >= deadline:
+                procctl.signal_group(pgid, signal.SIGKILL)
+                self.stragglers[pgid] = float("inf")
+
+    def _reap(self, w: Worker) -> None:
+        ended = procctl.reap(w.child)
+        if ended is None:
+            return
+        self.loop.unwatch(w.child.pidfd)
+        os.close(w.child.pidfd)
+        del self.workers[w.child.pid]
+        now = time.time()
+        run, a = w.run, w.attempt
+        a.exit_code, a.signal, a.cpu_seconds = ended.exit_code, ended.signal, ended.cpu_seconds
+        a.peak_rss = max(w.peak_rss, ended.max_rss)
+        run.finished_rss[0] += a.peak_rss
+        run.finished_rss[1] += 1
+        wall = max(now - a.start, 1e-3)
+        run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
+        run.finished_cpu[1] += 1
+        cause = w.end_cause or (CAUSE_EXIT if ended.known else "daemon-restart")
+        if not ended.known and w.end_cause is None:
+            a.reason = "adopted after a daemon restart: its exit status could not be read"
+        run.batch.end_attempt(w.task, a, now, cause)
+        self.on_event({"event": "end", "batch": run.id, "task": w.task.index, "attempt": a.number,
+                       "pid": w.child.pid, "exit_code": a.exit_code, "signal": a.signal, "cause": a.cause,
+                       "status": w.task.status, "reason": a.reason})
+        # Whatever the leader left behind in its group goes with it (like a scope's KillMode).
+        if procctl.group_alive(w.child.pid):
+            procctl.signal_group(w.child.pid, signal.SIGTERM)
+            procctl.signal_group(w.child.pid, signal.SIGCONT)
+            self.stragglers[w.child.pid] = time.monotonic() + run.batch.spec.term_grace
+        self.next_sample_at = 0.0  # a slot is free: decide again now
+        self._finish_if_done(run)
+
+    def _finish_if_done(self, run: BatchRun) -> None:
+        if run.batch.queue or any(w.run is run for w in self.workers.values()) or run.id not in self.runs:
+            return
+        run.batch.finished = time.time()
+        del self.runs[run.id]
+        self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
+                       "summary": run.batch.summary_line()})
+
+    # --- stopping ------------------------------------------------------------------------
+    def abandon(self) -> None:
+        """On the way out for any reason, leave nothing running and nothing stopped."""
+        for w in list(self.workers.values()):
+            procctl.signal_group(w.child.pid, signal.SIGKILL)
+            procctl.signal_group(w.child.pid, signal.SIGCONT)
+            if w.child.adopted:
+                continue
+            os.waitpid(w.child.pid, 0)
+            self.loop.unwatch(w.child.pidfd)
+            os.close(w.child.pidfd)
+        self.workers.clear()
+        for pgid in self.stragglers:
+            procctl.signal_group(pgid, signal.SIGKILL)
+            procctl.signal_group(pgid, signal.SIGCONT)
+        self.stragglers.clear()
+
+    # --- reporting -------------------------------------------------------------------------
+    def count(self, state: str, run: BatchRun | None = None) -> int:
+        return sum(1 for w in self.workers.values() if w.state == state and (run is None or w.run is run))
+
+    def _record(self, d: Decision, sample: NodeSample, w: Worker | None, run: BatchRun | None) -> None:
+        latency_ms = (time.monotonic() - sample.time) * 1000
+        target = f" worker {w.child.pid} (batch {run.id}, task {w.task.index})" if w else ""
+        count = f" {d.count} for batch {d.batch}" if d.action == SPAWN else ""
+        log.info("%s%s%s [%s]: %s", d.action, count, target, d.rule, d.reason)
+        free = free_bytes(sample, self.limits)
+        self.on_event({"event": "decision", "decision": d.action, "count": d.count or None,
+                       "batch": run.id if run else None, "pid": w.child.pid if w else None,
+                       "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
+                       "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
+                       "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
