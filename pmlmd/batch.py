@@ -28,6 +28,7 @@ CAUSE_EXIT = "exit"  # the worker ended on its own (any status, or a signal pmlm
 CAUSE_GOVERNOR_MEMORY = "governor-memory"  # terminated by the governor to keep memory free
 CAUSE_CANCELLED = "cancelled"  # the batch was cancelled (Ctrl-C, SIGTERM)
 CAUSE_SPAWN_FAILED = "spawn-failed"  # the command could not be executed
+CAUSE_DAEMON_RESTART = "daemon-restart"  # pmlmd restarted and the worker was gone, or ended unseen
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -105,13 +106,16 @@ class Series:
 class Batch:
     """The batch's bookkeeping: which task runs next and how each attempt's end counts."""
 
-    def __init__(self, spec: BatchSpec, now: float):
+    def __init__(self, spec: BatchSpec, now: float, tasks: list[Task] | None = None):
+        """A new batch, or with ``tasks`` one restored from the state database."""
         self.spec = spec
-        self.tasks = [Task(i, line) for i, line in enumerate(spec.tasks)]
-        self.queue: deque[Task] = deque(self.tasks)
+        self.tasks = tasks if tasks is not None else [Task(i, line) for i, line in enumerate(spec.tasks)]
+        self.queue: deque[Task] = deque(t for t in self.tasks if t.status == QUEUED)
         self.started = now
         self.finished: float | None = None
-        self.requeued = 0
+        # Every attempt but a finished or running task's last one ended in a requeue.
+        self.requeued = sum(len(t.attempts) - (bool(t.attempts) and (t.status in FINISHED or t.status == RUNNING))
+                            for t in self.tasks)
         self.critical_reason: str | None = None
         self.cancel_reason: str | None = None
         self.cpu = Series()
@@ -141,6 +145,12 @@ class Batch:
                 task.status = GIVEN_UP
         elif cause == CAUSE_CANCELLED:
             task.status = CANCELLED
+        elif cause == CAUSE_DAEMON_RESTART:
+            # Not the task's fault and its outcome is unknown: run it again, on no budget.
+            if self.cancel_reason is None:
+                self._requeue(task)
+            else:
+                task.status = CANCELLED
         elif attempt.exit_code == 0:
             task.status = SUCCEEDED
         else:

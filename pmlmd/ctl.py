@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .batch import BatchSpec
+from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .runner import Runner
 from .units import format_size, parse_size
@@ -52,8 +53,19 @@ def _max_workers(text):
     return _ranged(int, 1, 100000, "--max-workers")(text)
 
 
-def add_batch_options(p: argparse.ArgumentParser) -> None:
-    """The options that describe a batch (shared by run and, later, submit)."""
+def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> None:
+    """The options that describe a batch, shared by run and submit.
+
+    For submit, a limit left out is the daemon's (its pmlmd.toml); a batch can only
+    make the node's limits stricter.
+    """
+
+    def default(value, shown=None):
+        shown = value if shown is None else shown
+        if for_daemon:
+            return None, f" (default: the daemon's, normally {shown})"
+        return value, f" (default {shown})"
+
     tasks = p.add_argument_group("tasks")
     source = tasks.add_mutually_exclusive_group()
     source.add_argument("-n", "--tasks", type=_ranged(int, 1, 10_000_000, "--tasks"), default=None, metavar="N",
@@ -63,40 +75,52 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
                              "replaces {} in the arguments; blank lines are skipped")
     tasks.add_argument("--shell", action="store_true",
                        help="run the command words as one /bin/sh -c script ({} is replaced shell-quoted)")
-    tasks.add_argument("--retries", type=_ranged(int, 0, 1000, "--retries"), default=3, metavar="N",
-                       help="requeue a task terminated by the governor up to N times (default 3)")
-    tasks.add_argument("--retry-failed", type=_ranged(int, 0, 1000, "--retry-failed"), default=0, metavar="N",
-                       help="requeue a task that failed on its own (non-zero exit) up to N times (default 0)")
+    value, shown = default(3)
+    tasks.add_argument("--retries", type=_ranged(int, 0, 1000, "--retries"), default=value, metavar="N",
+                       help="requeue a task terminated by the governor up to N times" + shown)
+    value, shown = default(0)
+    tasks.add_argument("--retry-failed", type=_ranged(int, 0, 1000, "--retry-failed"), default=value, metavar="N",
+                       help="requeue a task that failed on its own (non-zero exit) up to N times" + shown)
 
     limits = p.add_argument_group("limits")
     limits.add_argument("-j", "--max-workers", type=_max_workers, default=None, metavar="N|auto",
                         help="cap on concurrent workers; auto (default) lets the governor decide, up to 8 x CPUs")
-    limits.add_argument("--cpu-limit", type=_ranged(float, 1, 100, "--cpu-limit"), default=90.0, metavar="PCT",
-                        help="node-wide CPU utilisation over all cores to stay under (default 90)")
-    limits.add_argument("--cpu-margin", type=_ranged(float, 0, 99, "--cpu-margin"), default=10.0, metavar="PCT",
+    value, shown = default(90.0, 90)
+    limits.add_argument("--cpu-limit", type=_ranged(float, 1, 100, "--cpu-limit"), default=value, metavar="PCT",
+                        help="node-wide CPU utilisation over all cores to stay under" + shown)
+    value, shown = default(10.0, 10)
+    limits.add_argument("--cpu-margin", type=_ranged(float, 0, 99, "--cpu-margin"), default=value, metavar="PCT",
                         help="CPU must fall this many points below the limit before workers are continued or "
-                             "admitted while others run (default 10)")
-    limits.add_argument("--memfree-limit", type=_ranged(float, 0, 99, "--memfree-limit"), default=20.0,
-                        metavar="PCT", help="share of total memory that must stay free (default 20)")
-    limits.add_argument("--memory-metric", choices=MEMORY_METRICS, default="available",
-                        help="what counts as free: MemAvailable (default; includes reclaimable cache) or MemFree")
-    limits.add_argument("--memory-gap", type=_size, default=200 << 20, metavar="SIZE",
+                             "admitted while others run" + shown)
+    value, shown = default(20.0, 20)
+    limits.add_argument("--memfree-limit", type=_ranged(float, 0, 99, "--memfree-limit"), default=value,
+                        metavar="PCT", help="share of total memory that must stay free" + shown)
+    value, shown = default("available")
+    limits.add_argument("--memory-metric", choices=MEMORY_METRICS, default=value,
+                        help="what counts as free: MemAvailable (includes reclaimable cache) or MemFree" + shown)
+    value, shown = default(200 << 20, "200M")
+    limits.add_argument("--memory-gap", type=_size, default=value, metavar="SIZE",
                         help="band above the memory limit where workers are paused, not terminated; also the "
-                             "headroom a new worker needs (default 200M)")
-    limits.add_argument("--min-free", type=_size, default=300 << 20, metavar="SIZE",
-                        help="critical floor: below it workers are killed at once (default 300M)")
-    limits.add_argument("--victim", choices=VICTIM_POLICIES, default="newest",
-                        help="which worker pays first (default newest)")
-    limits.add_argument("--term-grace", type=_ranged(float, 0, 3600, "--term-grace"), default=10.0,
-                        metavar="SECONDS", help="SIGTERM, then SIGKILL after this grace (default 10)")
-    limits.add_argument("--interval", type=_ranged(float, 0.01, 60, "--interval"), default=0.5, metavar="SECONDS",
-                        help="base sampling interval; pmlmd samples faster near a limit (default 0.5)")
+                             "headroom a new worker needs" + shown)
+    value, shown = default(300 << 20, "300M")
+    limits.add_argument("--min-free", type=_size, default=value, metavar="SIZE",
+                        help="critical floor: below it workers are killed at once" + shown)
+    value, shown = default("newest")
+    limits.add_argument("--victim", choices=VICTIM_POLICIES, default=value, help="which worker pays first" + shown)
+    value, shown = default(10.0, 10)
+    limits.add_argument("--term-grace", type=_ranged(float, 0, 3600, "--term-grace"), default=value,
+                        metavar="SECONDS", help="SIGTERM, then SIGKILL after this grace" + shown)
+    value, shown = default(0.5)
+    limits.add_argument("--interval", type=_ranged(float, 0.01, 60, "--interval"), default=value, metavar="SECONDS",
+                        help="base sampling interval; pmlmd samples faster near a limit" + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pmlmctl", description="Run batches of workers within a node's CPU and free-memory limits.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    socket_help = f"pmlmd's control socket (default $PMLM_SOCKET, else {DEFAULT_SOCKET})"
+    parser.add_argument("--socket", metavar="PATH", help=socket_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
@@ -117,6 +141,49 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run, subparser=run)
+
+    daemon = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given after the command it wins, left out it does not undo one given before.
+    daemon.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=socket_help)
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    submit = commands.add_parser(
+        "submit", parents=[daemon], help="hand a batch to the pmlmd daemon",
+        usage="pmlmctl submit [options] -- COMMAND [ARG...]",
+        description="Submit a batch to pmlmd, which runs it as you, in your current directory and environment, "
+                    "within the node's limits. Prints the batch id; with --wait, waits and exits like 'run'.",
+        epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_options(submit, for_daemon=True)
+    batch = submit.add_argument_group("batch")
+    batch.add_argument("--name", help="a name to recognise the batch by")
+    batch.add_argument("--priority", type=_ranged(int, -1000, 1000, "--priority"), default=0,
+                       help="higher runs first and pays last when the node is short (default 0)")
+    batch.add_argument("--user", help="run the workers as this user (root only)")
+    batch.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
+    batch.add_argument("--json", action="store_true", help="with --wait: print the report as JSON")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    submit.set_defaults(handler=cmd_submit, subparser=submit)
+
+    for name, handler, helptext, parents, needs_id in (
+            ("status", cmd_status, "the node and its batches, or one batch", [daemon, reading], "optional"),
+            ("list", cmd_list, "every batch pmlmd knows", [daemon, reading], None),
+            ("cancel", cmd_control, "cancel a batch: terminate its workers, drop its queue", [daemon], "required"),
+            ("pause", cmd_control, "pause every worker of a batch and start no more", [daemon], "required"),
+            ("resume", cmd_control, "resume a paused batch", [daemon], "required"),
+            ("report", cmd_report, "a batch's execution report (JSON)", [daemon], "required"),
+            ("events", cmd_events, "decisions and task ends, as they happen with --follow", [daemon, reading],
+             "optional")):
+        sub = commands.add_parser(name, parents=parents, help=helptext, description=helptext[0].upper() +
+                                  helptext[1:] + ".")
+        if needs_id == "required":
+            sub.add_argument("batch", metavar="ID")
+        elif needs_id == "optional":
+            sub.add_argument("batch", metavar="ID", nargs="?")
+        if name == "events":
+            sub.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+        sub.set_defaults(handler=handler, subparser=sub)
     return parser
 
 
@@ -147,9 +214,14 @@ def _check_command(parser, argv: list[str], shell: bool) -> None:
         parser.error(f"command not found: {argv[0]!r} is not in PATH ({os.environ.get('PATH', '')})")
 
 
-def spec_from_args(parser, args) -> BatchSpec:
+def _command(parser, args) -> list[str]:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     _check_command(parser, argv, args.shell)
+    return argv
+
+
+def spec_from_args(parser, args) -> BatchSpec:
+    argv = _command(parser, args)
     tasks: list[str | None] = _read_tasks(parser, args.tasks_file) if args.tasks_file else [None] * (args.tasks or 1)
     cpus = os.cpu_count() or 1
     limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
@@ -172,7 +244,9 @@ class StatusLine:
         if now - self.last < 0.2:
             return
         self.last = now
-        p = runner.progress()
+        self.draw(runner.progress())
+
+    def draw(self, p: dict) -> None:
         parts = [f"{p['done']}/{p['total']} done", f"{p['running']} running", f"{p['paused']} paused",
                  f"{p['queued']} queued"]
         if p["cpu_pct"] is not None:
@@ -227,10 +301,165 @@ def cmd_run(parser, args) -> int:
     return batch.exit_status()
 
 
+# --- talking to the daemon ------------------------------------------------------------------
+EXIT_UNREACHABLE = 4
+USAGE_CODES = ("bad-field", "unknown-field", "missing-field")
+
+
+def cmd_submit(parser, args) -> int:
+    argv = _command(parser, args)
+    request = dict(command=argv, shell=args.shell, name=args.name, priority=args.priority, user=args.user,
+                   cwd=os.getcwd(), env=dict(os.environ), max_workers=args.max_workers, cpu_limit=args.cpu_limit,
+                   cpu_margin=args.cpu_margin, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
+                   memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
+                   term_grace=args.term_grace, interval=args.interval, retries=args.retries,
+                   retry_failed=args.retry_failed)
+    if args.tasks_file:
+        request["task_lines"] = _read_tasks(parser, args.tasks_file)
+    else:
+        request["tasks"] = args.tasks or 1
+    with Client(socket_path(args.socket)) as client:
+        batch_id = client.call("submit", **request)["batch"]
+        if not args.wait:
+            print(batch_id)
+            return 0
+        print(f"batch {batch_id} submitted", file=sys.stderr)
+        return _wait(client, batch_id, args.json)
+
+
+def _wait(client: Client, batch_id: str, as_json: bool) -> int:
+    status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
+    started = time.monotonic()
+    try:
+        while True:
+            status = client.call("status", batch=batch_id)
+            if status["state"] == "finished":
+                break
+            if status_line:
+                node = status.get("node") or {}
+                done, total = status["done"], status["total"]
+                elapsed = time.monotonic() - started
+                status_line.draw({**status, "cpu_pct": node.get("cpu_pct"), "free_pct": node.get("free_pct"),
+                                  "eta_s": elapsed * (total - done) / done if done else None})
+            time.sleep(0.25)  # a person watching; the daemon answers in microseconds
+    except KeyboardInterrupt:
+        if status_line:
+            status_line.clear()
+        print(f"stopped waiting; batch {batch_id} goes on (pmlmctl status {batch_id})", file=sys.stderr)
+        return 130
+    if status_line:
+        status_line.clear()
+    report = client.call("report", batch=batch_id)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["execution_message"])
+    if report["error_message"]:
+        print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
+    return report["exit_status"]
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _batch_line(b: dict) -> str:
+    counts = b.get("counts") or {}
+    return (f"{b['batch']:>6}  {str(b.get('name') or '-')[:16]:<16}  {b.get('owner_uid', '-'):>6}  "
+            f"{b.get('priority', 0):>4}  {b['state']:<10}  {b.get('done', counts.get('tasks', 0))}/"
+            f"{b.get('total', counts.get('tasks', 0))} done, {b.get('running', 0)} running, "
+            f"{b.get('paused', 0)} paused, {counts.get('succeeded', 0)} ok, "
+            f"{counts.get('failed', 0) + counts.get('given_up', 0)} failed")
+
+
+BATCH_HEADER = f"{'ID':>6}  {'NAME':<16}  {'OWNER':>6}  {'PRIO':>4}  {'STATE':<10}  PROGRESS"
+
+
+def cmd_status(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        status = client.call("status", batch=args.batch)
+    if args.json:
+        _print_json(status)
+    elif args.batch:
+        print(BATCH_HEADER)
+        print(_batch_line(status))
+    else:
+        print(f"pmlmd: {status['status']}")
+        limits = status["limits"]
+        print(f"limits: cpu {limits['cpu_limit']:g}%, free memory {limits['memfree_limit']:g}% + gap "
+              f"{format_size(limits['memory_gap'])}, floor {format_size(limits['min_free'])}, "
+              f"up to {limits['max_workers']} workers")
+        if status["batches"]:
+            print(BATCH_HEADER)
+            for b in status["batches"]:
+                print(_batch_line(b))
+    return 0
+
+
+def cmd_list(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        batches = client.call("list")["batches"]
+    if args.json:
+        _print_json(batches)
+    else:
+        print(BATCH_HEADER)
+        for b in batches:
+            print(_batch_line(b))
+    return 0
+
+
+def cmd_control(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        result = client.call(args.command, batch=args.batch)
+    print(f"batch {result['batch']}: {result['state']}")
+    return 0
+
+
+def cmd_report(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        _print_json(client.call("report", batch=args.batch))
+    return 0
+
+
+def describe_event(e: dict) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
+    batch = f"batch {e['batch']}" if e.get("batch") else "node"
+    kind = e.get("event")
+    if kind == "decision":
+        target = f" worker {e['pid']} (task {e['task']})" if e.get("pid") else ""
+        count = f" {e['count']}" if e.get("count") else ""
+        return f"{when} {batch}: {e['decision']}{count}{target} [{e['rule']}] {e['reason']}"
+    if kind == "end":
+        how = f"signal {e['signal']}" if e.get("signal") else f"exit {e.get('exit_code')}"
+        return f"{when} {batch}: task {e['task']} attempt {e['attempt']} ended ({how}, {e['cause']}): {e['status']}"
+    if kind == "start":
+        return f"{when} {batch}: task {e['task']} attempt {e['attempt']} started as pid {e['pid']}"
+    if kind == "finished":
+        return f"{when} {batch}: finished: {e['summary']}"
+    return f"{when} {batch}: {kind}"
+
+
+def cmd_events(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        try:
+            for event in client.stream("events", batch=args.batch, follow=args.follow):
+                print(json.dumps(event) if args.json else describe_event(event), flush=True)
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args.subparser, args)
+    try:
+        return args.handler(args.subparser, args)
+    except Unreachable as e:
+        print(f"pmlmctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RemoteError as e:
+        print(f"pmlmctl: {e.message}", file=sys.stderr)
+        return 2 if e.code in USAGE_CODES else 1
 
 
 if __name__ == "__main__":

@@ -1,12 +1,483 @@
-"""pmlmd: the long-running service. Until it lands, batches run with ``pmlmctl run``."""
+"""pmlmd: the long-running service.
 
+One event loop (a ZeroMQ poller) serves the control socket, watches every worker's
+pidfd and runs the node-wide governor; no thread per worker. Batches are durable in
+SQLite before a submit is answered, and a restarted daemon adopts the workers an
+earlier one left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
 import sys
+import time
+
+import zmq
+
+from . import __version__, procctl, protocol
+from .batch import CAUSE_DAEMON_RESTART, FINISHED, QUEUED, Batch, BatchSpec
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .engine import BatchRun, Engine, Loop
+from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
+from .store import Store, StoreError, StoredBatch
+from .systemd import Notifier, setup_logging
+
+log = logging.getLogger("pmlmd.daemon")
+
+HOUSEKEEPING = 1.0  # seconds between STATUS= updates and prune checks
+RECENT_EVENTS = 2000  # events kept for ``pmlmctl events`` without --follow
+SD_LISTEN_FDS_START = 3
+# Tighter limits a batch may ask for: submit argument -> governor Limits field.
+ASKED_LIMITS = {"cpu_limit": "cpu_limit", "cpu_margin": "cpu_margin", "memfree_limit": "memfree_limit",
+                "memory_metric": "memory_metric", "memory_gap": "memory_gap", "min_free": "min_free",
+                "victim": "victim", "interval": "window"}
 
 
-def main() -> int:
-    print("pmlmd: the daemon is not part of this release yet; run a batch in the foreground with "
-          "'pmlmctl run -- COMMAND' (see pmlmctl run --help)", file=sys.stderr)
-    return 2
+class DaemonError(Exception):
+    """pmlmd cannot start; the message says why and what to do."""
+
+
+class Denied(Exception):
+    pass
+
+
+def inherited_socket_fd() -> int | None:
+    """The listening socket systemd passed (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    return SD_LISTEN_FDS_START
+
+
+def bind_control_socket(ctx: zmq.Context, config: Config, group_gid: int | None) -> zmq.Socket:
+    path = config.socket
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of silently queueing
+    sock.setsockopt(zmq.LINGER, 0)
+    # Requests up to 4x the limit get a "too-large" reply; beyond that libzmq drops the peer.
+    sock.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
+    fd = inherited_socket_fd()
+    if fd is not None:
+        sock.setsockopt(zmq.USE_FD, fd)
+    else:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise DaemonError(f"another pmlmd already listens on {path}: stop it first, or give this one "
+                                  "another --socket")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # left behind by a daemon that died
+            finally:
+                probe.close()
+    try:
+        sock.bind("ipc://" + path)
+    except zmq.ZMQError as e:
+        raise DaemonError(f"cannot bind the control socket {path}: {e}; check --socket (socket in pmlmd.toml) "
+                          "and that its directory is writable") from e
+    if fd is None:
+        os.chmod(path, config.socket_mode)
+        if group_gid is not None and os.geteuid() == 0:
+            os.chown(path, -1, group_gid)
+    return sock
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int, int, int] | None:
+    """(uid, gid, pid) of the client, from the kernel's SO_PEERCRED as libzmq reports it."""
+    try:
+        _, uid, gid, pid = frame.get("Peer-Address").rsplit(":", 3)
+        return int(uid), int(gid), int(pid)
+    except (zmq.ZMQError, ValueError):
+        return None
+
+
+def user_groups(uid: int, gid: int) -> list[int]:
+    try:
+        return sorted(set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)))
+    except KeyError:  # a uid with no passwd entry has only its primary group
+        return [gid]
+
+
+class Daemon:
+    def __init__(self, config_path: str | None, overrides: dict):
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config = load_config(config_path, overrides)
+        setup_logging(self.config.log_target, self.config.log_level)
+        self.notifier = Notifier()
+        self.group_gid = self._group_gid(self.config.group)
+        self.store = Store(self.config.state_dir)
+        self.cpus = os.cpu_count() or 1
+        self.loop = Loop()
+        self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
+                             on_event=self._on_event)
+        self.ctx = zmq.Context()
+        self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
+        self.loop.watch(self.sock, self._on_request)
+        self.recent = collections.deque(maxlen=RECENT_EVENTS)
+        self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
+        self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
+        self.stopping = False
+        self.started = time.monotonic()
+        self.next_housekeeping = 0.0
+
+    @staticmethod
+    def _group_gid(name: str) -> int | None:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            log.warning("group %r does not exist: only root may submit batches (create it with "
+                        "'groupadd --system %s')", name, name)
+            return None
+
+    # --- the loop ------------------------------------------------------------------------
+    def serve(self) -> int:
+        self.loop.handle_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._on_signal)
+        self._restore()
+        log.info("pmlmd %s ready on %s (state %s, notify via %s)", __version__, self.config.socket,
+                 self.store.path, self.notifier.backend)
+        self.notifier.ready(self._status_line())
+        watchdog = self.notifier.watchdog_interval()
+        try:
+            while not self.stopping:
+                deadline = min(self.engine.next_deadline(), self.next_housekeeping)
+                self.loop.poll(deadline - time.monotonic())
+                self.engine.tick()
+                if time.monotonic() >= self.next_housekeeping:
+                    self._housekeeping()
+                    self.next_housekeeping = time.monotonic() + min(HOUSEKEEPING, watchdog or HOUSEKEEPING)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _housekeeping(self) -> None:
+        self.notifier.status(self._status_line())
+        self.notifier.watchdog()
+        pruned = self.store.prune(time.time() - self.config.prune_after)
+        if pruned:
+            log.info("pruned %d finished batches older than %gs", pruned, self.config.prune_after)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._reload()
+        else:
+            log.info("%s: stopping; workers keep running and are adopted at the next start",
+                     signal.Signals(signum).name)
+            self.stopping = True
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        # Nothing may stay stopped while no pmlmd watches it.
+        for w in self.engine.workers.values():
+            if w.state in (PAUSED, HELD):
+                procctl.signal_group(w.child.pid, signal.SIGCONT)
+            os.close(w.child.pidfd)
+        self.loop.close()
+        self.sock.close()
+        self.ctx.term()
+        if inherited_socket_fd() is None and os.path.exists(self.config.socket):
+            os.unlink(self.config.socket)
+        self.store.close()
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+        else:
+            self.config = new
+            self.engine.limits = new.limits(self.cpus)
+            for run in self.engine.runs.values():
+                run.limits = tighten(self.engine.limits, **self.asked.get(run.id, {}))
+            self.engine.next_sample_at = 0.0
+            log.info("configuration reloaded from %s: cpu limit %g%%, memfree limit %g%%", self.config_path
+                     or DEFAULT_CONFIG_PATH, new.cpu_limit, new.memfree_limit)
+        self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        sample = self.engine.last_sample
+        node = ""
+        if sample is not None:
+            free = 100.0 * free_bytes(sample, self.engine.limits) / sample.mem_total
+            node = f"; cpu {sample.cpu_pct or 0:.0f}% free {free:.0f}%"
+        return (f"{len(self.engine.runs)} batches, {self.engine.count(RUNNING)} running, "
+                f"{self.engine.count(PAUSED) + self.engine.count(HELD)} paused{node}")
+
+    # --- restart -----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        for stored in self.store.active_batches():
+            run = self._run_from(stored)
+            for task, attempt, start_ticks in stored.open_attempts:
+                child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
+                if child is None:
+                    attempt.reason = "its worker was gone when pmlmd restarted"
+                    run.batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
+                    self.store.attempt_ended(run.id, task, attempt)
+                    continue
+                if self.config.stranded == "terminate":
+                    procctl.signal_group(child.pid, signal.SIGTERM)
+                procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
+                self.engine.adopt(run, task, attempt, child, RUNNING)
+            self.engine.add(run)
+            if stored.held:
+                self.engine.hold(run)
+            if stored.cancel_reason:
+                self.engine.cancel(run, stored.cancel_reason)
+            log.info("batch %s restored: %d tasks queued, %d workers adopted", run.id, len(run.batch.queue),
+                     len(self.engine.workers_of(run)))
+
+    def _run_from(self, stored: StoredBatch) -> BatchRun:
+        args = stored.submission
+        spec = self._spec(stored.id, args, [t.line for t in stored.tasks])
+        batch = Batch(spec, stored.created, tasks=stored.tasks)
+        batch.cancel_reason = stored.cancel_reason
+        self.asked[stored.id] = self._asked(args)
+        return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
+                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
+                        owner=procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups)))
+
+    @staticmethod
+    def _asked(args: dict) -> dict:
+        return {field: args[name] for name, field in ASKED_LIMITS.items() if args.get(name) is not None}
+
+    def _spec(self, batch_id: str, args: dict, lines: list) -> BatchSpec:
+        c = self.config
+        return BatchSpec(batch_id=batch_id, command=args["command"], tasks=lines,
+                         limits=tighten(self.engine.limits, **self._asked(args)), shell=args["shell"],
+                         term_grace=c.term_grace if args["term_grace"] is None else args["term_grace"],
+                         retries=c.retries if args["retries"] is None else args["retries"],
+                         retry_failed=c.retry_failed if args["retry_failed"] is None else args["retry_failed"],
+                         task_id=args.get("name"))
+
+    # --- events ------------------------------------------------------------------------------
+    def _on_event(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "sample":
+            return
+        run = self.engine.runs.get(event.get("batch"))
+        if kind == "start" and run is not None:
+            task = run.batch.tasks[event["task"]]
+            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
+        elif kind == "end" and run is not None:
+            task = run.batch.tasks[event["task"]]
+            self.store.attempt_ended(run.id, task, task.attempts[-1])
+        elif kind == "finished" and run is not None:
+            self.store.tasks_changed(run.id, run.batch.tasks)
+            self.store.finish(run.id, run.batch.finished, run.batch.report())
+            self.asked.pop(run.id, None)
+            log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
+        event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
+        self.recent.append(event)
+        for (client, request_id), only in list(self.followers.items()):
+            if only is None or only == event.get("batch"):
+                self._send(client, protocol.encode_event(event, request_id), follower=(client, request_id))
+
+    # --- requests ------------------------------------------------------------------------------
+    def _on_request(self) -> None:
+        while True:
+            try:
+                client, frame = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except ValueError:  # not two frames: not a pmlmctl
+                continue
+            request_id = None
+            try:
+                if len(frame) > protocol.MAX_MESSAGE_BYTES:
+                    raise protocol.ProtocolError(protocol.TOO_LARGE, f"request of {len(frame)} bytes is larger "
+                                                 f"than the {protocol.MAX_MESSAGE_BYTES} bytes allowed")
+                request = protocol.parse_request(frame.bytes)
+                request_id = request.request_id
+                peer = peer_credentials(frame)
+                if peer is None:
+                    raise Denied("the client's credentials could not be read")
+                reply = getattr(self, "_do_" + request.name)(client.bytes, request, peer)
+            except protocol.ProtocolError as e:
+                reply = protocol.encode_error(e.code, e.message, e.request_id)
+            except Denied as e:
+                reply = protocol.encode_error(protocol.PERMISSION_DENIED, f"permission denied: {e}", request_id)
+            except Exception as e:  # a bug must not take the daemon down with it
+                log.exception("request failed")
+                reply = protocol.encode_error(protocol.INTERNAL, f"internal error: {e}", request_id)
+            if reply is not None:
+                self._send(client.bytes, reply)
+
+    def _send(self, client: bytes, payload: bytes, follower=None) -> None:
+        try:
+            self.sock.send_multipart([client, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client is gone (or not reading): forget its subscription
+            if follower is not None:
+                self.followers.pop(follower, None)
+
+    def _batch(self, batch_id: str, peer, action: str | None) -> BatchRun | None:
+        """The live batch, or None if it has finished; checks that the peer may act on it."""
+        run = self.engine.runs.get(batch_id)
+        owner = run.owner.uid if run is not None else self.store.batch_owner(batch_id)
+        if owner is None:
+            raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"no batch {batch_id!r}: see 'pmlmctl list'")
+        if action and peer[0] not in (0, owner):
+            raise Denied(f"batch {batch_id} belongs to uid {owner}; only its owner or root may {action} it")
+        return run
+
+    def _do_ping(self, client, request, peer) -> bytes:
+        return protocol.encode_reply({"version": __version__, "pid": os.getpid(),
+                                      "uptime_s": round(time.monotonic() - self.started, 3)}, request.request_id)
+
+    def _do_submit(self, client, request, peer) -> bytes:
+        args = request.args
+        uid, gid, _ = peer
+        groups = user_groups(uid, gid)
+        if uid != 0 and (self.group_gid is None or self.group_gid not in groups + [gid]):
+            raise Denied(f"uid {uid} may not submit batches: only root and members of group {self.config.group!r} "
+                         f"may (add the user with 'adduser USER {self.config.group}')")
+        if args["user"] is not None:
+            if uid != 0:
+                raise Denied("only root may submit a batch to run as another user")
+            try:
+                entry = pwd.getpwnam(args["user"])
+            except KeyError:
+                raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {args['user']!r}")
+            uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
+        if os.geteuid() != 0 and uid != os.geteuid():
+            raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
+        seq = self.store.next_seq()
+        batch_id = str(seq)
+        lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
+        spec = self._spec(batch_id, args, lines)
+        now = time.time()
+        batch = Batch(spec, now)
+        self.store.add_batch(batch_id, seq, args["name"], (uid, gid, groups), args["priority"], args, now,
+                             batch.tasks)
+        self.asked[batch_id] = self._asked(args)
+        run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
+                       max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
+                       owner=procctl.Credentials(uid, gid, tuple(groups)))
+        self.engine.add(run)
+        log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
+                 extra={"BATCH_ID": batch_id})
+        return protocol.encode_reply({"batch": batch_id, "name": args["name"]}, request.request_id)
+
+    def _summary(self, run: BatchRun) -> dict:
+        b = run.batch
+        state = "held" if run.held else ("cancelling" if b.cancel_reason else "active")
+        return {"batch": run.id, "name": run.batch.spec.task_id, "owner_uid": run.owner.uid,
+                "priority": run.priority, "state": state, "created": b.started, "counts": b.counts(),
+                "done": b.done(), "total": len(b.tasks), "queued": len(b.queue),
+                "running": self.engine.count(RUNNING, run), "paused": self.engine.count(PAUSED, run)
+                + self.engine.count(HELD, run), "command": b.spec.command}
+
+    def _do_status(self, client, request, peer) -> bytes:
+        batch_id = request.args["batch"]
+        if batch_id is not None:
+            run = self._batch(batch_id, peer, None)
+            if run is None:
+                report = self.store.finished_report(batch_id)
+                result = {"batch": batch_id, "state": "finished", "counts": report["counts"],
+                          "exit_status": report["exit_status"], "done": report["counts"]["tasks"],
+                          "total": report["counts"]["tasks"], "running": 0, "paused": 0, "queued": 0}
+            else:
+                result = self._summary(run)
+            return protocol.encode_reply({**result, "node": self._node()}, request.request_id)
+        limits = self.engine.limits
+        return protocol.encode_reply({
+            "status": self._status_line(), "node": self._node(), "batches": [self._summary(r) for r in self._ordered()],
+            "limits": {"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
+                       "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
+                       "max_workers": limits.max_workers, "interval": limits.window}}, request.request_id)
+
+    def _node(self) -> dict | None:
+        sample = self.engine.last_sample
+        if sample is None:
+            return None
+        free = free_bytes(sample, self.engine.limits)
+        return {"cpu_pct": sample.cpu_pct, "free_bytes": free, "total_bytes": sample.mem_total,
+                "free_pct": round(100.0 * free / sample.mem_total, 2)}
+
+    def _ordered(self) -> list[BatchRun]:
+        return sorted(self.engine.runs.values(), key=lambda r: r.seq)
+
+    def _do_list(self, client, request, peer) -> bytes:
+        batches = self.store.finished_batches() + [self._summary(r) for r in self._ordered()]
+        return protocol.encode_reply({"batches": batches}, request.request_id)
+
+    def _do_cancel(self, client, request, peer) -> bytes:
+        run = self._batch(request.args["batch"], peer, "cancel")
+        if run is None:
+            return protocol.encode_reply({"batch": request.args["batch"], "state": "finished"}, request.request_id)
+        reason = f"cancelled by uid {peer[0]}"
+        self.store.set_cancelled(run.id, reason)
+        self.engine.cancel(run, reason)
+        self.store.tasks_changed(run.id, [t for t in run.batch.tasks if t.status in FINISHED])
+        return protocol.encode_reply({"batch": run.id, "state": "cancelling"}, request.request_id)
+
+    def _do_pause(self, client, request, peer) -> bytes:
+        return self._hold(request, peer, True)
+
+    def _do_resume(self, client, request, peer) -> bytes:
+        return self._hold(request, peer, False)
+
+    def _hold(self, request, peer, held: bool) -> bytes:
+        action = "pause" if held else "resume"
+        run = self._batch(request.args["batch"], peer, action)
+        if run is None:
+            raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {request.args['batch']} has finished: "
+                                         f"there is nothing to {action}")
+        if run.held != held:
+            self.store.set_held(run.id, held)
+            (self.engine.hold if held else self.engine.release)(run)
+        return protocol.encode_reply({"batch": run.id, "state": "held" if held else "active"}, request.request_id)
+
+    def _do_report(self, client, request, peer) -> bytes:
+        run = self._batch(request.args["batch"], peer, None)
+        report = run.batch.report() if run is not None else self.store.finished_report(request.args["batch"])
+        return protocol.encode_reply(report, request.request_id)
+
+    def _do_events(self, client, request, peer) -> bytes | None:
+        only = request.args["batch"]
+        if only is not None:
+            self._batch(only, peer, None)
+        for event in self.recent:
+            if only is None or event.get("batch") == only:
+                self._send(client, protocol.encode_event(event, request.request_id))
+        if request.args["follow"]:
+            self.followers[(client, request.request_id)] = only
+            return None  # the stream stays open
+        return protocol.encode_reply({"events": "end"}, request.request_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pmlmd", description="The Process & Load Manager daemon: runs batches of "
+                                "workers submitted with pmlmctl and keeps the node within its CPU and "
+                                "free-memory limits.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--config", metavar="PATH", help=f"configuration file (default {DEFAULT_CONFIG_PATH}; a "
+                   "missing default file means built-in defaults)")
+    p.add_argument("--socket", metavar="PATH", help="control socket path (default /run/pmlmd/control.sock)")
+    p.add_argument("--state-dir", metavar="DIR", help="where the state database lives (default /var/lib/pmlmd)")
+    p.add_argument("--log-target", choices=("auto", "journal", "console"),
+                   help="auto: the journal when stderr is connected to it, else the console")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"socket": args.socket, "state_dir": args.state_dir, "log_target": args.log_target}
+    try:
+        daemon = Daemon(args.config, overrides)
+    except (ConfigError, StoreError, DaemonError) as e:
+        print(f"pmlmd: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    return daemon.serve()
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ from typing import Callable
 import zmq
 
 from . import procctl
-from .batch import CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, Attempt, Batch, Task
+from .batch import (CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
+                    Attempt, Batch, Task)
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .sampler import CLOCK_TICKS, NodeSampler, ProcReader, group_usage
+from .systemd import decision_fields
 
 log = logging.getLogger("pmlmd.engine")
 
@@ -173,8 +175,9 @@ class Engine:
 
     # --- batches ------------------------------------------------------------------------
     def add(self, run: BatchRun) -> BatchRun:
-        self._seq += 1
-        run.seq = self._seq
+        if not run.seq:
+            self._seq += 1
+            run.seq = self._seq
         self.runs[run.id] = run
         self.next_sample_at = 0.0
         return run
@@ -447,7 +450,7 @@ class Engine:
         wall = max(now - a.start, 1e-3)
         run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
         run.finished_cpu[1] += 1
-        cause = w.end_cause or (CAUSE_EXIT if ended.known else "daemon-restart")
+        cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
         run.batch.end_attempt(w.task, a, now, cause)
@@ -466,9 +469,9 @@ class Engine:
         if run.batch.queue or any(w.run is run for w in self.workers.values()) or run.id not in self.runs:
             return
         run.batch.finished = time.time()
-        del self.runs[run.id]
         self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
                        "summary": run.batch.summary_line()})
+        del self.runs[run.id]
 
     # --- stopping ------------------------------------------------------------------------
     def abandon(self) -> None:
@@ -495,8 +498,13 @@ class Engine:
         latency_ms = (time.monotonic() - sample.time) * 1000
         target = f" worker {w.child.pid} (batch {run.id}, task {w.task.index})" if w else ""
         count = f" {d.count} for batch {d.batch}" if d.action == SPAWN else ""
-        log.info("%s%s%s [%s]: %s", d.action, count, target, d.rule, d.reason)
         free = free_bytes(sample, self.limits)
+        fields = decision_fields(batch_id=run.id if run else None, task_index=w.task.index if w else None,
+                                 worker_pid=w.child.pid if w else None, decision=d.action, rule=d.rule,
+                                 reason=d.reason, cpu_pct=None if sample.cpu_pct is None else f"{sample.cpu_pct:.1f}",
+                                 mem_free_pct=f"{100.0 * free / sample.mem_total:.1f}", latency_ms=f"{latency_ms:.3f}")
+        log.log(logging.WARNING if d.rule == "floor" else logging.INFO, "%s%s%s [%s]: %s", d.action, count, target,
+                d.rule, d.reason, extra=fields)
         self.on_event({"event": "decision", "decision": d.action, "count": d.count or None,
                        "batch": run.id if run else None, "pid": w.child.pid if w else None,
                        "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,

@@ -1,0 +1,684 @@
+"""The control protocol between the daemon ``pmlmd`` and the client ``pmlmctl``.
+
+This module encodes, decodes and validates messages; it does no socket I/O. The daemon
+passes every frame it receives to ``parse_request`` and, on ``ProtocolError``, sends
+``encode_error(err.code, err.message, err.request_id)`` back and carries on.
+
+Transport
+=========
+
+ZeroMQ: the daemon binds a ROUTER socket, a client connects a DEALER socket. Every
+message is one ZeroMQ frame (besides the identity frame the ROUTER adds and strips)
+holding one JSON object encoded as UTF-8.
+
+* A request may be at most ``MAX_MESSAGE_BYTES`` (1 MiB); larger ones are refused with
+  ``too-large`` before they are decoded. Replies have no size limit.
+* JSON is read strictly: ``NaN``, ``Infinity``, numbers beyond the float range and
+  duplicate keys in an object are refused with ``bad-json``.
+* No string in a request may contain a NUL character or an unpaired surrogate.
+
+Requests
+========
+
+::
+
+    {"version": 1, "request": "status", "request_id": 7, "args": {"batch": "e2d9cefaea5d"}}
+
+=============  =================================================================
+``version``    required; the integer 1 (``PROTOCOL_VERSION``)
+``request``    required; the name of the request (below)
+``request_id`` optional; a string of at most 200 characters, or an integer. Every
+               message answering the request carries it, so a client with several
+               requests in flight can match the answers. null = absent.
+``args``       an object; may be left out when the request has no required argument
+=============  =================================================================
+
+Any other top-level key is refused with ``unknown-field`` (arguments belong inside
+``args``), and so is an argument the request does not take.
+
+Types are strict: ``true``/``false`` are not integers, ``1.0`` is not an integer, and
+*number* means an integer or a float (handed to the daemon as a float). An optional
+argument that is left out or null takes its default; null means "the daemon's default"
+(the limits of ``pmlmctl run``, see the README). The daemon receives every argument of
+the request, defaults filled in.
+
+============  ===========================================================================
+request       arguments
+============  ===========================================================================
+``ping``      none. Is the daemon there?
+``list``      none. The batches the caller may see.
+``status``    ``batch``: string or null (default null = every batch)
+``cancel``    ``batch``: string, required
+``pause``     ``batch``: string, required
+``resume``    ``batch``: string, required
+``report``    ``batch``: string, required
+``events``    ``batch``: string or null (default null = every batch);
+              ``follow``: boolean (default false = only the events recorded so far)
+``submit``    start a batch; the arguments below
+============  ===========================================================================
+
+``submit`` arguments (all but ``command`` and ``cwd`` may be null or left out):
+
+=================  ==================================================  =====================
+argument           type                                                default
+=================  ==================================================  =====================
+``command``        list of 1 to 4096 strings, the first (the program)  required
+                   non-empty
+``tasks``          integer 1 to 10000000: run the command that often   1 if ``task_lines``
+                                                                       is null
+``task_lines``     list of 1 to 10000000 strings, one task each        null
+``shell``          boolean: run the command words as one ``sh -c``     false
+                   script
+``name``           string of at most 200 characters                    null
+``priority``       integer -1000 to 1000; higher runs first, pays last  0
+``max_workers``    integer 1 to 100000                                 null
+``cpu_limit``      number 1 to 100 (percent)                           null
+``cpu_margin``     number 0 to 99 (percentage points)                  null
+``memfree_limit``  number 0 to 99 (percent)                            null
+``memory_metric``  ``"available"`` or ``"free"``                       null
+``memory_gap``     integer >= 0 (bytes)                                null
+``min_free``       integer >= 0 (bytes)                                null
+``victim``         ``"newest"``, ``"oldest"`` or ``"largest"``         null
+``term_grace``     number 0 to 3600 (seconds)                          null
+``interval``       number 0.01 to 60 (seconds)                         null
+``retries``        integer 0 to 1000                                   null
+``retry_failed``   integer 0 to 1000                                   null
+``user``           string: run the workers as this user (the daemon    null
+                   checks that the caller may)
+``cwd``            absolute path (a string starting with ``/``): the   required
+                   workers' working directory
+``env``            object of string to string: the workers'            ``{}``
+                   environment; names non-empty, without ``=``
+=================  ==================================================  =====================
+
+Give at most one of ``tasks`` and ``task_lines``; giving both is ``bad-field``.
+
+Replies
+=======
+
+Every request is answered by exactly one reply, a result or an error; ``request_id`` is
+the request's (null if it had none or could not be read far enough to find it)::
+
+    {"version": 1, "ok": true, "result": {...}, "request_id": 7}
+    {"version": 1, "ok": false, "error": {"code": "no-such-batch", "message": "..."}, "request_id": 7}
+
+The contents of ``result`` depend on the request and are documented with the daemon.
+
+Events
+======
+
+``events`` is answered by a stream: any number of event messages, each carrying the
+request's ``request_id``, ended by one reply (result or error) as above::
+
+    {"version": 1, "ok": true, "event": {...}, "request_id": 7}
+
+With ``follow`` false the stream holds the events recorded so far; with ``follow`` true
+it stays open for new events.
+
+Errors
+======
+
+The ``code`` is for programs to branch on; the ``message`` is for people: it names the
+field, what was expected and what was given, and the fix where there is one.
+
+=====================  ================================================================
+code                   meaning
+=====================  ================================================================
+``bad-json``           not UTF-8, not strict JSON, or not a JSON object
+``too-large``          the request is longer than ``MAX_MESSAGE_BYTES``
+``bad-version``        ``version`` missing or not 1
+``unknown-request``    no such request
+``missing-field``      a required field or argument is missing
+``unknown-field``      a top-level key or argument that the request does not take
+``bad-field``          a field of the wrong type, or a value out of range
+``no-such-batch``      (daemon) the batch does not exist, or the caller may not see it
+``permission-denied``  (daemon) the caller may not do this
+``internal``           (daemon) a bug in pmlmd; the message says more
+=====================  ================================================================
+
+Versions
+========
+
+Each side refuses messages of another version with ``bad-version``. New requests and
+new arguments can be added without a new version: an older daemon refuses them with
+``unknown-request`` or ``unknown-field``. The version changes when an existing message
+changes its shape or meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+
+BAD_JSON = "bad-json"
+TOO_LARGE = "too-large"
+BAD_VERSION = "bad-version"
+UNKNOWN_REQUEST = "unknown-request"
+MISSING_FIELD = "missing-field"
+UNKNOWN_FIELD = "unknown-field"
+BAD_FIELD = "bad-field"
+NO_SUCH_BATCH = "no-such-batch"
+PERMISSION_DENIED = "permission-denied"
+INTERNAL = "internal"
+ERROR_CODES = (BAD_JSON, TOO_LARGE, BAD_VERSION, UNKNOWN_REQUEST, MISSING_FIELD, UNKNOWN_FIELD, BAD_FIELD,
+               NO_SUCH_BATCH, PERMISSION_DENIED, INTERNAL)
+
+MAX_REQUEST_ID_CHARS = 200
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; ``code`` is one of ERROR_CODES.
+
+    ``request_id`` is the offending request's id when it was read before the problem was
+    found, so the error reply can still be matched by the client.
+    """
+
+    def __init__(self, code: str, message: str, request_id: str | int | None = None):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    args: dict
+    request_id: str | int | None = None
+
+
+# Argument kinds.
+_STR = "string"
+_PATH = "absolute path"
+_INT = "integer"
+_NUMBER = "number"
+_BOOL = "boolean"
+_CHOICE = "choice"
+_STR_LIST = "list of strings"
+_STR_MAP = "string map"
+
+
+@dataclass(frozen=True)
+class _Field:
+    kind: str
+    required: bool = False
+    nullable: bool = False
+    default: Any = None
+    low: int | float | None = None
+    high: int | float | None = None
+    max_chars: int | None = None
+    choices: tuple[str, ...] = ()
+    min_items: int = 0
+    max_items: int | None = None
+    first_nonempty: bool = False
+    unit: str = ""
+
+    def describe(self) -> str:
+        """What a valid value looks like, phrased to follow "must be"."""
+        if self.kind == _STR:
+            text = "a string" if self.max_chars is None else f"a string of at most {self.max_chars} characters"
+        elif self.kind == _PATH:
+            text = "an absolute path (a string starting with '/')"
+        elif self.kind in (_INT, _NUMBER):
+            article = "an integer" if self.kind == _INT else "a number"
+            if self.low is not None and self.high is not None:
+                text = f"{article} from {self.low} to {self.high}"
+            elif self.low is not None:
+                text = f"{article} >= {self.low}"
+            else:
+                text = article
+        elif self.kind == _BOOL:
+            text = "true or false"
+        elif self.kind == _CHOICE:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind == _STR_LIST:
+            text = f"a list of {self.min_items} to {self.max_items} strings"
+            if self.first_nonempty:
+                text += ", the first one non-empty"
+        else:
+            text = "an object mapping variable names to strings"
+        if self.unit:
+            text += f" ({self.unit})"
+        if self.nullable:
+            text += " or null"
+        return text
+
+
+@dataclass(frozen=True)
+class _Schema:
+    fields: dict[str, _Field]
+    # At most one of these may be non-null; with none given, `one_of_default` = (field, value) applies.
+    one_of: tuple[str, ...] = ()
+    one_of_default: tuple[str, Any] | None = None
+
+
+_BATCH = _Field(_STR, required=True)
+_ANY_BATCH = _Field(_STR, nullable=True)
+
+
+def _opt(kind: str, **kw) -> _Field:
+    return _Field(kind, nullable=True, **kw)
+
+
+_SCHEMAS: dict[str, _Schema] = {
+    "ping": _Schema({}),
+    "list": _Schema({}),
+    "status": _Schema({"batch": _ANY_BATCH}),
+    "cancel": _Schema({"batch": _BATCH}),
+    "pause": _Schema({"batch": _BATCH}),
+    "resume": _Schema({"batch": _BATCH}),
+    "report": _Schema({"batch": _BATCH}),
+    "events": _Schema({"batch": _ANY_BATCH, "follow": _Field(_BOOL, default=False)}),
+    "submit": _Schema(
+        {
+            "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True),
+            "tasks": _opt(_INT, low=1, high=10_000_000),
+            "task_lines": _opt(_STR_LIST, min_items=1, max_items=10_000_000),
+            "shell": _Field(_BOOL, default=False),
+            "name": _opt(_STR, max_chars=200),
+            "priority": _Field(_INT, default=0, low=-1000, high=1000),
+            "max_workers": _opt(_INT, low=1, high=100_000),
+            "cpu_limit": _opt(_NUMBER, low=1, high=100, unit="percent"),
+            "cpu_margin": _opt(_NUMBER, low=0, high=99, unit="percentage points"),
+            "memfree_limit": _opt(_NUMBER, low=0, high=99, unit="percent"),
+            "memory_metric": _opt(_CHOICE, choices=("available", "free")),
+            "memory_gap": _opt(_INT, low=0, unit="bytes"),
+            "min_free": _opt(_INT, low=0, unit="bytes"),
+            "victim": _opt(_CHOICE, choices=("newest", "oldest", "largest")),
+            "term_grace": _opt(_NUMBER, low=0, high=3600, unit="seconds"),
+            "interval": _opt(_NUMBER, low=0.01, high=60, unit="seconds"),
+            "retries": _opt(_INT, low=0, high=1000),
+            "retry_failed": _opt(_INT, low=0, high=1000),
+            "user": _opt(_STR),
+            "cwd": _Field(_PATH, required=True),
+            "env": _Field(_STR_MAP, default={}),
+        },
+        one_of=("tasks", "task_lines"),
+        one_of_default=("tasks", 1),
+    ),
+}
+
+REQUESTS = tuple(_SCHEMAS)
+
+_ENVELOPE = ("version", "request", "request_id", "args")
+_MISSING = object()
+
+
+# --- showing what a client sent, briefly ------------------------------------------------
+
+_SHOW_CHARS = 60
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a decoded JSON value for error messages (never the whole of a big one)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        # str() of a huge int is slow (and refused past 4300 digits).
+        return str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > _SHOW_CHARS:
+            return repr(value[:_SHOW_CHARS]) + f"... ({len(value)} characters)"
+        return repr(value)
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _suggest(word: str, known) -> str:
+    # difflib is quadratic; a long word is no typo of a short name anyway.
+    if len(word) > 64:
+        return ""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be passed on (to exec, to the environment, back out as UTF-8), or None."""
+    if "\x00" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it holds an unpaired surrogate)"
+    return None
+
+
+# --- argument checks, one per kind --------------------------------------------------------
+
+
+def _bad(req: str, name: str, field: _Field, value: Any) -> ProtocolError:
+    return ProtocolError(BAD_FIELD, f"{req}: {name!r} must be {field.describe()}, got {_show(value)}")
+
+
+def _check_text(req: str, name: str, text: str) -> None:
+    problem = _text_problem(text)
+    if problem:
+        raise ProtocolError(BAD_FIELD, f"{req}: {name!r} {problem}, got {_show(text)}")
+
+
+def _check_str(req: str, name: str, field: _Field, value: Any) -> str:
+    if not isinstance(value, str) or (field.max_chars is not None and len(value) > field.max_chars):
+        raise _bad(req, name, field, value)
+    _check_text(req, name, value)
+    return value
+
+
+def _check_path(req: str, name: str, field: _Field, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad(req, name, field, value)
+    _check_text(req, name, value)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(field: _Field, value: int | float) -> bool:
+    return (field.low is None or value >= field.low) and (field.high is None or value <= field.high)
+
+
+def _check_int(req: str, name: str, field: _Field, value: Any) -> int:
+    if not _is_int(value) or not _in_range(field, value):
+        raise _bad(req, name, field, value)
+    return value
+
+
+def _check_number(req: str, name: str, field: _Field, value: Any) -> float:
+    # math.isfinite() overflows on a huge int, so ints are only range-checked (exact in Python).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(req, name, field, value)
+    if not (_is_int(value) or isinstance(value, float)) or not _in_range(field, value):
+        raise _bad(req, name, field, value)
+    return float(value)
+
+
+def _check_bool(req: str, name: str, field: _Field, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(req, name, field, value)
+    return value
+
+
+def _check_choice(req: str, name: str, field: _Field, value: Any) -> str:
+    if not isinstance(value, str) or value not in field.choices:
+        raise _bad(req, name, field, value)
+    return value
+
+
+def _check_str_list(req: str, name: str, field: _Field, value: Any) -> list[str]:
+    if not isinstance(value, list) or not field.min_items <= len(value) <= field.max_items:
+        raise _bad(req, name, field, value)
+    for index, item in enumerate(value):
+        item_name = f"{name}[{index}]"
+        if not isinstance(item, str):
+            raise ProtocolError(BAD_FIELD, f"{req}: {item_name!r} must be a string, got {_show(item)}")
+        _check_text(req, item_name, item)
+    if field.first_nonempty and not value[0]:
+        raise ProtocolError(BAD_FIELD, f"{req}: {name + '[0]'!r} (the program to run) must not be empty")
+    return list(value)
+
+
+def _check_str_map(req: str, name: str, field: _Field, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _bad(req, name, field, value)
+    for key, item in value.items():
+        if not key or "=" in key:
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} has the variable name {_show(key)}; "
+                                           f"a variable name must be non-empty and without '='")
+        problem = _text_problem(key)
+        if problem:
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable name {_show(key)} {problem}")
+        if not isinstance(item, str):
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable {_show(key)} must be a string, "
+                                           f"got {_show(item)}")
+        problem = _text_problem(item)
+        if problem:
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable {_show(key)} {problem}")
+    return dict(value)
+
+
+_CHECKS = {
+    _STR: _check_str,
+    _PATH: _check_path,
+    _INT: _check_int,
+    _NUMBER: _check_number,
+    _BOOL: _check_bool,
+    _CHOICE: _check_choice,
+    _STR_LIST: _check_str_list,
+    _STR_MAP: _check_str_map,
+}
+
+
+def _check_args(req: str, schema: _Schema, given: dict) -> dict:
+    for key in given:
+        if key not in schema.fields:
+            takes = ", ".join(schema.fields) if schema.fields else "no arguments"
+            raise ProtocolError(UNKNOWN_FIELD, f"{req}: unknown argument {_show(key)}{_suggest(key, schema.fields)}; "
+                                               f"{req} takes {takes}")
+    args = {}
+    for name, field in schema.fields.items():
+        value = given.get(name, _MISSING)
+        if value is _MISSING or (value is None and not field.required):
+            if field.required:
+                raise ProtocolError(MISSING_FIELD, f"{req}: required argument {name!r} is missing; "
+                                                   f"give {field.describe()}")
+            # Copied so one request's default can never leak into another's through mutation.
+            args[name] = copy.copy(field.default)
+        elif value is None and not field.nullable:
+            raise _bad(req, name, field, value)
+        else:
+            args[name] = _CHECKS[field.kind](req, name, field, value)
+    if schema.one_of:
+        given_names = [name for name in schema.one_of if args[name] is not None]
+        if len(given_names) > 1:
+            raise ProtocolError(BAD_FIELD, f"{req}: {' and '.join(repr(n) for n in given_names)} are both given; "
+                                           f"give only one of them and leave the other out")
+        if not given_names and schema.one_of_default is not None:
+            name, value = schema.one_of_default
+            args[name] = value
+    return args
+
+
+# --- framing -------------------------------------------------------------------------------
+
+
+def _reject_constant(token: str):
+    raise ProtocolError(BAD_JSON, f"{token} is not a JSON number; send finite numbers only")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ProtocolError(BAD_JSON, f"the number {token[:_SHOW_CHARS]} is too large for a float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError(BAD_JSON, f"the key {_show(key)} appears twice in one object; give it once")
+            seen.add(key)
+    return obj
+
+
+def _load(frame: bytes, what: str, limit: int | None) -> dict:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(BAD_JSON, f"a {what} must be bytes, got {type(frame).__name__}")
+    size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+    if limit is not None and size > limit:
+        raise ProtocolError(TOO_LARGE, f"the {what} is {size} bytes, more than the limit of {limit} bytes: "
+                                       f"split it up (for submit: fewer task_lines per batch)")
+    try:
+        text = bytes(frame).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(BAD_JSON, f"the {what} is not UTF-8 (bad byte at offset {exc.start}); "
+                                      f"send JSON encoded as UTF-8") from None
+    try:
+        message = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
+                             parse_float=_finite_float)
+    except RecursionError:
+        raise ProtocolError(BAD_JSON, f"the {what} is nested too deeply to decode") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(BAD_JSON, f"the {what} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                                      f"column {exc.colno}") from None
+    except ValueError:
+        # Python refuses to convert integers of more than 4300 digits.
+        raise ProtocolError(BAD_JSON, f"the {what} holds a number too long to decode") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(BAD_JSON, f"a {what} must be a JSON object, got {_show(message)}")
+    return message
+
+
+def _request_id(value: Any) -> str | int | None:
+    """The request_id if it is valid, else raise; decides whether an error reply can carry it."""
+    if value is None or _is_int(value):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS and _text_problem(value) is None:
+        return value
+    raise ProtocolError(BAD_FIELD, f"'request_id' must be a string of at most {MAX_REQUEST_ID_CHARS} characters "
+                                   f"(without NUL characters or unpaired surrogates) or an integer, "
+                                   f"got {_show(value)}")
+
+
+def parse_request(frame: bytes) -> Request:
+    """Decode and validate one request frame; raise ProtocolError, and nothing else, if it is not valid."""
+    message = _load(frame, "request", MAX_MESSAGE_BYTES)
+
+    # The version comes first: a request from another version may differ in any other way.
+    version = message.get("version", _MISSING)
+    if version is _MISSING:
+        raise ProtocolError(BAD_VERSION, f"the request has no 'version'; this pmlmd speaks protocol version "
+                                         f"{PROTOCOL_VERSION}: upgrade pmlmctl so they match")
+    if not _is_int(version):
+        raise ProtocolError(BAD_VERSION, f"'version' must be the integer {PROTOCOL_VERSION}, got {_show(version)}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(BAD_VERSION, f"protocol version {_show(version)} is not supported; this pmlmd speaks "
+                                         f"version {PROTOCOL_VERSION}: upgrade pmlmctl or pmlmd so they match")
+
+    request_id = _request_id(message.get("request_id"))
+    try:
+        for key in message:
+            if key not in _ENVELOPE:
+                raise ProtocolError(UNKNOWN_FIELD, f"unknown top-level field {_show(key)}; a request has only "
+                                                   f"'version', 'request', 'request_id' and 'args' "
+                                                   f"(arguments go inside 'args')")
+        name = message.get("request", _MISSING)
+        if name is _MISSING:
+            raise ProtocolError(MISSING_FIELD, f"the request has no 'request' field naming what to do; "
+                                               f"give one of {', '.join(REQUESTS)}")
+        if not isinstance(name, str):
+            raise ProtocolError(BAD_FIELD, f"'request' must be a string, one of {', '.join(REQUESTS)}; "
+                                           f"got {_show(name)}")
+        schema = _SCHEMAS.get(name)
+        if schema is None:
+            raise ProtocolError(UNKNOWN_REQUEST, f"unknown request {_show(name)}{_suggest(name, REQUESTS)}; "
+                                                 f"this pmlmd knows {', '.join(REQUESTS)}: check the spelling, "
+                                                 f"or upgrade pmlmd if pmlmctl is newer")
+        given = message.get("args", _MISSING)
+        if given is _MISSING:
+            given = {}
+        elif not isinstance(given, dict):
+            raise ProtocolError(BAD_FIELD, f"{name}: 'args' must be an object, got {_show(given)}")
+        return Request(name=name, args=_check_args(name, schema, given), request_id=request_id)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def _dump(message: dict) -> bytes:
+    return json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_request(name: str, /, request_id: str | int | None = None, **args) -> bytes:
+    """A request frame; not validated (the daemon does that). `name` is positional-only so that
+    submit's own `name` argument can be passed as a keyword."""
+    message: dict[str, Any] = {"version": PROTOCOL_VERSION, "request": name}
+    if request_id is not None:
+        message["request_id"] = request_id
+    message["args"] = args
+    return _dump(message)
+
+
+def encode_reply(result: dict, request_id: str | int | None = None) -> bytes:
+    if not isinstance(result, dict):
+        raise TypeError(f"a reply's result must be a dict, got {type(result).__name__}")
+    return _dump({"version": PROTOCOL_VERSION, "ok": True, "result": result, "request_id": request_id})
+
+
+def encode_error(code: str, message: str, request_id: str | int | None = None) -> bytes:
+    # A typo in a code would reach clients that branch on it; refuse it here instead.
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}; add it to ERROR_CODES first")
+    return _dump({"version": PROTOCOL_VERSION, "ok": False, "error": {"code": code, "message": str(message)},
+                  "request_id": request_id})
+
+
+def encode_event(event: dict, request_id: str | int | None = None) -> bytes:
+    if not isinstance(event, dict):
+        raise TypeError(f"an event must be a dict, got {type(event).__name__}")
+    return _dump({"version": PROTOCOL_VERSION, "ok": True, "event": event, "request_id": request_id})
+
+
+# --- decoding replies (client side) --------------------------------------------------------
+
+
+def decode_reply(frame: bytes) -> dict:
+    """The whole reply or event message as a dict; raise ProtocolError if pmlmd sent something malformed.
+
+    An error reply is returned, not raised: it is a well-formed answer.
+    """
+    message = _load(frame, "reply", None)
+    version = message.get("version", _MISSING)
+    if version is _MISSING or not _is_int(version) or version != PROTOCOL_VERSION:
+        shown = "no version" if version is _MISSING else f"protocol version {_show(version)}"
+        raise ProtocolError(BAD_VERSION, f"pmlmd replied with {shown}; this pmlmctl speaks version "
+                                         f"{PROTOCOL_VERSION}: upgrade pmlmctl or pmlmd so they match")
+    if "ok" not in message:
+        raise ProtocolError(MISSING_FIELD, "pmlmd's reply has no 'ok'")
+    ok = message["ok"]
+    if not isinstance(ok, bool):
+        raise ProtocolError(BAD_FIELD, f"'ok' in pmlmd's reply must be true or false, got {_show(ok)}")
+    request_id = message.get("request_id")
+    if not (request_id is None or _is_int(request_id) or isinstance(request_id, str)):
+        raise ProtocolError(BAD_FIELD, f"'request_id' in pmlmd's reply must be a string, an integer or null, "
+                                       f"got {_show(request_id)}")
+    if ok:
+        bodies = [key for key in ("result", "event") if key in message]
+        if len(bodies) != 1:
+            raise ProtocolError(MISSING_FIELD if not bodies else BAD_FIELD,
+                                "pmlmd's reply must hold exactly one of 'result' and 'event'")
+        if not isinstance(message[bodies[0]], dict):
+            raise ProtocolError(BAD_FIELD, f"{bodies[0]!r} in pmlmd's reply must be an object, "
+                                           f"got {_show(message[bodies[0]])}")
+    else:
+        error = message.get("error", _MISSING)
+        if error is _MISSING:
+            raise ProtocolError(MISSING_FIELD, "pmlmd's error reply has no 'error'")
+        if not isinstance(error, dict) or not isinstance(error.get("code"), str) \
+                or not isinstance(error.get("message"), str):
+            raise ProtocolError(BAD_FIELD, "'error' in pmlmd's reply must be an object with the strings "
+                                           "'code' and 'message'")
+    return message
