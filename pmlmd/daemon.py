@@ -302,8 +302,8 @@ class Daemon:
                 if peer is None:
                     raise Denied("the client's credentials could not be read")
                 reply = getattr(self, "_do_" + request.name)(client.bytes, request, peer)
-            except protocol.ProtocolError as e:
-                reply = protocol.encode_error(e.code, e.message, e.request_id)
+            except protocol.ProtocolError as e:  # raised while parsing, or by a handler (which knows no id)
+                reply = protocol.encode_error(e.code, e.message, request_id if e.request_id is None else e.request_id)
             except Denied as e:
                 reply = protocol.encode_error(protocol.PERMISSION_DENIED, f"permission denied: {e}", request_id)
             except Exception as e:  # a bug must not take the daemon down with it

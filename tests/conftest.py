@@ -137,3 +137,126 @@ class MemorySampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+# --- the daemon ------------------------------------------------------------------------------------
+class Daemon:
+    """A pmlmd process on a private socket and state dir, as an ordinary process (no systemd).
+
+    Readiness is read from a real NOTIFY_SOCKET, the way systemd learns it, so tests
+    wait for READY=1 instead of sleeping.
+    """
+
+    def __init__(self, base: Path, config: str = "", env: dict | None = None):
+        import socket as socketlib
+
+        self.base = base
+        self.socket = str(base / "ctl.sock")
+        self.state_dir = str(base / "state")
+        self.config_path = base / "pmlmd.toml"
+        self.config_path.write_text(config)
+        self.log_path = base / "pmlmd.log"
+        self.notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        self.notify.bind(str(base / "notify.sock"))
+        self.env = {**os.environ, "NOTIFY_SOCKET": str(base / "notify.sock"), **(env or {})}
+        self.proc = None
+        self.messages: list[str] = []
+
+    def start(self, timeout: float = 20.0) -> "Daemon":
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pmlmd", "--config", str(self.config_path),
+                                      "--socket", self.socket, "--state-dir", self.state_dir,
+                                      "--log-target", "console"], stdout=self.log, stderr=self.log, env=self.env)
+        self.wait_notify("READY=1", timeout)
+        return self
+
+    def wait_notify(self, wanted: str, timeout: float = 20.0) -> str:
+        """Block until the daemon sends a notify message containing ``wanted``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            exited = self.proc is not None and self.proc.poll() is not None
+            # Once it has exited, what it sent is still queued: read that without waiting.
+            self.notify.settimeout(0 if exited else max(0.0, min(remaining, 0.5)))
+            try:
+                message = self.notify.recv(4096).decode()
+            except (TimeoutError, BlockingIOError):
+                if exited or remaining <= 0:
+                    raise AssertionError(f"pmlmd sent no {wanted!r} (exit {self.proc.poll()}):\n{self.logs()}")
+                continue
+            self.messages.append(message)
+            if wanted in message.split("\n"):
+                return message
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def ctl(self, *args: str, timeout: float = 60.0, stdin: str | None = None, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pmlmd.ctl", "--socket", self.socket, *args], input=stdin,
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+    def client(self):
+        from pmlmd.client import Client
+        return Client(self.socket)
+
+    def worker_pids(self) -> list[tuple[int, int]]:
+        """(pid, start ticks) of every worker the daemon recorded, for cleanup and checks."""
+        import sqlite3
+
+        db = Path(self.state_dir) / "state.db"
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as conn:
+            return [(pid, ticks) for pid, ticks in conn.execute(
+                "SELECT pid, start_ticks FROM attempts WHERE pid IS NOT NULL AND start_ticks IS NOT NULL")]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.log.close()
+        return code
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        reader = ProcReader()
+        for pid, ticks in self.worker_pids():
+            stat = reader.pid_stat(pid)
+            if stat is not None and stat.start_ticks == ticks:
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    try:
+                        os.killpg(pid, sig)
+                    except ProcessLookupError:
+                        pass
+        self.notify.close()
+
+
+@pytest.fixture
+def daemon_factory():
+    """Make daemons; each runs in a short private directory (socket paths must stay under 108 bytes)."""
+    import shutil
+    import tempfile
+
+    made: list[Daemon] = []
+
+    def make(config: str = "", env: dict | None = None) -> Daemon:
+        base = Path(tempfile.mkdtemp(prefix="pmlm-"))
+        base.chmod(0o755)
+        d = Daemon(base, config, env)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+        shutil.rmtree(d.base, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    """A running pmlmd with the default limits."""
+    return daemon_factory().start()

@@ -1,0 +1,194 @@
+"""pmlmd as an ordinary process on a private socket and state dir, driven through pmlmctl."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BURN, group_states, wait_for
+
+PY = sys.executable
+
+
+def status(daemon, batch=None):
+    with daemon.client() as client:
+        return client.call("status", batch=batch)
+
+
+def wait_finished(daemon, batch, timeout=60):
+    return wait_for(lambda: (s := status(daemon, batch))["state"] == "finished" and s, timeout=timeout,
+                    what=f"batch {batch} to finish")
+
+
+def test_submit_wait_runs_the_batch_and_exits_like_run(daemon):
+    result = daemon.ctl("submit", "--wait", "-n", "8", "--", "sleep", "0.2")
+    assert result.returncode == 0, result.stderr + daemon.logs()
+    assert "8 tasks, 8 succeeded" in result.stdout
+    failing = daemon.ctl("submit", "--wait", "--", "false")
+    assert failing.returncode == 1
+    assert "exit 1" in failing.stderr
+
+
+def test_submit_prints_the_batch_id_and_the_report_is_kept(daemon, tmp_path):
+    result = daemon.ctl("submit", "--name", "nightly", "-n", "2", "--", "true")
+    assert result.returncode == 0, result.stderr
+    batch = result.stdout.strip()
+    wait_finished(daemon, batch)
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert report["batch_id"] == batch and report["counts"]["succeeded"] == 2
+    listing = json.loads(daemon.ctl("list", "--json").stdout)
+    assert [(b["batch"], b["name"] if "name" in b else None) for b in listing] == [(batch, "nightly")]
+
+
+def test_workers_run_in_the_submitters_directory_and_environment(daemon, tmp_path):
+    out = tmp_path / "out"
+    result = daemon.ctl("submit", "--wait", "--shell", "--", "pwd > out; echo $PMLM_GREETING >> out",
+                        cwd=tmp_path, env={**os.environ, "PMLM_GREETING": "hello"})
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == f"{tmp_path}\nhello\n"
+
+
+def test_ready_status_and_stopping_reach_systemd(daemon):
+    ready = next(m for m in daemon.messages if "READY=1" in m.split("\n"))
+    assert "STATUS=0 batches, 0 running, 0 paused" in ready
+    daemon.stop()
+    daemon.wait_notify("STOPPING=1")
+    assert daemon.proc.returncode == 0
+    assert not os.path.exists(daemon.socket)
+
+
+def test_client_without_a_daemon_exits_4_with_one_clear_line(tmp_path):
+    result = subprocess.run([PY, "-m", "pmlmd.ctl", "--socket", str(tmp_path / "none.sock"), "status"],
+                            capture_output=True, text=True)
+    assert result.returncode == 4
+    assert result.stderr.startswith("pmlmctl: pmlmd is not running: cannot connect to")
+    assert "systemctl start pmlmd" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bad_config_is_refused_at_start_with_file_and_key(daemon_factory):
+    daemon = daemon_factory("[limits]\ncpu_limt = 50\n")
+    daemon.start_failing = subprocess.run(
+        [PY, "-m", "pmlmd", "--config", str(daemon.config_path), "--socket", daemon.socket, "--state-dir",
+         daemon.state_dir], capture_output=True, text=True, timeout=30)
+    assert daemon.start_failing.returncode == 2
+    message = daemon.start_failing.stderr
+    assert str(daemon.config_path) in message and "limits.cpu_limt" in message and "cpu_limit" in message
+
+
+def test_unwritable_state_dir_is_refused_clearly(daemon_factory):
+    daemon = daemon_factory()
+    blocker = Path(daemon.state_dir)
+    blocker.write_text("a file where the state dir should be")
+    result = subprocess.run([PY, "-m", "pmlmd", "--config", str(daemon.config_path), "--socket", daemon.socket,
+                             "--state-dir", daemon.state_dir], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot use the state database" in result.stderr and "--state-dir" in result.stderr
+
+
+def test_sighup_applies_good_limits_and_keeps_them_on_a_bad_file(daemon_factory):
+    daemon = daemon_factory("[limits]\ncpu_limit = 80\n").start()
+    assert status(daemon)["limits"]["cpu_limit"] == 80
+    daemon.config_path.write_text("[limits]\ncpu_limit = 70\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_notify("RELOADING=1")
+    daemon.wait_notify("READY=1")
+    assert status(daemon)["limits"]["cpu_limit"] == 70
+    daemon.config_path.write_text("[limits]\ncpu_limit = 'lots'\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloading = daemon.wait_notify("RELOADING=1")
+    assert "MONOTONIC_USEC=" in reloading
+    daemon.wait_notify("READY=1")
+    assert status(daemon)["limits"]["cpu_limit"] == 70
+    assert "reload refused, keeping the running configuration" in daemon.logs()
+    assert "limits.cpu_limit" in daemon.logs()
+
+
+def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):
+    batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--", "sleep", "30").stdout.strip()
+    wait_for(lambda: status(daemon, batch)["running"] == 2, what="two running workers")
+    assert daemon.ctl("pause", batch).stdout.strip() == f"batch {batch}: held"
+    pids = [pid for pid, _ in daemon.worker_pids()]
+    for pid in pids:
+        wait_for(lambda: group_states(pid) == "T", what=f"worker {pid} stopped")
+    assert status(daemon, batch)["state"] == "held"
+    assert daemon.ctl("resume", batch).returncode == 0
+    for pid in pids:
+        wait_for(lambda: group_states(pid) in ("S", "R"), what=f"worker {pid} continued")
+    assert daemon.ctl("cancel", batch).returncode == 0
+    final = wait_finished(daemon, batch)
+    assert final["counts"]["cancelled"] == 2
+
+
+def test_events_follow_streams_decisions_and_task_ends(daemon):
+    follower = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "events", "--follow",
+                                 "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        batch = daemon.ctl("submit", "-n", "2", "--", "true").stdout.strip()
+        seen = []
+        while not any(e.get("event") == "finished" for e in seen):
+            seen.append(json.loads(follower.stdout.readline()))
+        kinds = [e["event"] for e in seen if e.get("batch") == batch]
+        assert kinds.count("start") == 2 and kinds.count("end") == 2 and "decision" in kinds
+    finally:
+        follower.kill()
+        follower.wait()
+    assert daemon.ctl("events", batch).stdout.count("ended (exit 0, exit)") == 2
+
+
+def test_unknown_batch_gets_a_clear_error(daemon):
+    result = daemon.ctl("cancel", "999")
+    assert result.returncode == 1
+    assert "no batch '999'" in result.stderr
+
+
+def test_restart_after_sigkill_finishes_the_batch_and_strands_nothing(daemon_factory):
+    daemon = daemon_factory().start()
+    batch = daemon.ctl("submit", "-n", "4", "-j", "2", "--", "sleep", "1").stdout.strip()
+    wait_for(lambda: len(daemon.worker_pids()) == 2, what="two workers recorded")
+    # Stop one worker as the governor would, then kill the daemon without warning.
+    stopped_pid = daemon.worker_pids()[0][0]
+    os.killpg(stopped_pid, signal.SIGSTOP)
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    wait_for(lambda: group_states(stopped_pid) != "T", what="the stranded worker continued")
+    final = wait_finished(daemon, batch)
+    assert final["counts"]["succeeded"] == 4
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert all(t["status"] == "succeeded" for t in report["tasks"])
+    causes = [a["cause"] for t in report["tasks"] for a in t["attempts"]]
+    assert causes.count("exit") == 4  # every task's last attempt ended by itself
+    assert set(causes) <= {"exit", "daemon-restart"}
+
+
+@pytest.mark.slow
+def test_low_priority_batch_pays_first_under_a_low_cpu_limit(daemon_factory):
+    cpus = os.cpu_count()
+    if cpus < 2:
+        pytest.skip("needs two cores to exceed a one-core CPU limit")
+    daemon = daemon_factory(f"[limits]\ncpu_limit = {100 / cpus}\n").start()
+    # Both burners sleep first, so both batches are admitted before the CPU rises.
+    burner = ["--", PY, BURN, "2.0", "0.5", "60"]
+    low = daemon.ctl("submit", "--priority", "-5", *burner).stdout.strip()
+    high = daemon.ctl("submit", "--priority", "5", *burner).stdout.strip()
+    wait_finished(daemon, low, timeout=120)
+    wait_finished(daemon, high, timeout=120)
+    with daemon.client() as client:
+        events = list(client.stream("events", batch=None, follow=False))
+    pauses = [e for e in events if e.get("decision") == "pause"]
+    assert pauses, "no worker was paused"
+    assert pauses[0]["batch"] == low
+    assert all(e["batch"] == low for e in pauses if e["time"] <= pauses[0]["time"] + 0.5)
+
+
+def test_state_survives_in_sqlite(daemon):
+    batch = daemon.ctl("submit", "--wait", "-n", "3", "--", "true")
+    assert batch.returncode == 0
+    with sqlite3.connect(Path(daemon.state_dir) / "state.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT state FROM batches").fetchall() == [("finished",)]
+        assert db.execute("SELECT COUNT(*) FROM attempts WHERE cause='exit' AND exit_code=0").fetchone()[0] == 3
