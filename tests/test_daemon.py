@@ -192,3 +192,40 @@ def test_state_survives_in_sqlite(daemon):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT state FROM batches").fetchall() == [("finished",)]
         assert db.execute("SELECT COUNT(*) FROM attempts WHERE cause='exit' AND exit_code=0").fetchone()[0] == 3
+
+
+def test_watchdog_pings_come_from_the_main_loop(daemon_factory):
+    daemon = daemon_factory(env={"WATCHDOG_USEC": "400000"}).start()
+    daemon.wait_notify("WATCHDOG=1", timeout=5)
+    daemon.wait_notify("WATCHDOG=1", timeout=5)
+
+
+def test_finished_batches_are_pruned(daemon_factory):
+    daemon = daemon_factory('[daemon]\nprune_after = "1s"\n').start()
+    assert daemon.ctl("submit", "--wait", "--", "true").returncode == 0
+    wait_for(lambda: json.loads(daemon.ctl("list", "--json").stdout) == [], timeout=10,
+             what="the finished batch to be pruned")
+    assert "pruned 1 finished batches" in daemon.logs()
+
+
+def test_socket_activation_uses_the_inherited_listening_socket(daemon_factory):
+    import socket as socketlib
+
+    daemon = daemon_factory()
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    listener.bind(daemon.socket)
+    listener.listen(16)
+    inode = os.stat(daemon.socket).st_ino
+    # LISTEN_PID must name the daemon itself: a shim puts the socket at fd 3, then execs pmlmd in its own place.
+    shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.environ['LISTEN_FDS'] = '1'; os.execv(sys.executable, [sys.executable, '-m', 'pmlmd', *sys.argv[2:]])")
+    log = open(daemon.log_path, "a")
+    daemon.log = log
+    daemon.proc = subprocess.Popen([PY, "-c", shim, str(listener.fileno()), "--config", str(daemon.config_path),
+                                    "--socket", daemon.socket, "--state-dir", daemon.state_dir],
+                                   pass_fds=[listener.fileno()], stdout=log, stderr=log, env=daemon.env)
+    listener.close()
+    daemon.wait_notify("READY=1")
+    result = daemon.ctl("submit", "--wait", "--", "true")
+    assert result.returncode == 0, result.stderr + daemon.logs()
+    assert os.stat(daemon.socket).st_ino == inode  # served on the inherited socket, not a new one
