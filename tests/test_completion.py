@@ -1,0 +1,42 @@
+"""The static bash completion for pmlmctl, run in a real bash with bash-completion loaded."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "etc" / "bash_completion.d" / "pmlmctl"
+FRAMEWORK = Path("/usr/share/bash-completion/bash_completion")
+
+
+def complete(line: str, socket: str = "/nonexistent.sock") -> list[str]:
+    """COMPREPLY for the command line ``line`` (the cursor at its end)."""
+    if not FRAMEWORK.exists():
+        pytest.fail("bash-completion is not installed (.ci/run installs it)")
+    program = (f"source {FRAMEWORK}; source {SCRIPT}; COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; "
+               f"read -ra COMP_WORDS <<< \"$COMP_LINE\"; [[ $COMP_LINE == *' ' ]] && COMP_WORDS+=(''); "
+               "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _pmlmctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "PMLM_SOCKET": socket})
+    return [w for w in result.stdout.split("\n") if w]
+
+
+def test_commands():
+    assert complete("pmlmctl ") == ["run", "submit", "status", "list", "cancel", "pause", "resume", "report",
+                                    "events", "--socket", "--version", "--help"]
+    assert complete("pmlmctl su") == ["submit"]
+
+
+def test_options_and_their_values():
+    assert "--memfree-limit" in complete("pmlmctl run --")
+    assert complete("pmlmctl run --victim ") == ["newest", "oldest", "largest"]
+    assert "--priority" in complete("pmlmctl submit --")
+    assert complete("pmlmctl events --f") == ["--follow"]
+
+
+def test_batch_ids_come_from_the_daemon(daemon):
+    daemon.ctl("submit", "--wait", "--", "true")
+    assert complete("pmlmctl report ", socket=daemon.socket)[:1] == ["1"]
+    assert complete(f"pmlmctl --socket {daemon.socket} cancel ")[:1] == ["1"]
