@@ -298,14 +298,15 @@ class Engine:
         for run in stricter:
             own = decide(sample, [v for v in views if v.batch == run.id], [self._workload(run)], run.limits)
             own_workers = {d.worker: d for d in own if d.worker is not None}
+            mine = {w.key for w in self.workers_of(run)}
             for key, d in list(by_worker.items()):
-                if d.action == CONTINUE and key[0] in self.workers and self.workers[key[0]].run is run \
-                        and own_workers.get(key, d).action != CONTINUE:
+                own_d = own_workers.get(key)
+                if d.action == CONTINUE and key in mine and (own_d is None or own_d.action != CONTINUE):
                     del by_worker[key]  # the batch's own limits do not allow it yet
             for key, d in own_workers.items():
-                if d.action != CONTINUE and SEVERITY[d.action] > SEVERITY.get(getattr(by_worker.get(key), "action",
-                                                                                       None), -1):
-                    by_worker[key] = d
+                node_d = by_worker.get(key)
+                if d.action != CONTINUE and SEVERITY[d.action] > (SEVERITY[node_d.action] if node_d else -1):
+                    by_worker[key] = d  # the stricter of the two verdicts
             own_spawn = sum(d.count for d in own if d.action == SPAWN)
             if run.id in spawns:
                 allowed = min(spawns[run.id].count, own_spawn)

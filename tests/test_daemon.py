@@ -229,3 +229,20 @@ def test_socket_activation_uses_the_inherited_listening_socket(daemon_factory):
     result = daemon.ctl("submit", "--wait", "--", "true")
     assert result.returncode == 0, result.stderr + daemon.logs()
     assert os.stat(daemon.socket).st_ino == inode  # served on the inherited socket, not a new one
+
+
+@pytest.mark.slow
+def test_a_batch_with_a_stricter_cpu_limit_is_held_to_it(daemon_factory):
+    cpus = os.cpu_count()
+    if cpus < 2:
+        pytest.skip("needs two cores")
+    daemon = daemon_factory("[limits]\ncpu_limit = 100\n").start()
+    one_core = 100 / cpus
+    # The node may use every core; this batch asked for one core's worth.
+    batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--cpu-limit", str(one_core), "--", PY, BURN, "1.5", "0.5",
+                       "60").stdout.strip()
+    final = wait_finished(daemon, batch, timeout=120)
+    assert final["counts"]["succeeded"] == 2
+    with daemon.client() as client:
+        pauses = [e for e in client.stream("events", batch=batch, follow=False) if e.get("decision") == "pause"]
+    assert pauses and all(f"limit {one_core:.0f}%" in e["reason"] for e in pauses)
