@@ -175,35 +175,22 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
 
     # 1. Critical floor: kill at once, the grace is a luxury we no longer have.
     if free < limits.min_free:
-        decisions = []
-        projected = free
-        for w in victim_order([w for w in releasing if w.state == TERMINATING], limits.victim, "rss"):
-            decisions.append(Decision(KILL, w.key, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)}: "
-                                      f"killing worker already told to stop ({_mib(w.rss)})"))
-        projected += sum(w.rss for w in releasing)
-        target = max(limit, limits.min_free)
-        for w in victim_order(running + paused + held, limits.victim, "rss"):
-            if projected >= target:
-                break
-            decisions.append(Decision(KILL, w.key, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)}: "
-                                      f"killing {limits.victim} worker ({_mib(w.rss)})"))
-            projected += w.rss
+        below = f"{seen}, below floor {_mib(limits.min_free)}"
+        decisions = [Decision(KILL, w.key, rule="floor", reason=f"{below}: killing worker already told to stop "
+                              f"({_mib(w.rss)})")
+                     for w in victim_order([w for w in releasing if w.state == TERMINATING], limits.victim, "rss")]
+        decisions += _until_free(victim_order(running + paused + held, limits.victim, "rss"),
+                                 free + sum(w.rss for w in releasing), max(limit, limits.min_free), KILL, "floor",
+                                 f"{below}: killing {limits.victim} worker")
         if not workers and queued:
-            decisions.append(Decision(CRITICAL, rule="floor", reason=f"{seen}, below floor {_mib(limits.min_free)} "
-                                      "with no worker left to terminate"))
+            decisions.append(Decision(CRITICAL, rule="floor", reason=f"{below} with no worker left to terminate"))
         return decisions
 
     # 2. Below the memory limit: terminate until the projection clears the limit.
     if free < limit:
-        decisions = []
-        projected = free + sum(w.rss for w in releasing)
-        for w in victim_order(running + paused + held, limits.victim, "rss"):
-            if projected >= limit:
-                break
-            decisions.append(Decision(TERMINATE, w.key, rule="memory", reason=f"{seen}: terminating "
-                                      f"{limits.victim} worker ({_mib(w.rss)}) to get back above the limit"))
-            projected += w.rss
-        return decisions
+        return _until_free(victim_order(running + paused + held, limits.victim, "rss"),
+                           free + sum(w.rss for w in releasing), limit, TERMINATE, "memory",
+                           f"{seen}: terminating {limits.victim} worker to get back above the limit")
 
     # 3. Inside the gap above the limit: hold still, stop whatever is growing.
     if free < limit + gap:
@@ -297,6 +284,18 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         cpu_projected += count * (demand.avg_cpu or 0.0)
         if room <= 0:
             break
+    return decisions
+
+
+def _until_free(victims: list[WorkerView], projected: float, target: float, action: str, rule: str,
+                why: str) -> list[Decision]:
+    """Victims in order until the memory they release lifts ``projected`` free memory to ``target``."""
+    decisions = []
+    for w in victims:
+        if projected >= target:
+            break
+        decisions.append(Decision(action, w.key, rule=rule, reason=f"{why} ({_mib(w.rss)})"))
+        projected += w.rss
     return decisions
 
 
