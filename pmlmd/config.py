@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATH = "/etc/pmlmd/pmlmd.toml"
 LOG_TARGETS = ("auto", "journal", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STRANDED_POLICIES = ("continue", "terminate")
+SCOPE_BACKENDS = ("auto", "systemd", "none")
 
 # sun_path holds 108 bytes including the terminating NUL; ZeroMQ's ipc:// transport
 # refuses longer paths only at bind time, with a message that names no file or key.
@@ -53,6 +54,7 @@ class Config:
     prune_after: float = 7 * 86400.0  # seconds
     agent_socket: str = "/run/pmlmd/agent.sock"  # reserved for the cooperative-stop channel
     stranded: str = "continue"
+    scope_backend: str = "auto"
     # [limits]
     cpu_limit: float = 90.0
     cpu_margin: float = 10.0
@@ -227,6 +229,7 @@ _OPTIONS: dict[str, _Option] = {
     "prune_after": _Option("daemon", parse_duration),
     "agent_socket": _Option("daemon", _socket_path),
     "stranded": _Option("daemon", _choice(STRANDED_POLICIES)),
+    "scope_backend": _Option("daemon", _choice(SCOPE_BACKENDS)),
     "cpu_limit": _Option("limits", _number(1, 100)),
     "cpu_margin": _Option("limits", _number(0, 99)),
     "memfree_limit": _Option("limits", _number(0, 99)),

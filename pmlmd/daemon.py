@@ -21,7 +21,7 @@ import time
 
 import zmq
 
-from . import __version__, procctl, protocol
+from . import __version__, procctl, protocol, scopes
 from .batch import CAUSE_DAEMON_RESTART, FINISHED, QUEUED, Batch, BatchSpec
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import BatchRun, Engine, Loop
@@ -118,8 +118,12 @@ class Daemon:
         self.store = Store(self.config.state_dir)
         self.cpus = os.cpu_count() or 1
         self.loop = Loop()
+        try:
+            self.scopes = scopes.choose(self.config.scope_backend)
+        except OSError as e:
+            raise DaemonError(f"{e}; set scope_backend = \"auto\" or \"none\" in pmlmd.toml") from e
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
-                             on_event=self._on_event)
+                             on_event=self._on_event, scopes=self.scopes)
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -143,8 +147,9 @@ class Daemon:
     def serve(self) -> int:
         self.loop.handle_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._on_signal)
         self._restore()
-        log.info("pmlmd %s ready on %s (state %s, notify via %s)", __version__, self.config.socket,
-                 self.store.path, self.notifier.backend)
+        log.info("pmlmd %s ready on %s (state %s, workers in %s, notify via %s)", __version__, self.config.socket,
+                 self.store.path, "systemd scopes" if self.scopes.name == "systemd" else "process groups",
+                 self.notifier.backend)
         self.notifier.ready(self._status_line())
         watchdog = self.notifier.watchdog_interval()
         try:
@@ -215,7 +220,18 @@ class Daemon:
 
     # --- restart -----------------------------------------------------------------------------
     def _restore(self) -> None:
-        for stored in self.store.active_batches():
+        stored_batches = self.store.active_batches()
+        active = {stored.id for stored in stored_batches}
+        for batch_id in self.scopes.scopes():
+            self.scopes.thaw(batch_id)  # frozen by an earlier pmlmd: held batches are frozen again below
+            if batch_id not in active:
+                # Nothing to adopt these into: their batch is over (or unknown); end them, never orphan them.
+                pids = self.scopes.scope_pids(batch_id)
+                if pids:
+                    log.warning("ending %d processes left in the scope of batch %s, which is not active",
+                                len(pids), batch_id)
+                    signal_pids(pids, (signal.SIGTERM, signal.SIGCONT))
+        for stored in stored_batches:
             run = self._run_from(stored)
             for task, attempt, start_ticks in stored.open_attempts:
                 child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
@@ -244,7 +260,16 @@ class Daemon:
         self.asked[stored.id] = self._asked(args)
         return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
                         max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
-                        owner=procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups)))
+                        owner=procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups)),
+                        description=self._description(stored.id, stored.name, stored.owner_uid))
+
+    @staticmethod
+    def _description(batch_id: str, name: str | None, uid: int) -> str:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = f"uid {uid}"
+        return f"pmlmd batch {batch_id}{f' ({name})' if name else ''} of {user}"
 
     @staticmethod
     def _asked(args: dict) -> dict:
@@ -361,7 +386,8 @@ class Daemon:
         self.asked[batch_id] = self._asked(args)
         run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
-                       owner=procctl.Credentials(uid, gid, tuple(groups)))
+                       owner=procctl.Credentials(uid, gid, tuple(groups)),
+                       description=self._description(batch_id, args["name"], uid))
         self.engine.add(run)
         log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
                  extra={"BATCH_ID": batch_id})
@@ -374,7 +400,9 @@ class Daemon:
                 "priority": run.priority, "state": state, "created": b.started, "counts": b.counts(),
                 "done": b.done(), "total": len(b.tasks), "queued": len(b.queue),
                 "running": self.engine.count(RUNNING, run), "paused": self.engine.count(PAUSED, run)
-                + self.engine.count(HELD, run), "command": b.spec.command}
+                + self.engine.count(HELD, run), "command": b.spec.command,
+                "scope": scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
+                "freezer": self.scopes.freezer_state(run.id)}
 
     def _do_status(self, client, request, peer) -> bytes:
         batch_id = request.args["batch"]
@@ -455,6 +483,48 @@ class Daemon:
         return protocol.encode_reply({"events": "end"}, request.request_id)
 
 
+def signal_pids(pids, signals) -> None:
+    for pid in pids:
+        for sig in signals:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+
+
+def release_workers(config: Config) -> int:
+    """For ExecStopPost: while no pmlmd runs, no worker may stay stopped or frozen.
+
+    Thaws every pmlm scope and continues every process in it and every worker the
+    state database knows as running (or, with ``stranded = "terminate"``, ends them).
+    """
+    signals = (signal.SIGTERM, signal.SIGCONT) if config.stranded == "terminate" else (signal.SIGCONT,)
+    try:
+        backend = scopes.choose(config.scope_backend)
+    except OSError as e:
+        log.warning("%s: releasing workers by their process groups only", e)
+        backend = scopes.NoScopes()
+    released = 0
+    for batch_id in backend.scopes():
+        backend.thaw(batch_id)
+        pids = backend.scope_pids(batch_id)
+        signal_pids(pids, signals)
+        released += len(pids)
+    if os.path.exists(os.path.join(config.state_dir, "state.db")):
+        store = Store(config.state_dir)
+        for stored in store.active_batches():
+            for _, attempt, start_ticks in stored.open_attempts:
+                child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
+                if child is not None:
+                    for sig in signals:
+                        procctl.signal_group(child.pid, sig)
+                    os.close(child.pidfd)
+                    released += 1
+        store.close()
+    log.info("released %d workers (%s)", released, config.stranded)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmlmd", description="The Process & Load Manager daemon: runs batches of "
                                 "workers submitted with pmlmctl and keeps the node within its CPU and "
@@ -466,12 +536,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", help="where the state database lives (default /var/lib/pmlmd)")
     p.add_argument("--log-target", choices=("auto", "journal", "console"),
                    help="auto: the journal when stderr is connected to it, else the console")
+    p.add_argument("--release-workers", action="store_true",
+                   help="do not serve: continue (or, with stranded = \"terminate\", end) every worker an earlier "
+                        "pmlmd left, thawing their scopes; for ExecStopPost=")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"socket": args.socket, "state_dir": args.state_dir, "log_target": args.log_target}
+    if args.release_workers:
+        try:
+            config = load_config(args.config, overrides)
+            setup_logging(config.log_target, config.log_level)
+            return release_workers(config)
+        except (ConfigError, StoreError) as e:
+            print(f"pmlmd: {e}", file=sys.stderr)
+            return 1
     try:
         daemon = Daemon(args.config, overrides)
     except (ConfigError, StoreError, DaemonError) as e:

@@ -28,6 +28,7 @@ from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RE
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .sampler import CLOCK_TICKS, NodeSampler, ProcReader, group_usage
+from .scopes import GATE, NoScopes
 from .systemd import decision_fields
 
 log = logging.getLogger("pmlmd.engine")
@@ -104,6 +105,8 @@ class BatchRun:
     cwd: str | None = None
     env: dict[str, str] | None = None  # the workers' base environment; None: the engine's own
     held: bool = False  # paused by a user
+    frozen: bool = False  # held through its scope's cgroup freezer rather than signals
+    description: str = ""  # for its scope: which batch, whose
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
 
@@ -155,8 +158,9 @@ def worker_argv(run: BatchRun, line: str | None) -> list[str]:
 
 class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
-                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None):
+                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None):
         self.limits = limits
+        self.scopes = scopes or NoScopes()
         self.loop = loop
         self.proc = proc or ProcReader()
         self.node = NodeSampler(self.proc)
@@ -203,17 +207,23 @@ class Engine:
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until released."""
         run.held = True
+        # The freezer stops the whole scope at once, children the workers forked included.
+        run.frozen = self.scopes.freeze(run.id)
         for w in self.workers_of(run):
             if w.state in (RUNNING, PAUSED):
-                procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                if not run.frozen:
+                    procctl.signal_group(w.child.pid, signal.SIGSTOP)
                 w.state = HELD
         self.on_event({"event": "held", "batch": run.id})
 
     def release(self, run: BatchRun) -> None:
         run.held = False
+        if run.frozen:
+            self.scopes.thaw(run.id)
+            run.frozen = False
         for w in self.workers_of(run):
             if w.state == HELD:
-                procctl.signal_group(w.child.pid, signal.SIGCONT)
+                procctl.signal_group(w.child.pid, signal.SIGCONT)  # also what a governor pause left stopped
                 self._measure_afresh(w)
                 w.state = RUNNING
         self.next_sample_at = 0.0
@@ -380,10 +390,16 @@ class Engine:
             env["PMLM_TASK"] = task.line
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
+        gate_r = gate_w = None
+        if self.scopes.gated:
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         try:
-            child = procctl.spawn(argv, env, stdout_fd=self.stdout_fd, cwd=run.cwd, credentials=credentials,
-                                  proc=self.proc)
+            child = procctl.spawn(GATE + argv if gate_r is not None else argv, env, stdout_fd=self.stdout_fd,
+                                  stdin_fd=gate_r, cwd=run.cwd, credentials=credentials, proc=self.proc)
         except OSError as e:
+            if gate_r is not None:
+                os.close(gate_r)
+                os.close(gate_w)
             attempt = run.batch.start_attempt(task, None, time.time())
             attempt.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             attempt.reason = f"cannot execute {argv[0]!r}: {e.strerror}"
@@ -392,6 +408,11 @@ class Engine:
                            "cause": CAUSE_SPAWN_FAILED, "status": task.status, "reason": attempt.reason})
             self._finish_if_done(run)
             return
+        if gate_r is not None:
+            os.close(gate_r)
+            self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
+            os.write(gate_w, b"go\n")  # inside its scope now (or logged why not): let it run the command
+            os.close(gate_w)
         attempt = run.batch.start_attempt(task, child.pid, time.time())
         self._watch(Worker(child=child, run=run, task=task, attempt=attempt))
 
@@ -473,6 +494,8 @@ class Engine:
         self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
                        "summary": run.batch.summary_line()})
         del self.runs[run.id]
+        if run.frozen:
+            self.scopes.thaw(run.id)
 
     # --- stopping ------------------------------------------------------------------------
     def abandon(self) -> None:

@@ -1,7 +1,10 @@
 """Process control: spawn workers as process-group leaders, signal their groups, reap them.
 
-Each worker leads its own process group, so pausing, continuing and terminating reach
-every process a worker started (the children of a shell script too). The leader is
+Each worker leads its own session and process group, so pausing, continuing and
+terminating reach every process a worker started (the children of a shell script too).
+Its own session, not just its own group: when pmlmd dies while a worker is stopped,
+the kernel would otherwise find the worker's group newly orphaned and send it SIGHUP,
+killing work that a restarted pmlmd could have adopted. The leader is
 not reaped before pmlmd has seen its exit through its pidfd, so its pid (and with it
 the group id) cannot be reused while pmlmd may still signal it.
 """
@@ -49,9 +52,9 @@ class Exit:
     known: bool = True  # False for an adopted worker: it ended, but how is unknown
 
 
-def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None, cwd: str | None = None,
-          credentials: Credentials | None = None, proc: ProcReader | None = None) -> Child:
-    """Start ``argv`` in a new process group with stdin from /dev/null.
+def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None, stdin_fd: int | None = None,
+          cwd: str | None = None, credentials: Credentials | None = None, proc: ProcReader | None = None) -> Child:
+    """Start ``argv`` in a new session and process group with stdin from ``stdin_fd`` (default /dev/null).
 
     With ``cwd`` or ``credentials`` the child changes directory or identity before it
     executes the command. Raises OSError (FileNotFoundError, PermissionError, ...)
@@ -60,17 +63,19 @@ def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = No
     popen = None
     if cwd is None and credentials is None:
         # posix_spawn is the cheapest way to start a process from Python.
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
+                   else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
         if stdout_fd is not None:
             actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
-        pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setpgroup=0,
+        pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
                               setsigdef=_RESET_SIGNALS, setsigmask=())
     else:
         ids = {}
         if credentials is not None:
             ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
-        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout_fd,
-                                 process_group=0, close_fds=True, restore_signals=True, **ids)
+        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+                                 stdout=stdout_fd,
+                                 start_new_session=True, close_fds=True, restore_signals=True, **ids)
         pid = popen.pid
     started = time.monotonic()
     pidfd = os.pidfd_open(pid)

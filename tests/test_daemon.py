@@ -163,6 +163,9 @@ def test_restart_after_sigkill_finishes_the_batch_and_strands_nothing(daemon_fac
     causes = [a["cause"] for t in report["tasks"] for a in t["attempts"]]
     assert causes.count("exit") == 4  # every task's last attempt ended by itself
     assert set(causes) <= {"exit", "daemon-restart"}
+    # The worker that was stopped when the daemon died survived it and was adopted, not lost.
+    (stranded,) = [a for t in report["tasks"] for a in t["attempts"] if a["pid"] == stopped_pid]
+    assert stranded["reason"].startswith("adopted after a daemon restart")
 
 
 @pytest.mark.slow
@@ -246,3 +249,21 @@ def test_a_batch_with_a_stricter_cpu_limit_is_held_to_it(daemon_factory):
     with daemon.client() as client:
         pauses = [e for e in client.stream("events", batch=batch, follow=False) if e.get("decision") == "pause"]
     assert pauses and all(f"limit {one_core:.0f}%" in e["reason"] for e in pauses)
+
+
+def test_release_workers_continues_what_a_dead_daemon_left_stopped(daemon_factory):
+    daemon = daemon_factory().start()
+    daemon.ctl("submit", "-n", "2", "-j", "2", "--", "sleep", "30")
+    wait_for(lambda: len(daemon.worker_pids()) == 2, what="two workers recorded")
+    pids = [pid for pid, _ in daemon.worker_pids()]
+    for pid in pids:
+        os.killpg(pid, signal.SIGSTOP)
+        wait_for(lambda: group_states(pid) == "T", what=f"worker {pid} stopped")
+    daemon.stop(signal.SIGKILL)  # a crash: nobody continued them
+    result = subprocess.run([PY, "-m", "pmlmd", "--release-workers", "--config", str(daemon.config_path),
+                             "--state-dir", daemon.state_dir, "--log-target", "console"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "released 2 workers (continue)" in result.stderr
+    for pid in pids:
+        assert group_states(pid) == "S"

@@ -1,0 +1,193 @@
+"""Where a batch's workers live: a transient systemd scope per batch, or plain process groups.
+
+With the ``systemd`` backend each batch gets ``pmlm-<batch id>.scope`` in ``pmlm.slice``,
+created over the system bus (jeepney) with the batch's first worker and joined by the
+later ones. Operators then see and account a batch with ``systemctl status``,
+``systemd-cgls`` and ``systemctl show``; the workers outlive a restart of pmlmd (they
+are not in pmlmd.service's cgroup); and a whole batch can be frozen at once.
+
+A worker must be inside its scope before it runs the user's command, so with this
+backend a worker starts as a gate (``/bin/sh`` waiting on its stdin) that pmlmd
+releases once the pid is attached; the gate then execs the command in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from jeepney import DBusAddress, MatchRule, Properties, message_bus, new_method_call
+from jeepney.io.blocking import open_dbus_connection
+from jeepney.wrappers import DBusErrorResponse, unwrap_msg
+
+log = logging.getLogger("pmlmd.scopes")
+
+SLICE = "pmlm.slice"
+SCOPE_PREFIX = "pmlm-"
+SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SCOPE = "org.freedesktop.systemd1.Scope"
+JOB_TIMEOUT = 10.0  # seconds to wait for a scope's start job
+
+# The gate: wait for pmlmd's go (one line on stdin), then become the command.
+GATE = ["/bin/sh", "-c", 'read -r _ || exit 125; exec "$@" </dev/null', "pmlm-gate"]
+
+
+def scope_name(batch_id: str) -> str:
+    return f"{SCOPE_PREFIX}{batch_id}.scope"
+
+
+def batch_of_scope(unit: str) -> str | None:
+    if unit.startswith(SCOPE_PREFIX) and unit.endswith(".scope"):
+        return unit[len(SCOPE_PREFIX):-len(".scope")]
+    return None
+
+
+class NoScopes:
+    """Process groups only: every feature works, nothing is placed anywhere."""
+
+    name = "none"
+    gated = False
+
+    def place(self, batch_id: str, description: str, pid: int) -> bool:
+        return False
+
+    def freeze(self, batch_id: str) -> bool:
+        return False
+
+    def thaw(self, batch_id: str) -> bool:
+        return False
+
+    def freezer_state(self, batch_id: str) -> str | None:
+        return None
+
+    def scopes(self) -> list[str]:
+        return []
+
+    def scope_pids(self, batch_id: str) -> list[int]:
+        return []
+
+
+class SystemdScopes:
+    """Transient scopes over the system bus."""
+
+    name = "systemd"
+    gated = True
+
+    def __init__(self, connection=None):
+        self.bus = connection or open_dbus_connection(bus="SYSTEM")
+        self.started: set[str] = set()  # batches whose scope exists
+
+    # --- D-Bus plumbing ----------------------------------------------------------------
+    def _call(self, member: str, signature: str | None = None, body: tuple = (), *, path: str = SYSTEMD[1],
+              interface: str = MANAGER):
+        address = DBusAddress(path, bus_name=SYSTEMD[0], interface=interface)
+        reply = self.bus.send_and_get_reply(new_method_call(address, member, signature, body), timeout=JOB_TIMEOUT)
+        return unwrap_msg(reply)
+
+    def _property(self, batch_id: str, interface: str, name: str):
+        (unit_path,) = self._call("GetUnit", "s", (scope_name(batch_id),))
+        address = DBusAddress(unit_path, bus_name=SYSTEMD[0], interface=interface)
+        (value,) = unwrap_msg(self.bus.send_and_get_reply(Properties(address).get(name), timeout=JOB_TIMEOUT))
+        return value[1]  # (signature, value)
+
+    # --- scopes --------------------------------------------------------------------------
+    def place(self, batch_id: str, description: str, pid: int) -> bool:
+        """Put ``pid`` into the batch's scope, creating the scope with it if needed."""
+        unit = scope_name(batch_id)
+        try:
+            if batch_id not in self.started:
+                try:
+                    self._start(unit, description, pid)
+                    self.started.add(batch_id)
+                    return True
+                except DBusErrorResponse as e:
+                    if e.name != "org.freedesktop.systemd1.UnitExists":
+                        raise
+                    self.started.add(batch_id)  # left by an earlier pmlmd: join it
+            self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
+            return True
+        except (DBusErrorResponse, OSError, TimeoutError) as e:
+            log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, e)
+            return False
+
+    def _start(self, unit: str, description: str, pid: int) -> None:
+        properties = [
+            ("PIDs", ("au", [pid])),
+            ("Slice", ("s", SLICE)),
+            ("Description", ("s", description)),
+            ("Delegate", ("b", True)),  # AttachProcessesToUnit works only on delegated units
+            ("CollectMode", ("s", "inactive-or-failed")),  # gone once empty, even if a worker failed
+        ]
+        rule = MatchRule(type="signal", sender=SYSTEMD[0], interface=MANAGER, member="JobRemoved",
+                         path=SYSTEMD[1])
+        self.bus.send_and_get_reply(message_bus.AddMatch(rule), timeout=JOB_TIMEOUT)
+        self._call("Subscribe")  # systemd sends job signals only to subscribers
+        try:
+            with self.bus.filter(rule, bufsize=64) as queue:
+                (job,) = self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", properties, []))
+                while True:
+                    signal = self.bus.recv_until_filtered(queue, timeout=JOB_TIMEOUT)
+                    _, job_path, _, result = signal.body
+                    if job_path == job:
+                        if result != "done":
+                            raise OSError(f"starting {unit} ended with {result!r}")
+                        return
+        finally:
+            self._call("Unsubscribe")
+            self.bus.send_and_get_reply(message_bus.RemoveMatch(rule), timeout=JOB_TIMEOUT)
+
+    def forget(self, batch_id: str) -> None:
+        self.started.discard(batch_id)
+
+    def freeze(self, batch_id: str) -> bool:
+        return self._freezer("FreezeUnit", batch_id)
+
+    def thaw(self, batch_id: str) -> bool:
+        return self._freezer("ThawUnit", batch_id)
+
+    def _freezer(self, member: str, batch_id: str) -> bool:
+        try:
+            self._call(member, "s", (scope_name(batch_id),))
+            return True
+        except (DBusErrorResponse, OSError, TimeoutError) as e:
+            # No scope (yet), or no cgroup2 freezer: the caller falls back to signals.
+            log.debug("%s %s: %s", member, scope_name(batch_id), e)
+            return False
+
+    def freezer_state(self, batch_id: str) -> str | None:
+        try:
+            return self._property(batch_id, UNIT, "FreezerState")
+        except Exception:  # no such scope
+            return None
+
+    def scopes(self) -> list[str]:
+        """Batch ids of every pmlm scope systemd knows (also those of an earlier pmlmd)."""
+        (units,) = self._call("ListUnitsByPatterns", "asas", ([], [SCOPE_PREFIX + "*.scope"]))
+        return [b for b in (batch_of_scope(u[0]) for u in units) if b is not None]
+
+    def scope_pids(self, batch_id: str) -> list[int]:
+        try:
+            group = self._property(batch_id, SCOPE, "ControlGroup")
+            with open(f"/sys/fs/cgroup{group}/cgroup.procs") as f:
+                return [int(line) for line in f if line.strip()]
+        except Exception:
+            return []
+
+
+def choose(setting: str = "auto"):
+    """The backend for ``setting`` (auto, systemd, none); auto means systemd when it runs and answers."""
+    if setting == "none":
+        return NoScopes()
+    if setting == "auto" and not os.path.isdir("/run/systemd/system"):
+        return NoScopes()
+    try:
+        backend = SystemdScopes()
+        backend.scopes()  # does the manager answer?
+        return backend
+    except Exception as e:
+        if setting == "systemd":
+            raise OSError(f"the systemd scope backend was asked for, but the system bus does not answer: {e}")
+        log.warning("systemd runs but its bus does not answer (%s): workers stay in process groups only", e)
+        return NoScopes()
