@@ -28,7 +28,7 @@ SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SCOPE = "org.freedesktop.systemd1.Scope"
-JOB_TIMEOUT = 10.0  # seconds to wait for a scope's start job
+JOB_TIMEOUT = 5.0  # seconds to wait for systemd (the event loop waits with it; a scope starts in ms)
 
 # The gate: wait for pmlmd's go (one line on stdin), then become the command.
 GATE = ["/bin/sh", "-c", 'read -r _ || exit 125; exec "$@" </dev/null', "pmlm-gate"]
@@ -120,8 +120,9 @@ class SystemdScopes:
             ("Delegate", ("b", True)),  # AttachProcessesToUnit works only on delegated units
             ("CollectMode", ("s", "inactive-or-failed")),  # gone once empty, even if a worker failed
         ]
-        rule = MatchRule(type="signal", sender=SYSTEMD[0], interface=MANAGER, member="JobRemoved",
-                         path=SYSTEMD[1])
+        # No sender in the rule: signals carry systemd's unique bus name, which jeepney's local
+        # filter would compare with the well-known one and never match.
+        rule = MatchRule(type="signal", interface=MANAGER, member="JobRemoved", path=SYSTEMD[1])
         self.bus.send_and_get_reply(message_bus.AddMatch(rule), timeout=JOB_TIMEOUT)
         self._call("Subscribe")  # systemd sends job signals only to subscribers
         try:

@@ -1,0 +1,101 @@
+"""First tests of the systemd tier: the container's systemd itself, and pmlmd.service's life cycle.
+
+Everything is looked at from inside, the way an operator would: systemctl, journalctl, pmlmctl.
+The tests share one container (the session's ``testbed``); each one that needs a running pmlmd
+starts it itself, so they do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+UNIT = "pmlmd"
+READY_LINE = "ready on /run/pmlmd/control.sock"
+
+
+def wait_inside(testbed, cmd, predicate, timeout=10.0, what="condition"):
+    """Run ``cmd`` inside until predicate(CompletedProcess) holds; the last result otherwise fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = testbed.run(cmd, check=False)
+        if predicate(proc):
+            return proc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last output of {cmd!r}:\n"
+                                 f"{proc.stdout}{proc.stderr}\n{diagnostics(testbed)}")
+        time.sleep(0.1)
+
+
+def diagnostics(testbed) -> str:
+    """The unit's status and recent journal, for assertion messages."""
+    status = testbed.run(["systemctl", "status", "--no-pager", "--full", UNIT], check=False)
+    journal = testbed.run(["journalctl", "--no-pager", "-n", "40", "-u", UNIT], check=False)
+    return f"--- systemctl status {UNIT} ---\n{status.stdout}\n--- journalctl -u {UNIT} ---\n{journal.stdout}"
+
+
+def show(testbed, prop: str) -> str:
+    return testbed.run(["systemctl", "show", "-p", prop, "--value", UNIT]).stdout.strip()
+
+
+@pytest.fixture
+def pmlmd(testbed):
+    """pmlmd.service started (a no-op if it already runs)."""
+    testbed.run(["systemctl", "reset-failed", UNIT], check=False)
+    proc = testbed.run(["systemctl", "start", UNIT], check=False, timeout=120)
+    assert proc.returncode == 0, f"systemctl start {UNIT} failed:\n{proc.stderr}\n{diagnostics(testbed)}"
+    return testbed
+
+
+def test_container_runs_systemd_on_cgroup2_only(testbed):
+    state = testbed.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+    failed = testbed.run(["systemctl", "--failed", "--no-legend", "--no-pager"], check=False).stdout
+    assert state == "running", f"is-system-running: {state}; failed units:\n{failed}"
+    assert testbed.run(["stat", "-fc", "%T", "/sys/fs/cgroup"]).stdout.strip() == "cgroup2fs"
+    assert testbed.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
+
+
+def test_start_returns_only_after_ready(testbed):
+    testbed.run(["systemctl", "stop", UNIT], timeout=120)
+    # One script, so nothing but the shell stands between start returning and the two checks.
+    proc = testbed.run(f"systemctl start {UNIT} && systemctl is-active {UNIT} && pmlmctl status",
+                       check=False, timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{diagnostics(testbed)}"
+    assert proc.stdout.splitlines()[0] == "active"
+
+
+def test_status_shows_the_status_line(pmlmd):
+    def has_line(proc):
+        return "0 batches, 0 running, 0 paused" in proc.stdout
+    # STATUS= comes with READY=1 and then every second: poll rather than guess.
+    proc = wait_inside(pmlmd, ["systemctl", "status", "--no-pager", "--full", UNIT], has_line,
+                       what="the STATUS= line in systemctl status")
+    status_line = next(line for line in proc.stdout.splitlines() if "Status:" in line)
+    assert "0 batches, 0 running, 0 paused" in status_line
+
+
+def test_submit_wait_as_root(pmlmd):
+    proc = pmlmd.run(["pmlmctl", "submit", "--wait", "-n", "4", "--", "sleep", "0.5"], check=False, timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{diagnostics(pmlmd)}"
+
+
+def test_journal_has_the_ready_line(pmlmd):
+    wait_inside(pmlmd, ["journalctl", "--no-pager", "-o", "cat", "-u", UNIT],
+                lambda proc: READY_LINE in proc.stdout, what=f"{READY_LINE!r} in the journal")
+
+
+def test_reload_then_stop(pmlmd):
+    main_pid = show(pmlmd, "MainPID")
+    proc = pmlmd.run(["systemctl", "reload", UNIT], check=False, timeout=60)
+    assert proc.returncode == 0, f"{proc.stderr}\n{diagnostics(pmlmd)}"
+    wait_inside(pmlmd, ["systemctl", "is-active", UNIT], lambda p: p.stdout.strip() == "active",
+                what="pmlmd active again after reload")
+    assert show(pmlmd, "MainPID") == main_pid, "reload restarted the daemon instead of reloading it"
+    assert pmlmd.run(["pmlmctl", "status"], check=False).returncode == 0
+
+    proc = pmlmd.run(["systemctl", "stop", UNIT], check=False, timeout=120)
+    assert proc.returncode == 0, f"{proc.stderr}\n{diagnostics(pmlmd)}"
+    assert pmlmd.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "inactive"
+    # Stopped by its own clean exit on SIGTERM, not killed after the stop timeout.
+    assert show(pmlmd, "Result") == "success", diagnostics(pmlmd)
