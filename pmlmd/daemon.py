@@ -504,12 +504,12 @@ def release_workers(config: Config) -> int:
     except OSError as e:
         log.warning("%s: releasing workers by their process groups only", e)
         backend = scopes.NoScopes()
-    released = 0
+    in_scopes = known = 0
     for batch_id in backend.scopes():
         backend.thaw(batch_id)
         pids = backend.scope_pids(batch_id)
         signal_pids(pids, signals)
-        released += len(pids)
+        in_scopes += len(pids)
     if os.path.exists(os.path.join(config.state_dir, "state.db")):
         store = Store(config.state_dir)
         for stored in store.active_batches():
@@ -519,9 +519,10 @@ def release_workers(config: Config) -> int:
                     for sig in signals:
                         procctl.signal_group(child.pid, sig)
                     os.close(child.pidfd)
-                    released += 1
+                    known += 1
         store.close()
-    log.info("released %d workers (%s)", released, config.stranded)
+    log.info("released workers (%s): %d processes in pmlm scopes, %d workers from the state database",
+             config.stranded, in_scopes, known)
     return 0
 
 

@@ -496,6 +496,7 @@ class Engine:
         del self.runs[run.id]
         if run.frozen:
             self.scopes.thaw(run.id)
+        self.scopes.stop(run.id)
 
     # --- stopping ------------------------------------------------------------------------
     def abandon(self) -> None:

@@ -62,6 +62,9 @@ class NoScopes:
     def freezer_state(self, batch_id: str) -> str | None:
         return None
 
+    def stop(self, batch_id: str) -> None:
+        pass
+
     def scopes(self) -> list[str]:
         return []
 
@@ -139,8 +142,20 @@ class SystemdScopes:
             self._call("Unsubscribe")
             self.bus.send_and_get_reply(message_bus.RemoveMatch(rule), timeout=JOB_TIMEOUT)
 
-    def forget(self, batch_id: str) -> None:
+    def stop(self, batch_id: str) -> None:
+        """The batch is over: whatever its workers left running in the scope goes with it.
+
+        Stopping the scope sends SIGTERM (SIGKILL after the unit's timeout) to every process
+        still in it, also to those that left their worker's process group.
+        """
         self.started.discard(batch_id)
+        try:
+            self._call("StopUnit", "ss", (scope_name(batch_id), "replace"))
+        except DBusErrorResponse as e:
+            if e.name != "org.freedesktop.systemd1.NoSuchUnit":  # already gone with its last process
+                log.warning("cannot stop %s: %s", scope_name(batch_id), e)
+        except (OSError, TimeoutError) as e:
+            log.warning("cannot stop %s: %s", scope_name(batch_id), e)
 
     def freeze(self, batch_id: str) -> bool:
         return self._freezer("FreezeUnit", batch_id)

@@ -264,6 +264,7 @@ def test_release_workers_continues_what_a_dead_daemon_left_stopped(daemon_factor
                              "--state-dir", daemon.state_dir, "--log-target", "console"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert "released 2 workers (continue)" in result.stderr
+    assert "released workers (continue): 0 processes in pmlm scopes, 2 workers from the state database" \
+        in result.stderr
     for pid in pids:
         assert group_states(pid) == "S"

@@ -21,6 +21,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import testbed as testbed_module  # noqa: E402
+from tier import UNIT, diagnostics  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,3 +44,14 @@ def testbed():
     with testbed_module.Testbed() as tb:
         testbed_module.install_pmlmd(tb, REPO_ROOT)
         yield tb
+
+
+@pytest.fixture
+def pmlmd(testbed):
+    """pmlmd.service freshly started on an empty state: no batch or scope of an earlier test is left."""
+    testbed.run(["systemctl", "stop", UNIT], check=False, timeout=120)
+    testbed.run("systemctl stop 'pmlm-*.scope'; rm -f /var/lib/pmlmd/state.db*", check=False, timeout=120)
+    testbed.run(["systemctl", "reset-failed", UNIT], check=False)
+    proc = testbed.run(["systemctl", "start", UNIT], check=False, timeout=120)
+    assert proc.returncode == 0, f"systemctl start {UNIT} failed:\n{proc.stderr}\n{diagnostics(testbed)}"
+    return testbed

@@ -1,0 +1,181 @@
+"""Batches in transient scopes under a real systemd: placement, freezing, journal, restarts, strays.
+
+Each test starts pmlmd.service (the ``pmlmd`` fixture) and drives it with pmlmctl inside the
+container; what it asserts is what an operator would look at: systemctl show, /proc, journalctl.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tier import UNIT, diagnostics, show, wait_inside
+
+# A busy loop bounded in time (60 s), all in the worker's own process group.
+BUSY = "end=$(($(date +%s) + 60)); while [ $(date +%s) -lt $end ]; do :; done"
+
+
+def submit(tb, *args: str) -> str:
+    proc = tb.run(["pmlmctl", "submit", *args], check=False, timeout=60)
+    assert proc.returncode == 0, f"{proc.stderr}\n{diagnostics(tb)}"
+    return proc.stdout.strip()
+
+
+def status(tb, batch: str) -> dict:
+    return json.loads(tb.run(["pmlmctl", "status", "--json", batch]).stdout)
+
+
+def worker_pids(tb, batch: str) -> list[int]:
+    """The live pids of the batch's scope, as systemd accounts them."""
+    group = tb.run(["systemctl", "show", "-p", "ControlGroup", "--value", f"pmlm-{batch}.scope"]).stdout.strip()
+    if not group:
+        return []
+    proc = tb.run(["cat", f"/sys/fs/cgroup{group}/cgroup.procs"], check=False)
+    return [int(pid) for pid in proc.stdout.split()]
+
+
+def scope_gone(tb, batch: str) -> bool:
+    state = tb.run(["systemctl", "show", "-p", "LoadState", "--value", f"pmlm-{batch}.scope"], check=False)
+    return state.stdout.strip() == "not-found"
+
+
+def proc_state(tb, pid: int) -> str:
+    proc = tb.run(["cat", f"/proc/{pid}/stat"], check=False)
+    return proc.stdout.rsplit(")", 1)[1].split()[0] if proc.returncode == 0 else "gone"
+
+
+@pytest.fixture
+def dropin(testbed):
+    """Write a runtime drop-in for pmlmd.service for one test; removed (and reloaded) after."""
+    path = "/run/systemd/system/pmlmd.service.d/test.conf"
+
+    def write(text: str) -> None:
+        testbed.run(f"mkdir -p /run/systemd/system/pmlmd.service.d && cat > {path}", input=text)
+        testbed.run(["systemctl", "daemon-reload"])
+
+    yield write
+    testbed.run(["systemctl", "stop", UNIT], check=False, timeout=60)
+    testbed.run(["rm", "-f", path])
+    testbed.run(["systemctl", "daemon-reload"])
+    testbed.run(["systemctl", "reset-failed", UNIT], check=False)
+
+
+def test_workers_run_in_the_batch_scope_which_goes_when_the_batch_ends(pmlmd):
+    batch = submit(pmlmd, "--name", "scoped", "-n", "2", "-j", "2", "--", "sleep", "2")
+    pids = wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch],
+                       lambda p: json.loads(p.stdout)["running"] == 2, what="two running workers") and \
+        worker_pids(pmlmd, batch)
+    assert len(pids) == 2, diagnostics(pmlmd)
+    scope = f"pmlm-{batch}.scope"
+    props = pmlmd.run(["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "-p", "Description", "-p",
+                       "Delegate", scope]).stdout
+    assert f"ControlGroup=/pmlm.slice/{scope}" in props and "Slice=pmlm.slice" in props
+    assert f"Description=pmlmd batch {batch} (scoped) of root" in props and "Delegate=yes" in props
+    for pid in pids:
+        lines = pmlmd.run(["cat", f"/proc/{pid}/cgroup"]).stdout.splitlines()
+        assert f"0::/pmlm.slice/{scope}" in lines  # the unified hierarchy (the host adds v1 lines here)
+        # The gate is gone: the scope holds the command itself.
+        assert pmlmd.run(["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
+    assert status(pmlmd, batch)["scope"] == scope
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+                timeout=30, what="the batch to finish")
+    wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), what=f"{scope} to be collected")
+
+
+def test_pausing_a_batch_freezes_its_scope(pmlmd):
+    batch = submit(pmlmd, "--shell", "--", BUSY)
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 1,
+                what="a running worker")
+    assert pmlmd.run(["pmlmctl", "pause", batch]).stdout.strip() == f"batch {batch}: held"
+    scope = f"pmlm-{batch}.scope"
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
+                lambda p: p.stdout.strip() == "frozen", what=f"{scope} frozen")
+    assert status(pmlmd, batch)["freezer"] == "frozen"
+    pids = worker_pids(pmlmd, batch)
+    assert pids
+    # Frozen, not stopped: /proc shows S, and the busy loops use no CPU while frozen.
+    assert {proc_state(pmlmd, pid) for pid in pids} == {"S"}
+    ticks = pmlmd.run(f"cat /sys/fs/cgroup/pmlm.slice/{scope}/cpu.stat | sed -n 's/^usage_usec //p'").stdout
+    again = pmlmd.run(f"sleep 0.3; cat /sys/fs/cgroup/pmlm.slice/{scope}/cpu.stat | sed -n 's/^usage_usec //p'")
+    assert again.stdout == ticks
+    pmlmd.run(["pmlmctl", "resume", batch])
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
+                lambda p: p.stdout.strip() == "running", what=f"{scope} thawed")
+    pmlmd.run(["pmlmctl", "cancel", batch])
+    wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what=f"{scope} gone")
+
+
+def test_the_journal_carries_each_batchs_decisions(pmlmd):
+    proc = pmlmd.run(["pmlmctl", "submit", "--wait", "-n", "3", "--", "true"], check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    batch = pmlmd.run(["pmlmctl", "list", "--json"]).stdout
+    batch = json.loads(batch)[-1]["batch"]
+    journal = wait_inside(pmlmd, ["journalctl", "--no-pager", "-o", "json", "-u", UNIT, f"BATCH_ID={batch}"],
+                          lambda p: '"DECISION"' in p.stdout, what="decisions in the journal")
+    records = [json.loads(line) for line in journal.stdout.splitlines()]
+    decisions = [r for r in records if "DECISION" in r]
+    assert {r["DECISION"] for r in decisions} == {"spawn"}
+    for r in decisions:
+        assert r["BATCH_ID"] == batch and r["RULE"] == "calm" and "REASON" in r and "MEM_FREE_PCT" in r
+        assert r["PRIORITY"] == "6"  # INFO
+
+
+def test_workers_outlive_a_restart_of_pmlmd_and_are_adopted(pmlmd):
+    batch = submit(pmlmd, "-n", "2", "-j", "2", "--", "sleep", "3")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 2,
+                what="two running workers")
+    before = worker_pids(pmlmd, batch)
+    pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
+    assert worker_pids(pmlmd, batch) == before  # not killed with the service: they live in the scope
+    after = status(pmlmd, batch)
+    assert after["running"] == 2
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+                timeout=30, what="the batch to finish")
+    report = json.loads(pmlmd.run(["pmlmctl", "report", batch]).stdout)
+    assert report["counts"]["succeeded"] == 2
+    assert all(t["attempts"][0]["reason"].startswith("adopted after a daemon restart") for t in report["tasks"])
+
+
+def test_nothing_stays_frozen_or_stopped_when_pmlmd_is_killed(pmlmd, dropin):
+    dropin("[Service]\nRestart=no\n")  # so that it stays down and we can look
+    pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
+    batch = submit(pmlmd, "-n", "1", "--shell", "--", BUSY)
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 1,
+                what="a running worker")
+    pmlmd.run(["pmlmctl", "pause", batch])
+    scope = f"pmlm-{batch}.scope"
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
+                lambda p: p.stdout.strip() == "frozen", what=f"{scope} frozen")
+    pmlmd.run(["systemctl", "kill", "--signal=SIGKILL", UNIT])
+    wait_inside(pmlmd, ["systemctl", "is-active", UNIT], lambda p: p.stdout.strip() in ("failed", "inactive"),
+                what="pmlmd down")
+    # ExecStopPost (pmlmd --release-workers) thawed the scope: the worker runs on.
+    assert show(pmlmd, "Result") == "signal"
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
+                lambda p: p.stdout.strip() == "running", what=f"{scope} thawed by ExecStopPost")
+    journal = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
+    assert "released workers (continue): " in journal and "1 workers from the state database" in journal
+    for pid in worker_pids(pmlmd, batch):
+        pmlmd.run(["kill", str(pid)], check=False)
+
+
+def test_a_hung_main_loop_is_killed_by_the_watchdog(pmlmd, dropin):
+    dropin("[Service]\nWatchdogSec=1s\nRestart=no\n")
+    pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
+    main_pid = show(pmlmd, "MainPID")
+    pmlmd.run(["sleep", "2.5"])  # pings keep it alive past the watchdog period
+    assert pmlmd.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+    pmlmd.run(["kill", "-STOP", main_pid])  # a hung loop sends no WATCHDOG=1
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "Result", "--value", UNIT],
+                lambda p: p.stdout.strip() == "watchdog", timeout=15, what="the watchdog to fire")
+
+
+def test_what_escaped_its_workers_group_ends_with_the_batch(pmlmd):
+    # timeout(1) puts itself and the loop in a new process group: signals to the worker's group miss them.
+    batch = submit(pmlmd, "--shell", "--term-grace", "2", "--", "timeout 60 sleep 60 & sleep 0.5")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+                timeout=30, what="the batch to finish")
+    # Stopping the scope at the end of the batch took the escaped processes with it.
+    wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what="the scope to go")
+    assert "timeout 60 sleep 60" not in pmlmd.run(["ps", "-eo", "args"]).stdout
