@@ -22,7 +22,7 @@ import time
 import zmq
 
 from . import __version__, procctl, protocol, scopes
-from .batch import CAUSE_DAEMON_RESTART, FINISHED, QUEUED, Batch, BatchSpec
+from .batch import CAUSE_DAEMON_RESTART, FINISHED, Batch, BatchSpec
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import BatchRun, Engine, Loop
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten

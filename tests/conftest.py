@@ -167,21 +167,48 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "pmlmd", "--config", str(self.config_path),
                                       "--socket", self.socket, "--state-dir", self.state_dir,
                                       "--log-target", "console"], stdout=self.log, stderr=self.log, env=self.env)
+        self._listen()
         self.wait_notify("READY=1", timeout)
         return self
 
+    def _listen(self) -> None:
+        """Read notify messages for as long as the daemon runs, as systemd does.
+
+        Unread, the socket fills (net.unix.max_dgram_qlen, 10 here) and pmlmd's next
+        sd_notify blocks: the daemon would stop answering after some STATUS= updates.
+        """
+        import queue
+
+        if getattr(self, "_reader", None) is not None:
+            return
+        self._queue = queue.Queue()
+        self.notify.settimeout(0.2)
+
+        def read():
+            while self._reader is not None:
+                try:
+                    self._queue.put(self.notify.recv(4096).decode())
+                except TimeoutError:
+                    continue
+                except OSError:  # closed at cleanup
+                    return
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
     def wait_notify(self, wanted: str, timeout: float = 20.0) -> str:
         """Block until the daemon sends a notify message containing ``wanted``."""
+        import queue
+
+        self._listen()
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
             exited = self.proc is not None and self.proc.poll() is not None
-            # Once it has exited, what it sent is still queued: read that without waiting.
-            self.notify.settimeout(0 if exited else max(0.0, min(remaining, 0.5)))
             try:
-                message = self.notify.recv(4096).decode()
-            except (TimeoutError, BlockingIOError):
-                if exited or remaining <= 0:
+                # Once it has exited, what it sent is still queued: read that without waiting.
+                message = self._queue.get(timeout=0.3 if exited else max(0.01, min(deadline - time.monotonic(), 0.5)))
+            except queue.Empty:
+                if exited or time.monotonic() > deadline:
                     raise AssertionError(f"pmlmd sent no {wanted!r} (exit {self.proc.poll()}):\n{self.logs()}")
                 continue
             self.messages.append(message)
@@ -232,6 +259,7 @@ class Daemon:
                         os.killpg(pid, sig)
                     except ProcessLookupError:
                         pass
+        self._reader = None
         self.notify.close()
 
 

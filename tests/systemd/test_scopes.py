@@ -26,6 +26,15 @@ def status(tb, batch: str) -> dict:
     return json.loads(tb.run(["pmlmctl", "status", "--json", batch]).stdout)
 
 
+def finished(p) -> bool:
+    """For wait_inside on `pmlmctl status --json ID`: the batch has finished (a restarting pmlmd may not answer)."""
+    return p.returncode == 0 and json.loads(p.stdout)["state"] == "finished"
+
+
+def running(count: int):
+    return lambda p: p.returncode == 0 and json.loads(p.stdout)["running"] == count
+
+
 def worker_pids(tb, batch: str) -> list[int]:
     """The live pids of the batch's scope, as systemd accounts them."""
     group = tb.run(["systemctl", "show", "-p", "ControlGroup", "--value", f"pmlm-{batch}.scope"]).stdout.strip()
@@ -64,7 +73,7 @@ def dropin(testbed):
 def test_workers_run_in_the_batch_scope_which_goes_when_the_batch_ends(pmlmd):
     batch = submit(pmlmd, "--name", "scoped", "-n", "2", "-j", "2", "--", "sleep", "2")
     pids = wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch],
-                       lambda p: json.loads(p.stdout)["running"] == 2, what="two running workers") and \
+                       running(2), what="two running workers") and \
         worker_pids(pmlmd, batch)
     assert len(pids) == 2, diagnostics(pmlmd)
     scope = f"pmlm-{batch}.scope"
@@ -78,14 +87,14 @@ def test_workers_run_in_the_batch_scope_which_goes_when_the_batch_ends(pmlmd):
         # The gate is gone: the scope holds the command itself.
         assert pmlmd.run(["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
     assert status(pmlmd, batch)["scope"] == scope
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
                 timeout=30, what="the batch to finish")
     wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), what=f"{scope} to be collected")
 
 
 def test_pausing_a_batch_freezes_its_scope(pmlmd):
     batch = submit(pmlmd, "--shell", "--", BUSY)
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 1,
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(1),
                 what="a running worker")
     assert pmlmd.run(["pmlmctl", "pause", batch]).stdout.strip() == f"batch {batch}: held"
     scope = f"pmlm-{batch}.scope"
@@ -123,14 +132,14 @@ def test_the_journal_carries_each_batchs_decisions(pmlmd):
 
 def test_workers_outlive_a_restart_of_pmlmd_and_are_adopted(pmlmd):
     batch = submit(pmlmd, "-n", "2", "-j", "2", "--", "sleep", "3")
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 2,
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(2),
                 what="two running workers")
     before = worker_pids(pmlmd, batch)
     pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
     assert worker_pids(pmlmd, batch) == before  # not killed with the service: they live in the scope
     after = status(pmlmd, batch)
     assert after["running"] == 2
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
                 timeout=30, what="the batch to finish")
     report = json.loads(pmlmd.run(["pmlmctl", "report", batch]).stdout)
     assert report["counts"]["succeeded"] == 2
@@ -141,7 +150,7 @@ def test_nothing_stays_frozen_or_stopped_when_pmlmd_is_killed(pmlmd, dropin):
     dropin("[Service]\nRestart=no\n")  # so that it stays down and we can look
     pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
     batch = submit(pmlmd, "-n", "1", "--shell", "--", BUSY)
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["running"] == 1,
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(1),
                 what="a running worker")
     pmlmd.run(["pmlmctl", "pause", batch])
     scope = f"pmlm-{batch}.scope"
@@ -160,21 +169,60 @@ def test_nothing_stays_frozen_or_stopped_when_pmlmd_is_killed(pmlmd, dropin):
         pmlmd.run(["kill", str(pid)], check=False)
 
 
-def test_a_hung_main_loop_is_killed_by_the_watchdog(pmlmd, dropin):
-    dropin("[Service]\nWatchdogSec=1s\nRestart=no\n")
+def test_a_hung_main_loop_is_killed_by_the_watchdog_and_restarted(pmlmd, dropin):
+    dropin("[Service]\nWatchdogSec=1s\nRestartSec=0.2\n")
     pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
     main_pid = show(pmlmd, "MainPID")
-    pmlmd.run(["sleep", "2.5"])  # pings keep it alive past the watchdog period
-    assert pmlmd.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
-    pmlmd.run(["kill", "-STOP", main_pid])  # a hung loop sends no WATCHDOG=1
-    wait_inside(pmlmd, ["systemctl", "show", "-p", "Result", "--value", UNIT],
-                lambda p: p.stdout.strip() == "watchdog", timeout=15, what="the watchdog to fire")
+    pmlmd.run(["sleep", "2.5"])  # its pings keep it alive well past the watchdog period
+    assert show(pmlmd, "MainPID") == main_pid
+    pmlmd.run(["kill", "-STOP", main_pid])  # the test hook: a hung loop sends no WATCHDOG=1
+    wait_inside(pmlmd, ["journalctl", "--no-pager", "-o", "cat", "-u", UNIT],
+                lambda p: "Watchdog timeout" in p.stdout, timeout=15, what="the watchdog to fire")
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "MainPID", "--value", UNIT],
+                lambda p: p.stdout.strip() not in ("0", main_pid), timeout=15, what="a restarted pmlmd")
+    wait_inside(pmlmd, ["systemctl", "is-active", UNIT], lambda p: p.stdout.strip() == "active", what="active")
+    assert pmlmd.run(["pmlmctl", "status"], check=False).returncode == 0
+
+
+def test_killed_mid_batch_systemd_restarts_it_and_the_batch_completes(pmlmd):
+    batch = submit(pmlmd, "-n", "4", "-j", "2", "--", "sleep", "2")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(2),
+                what="two running workers")
+    stopped = worker_pids(pmlmd, batch)[0]
+    pmlmd.run(["kill", "-STOP", str(stopped)])  # as a governor pause leaves it
+    main_pid = show(pmlmd, "MainPID")
+    pmlmd.run(["systemctl", "kill", "-s", "KILL", UNIT])
+    wait_inside(pmlmd, ["systemctl", "show", "-p", "MainPID", "--value", UNIT],
+                lambda p: p.stdout.strip() not in ("0", main_pid), timeout=15, what="systemd to restart pmlmd")
+    assert proc_state(pmlmd, stopped) != "T"  # released by ExecStopPost, then adopted
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
+                timeout=30, what="the batch to finish")
+    report = json.loads(pmlmd.run(["pmlmctl", "report", batch]).stdout)
+    assert report["counts"]["succeeded"] == 4, report
+    assert scope_gone(pmlmd, batch) or not worker_pids(pmlmd, batch)
+
+
+def test_workers_are_not_held_by_pmlmds_own_sandbox(pmlmd):
+    """pmlmd.service denies itself the network and devices; its workers, in their scope, keep both."""
+    script = ("python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); s.listen(); "
+              "socket.create_connection(s.getsockname()); print(\"net ok\")' > /root/net && "
+              "head -c1 /dev/zero > /dev/null && touch /etc/pmlm-written")
+    proc = pmlmd.run(["pmlmctl", "submit", "--wait", "--shell", "--", script], check=False, timeout=60)
+    assert proc.returncode == 0, f"{proc.stderr}\n{diagnostics(pmlmd)}"
+    assert pmlmd.run(["cat", "/root/net"]).stdout.strip() == "net ok"
+    pmlmd.run(["rm", "-f", "/etc/pmlm-written", "/root/net"])
+
+
+def test_exposure_stays_at_most_medium(testbed):
+    out = testbed.run(["systemd-analyze", "security", "--no-pager", UNIT], check=False).stdout
+    level = float(out.rsplit("Overall exposure level for pmlmd.service:", 1)[1].split()[0])
+    assert level <= 7.0, out
 
 
 def test_what_escaped_its_workers_group_ends_with_the_batch(pmlmd):
     # timeout(1) puts itself and the loop in a new process group: signals to the worker's group miss them.
     batch = submit(pmlmd, "--shell", "--term-grace", "2", "--", "timeout 60 sleep 60 & sleep 0.5")
-    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], lambda p: json.loads(p.stdout)["state"] == "finished",
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
                 timeout=30, what="the batch to finish")
     # Stopping the scope at the end of the batch took the escaped processes with it.
     wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what="the scope to go")
