@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BURN, group_states, wait_for
+from support import BURN, group_states, wait_for
 
 PY = sys.executable
 

@@ -35,7 +35,7 @@ import zmq
 from pmlmd import protocol
 from pmlmd.client import Client, Unreachable
 
-from conftest import Daemon
+from support import Daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and changes uid")
 

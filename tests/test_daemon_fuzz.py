@@ -27,7 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pmlmd import protocol
 from pmlmd.protocol import ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, REQUESTS, TOO_LARGE, ProtocolError, Request
 
-from conftest import Daemon
+from support import Daemon
 
 REPLY_TIMEOUT_MS = 5000
 # The fixtures are module-scoped, so hypothesis's function-scoped-fixture check does not apply;

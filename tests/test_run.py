@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import BURN, HOG, MemorySampler, group_states, meminfo, wait_for
+from support import BURN, HOG, MemorySampler, group_states, meminfo, wait_for
 
 PY = sys.executable
 MiB = 1 << 20

@@ -1,0 +1,245 @@
+"""Test support shared by the host tiers: real pmlmctl and pmlmd processes, and waiting on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pmlmd.sampler import ProcReader
+
+HELPERS = Path(__file__).parent / "helpers"
+BURN = str(HELPERS / "burn.py")
+HOG = str(HELPERS / "hog.py")
+
+
+def wait_for(predicate, timeout: float = 10.0, poll: float = 0.01, what: str = "condition"):
+    """Wait until predicate() is truthy (an event we can only observe by looking)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def meminfo() -> dict[str, int]:
+    return ProcReader().meminfo()
+
+
+def read_trace(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # the last line may be half written
+    return records
+
+
+def group_states(pgid: int) -> str:
+    """State letters of every live process in a process group."""
+    return "".join(st.state for st in ProcReader().all_pid_stats() if st.pgrp == pgid and st.state != "Z")
+
+
+class PmlmRun:
+    """One ``pmlmctl run`` process with a trace file, ended by the test or by teardown."""
+
+    def __init__(self, tmp_path: Path, args: list[str], stdin=None):
+        self.trace_path = tmp_path / f"trace-{id(self)}.jsonl"
+        self.report_path = tmp_path / f"report-{id(self)}.json"
+        cmd = [sys.executable, "-m", "pmlmd.ctl", "run", "--trace", str(self.trace_path),
+               "--report", str(self.report_path), *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if stdin is not None:
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        self.stdout = self.stderr = None
+
+    def wait(self, timeout: float = 60.0) -> int:
+        self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode
+
+    def trace(self) -> list[dict]:
+        return read_trace(self.trace_path)
+
+    def report(self) -> dict:
+        return json.loads(self.report_path.read_text())
+
+    def started_workers(self) -> list[dict]:
+        return [r for r in self.trace() if r.get("event") == "start"]
+
+    def kill_everything(self) -> None:
+        """Teardown: end pmlmctl and every worker it started that is still the same process."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        reader = ProcReader()
+        for start in self.started_workers():
+            stat = reader.pid_stat(start["pid"])
+            if stat is not None and stat.start_ticks == start["start_ticks"]:
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    try:
+                        os.killpg(start["pid"], sig)
+                    except ProcessLookupError:
+                        pass
+
+
+class MemorySampler:
+    """Reads MemAvailable every few milliseconds in a thread, to see what the governor may miss."""
+
+    def __init__(self, period: float = 0.002):
+        self.period = period
+        self.lowest = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        reader = ProcReader()
+        while not self._stop.is_set():
+            available = reader.meminfo()["MemAvailable"]
+            if self.lowest is None or available < self.lowest:
+                self.lowest = available
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class Daemon:
+    """A pmlmd process on a private socket and state dir, as an ordinary process (no systemd).
+
+    Readiness is read from a real NOTIFY_SOCKET, the way systemd learns it, so tests
+    wait for READY=1 instead of sleeping.
+    """
+
+    def __init__(self, base: Path, config: str = "", env: dict | None = None):
+        import socket as socketlib
+
+        self.base = base
+        self.socket = str(base / "ctl.sock")
+        self.state_dir = str(base / "state")
+        self.config_path = base / "pmlmd.toml"
+        self.config_path.write_text(config)
+        self.log_path = base / "pmlmd.log"
+        self.notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        self.notify.bind(str(base / "notify.sock"))
+        self.env = {**os.environ, "NOTIFY_SOCKET": str(base / "notify.sock"), **(env or {})}
+        self.proc = None
+        self.messages: list[str] = []
+
+    def start(self, timeout: float = 20.0) -> "Daemon":
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pmlmd", "--config", str(self.config_path),
+                                      "--socket", self.socket, "--state-dir", self.state_dir,
+                                      "--log-target", "console"], stdout=self.log, stderr=self.log, env=self.env)
+        self._listen()
+        self.wait_notify("READY=1", timeout)
+        return self
+
+    def _listen(self) -> None:
+        """Read notify messages for as long as the daemon runs, as systemd does.
+
+        Unread, the socket fills (net.unix.max_dgram_qlen, 10 here) and pmlmd's next
+        sd_notify blocks: the daemon would stop answering after some STATUS= updates.
+        """
+        import queue
+
+        if getattr(self, "_reader", None) is not None:
+            return
+        self._queue = queue.Queue()
+        self.notify.settimeout(0.2)
+
+        def read():
+            while self._reader is not None:
+                try:
+                    self._queue.put(self.notify.recv(4096).decode())
+                except TimeoutError:
+                    continue
+                except OSError:  # closed at cleanup
+                    return
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def wait_notify(self, wanted: str, timeout: float = 20.0) -> str:
+        """Block until the daemon sends a notify message containing ``wanted``."""
+        import queue
+
+        self._listen()
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc is not None and self.proc.poll() is not None
+            try:
+                # Once it has exited, what it sent is still queued: read that without waiting.
+                message = self._queue.get(timeout=0.3 if exited else max(0.01, min(deadline - time.monotonic(), 0.5)))
+            except queue.Empty:
+                if exited or time.monotonic() > deadline:
+                    raise AssertionError(f"pmlmd sent no {wanted!r} (exit {self.proc.poll()}):\n{self.logs()}")
+                continue
+            self.messages.append(message)
+            if wanted in message.split("\n"):
+                return message
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def ctl(self, *args: str, timeout: float = 60.0, stdin: str | None = None, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pmlmd.ctl", "--socket", self.socket, *args], input=stdin,
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+    def client(self):
+        from pmlmd.client import Client
+        return Client(self.socket)
+
+    def worker_pids(self) -> list[tuple[int, int]]:
+        """(pid, start ticks) of every worker the daemon recorded, for cleanup and checks."""
+        import sqlite3
+
+        db = Path(self.state_dir) / "state.db"
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as conn:
+            return [(pid, ticks) for pid, ticks in conn.execute(
+                "SELECT pid, start_ticks FROM attempts WHERE pid IS NOT NULL AND start_ticks IS NOT NULL")]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.log.close()
+        return code
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        reader = ProcReader()
+        for pid, ticks in self.worker_pids():
+            stat = reader.pid_stat(pid)
+            if stat is not None and stat.start_ticks == ticks:
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    try:
+                        os.killpg(pid, sig)
+                    except ProcessLookupError:
+                        pass
+        self._reader = None
+        self.notify.close()
