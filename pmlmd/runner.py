@@ -30,8 +30,8 @@ class Runner:
         self.on_progress = on_progress
         self.loop = Loop()
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._trace)
-        self.run_ = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
-        self.batch = self.run_.batch
+        self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+        self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None
 
     def run(self) -> Batch:
@@ -52,7 +52,7 @@ class Runner:
         if self.interrupted_by is None:
             self.interrupted_by = signum
             log.warning("%s: cancelling the batch, terminating %d workers", name, len(self.engine.workers))
-            self.engine.cancel(self.run_, f"received {name}")
+            self.engine.cancel(self.batch_run, f"received {name}")
         else:  # asked twice: no more grace
             self.engine.kill_all("batch cancelled")
 
