@@ -50,6 +50,7 @@ class Attempt:
     peak_rss: int = 0
     cpu_seconds: float = 0.0
     pauses: int = 0
+    stop_path: str | None = None  # how pmlmd ended it: agent, sigterm or sigkill (None: it ended by itself)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -85,6 +86,13 @@ class BatchSpec:
     retries: int = 3
     retry_failed: int = 0
     task_id: str | None = None
+    term_mode: str = "signal"  # or "agent": ask through the agent channel first
+    pause_mode: str = "signal"
+    agent_timeout: float = 5.0
+
+    @property
+    def uses_agent(self) -> bool:
+        return "agent" in (self.term_mode, self.pause_mode)
 
 
 class Series:
@@ -250,6 +258,9 @@ class Batch:
                 "term_grace_s": spec.term_grace,
                 "retries": spec.retries,
                 "retry_failed": spec.retry_failed,
+                "term_mode": spec.term_mode,
+                "pause_mode": spec.pause_mode,
+                "agent_timeout_s": spec.agent_timeout,
             },
             "counts": self.counts(),
             "lowest_free_memory_bytes": self.lowest_free,

@@ -110,6 +110,15 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     value, shown = default(10.0, 10)
     limits.add_argument("--term-grace", type=_ranged(float, 0, 3600, "--term-grace"), default=value,
                         metavar="SECONDS", help="SIGTERM, then SIGKILL after this grace" + shown)
+    agent = p.add_argument_group("cooperative stop (for workers that block SIGTERM; see docs/agent-protocol.md)")
+    agent.add_argument("--term-mode", choices=("signal", "agent"), default=None if for_daemon else "signal",
+                       help="signal: SIGTERM, then SIGKILL; agent: ask the worker through the agent channel "
+                            "first (default signal)")
+    agent.add_argument("--pause-mode", choices=("signal", "agent"), default=None if for_daemon else "signal",
+                       help="signal: SIGSTOP/SIGCONT; agent: ask the worker to stand still (default signal)")
+    agent.add_argument("--agent-timeout", type=_ranged(float, 0.1, 3600, "--agent-timeout"),
+                       default=None if for_daemon else 5.0, metavar="SECONDS",
+                       help="how long a request may go unacknowledged before signals take over (default 5)")
     value, shown = default(0.5)
     limits.add_argument("--interval", type=_ranged(float, 0.01, 60, "--interval"), default=value, metavar="SECONDS",
                         help="base sampling interval; pmlmd samples faster near a limit" + shown)
@@ -229,7 +238,8 @@ def spec_from_args(parser, args) -> BatchSpec:
                     max_workers=args.max_workers or 8 * cpus, cpu_margin=args.cpu_margin, window=args.interval)
     return BatchSpec(batch_id=secrets.token_hex(6), command=argv, tasks=tasks, limits=limits, shell=args.shell,
                      term_grace=args.term_grace, retries=args.retries, retry_failed=args.retry_failed,
-                     task_id=args.task_id)
+                     task_id=args.task_id, term_mode=args.term_mode, pause_mode=args.pause_mode,
+                     agent_timeout=args.agent_timeout)
 
 
 class StatusLine:
@@ -313,7 +323,8 @@ def cmd_submit(parser, args) -> int:
                    cpu_margin=args.cpu_margin, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                    memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
                    term_grace=args.term_grace, interval=args.interval, retries=args.retries,
-                   retry_failed=args.retry_failed)
+                   retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
+                   agent_timeout=args.agent_timeout)
     if args.tasks_file:
         request["task_lines"] = _read_tasks(parser, args.tasks_file)
     else:

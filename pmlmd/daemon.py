@@ -22,6 +22,7 @@ import time
 import zmq
 
 from . import __version__, procctl, protocol, scopes
+from .agentchannel import AgentChannel
 from .batch import CAUSE_DAEMON_RESTART, FINISHED, Batch, BatchSpec
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import BatchRun, Engine, Loop
@@ -127,6 +128,8 @@ class Daemon:
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
+        self.engine.agent = AgentChannel(self.ctx, self.config.agent_socket, self.engine.on_agent_ack)
+        self.loop.watch(self.engine.agent.pull, self.engine.agent.read_acks)
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
@@ -188,6 +191,7 @@ class Daemon:
             os.close(w.child.pidfd)
         self.loop.close()
         self.sock.close()
+        self.engine.agent.close()
         self.ctx.term()
         if inherited_socket_fd() is None and os.path.exists(self.config.socket):
             os.unlink(self.config.socket)
@@ -282,7 +286,9 @@ class Daemon:
                          term_grace=c.term_grace if args["term_grace"] is None else args["term_grace"],
                          retries=c.retries if args["retries"] is None else args["retries"],
                          retry_failed=c.retry_failed if args["retry_failed"] is None else args["retry_failed"],
-                         task_id=args.get("name"))
+                         task_id=args.get("name"), term_mode=args.get("term_mode") or "signal",
+                         pause_mode=args.get("pause_mode") or "signal",
+                         agent_timeout=args.get("agent_timeout") or 5.0)
 
     # --- events ------------------------------------------------------------------------------
     def _on_event(self, event: dict) -> None:

@@ -132,6 +132,14 @@ class Worker:
     cpu_at_pause: float | None = None
     kill_at: float | None = None
     end_cause: str | None = None
+    stop_path: str | None = None  # how pmlmd is ending it: agent, sigterm, sigkill
+    escalate_at: float | None = None  # agent mode: it acknowledged a terminate; SIGTERM if alive by then
+    agent_paused: bool = False  # asked to pause through the agent channel
+    signal_stopped: bool = False  # SIGSTOP sent (a pause in signal mode, or an agent pause nobody acknowledged)
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.run.id}.{self.task.index}.{self.attempt.number}"
 
     @property
     def key(self) -> tuple[int, int]:
@@ -161,6 +169,7 @@ class Engine:
                  critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None):
         self.limits = limits
         self.scopes = scopes or NoScopes()
+        self.agent = None  # an AgentChannel, for batches in agent mode
         self.loop = loop
         self.proc = proc or ProcReader()
         self.node = NodeSampler(self.proc)
@@ -193,6 +202,8 @@ class Engine:
         if run.batch.cancel_reason is None:
             run.batch.cancel_reason = reason
         run.batch.cancel_queued()
+        if run.held:
+            self.release(run)  # a frozen or paused worker could act on no request to stop
         for w in self.workers_of(run):
             if w.state not in RELEASING:
                 self._terminate(w, CAUSE_CANCELLED, f"batch cancelled ({reason})")
@@ -207,12 +218,16 @@ class Engine:
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until released."""
         run.held = True
+        cooperative = run.batch.spec.pause_mode == "agent" and self.agent is not None
         # The freezer stops the whole scope at once, children the workers forked included.
-        run.frozen = self.scopes.freeze(run.id)
+        run.frozen = not cooperative and self.scopes.freeze(run.id)
         for w in self.workers_of(run):
             if w.state in (RUNNING, PAUSED):
-                if not run.frozen:
+                if cooperative:
+                    self._pause(w)
+                elif not run.frozen:
                     procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                    w.signal_stopped = True
                 w.state = HELD
         self.on_event({"event": "held", "batch": run.id})
 
@@ -223,8 +238,8 @@ class Engine:
             run.frozen = False
         for w in self.workers_of(run):
             if w.state == HELD:
+                self._continue(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)  # also what a governor pause left stopped
-                self._measure_afresh(w)
                 w.state = RUNNING
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
@@ -236,8 +251,11 @@ class Engine:
     def next_deadline(self) -> float:
         deadline = self.next_sample_at
         for w in self.workers.values():
-            if w.kill_at is not None:
-                deadline = min(deadline, w.kill_at)
+            for at in (w.kill_at, w.escalate_at):
+                if at is not None:
+                    deadline = min(deadline, at)
+        if self.agent is not None:
+            deadline = min(deadline, self.agent.next_deadline())
         if self.stragglers:
             deadline = min(deadline, time.monotonic() + STRAGGLER_POLL)
         return deadline
@@ -364,13 +382,12 @@ class Engine:
         if w is None or w.child.start_ticks != start_ticks:
             return
         if d.action == PAUSE:
-            procctl.signal_group(pid, signal.SIGSTOP)
+            self._pause(w)
             w.state, w.paused_at, w.cpu_at_pause = PAUSED, sample.time, w.cpu
             w.attempt.pauses += 1
         elif d.action == CONTINUE:
-            procctl.signal_group(pid, signal.SIGCONT)
+            self._continue(w)
             w.state, w.paused_at = RUNNING, None
-            self._measure_afresh(w)
         elif d.action == TERMINATE:
             self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)
         elif d.action == KILL:
@@ -382,12 +399,58 @@ class Engine:
         # Its last reading covers the time it stood still.
         w.cpu, w.ticks, w.measured_at = None, None, None
 
+    def _uses_agent(self, w: Worker, mode: str) -> bool:
+        return self.agent is not None and getattr(w.run.batch.spec, mode) == "agent"
+
+    def _pause(self, w: Worker) -> None:
+        if self._uses_agent(w, "pause_mode"):
+            self.agent.request(w.worker_id, w.child.pid, "pause", w.run.batch.spec.agent_timeout, _uid(w), w)
+            w.agent_paused = True
+        else:
+            procctl.signal_group(w.child.pid, signal.SIGSTOP)
+            w.signal_stopped = True
+
+    def _continue(self, w: Worker) -> None:
+        if w.agent_paused:
+            self.agent.request(w.worker_id, w.child.pid, "continue", w.run.batch.spec.agent_timeout, _uid(w), w)
+            w.agent_paused = False
+        if w.signal_stopped:
+            procctl.signal_group(w.child.pid, signal.SIGCONT)
+            w.signal_stopped = False
+        self._measure_afresh(w)
+
+    def on_agent_ack(self, req) -> None:
+        """A worker acknowledged a request of the agent channel."""
+        w = req.context
+        if self.workers.get(w.child.pid) is not w:
+            return  # it has gone meanwhile
+        log.debug("worker %d acknowledged %s", w.child.pid, req.command)
+        if req.command == "terminate" and w.state == TERMINATING:
+            w.escalate_at = time.monotonic() + w.run.batch.spec.term_grace
+
+    def _agent_expired(self, now: float) -> None:
+        for req in self.agent.expired(now):
+            w = req.context
+            if self.workers.get(w.child.pid) is not w:
+                continue
+            timeout = w.run.batch.spec.agent_timeout
+            if req.command == "terminate" and w.state == TERMINATING:
+                log.info("worker %d did not acknowledge terminate within %gs: SIGTERM", w.child.pid, timeout)
+                w.attempt.reason = f"{w.attempt.reason or ''} (no agent acknowledgement within {timeout:g}s)".strip()
+                self._signal_terminate(w, now)
+            elif req.command == "pause" and w.agent_paused:
+                log.info("worker %d did not acknowledge pause within %gs: SIGSTOP", w.child.pid, timeout)
+                procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                w.signal_stopped = True
+
     def _spawn(self, run: BatchRun, task: Task) -> None:
         attempt_no = len(task.attempts) + 1
         env = dict(self.base_env if run.env is None else run.env, PMLM_BATCH_ID=run.id,
                    PMLM_TASK_INDEX=str(task.index), PMLM_ATTEMPT=str(attempt_no))
         if task.line is not None:
             env["PMLM_TASK"] = task.line
+        if self.agent is not None and run.batch.spec.uses_agent:
+            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}"))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
         gate_r = gate_w = None
@@ -429,21 +492,40 @@ class Engine:
                        "start_ticks": worker.child.start_ticks})
 
     def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
+        w.state, w.end_cause = TERMINATING, cause
+        w.attempt.reason = reason
+        if self._uses_agent(w, "term_mode"):
+            # Ask first; SIGTERM follows if it does not acknowledge in time, or is alive a grace after.
+            self.agent.request(w.worker_id, w.child.pid, "terminate", w.run.batch.spec.agent_timeout, _uid(w), w)
+            w.stop_path = "agent"
+            if w.signal_stopped:
+                procctl.signal_group(w.child.pid, signal.SIGCONT)  # it must run to hear the request
+                w.signal_stopped = False
+            return
+        self._signal_terminate(w, time.monotonic())
+
+    def _signal_terminate(self, w: Worker, now: float) -> None:
         procctl.signal_group(w.child.pid, signal.SIGTERM)
         # A stopped process cannot act on SIGTERM; it may be paused by us or stopped by anyone.
         procctl.signal_group(w.child.pid, signal.SIGCONT)
-        w.state, w.kill_at, w.end_cause = TERMINATING, time.monotonic() + w.run.batch.spec.term_grace, cause
-        w.attempt.reason = reason
+        w.kill_at, w.escalate_at, w.stop_path = now + w.run.batch.spec.term_grace, None, "sigterm"
 
     def _kill(self, w: Worker, cause: str, reason: str | None) -> None:
         procctl.signal_group(w.child.pid, signal.SIGKILL)
         procctl.signal_group(w.child.pid, signal.SIGCONT)
-        w.state, w.kill_at = KILLED, None
+        w.state, w.kill_at, w.escalate_at, w.stop_path = KILLED, None, None, "sigkill"
         if w.end_cause is None:
             w.end_cause, w.attempt.reason = cause, reason
 
     def _enforce_deadlines(self, now: float) -> None:
+        if self.agent is not None:
+            self._agent_expired(now)
         for w in list(self.workers.values()):
+            if w.escalate_at is not None and now >= w.escalate_at:
+                grace = w.run.batch.spec.term_grace
+                log.info("worker %d still alive %gs after acknowledging terminate: SIGTERM", w.child.pid, grace)
+                w.attempt.reason = f"{w.attempt.reason or ''} (alive {grace:g}s after its acknowledgement)".strip()
+                self._signal_terminate(w, now)
             if w.state == TERMINATING and w.kill_at is not None and now >= w.kill_at:
                 grace = w.run.batch.spec.term_grace
                 log.info("worker %d still alive %gs after SIGTERM: SIGKILL", w.child.pid, grace)
@@ -463,8 +545,11 @@ class Engine:
         self.loop.unwatch(w.child.pidfd)
         os.close(w.child.pidfd)
         del self.workers[w.child.pid]
+        if self.agent is not None:
+            self.agent.forget(w.worker_id)
         now = time.time()
         run, a = w.run, w.attempt
+        a.stop_path = w.stop_path if w.end_cause else None
         a.exit_code, a.signal, a.cpu_seconds = ended.exit_code, ended.signal, ended.cpu_seconds
         a.peak_rss = max(w.peak_rss, ended.max_rss)
         run.finished_rss[0] += a.peak_rss
@@ -535,3 +620,8 @@ class Engine:
                        "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
                        "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
+
+
+def _uid(w: Worker) -> int | None:
+    """Whose acknowledgements count for this worker (None: the engine's own user, anyone it trusts)."""
+    return w.run.owner.uid if w.run.owner is not None else None

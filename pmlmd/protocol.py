@@ -83,6 +83,11 @@ argument           type                                                default
 ``interval``       number 0.01 to 60 (seconds)                         null
 ``retries``        integer 0 to 1000                                   null
 ``retry_failed``   integer 0 to 1000                                   null
+``term_mode``      ``"signal"`` or ``"agent"`` (ask workers to stop    null (signal)
+                   through the agent channel)
+``pause_mode``     ``"signal"`` or ``"agent"``                         null (signal)
+``agent_timeout``  number 0.1 to 3600 (seconds to wait for an agent    null (5)
+                   acknowledgement)
 ``user``           string: run the workers as this user (the daemon    null
                    checks that the caller may)
 ``cwd``            absolute path (a string starting with ``/``): the   required
@@ -299,6 +304,9 @@ _SCHEMAS: dict[str, _Schema] = {
             "interval": _opt(_NUMBER, low=0.01, high=60, unit="seconds"),
             "retries": _opt(_INT, low=0, high=1000),
             "retry_failed": _opt(_INT, low=0, high=1000),
+            "term_mode": _opt(_CHOICE, choices=("signal", "agent")),
+            "pause_mode": _opt(_CHOICE, choices=("signal", "agent")),
+            "agent_timeout": _opt(_NUMBER, low=0.1, high=3600, unit="seconds"),
             "user": _opt(_STR),
             "cwd": _Field(_PATH, required=True),
             "env": _Field(_STR_MAP, default={}),

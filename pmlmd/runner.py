@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Callable, TextIO
 
+import zmq
+
+from .agentchannel import AgentChannel
 from .batch import Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
 from .governor import PAUSED, RUNNING, free_bytes
@@ -33,6 +39,14 @@ class Runner:
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
         self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None
+        self.agent_dir = None
+        if spec.uses_agent:
+            # A private directory (mode 0700): only this user's workers reach the channel.
+            self.agent_dir = tempfile.mkdtemp(prefix="pmlm-agent-")
+            self.zmq = zmq.Context()
+            self.engine.agent = AgentChannel(self.zmq, os.path.join(self.agent_dir, "agent.sock"),
+                                             self.engine.on_agent_ack)
+            self.loop.watch(self.engine.agent.pull, self.engine.agent.read_acks)
 
     def run(self) -> Batch:
         self.loop.handle_signals(STOP_SIGNALS, self._on_signal)
@@ -45,6 +59,10 @@ class Runner:
         finally:
             self.engine.abandon()
             self.loop.close()
+            if self.agent_dir is not None:
+                self.engine.agent.close()
+                self.zmq.term()
+                shutil.rmtree(self.agent_dir, ignore_errors=True)
         return self.batch
 
     def _on_signal(self, signum: int) -> None:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     peak_rss INTEGER NOT NULL DEFAULT 0,
     cpu_seconds REAL NOT NULL DEFAULT 0,
     pauses INTEGER NOT NULL DEFAULT 0,
+    stop_path TEXT,
     PRIMARY KEY (batch_id, idx, number)
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches(state, finished);
@@ -136,13 +137,13 @@ class Store:
             self.db.execute("BEGIN")
             self.db.execute(
                 "INSERT INTO attempts (batch_id, idx, number, pid, start, end, exit_code, signal, cause, reason, "
-                "peak_rss, cpu_seconds, pauses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "peak_rss, cpu_seconds, pauses, stop_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (batch_id, idx, number) DO UPDATE SET end=excluded.end, exit_code=excluded.exit_code, "
                 "signal=excluded.signal, cause=excluded.cause, reason=excluded.reason, peak_rss=excluded.peak_rss, "
-                "cpu_seconds=excluded.cpu_seconds, pauses=excluded.pauses",
+                "cpu_seconds=excluded.cpu_seconds, pauses=excluded.pauses, stop_path=excluded.stop_path",
                 (batch_id, task.index, attempt.number, attempt.pid, attempt.start, attempt.end, attempt.exit_code,
                  attempt.signal, attempt.cause, attempt.reason, attempt.peak_rss, attempt.cpu_seconds,
-                 attempt.pauses))
+                 attempt.pauses, attempt.stop_path))
             self._task_row(batch_id, task)
 
     def _task_row(self, batch_id: str, task: Task) -> None:
@@ -190,12 +191,12 @@ class Store:
                                   failures=failures)
             open_attempts = []
             for (idx, number, pid, start_ticks, start, end, exit_code, sig, cause, reason, peak_rss, cpu_seconds,
-                 pauses) in self.db.execute(
+                 pauses, stop_path) in self.db.execute(
                     "SELECT idx, number, pid, start_ticks, start, end, exit_code, signal, cause, reason, peak_rss, "
-                    "cpu_seconds, pauses FROM attempts WHERE batch_id=? ORDER BY idx, number", (bid,)):
+                    "cpu_seconds, pauses, stop_path FROM attempts WHERE batch_id=? ORDER BY idx, number", (bid,)):
                 attempt = Attempt(number=number, pid=pid, start=start, end=end, exit_code=exit_code, signal=sig,
                                   cause=cause, reason=reason, peak_rss=peak_rss, cpu_seconds=cpu_seconds,
-                                  pauses=pauses)
+                                  pauses=pauses, stop_path=stop_path)
                 tasks[idx].attempts.append(attempt)
                 if end is None:
                     open_attempts.append((tasks[idx], attempt, start_ticks))

@@ -19,7 +19,7 @@ SUBMIT_DEFAULTS = {
     "tasks": 1, "task_lines": None, "shell": False, "name": None, "priority": 0, "max_workers": None,
     "cpu_limit": None, "cpu_margin": None, "memfree_limit": None, "memory_metric": None, "memory_gap": None,
     "min_free": None, "victim": None, "term_grace": None, "interval": None, "retries": None,
-    "retry_failed": None, "user": None, "env": {},
+    "retry_failed": None, "term_mode": None, "pause_mode": None, "agent_timeout": None, "user": None, "env": {},
 }
 SUBMIT_MINIMAL = {"command": ["true"], "cwd": "/tmp"}
 SUBMIT_FIELDS = tuple(SUBMIT_MINIMAL) + tuple(SUBMIT_DEFAULTS)
@@ -70,10 +70,12 @@ def test_submit_with_every_argument():
         "command": ["sh", "", "-c"], "tasks": None, "task_lines": ["x"], "shell": True, "name": "n" * 200,
         "priority": -1000, "max_workers": 100_000, "cpu_limit": 100, "cpu_margin": 0.5, "memfree_limit": 0,
         "memory_metric": "free", "memory_gap": 0, "min_free": 10 ** 12, "victim": "largest", "term_grace": 3600,
-        "interval": 0.01, "retries": 0, "retry_failed": 1000, "user": "nobody", "cwd": "/", "env": {"A": "b=c"},
+        "interval": 0.01, "retries": 0, "retry_failed": 1000, "term_mode": "agent", "pause_mode": "signal",
+        "agent_timeout": 2, "user": "nobody", "cwd": "/", "env": {"A": "b=c"},
     }
     parsed = parse_request(submit(**args))
-    assert parsed.args == {**args, "cpu_limit": 100.0, "memfree_limit": 0.0, "term_grace": 3600.0}
+    assert parsed.args == {**args, "cpu_limit": 100.0, "memfree_limit": 0.0, "term_grace": 3600.0,
+                           "agent_timeout": 2.0}
     # numbers reach the daemon as floats, whatever JSON spelling the client used
     assert isinstance(parsed.args["cpu_limit"], float) and isinstance(parsed.args["memfree_limit"], float)
 
