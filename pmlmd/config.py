@@ -52,7 +52,7 @@ class Config:
     log_target: str = "auto"
     log_level: str = "info"
     prune_after: float = 7 * 86400.0  # seconds
-    agent_socket: str = "/run/pmlmd/agent.sock"  # reserved for the cooperative-stop channel
+    agent_socket: str = "/run/pmlmd/agent.sock"  # the cooperative-stop channel (agent mode)
     stranded: str = "continue"
     scope_backend: str = "auto"
     # [limits]

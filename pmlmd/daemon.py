@@ -92,6 +92,17 @@ def bind_control_socket(ctx: zmq.Context, config: Config, group_gid: int | None)
     return sock
 
 
+def agent_socket_path(config: Config) -> str:
+    """The agent channel's socket: as configured, or beside a control socket moved elsewhere.
+
+    Two daemons with their own control sockets (a test, a user's private pmlmd) must not
+    share, or unlink, each other's agent sockets.
+    """
+    if config.agent_socket != Config.agent_socket or config.socket == Config.socket:
+        return config.agent_socket
+    return os.path.splitext(config.socket)[0] + "-agent.sock"
+
+
 def peer_credentials(frame: zmq.Frame) -> tuple[int, int, int] | None:
     """(uid, gid, pid) of the client, from the kernel's SO_PEERCRED as libzmq reports it."""
     try:
@@ -128,7 +139,7 @@ class Daemon:
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
-        self.engine.agent = AgentChannel(self.ctx, self.config.agent_socket, self.engine.on_agent_ack)
+        self.engine.agent = AgentChannel(self.ctx, agent_socket_path(self.config), self.engine.on_agent_ack)
         self.loop.watch(self.engine.agent.pull, self.engine.agent.read_acks)
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter

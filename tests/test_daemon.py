@@ -268,3 +268,8 @@ def test_release_workers_continues_what_a_dead_daemon_left_stopped(daemon_factor
         in result.stderr
     for pid in pids:
         assert group_states(pid) == "S"
+
+
+def test_the_agent_channel_follows_a_moved_control_socket(daemon):
+    base = os.path.splitext(daemon.socket)[0]
+    assert os.path.exists(base + "-agent.sock") and os.path.exists(base + "-agent-ack.sock")
