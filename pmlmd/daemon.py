@@ -195,9 +195,11 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        # Nothing may stay stopped while no pmlmd watches it.
+        # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
+        # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():
             if w.state in (PAUSED, HELD):
+                self.engine.continue_worker(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)
             os.close(w.child.pidfd)
         self.loop.close()

@@ -238,7 +238,7 @@ class Engine:
             run.frozen = False
         for w in self.workers_of(run):
             if w.state == HELD:
-                self._continue(w)
+                self.continue_worker(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)  # also what a governor pause left stopped
                 w.state = RUNNING
         self.next_sample_at = 0.0
@@ -386,7 +386,7 @@ class Engine:
             w.state, w.paused_at, w.cpu_at_pause = PAUSED, sample.time, w.cpu
             w.attempt.pauses += 1
         elif d.action == CONTINUE:
-            self._continue(w)
+            self.continue_worker(w)
             w.state, w.paused_at = RUNNING, None
         elif d.action == TERMINATE:
             self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)
@@ -410,7 +410,7 @@ class Engine:
             procctl.signal_group(w.child.pid, signal.SIGSTOP)
             w.signal_stopped = True
 
-    def _continue(self, w: Worker) -> None:
+    def continue_worker(self, w: Worker) -> None:
         if w.agent_paused:
             self.agent.request(w.worker_id, w.child.pid, "continue", w.run.batch.spec.agent_timeout, _uid(w), w)
             w.agent_paused = False
@@ -482,7 +482,12 @@ class Engine:
     def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child, state: str) -> None:
         """Watch a worker that a previous daemon started (it is not our child)."""
         task.status = "running"
-        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, state=state))
+        worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
+        self._watch(worker)
+        if self._uses_agent(worker, "pause_mode"):
+            # It may stand in checkpoint(), paused by the pmlmd that is gone: tell it to go on.
+            worker.agent_paused = True
+            self.continue_worker(worker)
 
     def _watch(self, worker: Worker) -> None:
         self.workers[worker.child.pid] = worker

@@ -129,3 +129,22 @@ def test_two_hundred_agent_workers_all_stop_on_cancel_within_the_deadline(daemon
     assert paths == ["agent"] * 200, f"not all stopped through the channel: {sorted(set(paths))}"
     assert took < 5.0 + 1.0, f"{took:.2f}s from cancel to the last exit"
     print(f"\n200 agent workers: {took:.3f}s from cancel to the last exit")
+
+
+def test_an_agent_paused_worker_survives_a_daemon_restart_and_resumes(daemon_factory, tmp_path):
+    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
+    out = tmp_path / "0"
+    batch = daemon.ctl("submit", "--pause-mode", "agent", "--term-mode", "agent", "--", PY, "-c", WORKER,
+                       str(tmp_path), "0").stdout.strip()
+    wait_for(lambda: "tick 3" in lines(out), what="the worker ticking")
+    daemon.ctl("pause", batch)
+    stalled = wait_for(lambda: (n := len(lines(out))) and (time.sleep(0.3) or len(lines(out)) == n) and n,
+                       timeout=10, what="the ticks to stop")
+    daemon.stop(signal.SIGKILL)
+    daemon.start()  # adopts it; the batch is still paused by its owner
+    assert json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "held"
+    assert daemon.ctl("resume", batch).returncode == 0
+    # The worker's channel reconnected to the new pmlmd, which told it to go on.
+    wait_for(lambda: len(lines(out)) > stalled + 2, what="the ticks to resume after the restart")
+    daemon.ctl("cancel", batch)
+    wait_for(lambda: lines(out)[-1] == "cleanup", what="the worker to stop through the new channel")
