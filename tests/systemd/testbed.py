@@ -15,12 +15,17 @@ This module does that with the standard library only:
 * ``Testbed`` boots a container from that rootfs with ``--volatile=overlay`` (every boot starts
   from the pristine rootfs; nothing is written to the cache), runs commands inside it with
   ``nsenter`` and powers it off again. It is a context manager and also powers off at exit.
-* ``install_pmlmd()`` installs the working tree's pmlmd inside (no pip, no .deb yet).
+* ``build_deb()`` builds pmlmd's Debian package on the host (``make deb``, optionally with a bumped
+  revision, for upgrades) and ``install_deb()`` installs it inside with ``apt-get install ./FILE``
+  (no network: the rootfs already holds every Depends and Recommends).
+* ``install_pmlmd()`` installs the working tree's pmlmd inside without a package (quicker, for
+  ``shell``).
 
 Command line (as root)::
 
     python3 tests/systemd/testbed.py build [--force]   # build (or rebuild) the cached rootfs
     python3 tests/systemd/testbed.py shell             # boot, install pmlmd, bash inside
+    python3 tests/systemd/testbed.py shell --deb       # the same with pmlmd from its .deb
 
 Each nspawn flag below was needed on these machines; the comments say what for.
 """
@@ -30,6 +35,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import datetime
+import email.utils
 import errno
 import fcntl
 import glob
@@ -49,7 +56,9 @@ from pathlib import Path
 # --- what goes into the rootfs -------------------------------------------------------------------
 SUITE = "bookworm"
 
-# Everything the tier needs inside, so that nothing has to be fetched after the build.
+# Everything the tier needs inside, so that nothing has to be fetched after the build: with pmlmd's
+# .deb in mind, every package it Depends on (python3, python3-systemd, python3-zmq, python3-psutil,
+# python3-jeepney, adduser) and Recommends (bash-completion), and man-db for its man pages.
 # (Changing this list changes the cache key: a new rootfs is built next time.)
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus",
@@ -746,7 +755,7 @@ python3 -c 'import pmlmd.daemon, pmlmd.ctl'
 
 
 def install_pmlmd(testbed: Testbed, repo_root: Path | str) -> None:
-    """Install the working tree's pmlmd in the container, as the .deb will (but without one).
+    """Install the working tree's pmlmd in the container without a package (see install_deb for the .deb).
 
     The files are staged in the host dir and copied inside, so the cached rootfs is never
     touched (and the container's overlay gets them like any install would).
@@ -766,13 +775,94 @@ def install_pmlmd(testbed: Testbed, repo_root: Path | str) -> None:
     testbed.run(INSTALL_SCRIPT, timeout=120)
 
 
+# --- pmlmd's Debian package ------------------------------------------------------------------------
+# Host tools for `make deb` (packages debhelper, dh-python, pybuild-plugin-pyproject, dpkg-dev).
+DEB_BUILD_TOOLS = ("make", "dpkg-buildpackage", "dh", "dh_python3")
+DEB_BUILD_TIMEOUT = 600.0   # seconds for `make deb` (about 8 s normally)
+INSTALL_TIMEOUT = 300.0     # seconds for apt-get inside (about 3 s normally)
+
+# Not copied for a rebuild with a bumped revision (the Makefile makes its own clean copy anyway).
+_COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.egg-info", ".hypothesis",
+                                      ".pytest_cache", ".benchmarks")
+
+
+def missing_deb_build_tools() -> list[str]:
+    return [tool for tool in DEB_BUILD_TOOLS if shutil.which(tool, path=CLEAN_PATH) is None]
+
+
+def bump_changelog(path: Path, message: str) -> str:
+    """Add an entry to the debian/changelog at ``path`` with the revision raised by one; its version.
+
+    0.1.0-1 becomes 0.1.0-2, same upstream version (which `make deb` requires to match pyproject).
+    """
+    text = path.read_text()
+    head = re.match(r"(\S+) \(([^)]+)\) ([^;]+); (.*)\n", text)
+    trailer = re.search(r"^ -- (.+?>)  ", text, re.M)
+    if not head or not trailer:
+        raise TestbedError(f"{path}: cannot read the top entry")
+    source, version, distribution, urgency = head.groups()
+    upstream, _, revision = version.rpartition("-")
+    new_version = f"{upstream}-{int(revision) + 1}"
+    date = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
+    entry = (f"{source} ({new_version}) {distribution}; {urgency}\n\n  * {message}\n\n"
+             f" -- {trailer.group(1)}  {date}\n\n")
+    path.write_text(entry + text)
+    return new_version
+
+
+def build_deb(repo_root: Path | str, out_dir: Path | str, bump_revision: bool = False) -> Path:
+    """Build pmlmd's .deb with the repository's `make deb` into ``out_dir``; its path.
+
+    With ``bump_revision`` it is built from a copy of the tree whose debian/changelog has one more
+    entry (revision + 1): an upgrade for the normal build. ``out_dir`` should hold nothing else
+    (`make deb` replaces any pmlmd_*.deb there).
+    """
+    missing = missing_deb_build_tools()
+    if missing:
+        raise TestbedError(f"missing host tools to build the .deb: {', '.join(missing)} (`.ci/run` installs "
+                           "them: debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools "
+                           "dpkg-dev)")
+    repo, out = Path(repo_root).resolve(), Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pmlm-deb-src-") as tmp:
+        src = repo
+        if bump_revision:
+            src = Path(tmp) / "pmlmd"
+            shutil.copytree(repo, src, symlinks=True, ignore=lambda d, names: (
+                _COPY_IGNORE(d, names) | ({"dist", "build"} & set(names) if Path(d) == repo else set())))
+            bump_changelog(src / "packaging/debian/changelog", "Rebuilt with a higher revision (upgrade test).")
+        env = dict(HOST_ENV, HOME=os.environ.get("HOME", "/root"))
+        proc = subprocess.run(["make", "-C", str(src), "--no-print-directory", "deb", f"DIST={out}"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              env=env, timeout=DEB_BUILD_TIMEOUT)
+        if proc.returncode != 0:
+            raise TestbedError(f"make deb failed with exit status {proc.returncode}\n{proc.stdout}{proc.stderr}")
+    debs = sorted(out.glob("pmlmd_*.deb"))
+    if len(debs) != 1:
+        raise TestbedError(f"make deb left {len(debs)} packages in {out}: {[d.name for d in debs]}")
+    return debs[0]
+
+
+def install_deb(testbed: Testbed, deb: Path | str, check: bool = True) -> subprocess.CompletedProcess:
+    """`apt-get install -y ./pmlmd_*.deb` inside, as an operator would; the transcript is the result.
+
+    The package is copied into the host dir (/mnt/host inside). Nothing is downloaded: apt only
+    checks that what the package depends on is installed already (a missing one fails the install).
+    """
+    deb = Path(deb)
+    shutil.copy(deb, testbed.host_dir / deb.name)
+    return testbed.run(f"cd /mnt/host && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+                       f"-o Dpkg::Use-Pty=0 ./{deb.name}", check=check, timeout=INSTALL_TIMEOUT)
+
+
 # --- command line ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pmlmd's systemd test bed (run as root)")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the cached rootfs if missing (--force: rebuild it)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached (newer packages)")
-    sub.add_parser("shell", help="boot, install pmlmd from this working tree, and open bash inside")
+    shell = sub.add_parser("shell", help="boot, install pmlmd from this working tree, and open bash inside")
+    shell.add_argument("--deb", action="store_true", help="build pmlmd's .deb (make deb) and install that instead")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
@@ -784,9 +874,15 @@ def main(argv: list[str] | None = None) -> int:
         with Testbed(verbose=True) as tb:
             print(f"testbed: {tb.name} booted in {tb.boot_seconds:.2f}s ({tb.system_state}); "
                   f"host dir {tb.host_dir} is /mnt/host; console log {tb.console_log}", file=sys.stderr)
-            install_pmlmd(tb, repo)
-            print("testbed: pmlmd installed (`systemctl start pmlmd`); exit the shell to power off",
-                  file=sys.stderr)
+            if args.deb:
+                deb = build_deb(repo, tb.workdir / "deb")
+                print(install_deb(tb, deb).stdout, file=sys.stderr)
+                print(f"testbed: {deb.name} installed (pmlmd is running); exit the shell to power off",
+                      file=sys.stderr)
+            else:
+                install_pmlmd(tb, repo)
+                print("testbed: pmlmd installed (`systemctl start pmlmd`); exit the shell to power off",
+                      file=sys.stderr)
             tb.shell()
         return 0
     except TestbedError as e:
