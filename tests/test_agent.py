@@ -1,7 +1,6 @@
 """Agent mode end to end: pmlmd (or pmlmctl run) asking real workers that block SIGTERM to stop or pause."""
 
 import json
-import os
 import signal
 import sys
 import time
@@ -45,6 +44,24 @@ def attempts(report):
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
+# The governor stays out of these tests' way: they are about the channel.
+UNLIMITED = "[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n"
+
+
+def ticking_agent_worker(daemon, tmp_path):
+    """Submit one agent-mode WORKER to the daemon and wait until it ticks; (batch id, its output file)."""
+    out = tmp_path / "0"
+    batch = daemon.ctl("submit", "--pause-mode", "agent", "--term-mode", "agent", "--", PY, "-c", WORKER,
+                       str(tmp_path), "0").stdout.strip()
+    wait_for(lambda: "tick 3" in lines(out), what="the worker ticking")
+    return batch, out
+
+
+def stalled(out) -> int:
+    """Wait until the worker's ticks stop growing (it stands in checkpoint); the number of lines then."""
+    return wait_for(lambda: (n := len(lines(out))) and (time.sleep(0.3) or len(lines(out)) == n) and n,
+                    timeout=10, what="the ticks to stop")
+
 
 def test_a_worker_blocking_sigterm_stops_through_the_channel(pmlm, tmp_path):
     run = pmlm("-n", "2", "-j", "2", "--term-mode", "agent", "--term-grace", "30", "--", PY, "-c", WORKER,
@@ -87,19 +104,15 @@ def test_a_late_subscriber_still_gets_the_request(pmlm, tmp_path):
 
 
 def test_pause_in_agent_mode_blocks_the_worker_in_checkpoint_until_resume(daemon_factory, tmp_path):
-    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
-    out = tmp_path / "0"
-    batch = daemon.ctl("submit", "--pause-mode", "agent", "--term-mode", "agent", "--", PY, "-c", WORKER,
-                       str(tmp_path), "0").stdout.strip()
-    wait_for(lambda: "tick 3" in lines(out), what="the worker ticking")
+    daemon = daemon_factory(UNLIMITED).start()
+    batch, out = ticking_agent_worker(daemon, tmp_path)
     assert daemon.ctl("pause", batch).returncode == 0
     # It stops at its next checkpoint: the ticks stop growing, while the process is not stopped (state S).
-    stalled = wait_for(lambda: (n := len(lines(out))) and (time.sleep(0.3) or len(lines(out)) == n) and n,
-                       timeout=10, what="the ticks to stop")
+    lines_when_stalled = stalled(out)
     (pid, _), = daemon.worker_pids()
     assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S"
     assert daemon.ctl("resume", batch).returncode == 0
-    wait_for(lambda: len(lines(out)) > stalled + 2, what="the ticks to resume")
+    wait_for(lambda: len(lines(out)) > lines_when_stalled + 2, what="the ticks to resume")
     assert daemon.ctl("cancel", batch).returncode == 0
     wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "finished",
              what="the batch to finish")
@@ -132,19 +145,15 @@ def test_two_hundred_agent_workers_all_stop_on_cancel_within_the_deadline(daemon
 
 
 def test_an_agent_paused_worker_survives_a_daemon_restart_and_resumes(daemon_factory, tmp_path):
-    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
-    out = tmp_path / "0"
-    batch = daemon.ctl("submit", "--pause-mode", "agent", "--term-mode", "agent", "--", PY, "-c", WORKER,
-                       str(tmp_path), "0").stdout.strip()
-    wait_for(lambda: "tick 3" in lines(out), what="the worker ticking")
+    daemon = daemon_factory(UNLIMITED).start()
+    batch, out = ticking_agent_worker(daemon, tmp_path)
     daemon.ctl("pause", batch)
-    stalled = wait_for(lambda: (n := len(lines(out))) and (time.sleep(0.3) or len(lines(out)) == n) and n,
-                       timeout=10, what="the ticks to stop")
+    lines_when_stalled = stalled(out)
     daemon.stop(signal.SIGKILL)
     daemon.start()  # adopts it; the batch is still paused by its owner
     assert json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "held"
     assert daemon.ctl("resume", batch).returncode == 0
     # The worker's channel reconnected to the new pmlmd, which told it to go on.
-    wait_for(lambda: len(lines(out)) > stalled + 2, what="the ticks to resume after the restart")
+    wait_for(lambda: len(lines(out)) > lines_when_stalled + 2, what="the ticks to resume after the restart")
     daemon.ctl("cancel", batch)
     wait_for(lambda: lines(out)[-1] == "cleanup", what="the worker to stop through the new channel")
