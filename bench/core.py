@@ -1,0 +1,726 @@
+"""The benchmark scenarios, run one after the other; peers run in the same process, interleaved per trial.
+
+Safety: memory limits are set relative to the free memory measured right before each trial; hogs
+are capped (the memory scenario 500 MiB, goodput at most 1.5 GiB at once); every process started is ended, also on failure
+(``Tree.kill`` takes the whole process tree); CPU burners are bounded in wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+WORKER = str(BENCH / "worker.py")
+PROBE = str(BENCH / "probe.py")
+PY = sys.executable
+MIB = 1 << 20
+ENV = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "PMLM_SOCKET")}
+ENV["PYTHONPATH"] = str(ROOT) + (os.pathsep + ENV["PYTHONPATH"] if ENV.get("PYTHONPATH") else "")
+PMLMCTL = [PY, "-m", "pmlmd.ctl"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def metric(kind: str = "available") -> int:
+    m = meminfo()
+    if kind == "available":
+        return m["MemAvailable"]
+    return m["MemFree"] + m["Buffers"] + m["Cached"] + m.get("SwapCached", 0)
+
+
+def pct_of_total(nbytes: int) -> str:
+    return f"{100.0 * nbytes / meminfo()['MemTotal']:.5f}"
+
+
+def stats(values: list[float]) -> dict:
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"n": 0}
+    p99 = v[min(len(v) - 1, max(0, int(round(0.99 * len(v) + 0.5)) - 1))]
+    return {"n": len(v), "median": statistics.median(v), "p50": statistics.median(v), "p99": p99,
+            "min": v[0], "max": v[-1]}
+
+
+def fmt(x, digits=1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def mmm(s: dict, digits=1) -> str:
+    """median (min–max)"""
+    if not s or not s.get("n"):
+        return "–"
+    return f"{fmt(s['median'], digits)} ({fmt(s['min'], digits)}–{fmt(s['max'], digits)})"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    fields = s[s.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def count_named(pid: int, name: str) -> int:
+    n = 0
+    for p in descendants(pid):
+        try:
+            if p.name() == name:
+                n += 1
+        except psutil.NoSuchProcess:
+            pass
+    return n
+
+
+class Tree:
+    """A started process whose whole tree is killed on exit (with SIGCONT, so nothing stays stopped)."""
+
+    def __init__(self, cmd, **kw):
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        kw.setdefault("env", ENV)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+        self.pid = self.proc.pid
+        self.known: dict[int, float] = {}
+
+    def remember(self) -> None:
+        for p in descendants(self.pid):
+            try:
+                self.known[p.pid] = p.create_time()
+            except psutil.NoSuchProcess:
+                pass
+
+    def kill(self) -> None:
+        self.remember()
+        for sig in (signal.SIGKILL,):
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
+        for pid, created in self.known.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    for sig in (signal.SIGKILL, signal.SIGCONT):
+                        try:
+                            os.killpg(pid, sig)
+                        except (ProcessLookupError, PermissionError):
+                            pass
+                        p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def wait_memory_back(kind: str, target: int, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(kind) < target and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class Daemon:
+    """pmlmd as an ordinary process on a private socket and state dir (no NOTIFY_SOCKET: readiness by ping)."""
+
+    def __init__(self, base: Path, config: str):
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.socket = str(base / "ctl.sock")
+        (base / "pmlmd.toml").write_text(config)
+        self.log = open(base / "pmlmd.log", "a")
+        self.tree = Tree([PY, "-m", "pmlmd", "--config", str(base / "pmlmd.toml"), "--socket", self.socket,
+                          "--state-dir", str(base / "state"), "--log-target", "console"],
+                         stdout=self.log, stderr=self.log)
+        self.pid = self.tree.pid
+        from pmlmd.client import Client, Unreachable
+        deadline = time.monotonic() + 30
+        while True:
+            if self.tree.proc.poll() is not None:
+                raise RuntimeError("pmlmd exited: " + (base / "pmlmd.log").read_text()[-2000:])
+            try:
+                self.client = Client(self.socket)
+                self.client.call("ping")
+                break
+            except Unreachable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def ctl(self, *args, timeout=600) -> subprocess.CompletedProcess:
+        return subprocess.run([*PMLMCTL, "--socket", self.socket, *args], capture_output=True, text=True,
+                              timeout=timeout, env=ENV, stdin=subprocess.DEVNULL)
+
+    def submit(self, *args) -> str:
+        r = self.ctl("submit", *args)
+        if r.returncode != 0:
+            raise RuntimeError(f"submit failed: {r.stderr}")
+        return r.stdout.strip().splitlines()[-1]
+
+    def batch(self, batch_id: str) -> dict:
+        return self.client.call("status", batch=batch_id)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+        self.tree.kill()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+DAEMON_RELAXED = """
+[daemon]
+scope_backend = "none"
+[limits]
+cpu_limit = 100
+cpu_margin = 0
+memfree_limit = 5
+max_workers = {max_workers}
+"""
+
+
+def parallel_version() -> str | None:
+    if not shutil.which("parallel"):
+        return None
+    out = subprocess.run(["parallel", "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else None
+
+
+def need_parallel() -> None:
+    if not shutil.which("parallel"):
+        raise RuntimeError("GNU parallel is not installed (Debian: apt-get install parallel; .ci/run installs it)")
+
+
+# ---------------------------------------------------------------- scenario 1: memory reaction
+
+def mem_trial(tmp: Path, variant: dict, rate: float, headroom: int, trial: int) -> dict:
+    kind = variant["metric"]
+    d = tmp / f"mem-{variant['name']}-{int(rate)}-{trial}"
+    d.mkdir(parents=True)
+    pidfile, termfile, out = str(d / "pid"), str(d / "term"), str(d / "probe.json")
+    start_value = metric(kind)
+    action = start_value - headroom  # the free-memory level at which the tool is set to act
+    cap_mb = (headroom + 300 * MIB) // MIB
+    hog = [PY, WORKER, "hog", str(rate), str(cap_mb), "3", pidfile, termfile]
+    probe = subprocess.Popen([PY, PROBE, "--metric", kind, "--threshold", str(action), "--out", out, "--pidfile",
+                              pidfile, "--termfile", termfile, "--timeout", str(cap_mb * 1.05e6 / (rate * 1e6) + 6),
+                              "--until-reaction"], env=ENV)
+    try:
+        if variant["tool"] == "pmlmd":
+            gap = variant["gap"]
+            cmd = [*PMLMCTL, "run", "-n", "1", "-j", "1", "--retries", "0", "--interval", str(variant["interval"]),
+                   "--memfree-limit", pct_of_total(action - gap), "--memory-gap", str(gap), "--min-free", "100M",
+                   "--term-grace", "5", "--trace", str(d / "trace.jsonl"), "--", *hog]
+        else:
+            # --memsuspend X suspends when parallel's free memory < 2X
+            cmd = ["parallel", "--memsuspend", str(action // 2), "-j", "1", "-N0", " ".join(hog), ":::", "1"]
+        with Tree(cmd) as tree:
+            probe.wait(timeout=60)
+            tree.remember()
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    r = json.loads(Path(out).read_text())
+    reaction = min([t for t in (r["stop"], r["term"]) if t is not None], default=None)
+    how = None if reaction is None else ("stopped (T)" if reaction == r["stop"] else "SIGTERM")
+    latency = (reaction - r["cross"]) * 1000 if reaction is not None and r["cross"] is not None else None
+    wait_memory_back(kind, start_value - 50 * MIB)
+    return {"latency_ms": latency, "how": how, "crossed": r["cross"] is not None, "reacted": reaction is not None}
+
+
+def scenario_memory(ctx) -> dict:
+    need_parallel()
+    headroom = 200 * MIB
+    trials = 2 if ctx.quick else 20
+    rates = [1000.0] if ctx.quick else [200.0, 1500.0]
+    variants = [
+        {"name": "pmlmd-0.5", "tool": "pmlmd", "label": "pmlmctl run, interval 0.5 s (default): pause at L+G",
+         "interval": 0.5, "gap": 200 * MIB, "metric": "available"},
+        {"name": "pmlmd-0.05", "tool": "pmlmd", "label": "pmlmctl run, interval 0.05 s: pause at L+G",
+         "interval": 0.05, "gap": 200 * MIB, "metric": "available"},
+        {"name": "pmlmd-term", "tool": "pmlmd", "label": "pmlmctl run, interval 0.5 s, --memory-gap 0: SIGTERM at L",
+         "interval": 0.5, "gap": 0, "metric": "available"},
+        {"name": "parallel", "tool": "parallel", "label": "GNU parallel --memsuspend X: suspend at 2X",
+         "metric": "parallel"},
+    ]
+    raw = {}
+    for rate in rates:
+        for trial in range(trials):
+            for v in variants:  # interleaved, so drifts of the machine hit every tool alike
+                raw.setdefault((v["name"], rate), []).append(mem_trial(ctx.tmp, v, rate, headroom, trial))
+        log(f"  memory: rate {rate:g} MB/s done")
+    rows = []
+    for rate in rates:
+        base = stats([t["latency_ms"] for t in raw[("parallel", rate)]])
+        for v in variants:
+            ts = raw[(v["name"], rate)]
+            s = stats([t["latency_ms"] for t in ts])
+            hows = sorted({t["how"] for t in ts if t["how"]})
+            ratio = (base["p50"] / s["p50"]) if s.get("n") and base.get("n") and s["p50"] > 0 else None
+            rows.append({"rate MB/s": f"{rate:g}", "tool": v["label"], "trials": len(ts),
+                         "reacted": sum(t["reacted"] for t in ts), "reaction": ", ".join(hows) or "–",
+                         "p50 ms": fmt(s.get("p50")), "p99 ms": fmt(s.get("p99")),
+                         "min–max ms": f"{fmt(s.get('min'))}–{fmt(s.get('max'))}" if s.get("n") else "–",
+                         "parallel p50 / this p50": fmt(ratio, 1) if ratio else "–", "_stats": s, "_raw": ts})
+    return {"title": "1. Reaction latency, memory", "rows": rows,
+            "notes": [f"headroom {headroom // MIB} MiB: each tool is set to act when its free-memory figure falls "
+                      f"{headroom // MIB} MiB below its value at the start of the trial; hog capped at headroom + 300 MiB",
+                      f"{trials} trials per tool and rate, tools interleaved; p99 by nearest rank (with 20 trials: the maximum); "
+                      "latency over the trials that reacted (a hog that stops growing inside pmlmd's gap band, above the "
+                      "limit, is by design not paused)"]}
+
+
+# ---------------------------------------------------------------- scenario 2: CPU reaction
+
+def read_trace(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def cpu_trial(tmp: Path, interval: float, trial: int) -> dict:
+    d = tmp / f"cpu-{interval}-{trial}"
+    d.mkdir(parents=True)
+    startfile, trace = d / "starts", d / "trace.jsonl"
+    idle = 1.5 if interval >= 0.5 else 0.6
+    cmd = [*PMLMCTL, "run", "-n", "2", "-j", "2", "--cpu-limit", "75", "--retries", "0", "--interval", str(interval),
+           "--trace", str(trace), "--", PY, WORKER, "burn", str(idle), "4", str(startfile)]
+    pause_t = None
+    with Tree(cmd) as tree:
+        deadline = time.monotonic() + idle + 8
+        while time.monotonic() < deadline and tree.proc.poll() is None:
+            pauses = [r for r in read_trace(trace) if r.get("event") == "decision" and r.get("decision") == "pause"]
+            if pauses:
+                pause_t = pauses[0]["t"]
+                break
+            time.sleep(0.02)
+    starts = [float(line.split()[1]) for line in startfile.read_text().splitlines()] if startfile.exists() else []
+    if len(starts) < 2 or pause_t is None:
+        return {"latency_ms": None}
+    crossed = sorted(starts)[1]  # the second burner starts: node CPU goes from ~50 % to ~100 %
+    return {"latency_ms": (pause_t - crossed) * 1000}
+
+
+def scenario_cpu(ctx) -> dict:
+    trials = 1 if ctx.quick else 10
+    rows = []
+    for interval in ([0.05] if ctx.quick else [0.5, 0.05]):
+        s = stats([cpu_trial(ctx.tmp, interval, i)["latency_ms"] for i in range(trials)])
+        rows.append({"tool": f"pmlmctl run, interval {interval:g} s", "trials": trials, "paused in": s.get("n", 0),
+                     "p50 ms": fmt(s.get("p50")), "p99 ms": fmt(s.get("p99")),
+                     "min–max ms": f"{fmt(s.get('min'))}–{fmt(s.get('max'))}" if s.get("n") else "–", "_stats": s})
+    rows.append({"tool": "GNU parallel --load", "trials": 0, "paused in": "–", "p50 ms": "never pauses",
+                 "p99 ms": "–", "min–max ms": "–"})
+    return {"title": "2. Reaction latency, CPU", "rows": rows,
+            "notes": ["two burners (2 cores), --cpu-limit 75; both are admitted idle and start burning after a "
+                      "fixed delay; latency = pmlmd's first pause decision (trace) - the second burner's own "
+                      "burn-start timestamp (wall clock)"]}
+
+
+# ---------------------------------------------------------------- scenario 3: overhead
+
+def measure_window(pid: int, window: float) -> dict:
+    c0 = cpu_seconds(pid)
+    t0 = time.monotonic()
+    peak = rss_bytes(pid)
+    while time.monotonic() - t0 < window:
+        time.sleep(0.25)
+        peak = max(peak, rss_bytes(pid))
+    cpu = cpu_seconds(pid) - c0
+    elapsed = time.monotonic() - t0
+    return {"cpu_s": cpu, "window_s": elapsed, "cpu_pct": 100 * cpu / elapsed, "rss_mib": peak / MIB}
+
+
+def wait_count(pid: int, name: str, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if count_named(pid, name) >= n:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise RuntimeError(f"only {count_named(pid, name)} of {n} {name} workers started within {timeout}s")
+
+
+def scenario_overhead(ctx) -> dict:
+    need_parallel()
+    window = 1.5 if ctx.quick else 20.0
+    counts = [10] if ctx.quick else [100, 500]
+    sleep_s = str(int(window + 90))
+    rows = []
+
+    def row(tool, n, m, ramp=None):
+        rows.append({"supervisor": tool, "sleeping workers": n, "CPU s in window": fmt(m["cpu_s"], 2),
+                     "window s": fmt(m["window_s"], 1), "CPU %": fmt(m["cpu_pct"], 2),
+                     "CPU s per 60 s": fmt(m["cpu_pct"] * 0.6, 2), "RSS MiB": fmt(m["rss_mib"], 1),
+                     "ramp-up s": fmt(ramp, 1), "_m": m})
+
+    with Daemon(ctx.tmp / "overhead-daemon", DAEMON_RELAXED.format(max_workers=1100)) as d:
+        time.sleep(1.0)
+        row("pmlmd daemon", 0, measure_window(d.pid, window))
+        for n in counts:
+            bid = d.submit("-n", str(n), "-j", str(n), "--", "sleep", sleep_s)
+            ramp = wait_count(d.pid, "sleep", n, 120)
+            time.sleep(1.0)
+            row("pmlmd daemon", n, measure_window(d.pid, window), ramp)
+            d.client.call("cancel", batch=bid)
+            deadline = time.monotonic() + 30
+            while count_named(d.pid, "sleep") and time.monotonic() < deadline:
+                time.sleep(0.2)
+    for n in counts:
+        with Tree([*PMLMCTL, "run", "-n", str(n), "-j", str(n), "--cpu-limit", "100", "--", "sleep", sleep_s]) as t:
+            ramp = wait_count(t.pid, "sleep", n, 120)
+            time.sleep(1.0)
+            row("pmlmctl run", n, measure_window(t.pid, window), ramp)
+        with Tree(["parallel", "-j", str(n), "-N0", "sleep", sleep_s, ":::", *map(str, range(n))]) as t:
+            ramp = wait_count(t.pid, "sleep", n, 120)
+            time.sleep(1.0)
+            row("GNU parallel", n, measure_window(t.pid, window), ramp)
+    for r in rows:
+        peer = next((p for p in rows if p["supervisor"] == "GNU parallel" and p["sleeping workers"] == r["sleeping workers"]), None)
+        if peer and peer["_m"]["cpu_s"] > 0:
+            r["CPU ÷ parallel"] = fmt(r["_m"]["cpu_s"] / peer["_m"]["cpu_s"], 2)
+        else:
+            r["CPU ÷ parallel"] = "–"
+    return {"title": "3. Overhead of the supervisor", "rows": rows,
+            "notes": [f"window {window:g} s per configuration (one window each), after all workers run; CPU = utime+stime "
+                      "of the supervisor process (all threads) from /proc/PID/stat; RSS = peak VmRSS in the window"]}
+
+
+# ---------------------------------------------------------------- scenario 4: throughput
+
+def scenario_throughput(ctx) -> dict:
+    need_parallel()
+    n = 100 if ctx.quick else 2000
+    j = 16
+    trials = 1 if ctx.quick else 3
+    seq = "\n".join(map(str, range(n))) + "\n"
+    results: dict[str, list[float]] = {}
+    with Daemon(ctx.tmp / "throughput-daemon", DAEMON_RELAXED.format(max_workers=1100)) as d:
+        tools = {
+            "pmlmctl run --cpu-limit 100 --cpu-margin 0": lambda: [*PMLMCTL, "run", "-n", str(n), "-j", str(j),
+                                                                  "--cpu-limit", "100", "--cpu-margin", "0", "--", "/bin/true"],
+            "pmlmctl run (default limits)": lambda: [*PMLMCTL, "run", "-n", str(n), "-j", str(j), "--", "/bin/true"],
+            "pmlmd daemon (submit --wait)": lambda: [*PMLMCTL, "--socket", d.socket, "submit", "--wait", "-n", str(n),
+                                                     "-j", str(j), "--", "/bin/true"],
+            "GNU parallel": lambda: ["parallel", "-j", str(j), "-N0", "/bin/true"],
+            "xargs -P": lambda: ["xargs", "-P", str(j), "-n", "1", "/bin/true"],
+        }
+        for trial in range(trials):
+            for name, cmd in tools.items():
+                uses_stdin = name in ("GNU parallel", "xargs -P")
+                t0 = time.monotonic()
+                r = subprocess.run(cmd(), input=seq if uses_stdin else None, stdin=None if uses_stdin else subprocess.DEVNULL,
+                                   capture_output=True, text=True, env=ENV, timeout=900)
+                elapsed = time.monotonic() - t0
+                if r.returncode != 0:
+                    raise RuntimeError(f"{name} failed ({r.returncode}): {r.stderr[-1000:]}")
+                results.setdefault(name, []).append(n / elapsed)
+    rows = []
+    par = stats(results["GNU parallel"])["median"]
+    xa = stats(results["xargs -P"])["median"]
+    for name, v in results.items():
+        s = stats(v)
+        rows.append({"tool": name, "tasks": n, "-j/-P": j, "trials": trials, "tasks/s median (min–max)": mmm(s, 0),
+                     "÷ GNU parallel": fmt(s["median"] / par, 2), "÷ xargs": fmt(s["median"] / xa, 2), "_stats": s})
+    return {"title": "4. Tiny-task throughput (/bin/true)", "rows": rows,
+            "notes": ["wall time of the whole command, Python start-up of pmlmctl included (~0.1-0.2 s)",
+                      "the daemon's limits: cpu_limit 100, cpu_margin 0, memfree_limit 5"]}
+
+
+# ---------------------------------------------------------------- scenario 5: goodput
+
+def goodput_trial(tmp: Path, tool: str, trial: int, ntasks: int, size_mb: int, hold_s: float, headroom: int, j: int) -> dict:
+    d = tmp / f"goodput-{tool}-{trial}"
+    d.mkdir(parents=True)
+    start_avail = metric("available")
+    limit = start_avail - headroom
+    out, stopfile = d / "probe.json", d / "stop"
+    probe = subprocess.Popen([PY, PROBE, "--metric", "available", "--threshold", str(limit), "--out", str(out),
+                              "--stopfile", str(stopfile), "--period", "0.002", "--timeout", "600"], env=ENV)
+    job = [PY, WORKER, "hold", str(size_mb), str(hold_s)]
+    report = d / "report.json"
+    try:
+        if tool == "pmlmd":
+            cmd = [*PMLMCTL, "run", "-n", str(ntasks), "-j", str(j), "--memfree-limit", pct_of_total(limit),
+                   "--min-free", "100M", "--report", str(report), "--", *job]
+            stdin = None
+        elif tool == "parallel":
+            cmd = ["parallel", "--memfree", str(metric("parallel") - headroom), "-j", str(j), "-N0", " ".join(job)]
+            stdin = subprocess.PIPE
+        else:
+            cmd = ["xargs", "-P", str(j), "-n", "1", "sh", "-c", " ".join(job)]
+            stdin = subprocess.PIPE
+        t0 = time.monotonic()
+        with Tree(cmd, stdin=stdin) as tree:
+            if stdin:
+                tree.proc.stdin.write("\n".join(map(str, range(ntasks))).encode() + b"\n")
+                tree.proc.stdin.close()
+            code = tree.proc.wait(timeout=600)
+            makespan = time.monotonic() - t0
+    finally:
+        stopfile.write_text("")
+        probe.wait(timeout=10)
+    r = json.loads(out.read_text())
+    res = {"makespan_s": makespan, "exit": code, "below_s": r["below_s"], "breaches": r["breaches"],
+           "deepest_mib": max(0, limit - r["lowest"]) / MIB}
+    if tool == "pmlmd" and report.exists():
+        rep = json.loads(report.read_text())
+        res["terminated"] = rep["counts"]["terminated"]
+        res["requeued"] = rep["counts"]["requeued"]
+        res["succeeded"] = rep["counts"]["succeeded"]
+    wait_memory_back("available", start_avail - 50 * MIB, 2)
+    return res
+
+
+def scenario_goodput(ctx) -> dict:
+    need_parallel()
+    headroom = 400 * MIB
+    ntasks, size_mb, hold_s, j = (4, 128, 0.3, 4) if ctx.quick else (12, 128, 1.0, 12)
+    trials = 1 if ctx.quick else 3
+    tools = {"pmlmd": f"pmlmctl run -j {j} (default gap 200M)", "parallel": f"GNU parallel --memfree -j {j}",
+             "xargs": f"xargs -P {j} (naive)"}
+    raw: dict[str, list[dict]] = {}
+    for trial in range(trials):
+        for tool in tools:
+            raw.setdefault(tool, []).append(goodput_trial(ctx.tmp, tool, trial, ntasks, size_mb, hold_s, headroom, j))
+    rows = []
+    for tool, label in tools.items():
+        ts = raw[tool]
+        mk = stats([t["makespan_s"] for t in ts])
+        rows.append({"tool": label, "trials": trials, "makespan s": mmm(mk, 1),
+                     "time below limit s": mmm(stats([t["below_s"] for t in ts]), 2),
+                     "breaches": mmm(stats([t["breaches"] for t in ts]), 0),
+                     "deepest below limit MiB": mmm(stats([t["deepest_mib"] for t in ts]), 0),
+                     "terminated / requeued": ("/".join(str(int(statistics.median([t.get(k, 0) for t in ts])))
+                                               for k in ("terminated", "requeued")) if tool == "pmlmd" else "n/a (not reported)"),
+                     "_raw": ts})
+    return {"title": "5. Goodput under memory overload", "rows": rows,
+            "notes": [f"{ntasks} tasks x {size_mb} MiB held {hold_s:g} s = {ntasks * size_mb} MiB, against a headroom of "
+                      f"{headroom // MIB} MiB (limit = MemAvailable at trial start - headroom; GNU parallel: its own "
+                      "free figure - headroom); time below the limit sampled every 2 ms by a separate process"]}
+
+
+# ---------------------------------------------------------------- scenario 6: scale
+
+def time_status(client, duration: float, period: float = 0.05, stop=None) -> list[float]:
+    lat = []
+    t_end = time.monotonic() + duration
+    while time.monotonic() < t_end:
+        t0 = time.perf_counter()
+        client.call("status")
+        lat.append((time.perf_counter() - t0) * 1000)
+        if stop and stop():
+            break
+        time.sleep(period)
+    return lat
+
+
+def scenario_scale(ctx) -> dict:
+    ntasks, nsleep = (200, 50) if ctx.quick else (10000, 1000)
+    rows = []
+    with Daemon(ctx.tmp / "scale-daemon", DAEMON_RELAXED.format(max_workers=1100)) as d:
+        # 10,000 tasks in one batch
+        rss0 = rss_bytes(d.pid)
+        t0 = time.monotonic()
+        bid = d.submit("-n", str(ntasks), "-j", "16", "--", "/bin/true")
+        lat, peak = [], rss_bytes(d.pid)
+        while True:
+            lat += time_status(d.client, 0.5)
+            peak = max(peak, rss_bytes(d.pid))
+            st = d.batch(bid)
+            if st.get("state") == "finished" or st.get("done") == st.get("total"):
+                break
+            if time.monotonic() - t0 > 900:
+                raise RuntimeError("10,000-task batch did not finish in 900 s")
+        elapsed = time.monotonic() - t0
+        s = stats(lat)
+        rows.append({"load": f"{ntasks} x /bin/true, -j 16", "wall s": fmt(elapsed, 1),
+                     "tasks/s": fmt(ntasks / elapsed, 0), "daemon RSS MiB (start → peak)": f"{rss0 / MIB:.1f} → {peak / MIB:.1f}",
+                     "status p50 ms": fmt(s["p50"], 2), "status p99 ms": fmt(s["p99"], 2), "status calls": s["n"], "_stats": s})
+        # 1,000 concurrent sleeping workers
+        bid = d.submit("-n", str(nsleep), "-j", str(nsleep), "--", "sleep", "300")
+        t0 = time.monotonic()
+        lat = []
+        while count_named(d.pid, "sleep") < nsleep:
+            lat += time_status(d.client, 0.5)
+            if time.monotonic() - t0 > 180:
+                raise RuntimeError(f"only {count_named(d.pid, 'sleep')} of {nsleep} sleepers started")
+        ramp = time.monotonic() - t0
+        steady = time_status(d.client, 2.0 if ctx.quick else 15.0)
+        cli = []
+        for _ in range(3 if ctx.quick else 10):
+            c0 = time.monotonic()
+            r = d.ctl("status")
+            cli.append((time.monotonic() - c0) * 1000)
+            assert r.returncode == 0, r.stderr
+        s, sr, sc = stats(steady), stats(lat), stats(cli)
+        rows.append({"load": f"{nsleep} concurrent sleep workers", "wall s": f"ramp-up {ramp:.1f}", "tasks/s": "–",
+                     "daemon RSS MiB (start → peak)": f"{rss_bytes(d.pid) / MIB:.1f}",
+                     "status p50 ms": f"{s['p50']:.2f} (ramp-up {sr.get('p50', 0):.2f})",
+                     "status p99 ms": f"{s['p99']:.2f} (ramp-up {sr.get('p99', 0):.2f})", "status calls": s["n"] + sr.get("n", 0),
+                     "CLI `pmlmctl status` wall ms": mmm(sc, 0), "_stats": s, "_ramp": sr, "_cli": sc})
+        d.client.call("cancel", batch=bid)
+        deadline = time.monotonic() + 30
+        while count_named(d.pid, "sleep") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return {"title": "6. Scale (daemon)", "rows": rows,
+            "notes": ["status latency: pmlmd.client.Client.call('status') in the bench process, every 50 ms, "
+                      "while the load runs; CLI: wall time of a whole `pmlmctl status` process (Python start-up included)",
+                      "daemon: max_workers 1100, cpu_limit 100, cpu_margin 0, memfree_limit 5, scope_backend none"]}
+
+
+# ---------------------------------------------------------------- driver
+
+SCENARIOS = {"memory": scenario_memory, "cpu": scenario_cpu, "overhead": scenario_overhead,
+             "throughput": scenario_throughput, "goodput": scenario_goodput, "scale": scenario_scale}
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": model, "cores": os.cpu_count(), "mem_total_gib": round(meminfo()["MemTotal"] / (1 << 30), 1),
+            "mem_available_gib_at_start": round(meminfo()["MemAvailable"] / (1 << 30), 1),
+            "kernel": platform.release(), "python": platform.python_version(), "parallel": parallel_version(),
+            "xargs": subprocess.run(["xargs", "--version"], capture_output=True, text=True).stdout.splitlines()[0]}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    out = [f"# pmlmd benchmarks, {result['date']}{' (--quick)' if result['quick'] else ''}", "",
+           f"{m['cpu']}, {m['cores']} cores, {m['mem_total_gib']} GiB ({m['mem_available_gib_at_start']} GiB available "
+           f"at start), Linux {m['kernel']}, Python {m['python']}, {m['parallel']}, {m['xargs']}", ""]
+    for name, sc in result["scenarios"].items():
+        out.append(f"## {sc.get('title', name)}")
+        out.append("")
+        if "error" in sc:
+            out += [f"FAILED: {sc['error']}", ""]
+            continue
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in sc["rows"]]
+        cols = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        for r in rows:
+            out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+        out.append("")
+        for n in sc.get("notes", []):
+            out.append(f"- {n}")
+        out.append(f"- took {sc['seconds']:.0f} s")
+        out.append("")
+    out.append(f"Total: {result['seconds']:.0f} s")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="every scenario tiny (CI smoke test; no timing asserts)")
+    p.add_argument("--only", choices=sorted(SCENARIOS), action="append", help="run only this scenario (repeatable)")
+    p.add_argument("--out-dir", default=str(BENCH / "results"))
+    a = p.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # GNU parallel -j 500 needs file handles
+    names = a.only or list(SCENARIOS)
+    t_all = time.monotonic()
+    result = {"date": datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S"), "quick": a.quick, "machine": machine(),
+              "scenarios": {}}
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="pmlm-bench-") as tmp:
+        class Ctx:
+            pass
+        ctx = Ctx()
+        ctx.quick = a.quick
+        for name in names:
+            ctx.tmp = Path(tmp) / name
+            ctx.tmp.mkdir()
+            log(f"== {name}")
+            t0 = time.monotonic()
+            try:
+                sc = SCENARIOS[name](ctx)
+            except Exception as e:  # report and go on with the next scenario; exit status says it failed
+                import traceback
+                traceback.print_exc()
+                sc = {"title": name, "error": f"{type(e).__name__}: {e}", "rows": []}
+                failed = True
+            sc["seconds"] = time.monotonic() - t0
+            log(f"   {name}: {sc['seconds']:.1f} s")
+            result["scenarios"][name] = sc
+    result["seconds"] = time.monotonic() - t_all
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result["date"] + ("-quick" if a.quick else "")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(result)
+    (out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    log(f"wrote {out_dir / (stem + '.json')} and .md")
+    return 1 if failed else 0

@@ -1,0 +1,89 @@
+"""The bench's sampler: a separate process reading /proc/meminfo (and a watched pid's state) every ~1 ms.
+
+  probe.py --metric available|parallel --threshold BYTES --out FILE [--pidfile F --termfile F]
+           [--period S] [--timeout S] [--until-reaction] [--stopfile F]
+
+metric "available" is MemAvailable (what pmlmd uses by default); "parallel" is what GNU parallel
+computes: MemFree + Buffers + Cached + SwapCached. Times are time.monotonic() (CLOCK_MONOTONIC).
+Writes JSON: cross (first sample below the threshold), stop (first sample seeing the watched pid
+in state T), term (the hog's SIGTERM-handler time), below_s (time spent below the threshold),
+breaches (how often it went below), lowest (lowest value seen), samples.
+"""
+import argparse
+import json
+import os
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--metric", choices=("available", "parallel"), default="available")
+    p.add_argument("--threshold", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pidfile")
+    p.add_argument("--termfile")
+    p.add_argument("--stopfile")
+    p.add_argument("--period", type=float, default=0.001)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--until-reaction", action="store_true")
+    a = p.parse_args()
+    keys = (b"MemAvailable:",) if a.metric == "available" else (b"MemFree:", b"Buffers:", b"Cached:", b"SwapCached:")
+    fd = os.open("/proc/meminfo", os.O_RDONLY)
+    pid = None
+    stat_fd = None
+    cross = stop = term = None
+    below_s = 0.0
+    breaches = 0
+    lowest = None
+    samples = 0
+    was_below = False
+    last = time.monotonic()
+    deadline = last + a.timeout
+    while True:
+        now = time.monotonic()
+        data = os.pread(fd, 8192, 0)
+        value = 0
+        for line in data.split(b"\n"):
+            if line.startswith(keys):
+                value += int(line.split()[1]) * 1024
+        samples += 1
+        below = value < a.threshold
+        if below:
+            below_s += now - last if was_below else 0.0
+            if not was_below:
+                breaches += 1
+            if cross is None:
+                cross = now
+        was_below = below
+        last = now
+        lowest = value if lowest is None else min(lowest, value)
+        if pid is None and a.pidfile and os.path.exists(a.pidfile):
+            try:
+                pid = int(open(a.pidfile).read())
+                stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+            except (ValueError, OSError):
+                pid = None
+        if stat_fd is not None and stop is None:
+            try:
+                s = os.pread(stat_fd, 512, 0)
+                if s and s[s.rindex(b")") + 2:s.rindex(b")") + 3] in (b"T", b"t"):
+                    stop = now
+            except (OSError, ValueError):
+                stat_fd = None
+        if term is None and a.termfile and os.path.exists(a.termfile):
+            try:
+                term = float(open(a.termfile).read())
+            except (ValueError, OSError):
+                pass
+        if a.until_reaction and (stop is not None or term is not None):
+            break
+        if now > deadline or (a.stopfile and os.path.exists(a.stopfile)):
+            break
+        time.sleep(a.period)
+    with open(a.out, "w") as f:
+        json.dump({"cross": cross, "stop": stop, "term": term, "below_s": below_s, "breaches": breaches,
+                   "lowest": lowest, "samples": samples, "threshold": a.threshold, "metric": a.metric}, f)
+
+
+if __name__ == "__main__":
+    main()
