@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -50,8 +51,12 @@ class Client:
                               "pmlm (adduser USER pmlm, then log in again) or run as root")
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
-            raise Unreachable(f"pmlmd is not running: cannot connect to {self.path} ({reason}); start it with "
-                              "systemctl start pmlmd")
+            if e.errno == errno.EAGAIN:  # the listen queue is full: it runs, but too many connect at once
+                raise Unreachable(f"pmlmd is busy: its socket {self.path} accepts no more connections just now "
+                                  "(too many clients at once); try again in a moment")
+            hint = "start it with systemctl start pmlmd" if self.path == DEFAULT_SOCKET else \
+                "check --socket (or PMLM_SOCKET), or start a pmlmd there"
+            raise Unreachable(f"pmlmd is not running: cannot connect to {self.path} ({reason}); {hint}")
         finally:
             probe.close()
 

@@ -22,10 +22,11 @@ import time
 import zmq
 
 from . import __version__, procctl, protocol, scopes
-from .agentchannel import AgentChannel
+from .agentchannel import AgentChannels
 from .batch import CAUSE_DAEMON_RESTART, FINISHED, Batch, BatchSpec
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import BatchRun, Engine, Loop
+from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
 from .systemd import Notifier, setup_logging
@@ -33,6 +34,12 @@ from .systemd import Notifier, setup_logging
 log = logging.getLogger("pmlmd.daemon")
 
 HOUSEKEEPING = 1.0  # seconds between STATUS= updates and prune checks
+# Connections one user (not root) may hold to the control socket: each pmlmctl holds one while it
+# runs, `events --follow` and `submit --wait` for as long as they follow.
+CONNECTIONS_PER_USER = 64
+# Requests taken from the control socket per loop turn, so that a flood of them never holds up
+# the governor; the socket queues the rest fairly (round-robin per connection).
+REQUESTS_PER_TURN = 32
 RECENT_EVENTS = 2000  # events kept for ``pmlmctl events`` without --follow
 SD_LISTEN_FDS_START = 3
 # Tighter limits a batch may ask for: submit argument -> governor Limits field.
@@ -103,6 +110,14 @@ def agent_socket_path(config: Config) -> str:
     return os.path.splitext(config.socket)[0] + "-agent.sock"
 
 
+def agent_directory(config: Config) -> str:
+    """Where each owner's agent sockets live: ``agent_socket`` without ``.sock``, plus ``.d``.
+
+    /run/pmlmd/agent.sock (the default) gives /run/pmlmd/agent.d/UID.sock and UID-ack.sock.
+    """
+    return os.path.splitext(agent_socket_path(config))[0] + ".d"
+
+
 def peer_credentials(frame: zmq.Frame) -> tuple[int, int, int] | None:
     """(uid, gid, pid) of the client, from the kernel's SO_PEERCRED as libzmq reports it."""
     try:
@@ -139,8 +154,13 @@ class Daemon:
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
-        self.engine.agent = AgentChannel(self.ctx, agent_socket_path(self.config), self.engine.on_agent_ack)
-        self.loop.watch(self.engine.agent.pull, self.engine.agent.read_acks)
+        self.peers = PeerLimit(self.sock, lambda uid: None if uid == 0 else CONNECTIONS_PER_USER, "control socket")
+        self.loop.watch(self.peers.monitor, self.peers.read)
+        try:
+            self.engine.agent = AgentChannels(self.ctx, agent_directory(self.config), self.engine.on_agent_ack,
+                                              self.loop)
+        except OSError as e:
+            raise DaemonError(f"cannot set up the agent channel: {e}") from e
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
@@ -181,6 +201,7 @@ class Daemon:
     def _housekeeping(self) -> None:
         self.notifier.status(self._status_line())
         self.notifier.watchdog()
+        self.engine.agent.close_idle()
         pruned = self.store.prune(time.time() - self.config.prune_after)
         if pruned:
             log.info("pruned %d finished batches older than %gs", pruned, self.config.prune_after)
@@ -203,6 +224,7 @@ class Daemon:
                 procctl.signal_group(w.child.pid, signal.SIGCONT)
             os.close(w.child.pidfd)
         self.loop.close()
+        self.peers.close()
         self.sock.close()
         self.engine.agent.close()
         self.ctx.term()
@@ -328,7 +350,7 @@ class Daemon:
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
-        while True:
+        for _ in range(REQUESTS_PER_TURN):
             try:
                 client, frame = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

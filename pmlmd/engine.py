@@ -36,6 +36,13 @@ log = logging.getLogger("pmlmd.engine")
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
+# An acknowledged agent pause is checked from this many seconds after the ack on: a worker that
+# still uses more than AGENT_PAUSE_MAX_CPU percent of one CPU or grows by more than
+# AGENT_PAUSE_MAX_GROWTH bytes/s over a whole measurement interval did not comply.
+AGENT_PAUSE_GRACE = 1.0
+AGENT_PAUSE_MAX_CPU = 10.0
+AGENT_PAUSE_MAX_GROWTH = 4 << 20
+NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped with SIGSTOP"
 
 
 class Loop:
@@ -136,6 +143,8 @@ class Worker:
     escalate_at: float | None = None  # agent mode: it acknowledged a terminate; SIGTERM if alive by then
     agent_paused: bool = False  # asked to pause through the agent channel
     signal_stopped: bool = False  # SIGSTOP sent (a pause in signal mode, or an agent pause nobody acknowledged)
+    verify_pause_from: float | None = None  # monotonic: an acknowledged agent pause must show from then on
+    noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
 
     @property
     def worker_id(self) -> str:
@@ -169,7 +178,7 @@ class Engine:
                  critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None):
         self.limits = limits
         self.scopes = scopes or NoScopes()
-        self.agent = None  # an AgentChannel, for batches in agent mode
+        self.agent = None  # AgentChannels, for batches in agent mode
         self.loop = loop
         self.proc = proc or ProcReader()
         self.node = NodeSampler(self.proc)
@@ -353,9 +362,35 @@ class Engine:
                 elapsed = now - w.measured_at
                 w.cpu = 100.0 * (u.cpu_ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
                 w.rss_growth = (u.rss - w.rss) / elapsed
+            previous_measurement = w.measured_at
             w.ticks, w.rss, w.measured_at = u.cpu_ticks, u.rss, now
             w.peak_rss = max(w.peak_rss, u.rss)
+            if (w.verify_pause_from is not None and previous_measurement is not None
+                    and previous_measurement >= w.verify_pause_from):
+                self._verify_agent_pause(w)
         self.last_refresh = now
+
+    def _verify_agent_pause(self, w: Worker) -> None:
+        """An agent-paused worker measured over a whole interval after its grace: is it standing still?
+
+        A worker that acknowledged the pause but goes on using CPU (more than
+        AGENT_PAUSE_MAX_CPU percent of one CPU) or growing (more than AGENT_PAUSE_MAX_GROWTH
+        bytes per second) would keep the node over its limit while counted as paused: it is
+        stopped with SIGSTOP like a signal-mode worker, and its attempt says so.
+        """
+        one_cpu = (w.cpu or 0.0) * self.node.cpu_count
+        growth = w.rss_growth or 0.0
+        if one_cpu <= AGENT_PAUSE_MAX_CPU and growth <= AGENT_PAUSE_MAX_GROWTH:
+            return
+        log.warning("worker %d acknowledged an agent pause but kept working (%.0f%% of a CPU, %+.1f MiB/s): "
+                    "SIGSTOP", w.child.pid, one_cpu, growth / (1 << 20),
+                    extra=decision_fields(batch_id=w.run.id, task_index=w.task.index, worker_pid=w.child.pid,
+                                          decision=PAUSE, rule="agent-noncompliant", reason="kept working while "
+                                          "paused through the agent channel"))
+        procctl.signal_group(w.child.pid, signal.SIGSTOP)
+        w.signal_stopped, w.noncompliant, w.verify_pause_from = True, True, None
+        self.on_event({"event": "noncompliant", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid,
+                       "cpu_pct": round(one_cpu, 1)})
 
     # --- carrying decisions out --------------------------------------------------------------
     def _apply(self, d: Decision, sample: NodeSample) -> None:
@@ -414,6 +449,7 @@ class Engine:
         if w.agent_paused:
             self.agent.request(w.worker_id, w.child.pid, "continue", w.run.batch.spec.agent_timeout, _uid(w), w)
             w.agent_paused = False
+            w.verify_pause_from = None
         if w.signal_stopped:
             procctl.signal_group(w.child.pid, signal.SIGCONT)
             w.signal_stopped = False
@@ -427,6 +463,9 @@ class Engine:
         log.debug("worker %d acknowledged %s", w.child.pid, req.command)
         if req.command == "terminate" and w.state == TERMINATING:
             w.escalate_at = time.monotonic() + w.run.batch.spec.term_grace
+        elif req.command == "pause" and w.agent_paused and not w.signal_stopped:
+            # Trust, but verify: from a short grace on, it must stand still (see _verify_agent_pause).
+            w.verify_pause_from = time.monotonic() + AGENT_PAUSE_GRACE
 
     def _agent_expired(self, now: float) -> None:
         for req in self.agent.expired(now):
@@ -450,7 +489,8 @@ class Engine:
         if task.line is not None:
             env["PMLM_TASK"] = task.line
         if self.agent is not None and run.batch.spec.uses_agent:
-            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}"))
+            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}",
+                                              run.owner.uid if run.owner is not None else None))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
         gate_r = gate_w = None
@@ -551,7 +591,7 @@ class Engine:
         os.close(w.child.pidfd)
         del self.workers[w.child.pid]
         if self.agent is not None:
-            self.agent.forget(w.worker_id)
+            self.agent.worker_gone(w.worker_id, _uid(w))
         now = time.time()
         run, a = w.run, w.attempt
         a.stop_path = w.stop_path if w.end_cause else None
@@ -562,6 +602,8 @@ class Engine:
         wall = max(now - a.start, 1e-3)
         run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
         run.finished_cpu[1] += 1
+        if w.noncompliant:
+            a.reason = "; ".join(filter(None, [NONCOMPLIANT_NOTE, a.reason]))
         cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"

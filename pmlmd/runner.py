@@ -18,7 +18,7 @@ from typing import Callable, TextIO
 
 import zmq
 
-from .agentchannel import AgentChannel
+from .agentchannel import AgentChannels
 from .batch import Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
 from .governor import PAUSED, RUNNING, free_bytes
@@ -44,9 +44,8 @@ class Runner:
             # A private directory (mode 0700): only this user's workers reach the channel.
             self.agent_dir = tempfile.mkdtemp(prefix="pmlm-agent-")
             self.zmq = zmq.Context()
-            self.engine.agent = AgentChannel(self.zmq, os.path.join(self.agent_dir, "agent.sock"),
-                                             self.engine.on_agent_ack)
-            self.loop.watch(self.engine.agent.pull, self.engine.agent.read_acks)
+            self.engine.agent = AgentChannels(self.zmq, self.agent_dir, self.engine.on_agent_ack, self.loop,
+                                              dir_mode=0o700)
 
     def run(self) -> Batch:
         self.loop.handle_signals(STOP_SIGNALS, self._on_signal)
