@@ -9,12 +9,20 @@ are not in pmlmd.service's cgroup); and a whole batch can be frozen at once.
 A worker must be inside its scope before it runs the user's command, so with this
 backend a worker starts as a gate (``/bin/sh`` waiting on its stdin) that pmlmd
 releases once the pid is attached; the gate then execs the command in its place.
+
+The kernel also holds two backstops that do not depend on pmlmd's sampling: TasksMax
+and MemoryMax on pmlm.slice (all batches together) and on each scope (one batch),
+from pmlmd.toml (``CgroupLimits``). They catch what the governor cannot: a fork bomb,
+which no memory or CPU limit stops in time, and growth faster than a sample, or while
+pmlmd is down.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from decimal import Decimal
 
 from jeepney import DBusAddress, MatchRule, Properties, message_bus, new_method_call
 from jeepney.io.blocking import open_dbus_connection
@@ -32,6 +40,100 @@ JOB_TIMEOUT = 5.0  # seconds to wait for systemd (the event loop waits with it; 
 
 # The gate: wait for pmlmd's go (one line on stdin), then become the command.
 GATE = ["/bin/sh", "-c", 'read -r _ || exit 125; exec "$@" </dev/null', "pmlm-gate"]
+
+
+UINT64_MAX = (1 << 64) - 1  # systemd's "infinity" for TasksMax and MemoryMax on the bus
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """TasksMax and MemoryMax for pmlm.slice and for each batch's scope, as pmlmd.toml gives them.
+
+    Each value is "infinity", a number (tasks, or bytes), or a percentage such as "25%": of
+    the node's maximum number of tasks, or of its physical memory.
+    """
+
+    slice_tasks_max: int | str
+    slice_memory_max: int | str
+    scope_tasks_max: int | str
+    scope_memory_max: int | str
+
+    @classmethod
+    def of(cls, config) -> "CgroupLimits":
+        return cls(config.slice_tasks_max, config.slice_memory_max, config.scope_tasks_max, config.scope_memory_max)
+
+    def slice_properties(self) -> list[tuple[str, tuple[str, int]]]:
+        return [("TasksMax", ("t", tasks_max(self.slice_tasks_max))),
+                ("MemoryMax", ("t", memory_max(self.slice_memory_max)))]
+
+    def scope_properties(self) -> list[tuple[str, tuple[str, int]]]:
+        return [("TasksMax", ("t", tasks_max(self.scope_tasks_max))),
+                ("MemoryMax", ("t", memory_max(self.scope_memory_max)))]
+
+    def describe(self) -> str:
+        """One line for the log: each setting, and what a percentage comes to on this node."""
+        def shown(value, resolve) -> str:
+            return f"{value} ({resolve(value)})" if isinstance(value, str) and value.endswith("%") else str(value)
+        return (f"pmlm.slice TasksMax={shown(self.slice_tasks_max, tasks_max)} "
+                f"MemoryMax={shown(self.slice_memory_max, memory_max)}; each batch scope "
+                f"TasksMax={shown(self.scope_tasks_max, tasks_max)} "
+                f"MemoryMax={shown(self.scope_memory_max, memory_max)}")
+
+
+# Percentages are resolved here, as systemd resolves them in a unit file, and sent as numbers:
+# systemd 252 (Debian 12) writes a TasksMax percentage received over the bus (TasksMaxScale)
+# into the unit's drop-in ten times too small ("25%" becomes "2.6%"), so after the next
+# daemon-reload (any package installation) a running batch would be left a tenth of its
+# tasks (systemd issue 41009). Numbers also leave one drop-in per property on pmlm.slice,
+# where a percentage and a number would leave two, of which the percentage wins on reload.
+def tasks_max(value: int | str, kernel: str = "/proc/sys/kernel", cgroup: str = "/sys/fs/cgroup") -> int:
+    """TasksMax as a number for the bus; a percentage is of the node's maximum number of tasks."""
+    if not isinstance(value, str):
+        return value
+    if value == "infinity":
+        return UINT64_MAX
+    return node_tasks_max(kernel, cgroup) * _permyriad(value) // 10000
+
+
+def memory_max(value: int | str, meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int:
+    """MemoryMax in bytes for the bus; a percentage is of physical memory, rounded down to pages."""
+    if not isinstance(value, str):
+        return value
+    if value == "infinity":
+        return UINT64_MAX
+    page = os.sysconf("SC_PAGESIZE")
+    return node_memory(meminfo, cgroup) // page * _permyriad(value) // 10000 * page
+
+
+def _permyriad(percent: str) -> int:
+    return int(Decimal(percent.rstrip("%")) * 100)  # systemd's own precision: 0.01 %
+
+
+def node_tasks_max(kernel: str = "/proc/sys/kernel", cgroup: str = "/sys/fs/cgroup") -> int:
+    """What systemd takes a TasksMax percentage of: the smallest of kernel.threads-max, the
+    highest pid (kernel.pid_max - 1) and the pids.max of the root cgroup (in a container)."""
+    limits = [_read_int(f"{kernel}/threads-max"), _read_int(f"{kernel}/pid_max")]
+    if limits[1] is not None:
+        limits[1] -= 1
+    limits.append(_read_int(f"{cgroup}/pids.max"))
+    return min(n for n in limits if n) if any(limits) else UINT64_MAX
+
+
+def node_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int:
+    """What systemd takes a MemoryMax percentage of: MemTotal, or the root cgroup's memory.max if lower."""
+    with open(meminfo) as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    limit = _read_int(f"{cgroup}/memory.max")
+    return min(total, limit) if limit else total
+
+
+def _read_int(path: str) -> int | None:
+    """A number from a /proc or cgroup file; None when it is missing or says "max"."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def scope_name(batch_id: str) -> str:
@@ -78,9 +180,10 @@ class SystemdScopes:
     name = "systemd"
     gated = True
 
-    def __init__(self, connection=None):
+    def __init__(self, connection=None, limits: CgroupLimits | None = None):
         self.bus = connection or open_dbus_connection(bus="SYSTEM")
         self.started: set[str] = set()  # batches whose scope exists
+        self.limits = limits  # None: scopes get systemd's defaults, the slice is left alone
 
     # --- D-Bus plumbing ----------------------------------------------------------------
     def _call(self, member: str, signature: str | None = None, body: tuple = (), *, path: str = SYSTEMD[1],
@@ -122,6 +225,7 @@ class SystemdScopes:
             ("Description", ("s", description)),
             ("Delegate", ("b", True)),  # AttachProcessesToUnit works only on delegated units
             ("CollectMode", ("s", "inactive-or-failed")),  # gone once empty, even if a worker failed
+            *(self.limits.scope_properties() if self.limits is not None else []),
         ]
         # No sender in the rule: signals carry systemd's unique bus name, which jeepney's local
         # filter would compare with the well-known one and never match.
@@ -141,6 +245,21 @@ class SystemdScopes:
         finally:
             self._call("Unsubscribe")
             self.bus.send_and_get_reply(message_bus.RemoveMatch(rule), timeout=JOB_TIMEOUT)
+
+    def limit_slice(self) -> None:
+        """Set the configured TasksMax and MemoryMax on pmlm.slice, for this boot (a runtime drop-in).
+
+        Runtime, not persistent: the values come from pmlmd.toml at every start, and nothing
+        of pmlmd's is left in /etc. A failure is logged, not fatal: the slice keeps what its
+        unit file says (the shipped pmlm.slice carries the same defaults).
+        """
+        if self.limits is None:
+            return
+        try:
+            properties = self.limits.slice_properties()
+            self._call("SetUnitProperties", "sba(sv)", (SLICE, True, properties))
+        except (DBusErrorResponse, OSError, TimeoutError) as e:
+            log.warning("cannot set TasksMax and MemoryMax on %s, it keeps those of its unit file: %s", SLICE, e)
 
     def stop(self, batch_id: str) -> None:
         """The batch is over: whatever its workers left running in the scope goes with it.
@@ -192,18 +311,25 @@ class SystemdScopes:
             return []
 
 
-def choose(setting: str = "auto"):
-    """The backend for ``setting`` (auto, systemd, none); auto means systemd when it runs and answers."""
+def choose(setting: str = "auto", limits: CgroupLimits | None = None):
+    """The backend for ``setting`` (auto, systemd, none); auto means systemd when it runs and answers.
+
+    With ``limits`` (the daemon's start), the systemd backend gives its scopes their
+    limits and sets the slice's at once; without (``--release-workers``) it changes nothing.
+    """
     if setting == "none":
         return NoScopes()
     if setting == "auto" and not os.path.isdir("/run/systemd/system"):
         return NoScopes()
     try:
-        backend = SystemdScopes()
+        backend = SystemdScopes(limits=limits)
         backend.scopes()  # does the manager answer?
-        return backend
     except Exception as e:
         if setting == "systemd":
             raise OSError(f"the systemd scope backend was asked for, but the system bus does not answer: {e}")
         log.warning("systemd runs but its bus does not answer (%s): workers stay in process groups only", e)
         return NoScopes()
+    if limits is not None:
+        backend.limit_slice()
+        log.info("cgroup backstops: %s", limits.describe())
+    return backend

@@ -9,10 +9,14 @@ the user's command.
 import os
 import time
 
+import pytest
+
 from pmlmd.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
 from pmlmd.governor import Limits
-from pmlmd.scopes import NoScopes, batch_of_scope, scope_name
+from pmlmd.config import Config
+from pmlmd.scopes import (CgroupLimits, NoScopes, SystemdScopes, batch_of_scope, memory_max, scope_name,
+                          tasks_max)
 
 
 class RecordingScopes(NoScopes):
@@ -36,6 +40,70 @@ def test_scope_names_round_trip():
     assert scope_name("42") == "pmlm-42.scope"
     assert batch_of_scope("pmlm-42.scope") == "42"
     assert batch_of_scope("ssh.service") is None
+
+
+def fake_node(tmp_path, threads_max="192729", pid_max="4194304", mem_total_kb=24683652, cgroup_files=None):
+    """A fake /proc/sys/kernel, /proc/meminfo and root cgroup; the numbers are the systemd tier's container."""
+    kernel, cgroup = tmp_path / "kernel", tmp_path / "cgroup"
+    kernel.mkdir(parents=True)
+    cgroup.mkdir()
+    (kernel / "threads-max").write_text(threads_max + "\n")
+    (kernel / "pid_max").write_text(pid_max + "\n")
+    (tmp_path / "meminfo").write_text(f"MemTotal:       {mem_total_kb} kB\nMemFree:        1000 kB\n")
+    for name, text in (cgroup_files or {}).items():
+        (cgroup / name).write_text(text)
+    return str(kernel), str(tmp_path / "meminfo"), str(cgroup)
+
+
+def test_numbers_and_infinity_go_on_the_bus_as_they_are(tmp_path):
+    kernel, meminfo, cgroup = fake_node(tmp_path)
+    assert tasks_max(4096, kernel, cgroup) == 4096
+    assert memory_max(4 << 30, meminfo, cgroup) == 4 << 30
+    # "infinity" is sent, not left out: a scope without TasksMax gets systemd's DefaultTasksMax.
+    assert tasks_max("infinity", kernel, cgroup) == memory_max("infinity", meminfo, cgroup) == 2**64 - 1
+
+
+def test_percentages_come_to_what_systemd_makes_of_them(tmp_path):
+    # In the systemd tier's container (threads-max 192729, pid_max 4194304, MemTotal 24683652 kB)
+    # systemd showed these TasksMax and MemoryMax for units given the same percentages.
+    kernel, meminfo, cgroup = fake_node(tmp_path)
+    for percent, tasks, memory in (("25%", 48182, 6319013888), ("50%", 96364, 12638027776),
+                                   ("90%", 173456, 22748450816), ("12.5%", 24091, 3159506944),
+                                   ("33.33%", 64236, 8424509440)):
+        assert tasks_max(percent, kernel, cgroup) == tasks
+        assert memory_max(percent, meminfo, cgroup) == memory
+    assert memory_max("100%", meminfo, cgroup) == 24683652 * 1024
+
+
+def test_percentages_follow_the_smallest_ceiling(tmp_path):
+    # pid 0 is no pid: pid_max 32768 allows 32767 tasks; a container's root cgroup may allow fewer.
+    kernel, meminfo, cgroup = fake_node(tmp_path, pid_max="32768")
+    assert tasks_max("100%", kernel, cgroup) == 32767
+    kernel, meminfo, cgroup = fake_node(tmp_path / "c", cgroup_files={"pids.max": "10000\n",
+                                                                     "memory.max": f"{1 << 30}\n"})
+    assert tasks_max("50%", kernel, cgroup) == 5000
+    assert memory_max("50%", meminfo, cgroup) == 1 << 29
+    kernel, meminfo, cgroup = fake_node(tmp_path / "d", cgroup_files={"pids.max": "max\n", "memory.max": "max\n"})
+    assert tasks_max("100%", kernel, cgroup) == 192729
+
+
+def test_the_configured_backstops_reach_scopes_and_the_slice():
+    limits = CgroupLimits.of(Config())
+    assert limits == CgroupLimits("50%", "90%", "25%", "infinity")
+    assert [name for name, _ in limits.scope_properties()] == ["TasksMax", "MemoryMax"]
+    backend = SystemdScopes(connection=object(), limits=limits)
+    calls = []
+    backend._call = lambda *args: calls.append(args)
+    backend.limit_slice()
+    # Runtime (True): set again from pmlmd.toml at every start, nothing written to /etc.
+    assert calls == [("SetUnitProperties", "sba(sv)", ("pmlm.slice", True, limits.slice_properties()))]
+    assert [name for name, _ in calls[0][2][2]] == ["TasksMax", "MemoryMax"]
+
+
+def test_without_limits_the_slice_is_left_alone():
+    backend = SystemdScopes(connection=object())  # --release-workers: it only thaws and continues
+    backend._call = lambda *args: pytest.fail(f"unexpected call {args}")
+    backend.limit_slice()
 
 
 def test_a_gated_worker_runs_its_command_only_after_it_was_placed(tmp_path):
