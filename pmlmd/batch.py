@@ -28,6 +28,7 @@ CAUSE_EXIT = "exit"  # the worker ended on its own (any status, or a signal pmlm
 CAUSE_GOVERNOR_MEMORY = "governor-memory"  # terminated by the governor to keep memory free
 CAUSE_CANCELLED = "cancelled"  # the batch was cancelled (Ctrl-C, SIGTERM)
 CAUSE_SPAWN_FAILED = "spawn-failed"  # the command could not be executed
+CAUSE_CWD = "cwd"  # the working directory could not be entered as the worker's user
 CAUSE_DAEMON_RESTART = "daemon-restart"  # pmlmd restarted and the worker was gone, or ended unseen
 
 
@@ -280,7 +281,7 @@ def _describe_end(task: Task) -> str:
     last = task.attempts[-1] if task.attempts else None
     if last is None:
         return task.status
-    if last.cause == CAUSE_SPAWN_FAILED:
+    if last.cause in (CAUSE_SPAWN_FAILED, CAUSE_CWD):
         return last.reason or "could not start"
     if last.signal is not None:
         return f"killed by signal {last.signal}"
