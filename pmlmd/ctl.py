@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .batch import BatchSpec
+from .bounds import BOUNDS, INTEGER, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .runner import Runner
@@ -28,29 +29,42 @@ exit status:
 """
 
 
-def _ranged(kind, low, high, what):
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, the fix pointed to, exit 2: a script's log shows the whole reason
+    in one line, and a person is told where the options are explained."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _ranged(name):
+    """An argparse type for the option of that name, checked against its range in bounds.BOUNDS
+    (the same the daemon and pmlmd.toml check), so a bad value is a usage error here, not later."""
+    bound = BOUNDS[name]
+    what = "--" + name.replace("_", "-")
+
     def parse(text):
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, not {text}")
+            if bound.kind == SIZE:
+                value = parse_size(text)
+            else:
+                value = (int if bound.kind == INTEGER else float)(text)
+        except ValueError as e:
+            # int() also refuses more than 4300 digits; that is "not a number" enough.
+            raise argparse.ArgumentTypeError(str(e) if bound.kind == SIZE else f"{what} must be a number, "
+                                             f"not {shown}")
+        if not bound.admits(value):  # nan and inf too: float() reads them
+            raise argparse.ArgumentTypeError(f"{what} must be between {bound.text(bound.low)} and "
+                                             f"{bound.text(bound.high)}, not {shown}")
         return value
     return parse
-
-
-def _size(text):
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
 
 
 def _max_workers(text):
     if text == "auto":
         return None
-    return _ranged(int, 1, 100000, "--max-workers")(text)
+    return _ranged("max_workers")(text)
 
 
 def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> None:
@@ -68,7 +82,7 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
 
     tasks = p.add_argument_group("tasks")
     source = tasks.add_mutually_exclusive_group()
-    source.add_argument("-n", "--tasks", type=_ranged(int, 1, 10_000_000, "--tasks"), default=None, metavar="N",
+    source.add_argument("-n", "--tasks", type=_ranged("tasks"), default=None, metavar="N",
                         help="run the command N times, one worker per task (default 1)")
     source.add_argument("--tasks-file", metavar="FILE",
                         help="one task per line ('-' for stdin); a line reaches its worker as $PMLM_TASK and "
@@ -76,39 +90,39 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     tasks.add_argument("--shell", action="store_true",
                        help="run the command words as one /bin/sh -c script ({} is replaced shell-quoted)")
     value, shown = default(3)
-    tasks.add_argument("--retries", type=_ranged(int, 0, 1000, "--retries"), default=value, metavar="N",
+    tasks.add_argument("--retries", type=_ranged("retries"), default=value, metavar="N",
                        help="requeue a task terminated by the governor up to N times" + shown)
     value, shown = default(0)
-    tasks.add_argument("--retry-failed", type=_ranged(int, 0, 1000, "--retry-failed"), default=value, metavar="N",
+    tasks.add_argument("--retry-failed", type=_ranged("retry_failed"), default=value, metavar="N",
                        help="requeue a task that failed on its own (non-zero exit) up to N times" + shown)
 
     limits = p.add_argument_group("limits")
     limits.add_argument("-j", "--max-workers", type=_max_workers, default=None, metavar="N|auto",
                         help="cap on concurrent workers; auto (default) lets the governor decide, up to 8 x CPUs")
     value, shown = default(90.0, 90)
-    limits.add_argument("--cpu-limit", type=_ranged(float, 1, 100, "--cpu-limit"), default=value, metavar="PCT",
+    limits.add_argument("--cpu-limit", type=_ranged("cpu_limit"), default=value, metavar="PCT",
                         help="node-wide CPU utilisation over all cores to stay under" + shown)
     value, shown = default(10.0, 10)
-    limits.add_argument("--cpu-margin", type=_ranged(float, 0, 99, "--cpu-margin"), default=value, metavar="PCT",
+    limits.add_argument("--cpu-margin", type=_ranged("cpu_margin"), default=value, metavar="PCT",
                         help="CPU must fall this many points below the limit before workers are continued or "
                              "admitted while others run" + shown)
     value, shown = default(20.0, 20)
-    limits.add_argument("--memfree-limit", type=_ranged(float, 0, 99, "--memfree-limit"), default=value,
+    limits.add_argument("--memfree-limit", type=_ranged("memfree_limit"), default=value,
                         metavar="PCT", help="share of total memory that must stay free" + shown)
     value, shown = default("available")
     limits.add_argument("--memory-metric", choices=MEMORY_METRICS, default=value,
                         help="what counts as free: MemAvailable (includes reclaimable cache) or MemFree" + shown)
     value, shown = default(200 << 20, "200M")
-    limits.add_argument("--memory-gap", type=_size, default=value, metavar="SIZE",
+    limits.add_argument("--memory-gap", type=_ranged("memory_gap"), default=value, metavar="SIZE",
                         help="band above the memory limit where workers are paused, not terminated; also the "
                              "headroom a new worker needs" + shown)
     value, shown = default(300 << 20, "300M")
-    limits.add_argument("--min-free", type=_size, default=value, metavar="SIZE",
+    limits.add_argument("--min-free", type=_ranged("min_free"), default=value, metavar="SIZE",
                         help="critical floor: below it workers are killed at once" + shown)
     value, shown = default("newest")
     limits.add_argument("--victim", choices=VICTIM_POLICIES, default=value, help="which worker pays first" + shown)
     value, shown = default(10.0, 10)
-    limits.add_argument("--term-grace", type=_ranged(float, 0, 3600, "--term-grace"), default=value,
+    limits.add_argument("--term-grace", type=_ranged("term_grace"), default=value,
                         metavar="SECONDS", help="SIGTERM, then SIGKILL after this grace" + shown)
     agent = p.add_argument_group("cooperative stop (for workers that block SIGTERM; see docs/agent-protocol.md)")
     agent.add_argument("--term-mode", choices=("signal", "agent"), default=None if for_daemon else "signal",
@@ -116,16 +130,16 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
                             "first (default signal)")
     agent.add_argument("--pause-mode", choices=("signal", "agent"), default=None if for_daemon else "signal",
                        help="signal: SIGSTOP/SIGCONT; agent: ask the worker to stand still (default signal)")
-    agent.add_argument("--agent-timeout", type=_ranged(float, 0.1, 3600, "--agent-timeout"),
+    agent.add_argument("--agent-timeout", type=_ranged("agent_timeout"),
                        default=None if for_daemon else 5.0, metavar="SECONDS",
                        help="how long a request may go unacknowledged before signals take over (default 5)")
     value, shown = default(0.5)
-    limits.add_argument("--interval", type=_ranged(float, 0.01, 60, "--interval"), default=value, metavar="SECONDS",
+    limits.add_argument("--interval", type=_ranged("interval"), default=value, metavar="SECONDS",
                         help="base sampling interval; pmlmd samples faster near a limit" + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pmlmctl", description="Run batches of workers within a node's CPU and free-memory limits.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     socket_help = f"pmlmd's control socket (default $PMLM_SOCKET, else {DEFAULT_SOCKET})"
@@ -167,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_options(submit, for_daemon=True)
     batch = submit.add_argument_group("batch")
     batch.add_argument("--name", help="a name to recognise the batch by")
-    batch.add_argument("--priority", type=_ranged(int, -1000, 1000, "--priority"), default=0,
+    batch.add_argument("--priority", type=_ranged("priority"), default=0,
                        help="higher runs first and pays last when the node is short (default 0)")
     batch.add_argument("--user", help="run the workers as this user (root only)")
     batch.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
@@ -208,6 +222,9 @@ def _read_tasks(parser, path: str) -> list[str]:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         parser.error(f"tasks file {path!r} holds no tasks (one task per line)")
+    if len(lines) > MAX_TASKS:
+        parser.error(f"tasks file {path!r} holds {len(lines)} tasks, more than the {MAX_TASKS} a batch may have: "
+                     f"split it into several batches")
     return lines
 
 

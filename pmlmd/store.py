@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from .batch import Attempt, Task
+from .batch import FINISHED, QUEUED, RUNNING, Attempt, Task
+from .bounds import BOUNDS
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +73,66 @@ class StoreError(Exception):
     """The state database cannot be used; the message names the file and the fix."""
 
 
+class Unusable(ValueError):
+    """One stored batch's record cannot be used; the message says which value and why."""
+
+
+# What a stored value may be. The file may have been written by an older pmlmd, restored from a
+# backup or edited by hand, and SQLite keeps whatever type it is given: every value is checked
+# before the daemon computes with it, so one bad record costs its batch, never the daemon.
+MAX_ID = (1 << 32) - 2  # uid_t and gid_t; -1 means "no change" to the kernel
+MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
+MAX_INT64 = (1 << 63) - 1
+MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment a report's dates can show
+MAX_GROUPS = 65536  # NGROUPS_MAX
+TASK_STATES = (QUEUED, RUNNING, *FINISHED)
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, int) and abs(value) >= 10 ** 30:
+        return f"an integer of {value.bit_length()} bits"  # repr() of a huge one is slow, or refused
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _need(ok: bool, what: str, value: Any) -> None:
+    if not ok:
+        raise Unusable(f"{what} is {_brief(value)}")
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _real(value: Any, low: float, high: float) -> bool:
+    # Range-checked, so nan and the infinities fail too.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _shown(raw: Any) -> str | None:
+    """A text column read as bytes (CAST AS BLOB), decoded whatever it holds."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
+
+
+def _plain(value: Any) -> int | float | None:
+    """A number fit for a JSON reply, or None."""
+    return value if _real(value, -MAX_INT64, MAX_INT64) else None
+
+
+def _no_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _utf8(data: bytes) -> str:
+    # sqlite3 reports text that is not UTF-8 as an OperationalError, like a failing database;
+    # decoded here it is a UnicodeDecodeError, which is the record's fault, not the file's.
+    return data.decode("utf-8")
+
+
 @dataclass
 class StoredBatch:
     id: str
@@ -86,6 +148,9 @@ class StoredBatch:
     cancel_reason: str | None
     tasks: list[Task]
     open_attempts: list[tuple[Task, Attempt, int | None]]  # attempts with no end: (task, attempt, start ticks)
+    # Set when the record cannot be used: why. Then only ``id`` and ``rowid`` mean anything.
+    problem: str | None = None
+    rowid: int | None = field(default=None, compare=False)
 
 
 class Store:
@@ -94,6 +159,7 @@ class Store:
         try:
             os.makedirs(state_dir, mode=0o750, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+            self.db.text_factory = _utf8
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of pmlmd; WAL keeps it consistent
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -179,33 +245,120 @@ class Store:
 
     # --- reads ------------------------------------------------------------------------
     def active_batches(self) -> list[StoredBatch]:
+        """Every active batch, in submission order.
+
+        A record that cannot be used comes back with ``problem`` saying why and nothing else
+        read from it, so one damaged batch never keeps the others from being restored.
+        Trouble with the database itself (sqlite3.Error) is raised.
+        """
         out = []
-        rows = self.db.execute("SELECT id, seq, name, owner_uid, owner_gid, owner_groups, priority, submission, "
-                               "held, created, cancel_reason FROM batches WHERE state='active' ORDER BY seq")
-        for (bid, seq, name, uid, gid, groups, priority, submission, held, created, cancel_reason) in rows.fetchall():
-            tasks = {}
-            for idx, line, status, governor_ends, failures in self.db.execute(
-                    "SELECT idx, line, status, governor_ends, failures FROM tasks WHERE batch_id=? ORDER BY idx",
-                    (bid,)):
-                tasks[idx] = Task(index=idx, line=line, status=status, governor_ends=governor_ends,
-                                  failures=failures)
-            open_attempts = []
-            for (idx, number, pid, start_ticks, start, end, exit_code, sig, cause, reason, peak_rss, cpu_seconds,
-                 pauses, stop_path) in self.db.execute(
-                    "SELECT idx, number, pid, start_ticks, start, end, exit_code, signal, cause, reason, peak_rss, "
-                    "cpu_seconds, pauses, stop_path FROM attempts WHERE batch_id=? ORDER BY idx, number", (bid,)):
-                attempt = Attempt(number=number, pid=pid, start=start, end=end, exit_code=exit_code, signal=sig,
-                                  cause=cause, reason=reason, peak_rss=peak_rss, cpu_seconds=cpu_seconds,
-                                  pauses=pauses, stop_path=stop_path)
-                tasks[idx].attempts.append(attempt)
-                if end is None:
-                    open_attempts.append((tasks[idx], attempt, start_ticks))
-            out.append(StoredBatch(id=bid, seq=seq, name=name, owner_uid=uid, owner_gid=gid,
-                                   owner_groups=json.loads(groups), priority=priority,
-                                   submission=json.loads(submission), held=bool(held), created=created,
-                                   cancel_reason=cancel_reason, tasks=[tasks[i] for i in sorted(tasks)],
-                                   open_attempts=open_attempts))
+        rowids = self.db.execute("SELECT rowid FROM batches WHERE state='active' ORDER BY seq, rowid").fetchall()
+        for (rowid,) in rowids:
+            try:
+                out.append(self._active_batch(rowid))
+            except sqlite3.Error:
+                raise
+            except Exception as e:  # the record's values: wrong types, bad JSON, text that is not UTF-8
+                reason = str(e) if isinstance(e, Unusable) else f"it cannot be read ({type(e).__name__}: {e})"
+                out.append(StoredBatch(id=self._batch_id(rowid), seq=0, name=None, owner_uid=0, owner_gid=0,
+                                       owner_groups=[], priority=0, submission={}, held=False, created=0.0,
+                                       cancel_reason=None, tasks=[], open_attempts=[], problem=reason[:500],
+                                       rowid=rowid))
         return out
+
+    def _batch_id(self, rowid: int) -> str:
+        """The id of a batch whose record may be damaged, as well as it can be shown."""
+        (raw,) = self.db.execute("SELECT CAST(id AS BLOB) FROM batches WHERE rowid=?", (rowid,)).fetchone()
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else f"(row {rowid})"
+
+    def _active_batch(self, rowid: int) -> StoredBatch:
+        (bid, seq, name, uid, gid, groups, priority, submission, held, created, cancel_reason) = self.db.execute(
+            "SELECT id, seq, name, owner_uid, owner_gid, owner_groups, priority, submission, held, created, "
+            "cancel_reason FROM batches WHERE rowid=?", (rowid,)).fetchone()
+        _need(isinstance(bid, str) and 0 < len(bid) <= 200 and "\0" not in bid, "its id", bid)
+        _need(_int(seq, 1, MAX_INT64), "its sequence number", seq)
+        _need(_text(name), "its name", name)
+        _need(_int(uid, 0, MAX_ID), "its owner's uid", uid)
+        _need(_int(gid, 0, MAX_ID), "its owner's gid", gid)
+        _need(isinstance(groups, str), "its owner's group list", groups)
+        groups = json.loads(groups)
+        _need(isinstance(groups, list) and len(groups) <= MAX_GROUPS and all(_int(g, 0, MAX_ID) for g in groups),
+              "its owner's group list", groups)
+        _need(BOUNDS["priority"].admits(priority), f"its priority ({BOUNDS['priority'].span()})", priority)
+        _need(isinstance(submission, str), "its submission", submission)
+        submission = json.loads(submission)
+        _need(isinstance(submission, dict), "its submission", submission)
+        _need(held in (0, 1) and not isinstance(held, float), "its held flag", held)
+        _need(_real(created, 0, MAX_TIMESTAMP), "its creation time", created)
+        _need(_text(cancel_reason), "its cancel reason", cancel_reason)
+
+        tasks = []
+        for idx, line, status, governor_ends, failures in self.db.execute(
+                "SELECT idx, line, status, governor_ends, failures FROM tasks WHERE batch_id=? ORDER BY idx", (bid,)):
+            _need(idx == len(tasks) and _int(idx, 0, MAX_INT64), f"the index of its task number {len(tasks)}", idx)
+            _need(_text(line), f"the line of task {idx}", line)
+            _need(status in TASK_STATES, f"the status of task {idx}", status)
+            _need(_int(governor_ends, 0, MAX_INT64) and _int(failures, 0, MAX_INT64),
+                  f"the termination and failure counts of task {idx}", (governor_ends, failures))
+            tasks.append(Task(index=idx, line=line, status=status, governor_ends=governor_ends, failures=failures))
+        _need(0 < len(tasks) <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})", len(tasks))
+
+        open_attempts = []
+        for (idx, number, pid, start_ticks, start, end, exit_code, sig, cause, reason, peak_rss, cpu_seconds,
+             pauses, stop_path) in self.db.execute(
+                "SELECT idx, number, pid, start_ticks, start, end, exit_code, signal, cause, reason, peak_rss, "
+                "cpu_seconds, pauses, stop_path FROM attempts WHERE batch_id=? ORDER BY idx, number", (bid,)):
+            _need(_int(idx, 0, len(tasks) - 1), "the task of an attempt", idx)
+            where = f"attempt {number!r} of task {idx}"
+            _need(_int(number, 1, MAX_INT64), f"the number of an attempt of task {idx}", number)
+            _need(pid is None or _int(pid, 1, MAX_PID), f"the pid of {where}", pid)
+            _need(start_ticks is None or _int(start_ticks, 0, MAX_INT64), f"the start ticks of {where}", start_ticks)
+            _need(_real(start, 0, MAX_TIMESTAMP), f"the start of {where}", start)
+            _need(end is None or _real(end, 0, MAX_TIMESTAMP), f"the end of {where}", end)
+            _need(exit_code is None or _int(exit_code, -(1 << 31), (1 << 31) - 1), f"the exit code of {where}",
+                  exit_code)
+            _need(sig is None or _int(sig, 0, 255), f"the signal of {where}", sig)
+            _need(_text(cause) and _text(reason) and _text(stop_path), f"the texts of {where}", (cause, reason))
+            _need(_int(peak_rss, 0, MAX_INT64), f"the peak memory of {where}", peak_rss)
+            _need(_real(cpu_seconds, 0, float(MAX_INT64)), f"the CPU time of {where}", cpu_seconds)
+            _need(_int(pauses, 0, MAX_INT64), f"the pause count of {where}", pauses)
+            attempt = Attempt(number=number, pid=pid, start=start, end=end, exit_code=exit_code, signal=sig,
+                              cause=cause, reason=reason, peak_rss=peak_rss, cpu_seconds=cpu_seconds,
+                              pauses=pauses, stop_path=stop_path)
+            tasks[idx].attempts.append(attempt)
+            if end is None:
+                open_attempts.append((tasks[idx], attempt, start_ticks))
+        for task in tasks:
+            # A running task has exactly one attempt without an end, its last; any other task none. Otherwise
+            # a task could run twice at once, or stand "running" with no worker and keep its batch open forever.
+            unended = [a for a in task.attempts if a.end is None]
+            consistent = (len(unended) == 1 and unended[0] is task.attempts[-1]) if task.status == RUNNING \
+                else not unended
+            _need(consistent, f"task {task.index}, {task.status} with unfinished attempts", len(unended))
+        return StoredBatch(id=bid, seq=seq, name=name, owner_uid=uid, owner_gid=gid, owner_groups=groups,
+                           priority=priority, submission=submission, held=bool(held), created=float(created),
+                           cancel_reason=cancel_reason, tasks=tasks, open_attempts=open_attempts, rowid=rowid)
+
+    def recorded_workers(self, rowid: int) -> list[tuple[int, int]]:
+        """(pid, start ticks) of the unfinished attempts of a batch, whatever else its record holds."""
+        rows = self.db.execute("SELECT pid, start_ticks FROM attempts WHERE end IS NULL AND batch_id IN "
+                               "(SELECT id FROM batches WHERE rowid=?)", (rowid,)).fetchall()
+        return [(pid, ticks) for pid, ticks in rows if _int(pid, 1, MAX_PID) and _int(ticks, 0, MAX_INT64)]
+
+    def task_statuses(self, rowid: int) -> list[str]:
+        """The statuses of a batch's tasks, whatever its record holds (shown as well as they can be)."""
+        rows = self.db.execute("SELECT CAST(status AS BLOB) FROM tasks WHERE batch_id IN "
+                               "(SELECT id FROM batches WHERE rowid=?) ORDER BY idx", (rowid,)).fetchall()
+        return [raw.decode("utf-8", "replace") if isinstance(raw, bytes) else repr(raw) for (raw,) in rows]
+
+    def fail_batch(self, rowid: int, finished: float, report: dict) -> None:
+        """Mark an active batch that cannot run again finished, with ``report``; its unfinished tasks failed."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(f"UPDATE tasks SET status='failed' WHERE batch_id IN (SELECT id FROM batches WHERE "
+                            f"rowid=?) AND status NOT IN ({', '.join('?' * len(FINISHED))})", (rowid, *FINISHED))
+            self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=NULL "
+                            "WHERE rowid=?", (finished, json.dumps(report), rowid))
 
     def finished_report(self, batch_id: str) -> dict | None:
         row = self.db.execute("SELECT report FROM batches WHERE id=? AND state='finished'", (batch_id,)).fetchone()
@@ -216,14 +369,22 @@ class Store:
         return row[0] if row else None
 
     def finished_batches(self) -> list[dict]:
-        rows = self.db.execute("SELECT id, name, owner_uid, priority, created, finished, report FROM batches "
-                               "WHERE state='finished' ORDER BY seq").fetchall()
+        # Batches marked failed because their record was damaged are listed too, their values shown as
+        # well as they can be: text as UTF-8, numbers only when finite (a reply must be strict JSON).
+        rows = self.db.execute("SELECT CAST(id AS BLOB), CAST(name AS BLOB), owner_uid, priority, created, finished, "
+                               "CAST(report AS BLOB) FROM batches WHERE state='finished' ORDER BY seq").fetchall()
         out = []
         for bid, name, uid, priority, created, finished, report in rows:
-            rep = json.loads(report) if report else {}
-            out.append({"batch": bid, "name": name, "owner_uid": uid, "priority": priority, "state": "finished",
-                        "created": created, "finished": finished, "counts": rep.get("counts"),
-                        "exit_status": rep.get("exit_status")})
+            try:
+                rep = json.loads(report, parse_constant=_no_constant) if report else {}
+            except (ValueError, RecursionError):
+                rep = {}
+            rep = rep if isinstance(rep, dict) else {}
+            counts = rep.get("counts")
+            out.append({"batch": _shown(bid), "name": _shown(name), "owner_uid": _plain(uid),
+                        "priority": _plain(priority), "state": "finished", "created": _plain(created),
+                        "finished": _plain(finished), "counts": counts if isinstance(counts, dict) else None,
+                        "exit_status": _plain(rep.get("exit_status"))})
         return out
 
     def next_seq(self) -> int:

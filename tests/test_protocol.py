@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pmlmd import protocol
+from pmlmd.bounds import MAX_SIZE, MAX_TASKS
 from pmlmd.protocol import (BAD_FIELD, BAD_JSON, BAD_VERSION, ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, MISSING_FIELD,
                             NO_SUCH_BATCH, PERMISSION_DENIED, PROTOCOL_VERSION, REQUESTS, TOO_LARGE, UNKNOWN_FIELD,
                             UNKNOWN_REQUEST, ProtocolError, Request, decode_reply, encode_error, encode_event,
@@ -214,12 +215,12 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 valid_submit = st.fixed_dictionaries(
     {"command": st.lists(text, min_size=1, max_size=5).filter(lambda c: c[0]), "cwd": text.map(lambda t: "/" + t)},
     optional={
-        "tasks": st.integers(1, 10_000_000), "shell": st.booleans(), "name": st.none() | text,
+        "tasks": st.integers(1, MAX_TASKS), "shell": st.booleans(), "name": st.none() | text,
         "priority": st.integers(-1000, 1000), "max_workers": st.none() | st.integers(1, 100_000),
         "cpu_limit": st.floats(1, 100), "cpu_margin": st.integers(0, 99), "memfree_limit": st.floats(0, 99),
         "memory_metric": st.sampled_from(["available", "free", None]),
         "victim": st.sampled_from(["newest", "oldest", "largest", None]),
-        "memory_gap": st.integers(0, 1 << 62), "min_free": st.integers(0), "term_grace": st.floats(0, 3600),
+        "memory_gap": st.integers(0, MAX_SIZE), "min_free": st.integers(0, MAX_SIZE), "term_grace": st.floats(0, 3600),
         "interval": st.floats(0.01, 60), "retries": st.integers(0, 1000), "retry_failed": st.integers(0, 1000),
         "user": text, "env": st.dictionaries(text.filter(lambda k: k and "=" not in k), text, max_size=3),
     })
