@@ -93,10 +93,11 @@ class AgentChannel:
             sock.bind("ipc://" + path)
             self.limits.append(PeerLimit(sock, self._connections_allowed, f"agent channel {path}"))
             # The directory is root's and not writable by the owner, so nobody can swap the file
-            # for a link between bind and chmod.
+            # for a link meanwhile. Mode first, owner second: changing the mode of a file pmlmd no
+            # longer owns would need CAP_FOWNER, which the unit does not grant.
+            os.chmod(path, 0o600, follow_symlinks=False)
             if self.owner is not None and os.geteuid() == 0:
                 os.chown(path, self.owner[0], self.owner[1], follow_symlinks=False)
-            os.chmod(path, 0o600, follow_symlinks=False)
 
     def _connections_allowed(self, uid: int) -> int | None:
         # Each worker connects once to each socket; a restarted or reconnecting one may briefly hold more.

@@ -110,6 +110,33 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
 
+    def children(self, pid: int) -> list[int]:
+        """The pids of the process's children, from /proc/PID/task/TID/children of each thread.
+
+        proc(5): the kernel keeps these lists (CONFIG_PROC_CHILDREN); a child appears in the
+        list of the thread that created it, or of the thread it was re-parented to. Gone: [].
+        """
+        found = []
+        try:
+            threads = os.listdir(os.path.join(self.root, str(pid), "task"))
+        except OSError:
+            return found
+        for tid in threads:
+            try:
+                found += [int(v) for v in self._read(f"{pid}/task/{tid}/children").split()]
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def environ(self, pid: int) -> dict[bytes, bytes]:
+        """The environment the process was started with (/proc/PID/environ); {} when unreadable."""
+        try:
+            with open(os.path.join(self.root, str(pid), "environ"), "rb", buffering=0) as f:
+                raw = f.read()
+        except OSError:
+            return {}
+        return dict(item.partition(b"=")[::2] for item in raw.split(b"\0") if b"=" in item)
+
     def all_pid_stats(self) -> Iterable[ProcStat]:
         for name in os.listdir(self.root):
             if name.isdigit():

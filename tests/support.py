@@ -144,9 +144,10 @@ class Daemon:
         self.proc = None
         self.messages: list[str] = []
 
-    def start(self, timeout: float = 20.0) -> "Daemon":
+    def start(self, timeout: float = 20.0, prefix: tuple[str, ...] = ()) -> "Daemon":
+        """Start pmlmd (behind ``prefix``, a command such as prlimit that execs the rest)."""
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pmlmd", "--config", str(self.config_path),
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pmlmd", "--config", str(self.config_path),
                                       "--socket", self.socket, "--state-dir", self.state_dir,
                                       "--log-target", "console"], stdout=self.log, stderr=self.log, env=self.env)
         self._listen()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import stat
 import sqlite3
@@ -277,3 +278,15 @@ def test_the_agent_channel_follows_a_moved_control_socket(daemon):
     # Each owner's sockets are made in this directory when the owner first needs them.
     directory = os.path.splitext(daemon.socket)[0] + "-agent.d"
     assert os.path.isdir(directory) and stat.S_IMODE(os.stat(directory).st_mode) == 0o711
+
+
+def test_the_daemon_raises_its_own_open_files_limit_but_workers_keep_the_one_it_started_with(daemon_factory,
+                                                                                              tmp_path):
+    out = tmp_path / "limits"
+    daemon = daemon_factory().start(prefix=("prlimit", "--nofile=256:4096", "--"))  # what it inherits
+    # pmlmd itself may hold up to the hard limit (a connection or a pidfd each)...
+    assert resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+    result = daemon.ctl("submit", "--wait", "--", "/bin/sh", "-c", f"ulimit -Sn > {out}; ulimit -Hn >> {out}")
+    assert result.returncode == 0, result.stderr
+    # ...its workers start with what it was given, as they would have before it raised its own.
+    assert out.read_text().split() == ["256", "4096"]

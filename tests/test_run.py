@@ -219,7 +219,7 @@ def test_a_task_that_never_fits_is_given_up(pmlm):
     limit_pct = memfree_limit_for_headroom(300 * MiB)
     run = pmlm("--retries", "1", "--memfree-limit", f"{limit_pct:.4f}", "--memory-gap", "100M", "--min-free",
                "32M", "--", PY, HOG, "500", "500", "0", "30")
-    assert run.wait(timeout=120) == 1
+    assert run.wait(timeout=120) == 1, [r for r in run.trace() if r.get("event") != "sample"]
     report = run.report()
     assert report["tasks"][0]["status"] == "given-up" and len(report["tasks"][0]["attempts"]) == 2
     assert "given up" in report["error_message"]

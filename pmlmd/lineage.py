@@ -1,0 +1,73 @@
+"""Which processes belong to which worker when no cgroup per worker says it.
+
+Signals go to a worker's process group, but a descendant can leave the group (setpgid) or
+the session (setsid, the double fork of a daemon) and would then escape pause, continue
+and termination. Two kernel facilities keep track of it at the cost of the workers' own
+process trees, never of every process on the node:
+
+- pmlmd (and ``pmlmctl run``) make themselves a *child subreaper* (PR_SET_CHILD_SUBREAPER,
+  prctl(2)): a descendant whose parent exits is re-parented to pmlmd instead of init, so an
+  escaped process is still pmlmd's to find, signal and reap;
+- /proc/PID/task/TID/children (proc(5)) lists a process's children, so a worker's tree is
+  walked from its leader without reading every /proc/PID/stat of the node.
+
+A process re-parented to pmlmd has lost its link to the worker's tree; it is attributed to
+its worker by the identity pmlmd put in every worker's environment (PMLM_BATCH_ID,
+PMLM_TASK_INDEX, PMLM_ATTEMPT), which a process inherits whatever group or session it moved
+to. Every escaped process is held by a pidfd, so a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .sampler import ProcReader
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants; False where the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def worker_id_of(environ: dict[bytes, bytes]) -> str | None:
+    """The worker id ("BATCH.TASK.ATTEMPT") a process inherited from its worker, if any."""
+    try:
+        parts = [environ[k].decode("ascii") for k in (b"PMLM_BATCH_ID", b"PMLM_TASK_INDEX", b"PMLM_ATTEMPT")]
+    except (KeyError, UnicodeDecodeError):
+        return None
+    return ".".join(parts)
+
+
+def descendants(proc: ProcReader, pid: int, limit: int = 100_000) -> list[int]:
+    """Every descendant of ``pid`` (not ``pid`` itself), parents before their children.
+
+    ``limit`` bounds the walk so that a fork bomb inside a worker cannot stall pmlmd.
+    """
+    found: list[int] = []
+    frontier = [pid]
+    while frontier and len(found) < limit:
+        nxt = []
+        for parent in frontier:
+            kids = proc.children(parent)
+            found += kids
+            nxt += kids
+        frontier = nxt
+    return found[:limit]
+
+
+def open_pidfd(pid: int, start_ticks: int, proc: ProcReader) -> int | None:
+    """A pidfd for the process, only if it is still the one that started at ``start_ticks``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    stat = proc.pid_stat(pid)
+    # Checked after the pidfd is open: from then on the pidfd refers to this very process.
+    if stat is None or stat.start_ticks != start_ticks:
+        os.close(fd)
+        return None
+    return fd
