@@ -18,8 +18,10 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any, Callable
 
+from .bounds import BOUNDS, Bound
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .units import parse_size
 
@@ -55,6 +57,12 @@ class Config:
     agent_socket: str = "/run/pmlmd/agent.sock"  # the cooperative-stop channel (agent mode)
     stranded: str = "continue"
     scope_backend: str = "auto"
+    # Kernel-enforced backstops on pmlm.slice (all batches) and each batch's scope (see scopes.CgroupLimits):
+    # "infinity", a number (tasks, or bytes), or a percentage of the node's maximum tasks or its memory.
+    slice_tasks_max: int | str = "50%"
+    slice_memory_max: int | str = "90%"
+    scope_tasks_max: int | str = "25%"
+    scope_memory_max: int | str = "infinity"
     # [limits]
     cpu_limit: float = 90.0
     cpu_margin: float = 10.0
@@ -86,6 +94,8 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        if len(value) > 60:  # the reason must stay one readable line
+            return json.dumps(value[:60], ensure_ascii=False)[:-1] + f'..." ({len(value)} characters)'
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
         return "a table"
@@ -104,19 +114,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _number(low: float, high: float) -> Callable[[Any], float]:
+# Ranges come from bounds.BOUNDS, shared with the control protocol and pmlmctl's options.
+
+
+def _number(name: str) -> Callable[[Any], float]:
+    bound = BOUNDS[name]
+
     def parse(value: Any) -> float:
-        # Written as "not inside" so that nan, which compares false with everything, is refused.
-        if not _is_number(value) or not low <= value <= high:
-            raise ValueError(f"expected a number from {low:g} to {high:g}, got {_show(value)}")
+        if not bound.admits(value):  # bools, nan and infinities included
+            raise ValueError(f"expected a number {bound.span()}, got {_show(value)}")
         return float(value)
     return parse
 
 
-def _whole(low: int, high: int) -> Callable[[Any], int]:
+def _whole(name: str) -> Callable[[Any], int]:
+    bound = BOUNDS[name]
+
     def parse(value: Any) -> int:
-        if not _is_number(value) or isinstance(value, float) or not low <= value <= high:
-            raise ValueError(f"expected a whole number from {low} to {high}, got {_show(value)}")
+        if not bound.admits(value):
+            raise ValueError(f"expected a whole number {bound.span()}, got {_show(value)}")
         return value
     return parse
 
@@ -170,41 +186,87 @@ def _group(value: Any) -> str:
     return value
 
 
-def _size(value: Any) -> int:
-    try:
-        if _is_number(value) and not isinstance(value, float) and value >= 0:
-            return value
-        if isinstance(value, str):
-            return parse_size(value)
-    except ValueError:
-        pass
-    raise ValueError(f'expected a size: bytes or a number with K, M, G or T like "200M", got {_show(value)}')
+def _size(name: str) -> Callable[[Any], int]:
+    bound = BOUNDS[name]
+
+    def parse(value: Any) -> int:
+        try:
+            size = parse_size(value) if isinstance(value, str) else value
+        except ValueError:
+            size = None
+        if not bound.admits(size):
+            raise ValueError(f'expected a size {bound.span()}: bytes or a number with K, M, G or T like "200M", '
+                             f'got {_show(value)}')
+        return size
+    return parse
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, bound: Bound = BOUNDS["prune_after"]) -> float:
     """Seconds from a number of seconds or a string with a unit: "30s", "15m", "12h", "7d"."""
+    seconds: Any = math.nan
     if _is_number(value):
-        seconds = float(value)
+        seconds = value
     elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value)):
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    else:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise ValueError(f'expected a positive duration: seconds or a number with s, m, h or d like "12h" or '
-                         f'"7d", got {_show(value)}')
-    return seconds
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]  # a long digit string gives inf: out of range
+    if not bound.admits(seconds):
+        raise ValueError(f'expected a positive duration {bound.span()}: seconds or a number with s, m, h or d '
+                         f'like "12h" or "7d", got {_show(value)}')
+    return float(seconds)
 
 
 def _max_workers(value: Any) -> int | None:
     if value == "auto":
         return None
-    if not _is_number(value) or isinstance(value, float) or not 1 <= value <= 100000:
-        raise ValueError(f'expected "auto" or a whole number from 1 to 100000, got {_show(value)}')
+    bound = BOUNDS["max_workers"]
+    if not bound.admits(value):
+        raise ValueError(f'expected "auto" or a whole number {bound.span()}, got {_show(value)}')
     return value
+
+
+# TasksMax: the kernel's largest pid_max on 64-bit machines; more tasks than that cannot exist.
+MAX_TASKS_MAX = 4 * 1024 * 1024
+# MemoryMax: below 1M not even a shell starts, so a smaller value is a typo (a missing unit).
+MIN_MEMORY_MAX = 1 << 20
+MAX_MEMORY_MAX = 1 << 60
+_PERCENT_RE = re.compile(r"\s*(\d{1,3}(?:\.\d{1,2})?)\s*%\s*")
+
+
+def _percent(value: Any) -> str | None:
+    """A percentage above 0 and up to 100, with at most two decimals as systemd takes it: "25%", "12.5%"."""
+    match = _PERCENT_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not 0 < Decimal(match[1]) <= 100:
+        return None
+    return f"{Decimal(match[1]).normalize():f}%"
+
+
+def _tasks_max(value: Any) -> int | str:
+    if value == "infinity":
+        return value
+    if (percent := _percent(value)) is not None:
+        return percent
+    if _is_number(value) and not isinstance(value, float) and 1 <= value <= MAX_TASKS_MAX:
+        return value
+    raise ValueError(f'expected a number of tasks from 1 to {MAX_TASKS_MAX}, a percentage of the node\'s maximum '
+                     f'like "25%", or "infinity", got {_show(value)}')
+
+
+def _memory_max(value: Any) -> int | str:
+    if value == "infinity":
+        return value
+    if (percent := _percent(value)) is not None:
+        return percent
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except ValueError:
+        size = None
+    if _is_number(size) and not isinstance(size, float) and MIN_MEMORY_MAX <= size <= MAX_MEMORY_MAX:
+        return size
+    raise ValueError(f'expected a size from 1M (bytes or a number with K, M, G or T like "4G"), a percentage of '
+                     f'the node\'s memory like "90%", or "infinity", got {_show(value)}')
 
 
 # --- the file's layout ---
@@ -230,18 +292,22 @@ _OPTIONS: dict[str, _Option] = {
     "agent_socket": _Option("daemon", _socket_path),
     "stranded": _Option("daemon", _choice(STRANDED_POLICIES)),
     "scope_backend": _Option("daemon", _choice(SCOPE_BACKENDS)),
-    "cpu_limit": _Option("limits", _number(1, 100)),
-    "cpu_margin": _Option("limits", _number(0, 99)),
-    "memfree_limit": _Option("limits", _number(0, 99)),
+    "slice_tasks_max": _Option("daemon", _tasks_max),
+    "slice_memory_max": _Option("daemon", _memory_max),
+    "scope_tasks_max": _Option("daemon", _tasks_max),
+    "scope_memory_max": _Option("daemon", _memory_max),
+    "cpu_limit": _Option("limits", _number("cpu_limit")),
+    "cpu_margin": _Option("limits", _number("cpu_margin")),
+    "memfree_limit": _Option("limits", _number("memfree_limit")),
     "memory_metric": _Option("limits", _choice(MEMORY_METRICS)),
-    "memory_gap": _Option("limits", _size),
-    "min_free": _Option("limits", _size),
+    "memory_gap": _Option("limits", _size("memory_gap")),
+    "min_free": _Option("limits", _size("min_free")),
     "victim": _Option("limits", _choice(VICTIM_POLICIES)),
-    "interval": _Option("limits", _number(0.01, 60)),
+    "interval": _Option("limits", _number("interval")),
     "max_workers": _Option("limits", _max_workers),
-    "retries": _Option("batches", _whole(0, 1000)),
-    "retry_failed": _Option("batches", _whole(0, 1000)),
-    "term_grace": _Option("batches", _number(0, 3600)),
+    "retries": _Option("batches", _whole("retries")),
+    "retry_failed": _Option("batches", _whole("retry_failed")),
+    "term_grace": _Option("batches", _number("term_grace")),
 }
 TABLES = ("daemon", "limits", "batches")
 

@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import sys
@@ -21,9 +22,10 @@ import time
 
 import zmq
 
-from . import __version__, procctl, protocol, scopes
+from . import __version__, procctl, protocol, scopes, workdir
 from .agentchannel import AgentChannels
-from .batch import CAUSE_DAEMON_RESTART, FINISHED, Batch, BatchSpec
+from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch, BatchSpec,
+                    iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import BatchRun, Engine, Loop
 from .peerlimit import PeerLimit
@@ -34,6 +36,7 @@ from .systemd import Notifier, setup_logging
 log = logging.getLogger("pmlmd.daemon")
 
 HOUSEKEEPING = 1.0  # seconds between STATUS= updates and prune checks
+GROUPS_TTL = 1.0  # seconds a user's groups, once read from the group database, are used before it is read again
 # Connections one user (not root) may hold to the control socket: each pmlmctl holds one while it
 # runs, `events --follow` and `submit --wait` for as long as they follow.
 CONNECTIONS_PER_USER = 64
@@ -54,6 +57,10 @@ class DaemonError(Exception):
 
 class Denied(Exception):
     pass
+
+
+class Unrestorable(Exception):
+    """A stored batch that cannot be run again; the message says why, for its report and the log."""
 
 
 def inherited_socket_fd() -> int | None:
@@ -134,23 +141,45 @@ def user_groups(uid: int, gid: int) -> list[int]:
         return [gid]
 
 
+def current_credentials(submitted: procctl.Credentials) -> procctl.Credentials:
+    """A batch owner's credentials as the passwd and group databases give them now.
+
+    Workers get the groups their user has when they start, not those of submit time: a
+    group taken from the user is not handed to their later workers. The gid stays the
+    one of submit (the client's, perhaps from newgrp or sg) while the user still has that
+    group, else it is the passwd entry's. A uid with no passwd entry cannot be looked up
+    by name: what was stored at submit is all there is.
+    """
+    try:
+        entry = pwd.getpwuid(submitted.uid)
+    except KeyError:
+        return submitted
+    groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    gid = submitted.gid if submitted.gid in groups else entry.pw_gid
+    return procctl.Credentials(submitted.uid, gid, tuple(sorted(groups)))
+
+
 class Daemon:
     def __init__(self, config_path: str | None, overrides: dict):
         self.config_path = config_path
         self.overrides = overrides
         self.config = load_config(config_path, overrides)
-        setup_logging(self.config.log_target, self.config.log_level)
+        self.log_backend = setup_logging(self.config.log_target, self.config.log_level)
+        self.fd_limits = raise_fd_limit()
         self.notifier = Notifier()
         self.group_gid = self._group_gid(self.config.group)
         self.store = Store(self.config.state_dir)
         self.cpus = os.cpu_count() or 1
         self.loop = Loop()
         try:
-            self.scopes = scopes.choose(self.config.scope_backend)
+            self.scopes = scopes.choose(self.config.scope_backend, scopes.CgroupLimits.of(self.config))
         except OSError as e:
             raise DaemonError(f"{e}; set scope_backend = \"auto\" or \"none\" in pmlmd.toml") from e
+        # Workers get the descriptor limit pmlmd was started with, not the one it raised for itself.
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
-                             on_event=self._on_event, scopes=self.scopes)
+                             on_event=self._on_event, scopes=self.scopes,
+                             worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True)
+        self.outputs: dict[str, object] = {}  # batch id -> the journal stream its workers write to
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -164,6 +193,9 @@ class Daemon:
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
+        # batch id -> (its owner as submitted, whether root submitted it for them with --user)
+        self.owners: dict[str, tuple[procctl.Credentials, bool]] = {}
+        self.identities: dict[procctl.Credentials, tuple[float, procctl.Credentials]] = {}  # cache: until when
         self.stopping = False
         self.started = time.monotonic()
         self.next_housekeeping = 0.0
@@ -190,6 +222,7 @@ class Daemon:
             while not self.stopping:
                 deadline = min(self.engine.next_deadline(), self.next_housekeeping)
                 self.loop.poll(deadline - time.monotonic())
+                self._refresh_owners()  # workers start only in tick(), with what this finds
                 self.engine.tick()
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
@@ -257,10 +290,55 @@ class Daemon:
         return (f"{len(self.engine.runs)} batches, {self.engine.count(RUNNING)} running, "
                 f"{self.engine.count(PAUSED) + self.engine.count(HELD)} paused{node}")
 
+    # --- owners ------------------------------------------------------------------------------
+    def _refresh_owners(self) -> None:
+        """Before workers start: each batch with queued tasks gets its owner's current groups.
+
+        A user's entry is read at most every GROUPS_TTL seconds, so a batch of tiny tasks
+        does not read the group database per worker; a change reaches the first worker
+        started after that. A batch whose owner has left the daemon's group admits no more:
+        its queued tasks are cancelled, its running workers go on. A batch root submitted
+        for a user (--user) is root's decision and needs no membership.
+        """
+        now = time.monotonic()
+        if len(self.identities) > 4096:
+            self.identities.clear()  # each entry lives a second; this only bounds a burst of users
+        for run in list(self.engine.runs.values()):
+            if not run.batch.queue or run.id not in self.owners:
+                continue
+            submitted, vouched = self.owners[run.id]
+            cached = self.identities.get(submitted)
+            if cached is None or now >= cached[0]:
+                cached = (now + GROUPS_TTL, current_credentials(submitted))
+                self.identities[submitted] = cached
+            run.owner = owner = cached[1]
+            if vouched or owner.uid == 0 or (self.group_gid is not None
+                                             and self.group_gid in owner.groups + (owner.gid,)):
+                continue
+            try:
+                name = pwd.getpwuid(owner.uid).pw_name
+            except KeyError:
+                name = f"uid {owner.uid}"
+            reason = f"owner {name} is no longer a member of group {self.config.group}"
+            queued = list(run.batch.queue)
+            log.warning("batch %s: %s: its %d queued tasks are cancelled, its running workers go on", run.id,
+                        reason, len(queued), extra={"BATCH_ID": run.id})
+            # Not stored as the batch's cancel reason: a restart would take that for a user's cancel
+            # and end the running workers. The next pmlmd finds the owner's groups for itself.
+            self.engine.cancel(run, reason, running=False)
+            self.store.tasks_changed(run.id, queued)
+
     # --- restart -----------------------------------------------------------------------------
     def _restore(self) -> None:
-        stored_batches = self.store.active_batches()
-        active = {stored.id for stored in stored_batches}
+        # Every batch is rebuilt (and held to today's rules) before anything is adopted: a batch
+        # whose record cannot be used is marked failed, not left to fail the daemon at each start.
+        restored = []
+        for stored in self.store.active_batches():
+            try:
+                restored.append((stored, self._run_from(stored)))
+            except Exception as e:  # whatever the record holds, it costs its own batch only
+                self._unrestorable(stored, e)
+        active = {stored.id for stored, _ in restored}
         for batch_id in self.scopes.scopes():
             self.scopes.thaw(batch_id)  # frozen by an earlier pmlmd: held batches are frozen again below
             if batch_id not in active:
@@ -270,36 +348,96 @@ class Daemon:
                     log.warning("ending %d processes left in the scope of batch %s, which is not active",
                                 len(pids), batch_id)
                     signal_pids(pids, (signal.SIGTERM, signal.SIGCONT))
-        for stored in stored_batches:
-            run = self._run_from(stored)
-            for task, attempt, start_ticks in stored.open_attempts:
-                child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
-                if child is None:
-                    attempt.reason = "its worker was gone when pmlmd restarted"
-                    run.batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
-                    self.store.attempt_ended(run.id, task, attempt)
-                    continue
-                if self.config.stranded == "terminate":
-                    procctl.signal_group(child.pid, signal.SIGTERM)
-                procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
-                self.engine.adopt(run, task, attempt, child, RUNNING)
-            self.engine.add(run)
-            if stored.held:
-                self.engine.hold(run)
-            if stored.cancel_reason:
-                self.engine.cancel(run, stored.cancel_reason)
-            log.info("batch %s restored: %d tasks queued, %d workers adopted", run.id, len(run.batch.queue),
-                     len(self.engine.workers_of(run)))
+        for stored, run in restored:
+            try:
+                self._resume(stored, run)
+            except Exception as e:  # a value the checks let through: still this batch's problem only
+                self._withdraw(run)
+                self._unrestorable(stored, e)
+
+    def _unrestorable(self, stored: StoredBatch, error: Exception) -> None:
+        """Mark a batch that cannot be restored failed, with the reason, and end its workers.
+
+        Its workers would run with nobody governing them, so they are ended like the processes left in
+        the scope of a batch that is not active: SIGTERM (and SIGCONT, should they stand stopped).
+        """
+        if isinstance(error, Unrestorable):
+            reason = str(error)
+            log.error("batch %s cannot be restored and is marked failed: %s", stored.id, reason,
+                      extra={"BATCH_ID": stored.id})
+        else:
+            reason = f"restoring it failed ({type(error).__name__}: {error})"[:500]
+            log.exception("batch %s cannot be restored and is marked failed: %s", stored.id, reason,
+                          extra={"BATCH_ID": stored.id})
+        self.asked.pop(stored.id, None)
+        self.owners.pop(stored.id, None)
+        ended = 0
+        for pid, start_ticks in self.store.recorded_workers(stored.rowid):
+            try:
+                child = procctl.adopt(pid, start_ticks)
+            except OSError:
+                child = None
+            if child is not None:
+                procctl.signal_group(child.pid, signal.SIGTERM)
+                procctl.signal_group(child.pid, signal.SIGCONT)
+                os.close(child.pidfd)
+                ended += 1
+        if ended:
+            log.warning("batch %s: ended %d of its workers, which nobody could govern", stored.id, ended,
+                        extra={"BATCH_ID": stored.id})
+        statuses = self.store.task_statuses(stored.rowid)
+        self.store.fail_batch(stored.rowid, time.time(), unrestorable_report(stored.id, reason, statuses))
+
+    def _withdraw(self, run: BatchRun) -> None:
+        """Take a batch that failed half-way through ``_resume`` back out of the engine."""
+        if run.frozen:
+            self.scopes.thaw(run.id)
+        for w in self.engine.workers_of(run):
+            self.loop.unwatch(w.child.pidfd)
+            os.close(w.child.pidfd)
+            del self.engine.workers[w.child.pid]
+        self.engine.runs.pop(run.id, None)
+
+    def _resume(self, stored: StoredBatch, run: BatchRun) -> None:
+        """Adopt a restored batch's workers that still run and hand the batch to the engine."""
+        for task, attempt, start_ticks in stored.open_attempts:
+            child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
+            if child is None:
+                attempt.reason = "its worker was gone when pmlmd restarted"
+                run.batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
+                self.store.attempt_ended(run.id, task, attempt)
+                continue
+            if self.config.stranded == "terminate":
+                procctl.signal_group(child.pid, signal.SIGTERM)
+            procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
+            self.engine.adopt(run, task, attempt, child, RUNNING)
+        self._add(run)
+        if stored.held:
+            self.engine.hold(run)
+        if stored.cancel_reason:
+            self.engine.cancel(run, stored.cancel_reason)
+        log.info("batch %s restored: %d tasks queued, %d workers adopted", run.id, len(run.batch.queue),
+                 len(self.engine.workers_of(run)))
+        # Its last task may have ended just before the previous pmlmd stopped, before the batch was
+        # marked finished: with nothing queued and no worker, nothing else would ever finish it.
+        self.engine._finish_if_done(run)
 
     def _run_from(self, stored: StoredBatch) -> BatchRun:
-        args = stored.submission
+        """The batch of a stored record, held to the rules a submit is held to today; raises Unrestorable."""
+        if stored.problem is not None:
+            raise Unrestorable(stored.problem)
+        try:
+            args = protocol.check_args("submit", stored.submission)
+        except protocol.ProtocolError as e:
+            raise Unrestorable(f"its submission breaks today's rules: {e.message}") from None
         spec = self._spec(stored.id, args, [t.line for t in stored.tasks])
         batch = Batch(spec, stored.created, tasks=stored.tasks)
         batch.cancel_reason = stored.cancel_reason
         self.asked[stored.id] = self._asked(args)
+        submitted = procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups))
+        self.owners[stored.id] = (submitted, args.get("user") is not None)
         return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
-                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
-                        owner=procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups)),
+                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=submitted,
                         description=self._description(stored.id, stored.name, stored.owner_uid))
 
     @staticmethod
@@ -325,6 +463,28 @@ class Daemon:
                          pause_mode=args.get("pause_mode") or "signal",
                          agent_timeout=args.get("agent_timeout") or 5.0)
 
+    def _add(self, run: BatchRun) -> None:
+        run.output_fd = self._output_for(run)
+        self.engine.add(run)
+
+    def _output_for(self, run: BatchRun) -> int | None:
+        """A journal stream of the batch's own for its workers' stdout and stderr (None: pmlmd's stdout).
+
+        Under journald, what workers print must not pass for pmlmd's log: their lines carry
+        SYSLOG_IDENTIFIER=pmlm-batch-ID, pmlmd's own carry pmlmd and its structured fields.
+        """
+        if self.log_backend != "journal":
+            return None
+        try:
+            from systemd import journal
+
+            stream = journal.stream(f"pmlm-batch-{run.id}", priority=journal.LOG_INFO)
+        except (ImportError, OSError) as e:
+            log.warning("batch %s: no journal stream for its output (%s): workers write to pmlmd's stdout", run.id, e)
+            return None
+        self.outputs[run.id] = stream
+        return stream.fileno()
+
     # --- events ------------------------------------------------------------------------------
     def _on_event(self, event: dict) -> None:
         kind = event["event"]
@@ -341,6 +501,10 @@ class Daemon:
             self.store.tasks_changed(run.id, run.batch.tasks)
             self.store.finish(run.id, run.batch.finished, run.batch.report())
             self.asked.pop(run.id, None)
+            self.owners.pop(run.id, None)
+            output = self.outputs.pop(run.id, None)
+            if output is not None:
+                output.close()
             log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
@@ -416,6 +580,12 @@ class Daemon:
             uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
         if os.geteuid() != 0 and uid != os.geteuid():
             raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
+        # Every spawn enters the directory as the user again (it may change meanwhile); checked
+        # here too, so that a directory the user cannot enter is refused at once, not task by task.
+        try:
+            workdir.check(args["cwd"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
+        except workdir.DirectoryError as e:
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: {e}") from None
         seq = self.store.next_seq()
         batch_id = str(seq)
         lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
@@ -425,11 +595,12 @@ class Daemon:
         self.store.add_batch(batch_id, seq, args["name"], (uid, gid, groups), args["priority"], args, now,
                              batch.tasks)
         self.asked[batch_id] = self._asked(args)
+        self.owners[batch_id] = (procctl.Credentials(uid, gid, tuple(groups)), args["user"] is not None)
         run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
                        owner=procctl.Credentials(uid, gid, tuple(groups)),
                        description=self._description(batch_id, args["name"], uid))
-        self.engine.add(run)
+        self._add(run)
         log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
                  extra={"BATCH_ID": batch_id})
         return protocol.encode_reply({"batch": batch_id, "name": args["name"]}, request.request_id)
@@ -522,6 +693,42 @@ class Daemon:
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open
         return protocol.encode_reply({"events": "end"}, request.request_id)
+
+
+def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict:
+    """The execution report of a batch marked failed because its stored record could not be used.
+
+    It has the keys of every report; what the record could not tell is null. Tasks that had not
+    finished count as failed.
+    """
+    now = time.time()
+    counts = {"tasks": len(statuses), "succeeded": statuses.count(SUCCEEDED), "given_up": statuses.count(GIVEN_UP),
+              "cancelled": statuses.count(CANCELLED), "terminated": 0, "requeued": 0}
+    counts["failed"] = counts["tasks"] - counts["succeeded"] - counts["given_up"] - counts["cancelled"]
+    message = f"not restored when pmlmd started: {reason}"
+    return {"report_version": REPORT_VERSION, "batch_id": batch_id, "task_id": batch_id, "command": None,
+            "shell": None, "started": None, "finished": iso(now), "duration_s": None, "error_exist": True,
+            "error_message": message, "critical_error": False,
+            "execution_message": f"batch {batch_id}: {counts['tasks']} tasks, {counts['succeeded']} succeeded, "
+                                 f"marked failed: {message}",
+            "exit_status": 1, "limits": None, "counts": counts, "lowest_free_memory_bytes": None,
+            "lowest_free_memory_pct": None, "highest_cpu_pct": None, "cpu_pct": None, "free_memory_pct": None,
+            "tasks": []}
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise pmlmd's soft RLIMIT_NOFILE to its hard limit; return the limits it was started with.
+
+    pmlmd holds a descriptor per worker (pidfd) and per client connection; running out of
+    them would fail spawns and, inside libzmq, abort the process (see peerlimit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, e)
+    return soft, hard
 
 
 def signal_pids(pids, signals) -> None:

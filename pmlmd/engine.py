@@ -10,9 +10,11 @@ as plain event dicts through ``on_event``; it writes no files and owns no socket
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
+import resource
 import shlex
 import signal
 import time
@@ -21,20 +23,31 @@ from typing import Callable
 
 import zmq
 
-from . import procctl
-from .batch import (CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
-                    Attempt, Batch, Task)
+from . import lineage, procctl
+from .batch import (QUEUED, CAUSE_CANCELLED, CAUSE_CWD, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY,
+                    CAUSE_SPAWN_FAILED, Attempt, Batch, Task)
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .sampler import CLOCK_TICKS, NodeSampler, ProcReader, group_usage
 from .scopes import GATE, NoScopes
 from .systemd import decision_fields
+from .workdir import DirectoryError
 
 log = logging.getLogger("pmlmd.engine")
 
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
+STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
+# Admission keeps descriptors in hand: a worker holds one (its pidfd) for its life and a spawn
+# needs a few more for a moment (pipes); clients, the store and the log need the reserve.
+FDS_PER_WORKER = 1
+FD_RESERVE = 24
+# A spawn that failed for want of fds, processes or memory is retried after this many seconds.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+RESOURCE_BACKOFF = 0.2
+RESOURCE_LOG_EVERY = 10.0
+CAUSE_RESOURCE = "resource"  # in "deferred" events: a task that could not start yet, and waits
 SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
 # An acknowledged agent pause is checked from this many seconds after the ack on: a worker that
 # still uses more than AGENT_PAUSE_MAX_CPU percent of one CPU or grows by more than
@@ -114,6 +127,9 @@ class BatchRun:
     held: bool = False  # paused by a user
     frozen: bool = False  # held through its scope's cgroup freezer rather than signals
     description: str = ""  # for its scope: which batch, whose
+    umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
+    rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
+    output_fd: int | None = None  # its workers' stdout and stderr; None: the engine's stdout_fd
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
 
@@ -145,6 +161,7 @@ class Worker:
     signal_stopped: bool = False  # SIGSTOP sent (a pause in signal mode, or an agent pause nobody acknowledged)
     verify_pause_from: float | None = None  # monotonic: an acknowledged agent pause must show from then on
     noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
+    escaped: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of its processes outside its group
 
     @property
     def worker_id(self) -> str:
@@ -175,7 +192,11 @@ def worker_argv(run: BatchRun, line: str | None) -> list[str]:
 
 class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
-                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None):
+                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None,
+                 worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False):
+        """``worker_rlimits`` (resource.RLIMIT_* -> (soft, hard)) are set on every worker before its
+        command runs, under what its batch sets (BatchRun.rlimits). With ``subreaper`` the calling
+        process becomes its workers' descendants' reaper (pmlmctl run, pmlmd; not a test)."""
         self.limits = limits
         self.scopes = scopes or NoScopes()
         self.agent = None  # AgentChannels, for batches in agent mode
@@ -183,11 +204,17 @@ class Engine:
         self.proc = proc or ProcReader()
         self.node = NodeSampler(self.proc)
         self.stdout_fd = stdout_fd
+        self.worker_rlimits = worker_rlimits or {}
         self.critical_finish = critical_finish  # False in the daemon: wait out a floor breach instead
         self.on_event = on_event or (lambda event: None)
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
         self.stragglers: dict[int, float] = {}  # pgid -> when to SIGKILL what is left of the group
+        self.strays: dict[int, Stray] = {}  # pid -> a process that left its ended worker's group
+        self.spawn_blocked_until = 0.0  # monotonic: no spawn before, after one failed for want of a resource
+        self.resource_log_at = 0.0  # monotonic: when a shortage may be logged again
+        # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
+        self.subreaper = subreaper and lineage.become_subreaper()
         self.last_sample: NodeSample | None = None
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
@@ -205,12 +232,16 @@ class Engine:
         return run
 
     def busy(self) -> bool:
-        return bool(self.runs or self.workers or self.stragglers)
+        return bool(self.runs or self.workers or self.stragglers or self.strays)
 
-    def cancel(self, run: BatchRun, reason: str) -> None:
+    def cancel(self, run: BatchRun, reason: str, *, running: bool = True) -> None:
+        """Start no more of the batch's tasks; with ``running`` also terminate its workers."""
         if run.batch.cancel_reason is None:
             run.batch.cancel_reason = reason
         run.batch.cancel_queued()
+        if not running:
+            self._finish_if_done(run)
+            return
         if run.held:
             self.release(run)  # a frozen or paused worker could act on no request to stop
         for w in self.workers_of(run):
@@ -223,6 +254,8 @@ class Engine:
             self._kill(w, CAUSE_CANCELLED, reason)
         for pgid in self.stragglers:
             procctl.signal_group(pgid, signal.SIGKILL)
+        for stray in self.strays.values():
+            _pidfd_signal(stray.pidfd, signal.SIGKILL)
 
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until released."""
@@ -235,7 +268,7 @@ class Engine:
                 if cooperative:
                     self._pause(w)
                 elif not run.frozen:
-                    procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                    self._signal(w, signal.SIGSTOP)
                     w.signal_stopped = True
                 w.state = HELD
         self.on_event({"event": "held", "batch": run.id})
@@ -248,7 +281,7 @@ class Engine:
         for w in self.workers_of(run):
             if w.state == HELD:
                 self.continue_worker(w)
-                procctl.signal_group(w.child.pid, signal.SIGCONT)  # also what a governor pause left stopped
+                self._signal(w, signal.SIGCONT)  # also what a governor pause left stopped
                 w.state = RUNNING
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
@@ -267,6 +300,8 @@ class Engine:
             deadline = min(deadline, self.agent.next_deadline())
         if self.stragglers:
             deadline = min(deadline, time.monotonic() + STRAGGLER_POLL)
+        for stray in self.strays.values():
+            deadline = min(deadline, stray.kill_at)
         return deadline
 
     def tick(self) -> None:
@@ -353,6 +388,10 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
+        if self.subreaper:
+            self._adopt_orphans()
+            for w in self.workers.values():
+                self._find_escaped(w)
         usage = group_usage(self.proc.all_pid_stats(), set(self.workers))
         for pgid, w in self.workers.items():
             u = usage.get(pgid)
@@ -387,7 +426,7 @@ class Engine:
                     extra=decision_fields(batch_id=w.run.id, task_index=w.task.index, worker_pid=w.child.pid,
                                           decision=PAUSE, rule="agent-noncompliant", reason="kept working while "
                                           "paused through the agent channel"))
-        procctl.signal_group(w.child.pid, signal.SIGSTOP)
+        self._signal(w, signal.SIGSTOP)
         w.signal_stopped, w.noncompliant, w.verify_pause_from = True, True, None
         self.on_event({"event": "noncompliant", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid,
                        "cpu_pct": round(one_cpu, 1)})
@@ -397,8 +436,8 @@ class Engine:
         if d.action == SPAWN:
             run = self.runs.get(d.batch)
             if run is not None:
-                for _ in range(d.count):
-                    if not run.batch.queue:
+                for _ in range(min(d.count, self._spawn_room())):
+                    if not run.batch.queue or time.monotonic() < self.spawn_blocked_until:
                         break
                     self._spawn(run, run.batch.next_task())
             self._record(d, sample, None, run)
@@ -429,6 +468,91 @@ class Engine:
             self._kill(w, CAUSE_GOVERNOR_MEMORY, d.reason)
         self._record(d, sample, w, w.run)
 
+    # --- processes that left their worker's process group ----------------------------------------
+    def _signal(self, w: Worker, sig: int) -> None:
+        """Signal the worker: its process group and every process known to have left it."""
+        procctl.signal_group(w.child.pid, sig)
+        for pidfd in w.escaped.values():
+            _pidfd_signal(pidfd, sig)
+
+    def _find_escaped(self, w: Worker) -> None:
+        """Walk the worker's process tree for descendants outside its process group."""
+        for pid in lineage.descendants(self.proc, w.child.pid):
+            if pid in w.escaped:
+                continue
+            stat = self.proc.pid_stat(pid)
+            if stat is None or stat.pgrp == w.child.pid or stat.state == "Z":
+                continue
+            pidfd = lineage.open_pidfd(pid, stat.start_ticks, self.proc)
+            if pidfd is not None:
+                self._hold_escaped(w, pid, pidfd)
+
+    def _hold_escaped(self, w: Worker, pid: int, pidfd: int) -> None:
+        w.escaped[pid] = pidfd
+        self.loop.watch(pidfd, lambda: self._escaped_exited(w, pid))
+        log.info("worker %d (batch %s, task %d): process %d left its process group; it is paused, continued and "
+                 "ended with the worker", w.child.pid, w.run.id, w.task.index, pid)
+        if w.signal_stopped:
+            _pidfd_signal(pidfd, signal.SIGSTOP)  # it belongs to a stopped worker
+
+    def _escaped_exited(self, w: Worker, pid: int) -> None:
+        pidfd = w.escaped.pop(pid, None)
+        if pidfd is not None:
+            self.loop.unwatch(pidfd)
+            _reap_if_ours(pid)
+            os.close(pidfd)
+
+    def _adopt_orphans(self, exited: Worker | None = None) -> None:
+        """Take charge of the processes re-parented to pmlmd: each belongs to a worker (or a past one).
+
+        A process is attributed by the worker identity in its environment. One whose environment
+        cannot be read (it is in the middle of an execve) and that shows up as ``exited`` is
+        reaped belongs to that worker: its exit is what re-parented it.
+        """
+        if not self.subreaper:
+            return
+        known = set(self.workers) | set(self.strays)
+        for w in self.workers.values():
+            known.update(w.escaped)
+        by_id = None
+        for pid in self.proc.children(os.getpid()):
+            if pid in known:
+                continue
+            stat = self.proc.pid_stat(pid)
+            if stat is None:
+                continue
+            if stat.state == "Z":
+                _reap_if_ours(pid)  # an orphan that ended before anyone looked
+                continue
+            pidfd = lineage.open_pidfd(pid, stat.start_ticks, self.proc)
+            if pidfd is None:
+                continue
+            if by_id is None:
+                by_id = {w.worker_id: w for w in self.workers.values()}
+            identity = lineage.worker_id_of(self.proc.environ(pid))
+            owner = by_id.get(identity) if identity is not None else exited
+            if owner is not None and owner.child.pid in self.workers:
+                self._hold_escaped(owner, pid, pidfd)
+            else:
+                log.info("process %d, left behind by an ended worker, is ended too", pid)
+                self._add_stray(pid, pidfd, STRAY_GRACE)
+
+    def _add_stray(self, pid: int, pidfd: int, grace: float) -> None:
+        """End a process its worker left behind: SIGTERM now, SIGKILL after ``grace`` seconds."""
+        if pidfd in self.loop.callbacks:
+            self.loop.unwatch(pidfd)  # it was watched as an escaped process of a live worker
+        self.strays[pid] = Stray(pidfd=pidfd, kill_at=time.monotonic() + grace)
+        self.loop.watch(pidfd, lambda: self._stray_exited(pid))
+        _pidfd_signal(pidfd, signal.SIGTERM)
+        _pidfd_signal(pidfd, signal.SIGCONT)
+
+    def _stray_exited(self, pid: int) -> None:
+        stray = self.strays.pop(pid, None)
+        if stray is not None:
+            self.loop.unwatch(stray.pidfd)
+            _reap_if_ours(pid)
+            os.close(stray.pidfd)
+
     @staticmethod
     def _measure_afresh(w: Worker) -> None:
         # Its last reading covers the time it stood still.
@@ -442,7 +566,7 @@ class Engine:
             self.agent.request(w.worker_id, w.child.pid, "pause", w.run.batch.spec.agent_timeout, _uid(w), w)
             w.agent_paused = True
         else:
-            procctl.signal_group(w.child.pid, signal.SIGSTOP)
+            self._signal(w, signal.SIGSTOP)
             w.signal_stopped = True
 
     def continue_worker(self, w: Worker) -> None:
@@ -451,7 +575,7 @@ class Engine:
             w.agent_paused = False
             w.verify_pause_from = None
         if w.signal_stopped:
-            procctl.signal_group(w.child.pid, signal.SIGCONT)
+            self._signal(w, signal.SIGCONT)
             w.signal_stopped = False
         self._measure_afresh(w)
 
@@ -479,7 +603,7 @@ class Engine:
                 self._signal_terminate(w, now)
             elif req.command == "pause" and w.agent_paused:
                 log.info("worker %d did not acknowledge pause within %gs: SIGSTOP", w.child.pid, timeout)
-                procctl.signal_group(w.child.pid, signal.SIGSTOP)
+                self._signal(w, signal.SIGSTOP)
                 w.signal_stopped = True
 
     def _spawn(self, run: BatchRun, task: Task) -> None:
@@ -493,31 +617,77 @@ class Engine:
                                               run.owner.uid if run.owner is not None else None))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
+        rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         gate_r = gate_w = None
-        if self.scopes.gated:
-            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         try:
-            child = procctl.spawn(GATE + argv if gate_r is not None else argv, env, stdout_fd=self.stdout_fd,
-                                  stdin_fd=gate_r, cwd=run.cwd, credentials=credentials, proc=self.proc)
-        except OSError as e:
+            if self.scopes.gated or rlimits:
+                # The worker waits at the gate until it is in its scope and has its limits.
+                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+            child = procctl.spawn(gate(rlimits) + argv if gate_r is not None else argv, env,
+                                  stdout_fd=self.stdout_fd if run.output_fd is None else run.output_fd,
+                                  stderr_fd=run.output_fd, stdin_fd=gate_r, cwd=run.cwd, credentials=credentials,
+                                  umask=run.umask, proc=self.proc)
+        except (OSError, DirectoryError) as e:
             if gate_r is not None:
                 os.close(gate_r)
                 os.close(gate_w)
+            if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
+                self._defer(run, task, attempt_no, e)
+                return
             attempt = run.batch.start_attempt(task, None, time.time())
-            attempt.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
-            attempt.reason = f"cannot execute {argv[0]!r}: {e.strerror}"
-            run.batch.end_attempt(task, attempt, attempt.start, CAUSE_SPAWN_FAILED)
+            # Either fails the attempt like an exit status would: the task counts it against --retry-failed.
+            if isinstance(e, DirectoryError):
+                cause, attempt.exit_code, attempt.reason = CAUSE_CWD, 126, str(e)
+            else:
+                cause, attempt.exit_code = CAUSE_SPAWN_FAILED, 127 if isinstance(e, FileNotFoundError) else 126
+                attempt.reason = f"cannot execute {argv[0]!r}: {e.strerror}"
+            run.batch.end_attempt(task, attempt, attempt.start, cause)
             self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
-                           "cause": CAUSE_SPAWN_FAILED, "status": task.status, "reason": attempt.reason})
+                           "cause": cause, "status": task.status, "reason": attempt.reason})
             self._finish_if_done(run)
             return
         if gate_r is not None:
             os.close(gate_r)
-            self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
+            if self.scopes.gated:
+                self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
             os.write(gate_w, b"go\n")  # inside its scope now (or logged why not): let it run the command
             os.close(gate_w)
         attempt = run.batch.start_attempt(task, child.pid, time.time())
         self._watch(Worker(child=child, run=run, task=task, attempt=attempt))
+
+    def _spawn_room(self) -> int:
+        """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
+        if time.monotonic() < self.spawn_blocked_until:
+            return 0
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return 0  # not even a descriptor to look: no room
+        room = (soft - in_use - FD_RESERVE) // FDS_PER_WORKER
+        if room <= 0:
+            self._log_shortage(f"{in_use} of {soft} open files in use")
+        return max(room, 0)
+
+    def _defer(self, run: BatchRun, task: Task, attempt_no: int, error: OSError) -> None:
+        """A spawn failed for want of a resource pmlmd or the user needs (fds, processes, memory):
+        the task goes back to the front of its queue, with no attempt counted, and admission
+        waits a moment before it tries again."""
+        task.status = QUEUED
+        run.batch.queue.appendleft(task)
+        if self.agent is not None:
+            self.agent.worker_gone(f"{run.id}.{task.index}.{attempt_no}",
+                                   run.owner.uid if run.owner is not None else None)
+        self.spawn_blocked_until = time.monotonic() + RESOURCE_BACKOFF
+        self._log_shortage(f"cannot start a worker for task {task.index} of batch {run.id}: {error.strerror}")
+        self.on_event({"event": "deferred", "batch": run.id, "task": task.index, "cause": CAUSE_RESOURCE,
+                       "reason": error.strerror})
+
+    def _log_shortage(self, what: str) -> None:
+        now = time.monotonic()
+        if now >= self.resource_log_at:
+            log.warning("admitting no more workers for now: %s (tasks wait in their queue)", what)
+            self.resource_log_at = now + RESOURCE_LOG_EVERY
 
     def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child, state: str) -> None:
         """Watch a worker that a previous daemon started (it is not our child)."""
@@ -544,20 +714,20 @@ class Engine:
             self.agent.request(w.worker_id, w.child.pid, "terminate", w.run.batch.spec.agent_timeout, _uid(w), w)
             w.stop_path = "agent"
             if w.signal_stopped:
-                procctl.signal_group(w.child.pid, signal.SIGCONT)  # it must run to hear the request
+                self._signal(w, signal.SIGCONT)  # it must run to hear the request
                 w.signal_stopped = False
             return
         self._signal_terminate(w, time.monotonic())
 
     def _signal_terminate(self, w: Worker, now: float) -> None:
-        procctl.signal_group(w.child.pid, signal.SIGTERM)
+        self._signal(w, signal.SIGTERM)
         # A stopped process cannot act on SIGTERM; it may be paused by us or stopped by anyone.
-        procctl.signal_group(w.child.pid, signal.SIGCONT)
+        self._signal(w, signal.SIGCONT)
         w.kill_at, w.escalate_at, w.stop_path = now + w.run.batch.spec.term_grace, None, "sigterm"
 
     def _kill(self, w: Worker, cause: str, reason: str | None) -> None:
-        procctl.signal_group(w.child.pid, signal.SIGKILL)
-        procctl.signal_group(w.child.pid, signal.SIGCONT)
+        self._signal(w, signal.SIGKILL)
+        self._signal(w, signal.SIGCONT)
         w.state, w.kill_at, w.escalate_at, w.stop_path = KILLED, None, None, "sigkill"
         if w.end_cause is None:
             w.end_cause, w.attempt.reason = cause, reason
@@ -582,6 +752,10 @@ class Engine:
             elif now >= deadline:
                 procctl.signal_group(pgid, signal.SIGKILL)
                 self.stragglers[pgid] = float("inf")
+        for stray in self.strays.values():
+            if now >= stray.kill_at:
+                _pidfd_signal(stray.pidfd, signal.SIGKILL)
+                stray.kill_at = float("inf")
 
     def _reap(self, w: Worker) -> None:
         ended = procctl.reap(w.child)
@@ -589,6 +763,8 @@ class Engine:
             return
         self.loop.unwatch(w.child.pidfd)
         os.close(w.child.pidfd)
+        # Its children were re-parented to pmlmd when it exited: attribute them while it is still known.
+        self._adopt_orphans(exited=w)
         del self.workers[w.child.pid]
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
@@ -604,6 +780,9 @@ class Engine:
         run.finished_cpu[1] += 1
         if w.noncompliant:
             a.reason = "; ".join(filter(None, [NONCOMPLIANT_NOTE, a.reason]))
+        if w.escaped:
+            a.reason = "; ".join(filter(None, [a.reason, f"left {len(w.escaped)} processes outside its process "
+                                                         "group behind: ended with it"]))
         cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
@@ -616,6 +795,9 @@ class Engine:
             procctl.signal_group(w.child.pid, signal.SIGTERM)
             procctl.signal_group(w.child.pid, signal.SIGCONT)
             self.stragglers[w.child.pid] = time.monotonic() + run.batch.spec.term_grace
+        # And so does what left the group.
+        for pid, pidfd in w.escaped.items():
+            self._add_stray(pid, pidfd, run.batch.spec.term_grace)
         self.next_sample_at = 0.0  # a slot is free: decide again now
         self._finish_if_done(run)
 
@@ -634,8 +816,8 @@ class Engine:
     def abandon(self) -> None:
         """On the way out for any reason, leave nothing running and nothing stopped."""
         for w in list(self.workers.values()):
-            procctl.signal_group(w.child.pid, signal.SIGKILL)
-            procctl.signal_group(w.child.pid, signal.SIGCONT)
+            self._signal(w, signal.SIGKILL)
+            self._signal(w, signal.SIGCONT)
             if w.child.adopted:
                 continue
             os.waitpid(w.child.pid, 0)
@@ -646,6 +828,14 @@ class Engine:
             procctl.signal_group(pgid, signal.SIGKILL)
             procctl.signal_group(pgid, signal.SIGCONT)
         self.stragglers.clear()
+        self._adopt_orphans()
+        for pid in list(self.strays):
+            stray = self.strays.pop(pid)
+            _pidfd_signal(stray.pidfd, signal.SIGKILL)
+            _pidfd_signal(stray.pidfd, signal.SIGCONT)
+            self.loop.unwatch(stray.pidfd)
+            _reap_if_ours(pid)
+            os.close(stray.pidfd)
 
     # --- reporting -------------------------------------------------------------------------
     def count(self, state: str, run: BatchRun | None = None) -> int:
@@ -667,6 +857,53 @@ class Engine:
                        "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
                        "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
+
+
+@dataclass
+class Stray:
+    """A process that outlived the worker it left: being ended."""
+
+    pidfd: int
+    kill_at: float  # monotonic: SIGKILL if it is still there
+
+
+def _pidfd_signal(pidfd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass  # it has exited (not yet reaped)
+
+
+def _reap_if_ours(pid: int) -> None:
+    """Reap the process if it is pmlmd's child (re-parented to it) and has exited."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: its own parent reaps it
+
+
+# How dash's ulimit builtin names each limit and the unit it counts in (bytes per unit, or 1).
+ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512), resource.RLIMIT_DATA: ("d", 1024),
+                resource.RLIMIT_STACK: ("s", 1024), resource.RLIMIT_CORE: ("c", 512), resource.RLIMIT_RSS: ("m", 1024),
+                resource.RLIMIT_MEMLOCK: ("l", 1024), resource.RLIMIT_NPROC: ("p", 1), resource.RLIMIT_NOFILE: ("n", 1),
+                resource.RLIMIT_AS: ("v", 1024), resource.RLIMIT_RTPRIO: ("r", 1)}
+
+
+def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:
+    """The command a worker starts through: set its limits, wait for "go" on stdin, exec the command.
+
+    The limits are set by the worker itself, as its user, after pmlmd's credentials are
+    gone: lowering them needs no capability, and one that would have to be raised above
+    what pmlmd has stays as it is (the shell says so on the worker's stderr).
+    """
+    steps = []
+    for resource_id, (soft, hard) in sorted(rlimits.items()):
+        flag, unit = ULIMIT_FLAGS[resource_id]
+        values = ["unlimited" if v == resource.RLIM_INFINITY else str(v // unit) for v in (soft, hard)]
+        # Soft first: a hard limit may not go below the soft one in force.
+        steps.append(f"ulimit -S -{flag} {values[0]}; ulimit -H -{flag} {values[1]}; ")
+    script = "".join(steps) + GATE[2]
+    return [GATE[0], GATE[1], script, *GATE[3:]]
 
 
 def _uid(w: Worker) -> int | None:

@@ -11,6 +11,7 @@ the group id) cannot be reused while pmlmd may still signal it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
+from . import workdir
 from .sampler import ProcReader
 
 # Python ignores SIGPIPE and SIGXFSZ for itself; workers get the default back.
@@ -53,12 +55,19 @@ class Exit:
 
 
 def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None, stdin_fd: int | None = None,
-          cwd: str | None = None, credentials: Credentials | None = None, proc: ProcReader | None = None) -> Child:
+          stderr_fd: int | None = None, cwd: str | None = None, credentials: Credentials | None = None,
+          umask: int | None = None, proc: ProcReader | None = None) -> Child:
     """Start ``argv`` in a new session and process group with stdin from ``stdin_fd`` (default /dev/null).
 
-    With ``cwd`` or ``credentials`` the child changes directory or identity before it
-    executes the command. Raises OSError (FileNotFoundError, PermissionError, ...)
-    when the command cannot be executed; no child is left behind in that case.
+    ``stdout_fd`` and ``stderr_fd`` (default: pmlmd's own) become its stdout and stderr,
+    ``umask`` (default: pmlmd's) its file mode creation mask.
+
+    With ``credentials`` the child takes on that identity before it executes the command.
+    With ``cwd`` it starts in that directory, entered with the permissions of
+    ``credentials`` (pmlmd's own without), never with root's (see workdir); raises
+    workdir.DirectoryError when it cannot be entered. Raises OSError (FileNotFoundError,
+    PermissionError, ...) when the command cannot be executed. No child is left behind
+    when either is raised.
     """
     popen = None
     if cwd is None and credentials is None:
@@ -67,18 +76,37 @@ def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = No
                    else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
         if stdout_fd is not None:
             actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
-        pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
-                              setsigdef=_RESET_SIGNALS, setsigmask=())
+        if stderr_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
+        # posix_spawn has no umask attribute: the child inherits pmlmd's, set for this one call.
+        previous = os.umask(umask) if umask is not None else None
+        try:
+            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
+                                  setsigdef=_RESET_SIGNALS, setsigmask=())
+        finally:
+            if previous is not None:
+                os.umask(previous)
     else:
         ids = {}
         if credentials is not None:
             ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
-        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
-                                 stdout=stdout_fd,
-                                 start_new_session=True, close_fds=True, restore_signals=True, **ids)
+        # Popen's own cwd= would chdir in the child while it is still root: the child inherits
+        # the directory pmlmd entered as the user instead.
+        with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
+            popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+                                     stdout=stdout_fd, stderr=stderr_fd, umask=-1 if umask is None else umask,
+                                     start_new_session=True, close_fds=True, restore_signals=True, **ids)
         pid = popen.pid
     started = time.monotonic()
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        # Without its pidfd pmlmd could not watch it: it must not run on unsupervised.
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if popen is not None:
+            popen.returncode = -signal.SIGKILL
+        raise
     stat = (proc or ProcReader()).pid_stat(pid)
     # The child is ours and not reaped, so its stat is readable even if it already exited.
     return Child(pid=pid, start_ticks=stat.start_ticks if stat else 0, pidfd=pidfd, started=started, popen=popen)

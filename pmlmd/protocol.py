@@ -64,9 +64,9 @@ argument           type                                                default
 =================  ==================================================  =====================
 ``command``        list of 1 to 4096 strings, the first (the program)  required
                    non-empty
-``tasks``          integer 1 to 10000000: run the command that often   1 if ``task_lines``
+``tasks``          integer 1 to 100000: run the command that often     1 if ``task_lines``
                                                                        is null
-``task_lines``     list of 1 to 10000000 strings, one task each        null
+``task_lines``     list of 1 to 100000 strings, one task each          null
 ``shell``          boolean: run the command words as one ``sh -c``     false
                    script
 ``name``           string of at most 200 characters                    null
@@ -76,8 +76,8 @@ argument           type                                                default
 ``cpu_margin``     number 0 to 99 (percentage points)                  null
 ``memfree_limit``  number 0 to 99 (percent)                            null
 ``memory_metric``  ``"available"`` or ``"free"``                       null
-``memory_gap``     integer >= 0 (bytes)                                null
-``min_free``       integer >= 0 (bytes)                                null
+``memory_gap``     integer 0 to 2**60 (bytes; 2**60 is 1 EiB)          null
+``min_free``       integer 0 to 2**60 (bytes)                          null
 ``victim``         ``"newest"``, ``"oldest"`` or ``"largest"``         null
 ``term_grace``     number 0 to 3600 (seconds)                          null
 ``interval``       number 0.01 to 60 (seconds)                         null
@@ -91,12 +91,16 @@ argument           type                                                default
 ``user``           string: run the workers as this user (the daemon    null
                    checks that the caller may)
 ``cwd``            absolute path (a string starting with ``/``): the   required
-                   workers' working directory
+                   workers' working directory, entered with the
+                   submitter's permissions (``bad-field`` when they
+                   cannot enter it)
 ``env``            object of string to string: the workers'            ``{}``
                    environment; names non-empty, without ``=``
 =================  ==================================================  =====================
 
-Give at most one of ``tasks`` and ``task_lines``; giving both is ``bad-field``.
+Give at most one of ``tasks`` and ``task_lines``; giving both is ``bad-field``. The range
+of every number comes from ``bounds.BOUNDS``, which pmlmd.toml and pmlmctl's options are
+checked against too.
 
 Replies
 =======
@@ -159,6 +163,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .bounds import BOUNDS, DURATION, MAX_TASKS, NUMBER
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 
@@ -275,6 +280,13 @@ def _opt(kind: str, **kw) -> _Field:
     return _Field(kind, nullable=True, **kw)
 
 
+def _bounded(name: str, nullable: bool = True, **kw) -> _Field:
+    """A numeric argument whose kind, range and unit are those of ``name`` in bounds.BOUNDS."""
+    bound = BOUNDS[name]
+    kind = _NUMBER if bound.kind in (NUMBER, DURATION) else _INT
+    return _Field(kind, nullable=nullable, low=bound.low, high=bound.high, unit=bound.unit, **kw)
+
+
 _SCHEMAS: dict[str, _Schema] = {
     "ping": _Schema({}),
     "list": _Schema({}),
@@ -287,26 +299,26 @@ _SCHEMAS: dict[str, _Schema] = {
     "submit": _Schema(
         {
             "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True),
-            "tasks": _opt(_INT, low=1, high=10_000_000),
-            "task_lines": _opt(_STR_LIST, min_items=1, max_items=10_000_000),
+            "tasks": _bounded("tasks"),
+            "task_lines": _opt(_STR_LIST, min_items=1, max_items=MAX_TASKS),
             "shell": _Field(_BOOL, default=False),
             "name": _opt(_STR, max_chars=200),
-            "priority": _Field(_INT, default=0, low=-1000, high=1000),
-            "max_workers": _opt(_INT, low=1, high=100_000),
-            "cpu_limit": _opt(_NUMBER, low=1, high=100, unit="percent"),
-            "cpu_margin": _opt(_NUMBER, low=0, high=99, unit="percentage points"),
-            "memfree_limit": _opt(_NUMBER, low=0, high=99, unit="percent"),
+            "priority": _bounded("priority", nullable=False, default=0),
+            "max_workers": _bounded("max_workers"),
+            "cpu_limit": _bounded("cpu_limit"),
+            "cpu_margin": _bounded("cpu_margin"),
+            "memfree_limit": _bounded("memfree_limit"),
             "memory_metric": _opt(_CHOICE, choices=("available", "free")),
-            "memory_gap": _opt(_INT, low=0, unit="bytes"),
-            "min_free": _opt(_INT, low=0, unit="bytes"),
+            "memory_gap": _bounded("memory_gap"),
+            "min_free": _bounded("min_free"),
             "victim": _opt(_CHOICE, choices=("newest", "oldest", "largest")),
-            "term_grace": _opt(_NUMBER, low=0, high=3600, unit="seconds"),
-            "interval": _opt(_NUMBER, low=0.01, high=60, unit="seconds"),
-            "retries": _opt(_INT, low=0, high=1000),
-            "retry_failed": _opt(_INT, low=0, high=1000),
+            "term_grace": _bounded("term_grace"),
+            "interval": _bounded("interval"),
+            "retries": _bounded("retries"),
+            "retry_failed": _bounded("retry_failed"),
             "term_mode": _opt(_CHOICE, choices=("signal", "agent")),
             "pause_mode": _opt(_CHOICE, choices=("signal", "agent")),
-            "agent_timeout": _opt(_NUMBER, low=0.1, high=3600, unit="seconds"),
+            "agent_timeout": _bounded("agent_timeout"),
             "user": _opt(_STR),
             "cwd": _Field(_PATH, required=True),
             "env": _Field(_STR_MAP, default={}),
@@ -611,6 +623,17 @@ def parse_request(frame: bytes) -> Request:
     except ProtocolError as exc:
         exc.request_id = request_id
         raise
+
+
+def check_args(name: str, given: Any) -> dict:
+    """A request's arguments checked as ``parse_request`` checks them, defaults filled in.
+
+    For arguments that did not just arrive on the wire: a batch's submission as an earlier
+    pmlmd stored it is held to today's rules before it is run again. Raises ProtocolError.
+    """
+    if not isinstance(given, dict):
+        raise ProtocolError(BAD_FIELD, f"{name}: the arguments must be an object, got {_show(given)}")
+    return _check_args(name, _SCHEMAS[name], given)
 
 
 # --- encoding ------------------------------------------------------------------------------
