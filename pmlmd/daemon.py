@@ -170,7 +170,7 @@ class Daemon:
         self.group_gid = self._group_gid(self.config.group)
         self.store = Store(self.config.state_dir)
         self.cpus = os.cpu_count() or 1
-        self.loop = Loop()
+        self.loop = Loop(on_error=lambda e: log.exception("internal error, pmlmd goes on: %s", e))
         try:
             self.scopes = scopes.choose(self.config.scope_backend, scopes.CgroupLimits.of(self.config))
         except OSError as e:

@@ -61,7 +61,10 @@ NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped with SIGSTOP"
 class Loop:
     """One poller over ZeroMQ sockets and plain file descriptors, plus signal delivery."""
 
-    def __init__(self):
+    def __init__(self, on_error: Callable[[Exception], None] | None = None):
+        """With ``on_error``, an exception raised by a callback is handed to it (called inside the
+        except block, so it can log the traceback) and the loop goes on; without, it propagates."""
+        self.on_error = on_error
         self.poller = zmq.Poller()
         self.callbacks: dict = {}
         self._signals: list[int] = []
@@ -78,8 +81,15 @@ class Loop:
     def poll(self, timeout: float) -> None:
         for source, _ in self.poller.poll(math.ceil(max(0.0, timeout) * 1000)):
             callback = self.callbacks.get(source)  # an earlier callback may have unwatched it
-            if callback is not None:
+            if callback is None:
+                continue
+            if self.on_error is None:
                 callback()
+                continue
+            try:
+                callback()
+            except Exception as e:  # one bad event must not end the service that watches every worker
+                self.on_error(e)
 
     def handle_signals(self, signals, handler: Callable[[int], None]) -> None:
         """Deliver ``signals`` to ``handler`` from the loop, not from inside whatever code was running."""

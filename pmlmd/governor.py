@@ -234,9 +234,12 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     if paused:
         ready = [w for w in paused if sample.time - w.paused_at >= limits.window]
         ready.sort(key=lambda w: (-w.priority, w.started, repr(w.key)))
+        # Workers that run but sit idle (a sleep, a blocked read) use none of the headroom: they
+        # must not keep a paused worker stopped. One measured as negligible does not count.
+        busy = [w for w in running if w.cpu is None or w.cpu >= CPU_NEGLIGIBLE]
         for w in ready[:1]:
-            if not running or (calm and cpu_now + (w.cpu_at_pause or 0.0) <= limits.cpu_limit):
-                why = "nothing else runs" if not running else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
+            if not busy or (calm and cpu_now + (w.cpu_at_pause or 0.0) <= limits.cpu_limit):
+                why = "nothing else uses the CPU" if not busy else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
                 return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
                                  f"paused worker ({why})")]
         # Paused workers keep their claim on the headroom: admit nothing new.

@@ -69,6 +69,7 @@ class PeerLimit:
         self.owner_of: dict[int, int] = {}  # fd of a counted connection -> its uid
         self.held: collections.Counter = collections.Counter()  # uid -> connections
         self.refused: collections.Counter = collections.Counter()  # uid -> hung up since the last log line
+        self.lost = False  # whether monitor events were lost: counts may include connections long gone
         self.next_log = 0.0
 
     def read(self) -> None:
@@ -77,6 +78,11 @@ class PeerLimit:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+            except (RuntimeError, ValueError, KeyError):
+                # libzmq drops monitor events when their queue is full, and may drop one frame of
+                # an event only: what is left is no event. The counts are checked again below.
+                self.lost = True
+                continue
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._accepted(fd)
@@ -90,13 +96,25 @@ class PeerLimit:
         uid = peer_uid(fd)
         if uid is None:
             return  # already gone
+        earlier = self.owner_of.pop(fd, None)
+        if earlier is not None:  # the number was free again: its earlier connection is gone, unreported
+            self.held[earlier] -= 1
         allowed = self.limit(uid)
+        if allowed is not None and self.held[uid] >= allowed and self.lost:
+            self._recount(uid)
         if allowed is not None and self.held[uid] >= allowed:
             hang_up(fd)
             self.refused[uid] += 1
             return
         self.owner_of[fd] = uid
         self.held[uid] += 1
+
+    def _recount(self, uid: int) -> None:
+        """Drop the connections of ``uid`` that are gone, after monitor events were lost."""
+        for fd in [fd for fd, owner in self.owner_of.items() if owner == uid]:
+            if peer_uid(fd) != uid:
+                del self.owner_of[fd]
+                self.held[uid] -= 1
 
     def _log(self, now: float) -> None:
         if self.refused and now >= self.next_log:

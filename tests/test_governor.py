@@ -186,6 +186,17 @@ def test_continue_when_nothing_runs_even_if_its_share_exceeds_the_headroom():
     assert actions(out) == [(CONTINUE, 1)]
 
 
+def test_continue_when_the_others_that_run_are_idle_even_if_its_share_exceeds_the_headroom():
+    # A sleeping worker runs beside a paused burner: the node is idle, the burner goes on (and is
+    # paused again if it takes the node over the limit: it takes turns instead of starving).
+    workers = [worker(5, cpu=0.1), paused(1, cpu_at_pause=100)]
+    out = decide(node(cpu=2.0), workers, WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 1)]
+    assert "nothing else uses the CPU" in out[0].reason
+    # A runner not yet measured may be busy: it still counts.
+    assert decide(node(cpu=2.0), [worker(5, cpu=None), paused(1, cpu_at_pause=100)], WORK, LIMITS) == []
+
+
 def test_higher_priority_is_continued_first():
     out = decide(node(cpu=5.0), [paused(1), paused(2, priority=3)], WORK, LIMITS)
     assert actions(out) == [(CONTINUE, 2)]

@@ -268,3 +268,18 @@ def test_no_status_line_without_a_terminal(pmlm):
     run = pmlm("-n", "2", "--", "true")
     assert run.wait() == 0
     assert run.stderr == ""
+
+
+@pytest.mark.slow
+def test_a_paused_burner_goes_on_while_the_only_other_worker_sleeps(pmlm, tmp_path):
+    # From a field report: --cpu-limit 30, an idle worker (sleep) and a burner; the burner stayed
+    # paused while the node's CPU was at 2%. Here the idle worker waits (at most 60 s) for the
+    # burner to finish 1 s of CPU work: it succeeds only if the burner is let run meanwhile.
+    burned = tmp_path / "burned"
+    script = (f'if [ "$PMLM_TASK_INDEX" = 0 ]; then n=0; while [ ! -e {burned} ]; do [ $n -lt 600 ] || exit 1; '
+              f'sleep 0.1; n=$((n+1)); done; else {PY} {BURN} 1.0 0.5 60 && touch {burned}; fi')
+    run = pmlm("-n", "2", "-j", "2", "--cpu-limit", "30", "--shell", "--", script)
+    assert run.wait(timeout=120) == 0, run.stderr
+    assert run.report()["counts"]["succeeded"] == 2
+    pauses = [r for r in run.trace() if r.get("event") == "decision" and r.get("decision") == "pause"]
+    assert pauses, "the burner was never paused: the test did not reach the case it is about"
