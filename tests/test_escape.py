@@ -19,7 +19,7 @@ import pytest
 from support import wait_for
 
 # Starts an escaped sleeper, writes its pid to $1, then (with $2) stays alive that many seconds.
-ESCAPE = 'setsid sleep 50 & echo $! > "$1"; [ -n "$2" ] && exec sleep "$2"; exit 0'
+ESCAPE = 'setsid sleep 50 </dev/null >/dev/null 2>&1 & echo $! > "$1"; [ -n "$2" ] && exec sleep "$2"; exit 0'
 
 
 def alive(pid: int) -> bool:
