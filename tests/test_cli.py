@@ -52,3 +52,10 @@ def test_help_documents_exit_statuses_and_limits():
 def test_version():
     result = pmlmctl("--version")
     assert result.returncode == 0 and result.stdout.startswith("pmlmctl ")
+
+
+def test_negative_numbers_stay_values_beside_the_short_null_option():
+    # -0 (--null) looks like a negative number to argparse; --priority -5 must still be a value.
+    result = pmlmctl("--socket", "/nonexistent/ctl.sock", "submit", "--priority", "-5", "-0", "--tasks-file", "-",
+                     "--", "echo", "{}", stdin="a\0")
+    assert result.returncode == 4, result.stderr  # parsed, read, checked: only the daemon is missing
