@@ -99,6 +99,14 @@ BOUNDS: dict[str, Bound] = {
     "interval": Bound(NUMBER, 0.01, 60, "seconds"),
     "term_grace": Bound(NUMBER, 0, 3600, "seconds"),
     "agent_timeout": Bound(NUMBER, 0.1, 3600, "seconds"),
+    # What the workers take from their submitter's process (pmlmctl submit sends it, see protocol).
+    "umask": Bound(INTEGER, 0, 0o777, "file mode bits"),
     # The daemon's own: how long finished batches are kept (10 years is as good as never).
     "prune_after": Bound(DURATION, 1, 3650 * 86400, "seconds"),
 }
+
+# A resource limit as getrlimit(2) gives it (bytes, seconds or a count; each of submit's
+# ``rlimits``). 2**60 is as good as no limit for every resource (no address space, file or
+# CPU time comes near it) and stays a 64-bit integer in the state database; pmlmctl sends a
+# larger finite limit as 2**60, lower rather than "unlimited".
+MAX_RLIMIT = MAX_SIZE

@@ -63,6 +63,8 @@ class Config:
     slice_memory_max: int | str = "90%"
     scope_tasks_max: int | str = "25%"
     scope_memory_max: int | str = "infinity"
+    # Where pam_limits' configuration is (limits.conf, limits.d): workers get no more than a login.
+    limits_conf_dir: str = "/etc/security"
     # [limits]
     cpu_limit: float = 90.0
     cpu_margin: float = 10.0
@@ -296,6 +298,7 @@ _OPTIONS: dict[str, _Option] = {
     "slice_memory_max": _Option("daemon", _memory_max),
     "scope_tasks_max": _Option("daemon", _tasks_max),
     "scope_memory_max": _Option("daemon", _memory_max),
+    "limits_conf_dir": _Option("daemon", _path),
     "cpu_limit": _Option("limits", _number("cpu_limit")),
     "cpu_margin": _Option("limits", _number("cpu_margin")),
     "memfree_limit": _Option("limits", _number("memfree_limit")),

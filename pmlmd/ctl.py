@@ -6,14 +6,15 @@ import argparse
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import sys
 import time
 
-from . import __version__
+from . import __version__, protocol, tasklines
 from .batch import BatchSpec
-from .bounds import BOUNDS, INTEGER, MAX_TASKS, SIZE
+from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .runner import Runner
@@ -23,7 +24,8 @@ EXIT_STATUS_HELP = """\
 exit status:
   0  every task succeeded
   1  some task failed, was given up or cancelled
-  2  usage error (bad option, missing or unknown command, unreadable tasks file)
+  2  usage error (bad option, missing or unknown command, unreadable tasks file, a task line no
+     worker could be given: one holding a NUL byte, or too long for exec)
   3  critical finish: free memory fell below --min-free with no worker left to terminate
   128+N  the batch was cancelled by signal N (130 for Ctrl-C); workers were terminated first
 """
@@ -85,8 +87,15 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     source.add_argument("-n", "--tasks", type=_ranged("tasks"), default=None, metavar="N",
                         help="run the command N times, one worker per task (default 1)")
     source.add_argument("--tasks-file", metavar="FILE",
-                        help="one task per line ('-' for stdin); a line reaches its worker as $PMLM_TASK and "
-                             "replaces {} in the arguments; blank lines are skipped")
+                        help="one task per line ('-' for stdin): the bytes up to each newline, exactly as they "
+                             "are (a carriage return is kept); a line reaches its worker as $PMLM_TASK and "
+                             "replaces {} in the arguments; empty lines are skipped")
+    tasks.add_argument("-0", "--null", action="store_true",
+                       help="tasks in --tasks-file end with a NUL byte instead of a newline (as find -print0 "
+                            "writes them); a task may then hold newlines")
+    # argparse takes an option that looks like a negative number ("-0") as a sign that negative
+    # numbers are options too, and would then refuse "--priority -5": tell it they are not.
+    p._has_negative_number_optionals.clear()
     tasks.add_argument("--shell", action="store_true",
                        help="run the command words as one /bin/sh -c script ({} is replaced shell-quoted)")
     value, shown = default(3)
@@ -210,22 +219,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_tasks(parser, path: str) -> list[str]:
+def _read_tasks(parser, args, command: list[str], env: dict[str, str]) -> list[str] | None:
+    """The tasks of --tasks-file as pmlmd carries them (see tasklines), or None without one.
+
+    The file is read as bytes and split on newlines (on NULs with --null) and nothing else, so
+    each task is exactly the bytes between. Each is checked now against what a worker's exec
+    takes with this command and environment, so that a line that could never be executed is a
+    usage error naming it instead of a failing task.
+    """
+    path = args.tasks_file
+    if path is None:
+        if args.null:
+            parser.error("--null says how --tasks-file is split: give --tasks-file FILE (or - for stdin) too")
+        return None
+    source = "standard input" if path == "-" else repr(path)
     try:
         if path == "-":
-            text = sys.stdin.read()
+            if sys.stdin is None:  # started with its standard input closed
+                parser.error("cannot read tasks file '-': standard input is closed")
+            data = sys.stdin.buffer.read()
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        parser.error(f"cannot read tasks file {path!r}: {getattr(e, 'strerror', None) or e}")
-    lines = [line for line in text.splitlines() if line.strip()]
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        parser.error(f"cannot read tasks file {path!r}: {e.strerror or e}")
+    lines = tasklines.split(data, args.null)
     if not lines:
-        parser.error(f"tasks file {path!r} holds no tasks (one task per line)")
+        unit = "NUL-terminated item" if args.null else "line"
+        parser.error(f"tasks file {path!r} holds no tasks (one task per {unit})")
     if len(lines) > MAX_TASKS:
         parser.error(f"tasks file {path!r} holds {len(lines)} tasks, more than the {MAX_TASKS} a batch may have: "
                      f"split it into several batches")
-    return lines
+    fit = tasklines.Fit(command, args.shell, env)
+    tasks = []
+    for number, line in lines:
+        if b"\0" in line:  # only without --null
+            parser.error(f"line {number} of {source} contains a NUL byte, which no argument or environment "
+                         f"variable can hold; use --null to split on NUL")
+        task = tasklines.text(line)
+        problem = fit.problem(task)
+        if problem:
+            parser.error(f"{'item' if args.null else 'line'} {number} of {source} is too long ({len(line)} bytes): "
+                         f"{problem}")
+        tasks.append(task)
+    return tasks
 
 
 def _check_command(parser, argv: list[str], shell: bool) -> None:
@@ -243,12 +280,13 @@ def _check_command(parser, argv: list[str], shell: bool) -> None:
 def _command(parser, args) -> list[str]:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     _check_command(parser, argv, args.shell)
-    return argv
+    # As pmlmd carries them (see tasklines): sys.argv holds them decoded with the locale's encoding.
+    return [tasklines.text(os.fsencode(word)) for word in argv]
 
 
 def spec_from_args(parser, args) -> BatchSpec:
     argv = _command(parser, args)
-    tasks: list[str | None] = _read_tasks(parser, args.tasks_file) if args.tasks_file else [None] * (args.tasks or 1)
+    tasks: list[str | None] = _read_tasks(parser, args, argv, tasklines.environment()) or [None] * (args.tasks or 1)
     cpus = os.cpu_count() or 1
     limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                     memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
@@ -333,21 +371,50 @@ EXIT_UNREACHABLE = 4
 USAGE_CODES = ("bad-field", "unknown-field", "missing-field")
 
 
+def own_umask() -> int:
+    """This process's file mode creation mask, left as it was (pmlmctl runs no other thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def own_rlimits() -> dict[str, list]:
+    """This process's resource limits as submit carries them (see protocol.RLIMITS)."""
+    carried = {}
+    for name, resource_id in protocol.RLIMITS.items():
+        carried[name] = [protocol.UNLIMITED if value == resource.RLIM_INFINITY else min(value, MAX_RLIMIT)
+                         for value in resource.getrlimit(resource_id)]
+    return carried
+
+
+def _say_lowered(lowered: dict) -> None:
+    """One line on stderr when the workers get lower limits than this shell has (see pmlmd(8))."""
+    if lowered:
+        shown = ", ".join(f"{name} {soft}:{hard}" for name, (soft, hard) in sorted(lowered.items()))
+        print(f"pmlmctl: the workers get lower limits than this shell (soft:hard): {shown}; pmlmd lowers "
+              "them to the owner's login limits (limits.conf) and to its own", file=sys.stderr)
+
+
 def cmd_submit(parser, args) -> int:
     argv = _command(parser, args)
     request = dict(command=argv, shell=args.shell, name=args.name, priority=args.priority, user=args.user,
-                   cwd=os.getcwd(), env=dict(os.environ), max_workers=args.max_workers, cpu_limit=args.cpu_limit,
+                   cwd=tasklines.text(os.getcwdb()), env=tasklines.environment(),
+                   max_workers=args.max_workers, cpu_limit=args.cpu_limit,
                    cpu_margin=args.cpu_margin, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                    memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
                    term_grace=args.term_grace, interval=args.interval, retries=args.retries,
                    retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
                    agent_timeout=args.agent_timeout)
+    # The workers start with this shell's umask and limits, as those of 'run' do.
+    request.update(umask=own_umask(), rlimits=own_rlimits())
     if args.tasks_file:
-        request["task_lines"] = _read_tasks(parser, args.tasks_file)
+        request["task_lines"] = _read_tasks(parser, args, argv, request["env"])
     else:
         request["tasks"] = args.tasks or 1
     with Client(socket_path(args.socket)) as client:
-        batch_id = client.call("submit", **request)["batch"]
+        result = client.call("submit", **request)
+        batch_id = result["batch"]
+        _say_lowered(result.get("rlimits_lowered") or {})
         if not args.wait:
             print(batch_id)
             return 0

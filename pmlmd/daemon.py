@@ -22,12 +22,12 @@ import time
 
 import zmq
 
-from . import __version__, procctl, protocol, scopes, workdir
+from . import __version__, loginlimits, procctl, protocol, scopes, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch, BatchSpec,
                     iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .engine import BatchRun, Engine, Loop
+from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
@@ -166,6 +166,10 @@ class Daemon:
         self.config = load_config(config_path, overrides)
         self.log_backend = setup_logging(self.config.log_target, self.config.log_level)
         self.fd_limits = raise_fd_limit()
+        # The most a worker can get: its gate lowers limits as its user and cannot raise them.
+        self.own_rlimits = {resource_id: resource.getrlimit(resource_id) for resource_id in ULIMIT_FLAGS}
+        self.own_rlimits[resource.RLIMIT_NOFILE] = self.fd_limits  # not the one pmlmd raised for itself
+        self.login_limits = loginlimits.LoginLimits(self.config.limits_conf_dir)
         self.notifier = Notifier()
         self.group_gid = self._group_gid(self.config.group)
         self.store = Store(self.config.state_dir)
@@ -195,7 +199,10 @@ class Daemon:
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
         # batch id -> (its owner as submitted, whether root submitted it for them with --user)
         self.owners: dict[str, tuple[procctl.Credentials, bool]] = {}
-        self.identities: dict[procctl.Credentials, tuple[float, procctl.Credentials]] = {}  # cache: until when
+        # cache: until when, the owner's credentials now, and their login limits now
+        self.identities: dict[procctl.Credentials, tuple[float, procctl.Credentials, dict | None]] = {}
+        self.carried: dict[str, dict[int, tuple[int, int]] | None] = {}  # batch id -> its submitter's limits
+        self.limits_basis: dict[str, tuple] = {}  # batch id -> the identities entry its workers' limits come from
         self.stopping = False
         self.started = time.monotonic()
         self.next_housekeeping = 0.0
@@ -272,6 +279,9 @@ class Daemon:
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
         else:
+            if new.limits_conf_dir != self.config.limits_conf_dir:
+                self.login_limits = loginlimits.LoginLimits(new.limits_conf_dir)
+                self.identities.clear()  # the next worker of each batch gets the new directory's limits
             self.config = new
             self.engine.limits = new.limits(self.cpus)
             for run in self.engine.runs.values():
@@ -309,9 +319,14 @@ class Daemon:
             submitted, vouched = self.owners[run.id]
             cached = self.identities.get(submitted)
             if cached is None or now >= cached[0]:
-                cached = (now + GROUPS_TTL, current_credentials(submitted))
+                owner = current_credentials(submitted)
+                cached = (now + GROUPS_TTL, owner, self._login_limits(owner))
                 self.identities[submitted] = cached
             run.owner = owner = cached[1]
+            if self.limits_basis.get(run.id) is not cached:
+                # limits.conf may have changed, or the owner's groups: later workers get what applies now.
+                self.limits_basis[run.id] = cached
+                run.rlimits = worker_rlimits(self.carried.get(run.id), cached[2], self.own_rlimits)
             if vouched or owner.uid == 0 or (self.group_gid is not None
                                              and self.group_gid in owner.groups + (owner.gid,)):
                 continue
@@ -371,6 +386,8 @@ class Daemon:
                           extra={"BATCH_ID": stored.id})
         self.asked.pop(stored.id, None)
         self.owners.pop(stored.id, None)
+        self.carried.pop(stored.id, None)
+        self.limits_basis.pop(stored.id, None)
         ended = 0
         for pid, start_ticks in self.store.recorded_workers(stored.rowid):
             try:
@@ -436,9 +453,28 @@ class Daemon:
         self.asked[stored.id] = self._asked(args)
         submitted = procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups))
         self.owners[stored.id] = (submitted, args.get("user") is not None)
+        self.carried[stored.id] = carried_rlimits(args["rlimits"])
         return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
                         max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=submitted,
-                        description=self._description(stored.id, stored.name, stored.owner_uid))
+                        description=self._description(stored.id, stored.name, stored.owner_uid),
+                        umask=args["umask"], rlimits=self._worker_rlimits(stored.id, submitted))
+
+    def _login_limits(self, owner: procctl.Credentials) -> dict | None:
+        """What the owner's login gets from limits.conf (see loginlimits); None: no limits at all."""
+        try:
+            entry = pwd.getpwuid(owner.uid)
+            name, gid = entry.pw_name, entry.pw_gid
+        except KeyError:  # no passwd entry: only the numeric domains can match it
+            name, gid = None, owner.gid
+        account = loginlimits.Account(name, owner.uid, gid, frozenset(owner.groups) | {gid, owner.gid})
+        try:
+            return self.login_limits.limits_for(account)
+        except Exception:  # a bug here must cost the caps, not the daemon (and every batch with it)
+            log.exception("cannot work out the login limits of uid %d: its workers get pmlmd's own", owner.uid)
+            return {}
+
+    def _worker_rlimits(self, batch_id: str, owner: procctl.Credentials) -> dict[int, tuple[int, int]] | None:
+        return worker_rlimits(self.carried.get(batch_id), self._login_limits(owner), self.own_rlimits)
 
     @staticmethod
     def _description(batch_id: str, name: str | None, uid: int) -> str:
@@ -502,6 +538,8 @@ class Daemon:
             self.store.finish(run.id, run.batch.finished, run.batch.report())
             self.asked.pop(run.id, None)
             self.owners.pop(run.id, None)
+            self.carried.pop(run.id, None)
+            self.limits_basis.pop(run.id, None)
             output = self.outputs.pop(run.id, None)
             if output is not None:
                 output.close()
@@ -596,14 +634,21 @@ class Daemon:
                              batch.tasks)
         self.asked[batch_id] = self._asked(args)
         self.owners[batch_id] = (procctl.Credentials(uid, gid, tuple(groups)), args["user"] is not None)
+        self.carried[batch_id] = carried_rlimits(args["rlimits"])
+        owner = procctl.Credentials(uid, gid, tuple(groups))
         run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
-                       max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"],
-                       owner=procctl.Credentials(uid, gid, tuple(groups)),
-                       description=self._description(batch_id, args["name"], uid))
+                       max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=owner,
+                       description=self._description(batch_id, args["name"], uid), umask=args["umask"],
+                       rlimits=self._worker_rlimits(batch_id, owner))
         self._add(run)
         log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
                  extra={"BATCH_ID": batch_id})
-        return protocol.encode_reply({"batch": batch_id, "name": args["name"]}, request.request_id)
+        lowered = lowered_rlimits(self.carried[batch_id], run.rlimits)
+        if lowered:
+            log.info("batch %s: its workers get lower limits than its submitter has (the owner's login "
+                     "limits, or pmlmd's own): %s", batch_id, lowered, extra={"BATCH_ID": batch_id})
+        return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered},
+                                     request.request_id)
 
     def _summary(self, run: BatchRun) -> dict:
         b = run.batch
@@ -693,6 +738,55 @@ class Daemon:
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open
         return protocol.encode_reply({"events": "end"}, request.request_id)
+
+
+def carried_rlimits(sent: dict | None) -> dict[int, tuple[int, int]] | None:
+    """submit's ``rlimits`` (name -> [soft, hard]) as resource.RLIMIT_* -> (soft, hard)."""
+    if sent is None:
+        return None  # an older pmlmctl: the login limits, else pmlmd's own
+    return {protocol.RLIMITS[name]: tuple(resource.RLIM_INFINITY if value == protocol.UNLIMITED else value
+                                          for value in pair) for name, pair in sent.items()}
+
+
+def worker_rlimits(carried: dict[int, tuple[int, int]] | None, login: dict | None,
+                   own: dict[int, tuple[int, int]]) -> dict[int, tuple[int, int]] | None:
+    """The limits a batch's workers start with (resource.RLIMIT_* -> (soft, hard)), for their gate.
+
+    ``carried``: the submitter's (None: not sent); ``login``: what the owner's login gets from
+    limits.conf, None for a limit it does not set (None: a line lifts them all); ``own``: pmlmd's.
+    A hard limit is the lowest of the submitter's (else pmlmd's), the login's and pmlmd's own: a
+    worker cannot be given more than pmlmd has, and a member must not get more than their login
+    by submitting instead. The soft limit is the submitter's (else the login's, else pmlmd's),
+    never above the hard one; the login's soft limit does not lower the submitter's, since any
+    shell may raise its soft limit up to the hard one. A resource nobody names stays as pmlmd
+    starts every worker (None when that is all of them).
+    """
+    limits = {}
+    for resource_id, (own_soft, own_hard) in own.items():
+        sent = (carried or {}).get(resource_id)
+        login_soft, login_hard = (login or {}).get(resource_id, (None, None))
+        if sent is None and login_soft is None and login_hard is None:
+            continue
+        if sent is not None:
+            soft, hard = sent
+        else:
+            soft, hard = (own_soft if login_soft is None else login_soft), own_hard
+        if login_hard is not None:
+            hard = loginlimits.lower(hard, login_hard)
+        hard = loginlimits.lower(hard, own_hard)
+        limits[resource_id] = (loginlimits.lower(soft, hard), hard)
+    return limits or None
+
+
+def lowered_rlimits(carried: dict[int, tuple[int, int]] | None, given: dict[int, tuple[int, int]] | None) -> dict:
+    """The limits the workers get below what the submitter sent, by name: [soft, hard]."""
+    lowered = {}
+    for name, resource_id in protocol.RLIMITS.items():
+        sent = (carried or {}).get(resource_id)
+        got = (given or {}).get(resource_id)
+        if sent is not None and got is not None and got != sent:
+            lowered[name] = [protocol.UNLIMITED if value == resource.RLIM_INFINITY else value for value in got]
+    return lowered
 
 
 def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict:

@@ -14,8 +14,8 @@ import errno
 import logging
 import math
 import os
+import re
 import resource
-import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from typing import Callable
 
 import zmq
 
-from . import lineage, procctl
+from . import lineage, procctl, tasklines
 from .batch import (QUEUED, CAUSE_CANCELLED, CAUSE_CWD, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY,
                     CAUSE_SPAWN_FAILED, Attempt, Batch, Task)
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
@@ -189,15 +189,7 @@ class Worker:
 
 def worker_argv(run: BatchRun, line: str | None) -> list[str]:
     """The command for one task: ``{}`` replaced by the task line (shell-quoted with --shell)."""
-    spec = run.batch.spec
-    if spec.shell:
-        script = " ".join(spec.command)
-        if line is not None:
-            script = script.replace("{}", shlex.quote(line))
-        return ["/bin/sh", "-c", script]
-    if line is None:
-        return list(spec.command)
-    return [arg.replace("{}", line) for arg in spec.command]
+    return tasklines.worker_argv(run.batch.spec.command, run.batch.spec.shell, line)
 
 
 class Engine:
@@ -229,7 +221,7 @@ class Engine:
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
         self.last_refresh = float("-inf")
-        self.base_env = dict(os.environ)
+        self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
 
     # --- batches ------------------------------------------------------------------------
@@ -633,7 +625,13 @@ class Engine:
             if self.scopes.gated or rlimits:
                 # The worker waits at the gate until it is in its scope and has its limits.
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-            child = procctl.spawn(gate(rlimits) + argv if gate_r is not None else argv, env,
+            # As bytes, converted here and nowhere else: exec gets exactly the bytes that were
+            # submitted, whatever encoding pmlmd's locale would have chosen (see tasklines).
+            environ = {tasklines.raw(name): tasklines.raw(value) for name, value in env.items()}
+            command = [tasklines.raw(word) for word in argv]
+            if gate_r is not None:
+                command, environ = gated(rlimits, command, environ)
+            child = procctl.spawn(command, environ,
                                   stdout_fd=self.stdout_fd if run.output_fd is None else run.output_fd,
                                   stderr_fd=run.output_fd, stdin_fd=gate_r, cwd=run.cwd, credentials=credentials,
                                   umask=run.umask, proc=self.proc)
@@ -897,6 +895,26 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
                 resource.RLIMIT_STACK: ("s", 1024), resource.RLIMIT_CORE: ("c", 512), resource.RLIMIT_RSS: ("m", 1024),
                 resource.RLIMIT_MEMLOCK: ("l", 1024), resource.RLIMIT_NPROC: ("p", 1), resource.RLIMIT_NOFILE: ("n", 1),
                 resource.RLIMIT_AS: ("v", 1024), resource.RLIMIT_RTPRIO: ("r", 1)}
+
+
+_SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes]
+          ) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """The command and environment that start ``argv`` through the gate.
+
+    The shell drops, when it execs, every environment entry whose name is not a shell name
+    (``A-B``, a non-UTF-8 byte): with such entries the worker's environment is handed on by
+    env(1) instead, as arguments the shell passes through untouched.
+    """
+    prefix = [word.encode() for word in gate(rlimits)]
+    if all(_SHELL_NAME.match(name) for name in env):
+        return prefix + argv, env
+    # env(1) would take a first word with "=" for one more variable: a path keeps it a command.
+    first = argv[0] if b"=" not in argv[0] or b"/" in argv[0] else b"./" + argv[0]
+    return prefix + [b"/usr/bin/env", b"-i", *(name + b"=" + value for name, value in env.items()), first,
+                     *argv[1:]], {}
 
 
 def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:

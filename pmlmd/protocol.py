@@ -15,7 +15,9 @@ holding one JSON object encoded as UTF-8.
   ``too-large`` before they are decoded. Replies have no size limit.
 * JSON is read strictly: ``NaN``, ``Infinity``, numbers beyond the float range and
   duplicate keys in an object are refused with ``bad-json``.
-* No string in a request may contain a NUL character or an unpaired surrogate.
+* No string in a request may contain a NUL character or an unpaired surrogate, except
+  that the strings that carry bytes hold U+DC80..U+DCFF for bytes that are not UTF-8
+  (see "Bytes" below).
 
 Requests
 ========
@@ -63,10 +65,11 @@ request       arguments
 argument           type                                                default
 =================  ==================================================  =====================
 ``command``        list of 1 to 4096 strings, the first (the program)  required
-                   non-empty
+                   non-empty; bytes (see "Bytes")
 ``tasks``          integer 1 to 100000: run the command that often     1 if ``task_lines``
                                                                        is null
-``task_lines``     list of 1 to 100000 strings, one task each          null
+``task_lines``     list of 1 to 100000 strings, one task each; bytes   null
+                   (see "Bytes")
 ``shell``          boolean: run the command words as one ``sh -c``     false
                    script
 ``name``           string of at most 200 characters                    null
@@ -88,19 +91,63 @@ argument           type                                                default
 ``pause_mode``     ``"signal"`` or ``"agent"``                         null (signal)
 ``agent_timeout``  number 0.1 to 3600 (seconds to wait for an agent    null (5)
                    acknowledgement)
+``umask``          integer 0 to 511 (0o777): the workers' file mode     null (pmlmd's own,
+                   creation mask, the submitter's                      normally 022)
+``rlimits``        object: a resource name of ``RLIMITS`` (``cpu``,     null (the owner's
+                   ``fsize``, ``data``, ``stack``, ``core``, ``rss``,  login limits, else
+                   ``memlock``, ``nproc``, ``nofile``, ``as``,          pmlmd's own)
+                   ``rtprio``) to ``[soft, hard]``, each an integer 0
+                   to 2**60 in getrlimit(2)'s unit (bytes, seconds, a
+                   count) or ``"unlimited"``, soft not above hard: the
+                   submitter's limits
 ``user``           string: run the workers as this user (the daemon    null
                    checks that the caller may)
 ``cwd``            absolute path (a string starting with ``/``): the   required
                    workers' working directory, entered with the
                    submitter's permissions (``bad-field`` when they
-                   cannot enter it)
+                   cannot enter it); bytes (see "Bytes")
 ``env``            object of string to string: the workers'            ``{}``
-                   environment; names non-empty, without ``=``
+                   environment; names non-empty, without ``=``;
+                   names and values are bytes (see "Bytes")
 =================  ==================================================  =====================
 
 Give at most one of ``tasks`` and ``task_lines``; giving both is ``bad-field``. The range
 of every number comes from ``bounds.BOUNDS``, which pmlmd.toml and pmlmctl's options are
 checked against too.
+
+``umask`` and ``rlimits`` are what the workers inherit from the submitter (pmlmctl sends its
+own); the daemon lowers each limit to the owner's login limits (pam_limits' configuration)
+and to its own hard limits, which a worker cannot exceed. A resource left out of
+``rlimits`` gets the owner's login limit, else pmlmd's own. The reply's result holds
+``batch``, ``name`` and ``rlimits_lowered``: each limit sent that the workers get lower, by
+name, as ``[soft, hard]`` (an empty object when none is).
+
+Bytes
+=====
+
+Command words, task lines, ``cwd`` and the names and values of ``env`` reach the worker's
+exec as bytes, and they need not be UTF-8 (a Latin-1 file name, a tasks file in another
+encoding). Each travels as the text that decoding its bytes from UTF-8 with Python's
+``surrogateescape`` gives (``tasklines.text``): valid UTF-8 as its characters, every other
+byte 0xNN as the lone surrogate U+DCNN. A lone surrogate has no UTF-8 form, so every message
+(requests, replies, events) is written with it as the JSON escape ``\\udcNN``; the frame
+stays UTF-8. The daemon encodes the text back the same way (``tasklines.raw``), so the
+worker gets the submitted bytes exactly, whatever either side's locale. In these fields a
+surrogate outside U+DC80..U+DCFF stands for no byte and is refused (``bad-field``); in
+every other string any unpaired surrogate is. Reports and replies carry task lines and
+command words the same way: ``json.loads`` and ``.encode("utf-8", "surrogateescape")``
+give the bytes back. An older pmlmd refuses such a string with ``bad-field``; no message
+that was valid before changes its meaning, so the version stays 1.
+
+No string may hold a NUL: exec could not pass it on. And what Linux's exec takes is checked
+at submit, so that no task fails later for it (``bad-field``, naming the task line): at most
+``MAX_ARG_STRLEN`` bytes (32 pages: 131072 on x86-64) for one argument or environment
+string, its NUL included, after ``{}`` is replaced by the task line (shell-quoted with
+``shell``); so a task line has at most 131061 bytes, since it also reaches the worker as
+``PMLM_TASK=LINE``. And all of a worker's arguments and environment strings together, with
+a pointer each, within a quarter of the workers' soft stack limit (the ``stack`` of
+``rlimits``, else pmlmd's own; at most 6 MiB), 4096 bytes of that kept for the variables pmlmd
+adds.
 
 Replies
 =======
@@ -160,12 +207,23 @@ import copy
 import difflib
 import json
 import math
+import re
+import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from .bounds import BOUNDS, DURATION, MAX_TASKS, NUMBER
+from . import tasklines
+from .bounds import BOUNDS, DURATION, MAX_RLIMIT, MAX_TASKS, NUMBER
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+
+# The resource limits submit carries, by the names limits.conf(5) gives them: those a worker's
+# gate can set (engine.ULIMIT_FLAGS).
+RLIMITS = {"cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE, "data": resource.RLIMIT_DATA,
+           "stack": resource.RLIMIT_STACK, "core": resource.RLIMIT_CORE, "rss": resource.RLIMIT_RSS,
+           "memlock": resource.RLIMIT_MEMLOCK, "nproc": resource.RLIMIT_NPROC, "nofile": resource.RLIMIT_NOFILE,
+           "as": resource.RLIMIT_AS, "rtprio": resource.RLIMIT_RTPRIO}
+UNLIMITED = "unlimited"
 
 BAD_JSON = "bad-json"
 TOO_LARGE = "too-large"
@@ -216,6 +274,7 @@ _BOOL = "boolean"
 _CHOICE = "choice"
 _STR_LIST = "list of strings"
 _STR_MAP = "string map"
+_RLIMITS = "resource limits"
 
 
 @dataclass(frozen=True)
@@ -232,6 +291,7 @@ class _Field:
     max_items: int | None = None
     first_nonempty: bool = False
     unit: str = ""
+    carries_bytes: bool = False  # a string that reaches exec as bytes: see "Bytes" in the module docstring
 
     def describe(self) -> str:
         """What a valid value looks like, phrased to follow "must be"."""
@@ -255,6 +315,9 @@ class _Field:
             text = f"a list of {self.min_items} to {self.max_items} strings"
             if self.first_nonempty:
                 text += ", the first one non-empty"
+        elif self.kind == _RLIMITS:
+            text = (f"an object mapping resource names ({', '.join(RLIMITS)}) to [soft, hard], each an integer "
+                    f"from 0 to {MAX_RLIMIT} or {UNLIMITED!r}")
         else:
             text = "an object mapping variable names to strings"
         if self.unit:
@@ -270,6 +333,8 @@ class _Schema:
     # At most one of these may be non-null; with none given, `one_of_default` = (field, value) applies.
     one_of: tuple[str, ...] = ()
     one_of_default: tuple[str, Any] | None = None
+    # Checks the arguments together once each is valid: check(request name, arguments); raises ProtocolError.
+    check: Callable[[str, dict], None] | None = None
 
 
 _BATCH = _Field(_STR, required=True)
@@ -298,9 +363,10 @@ _SCHEMAS: dict[str, _Schema] = {
     "events": _Schema({"batch": _ANY_BATCH, "follow": _Field(_BOOL, default=False)}),
     "submit": _Schema(
         {
-            "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True),
+            "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True,
+                              carries_bytes=True),
             "tasks": _bounded("tasks"),
-            "task_lines": _opt(_STR_LIST, min_items=1, max_items=MAX_TASKS),
+            "task_lines": _opt(_STR_LIST, min_items=1, max_items=MAX_TASKS, carries_bytes=True),
             "shell": _Field(_BOOL, default=False),
             "name": _opt(_STR, max_chars=200),
             "priority": _bounded("priority", nullable=False, default=0),
@@ -319,12 +385,15 @@ _SCHEMAS: dict[str, _Schema] = {
             "term_mode": _opt(_CHOICE, choices=("signal", "agent")),
             "pause_mode": _opt(_CHOICE, choices=("signal", "agent")),
             "agent_timeout": _bounded("agent_timeout"),
+            "umask": _bounded("umask"),
+            "rlimits": _opt(_RLIMITS),
             "user": _opt(_STR),
-            "cwd": _Field(_PATH, required=True),
-            "env": _Field(_STR_MAP, default={}),
+            "cwd": _Field(_PATH, required=True, carries_bytes=True),
+            "env": _Field(_STR_MAP, default={}, carries_bytes=True),
         },
         one_of=("tasks", "task_lines"),
         one_of_default=("tasks", 1),
+        check=lambda req, args: _check_exec_fits(req, args),  # defined below, with the other checks
     ),
 }
 
@@ -369,13 +438,18 @@ def _suggest(word: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _text_problem(text: str) -> str | None:
-    """Why a string cannot be passed on (to exec, to the environment, back out as UTF-8), or None."""
+def _text_problem(text: str, carries_bytes: bool = False) -> str | None:
+    """Why a string cannot be passed on (to exec, to the environment, back out as UTF-8), or None.
+
+    With ``carries_bytes`` the surrogates that stand for bytes are fine (see "Bytes")."""
     if "\x00" in text:
         return "must not contain a NUL character"
     try:
-        text.encode("utf-8")
+        text.encode("utf-8", "surrogateescape" if carries_bytes else "strict")
     except UnicodeEncodeError:
+        if carries_bytes:
+            return ("holds a surrogate that stands for no byte (only U+DC80 to U+DCFF carry bytes that are not "
+                    "UTF-8)")
         return "must be valid Unicode text (it holds an unpaired surrogate)"
     return None
 
@@ -387,8 +461,8 @@ def _bad(req: str, name: str, field: _Field, value: Any) -> ProtocolError:
     return ProtocolError(BAD_FIELD, f"{req}: {name!r} must be {field.describe()}, got {_show(value)}")
 
 
-def _check_text(req: str, name: str, text: str) -> None:
-    problem = _text_problem(text)
+def _check_text(req: str, name: str, text: str, carries_bytes: bool = False) -> None:
+    problem = _text_problem(text, carries_bytes)
     if problem:
         raise ProtocolError(BAD_FIELD, f"{req}: {name!r} {problem}, got {_show(text)}")
 
@@ -403,7 +477,7 @@ def _check_str(req: str, name: str, field: _Field, value: Any) -> str:
 def _check_path(req: str, name: str, field: _Field, value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _bad(req, name, field, value)
-    _check_text(req, name, value)
+    _check_text(req, name, value, field.carries_bytes)
     return value
 
 
@@ -449,7 +523,7 @@ def _check_str_list(req: str, name: str, field: _Field, value: Any) -> list[str]
         item_name = f"{name}[{index}]"
         if not isinstance(item, str):
             raise ProtocolError(BAD_FIELD, f"{req}: {item_name!r} must be a string, got {_show(item)}")
-        _check_text(req, item_name, item)
+        _check_text(req, item_name, item, field.carries_bytes)
     if field.first_nonempty and not value[0]:
         raise ProtocolError(BAD_FIELD, f"{req}: {name + '[0]'!r} (the program to run) must not be empty")
     return list(value)
@@ -462,16 +536,37 @@ def _check_str_map(req: str, name: str, field: _Field, value: Any) -> dict[str, 
         if not key or "=" in key:
             raise ProtocolError(BAD_FIELD, f"{req}: {name!r} has the variable name {_show(key)}; "
                                            f"a variable name must be non-empty and without '='")
-        problem = _text_problem(key)
+        problem = _text_problem(key, field.carries_bytes)
         if problem:
             raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable name {_show(key)} {problem}")
         if not isinstance(item, str):
             raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable {_show(key)} must be a string, "
                                            f"got {_show(item)}")
-        problem = _text_problem(item)
+        problem = _text_problem(item, field.carries_bytes)
         if problem:
             raise ProtocolError(BAD_FIELD, f"{req}: {name!r} variable {_show(key)} {problem}")
     return dict(value)
+
+
+def _check_rlimits(req: str, name: str, field: _Field, value: Any) -> dict[str, list]:
+    if not isinstance(value, dict):
+        raise _bad(req, name, field, value)
+    checked = {}
+    for key, pair in value.items():
+        if key not in RLIMITS:
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} has the resource {_show(key)}"
+                                           f"{_suggest(key, RLIMITS)}; "
+                                           f"known resources: {', '.join(RLIMITS)}")
+        if not isinstance(pair, list) or len(pair) != 2 or not all(
+                item == UNLIMITED or (_is_int(item) and 0 <= item <= MAX_RLIMIT) for item in pair):
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} resource {key!r} must be [soft, hard], each an "
+                                           f"integer from 0 to {MAX_RLIMIT} or {UNLIMITED!r}, got {_show(pair)}")
+        soft, hard = pair
+        if hard != UNLIMITED and (soft == UNLIMITED or soft > hard):
+            raise ProtocolError(BAD_FIELD, f"{req}: {name!r} resource {key!r}: the soft limit {_show(soft)} is "
+                                           f"above the hard limit {_show(hard)}")
+        checked[key] = [soft, hard]
+    return checked
 
 
 _CHECKS = {
@@ -483,6 +578,7 @@ _CHECKS = {
     _CHOICE: _check_choice,
     _STR_LIST: _check_str_list,
     _STR_MAP: _check_str_map,
+    _RLIMITS: _check_rlimits,
 }
 
 
@@ -513,7 +609,27 @@ def _check_args(req: str, schema: _Schema, given: dict) -> dict:
         if not given_names and schema.one_of_default is not None:
             name, value = schema.one_of_default
             args[name] = value
+    if schema.check is not None:
+        schema.check(req, args)
     return args
+
+
+def _check_exec_fits(req: str, args: dict) -> None:
+    """submit: every worker's exec must take its command, environment and task line (see "Bytes"),
+    so that a line too long for Linux is refused now rather than failing as a task later."""
+    # A worker's exec runs under the stack limit the submitter sent (pmlmd may only lower it
+    # further), else under pmlmd's own.
+    stack = (args.get("rlimits") or {}).get("stack")
+    soft = None if stack is None else resource.RLIM_INFINITY if stack[0] == UNLIMITED else stack[0]
+    fit = tasklines.Fit(args["command"], args["shell"], args["env"], tasklines.arg_max(soft))
+    problem = fit.base_problem()
+    if problem:
+        raise ProtocolError(BAD_FIELD, f"{req}: the command cannot be executed: {problem}")
+    for index, line in enumerate(args["task_lines"] or ()):
+        problem = fit.problem(line)
+        if problem:
+            raise ProtocolError(BAD_FIELD, f"{req}: 'task_lines[{index}]' is too long "
+                                           f"({len(tasklines.raw(line))} bytes): {problem}")
 
 
 # --- framing -------------------------------------------------------------------------------
@@ -639,8 +755,16 @@ def check_args(name: str, given: Any) -> dict:
 # --- encoding ------------------------------------------------------------------------------
 
 
+# A lone surrogate: in pmlmd's strings, a byte that is not UTF-8 (see "Bytes").
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dump(message: dict) -> bytes:
-    return json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    # UTF-8 has no form for a lone surrogate, a JSON escape has; every other character stays
+    # as it is, so text that is UTF-8 costs no more room than before. Surrogates occur only
+    # inside JSON strings, where an escape means the same character.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
 
 
 def encode_request(name: str, /, request_id: str | int | None = None, **args) -> bytes:

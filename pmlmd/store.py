@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tasklines
 from .batch import FINISHED, QUEUED, RUNNING, Attempt, Task
 from .bounds import BOUNDS
 
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS tasks (
     batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
-    line TEXT,
+    line TEXT,                       -- a BLOB of its bytes when they are not UTF-8 (kept as one)
     status TEXT NOT NULL,
     governor_ends INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
@@ -118,6 +119,24 @@ def _shown(raw: Any) -> str | None:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
 
 
+def _line_value(line: str | None) -> str | bytes | None:
+    """A task line as stored: TEXT when it is UTF-8, else a BLOB of its bytes (sqlite3 cannot
+    store the surrogates that stand for them as TEXT, and bytes are what the line is)."""
+    if line is None:
+        return None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return tasklines.raw(line)
+    return line
+
+
+def _message(text: str | None) -> str | None:
+    """A message for people as stored: where it quotes bytes that are not UTF-8 (a directory's
+    name, say) it shows their surrogates as \\udcNN, since sqlite3 cannot store them as TEXT."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _plain(value: Any) -> int | float | None:
     """A number fit for a JSON reply, or None."""
     return value if _real(value, -MAX_INT64, MAX_INT64) else None
@@ -188,7 +207,7 @@ class Store:
                             (batch_id, seq, name, uid, gid, json.dumps(groups), priority, json.dumps(submission),
                              created))
             self.db.executemany("INSERT INTO tasks (batch_id, idx, line, status) VALUES (?, ?, ?, ?)",
-                                ((batch_id, t.index, t.line, t.status) for t in tasks))
+                                ((batch_id, t.index, _line_value(t.line), t.status) for t in tasks))
 
     def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
         with self.db:
@@ -208,7 +227,7 @@ class Store:
                 "signal=excluded.signal, cause=excluded.cause, reason=excluded.reason, peak_rss=excluded.peak_rss, "
                 "cpu_seconds=excluded.cpu_seconds, pauses=excluded.pauses, stop_path=excluded.stop_path",
                 (batch_id, task.index, attempt.number, attempt.pid, attempt.start, attempt.end, attempt.exit_code,
-                 attempt.signal, attempt.cause, attempt.reason, attempt.peak_rss, attempt.cpu_seconds,
+                 attempt.signal, attempt.cause, _message(attempt.reason), attempt.peak_rss, attempt.cpu_seconds,
                  attempt.pauses, attempt.stop_path))
             self._task_row(batch_id, task)
 
@@ -296,7 +315,11 @@ class Store:
         for idx, line, status, governor_ends, failures in self.db.execute(
                 "SELECT idx, line, status, governor_ends, failures FROM tasks WHERE batch_id=? ORDER BY idx", (bid,)):
             _need(idx == len(tasks) and _int(idx, 0, MAX_INT64), f"the index of its task number {len(tasks)}", idx)
-            _need(_text(line), f"the line of task {idx}", line)
+            _need(_text(line) or isinstance(line, bytes), f"the line of task {idx}", line)
+            if isinstance(line, bytes):
+                line = tasklines.text(line)
+            # A NUL would end the string exec gets: the line could not be handed on as it is.
+            _need(line is None or "\0" not in line, f"the line of task {idx}", line)
             _need(status in TASK_STATES, f"the status of task {idx}", status)
             _need(_int(governor_ends, 0, MAX_INT64) and _int(failures, 0, MAX_INT64),
                   f"the termination and failure counts of task {idx}", (governor_ends, failures))

@@ -49,7 +49,8 @@ WIRE = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 SUBMIT_NUMBERS = sorted(name for name, field in protocol._SCHEMAS["submit"].fields.items()
                         if field.kind in (protocol._INT, protocol._NUMBER))
 CONFIG_NUMBERS = sorted(name for name in BOUNDS if name in Config.__dataclass_fields__)
-CLI_NUMBERS = sorted(name for name in BOUNDS if name != "prune_after")
+# No option: the daemon's own, and the umask, which submit takes from pmlmctl's process.
+CLI_NUMBERS = sorted(name for name in BOUNDS if name not in ("prune_after", "umask"))
 
 # Refused for every numeric argument: beyond any range, of the wrong type, or not a number at all.
 POISON = [10 ** 400, -10 ** 400, 2 ** 63, 2 ** 64, -2 ** 63 - 1, MAX_SIZE * 4, 1e308, -1e308, 1e20, True, False,

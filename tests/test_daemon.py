@@ -286,7 +286,17 @@ def test_the_daemon_raises_its_own_open_files_limit_but_workers_keep_the_one_it_
     daemon = daemon_factory().start(prefix=("prlimit", "--nofile=256:4096", "--"))  # what it inherits
     # pmlmd itself may hold up to the hard limit (a connection or a pidfd each)...
     assert resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+    # ...its workers start with what it was given, as they would have before it raised its own: here
+    # for a submit that names no limits of its own (an older pmlmctl; pmlmctl now sends its shell's).
+    with daemon.client() as client:
+        batch = client.call("submit", command=["/bin/sh", "-c", f"ulimit -Sn > {out}; ulimit -Hn >> {out}"],
+                            cwd="/tmp")["batch"]
+    wait_for(lambda: json.loads(daemon.ctl("status", batch, "--json").stdout)["state"] == "finished", timeout=30,
+             what="the batch to finish")
+    assert out.read_text().split() == ["256", "4096"]
+    # pmlmctl sends its own limits: its workers get them, within pmlmd's hard limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     result = daemon.ctl("submit", "--wait", "--", "/bin/sh", "-c", f"ulimit -Sn > {out}; ulimit -Hn >> {out}")
     assert result.returncode == 0, result.stderr
-    # ...its workers start with what it was given, as they would have before it raised its own.
-    assert out.read_text().split() == ["256", "4096"]
+    assert out.read_text().split() == [str(min(soft, 4096)), str(min(hard, 4096))]
+    assert ("nofile" in result.stderr) == (hard > 4096)  # pmlmctl says when it was lowered
