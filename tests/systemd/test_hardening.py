@@ -65,6 +65,7 @@ def test_the_installed_unit_is_rated_at_most_four(testbed):
     match = re.search(r"Overall exposure level for pmlmd\.service: (\d+\.\d)", out)
     assert match, out
     assert float(match.group(1)) <= 4.0, out
+    print(f"\nsystemd-analyze security pmlmd (installed): {match.group(1)}")  # shown with -s
 
 
 def test_the_sandbox_is_in_force(pmlmd):
