@@ -399,17 +399,36 @@ class Engine:
             u = usage.get(pgid)
             if u is None:
                 continue
+            memory = self._memory(w, u)
             if w.ticks is not None and w.measured_at is not None and now > w.measured_at:
                 elapsed = now - w.measured_at
                 w.cpu = 100.0 * (u.cpu_ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
-                w.rss_growth = (u.rss - w.rss) / elapsed
+                w.rss_growth = (memory - w.rss) / elapsed
             previous_measurement = w.measured_at
-            w.ticks, w.rss, w.measured_at = u.cpu_ticks, u.rss, now
-            w.peak_rss = max(w.peak_rss, u.rss)
+            w.ticks, w.rss, w.measured_at = u.cpu_ticks, memory, now
+            w.peak_rss = max(w.peak_rss, memory)
             if (w.verify_pause_from is not None and previous_measurement is not None
                     and previous_measurement >= w.verify_pause_from):
                 self._verify_agent_pause(w)
         self.last_refresh = now
+
+    def _memory(self, w: Worker, u) -> int:
+        """The worker's memory in bytes: its group's RSS, or, when several processes may share pages
+        (children forked over the same memory, escaped members), the sum of their PSS, which
+        counts a shared page once. RSS summed per process would count it once per process."""
+        pids = list(u.pids) + list(w.escaped)
+        if len(pids) < 2:
+            return u.rss
+        total = 0
+        for pid in pids:
+            pss = self.proc.pss(pid)
+            if pss is None:
+                stat = self.proc.pid_stat(pid)
+                if stat is not None and stat.state != "Z":
+                    return u.rss  # one unreadable member: the per-process sum is the safe side
+                continue
+            total += pss
+        return total
 
     def _verify_agent_pause(self, w: Worker) -> None:
         """An agent-paused worker measured over a whole interval after its grace: is it standing still?

@@ -48,6 +48,17 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return fields
 
 
+def parse_pss(text: str) -> int | None:
+    """The "Pss:" field of /proc/PID/smaps_rollup, in bytes (the file gives kB)."""
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 def parse_cpu_line(text: str) -> tuple[int, int]:
     """From /proc/stat, return (busy, total) jiffies of the aggregate "cpu" line.
 
@@ -128,6 +139,17 @@ class ProcReader:
                 continue
         return found
 
+    def pss(self, pid: int) -> int | None:
+        """The process's proportional set size in bytes (/proc/PID/smaps_rollup, proc(5)): each
+        page it shares counts divided by the number of processes sharing it, so the members of a
+        worker that forked children over the same memory add up to that memory once. None when
+        unreadable (gone, a kernel thread, or no ptrace access to it)."""
+        try:
+            text = self._read(f"{pid}/smaps_rollup")
+        except OSError:
+            return None
+        return parse_pss(text)
+
     def environ(self, pid: int) -> dict[bytes, bytes]:
         """The environment the process was started with (/proc/PID/environ); {} when unreadable."""
         try:
@@ -153,6 +175,7 @@ class GroupUsage:
     cpu_ticks: int
     states: str  # one letter per process, e.g. "TT"
     processes: int
+    pids: tuple[int, ...] = ()  # its members
 
 
 def group_usage(stats: Iterable[ProcStat], pgids: set[int]) -> dict[int, GroupUsage]:
@@ -160,11 +183,13 @@ def group_usage(stats: Iterable[ProcStat], pgids: set[int]) -> dict[int, GroupUs
     acc: dict[int, list] = {}
     for st in stats:
         if st.pgrp in pgids:
-            entry = acc.setdefault(st.pgrp, [0, 0, []])
+            entry = acc.setdefault(st.pgrp, [0, 0, [], []])
             entry[0] += st.rss_pages * PAGE_SIZE
             entry[1] += st.cpu_ticks
             entry[2].append(st.state)
-    return {pgid: GroupUsage(rss, ticks, "".join(states), len(states)) for pgid, (rss, ticks, states) in acc.items()}
+            entry[3].append(st.pid)
+    return {pgid: GroupUsage(rss, ticks, "".join(states), len(states), tuple(pids))
+            for pgid, (rss, ticks, states, pids) in acc.items()}
 
 
 class NodeSampler:

@@ -113,3 +113,14 @@ def test_real_proc_sees_this_process():
     assert me.pid == os.getpid() and me.rss_pages > 0 and me.state in "RS"
     info = reader.meminfo()
     assert 0 < info["MemAvailable"] <= info["MemTotal"]
+
+
+def test_pss_is_read_from_smaps_rollup_in_bytes(tmp_path):
+    from pmlmd.sampler import ProcReader, parse_pss
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "smaps_rollup").write_text(
+        "56404743c000-7ffd048ee000 ---p 00000000 00:00 0    [rollup]\nRss:  1728 kB\nPss:  597 kB\n")
+    assert ProcReader(str(tmp_path)).pss(7) == 597 * 1024
+    assert ProcReader(str(tmp_path)).pss(8) is None  # gone
+    assert parse_pss("Rss: 1 kB\n") is None

@@ -71,7 +71,7 @@ def test_limit_nofile_is_set():
 
 def test_the_capability_set_is_the_one_documented():
     caps = settings(SERVICE, "Service")["CapabilityBoundingSet"].split()
-    assert sorted(caps) == ["CAP_CHOWN", "CAP_KILL", "CAP_SETGID", "CAP_SETUID"]
+    assert sorted(caps) == ["CAP_CHOWN", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SYS_PTRACE"]
 
 
 def test_the_shipped_slice_carries_the_config_defaults():

@@ -74,8 +74,8 @@ def test_the_sandbox_is_in_force(pmlmd):
     assert status["NoNewPrivs"].strip() == "1"
     assert int(status["Seccomp"]) == 2
     bounding = int(status["CapBnd"], 16)
-    # CAP_CHOWN 0, CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7.
-    assert bounding == 0b11100001, hex(bounding)
+    # CAP_CHOWN 0, CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7, CAP_SYS_PTRACE 19.
+    assert bounding == (1 << 19) | 0b11100001, hex(bounding)
 
 
 def test_slice_and_scopes_have_the_shipped_backstops(pmlmd):
