@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import __version__, protocol, tasklines
-from .batch import BatchSpec
+from .batch import CAUSE_CANCELLED, BatchSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
@@ -342,7 +342,21 @@ def cmd_run(parser, args) -> int:
         parser.error(f"cannot write {e.filename!r}: {e.strerror}")
     status = StatusLine(sys.stderr) if sys.stderr.isatty() else None
     runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status)
-    batch = runner.run()
+    stopped = None
+    try:
+        batch = runner.run()
+    except Exception as e:  # the runner has ended every worker it started (Runner.run's finally)
+        logging.getLogger("pmlmd.runner").debug("pmlmctl run could not go on", exc_info=True)
+        stopped = (f"pmlmctl run could not go on ({type(e).__name__}: {e}); every worker it started was "
+                   "ended; run with -vv for the details")
+        batch = runner.batch
+        batch.cancel_reason = batch.cancel_reason or stopped
+        batch.cancel_queued()
+        batch.finished = time.time()
+        for task in batch.tasks:  # the attempts the fault left open end as cancelled
+            if task.attempts and task.attempts[-1].end is None:
+                task.attempts[-1].reason = stopped
+                batch.end_attempt(task, task.attempts[-1], batch.finished, CAUSE_CANCELLED)
     if status:
         status.clear()
     report = batch.report()
@@ -361,6 +375,9 @@ def cmd_run(parser, args) -> int:
               f"({report['lowest_free_memory_pct']}%), highest cpu {report['highest_cpu_pct']}%")
     if report["error_message"]:
         print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
+    if stopped is not None:
+        print(f"pmlmctl: {stopped}", file=sys.stderr)
+        return 1
     if runner.interrupted_by is not None:
         return 128 + runner.interrupted_by
     return batch.exit_status()
