@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
 import socket
 import struct
 import time
@@ -62,7 +63,16 @@ class PeerLimit:
 
     def __init__(self, sock: zmq.Socket, limit: Callable[[int], int | None], name: str):
         """``limit(uid)`` is how many connections that user may hold (None: no limit)."""
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # A monitor socket of our own rather than pyzmq's get_monitor_socket: with no receive
+        # high-water mark set before it connects, libzmq's inproc pipe to it is unbounded, so no
+        # event is dropped in a flood of connections (an ACCEPTED dropped is a connection never
+        # counted, never hung up).
+        address = f"inproc://pmlmd-peers-{id(self):x}-{secrets.token_hex(4)}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = sock.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(address)
         self.sock = sock
         self.limit = limit
         self.name = name
@@ -79,8 +89,8 @@ class PeerLimit:
             except zmq.Again:
                 break
             except (RuntimeError, ValueError, KeyError):
-                # libzmq drops monitor events when their queue is full, and may drop one frame of
-                # an event only: what is left is no event. The counts are checked again below.
+                # Not an event (libzmq with a bounded monitor queue can drop one frame of an event):
+                # the counts are checked again before anyone is hung up.
                 self.lost = True
                 continue
             fd = event["value"]
