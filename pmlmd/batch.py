@@ -227,7 +227,8 @@ class Batch:
         parts = [f"{c['succeeded']} succeeded"]
         parts += [f"{c[k]} {k.replace('_', ' ')}" for k in ("failed", "given_up", "cancelled", "terminated", "requeued")
                   if c[k]]
-        return f"batch {self.spec.batch_id}: {c['tasks']} tasks, {', '.join(parts)} in {took:.1f}s"
+        tasks = f"{c['tasks']} task" + ("" if c["tasks"] == 1 else "s")
+        return f"batch {self.spec.batch_id}: {tasks}, {', '.join(parts)} in {took:.1f}s"
 
     def report(self) -> dict:
         spec, limits = self.spec, self.spec.limits

@@ -372,7 +372,8 @@ def cmd_run(parser, args) -> int:
     else:
         print(batch.summary_line())
         print(f"lowest free memory {format_size(batch.lowest_free or 0)} "
-              f"({report['lowest_free_memory_pct']}%), highest cpu {report['highest_cpu_pct']}%")
+              f"({report['lowest_free_memory_pct']}%), highest cpu "
+              + ("n/a (no sample)" if report["highest_cpu_pct"] is None else f"{report['highest_cpu_pct']}%"))
     if report["error_message"]:
         print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
     if stopped is not None:
@@ -533,6 +534,9 @@ def cmd_report(parser, args) -> int:
     return 0
 
 
+ENGINE_WORDS = {"held": "paused", "released": "resumed", "noncompliant": "a worker did not comply with an agent pause"}
+
+
 def describe_event(e: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
     batch = f"batch {e['batch']}" if e.get("batch") else "node"
@@ -548,7 +552,8 @@ def describe_event(e: dict) -> str:
         return f"{when} {batch}: task {e['task']} attempt {e['attempt']} started as pid {e['pid']}"
     if kind == "finished":
         return f"{when} {batch}: finished: {e['summary']}"
-    return f"{when} {batch}: {kind}"
+    # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.
+    return f"{when} {batch}: {ENGINE_WORDS.get(kind, kind)}"
 
 
 def cmd_events(parser, args) -> int:

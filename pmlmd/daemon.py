@@ -32,6 +32,7 @@ from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
 from .systemd import Notifier, setup_logging
+from .units import format_size
 
 log = logging.getLogger("pmlmd.daemon")
 
@@ -49,6 +50,14 @@ SD_LISTEN_FDS_START = 3
 ASKED_LIMITS = {"cpu_limit": "cpu_limit", "cpu_margin": "cpu_margin", "memfree_limit": "memfree_limit",
                 "memory_metric": "memory_metric", "memory_gap": "memory_gap", "min_free": "min_free",
                 "victim": "victim", "interval": "window"}
+
+
+# Submit options that set a limit, their Limits field, and when an asked value is looser than the node's.
+LOOSER = {"cpu_limit": ("cpu_limit", lambda asked, node: asked > node),
+          "cpu_margin": ("cpu_margin", lambda asked, node: asked < node),
+          "memfree_limit": ("memfree_limit", lambda asked, node: asked < node),
+          "memory_gap": ("memory_gap", lambda asked, node: asked < node),
+          "min_free": ("min_free", lambda asked, node: asked < node)}
 
 
 class DaemonError(Exception):
@@ -297,7 +306,8 @@ class Daemon:
         if sample is not None:
             free = 100.0 * free_bytes(sample, self.engine.limits) / sample.mem_total
             node = f"; cpu {sample.cpu_pct or 0:.0f}% free {free:.0f}%"
-        return (f"{len(self.engine.runs)} batches, {self.engine.count(RUNNING)} running, "
+        batches = len(self.engine.runs)
+        return (f"{batches} batch{'' if batches == 1 else 'es'}, {self.engine.count(RUNNING)} running, "
                 f"{self.engine.count(PAUSED) + self.engine.count(HELD)} paused{node}")
 
     # --- owners ------------------------------------------------------------------------------
@@ -484,6 +494,20 @@ class Daemon:
             user = f"uid {uid}"
         return f"pmlmd batch {batch_id}{f' ({name})' if name else ''} of {user}"
 
+    def _refuse_looser(self, args: dict) -> None:
+        """A batch may make the node's limits stricter, never looser: say so rather than run it
+        with other limits than it asked for."""
+        node = self.engine.limits
+        for option, (field, looser) in LOOSER.items():
+            asked = args.get(option)
+            if asked is None or not looser(asked, getattr(node, field)):
+                continue
+            shown = {"memory_gap": format_size, "min_free": format_size}.get(option, lambda v: f"{v:g}")
+            raise protocol.ProtocolError(protocol.BAD_FIELD, (
+                f"submit: {option} {shown(asked)} is looser than this node's {shown(getattr(node, field))}: a batch "
+                f"can only make the node's limits stricter; ask for {shown(getattr(node, field))} or stricter, or "
+                f"have the administrator change {option} in [limits] of {self.config_path or DEFAULT_CONFIG_PATH}"))
+
     @staticmethod
     def _asked(args: dict) -> dict:
         return {field: args[name] for name, field in ASKED_LIMITS.items() if args.get(name) is not None}
@@ -549,6 +573,10 @@ class Daemon:
         for (client, request_id), only in list(self.followers.items()):
             if only is None or only == event.get("batch"):
                 self._send(client, protocol.encode_event(event, request_id), follower=(client, request_id))
+            if kind == "finished" and only == event.get("batch") and (client, request_id) in self.followers:
+                # Following one batch ends with it: the closing reply, and the follower is let go.
+                del self.followers[(client, request_id)]
+                self._send(client, protocol.encode_reply({"events": "end"}, request_id))
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
@@ -624,6 +652,7 @@ class Daemon:
             workdir.check(args["cwd"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
         except workdir.DirectoryError as e:
             raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: {e}") from None
+        self._refuse_looser(args)
         seq = self.store.next_seq()
         batch_id = str(seq)
         lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
@@ -729,12 +758,11 @@ class Daemon:
 
     def _do_events(self, client, request, peer) -> bytes | None:
         only = request.args["batch"]
-        if only is not None:
-            self._batch(only, peer, None)
+        live = only is None or self._batch(only, peer, None) is not None
         for event in self.recent:
             if only is None or event.get("batch") == only:
                 self._send(client, protocol.encode_event(event, request.request_id))
-        if request.args["follow"]:
+        if request.args["follow"] and live:  # a finished batch has nothing more to follow
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open
         return protocol.encode_reply({"events": "end"}, request.request_id)

@@ -300,3 +300,35 @@ def test_the_daemon_raises_its_own_open_files_limit_but_workers_keep_the_one_it_
     assert result.returncode == 0, result.stderr
     assert out.read_text().split() == [str(min(soft, 4096)), str(min(hard, 4096))]
     assert ("nofile" in result.stderr) == (hard > 4096)  # pmlmctl says when it was lowered
+
+
+def test_a_batch_may_tighten_the_nodes_limits_but_a_looser_ask_is_refused_with_the_reason(daemon_factory):
+    daemon = daemon_factory("[limits]\ncpu_limit = 90\nmemfree_limit = 20\n").start()
+    looser = daemon.ctl("submit", "--cpu-limit", "95", "--memfree-limit", "10", "--", "true")
+    assert looser.returncode == 2, looser.stderr
+    assert "cpu_limit 95 is looser than this node's 90" in looser.stderr
+    assert "ask for 90 or stricter" in looser.stderr and "[limits]" in looser.stderr
+    assert looser.stderr.count("\n") == 1
+    assert daemon.ctl("list", "--json").stdout.strip() == "[]"  # nothing was created
+    stricter = daemon.ctl("submit", "--wait", "--cpu-limit", "50", "--memfree-limit", "30", "--", "true")
+    assert stricter.returncode == 0, stricter.stderr
+
+
+def test_following_one_batch_ends_when_it_finishes(daemon):
+    batch = daemon.ctl("submit", "--", "sleep", "1").stdout.strip()
+    followed = daemon.ctl("events", "--follow", batch, timeout=30)
+    assert followed.returncode == 0, followed.stderr
+    assert f"batch {batch}: finished: batch {batch}: 1 task, 1 succeeded" in followed.stdout.splitlines()[-1]
+    # A batch that has finished already: its events, and the end at once.
+    again = daemon.ctl("events", "--follow", batch, timeout=30)
+    assert again.returncode == 0 and "finished" in again.stdout.splitlines()[-1]
+
+
+def test_events_say_paused_and_resumed_as_the_commands_do(daemon):
+    batch = daemon.ctl("submit", "--", "sleep", "30").stdout.strip()
+    assert daemon.ctl("pause", batch).returncode == 0
+    assert daemon.ctl("resume", batch).returncode == 0
+    assert daemon.ctl("cancel", batch).returncode == 0
+    lines = daemon.ctl("events", "--follow", batch, timeout=60).stdout.splitlines()
+    assert any(line.endswith(f"batch {batch}: paused") for line in lines), lines
+    assert any(line.endswith(f"batch {batch}: resumed") for line in lines), lines
