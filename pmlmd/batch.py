@@ -214,7 +214,8 @@ class Batch:
             return f"critical finish: {self.critical_reason}"
         if self.cancel_reason:
             return f"cancelled: {self.cancel_reason}"
-        bad = [t for t in self.tasks if t.status != SUCCEEDED]
+        # While the batch runs, a task still queued or running has not failed (yet).
+        bad = [t for t in self.tasks if t.status != SUCCEEDED and (self.finished is not None or t.status in FINISHED)]
         if not bad:
             return None
         shown = ", ".join(f"{t.index} ({_describe_end(t)})" for t in bad[:5])
@@ -230,23 +231,29 @@ class Batch:
         tasks = f"{c['tasks']} task" + ("" if c["tasks"] == 1 else "s")
         return f"batch {self.spec.batch_id}: {tasks}, {', '.join(parts)} in {took:.1f}s"
 
-    def report(self) -> dict:
+    def report(self, now: float | None = None) -> dict:
+        """The execution report. For a batch still running, ``now`` (wall-clock seconds) gives its
+        duration so far; it says ``"state": "running"``, its exit_status is None and only tasks
+        that ended count as not succeeded."""
         spec, limits = self.spec, self.spec.limits
         error = self.error_message()
+        running = self.finished is None
+        end = self.finished if not running else (now if now is not None else self.started)
         return {
             "report_version": REPORT_VERSION,
             "batch_id": spec.batch_id,
             "task_id": spec.task_id or spec.batch_id,
             "command": spec.command,
             "shell": spec.shell,
+            "state": "running" if running else "finished",
             "started": iso(self.started),
             "finished": iso(self.finished),
-            "duration_s": round((self.finished or self.started) - self.started, 3),
+            "duration_s": round(max(end - self.started, 0.0), 3),
             "error_exist": error is not None,
             "error_message": error,
             "critical_error": self.critical_reason is not None,
             "execution_message": self.summary_line(),
-            "exit_status": self.exit_status(),
+            "exit_status": None if running else self.exit_status(),
             "limits": {
                 "cpu_limit_pct": limits.cpu_limit,
                 "memfree_limit_pct": limits.memfree_limit,

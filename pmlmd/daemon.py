@@ -753,7 +753,10 @@ class Daemon:
 
     def _do_report(self, client, request, peer) -> bytes:
         run = self._batch(request.args["batch"], peer, None)
-        report = run.batch.report() if run is not None else self.store.finished_report(request.args["batch"])
+        if run is not None:
+            report = run.batch.report(time.time())  # running: how long so far, nothing failed that has not
+        else:
+            report = self.store.finished_report(request.args["batch"])
         return protocol.encode_reply(report, request.request_id)
 
     def _do_events(self, client, request, peer) -> bytes | None:

@@ -227,7 +227,10 @@ def served():
     base = Path(tempfile.mkdtemp(prefix="pmlm-"))  # short: the socket path must fit in 108 bytes
     base.chmod(0o755)
     # The caller's own group may submit, so valid submits are taken also when the tests do not run as root.
-    daemon = Daemon(base, f'[daemon]\ngroup = "{grp.getgrgid(os.getegid()).gr_name}"\n')
+    # The node's limits as loose as they go: a batch may only tighten them, so every value in range is
+    # taken (a looser one would be refused, as test_daemon checks).
+    daemon = Daemon(base, f'[daemon]\ngroup = "{grp.getgrgid(os.getegid()).gr_name}"\n[limits]\ncpu_limit = 100\n'
+                          'cpu_margin = 0\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n')
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -332,3 +332,17 @@ def test_events_say_paused_and_resumed_as_the_commands_do(daemon):
     lines = daemon.ctl("events", "--follow", batch, timeout=60).stdout.splitlines()
     assert any(line.endswith(f"batch {batch}: paused") for line in lines), lines
     assert any(line.endswith(f"batch {batch}: resumed") for line in lines), lines
+
+
+def test_the_report_of_a_running_batch_says_it_runs_and_counts_nothing_as_failed(daemon):
+    batch = daemon.ctl("submit", "-n", "3", "-j", "1", "--", "sleep", "30").stdout.strip()
+    wait_for(lambda: len(daemon.worker_pids()) == 1, what="the first worker")
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert report["state"] == "running" and report["exit_status"] is None, report
+    assert report["error_exist"] is False and report["error_message"] is None, report
+    assert report["duration_s"] > 0
+    assert daemon.ctl("cancel", batch).returncode == 0
+    wait_for(lambda: json.loads(daemon.ctl("report", batch).stdout)["state"] == "finished",
+             what="the batch to finish")
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert report["exit_status"] == 1 and report["error_message"].startswith("cancelled"), report

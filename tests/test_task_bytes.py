@@ -67,6 +67,12 @@ WORKER = ("import os, sys; d = sys.argv[1]; i = os.environ['PMLM_TASK_INDEX']; "
 FAST = ("--cpu-limit", "100", "--memfree-limit", "0", "--interval", "0.05")
 
 
+@pytest.fixture
+def daemon(daemon_factory):
+    """A pmlmd whose limits FAST does not loosen (a batch may only tighten the node's)."""
+    return daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\n").start()
+
+
 def tasks_file(path: Path, lines: list[bytes], separator: bytes = b"\n") -> Path:
     # An empty line between (skipped) and no separator after the last line (still a task).
     path.write_bytes(lines[0] + separator + separator + separator.join(lines[1:]))
