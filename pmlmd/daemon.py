@@ -910,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", help="where the state database lives (default /var/lib/pmlmd)")
     p.add_argument("--log-target", choices=("auto", "journal", "console"),
                    help="auto: the journal when stderr is connected to it, else the console")
+    p.add_argument("--check-config", nargs="?", const=True, metavar="PATH",
+                   help="do not serve: check the configuration file (PATH, else --config, else the default) "
+                        "as a start would, print what is wrong, exit 0 or 1; for ExecReload=")
     p.add_argument("--release-workers", action="store_true",
                    help="do not serve: continue (or, with stranded = \"terminate\", end) every worker an earlier "
                         "pmlmd left, thawing their scopes; for ExecStopPost=")
@@ -919,6 +922,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"socket": args.socket, "state_dir": args.state_dir, "log_target": args.log_target}
+    if args.check_config is not None:
+        path = args.config if args.check_config is True else args.check_config
+        try:
+            load_config(path, overrides)
+        except ConfigError as e:
+            print(f"pmlmd: {e}", file=sys.stderr)
+            return 1
+        print(f"pmlmd: {path or DEFAULT_CONFIG_PATH}: the configuration is valid")
+        return 0
     if args.release_workers:
         try:
             config = load_config(args.config, overrides)

@@ -346,3 +346,16 @@ def test_the_report_of_a_running_batch_says_it_runs_and_counts_nothing_as_failed
              what="the batch to finish")
     report = json.loads(daemon.ctl("report", batch).stdout)
     assert report["exit_status"] == 1 and report["error_message"].startswith("cancelled"), report
+
+
+def test_check_config_says_what_is_wrong_with_a_file_without_starting(tmp_path):
+    bad, good = tmp_path / "bad.toml", tmp_path / "good.toml"
+    bad.write_text("[limits]\ncpu_limt = 50\n")
+    good.write_text("[limits]\ncpu_limit = 50\n")
+    refused = subprocess.run([PY, "-m", "pmlmd", "--check-config", str(bad)], capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr == (f"pmlmd: {bad}: limits.cpu_limt: unknown key, did you mean \"cpu_limit\"? (known keys "
+                              "in [limits]: cpu_limit, cpu_margin, memfree_limit, memory_metric, memory_gap, min_free, "
+                              "victim, interval, max_workers)\n")
+    taken = subprocess.run([PY, "-m", "pmlmd", "--config", str(good), "--check-config"], capture_output=True, text=True)
+    assert taken.returncode == 0 and "the configuration is valid" in taken.stdout

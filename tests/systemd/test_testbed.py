@@ -47,6 +47,23 @@ def test_journal_has_the_ready_line(pmlmd):
                 lambda proc: READY_LINE in proc.stdout, what=f"{READY_LINE!r} in the journal")
 
 
+def test_reload_with_a_broken_config_fails_and_pmlmd_keeps_running(pmlmd):
+    config = "/etc/pmlmd/pmlmd.toml"
+    saved = pmlmd.run(["cat", config]).stdout
+    main_pid = show(pmlmd, "MainPID")
+    try:
+        pmlmd.run(f"cat > {config}", input="[limits]\ncpu_limt = 50\n")
+        proc = pmlmd.run(["systemctl", "reload", UNIT], check=False, timeout=60)
+        assert proc.returncode != 0, "reload reported success for a file pmlmd refuses"
+        check = pmlmd.run(["pmlmd", "--check-config"], check=False)
+        assert check.returncode == 1 and "limits.cpu_limt: unknown key" in check.stderr, check.stderr
+        assert pmlmd.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+        assert show(pmlmd, "MainPID") == main_pid
+    finally:
+        pmlmd.run(f"cat > {config}", input=saved)
+    assert pmlmd.run(["systemctl", "reload", UNIT], check=False, timeout=60).returncode == 0
+
+
 def test_reload_then_stop(pmlmd):
     main_pid = show(pmlmd, "MainPID")
     proc = pmlmd.run(["systemctl", "reload", UNIT], check=False, timeout=60)
