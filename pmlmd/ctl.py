@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=socket_help)
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument("--json", action="store_true", help="print JSON instead of text")
+    json_always = argparse.ArgumentParser(add_help=False)
+    json_always.add_argument("--json", action="store_true", help="accepted: the report is JSON in any case")
 
     submit = commands.add_parser(
         "submit", parents=[daemon], help="hand a batch to the pmlmd daemon",
@@ -201,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, helptext, parents, needs_id in (
             ("status", cmd_status, "the node and its batches, or one batch", [daemon, reading], "optional"),
             ("list", cmd_list, "every batch pmlmd knows", [daemon, reading], None),
-            ("cancel", cmd_control, "cancel a batch: terminate its workers, drop its queue", [daemon], "required"),
-            ("pause", cmd_control, "pause every worker of a batch and start no more", [daemon], "required"),
-            ("resume", cmd_control, "resume a paused batch", [daemon], "required"),
-            ("report", cmd_report, "a batch's execution report (JSON)", [daemon], "required"),
+            ("cancel", cmd_control, "cancel a batch: terminate its workers, drop its queue", [daemon, reading],
+             "required"),
+            ("pause", cmd_control, "pause every worker of a batch and start no more", [daemon, reading], "required"),
+            ("resume", cmd_control, "resume a paused batch", [daemon, reading], "required"),
+            ("report", cmd_report, "a batch's execution report (JSON)", [daemon, json_always], "required"),
             ("events", cmd_events, "decisions and task ends, as they happen with --follow", [daemon, reading],
              "optional")):
         sub = commands.add_parser(name, parents=parents, help=helptext, description=helptext[0].upper() +
@@ -521,10 +524,17 @@ def cmd_list(parser, args) -> int:
     return 0
 
 
+# What the daemon's state after a control request is called for the user who asked.
+CONTROL_WORDS = {("pause", "held"): "paused", ("resume", "active"): "resumed"}
+
+
 def cmd_control(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
         result = client.call(args.command, batch=args.batch)
-    print(f"batch {result['batch']}: {result['state']}")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"batch {result['batch']}: {CONTROL_WORDS.get((args.command, result['state']), result['state'])}")
     return 0
 
 

@@ -115,12 +115,14 @@ def test_sighup_applies_good_limits_and_keeps_them_on_a_bad_file(daemon_factory)
 def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):
     batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--", "sleep", "30").stdout.strip()
     wait_for(lambda: status(daemon, batch)["running"] == 2, what="two running workers")
-    assert daemon.ctl("pause", batch).stdout.strip() == f"batch {batch}: held"
+    assert daemon.ctl("pause", batch).stdout.strip() == f"batch {batch}: paused"
     pids = [pid for pid, _ in daemon.worker_pids()]
     for pid in pids:
         wait_for(lambda: group_states(pid) == "T", what=f"worker {pid} stopped")
     assert status(daemon, batch)["state"] == "held"
-    assert daemon.ctl("resume", batch).returncode == 0
+    resumed = daemon.ctl("resume", "--json", batch)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout) == {"batch": batch, "state": "active"}
+    assert daemon.ctl("report", "--json", batch).returncode == 0  # --json where a user would try it
     for pid in pids:
         wait_for(lambda: group_states(pid) in ("S", "R"), what=f"worker {pid} continued")
     assert daemon.ctl("cancel", batch).returncode == 0

@@ -96,7 +96,7 @@ def test_pausing_a_batch_freezes_its_scope(pmlmd):
     batch = submit(pmlmd, "--shell", "--", BUSY)
     wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(1),
                 what="a running worker")
-    assert pmlmd.run(["pmlmctl", "pause", batch]).stdout.strip() == f"batch {batch}: held"
+    assert pmlmd.run(["pmlmctl", "pause", batch]).stdout.strip() == f"batch {batch}: paused"
     scope = f"pmlm-{batch}.scope"
     wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
                 lambda p: p.stdout.strip() == "frozen", what=f"{scope} frozen")
