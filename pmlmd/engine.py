@@ -390,11 +390,13 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
+        # One pass over /proc serves the group sums and the look for escaped processes.
+        stats = {st.pid: st for st in self.proc.all_pid_stats()}
         if self.subreaper:
             self._adopt_orphans()
             for w in self.workers.values():
-                self._find_escaped(w)
-        usage = group_usage(self.proc.all_pid_stats(), set(self.workers))
+                self._find_escaped(w, stats)
+        usage = group_usage(stats.values(), set(self.workers))
         for pgid, w in self.workers.items():
             u = usage.get(pgid)
             if u is None:
@@ -496,15 +498,16 @@ class Engine:
         for pidfd in w.escaped.values():
             _pidfd_signal(pidfd, sig)
 
-    def _find_escaped(self, w: Worker) -> None:
-        """Walk the worker's process tree for descendants outside its process group."""
+    def _find_escaped(self, w: Worker, stats: dict) -> None:
+        """Walk the worker's process tree for descendants outside its process group.
+
+        ``stats`` (pid -> ProcStat) is the refresh's snapshot of /proc; a process newer than it
+        is found at the next refresh."""
         for pid in lineage.descendants(self.proc, w.child.pid):
-            if pid in w.escaped:
+            stat = stats.get(pid)
+            if pid in w.escaped or stat is None or stat.pgrp == w.child.pid or stat.state == "Z":
                 continue
-            stat = self.proc.pid_stat(pid)
-            if stat is None or stat.pgrp == w.child.pid or stat.state == "Z":
-                continue
-            pidfd = lineage.open_pidfd(pid, stat.start_ticks, self.proc)
+            pidfd = procctl.open_pidfd(pid, stat.start_ticks, self.proc)
             if pidfd is not None:
                 self._hold_escaped(w, pid, pidfd)
 
@@ -545,7 +548,7 @@ class Engine:
             if stat.state == "Z":
                 _reap_if_ours(pid)  # an orphan that ended before anyone looked
                 continue
-            pidfd = lineage.open_pidfd(pid, stat.start_ticks, self.proc)
+            pidfd = procctl.open_pidfd(pid, stat.start_ticks, self.proc)
             if pidfd is None:
                 continue
             if by_id is None:
@@ -634,8 +637,7 @@ class Engine:
         if task.line is not None:
             env["PMLM_TASK"] = task.line
         if self.agent is not None and run.batch.spec.uses_agent:
-            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}",
-                                              run.owner.uid if run.owner is not None else None))
+            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run)))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
@@ -703,8 +705,7 @@ class Engine:
         task.status = QUEUED
         run.batch.queue.appendleft(task)
         if self.agent is not None:
-            self.agent.worker_gone(f"{run.id}.{task.index}.{attempt_no}",
-                                   run.owner.uid if run.owner is not None else None)
+            self.agent.worker_gone(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run))
         self.spawn_blocked_until = time.monotonic() + RESOURCE_BACKOFF
         self._log_shortage(f"cannot start a worker for task {task.index} of batch {run.id}: {error.strerror}")
         self.on_event({"event": "deferred", "batch": run.id, "task": task.index, "cause": CAUSE_RESOURCE,
@@ -953,6 +954,10 @@ def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:
     return [GATE[0], GATE[1], script, *GATE[3:]]
 
 
+def _owner_uid(run: BatchRun) -> int | None:
+    """Whose acknowledgements count for the batch's workers (None: the engine's own user, anyone it trusts)."""
+    return run.owner.uid if run.owner is not None else None
+
+
 def _uid(w: Worker) -> int | None:
-    """Whose acknowledgements count for this worker (None: the engine's own user, anyone it trusts)."""
-    return w.run.owner.uid if w.run.owner is not None else None
+    return _owner_uid(w.run)

@@ -14,13 +14,13 @@ process trees, never of every process on the node:
 A process re-parented to pmlmd has lost its link to the worker's tree; it is attributed to
 its worker by the identity pmlmd put in every worker's environment (PMLM_BATCH_ID,
 PMLM_TASK_INDEX, PMLM_ATTEMPT), which a process inherits whatever group or session it moved
-to. Every escaped process is held by a pidfd, so a recycled pid is never signalled.
+to. Every escaped process is held by a pidfd (procctl.open_pidfd), so a recycled pid is
+never signalled.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 from .sampler import ProcReader
 
@@ -57,17 +57,3 @@ def descendants(proc: ProcReader, pid: int, limit: int = 100_000) -> list[int]:
             nxt += kids
         frontier = nxt
     return found[:limit]
-
-
-def open_pidfd(pid: int, start_ticks: int, proc: ProcReader) -> int | None:
-    """A pidfd for the process, only if it is still the one that started at ``start_ticks``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return None
-    stat = proc.pid_stat(pid)
-    # Checked after the pidfd is open: from then on the pidfd refers to this very process.
-    if stat is None or stat.start_ticks != start_ticks:
-        os.close(fd)
-        return None
-    return fd

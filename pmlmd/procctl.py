@@ -147,15 +147,23 @@ def reap(child: Child) -> Exit | None:
     )
 
 
-def adopt(pid: int, start_ticks: int, proc: ProcReader | None = None) -> Child | None:
-    """Watch a process started by an earlier pmlmd, if it is still that same process."""
+def open_pidfd(pid: int, start_ticks: int, proc: ProcReader | None = None) -> int | None:
+    """A pidfd for the process, only if it still runs and is the one that started at ``start_ticks``."""
     try:
         pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
+    except OSError:
         return None
     stat = (proc or ProcReader()).pid_stat(pid)
     # Checked after the pidfd is open: from then on the pidfd refers to this very process.
     if stat is None or stat.start_ticks != start_ticks or stat.state == "Z":
         os.close(pidfd)
+        return None
+    return pidfd
+
+
+def adopt(pid: int, start_ticks: int, proc: ProcReader | None = None) -> Child | None:
+    """Watch a process started by an earlier pmlmd, if it is still that same process."""
+    pidfd = open_pidfd(pid, start_ticks, proc)
+    if pidfd is None:
         return None
     return Child(pid=pid, start_ticks=start_ticks, pidfd=pidfd, started=time.monotonic(), adopted=True)

@@ -138,6 +138,18 @@ def run_as(username: str, action, timeout: float = REPLY_TIMEOUT + 10) -> object
     return outcome["result"]
 
 
+def connect_errno(path: str) -> int:
+    """0 if a plain connect to the Unix socket succeeds, else its errno."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        probe.close()
+
+
 def as_user(daemon: Daemon, username: str, request_name: str, **args) -> dict:
     """Send one request as ``username`` on a fresh connection; return the decoded reply."""
     path = daemon.socket
@@ -347,14 +359,7 @@ def test_socket_file_keeps_outsiders_out(daemon_factory, accounts):
     path = daemon.socket
 
     def plain_connect():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            return 0
-        except OSError as e:
-            return e.errno
-        finally:
-            probe.close()
+        return connect_errno(path)
 
     def client_error():
         try:

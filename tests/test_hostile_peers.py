@@ -27,7 +27,7 @@ import zmq
 
 from pmlmd import protocol
 from support import group_states, wait_for
-from test_daemon_auth import accounts, as_user, run_as, submitted, wait_event  # noqa: F401 (fixture)
+from test_daemon_auth import accounts, as_user, connect_errno, run_as, submitted, wait_event  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and changes uid")
 
@@ -47,17 +47,6 @@ def member_agent_batch(daemon, accounts) -> tuple[str, str, str]:
     directory = os.path.splitext(daemon.socket)[0] + "-agent.d"
     uid = accounts.uid(accounts.a)
     return batch, os.path.join(directory, f"{uid}.sock"), os.path.join(directory, f"{uid}-ack.sock")
-
-
-def connect_errno(path: str) -> int:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return 0
-    except OSError as e:
-        return e.errno
-    finally:
-        probe.close()
 
 
 def ping_time(daemon) -> float:
