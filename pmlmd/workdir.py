@@ -51,8 +51,8 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _openat2(path: str, resolve: int) -> int:
-    how = _OpenHow(_DIR_FLAGS, 0, resolve)
+def _openat2(path: str, resolve: int, flags: int = _DIR_FLAGS, mode: int = 0) -> int:
+    how = _OpenHow(flags, mode, resolve)
     fd = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
@@ -209,3 +209,39 @@ def check(path: str, credentials=None) -> None:
     """Raise DirectoryError unless ``credentials`` could enter ``path`` now (see ``entered``)."""
     with entered(path, credentials):
         pass
+
+
+def open_file(path: str, flags: int, mode: int = 0o666, credentials=None) -> int:
+    """A descriptor of the file at the absolute ``path``, opened as ``credentials`` (uid, gid,
+    groups) would open it: created by them, owned by them, with their permissions checked.
+
+    For files pmlmd writes on a user's behalf (``--results``, ``--joblog``): root's
+    permissions are never used to reach them. ``flags`` are os.open's (O_CLOEXEC is added);
+    ``mode`` is filtered by pmlmd's umask as usual. Paths through a /proc magic link
+    (/proc/self/fd/N would be one of pmlmd's own files) are refused. Raises OSError, with
+    ``filename`` set, when the file cannot be opened.
+    """
+    flags |= os.O_CLOEXEC
+    with _acting_as(credentials) if credentials is not None else contextlib.nullcontext():
+        if "\0" in path:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        if _have_openat2():
+            try:
+                return _openat2(path, RESOLVE_NO_MAGICLINKS, flags, mode)
+            except OSError as e:
+                if e.errno == errno.ELOOP and _through_magic_link(path):
+                    raise OSError(errno.ELOOP, "refused, the path goes through a /proc magic link", path) from None
+                raise
+        normal = os.path.normpath(path)
+        if normal == "/proc" or normal.startswith("/proc/"):
+            raise OSError(errno.EPERM, "refused, files under /proc are not written for a user", path)
+        return os.open(path, flags, mode)
+
+
+def make_directories(path: str, credentials=None, mode: int = 0o777) -> None:
+    """``mkdir -p path`` as ``credentials`` would run it (see ``open_file``); raises OSError."""
+    with _acting_as(credentials) if credentials is not None else contextlib.nullcontext():
+        normal = os.path.normpath(path)
+        if normal == "/proc" or normal.startswith("/proc/"):
+            raise OSError(errno.EPERM, "refused, directories under /proc are not made for a user", path)
+        os.makedirs(path, mode, exist_ok=True)
