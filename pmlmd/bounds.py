@@ -85,6 +85,7 @@ def duration_text(seconds: int | float) -> str:
 BOUNDS: dict[str, Bound] = {
     # What a batch runs.
     "tasks": Bound(INTEGER, 1, MAX_TASKS),
+    "task_index": Bound(INTEGER, 0, MAX_TASKS - 1),
     "priority": Bound(INTEGER, -1000, 1000),
     "retries": Bound(INTEGER, 0, 1000),
     "retry_failed": Bound(INTEGER, 0, 1000),
@@ -102,6 +103,8 @@ BOUNDS: dict[str, Bound] = {
     # What the workers take from their submitter's process (pmlmctl submit sends it, see protocol).
     "umask": Bound(INTEGER, 0, 0o777, "file mode bits"),
     # The daemon's own: how long finished batches are kept (10 years is as good as never).
+    # output_limit: bytes of each task's stdout and of its stderr kept (the tail); 0 keeps none.
+    "output_limit": Bound(SIZE, 0, MAX_SIZE, "bytes"),
     "prune_after": Bound(DURATION, 1, 3650 * 86400, "seconds"),
 }
 

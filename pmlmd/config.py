@@ -65,6 +65,10 @@ class Config:
     scope_memory_max: int | str = "infinity"
     # Where pam_limits' configuration is (limits.conf, limits.d): workers get no more than a login.
     limits_conf_dir: str = "/etc/security"
+    # Task output (see output.TaskFiles): the last output_limit bytes of each task's stdout and
+    # stderr are kept with the batch; output_journal also sends each line to the journal.
+    output_limit: int = 1 << 20
+    output_journal: bool = False
     # [limits]
     cpu_limit: float = 90.0
     cpu_margin: float = 10.0
@@ -220,6 +224,12 @@ def parse_duration(value: Any, bound: Bound = BOUNDS["prune_after"]) -> float:
     return float(seconds)
 
 
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {_show(value)}")
+
+
 def _max_workers(value: Any) -> int | None:
     if value == "auto":
         return None
@@ -299,6 +309,8 @@ _OPTIONS: dict[str, _Option] = {
     "scope_tasks_max": _Option("daemon", _tasks_max),
     "scope_memory_max": _Option("daemon", _memory_max),
     "limits_conf_dir": _Option("daemon", _path),
+    "output_limit": _Option("daemon", _size("output_limit")),
+    "output_journal": _Option("daemon", _switch),
     "cpu_limit": _Option("limits", _number("cpu_limit")),
     "cpu_margin": _Option("limits", _number("cpu_margin")),
     "memfree_limit": _Option("limits", _number("memfree_limit")),

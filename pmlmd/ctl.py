@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 
-from . import __version__, protocol, tasklines
+from . import __version__, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, BatchSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the execution report on stdout instead of the summary (workers' stdout then goes "
                           "to stderr)")
     out.add_argument("--trace", metavar="FILE", help="write every sample, decision and task end as JSON lines")
+    out.add_argument("--tag", action="store_true",
+                     help="start each line a task prints with its task line (its number with -n) and a tab")
+    out.add_argument("--group", action="store_true",
+                     help="print a task's whole output when it ends, not line by line as it comes")
+    out.add_argument("--results", metavar="DIR",
+                     help="also write each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr, exit")
     out.add_argument("--task-id", metavar="ID", help="an id of your own, echoed as task_id in the report")
     out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -197,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--user", help="run the workers as this user (root only)")
     batch.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
     batch.add_argument("--json", action="store_true", help="with --wait: print the report as JSON")
+    batch.add_argument("--results", metavar="DIR",
+                       help="pmlmd writes each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr and "
+                            "exit, as you (the last output_limit bytes of each, see pmlmd.toml(5))")
     submit.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     submit.set_defaults(handler=cmd_submit, subparser=submit)
 
@@ -219,6 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "events":
             sub.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
         sub.set_defaults(handler=handler, subparser=sub)
+
+    log_cmd = commands.add_parser(
+        "log", parents=[daemon], help="what a batch's tasks wrote (only its owner and root may read it)",
+        description="Print what the tasks of batch ID wrote to stdout (or stderr), task after task in task order; "
+                    "pmlmd keeps the last output_limit bytes of each (pmlmd.toml(5)).")
+    log_cmd.add_argument("batch", metavar="ID")
+    log_cmd.add_argument("task", metavar="TASK", nargs="?", type=_ranged("task_index"),
+                         help="only this task (numbered from 0, as $PMLM_TASK_INDEX)")
+    log_cmd.add_argument("--stderr", action="store_true", help="print what the tasks wrote to stderr instead")
+    log_cmd.add_argument("-f", "--follow", action="store_true",
+                         help="keep printing as the tasks write, until the batch (or TASK) has finished")
+    log_cmd.add_argument("--tag", action="store_true", help="start each line with its task's number and a tab")
+    log_cmd.set_defaults(handler=cmd_log, subparser=log_cmd)
+
+    wait = commands.add_parser(
+        "wait", parents=[daemon], help="wait for a batch: progress and its output, then the summary",
+        description="Wait for batch ID to finish: show its progress, print its tasks' output as they finish "
+                    "(stdout to stdout, stderr to stderr, in task order), then the summary; exit like 'run'.",
+        epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    wait.add_argument("batch", metavar="ID")
+    wait.add_argument("--json", action="store_true", help="print the report as JSON (the tasks' stdout goes to stderr)")
+    wait.set_defaults(handler=cmd_wait, subparser=wait)
     return parser
 
 
@@ -324,7 +356,15 @@ class StatusLine:
         if p["eta_s"] is not None:
             eta = int(p["eta_s"])
             parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        self.stream.write("\r\033[K" + " · ".join(parts))
+        self.shown = " · ".join(parts)
+        self.stream.write("\r\033[K" + self.shown)
+        self.stream.flush()
+
+    def print_above(self, fd: int, data: bytes) -> None:
+        """Whole lines of worker output on ``fd``, above the status line, which is drawn again below them."""
+        self.clear()
+        _write_all(fd, data)
+        self.stream.write(getattr(self, "shown", ""))
         self.stream.flush()
 
     def clear(self) -> None:
@@ -344,7 +384,29 @@ def cmd_run(parser, args) -> int:
     except OSError as e:
         parser.error(f"cannot write {e.filename!r}: {e.strerror}")
     status = StatusLine(sys.stderr) if sys.stderr.isatty() else None
-    runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status)
+    sinks_for = None
+    if args.results:
+        try:
+            os.makedirs(args.results, exist_ok=True)
+        except OSError as e:
+            parser.error(f"cannot make the results directory {args.results!r}: {e.strerror}")
+    if status or args.tag or args.group or args.results:
+        # Through pmlmctl: whole lines, above the status line, tagged, grouped, or into DIR as well.
+        def emit(stream: str, data: bytes) -> None:
+            fd = 2 if stream == "stderr" or args.json else 1
+            if status is not None:
+                status.print_above(fd, data)
+            else:
+                _write_all(fd, data)
+
+        def sinks_for(run, task, attempt_no):
+            tag = (tasklines.raw(task.line) if task.line is not None else str(task.index).encode()) if args.tag else None
+            sinks = [output.Terminal(emit, tag=tag, group=args.group)]
+            if args.results:
+                sinks.append(output.Results(args.results, task.index))
+            return sinks
+    runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status,
+                    sinks_for=sinks_for)
     stopped = None
     try:
         batch = runner.run()
@@ -425,7 +487,8 @@ def cmd_submit(parser, args) -> int:
                    memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
                    term_grace=args.term_grace, interval=args.interval, retries=args.retries,
                    retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
-                   agent_timeout=args.agent_timeout)
+                   agent_timeout=args.agent_timeout,
+                   results=None if args.results is None else tasklines.text(os.path.abspath(os.fsencode(args.results))))
     # The workers start with this shell's umask and limits, as those of 'run' do.
     request.update(umask=own_umask(), rlimits=own_rlimits())
     if args.tasks_file:
@@ -439,17 +502,25 @@ def cmd_submit(parser, args) -> int:
         if not args.wait:
             print(batch_id)
             return 0
-        print(f"batch {batch_id} submitted", file=sys.stderr)
+        print(f"batch {batch_id} submitted (its output: pmlmctl log {batch_id})", file=sys.stderr)
         return _wait(client, batch_id, args.json)
 
 
 def _wait(client: Client, batch_id: str, as_json: bool) -> int:
+    """Progress and the tasks' output as they finish (in task order), then the summary; exits like run."""
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
+    emit = _emit_to(status_line)
+    printer = TaskPrinter((lambda stream, data: emit("stderr", data)) if as_json else emit, lines=True)
+    following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     started = time.monotonic()
     try:
         while True:
             status = client.call("status", batch=batch_id)
+            following = [reader for reader in following if reader.poll()]
             if status["state"] == "finished":
+                while following:  # what the last tasks wrote
+                    following = [reader for reader in following if reader.poll()]
+                printer.flush()
                 break
             if status_line:
                 node = status.get("node") or {}
@@ -473,6 +544,96 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     if report["error_message"]:
         print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
     return report["exit_status"]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class LogReader:
+    """Follows one stream of a batch's task output through ``log`` requests (see the daemon's _do_log).
+
+    ``poll()`` fetches what there is now and hands it to ``printer(task, stream, data)``;
+    it returns False once nothing more will come.
+    """
+
+    def __init__(self, client: Client, batch_id: str, stream: str, task: int | None, live: bool, printer,
+                 note=None):
+        self.client, self.batch_id, self.stream, self.task, self.live = client, batch_id, stream, task, live
+        self.printer = printer
+        self.note = note or (lambda text: print(f"pmlmctl: {text}", file=sys.stderr))
+        self.from_task, self.offset = 0, 0
+
+    def poll(self) -> bool:
+        while True:
+            reply = self.client.call("log", batch=self.batch_id, task=self.task, stream=self.stream,
+                                     from_task=self.from_task, offset=self.offset, live=self.live)
+            for chunk in reply["chunks"]:
+                if chunk["skipped"]:
+                    self.note(f"task {chunk['task']}: the first {chunk['skipped']} bytes of its {self.stream} were "
+                              "not kept (output_limit in pmlmd.toml)")
+                self.printer(chunk["task"], self.stream, tasklines.raw(chunk["data"]))
+            self.from_task, self.offset = reply["from_task"], reply["offset"]
+            if reply["complete"]:
+                return False
+            if not reply["more"]:
+                return True
+
+
+class TaskPrinter:
+    """Prints task output as it arrives; with ``tag`` or ``lines``, line by line through output.Terminal."""
+
+    def __init__(self, emit, tag: bool = False, lines: bool = False):
+        self.emit, self.tag, self.lines = emit, tag, lines
+        self.sinks: dict[tuple[int, str], output.Terminal] = {}
+
+    def __call__(self, task: int, stream: str, data: bytes) -> None:
+        if not (self.tag or self.lines):
+            self.emit(stream, data)
+            return
+        sink = self.sinks.get((task, stream))
+        if sink is None:
+            self.flush()  # a task's lines come together: the one before is complete
+            sink = self.sinks[(task, stream)] = output.Terminal(self.emit, str(task).encode() if self.tag else None)
+        sink.write(stream, data)
+
+    def flush(self) -> None:
+        for sink in self.sinks.values():
+            sink.close(None)
+        self.sinks.clear()
+
+
+def _emit_to(status_line) -> callable:
+    def emit(stream: str, data: bytes) -> None:
+        fd = 2 if stream == "stderr" else 1
+        if status_line is not None:
+            status_line.print_above(fd, data)
+        else:
+            _write_all(fd, data)
+    return emit
+
+
+def cmd_log(parser, args) -> int:
+    streams = ["stderr"] if args.stderr else ["stdout"]
+    # Either stream is printed on stdout: what was asked for is the output of this command.
+    printer = TaskPrinter(lambda stream, data: _write_all(1, data), tag=args.tag)
+    with Client(socket_path(args.socket)) as client:
+        readers = [LogReader(client, args.batch, stream, args.task, args.follow, printer) for stream in streams]
+        try:
+            while any([reader.poll() for reader in readers]):
+                time.sleep(0.25)  # a person watching; new output is looked for four times a second
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            printer.flush()
+    return 0
+
+
+def cmd_wait(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        return _wait(client, args.batch, args.json)
 
 
 def _print_json(data) -> None:

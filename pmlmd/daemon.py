@@ -22,12 +22,13 @@ import time
 
 import zmq
 
-from . import __version__, loginlimits, procctl, protocol, scopes, workdir
+from . import __version__, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch, BatchSpec,
                     iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
+from .output import TaskFiles
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
@@ -45,6 +46,9 @@ CONNECTIONS_PER_USER = 64
 # the governor; the socket queues the rest fairly (round-robin per connection).
 REQUESTS_PER_TURN = 32
 RECENT_EVENTS = 2000  # events kept for ``pmlmctl events`` without --follow
+# Bytes of task output one ``log`` reply carries at most: a reply is built within the loop's
+# turn and a big log is read in several requests, so no reader holds up the governor.
+LOG_REPLY_BYTES = 256 << 10
 SD_LISTEN_FDS_START = 3
 # Tighter limits a batch may ask for: submit argument -> governor Limits field.
 ASKED_LIMITS = {"cpu_limit": "cpu_limit", "cpu_margin": "cpu_margin", "memfree_limit": "memfree_limit",
@@ -188,11 +192,13 @@ class Daemon:
             self.scopes = scopes.choose(self.config.scope_backend, scopes.CgroupLimits.of(self.config))
         except OSError as e:
             raise DaemonError(f"{e}; set scope_backend = \"auto\" or \"none\" in pmlmd.toml") from e
+        self.output = TaskFiles(os.path.join(self.config.state_dir, "output"), self.config.output_limit,
+                                forward=self._journal_forward())
         # Workers get the descriptor limit pmlmd was started with, not the one it raised for itself.
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
                              on_event=self._on_event, scopes=self.scopes,
-                             worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True)
-        self.outputs: dict[str, object] = {}  # batch id -> the journal stream its workers write to
+                             worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True,
+                             output=self.output)
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -251,9 +257,27 @@ class Daemon:
         self.notifier.status(self._status_line())
         self.notifier.watchdog()
         self.engine.agent.close_idle()
+        self.output.enforce()
         pruned = self.store.prune(time.time() - self.config.prune_after)
         if pruned:
             log.info("pruned %d finished batches older than %gs", pruned, self.config.prune_after)
+            self.output.keep_only(self.store.batch_ids())
+
+    def _journal_forward(self):
+        """With output_journal: a function that sends one line of a task's output to the journal."""
+        if not self.config.output_journal:
+            return None
+        try:
+            from systemd import journal
+        except ImportError:
+            log.warning("output_journal is set, but python3-systemd is missing: task output stays in the "
+                        "state directory only")
+            return None
+
+        def forward(batch_id: str, index: int, stream: str, line: bytes) -> None:
+            journal.send(line, PRIORITY=6 if stream == "stdout" else 4, BATCH_ID=batch_id, TASK_INDEX=str(index),
+                         STREAM=stream, SYSLOG_IDENTIFIER=f"pmlm-batch-{batch_id}")
+        return forward
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -292,6 +316,8 @@ class Daemon:
                 self.login_limits = loginlimits.LoginLimits(new.limits_conf_dir)
                 self.identities.clear()  # the next worker of each batch gets the new directory's limits
             self.config = new
+            self.output.limit = new.output_limit
+            self.output.forward = self._journal_forward()
             self.engine.limits = new.limits(self.cpus)
             for run in self.engine.runs.values():
                 run.limits = tighten(self.engine.limits, **self.asked.get(run.id, {}))
@@ -364,6 +390,9 @@ class Daemon:
             except Exception as e:  # whatever the record holds, it costs its own batch only
                 self._unrestorable(stored, e)
         active = {stored.id for stored, _ in restored}
+        removed = self.output.keep_only(self.store.batch_ids())
+        if removed:
+            log.info("removed the output of %d batches the state no longer knows", removed)
         for batch_id in self.scopes.scopes():
             self.scopes.thaw(batch_id)  # frozen by an earlier pmlmd: held batches are frozen again below
             if batch_id not in active:
@@ -467,7 +496,8 @@ class Daemon:
         return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
                         max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=submitted,
                         description=self._description(stored.id, stored.name, stored.owner_uid),
-                        umask=args["umask"], rlimits=self._worker_rlimits(stored.id, submitted))
+                        umask=args["umask"], rlimits=self._worker_rlimits(stored.id, submitted),
+                        results=args["results"])
 
     def _login_limits(self, owner: procctl.Credentials) -> dict | None:
         """What the owner's login gets from limits.conf (see loginlimits); None: no limits at all."""
@@ -524,26 +554,7 @@ class Daemon:
                          agent_timeout=args.get("agent_timeout") or 5.0)
 
     def _add(self, run: BatchRun) -> None:
-        run.output_fd = self._output_for(run)
         self.engine.add(run)
-
-    def _output_for(self, run: BatchRun) -> int | None:
-        """A journal stream of the batch's own for its workers' stdout and stderr (None: pmlmd's stdout).
-
-        Under journald, what workers print must not pass for pmlmd's log: their lines carry
-        SYSLOG_IDENTIFIER=pmlm-batch-ID, pmlmd's own carry pmlmd and its structured fields.
-        """
-        if self.log_backend != "journal":
-            return None
-        try:
-            from systemd import journal
-
-            stream = journal.stream(f"pmlm-batch-{run.id}", priority=journal.LOG_INFO)
-        except (ImportError, OSError) as e:
-            log.warning("batch %s: no journal stream for its output (%s): workers write to pmlmd's stdout", run.id, e)
-            return None
-        self.outputs[run.id] = stream
-        return stream.fileno()
 
     # --- events ------------------------------------------------------------------------------
     def _on_event(self, event: dict) -> None:
@@ -564,9 +575,6 @@ class Daemon:
             self.owners.pop(run.id, None)
             self.carried.pop(run.id, None)
             self.limits_basis.pop(run.id, None)
-            output = self.outputs.pop(run.id, None)
-            if output is not None:
-                output.close()
             log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
@@ -652,6 +660,12 @@ class Daemon:
             workdir.check(args["cwd"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
         except workdir.DirectoryError as e:
             raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: {e}") from None
+        if args["results"] is not None:
+            try:  # made now, as the user: a directory they cannot make is refused before anything runs
+                workdir.make_directories(args["results"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
+            except OSError as e:
+                raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: cannot make the results directory "
+                                             f"{args['results']}: {e.strerror}") from None
         self._refuse_looser(args)
         seq = self.store.next_seq()
         batch_id = str(seq)
@@ -668,7 +682,7 @@ class Daemon:
         run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=owner,
                        description=self._description(batch_id, args["name"], uid), umask=args["umask"],
-                       rlimits=self._worker_rlimits(batch_id, owner))
+                       rlimits=self._worker_rlimits(batch_id, owner), results=args["results"])
         self._add(run)
         log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
                  extra={"BATCH_ID": batch_id})
@@ -758,6 +772,60 @@ class Daemon:
         else:
             report = self.store.finished_report(request.args["batch"])
         return protocol.encode_reply(report, request.request_id)
+
+    def _do_log(self, client, request, peer) -> bytes:
+        """A slice of what the batch's tasks wrote: chunks of at most LOG_REPLY_BYTES in all.
+
+        Reply: ``chunks`` (each ``task``, ``offset``, ``data`` as text carrying bytes, see the
+        protocol's "Bytes", and ``skipped``: bytes before ``offset`` that were not kept), where
+        to go on (``from_task``, ``offset``), ``more`` (the size ran out: ask again at once) and
+        ``complete`` (nothing more will come for what was asked).
+        """
+        args = request.args
+        batch_id = args["batch"]
+        run = self._batch(batch_id, peer, "read the output of")
+        tasks = run.batch.tasks if run is not None else None
+        if args["task"] is not None:
+            count = len(tasks) if tasks is not None else self.store.task_count(batch_id)
+            if args["task"] >= count:
+                raise protocol.ProtocolError(protocol.BAD_FIELD, f"batch {batch_id} has no task {args['task']}: "
+                                             f"its {count} tasks are numbered from 0 to {count - 1}")
+        stream, task, index, offset = args["stream"], args["task"], args["from_task"], args["offset"]
+        if task is not None:
+            index = max(index, task)
+
+        def finished(i: int) -> bool:  # no worker of the task runs, and none will
+            return tasks is None or tasks[i].status in FINISHED
+
+        # Live reading stops at the first task that has not finished: its output may grow.
+        last = task if task is not None else (len(tasks) - 1 if tasks is not None else None)
+        stop = None
+        if args["live"] and tasks is not None:
+            stop = next((i for i in range(index, last + 1) if not finished(i)), None)
+        candidates = [task] if task is not None else self.output.tasks_with_output(batch_id, stream, index)
+        budget, chunks, more = LOG_REPLY_BYTES, [], False
+        for i in candidates:
+            if i < index:
+                continue
+            if stop is not None and i > stop:
+                break
+            chunk = self.output.read(batch_id, i, stream, offset if i == index else 0, budget)
+            if chunk.data or chunk.skipped:
+                chunks.append({"task": i, "offset": chunk.offset, "skipped": chunk.skipped,
+                               "data": tasklines.text(chunk.data)})
+                budget -= len(chunk.data)
+            index, offset = i, chunk.offset + len(chunk.data)
+            if budget <= 0:
+                more = True
+                break
+            if i == stop:
+                break
+            index, offset = i + 1, 0
+        if not more and stop is not None and index < stop:
+            index, offset = stop, 0  # it has written nothing yet: wait at it
+        complete = not more and stop is None
+        return protocol.encode_reply({"chunks": chunks, "from_task": index, "offset": offset, "more": more,
+                                      "complete": complete}, request.request_id)
 
     def _do_events(self, client, request, peer) -> bytes | None:
         only = request.args["batch"]

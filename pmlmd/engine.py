@@ -41,7 +41,7 @@ STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are go
 STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
 # Admission keeps descriptors in hand: a worker holds one (its pidfd) for its life and a spawn
 # needs a few more for a moment (pipes); clients, the store and the log need the reserve.
-FDS_PER_WORKER = 1
+FDS_PER_WORKER = 3  # its pidfd, and its stdout and stderr (files or pipes, see output)
 FD_RESERVE = 24
 # A spawn that failed for want of fds, processes or memory is retried after this many seconds.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
@@ -139,7 +139,7 @@ class BatchRun:
     description: str = ""  # for its scope: which batch, whose
     umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
-    output_fd: int | None = None  # its workers' stdout and stderr; None: the engine's stdout_fd
+    results: str | None = None  # --results: an absolute directory, written as the owner (see output)
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
 
@@ -195,8 +195,11 @@ def worker_argv(run: BatchRun, line: str | None) -> list[str]:
 class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
                  critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None,
-                 worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False):
-        """``worker_rlimits`` (resource.RLIMIT_* -> (soft, hard)) are set on every worker before its
+                 worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False,
+                 output=None):
+        """``output`` (output.TaskFiles or output.Pipes) gives each worker its stdout and stderr;
+        without it workers write to ``stdout_fd`` (default: the engine's own stdout) and stderr.
+        ``worker_rlimits`` (resource.RLIMIT_* -> (soft, hard)) are set on every worker before its
         command runs, under what its batch sets (BatchRun.rlimits). With ``subreaper`` the calling
         process becomes its workers' descendants' reaper (pmlmctl run, pmlmd; not a test)."""
         self.limits = limits
@@ -206,6 +209,7 @@ class Engine:
         self.proc = proc or ProcReader()
         self.node = NodeSampler(self.proc)
         self.stdout_fd = stdout_fd
+        self.output = output
         self.worker_rlimits = worker_rlimits or {}
         self.critical_finish = critical_finish  # False in the daemon: wait out a floor breach instead
         self.on_event = on_event or (lambda event: None)
@@ -642,7 +646,10 @@ class Engine:
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         gate_r = gate_w = None
+        outputs = None
         try:
+            if self.output is not None:
+                outputs = self.output.open(run, task, attempt_no)
             if self.scopes.gated or rlimits:
                 # The worker waits at the gate until it is in its scope and has its limits.
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
@@ -652,11 +659,12 @@ class Engine:
             command = [tasklines.raw(word) for word in argv]
             if gate_r is not None:
                 command, environ = gated(rlimits, command, environ)
-            child = procctl.spawn(command, environ,
-                                  stdout_fd=self.stdout_fd if run.output_fd is None else run.output_fd,
-                                  stderr_fd=run.output_fd, stdin_fd=gate_r, cwd=run.cwd, credentials=credentials,
-                                  umask=run.umask, proc=self.proc)
+            child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
+                                  stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
+                                  credentials=credentials, umask=run.umask, proc=self.proc)
         except (OSError, DirectoryError) as e:
+            if self.output is not None:
+                self.output.failed(run, task)
             if gate_r is not None:
                 os.close(gate_r)
                 os.close(gate_w)
@@ -682,6 +690,8 @@ class Engine:
             os.write(gate_w, b"go\n")  # inside its scope now (or logged why not): let it run the command
             os.close(gate_w)
         attempt = run.batch.start_attempt(task, child.pid, time.time())
+        if self.output is not None:
+            self.output.spawned(run, task, attempt)
         self._watch(Worker(child=child, run=run, task=task, attempt=attempt))
 
     def _spawn_room(self) -> int:
@@ -721,6 +731,8 @@ class Engine:
         """Watch a worker that a previous daemon started (it is not our child)."""
         task.status = "running"
         worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
+        if self.output is not None:
+            self.output.adopted(run, task, attempt)
         self._watch(worker)
         if self._uses_agent(worker, "pause_mode"):
             # It may stand in checkpoint(), paused by the pmlmd that is gone: tell it to go on.
@@ -815,6 +827,8 @@ class Engine:
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
         run.batch.end_attempt(w.task, a, now, cause)
+        if self.output is not None:
+            self.output.ended(run, w.task, a)
         self.on_event({"event": "end", "batch": run.id, "task": w.task.index, "attempt": a.number,
                        "pid": w.child.pid, "exit_code": a.exit_code, "signal": a.signal, "cause": a.cause,
                        "status": w.task.status, "reason": a.reason})

@@ -56,6 +56,12 @@ request       arguments
 ``report``    ``batch``: string, required
 ``events``    ``batch``: string or null (default null = every batch);
               ``follow``: boolean (default false = only the events recorded so far)
+``log``       the output tasks wrote (only the batch's owner and root): ``batch``: string,
+              required; ``task``: integer or null (default null = every task, in task
+              order); ``stream``: ``"stdout"`` (default) or ``"stderr"``; ``from_task``,
+              ``offset``: integers, where to go on (default 0, 0: from the start);
+              ``live``: boolean (default false): stop at the first task that has not
+              finished, to go on from there later (``pmlmctl log --follow``)
 ``submit``    start a batch; the arguments below
 ============  ===========================================================================
 
@@ -106,6 +112,11 @@ argument           type                                                default
                    workers' working directory, entered with the
                    submitter's permissions (``bad-field`` when they
                    cannot enter it); bytes (see "Bytes")
+``results``        absolute path: a directory; each task's stdout,        null
+                   stderr and exit status go to ``PATH/TASK/stdout``,
+                   ``stderr`` and ``exit``, made as the submitter
+                   (``bad-field`` when they cannot make the
+                   directory); bytes (see "Bytes")
 ``env``            object of string to string: the workers'            ``{}``
                    environment; names non-empty, without ``=``;
                    names and values are bytes (see "Bytes")
@@ -216,6 +227,7 @@ from . import tasklines
 from .bounds import BOUNDS, DURATION, MAX_RLIMIT, MAX_TASKS, NUMBER
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_OFFSET = 1 << 62  # a position in a task's output: more than any file system holds
 
 # The resource limits submit carries, by the names limits.conf(5) gives them: those a worker's
 # gate can set (engine.ULIMIT_FLAGS).
@@ -361,6 +373,11 @@ _SCHEMAS: dict[str, _Schema] = {
     "resume": _Schema({"batch": _BATCH}),
     "report": _Schema({"batch": _BATCH}),
     "events": _Schema({"batch": _ANY_BATCH, "follow": _Field(_BOOL, default=False)}),
+    "log": _Schema({"batch": _BATCH, "task": _bounded("task_index"),
+                    "stream": _Field(_CHOICE, choices=("stdout", "stderr"), default="stdout"),
+                    "from_task": _Field(_INT, default=0, low=0, high=MAX_TASKS),
+                    "offset": _Field(_INT, default=0, low=0, high=MAX_OFFSET),
+                    "live": _Field(_BOOL, default=False)}),
     "submit": _Schema(
         {
             "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True,
@@ -389,6 +406,7 @@ _SCHEMAS: dict[str, _Schema] = {
             "rlimits": _opt(_RLIMITS),
             "user": _opt(_STR),
             "cwd": _Field(_PATH, required=True, carries_bytes=True),
+            "results": _opt(_PATH, carries_bytes=True),
             "env": _Field(_STR_MAP, default={}, carries_bytes=True),
         },
         one_of=("tasks", "task_lines"),

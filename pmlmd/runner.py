@@ -21,6 +21,7 @@ from .agentchannel import AgentChannels
 from .batch import Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
 from .governor import PAUSED, RUNNING, free_bytes
+from .output import Pipes
 from .sampler import ProcReader
 
 log = logging.getLogger("pmlmd.runner")
@@ -30,12 +31,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class Runner:
     def __init__(self, spec: BatchSpec, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
-                 trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None):
+                 trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None,
+                 sinks_for: Callable | None = None):
+        """With ``sinks_for(run, task, attempt_no) -> [output.Sink]`` workers write into pipes that
+        pmlmctl reads and hands to those sinks; without, to ``stdout_fd`` (default pmlmctl's
+        stdout) and pmlmctl's stderr, directly."""
         self.trace = trace
         self.on_progress = on_progress
         self.loop = Loop()
+        self.pipes = Pipes(self.loop, sinks_for) if sinks_for is not None else None
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._trace,
-                             subreaper=True)
+                             subreaper=True, output=self.pipes)
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
         self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None
@@ -57,6 +63,8 @@ class Runner:
                     self.on_progress(self)
         finally:
             self.engine.abandon()
+            if self.pipes is not None:
+                self.pipes.close_all()
             self.loop.close()
             if self.agent_dir is not None:
                 self.engine.agent.close()

@@ -387,6 +387,13 @@ class Store:
         row = self.db.execute("SELECT report FROM batches WHERE id=? AND state='finished'", (batch_id,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
+    def batch_ids(self) -> set[str]:
+        """Every batch the state holds, active or finished."""
+        return {row[0] for row in self.db.execute("SELECT id FROM batches")}
+
+    def task_count(self, batch_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM tasks WHERE batch_id=?", (batch_id,)).fetchone()[0]
+
     def batch_owner(self, batch_id: str) -> int | None:
         row = self.db.execute("SELECT owner_uid FROM batches WHERE id=?", (batch_id,)).fetchone()
         return row[0] if row else None

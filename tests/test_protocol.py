@@ -24,6 +24,7 @@ SUBMIT_DEFAULTS = {
 }
 # What workers inherit from the submitter; null: pmlmd's own umask, the owner's login limits.
 SUBMIT_DEFAULTS.update({"umask": None, "rlimits": None})
+SUBMIT_DEFAULTS["results"] = None  # no --results: the output stays with pmlmd only
 SUBMIT_MINIMAL = {"command": ["true"], "cwd": "/tmp"}
 SUBMIT_FIELDS = tuple(SUBMIT_MINIMAL) + tuple(SUBMIT_DEFAULTS)
 
@@ -74,7 +75,7 @@ def test_submit_with_every_argument():
         "priority": -1000, "max_workers": 100_000, "cpu_limit": 100, "cpu_margin": 0.5, "memfree_limit": 0,
         "memory_metric": "free", "memory_gap": 0, "min_free": 10 ** 12, "victim": "largest", "term_grace": 3600,
         "interval": 0.01, "retries": 0, "retry_failed": 1000, "term_mode": "agent", "pause_mode": "signal",
-        "agent_timeout": 2, "user": "nobody", "cwd": "/", "env": {"A": "b=c"},
+        "agent_timeout": 2, "user": "nobody", "cwd": "/", "env": {"A": "b=c"}, "results": "/srv/r\udcff",
     }
     args.update(umask=0o777, rlimits={"nofile": [0, 2 ** 60], "as": [4096, "unlimited"], "cpu": ["unlimited"] * 2})
     parsed = parse_request(submit(**args))
@@ -93,7 +94,7 @@ def test_request_id_is_read_and_echoed_in_errors():
 
 
 def test_requests_tuple_matches_the_schema_table_and_the_docstring():
-    assert set(REQUESTS) == {"ping", "list", "status", "cancel", "pause", "resume", "report", "events", "submit"}
+    assert set(REQUESTS) == {"ping", "list", "status", "cancel", "pause", "resume", "report", "events", "submit", "log"}
     assert set(protocol._SCHEMAS["submit"].fields) == set(SUBMIT_FIELDS)
     for name in REQUESTS:
         assert f"``{name}``" in protocol.__doc__
