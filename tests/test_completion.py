@@ -23,10 +23,26 @@ def complete(line: str, socket: str = "/nonexistent.sock") -> list[str]:
     return [w for w in result.stdout.split("\n") if w]
 
 
+def _subcommands() -> dict:
+    from pmlmd.ctl import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices
+
+
 def test_commands():
-    assert complete("pmlmctl ") == ["run", "submit", "status", "list", "cancel", "pause", "resume", "report",
-                                    "events", "--socket", "--version", "--help"]
+    # Every command of the parser, in its order: the completion is checked against the parser.
+    assert complete("pmlmctl ") == [*_subcommands(), "--socket", "--version", "--help"]
     assert complete("pmlmctl su") == ["submit"]
+
+
+@pytest.mark.parametrize("command", ["run", "submit", "status", "list", "events", "log", "wait"])
+def test_every_option_of_a_command_is_completed(command):
+    offered = set(complete(f"pmlmctl {command} --"))
+    options = {flag for action in _subcommands()[command]._actions for flag in action.option_strings
+               if flag.startswith("--")}  # the long names; short ones are their aliases
+    assert options <= offered, sorted(options - offered)
 
 
 def test_options_and_their_values():
