@@ -41,7 +41,7 @@ STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are go
 STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
 # Admission keeps descriptors in hand: a worker holds one (its pidfd) for its life and a spawn
 # needs a few more for a moment (pipes); clients, the store and the log need the reserve.
-FDS_PER_WORKER = 3  # its pidfd, and its stdout and stderr (files or pipes, see output)
+FDS_PER_WORKER = 1  # its pidfd; 2 more where pmlmd holds its stdout and stderr (files or pipes, see output)
 FD_RESERVE = 24
 # A spawn that failed for want of fds, processes or memory is retried after this many seconds.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
@@ -703,7 +703,7 @@ class Engine:
             in_use = len(os.listdir("/proc/self/fd"))
         except OSError:
             return 0  # not even a descriptor to look: no room
-        room = (soft - in_use - FD_RESERVE) // FDS_PER_WORKER
+        room = (soft - in_use - FD_RESERVE) // (FDS_PER_WORKER + (2 if self.output is not None else 0))
         if room <= 0:
             self._log_shortage(f"{in_use} of {soft} open files in use")
         return max(room, 0)
