@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import secrets
@@ -17,6 +18,7 @@ from .batch import CAUSE_CANCELLED, BatchSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .progress import StartFinishClock, eta_seconds
 from .runner import Runner
 from .units import format_size, parse_size
 
@@ -322,7 +324,7 @@ class StatusLine:
         if p["free_pct"] is not None:
             parts.append(f"free {p['free_pct']:.0f}%")
         if p["eta_s"] is not None:
-            eta = int(p["eta_s"])
+            eta = math.ceil(p["eta_s"])  # never 0:00:00 while a fraction is left
             parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
         self.stream.write("\r\033[K" + " · ".join(parts))
         self.stream.flush()
@@ -444,19 +446,24 @@ def cmd_submit(parser, args) -> int:
 
 
 def _wait(client: Client, batch_id: str, as_json: bool) -> int:
+    """Poll the batch's status until it finishes, with a live status line on a terminal. The
+    status reply has counts, not task times: the ETA's task times are inferred from how the
+    counts move between polls (progress.StartFinishClock), not asked of the daemon."""
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
-    started = time.monotonic()
+    clock = StartFinishClock()
     try:
         while True:
             status = client.call("status", batch=batch_id)
             if status["state"] == "finished":
                 break
             if status_line:
+                now = time.monotonic()
                 node = status.get("node") or {}
                 done, total = status["done"], status["total"]
-                elapsed = time.monotonic() - started
+                clock.observe(now, done, total - status["queued"])
+                eta = eta_seconds(clock.durations, total - done, status["running"], clock.youngest_age(now))
                 status_line.draw({**status, "cpu_pct": node.get("cpu_pct"), "free_pct": node.get("free_pct"),
-                                  "eta_s": elapsed * (total - done) / done if done else None})
+                                  "eta_s": eta})
             time.sleep(0.25)  # a person watching; the daemon answers in microseconds
     except KeyboardInterrupt:
         if status_line:
