@@ -10,6 +10,7 @@ import os
 import resource
 import secrets
 import shutil
+import stat
 import sys
 import time
 from typing import Callable
@@ -435,7 +436,8 @@ class StatusLine:
             a, b = os.fstat(mine), os.fstat(theirs)
         except OSError:
             return False
-        return (a.st_rdev, a.st_dev, a.st_ino) == (b.st_rdev, b.st_dev, b.st_ino)
+        # One terminal device, whichever path or descriptor reaches it.
+        return stat.S_ISCHR(a.st_mode) and stat.S_ISCHR(b.st_mode) and a.st_rdev == b.st_rdev
 
 
 def _write_bytes(target, data: bytes) -> None:
