@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import secrets
 import shutil
+import stat
 import sys
 import time
+from typing import Callable
 
 from . import __version__, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, BatchSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .progress import StartFinishClock, eta_seconds
 from .runner import Runner
 from .units import format_size, parse_size
 
@@ -332,12 +336,72 @@ def spec_from_args(parser, args) -> BatchSpec:
                      agent_timeout=args.agent_timeout)
 
 
-class StatusLine:
-    """A one-line live status on a terminal, redrawn at most five times a second."""
+STATUS_CLEAR = "\r\033[K"  # to the line's start, erase to its end
 
-    def __init__(self, stream):
+
+def fit_status(parts: list[tuple[str, int]], columns: int, separator: str = " · ") -> str:
+    """The status parts, in their order, joined into at most ``columns - 1`` characters.
+
+    Each part comes with its rank (0 the most important); while the line is too wide, the part
+    of the highest rank is left out, whole. Only when the most important part alone does not fit
+    is it cut. One column stays free so the cursor never wraps to a new row, where ``\\r\\033[K``
+    could no longer reach what was drawn.
+    """
+    room = max(columns - 1, 0)
+    kept = list(parts)
+    while len(kept) > 1 and len(separator.join(text for text, _ in kept)) > room:
+        kept.remove(max(kept, key=lambda part: part[1]))
+    return separator.join(text for text, _ in kept)[:room]
+
+
+def _fd(stream) -> int | None:
+    if isinstance(stream, int):
+        return stream
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class StatusLine:
+    """A one-line live status on a terminal, redrawn at most five times a second.
+
+    The line is never wider than the terminal: each draw reads the width of the stream's terminal
+    (so a resized window counts from the next draw) and leaves out the least important parts until
+    the line fits in the width less one column (fit_status). So ``\\r\\033[K`` always erases all
+    of it. Other output meant for the same terminal goes through print_above, which erases the
+    line, writes, and draws it again; then the two are never mixed on one row. One thread only:
+    draw and print_above are called from pmlmctl's event loop.
+    """
+
+    def __init__(self, stream, columns: Callable[[], int] | None = None):
+        """``columns`` returns the terminal's width (tests give a fixed one); by default it is read
+        from the stream's terminal on every draw."""
         self.stream = stream
+        self.columns = columns or self._terminal_columns
         self.last = 0.0
+        self.parts: list[tuple[str, int]] | None = None  # the last status drawn
+        self.shown = False  # the status is on the screen now
+        try:  # the middle dot where the stream can carry it
+            " · ".encode(getattr(stream, "encoding", None) or "ascii")
+            self.separator = " · "
+        except (LookupError, UnicodeError):
+            self.separator = " | "
+
+    def _terminal_columns(self) -> int:
+        """The width of the stream's own terminal (not stdout's, as shutil.get_terminal_size would
+        ask); for one that does not know its size (a fresh pty says 0), $COLUMNS, else 80."""
+        fd = _fd(self.stream)
+        try:
+            columns = os.get_terminal_size(fd).columns if fd is not None else 0
+        except OSError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                columns = 0
+        return columns if columns > 0 else 80
 
     def __call__(self, runner: Runner) -> None:
         now = time.monotonic()
@@ -347,29 +411,81 @@ class StatusLine:
         self.draw(runner.progress())
 
     def draw(self, p: dict) -> None:
-        parts = [f"{p['done']}/{p['total']} done", f"{p['running']} running", f"{p['paused']} paused",
-                 f"{p['queued']} queued"]
+        # (text, rank): shown in this order; when the terminal is too narrow the highest ranks go first.
+        parts = [(f"{p['done']}/{p['total']} done", 0), (f"{p['running']} running", 2),
+                 (f"{p['paused']} paused", 6), (f"{p['queued']} queued", 5)]
         if p["cpu_pct"] is not None:
-            parts.append(f"cpu {p['cpu_pct']:.0f}%")
+            parts.append((f"cpu {p['cpu_pct']:.0f}%", 3))
         if p["free_pct"] is not None:
-            parts.append(f"free {p['free_pct']:.0f}%")
+            parts.append((f"free {p['free_pct']:.0f}%", 4))
         if p["eta_s"] is not None:
-            eta = int(p["eta_s"])
-            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        self.shown = " · ".join(parts)
-        self.stream.write("\r\033[K" + self.shown)
-        self.stream.flush()
+            eta = math.ceil(p["eta_s"])  # never 0:00:00 while a fraction is left
+            parts.append((f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", 1))
+        self.parts = parts
+        self._render()
 
-    def print_above(self, fd: int, data: bytes) -> None:
-        """Whole lines of worker output on ``fd``, above the status line, which is drawn again below them."""
-        self.clear()
-        _write_all(fd, data)
-        self.stream.write(getattr(self, "shown", ""))
+    def _render(self) -> None:
+        self.stream.write(STATUS_CLEAR + fit_status(self.parts or [], self.columns(), self.separator))
         self.stream.flush()
+        self.shown = True
 
     def clear(self) -> None:
-        self.stream.write("\r\033[K")
+        """Erase the line; print_above draws it no more until the next draw."""
+        self.stream.write(STATUS_CLEAR)
         self.stream.flush()
+        self.shown = False
+
+    def print_above(self, target, data: bytes) -> None:
+        """Write ``data`` (complete lines) to ``target`` (a stream such as sys.stdout or sys.stderr,
+        or a file descriptor) so it shows above the status line.
+
+        When the status is on the screen and ``target`` is the status line's terminal: erase the
+        line, write the data, draw the status again. Data that does not end in a newline gets one
+        there, so the redrawn status cannot erase it. A ``target`` on anything else (a file, a pipe,
+        another terminal) gets the data unchanged, and the status line stays as it is.
+        """
+        if not data:
+            return
+        over = self.shown and self._same_terminal(target)
+        if over:
+            self.stream.write(STATUS_CLEAR)
+            self.stream.flush()
+            if not data.endswith(b"\n"):
+                data += b"\n"
+        _write_bytes(target, data)
+        if over:
+            self._render()
+
+    def _same_terminal(self, target) -> bool:
+        if target is self.stream:
+            return True
+        mine, theirs = _fd(self.stream), _fd(target)
+        if mine is None or theirs is None:
+            return False
+        try:
+            if not os.isatty(theirs):
+                return False
+            a, b = os.fstat(mine), os.fstat(theirs)
+        except OSError:
+            return False
+        # One terminal device, whichever path or descriptor reaches it.
+        return stat.S_ISCHR(a.st_mode) and stat.S_ISCHR(b.st_mode) and a.st_rdev == b.st_rdev
+
+
+def _write_bytes(target, data: bytes) -> None:
+    """All of ``data`` to a text stream (through its buffer, after what its text layer holds), a
+    binary stream or a file descriptor."""
+    if isinstance(target, int):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(target, view):]
+        return
+    buffer = getattr(target, "buffer", None)
+    if buffer is not None:
+        target.flush()
+        target = buffer
+    target.write(data)
+    target.flush()
 
 
 def cmd_run(parser, args) -> int:
@@ -397,7 +513,7 @@ def cmd_run(parser, args) -> int:
             if status is not None:
                 status.print_above(fd, data)
             else:
-                _write_all(fd, data)
+                _write_bytes(fd, data)
 
         def sinks_for(run, task, attempt_no):
             tag = (tasklines.raw(task.line) if task.line is not None else str(task.index).encode()) if args.tag else None
@@ -502,17 +618,20 @@ def cmd_submit(parser, args) -> int:
         if not args.wait:
             print(batch_id)
             return 0
-        print(f"batch {batch_id} submitted (its output: pmlmctl log {batch_id})", file=sys.stderr)
+        print(f"batch {batch_id} submitted", file=sys.stderr)
         return _wait(client, batch_id, args.json)
 
 
 def _wait(client: Client, batch_id: str, as_json: bool) -> int:
-    """Progress and the tasks' output as they finish (in task order), then the summary; exits like run."""
+    """Progress and the tasks' output as they finish (in task order), then the summary; exits like run.
+
+    The status reply has counts, not task times: the ETA's task times are inferred from how the
+    counts move between polls (progress.StartFinishClock), not asked of the daemon."""
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
+    clock = StartFinishClock()
     emit = _emit_to(status_line)
     printer = TaskPrinter((lambda stream, data: emit("stderr", data)) if as_json else emit, lines=True)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
-    started = time.monotonic()
     try:
         while True:
             status = client.call("status", batch=batch_id)
@@ -523,11 +642,13 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                 printer.flush()
                 break
             if status_line:
+                now = time.monotonic()
                 node = status.get("node") or {}
                 done, total = status["done"], status["total"]
-                elapsed = time.monotonic() - started
+                clock.observe(now, done, total - status["queued"])
+                eta = eta_seconds(clock.durations, total - done, status["running"], clock.youngest_age(now))
                 status_line.draw({**status, "cpu_pct": node.get("cpu_pct"), "free_pct": node.get("free_pct"),
-                                  "eta_s": elapsed * (total - done) / done if done else None})
+                                  "eta_s": eta})
             time.sleep(0.25)  # a person watching; the daemon answers in microseconds
     except KeyboardInterrupt:
         if status_line:
@@ -544,12 +665,6 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     if report["error_message"]:
         print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
     return report["exit_status"]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class LogReader:
@@ -611,14 +726,14 @@ def _emit_to(status_line) -> callable:
         if status_line is not None:
             status_line.print_above(fd, data)
         else:
-            _write_all(fd, data)
+            _write_bytes(fd, data)
     return emit
 
 
 def cmd_log(parser, args) -> int:
     streams = ["stderr"] if args.stderr else ["stdout"]
     # Either stream is printed on stdout: what was asked for is the output of this command.
-    printer = TaskPrinter(lambda stream, data: _write_all(1, data), tag=args.tag)
+    printer = TaskPrinter(lambda stream, data: _write_bytes(1, data), tag=args.tag)
     with Client(socket_path(args.socket)) as client:
         readers = [LogReader(client, args.batch, stream, args.task, args.follow, printer) for stream in streams]
         try:

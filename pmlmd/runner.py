@@ -7,6 +7,7 @@ presses Ctrl-C. No thread per worker, no polling of ``ps``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import shutil
@@ -18,10 +19,11 @@ from typing import Callable, TextIO
 import zmq
 
 from .agentchannel import AgentChannels
-from .batch import Batch, BatchSpec
+from .batch import CANCELLED, FINISHED, Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
 from .governor import PAUSED, RUNNING, free_bytes
 from .output import Pipes
+from .progress import eta_seconds
 from .sampler import ProcReader
 
 log = logging.getLogger("pmlmd.runner")
@@ -40,11 +42,12 @@ class Runner:
         self.on_progress = on_progress
         self.loop = Loop()
         self.pipes = Pipes(self.loop, sinks_for) if sinks_for is not None else None
-        self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._trace,
+        self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._on_event,
                              subreaper=True, output=self.pipes)
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
         self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None
+        self.task_times: list[float] = []  # wall times of finished tasks' last attempts, sorted (for the ETA)
         self.agent_dir = None
         if spec.uses_agent:
             # A private directory (mode 0700): only this user's workers reach the channel.
@@ -82,16 +85,28 @@ class Runner:
             self.engine.kill_all("batch cancelled")
 
     def progress(self) -> dict:
+        """The numbers of the live status line. The ETA (progress.eta_seconds) comes from the wall
+        times of the finished tasks' last attempts (``task_times``) and the start of the newest
+        running worker; None until a task has finished."""
         total, done = len(self.batch.tasks), self.batch.done()
-        elapsed = time.time() - self.batch.started
+        starts = [w.attempt.start for w in self.engine.workers.values() if w.state == RUNNING]
         sample = self.engine.last_sample
         free_pct = None
         if sample is not None:
             free_pct = 100.0 * free_bytes(sample, self.engine.limits) / sample.mem_total
-        return {"done": done, "total": total, "running": self.engine.count(RUNNING),
+        youngest_age = time.time() - max(starts) if starts else None
+        return {"done": done, "total": total, "running": len(starts),
                 "paused": self.engine.count(PAUSED), "queued": len(self.batch.queue),
                 "cpu_pct": sample.cpu_pct if sample else None, "free_pct": free_pct,
-                "eta_s": elapsed * (total - done) / done if done else None}
+                "eta_s": eta_seconds(self.task_times, total - done, len(starts), youngest_age)}
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("event") == "end" and event.get("status") in FINISHED and event["status"] != CANCELLED:
+            # A cancelled task was cut short: its time says nothing about the others'.
+            attempt = self.batch.tasks[event["task"]].attempts[-1]
+            if attempt.end is not None:
+                bisect.insort(self.task_times, attempt.end - attempt.start)  # kept sorted: the median stays cheap
+        self._trace(event)
 
     def _trace(self, event: dict) -> None:
         if self.trace is None:
