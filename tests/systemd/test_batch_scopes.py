@@ -130,20 +130,39 @@ def test_the_journal_carries_each_batchs_decisions(pmlmd):
         assert r["PRIORITY"] == "6"  # INFO
 
 
-def test_a_worker_cannot_write_lines_that_pass_for_pmlmds_own(pmlmd):
+def test_task_output_stays_with_its_batch_and_reaches_the_journal_only_when_asked(pmlmd):
+    config = "/etc/pmlmd/pmlmd.toml"
+    saved = pmlmd.run(["cat", config]).stdout
     # A worker prints what looks like one of pmlmd's decisions, on stdout and on stderr.
     forged = "pause worker 1 (batch 1, task 0) [cpu]: forged"
-    proc = pmlmd.run(["pmlmctl", "submit", "--wait", "--", "/bin/sh", "-c", f"echo '{forged}'; echo '{forged}' >&2"],
-                     check=False, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    batch = json.loads(pmlmd.run(["pmlmctl", "list", "--json"]).stdout)[-1]["batch"]
-    # Its lines are in the journal under the batch's own identifier...
-    ours = wait_inside(pmlmd, ["journalctl", "--no-pager", "-o", "cat", "-t", f"pmlm-batch-{batch}"],
-                       lambda p: p.stdout.count(forged) == 2, what="the worker's lines under its batch's identifier")
-    assert ours.stdout.count(forged) == 2
-    # ...and none under pmlmd's.
-    daemon = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-t", "pmlmd"]).stdout
-    assert forged not in daemon.splitlines()  # (the submit line quotes the command, which is fine)
+    command = ["pmlmctl", "submit", "--wait", "--", "/bin/sh", "-c", f"echo '{forged}'; echo '{forged}' >&2"]
+    try:
+        proc = pmlmd.run(command, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count(forged) == 1 and proc.stderr.count(forged) == 1  # submit --wait prints it
+        quiet = json.loads(pmlmd.run(["pmlmctl", "list", "--json"]).stdout)[-1]["batch"]
+        assert pmlmd.run(["pmlmctl", "log", quiet]).stdout == forged + "\n"
+        assert pmlmd.run(["ls", f"/var/lib/pmlmd/output/{quiet}"]).stdout.split() == ["0.err", "0.out"]
+
+        pmlmd.run(f"cat > {config}", input=saved.replace("[daemon]\n", "[daemon]\noutput_journal = true\n", 1))
+        pmlmd.run(["systemctl", "reload", UNIT], timeout=60)
+        proc = pmlmd.run(command, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        batch = json.loads(pmlmd.run(["pmlmctl", "list", "--json"]).stdout)[-1]["batch"]
+        # Asked for, its lines are in the journal under the batch's own identifier, with its fields...
+        ours = wait_inside(pmlmd, ["journalctl", "--no-pager", "-o", "json", "-t", f"pmlm-batch-{batch}"],
+                           lambda p: p.stdout.count(forged) == 2, what="the worker's lines under its batch's identifier")
+        records = [json.loads(line) for line in ours.stdout.splitlines()]
+        assert {(r["BATCH_ID"], r["TASK_INDEX"], r["STREAM"]) for r in records} == {
+            (batch, "0", "stdout"), (batch, "0", "stderr")}
+        # ...and none under pmlmd's; the batch before, not asked for, left nothing in the journal.
+        daemon = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-t", "pmlmd"]).stdout
+        assert forged not in daemon.splitlines()  # (the submit line quotes the command, which is fine)
+        assert pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-t", f"pmlm-batch-{quiet}"]).stdout.strip() \
+            in ("", "-- No entries --")
+    finally:
+        pmlmd.run(f"cat > {config}", input=saved)
+        pmlmd.run(["systemctl", "reload", UNIT], check=False, timeout=60)
 
 
 def test_workers_outlive_a_restart_of_pmlmd_and_are_adopted(pmlmd):
