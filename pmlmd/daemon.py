@@ -275,8 +275,9 @@ class Daemon:
             return None
 
         def forward(batch_id: str, index: int, stream: str, line: bytes) -> None:
-            journal.send(line, PRIORITY=6 if stream == "stdout" else 4, BATCH_ID=batch_id, TASK_INDEX=str(index),
-                         STREAM=stream, SYSLOG_IDENTIFIER=f"pmlm-batch-{batch_id}")
+            # sendv: the line's bytes as they are (journal.send takes text only).
+            journal.sendv(b"MESSAGE=" + line, f"PRIORITY={6 if stream == 'stdout' else 4}", f"BATCH_ID={batch_id}",
+                          f"TASK_INDEX={index}", f"STREAM={stream}", f"SYSLOG_IDENTIFIER=pmlm-batch-{batch_id}")
         return forward
 
     def _on_signal(self, signum: int) -> None:

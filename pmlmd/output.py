@@ -185,8 +185,11 @@ class TaskFiles:
             lines.append(rest)
             rest = b""
         entry[3] = rest
-        for line in lines:
-            self.forward(batch_id, index, stream, line)
+        try:
+            for line in lines:
+                self.forward(batch_id, index, stream, line)
+        except Exception as e:  # the journal gone, say: the task's files still hold every line
+            self._failure("forward", f"cannot forward output lines: {type(e).__name__}: {e}")
 
     def _failure(self, kind: str, what: str) -> None:
         now = time.monotonic()
