@@ -344,8 +344,8 @@ def test_the_report_of_a_running_batch_says_it_runs_and_counts_nothing_as_failed
     assert report["error_exist"] is False and report["error_message"] is None, report
     assert report["duration_s"] > 0
     assert daemon.ctl("cancel", batch).returncode == 0
-    wait_for(lambda: json.loads(daemon.ctl("report", batch).stdout)["state"] == "finished",
-             what="the batch to finish")
+    wait_for(lambda: json.loads(daemon.ctl("report", batch).stdout)["state"] == "cancelled",
+             what="the batch to end")
     report = json.loads(daemon.ctl("report", batch).stdout)
     assert report["exit_status"] == 1 and report["error_message"].startswith("cancelled"), report
 
