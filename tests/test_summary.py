@@ -1,17 +1,23 @@
-"""The batch summary: its states, counts that add up for any history, its JSON."""
+"""The batch summary: its states, counts that add up for any history, its JSON, the store and pmlmctl's lines."""
 
 import copy
 import json
+import os
+import sqlite3
+from datetime import datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pmlmd import ctl
 from pmlmd.batch import (CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
-                         QUEUED, RUNNING, Batch, BatchSpec)
+                         QUEUED, RUNNING, Batch, BatchSpec, Task)
+from pmlmd.daemon import unrestorable_report
 from pmlmd.governor import Limits
-from pmlmd.summary import (ENDED_STATES, STATES, BatchSummary, Counts, batch_state, from_record, summarize,
-                           task_counts)
+from pmlmd.store import SCHEMA_VERSION, Store, StoreError
+from pmlmd.summary import (ENDED_STATES, LIVE_STATES, STATES, BatchSummary, Counts, Owner, batch_state, from_record,
+                           summarize, task_counts)
 
 T0 = 1_700_000_000.0
 
@@ -261,3 +267,193 @@ def test_from_record_reads_the_report_of_an_older_pmlmd():
     assert (s.state, s.counts, s.tasks) == ("cancelled", Counts(succeeded=1, cancelled=2), 3)
     assert (s.started, s.ended, s.elapsed_s) == ("2023-11-14T22:13:21.500+00:00", "2023-11-14T22:13:50.000+00:00", 30.0)
     assert (s.command, s.priority, s.terminated_attempts, s.requeued_attempts) == (("sleep", "30"), 3, 1, 1)
+
+
+def test_from_record_of_a_batch_marked_failed_says_failed_whatever_its_tasks_did():
+    for report in (unrestorable_report("9", "its priority is 'high'", ["succeeded", "cancelled"]),
+                   {**unrestorable_report("9", "x", ["succeeded"]), "state": None},  # as the older pmlmd wrote it
+                   {}, {"counts": "garbage", "exit_status": 1e400}):
+        s = from_record("9", name=None, owner_uid=None, owner_user=None, priority=None, created=None, finished=None,
+                        report=report)
+        assert s.state == "failed" and s.counts.pending == 0, (report, s)
+
+
+# --- the store -------------------------------------------------------------------------------------------
+
+# The state database as the pmlmd before summaries made it (schema version 1), word for word.
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    name TEXT,
+    owner_uid INTEGER NOT NULL,
+    owner_gid INTEGER NOT NULL,
+    owner_groups TEXT NOT NULL,      -- JSON list of gids
+    priority INTEGER NOT NULL,
+    submission TEXT NOT NULL,        -- JSON: what the batch was submitted with
+    state TEXT NOT NULL,             -- active | finished
+    held INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    finished REAL,
+    cancel_reason TEXT,
+    critical_reason TEXT,
+    report TEXT                      -- JSON execution report, once finished
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    line TEXT,                       -- a BLOB of its bytes when they are not UTF-8 (kept as one)
+    status TEXT NOT NULL,
+    governor_ends INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (batch_id, idx)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    pid INTEGER,
+    start_ticks INTEGER,
+    start REAL NOT NULL,
+    end REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    cause TEXT,
+    reason TEXT,
+    peak_rss INTEGER NOT NULL DEFAULT 0,
+    cpu_seconds REAL NOT NULL DEFAULT 0,
+    pauses INTEGER NOT NULL DEFAULT 0,
+    stop_path TEXT,
+    PRIMARY KEY (batch_id, idx, number)
+);
+CREATE INDEX IF NOT EXISTS batches_state ON batches(state, finished);
+"""
+
+# A cancelled batch's report as the pmlmd before summaries wrote it (the fields from_record reads, and some).
+REPORT_V1 = {"report_version": 1, "batch_id": "1", "task_id": "old", "command": ["sleep", "30"], "shell": False,
+             "state": "finished", "started": "2023-11-14T22:13:20.000+00:00",
+             "finished": "2023-11-14T22:13:26.000+00:00", "duration_s": 6.0, "error_exist": True,
+             "error_message": "cancelled: cancelled by uid 0", "critical_error": False,
+             "execution_message": "batch 1: 3 tasks, 0 succeeded, 3 cancelled in 6.0s", "exit_status": 1,
+             "counts": {"tasks": 3, "succeeded": 0, "failed": 0, "given_up": 0, "cancelled": 3, "terminated": 0,
+                        "requeued": 0},
+             "tasks": [{"index": 0, "task": None, "status": "cancelled",
+                        "attempts": [{"number": 1, "start": "2023-11-14T22:13:21.000+00:00"}]},
+                       {"index": 1, "task": None, "status": "cancelled", "attempts": []},
+                       {"index": 2, "task": None, "status": "cancelled", "attempts": []}]}
+
+
+def write_v1_state(state_dir, created: float = T0) -> None:
+    """A state.db as the pmlmd before summaries left it: one finished (cancelled) batch, one active."""
+    os.makedirs(state_dir)
+    db = sqlite3.connect(os.path.join(state_dir, "state.db"))
+    db.executescript(SCHEMA_V1)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO meta VALUES ('last_seq', '2')")
+    def submission(name):
+        return json.dumps({"command": ["/bin/true"], "cwd": "/tmp", "tasks": 2, "env": {}, "name": name})
+    db.execute("INSERT INTO batches (id, seq, name, owner_uid, owner_gid, owner_groups, priority, submission, state, "
+               "created, finished, cancel_reason, report) VALUES ('1', 1, 'old', 0, 0, '[0]', 4, ?, 'finished', ?, ?, "
+               "'cancelled by uid 0', ?)", (submission("old"), created, created + 6, json.dumps(REPORT_V1)))
+    db.execute("INSERT INTO batches (id, seq, name, owner_uid, owner_gid, owner_groups, priority, submission, state, "
+               "created) VALUES ('2', 2, 'waiting', 0, 0, '[0]', 0, ?, 'active', ?)",
+               (submission("waiting"), created + 10))
+    db.executemany("INSERT INTO tasks (batch_id, idx, line, status) VALUES (?, ?, NULL, ?)",
+                   [("1", 0, "cancelled"), ("1", 1, "cancelled"), ("1", 2, "cancelled"), ("2", 0, "succeeded"),
+                    ("2", 1, "queued")])
+    db.commit()
+    db.close()
+
+
+def test_a_state_db_of_schema_1_opens_migrated_and_its_batches_read_as_summaries(tmp_path):
+    state = str(tmp_path / "state")
+    write_v1_state(state)
+    store = Store(state)
+    try:
+        version = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 2
+        (old,) = store.finished_batches()
+        assert store.finished_summary("1") == old
+        assert (old.batch, old.name, old.owner, old.priority, old.state) == ("1", "old", Owner(0, None), 4, "cancelled")
+        assert (old.counts, old.tasks, old.exit_status) == (Counts(cancelled=3), 3, 1)
+        assert (old.created, old.started, old.ended, old.elapsed_s) == (
+            "2023-11-14T22:13:20.000+00:00", "2023-11-14T22:13:21.000+00:00", "2023-11-14T22:13:26.000+00:00", 6.0)
+        (active,) = store.active_batches()  # the active batch is restored as before
+        assert active.problem is None and [t.status for t in active.tasks] == ["succeeded", "queued"]
+    finally:
+        store.close()
+    Store(state).close()  # and opens again, migrated once
+
+
+def test_a_state_db_of_a_newer_schema_is_refused(tmp_path):
+    Store(str(tmp_path)).close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    db.close()
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, this pmlmd knows {SCHEMA_VERSION}"):
+        Store(str(tmp_path))
+
+
+def test_the_stored_summary_is_read_back_as_it_was_and_a_damaged_one_falls_back_to_the_record(tmp_path):
+    store = Store(str(tmp_path))
+    try:
+        summary = a_summary()
+        store.add_batch("7", store.next_seq(), None, (0, 0, [0]), 0, {}, T0, [Task(0, None)])
+        store.finish("7", T0 + 2, make_batch(n=1).report(), summary.to_json())
+        assert store.finished_summary("7") == summary and store.finished_batches() == [summary]
+        store.db.execute("UPDATE batches SET summary = '{\"state\": \"finished\"}'")
+        derived = store.finished_summary("7")
+        assert derived.batch == "7" and derived.state in ENDED_STATES
+        assert store.finished_summary("8") is None
+    finally:
+        store.close()
+
+
+def test_a_batch_marked_failed_lists_as_failed(tmp_path):
+    store = Store(str(tmp_path))
+    try:
+        store.add_batch("3", store.next_seq(), "broken", (1000, 1000, [1000]), 0, {}, T0,
+                        [Task(0, None), Task(1, None)])
+        store.db.execute("UPDATE tasks SET status='succeeded' WHERE idx=0")
+        (stored,) = store.active_batches()
+        store.fail_batch(stored.rowid, T0 + 1, unrestorable_report("3", "its priority is 'high'",
+                                                                   store.task_statuses(stored.rowid)))
+        (listed,) = store.finished_batches()
+        assert (listed.batch, listed.name, listed.owner, listed.state) == ("3", "broken", Owner(1000, None), "failed")
+        assert listed.counts == Counts(succeeded=1, failed=1) and listed.exit_status == 1
+    finally:
+        store.close()
+
+
+# --- pmlmctl's lines ---------------------------------------------------------------------------------------
+
+def test_pmlmctl_shows_the_owner_state_counts_created_and_elapsed():
+    b = a_summary().to_json()
+    b.update(batch="12", name="nightly", state="running", counts={**b["counts"], "succeeded": 4, "running": 3,
+                                                                   "paused": 1, "queued": 10}, tasks=18,
+             elapsed_s=3725.5, command=["echo", "two words", "\udcff"], requeued_attempts=2, exit_status=None,
+             ended=None)
+    line = ctl._batch_line(b)
+    created = datetime.fromisoformat(b["created"]).astimezone().strftime("%Y-%m-%d %H:%M")
+    assert line.split() == ["12", "nightly", "root", "0", "running", *created.split(), "1:02:05", "18", "tasks:",
+                            "4", "succeeded,", "3", "running,", "1", "paused,", "10", "queued"]
+    assert ctl.BATCH_HEADER.split() == ["ID", "NAME", "OWNER", "PRIO", "STATE", "CREATED", "ELAPSED", "TASKS"]
+    assert line.index("running") == ctl.BATCH_HEADER.index("STATE")
+    assert line.index(created) == ctl.BATCH_HEADER.index("CREATED")
+    details = "\n".join(ctl._batch_details(b))
+    assert "owner     root (uid 0)" in details and "state     running\n" in details
+    assert "command   echo 'two words' '\\udcff'" in details  # a byte that is not UTF-8 shown, not fatal
+    assert "tasks     18 tasks: 4 succeeded, 3 running, 1 paused, 10 queued" in details
+    assert "attempts  2 requeued" in details and "elapsed   1:02:05" in details
+    assert "ended     -" in details
+    assert ctl._tasks_text({"tasks": 1, "counts": {"succeeded": 1}}) == "1 task: 1 succeeded"
+    ended = a_summary().to_json()
+    assert "state     finished, exit status 0" in "\n".join(ctl._batch_details(ended))
+    assert ctl._batch_line({**ended, "owner": {"user": None, "uid": None}, "priority": None}).split()[2:4] == ["-", "-"]
+
+
+def test_every_state_name_fits_its_column():
+    assert set(STATES) == set(LIVE_STATES) | set(ENDED_STATES)
+    width = ctl.BATCH_HEADER.index("CREATED") - ctl.BATCH_HEADER.index("STATE") - 2
+    assert max(map(len, STATES)) <= width
