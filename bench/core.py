@@ -598,7 +598,7 @@ def scenario_scale(ctx) -> dict:
             lat += time_status(d.client, 0.5)
             peak = max(peak, rss_bytes(d.pid))
             st = d.batch(bid)
-            if st.get("state") == "finished" or st.get("done") == st.get("total"):
+            if st.get("ended") is not None:
                 break
             if time.monotonic() - t0 > 900:
                 raise RuntimeError("10,000-task batch did not finish in 900 s")

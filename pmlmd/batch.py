@@ -231,21 +231,30 @@ class Batch:
         tasks = f"{c['tasks']} task" + ("" if c["tasks"] == 1 else "s")
         return f"batch {self.spec.batch_id}: {tasks}, {', '.join(parts)} in {took:.1f}s"
 
-    def report(self, now: float | None = None) -> dict:
+    def report(self, now: float | None = None, summary=None) -> dict:
         """The execution report. For a batch still running, ``now`` (wall-clock seconds) gives its
-        duration so far; it says ``"state": "running"``, its exit_status is None and only tasks
-        that ended count as not succeeded."""
+        duration so far; its state is a live one (``running``, say), its exit_status is None and
+        only tasks that ended count as not succeeded.
+
+        ``state`` and ``counts`` are those of the batch's summary (summary.BatchSummary): the
+        daemon passes the one it shows, which knows paused workers and a user's pause; without
+        one they come from the bookkeeping alone.
+        """
+        from .summary import summarize  # it builds on this module
+
         spec, limits = self.spec, self.spec.limits
         error = self.error_message()
         running = self.finished is None
         end = self.finished if not running else (now if now is not None else self.started)
+        if summary is None:
+            summary = summarize(self, now=end)
         return {
             "report_version": REPORT_VERSION,
             "batch_id": spec.batch_id,
             "task_id": spec.task_id or spec.batch_id,
             "command": spec.command,
             "shell": spec.shell,
-            "state": "running" if running else "finished",
+            "state": summary.state,
             "started": iso(self.started),
             "finished": iso(self.finished),
             "duration_s": round(max(end - self.started, 0.0), 3),
@@ -271,7 +280,9 @@ class Batch:
                 "pause_mode": spec.pause_mode,
                 "agent_timeout_s": spec.agent_timeout,
             },
-            "counts": self.counts(),
+            # The counts that add up to the tasks, and those of attempts (terminated, requeued).
+            "counts": {"tasks": summary.tasks, **summary.counts.to_json(),
+                       "terminated": summary.terminated_attempts, "requeued": summary.requeued_attempts},
             "lowest_free_memory_bytes": self.lowest_free,
             "lowest_free_memory_pct": self.free_pct.summary()["min"] if self.free_pct.values else None,
             "highest_cpu_pct": self.cpu.summary()["max"] if self.cpu.values else None,

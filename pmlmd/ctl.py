@@ -9,10 +9,12 @@ import math
 import os
 import resource
 import secrets
+import shlex
 import shutil
 import stat
 import sys
 import time
+from datetime import datetime
 from typing import Callable
 
 from . import __version__, output, protocol, tasklines
@@ -636,7 +638,7 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
         while True:
             status = client.call("status", batch=batch_id)
             following = [reader for reader in following if reader.poll()]
-            if status["state"] == "finished":
+            if status.get("ended") is not None:
                 while following:  # what the last tasks wrote
                     following = [reader for reader in following if reader.poll()]
                 printer.flush()
@@ -644,11 +646,12 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
             if status_line:
                 now = time.monotonic()
                 node = status.get("node") or {}
-                done, total = status["done"], status["total"]
-                clock.observe(now, done, total - status["queued"])
-                eta = eta_seconds(clock.durations, total - done, status["running"], clock.youngest_age(now))
-                status_line.draw({**status, "cpu_pct": node.get("cpu_pct"), "free_pct": node.get("free_pct"),
-                                  "eta_s": eta})
+                counts, total = status["counts"], status["tasks"]
+                done = total - counts["running"] - counts["paused"] - counts["queued"]
+                clock.observe(now, done, total - counts["queued"])
+                eta = eta_seconds(clock.durations, total - done, counts["running"], clock.youngest_age(now))
+                status_line.draw({**counts, "done": done, "total": total, "cpu_pct": node.get("cpu_pct"),
+                                  "free_pct": node.get("free_pct"), "eta_s": eta})
             time.sleep(0.25)  # a person watching; the daemon answers in microseconds
     except KeyboardInterrupt:
         if status_line:
@@ -755,16 +758,80 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
 
 
-def _batch_line(b: dict) -> str:
+# A batch summary's counts (see pmlmd/summary.py) in the words pmlmctl shows them with, in this order.
+COUNT_WORDS = (("succeeded", "succeeded"), ("failed", "failed"), ("given_up", "given up"),
+               ("cancelled", "cancelled"), ("running", "running"), ("paused", "paused"), ("queued", "queued"))
+
+
+def _printable(text: str) -> str:
+    """Text for the terminal: a byte that is not UTF-8 (a surrogate, see tasklines) as \\udcNN."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _tasks_text(b: dict) -> str:
+    """The counts that add up to the tasks, those not 0: "6 tasks: 4 succeeded, 1 failed, 1 cancelled"."""
     counts = b.get("counts") or {}
-    return (f"{b['batch']:>6}  {str(b.get('name') or '-')[:16]:<16}  {b.get('owner_uid', '-'):>6}  "
-            f"{b.get('priority', 0):>4}  {b['state']:<10}  {b.get('done', counts.get('tasks', 0))}/"
-            f"{b.get('total', counts.get('tasks', 0))} done, {b.get('running', 0)} running, "
-            f"{b.get('paused', 0)} paused, {counts.get('succeeded', 0)} ok, "
-            f"{counts.get('failed', 0) + counts.get('given_up', 0)} failed")
+    total = b.get("tasks", 0)
+    shown = ", ".join(f"{counts[key]} {word}" for key, word in COUNT_WORDS if counts.get(key))
+    return f"{total} task{'' if total == 1 else 's'}" + (f": {shown}" if shown else "")
 
 
-BATCH_HEADER = f"{'ID':>6}  {'NAME':<16}  {'OWNER':>6}  {'PRIO':>4}  {'STATE':<10}  PROGRESS"
+def _local_time(stamp: str | None, seconds: bool = False) -> str:
+    """An ISO 8601 time of the summary in local time, or "-"."""
+    if not stamp:
+        return "-"
+    try:
+        when = datetime.fromisoformat(stamp).astimezone()
+    except ValueError:
+        return stamp
+    return when.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _owner_text(b: dict) -> str:
+    owner = b.get("owner") or {}
+    if owner.get("user") is not None:
+        return owner["user"]
+    return "-" if owner.get("uid") is None else str(owner["uid"])
+
+
+def _batch_line(b: dict) -> str:
+    """One batch summary as a line under BATCH_HEADER."""
+    name = _printable(str(b.get("name") or "-"))
+    priority = "-" if b.get("priority") is None else b["priority"]
+    return (f"{b['batch']:>6}  {name[:16]:<16}  {_printable(_owner_text(b))[:10]:<10}  {priority:>4}  "
+            f"{b['state']:<9}  {_local_time(b.get('created')):<16}  {_duration(b.get('elapsed_s')):>9}  "
+            f"{_tasks_text(b)}")
+
+
+BATCH_HEADER = (f"{'ID':>6}  {'NAME':<16}  {'OWNER':<10}  {'PRIO':>4}  {'STATE':<9}  {'CREATED':<16}  "
+                f"{'ELAPSED':>9}  TASKS")
+
+
+def _batch_details(b: dict) -> list[str]:
+    """One batch summary, a line per field, for status ID."""
+    owner = b.get("owner") or {}
+    uid = "" if owner.get("uid") is None or owner.get("user") == str(owner["uid"]) else f" (uid {owner['uid']})"
+    state = b["state"] + ("" if b.get("exit_status") is None else f", exit status {b['exit_status']}")
+    rows = [("batch", b["batch"] + (f" ({b['name']})" if b.get("name") else "")), ("state", state),
+            ("owner", _owner_text(b) + uid), ("priority", "-" if b.get("priority") is None else str(b["priority"])),
+            ("command", "-" if b.get("command") is None else shlex.join(b["command"])),
+            ("tasks", _tasks_text(b))]
+    retried = [f"{b[key]} {word}" for key, word in (("terminated_attempts", "terminated by the governor"),
+                                                    ("requeued_attempts", "requeued")) if b.get(key)]
+    if retried:
+        rows.append(("attempts", ", ".join(retried)))
+    rows += [("created", _local_time(b.get("created"), True)), ("started", _local_time(b.get("started"), True)),
+             ("ended", _local_time(b.get("ended"), True)), ("elapsed", _duration(b.get("elapsed_s")))]
+    if b.get("scope"):
+        rows.append(("scope", b["scope"] + (f" (freezer: {b['freezer']})" if b.get("freezer") else "")))
+    return [_printable(f"{key:<9} {value}") for key, value in rows]
 
 
 def cmd_status(parser, args) -> int:
@@ -773,8 +840,7 @@ def cmd_status(parser, args) -> int:
     if args.json:
         _print_json(status)
     elif args.batch:
-        print(BATCH_HEADER)
-        print(_batch_line(status))
+        print("\n".join(_batch_details(status)))
     else:
         print(f"pmlmd: {status['status']}")
         limits = status["limits"]

@@ -32,6 +32,7 @@ from .output import TaskFiles
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
+from .summary import STATE_FAILED, BatchSummary, summarize
 from .systemd import Notifier, setup_logging
 from .units import format_size
 
@@ -571,7 +572,9 @@ class Daemon:
             self.store.attempt_ended(run.id, task, task.attempts[-1])
         elif kind == "finished" and run is not None:
             self.store.tasks_changed(run.id, run.batch.tasks)
-            self.store.finish(run.id, run.batch.finished, run.batch.report())
+            # Stored as it ended, so that status and list show a finished batch as its last live summary did.
+            summary = self._batch_summary(run)
+            self.store.finish(run.id, run.batch.finished, run.batch.report(summary=summary), summary.to_json())
             self.asked.pop(run.id, None)
             self.owners.pop(run.id, None)
             self.carried.pop(run.id, None)
@@ -695,25 +698,39 @@ class Daemon:
                                      request.request_id)
 
     def _summary(self, run: BatchRun) -> dict:
-        b = run.batch
-        state = "held" if run.held else ("cancelling" if b.cancel_reason else "active")
-        return {"batch": run.id, "name": run.batch.spec.task_id, "owner_uid": run.owner.uid,
-                "priority": run.priority, "state": state, "created": b.started, "counts": b.counts(),
-                "done": b.done(), "total": len(b.tasks), "queued": len(b.queue),
-                "running": self.engine.count(RUNNING, run), "paused": self.engine.count(PAUSED, run)
-                + self.engine.count(HELD, run), "command": b.spec.command,
-                "scope": scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
-                "freezer": self.scopes.freezer_state(run.id)}
+        return self._batch_summary(run).to_json()
+
+    def _batch_summary(self, run: BatchRun) -> BatchSummary:
+        """A live batch's summary (see pmlmd/summary.py); at its end, the one stored with it."""
+        live = run.batch.finished is None
+        return summarize(run.batch, now=time.time(), owner_uid=run.owner.uid, owner_user=user_name(run.owner.uid),
+                         priority=run.priority, held=run.held,
+                         paused_workers=self.engine.count(PAUSED, run) + self.engine.count(HELD, run),
+                         scope=scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
+                         freezer=self.scopes.freezer_state(run.id) if live else None)
+
+    def _finished_summaries(self, batch_id: str | None = None) -> list[BatchSummary]:
+        """The stored summaries of finished batches (of one, with ``batch_id``), owners named."""
+        found = self.store.finished_batches() if batch_id is None else \
+            [s for s in [self.store.finished_summary(batch_id)] if s is not None]
+        # Stored without a summary (see Store.finished_batches): the owner is named now.
+        return [s.with_user(user_name(s.owner.uid)) if s.owner.user is None and s.owner.uid is not None else s
+                for s in found]
 
     def _do_status(self, client, request, peer) -> bytes:
+        """With a batch: its summary (pmlmd/summary.py, BatchSummary.to_json), live or finished, plus
+        ``node``. Without: ``status`` (the STATUS= line), ``node``, ``limits`` and ``batches``, the
+        summaries of the live batches in submission order. ``node`` is null before the first sample,
+        else ``cpu_pct``, ``free_bytes``, ``total_bytes`` and ``free_pct``."""
         batch_id = request.args["batch"]
         if batch_id is not None:
             run = self._batch(batch_id, peer, None)
             if run is None:
-                report = self.store.finished_report(batch_id)
-                result = {"batch": batch_id, "state": "finished", "counts": report["counts"],
-                          "exit_status": report["exit_status"], "done": report["counts"]["tasks"],
-                          "total": report["counts"]["tasks"], "running": 0, "paused": 0, "queued": 0}
+                found = self._finished_summaries(batch_id)
+                if not found:
+                    raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {batch_id!r} is neither running "
+                                                 "nor finished: see 'pmlmctl list'")
+                result = found[0].to_json()
             else:
                 result = self._summary(run)
             return protocol.encode_reply({**result, "node": self._node()}, request.request_id)
@@ -736,7 +753,9 @@ class Daemon:
         return sorted(self.engine.runs.values(), key=lambda r: r.seq)
 
     def _do_list(self, client, request, peer) -> bytes:
-        batches = self.store.finished_batches() + [self._summary(r) for r in self._ordered()]
+        """``batches``: the summary of every batch pmlmd knows, as status gives it: the finished ones
+        (until they are pruned), then the live ones, each in submission order."""
+        batches = [s.to_json() for s in self._finished_summaries()] + [self._summary(r) for r in self._ordered()]
         return protocol.encode_reply({"batches": batches}, request.request_id)
 
     def _do_cancel(self, client, request, peer) -> bytes:
@@ -769,7 +788,8 @@ class Daemon:
     def _do_report(self, client, request, peer) -> bytes:
         run = self._batch(request.args["batch"], peer, None)
         if run is not None:
-            report = run.batch.report(time.time())  # running: how long so far, nothing failed that has not
+            # running: how long so far, nothing failed that has not; the state and counts status shows
+            report = run.batch.report(time.time(), summary=self._batch_summary(run))
         else:
             report = self.store.finished_report(request.args["batch"])
         return protocol.encode_reply(report, request.request_id)
@@ -897,17 +917,30 @@ def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict
     """
     now = time.time()
     counts = {"tasks": len(statuses), "succeeded": statuses.count(SUCCEEDED), "given_up": statuses.count(GIVEN_UP),
-              "cancelled": statuses.count(CANCELLED), "terminated": 0, "requeued": 0}
+              "cancelled": statuses.count(CANCELLED), "running": 0, "paused": 0, "queued": 0, "terminated": 0,
+              "requeued": 0}
     counts["failed"] = counts["tasks"] - counts["succeeded"] - counts["given_up"] - counts["cancelled"]
     message = f"not restored when pmlmd started: {reason}"
+    # "state": "failed" also tells summary.from_record that the batch was marked failed.
     return {"report_version": REPORT_VERSION, "batch_id": batch_id, "task_id": batch_id, "command": None,
-            "shell": None, "started": None, "finished": iso(now), "duration_s": None, "error_exist": True,
+            "shell": None, "state": STATE_FAILED, "started": None, "finished": iso(now), "duration_s": None,
+            "error_exist": True,
             "error_message": message, "critical_error": False,
             "execution_message": f"batch {batch_id}: {counts['tasks']} tasks, {counts['succeeded']} succeeded, "
                                  f"marked failed: {message}",
             "exit_status": 1, "limits": None, "counts": counts, "lowest_free_memory_bytes": None,
             "lowest_free_memory_pct": None, "highest_cpu_pct": None, "cpu_pct": None, "free_memory_pct": None,
             "tasks": []}
+
+
+def user_name(uid: int | None) -> str | None:
+    """The name of a batch's owner, for its summary: the passwd entry's, else the uid as text."""
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def raise_fd_limit() -> tuple[int, int]:

@@ -48,8 +48,8 @@ the request, defaults filled in.
 request       arguments
 ============  ===========================================================================
 ``ping``      none. Is the daemon there?
-``list``      none. The batches the caller may see.
-``status``    ``batch``: string or null (default null = every batch)
+``list``      none. Every batch the daemon knows, finished ones included.
+``status``    ``batch``: string or null (default null = the node and its live batches)
 ``cancel``    ``batch``: string, required
 ``pause``     ``batch``: string, required
 ``resume``    ``batch``: string, required
@@ -170,6 +170,15 @@ the request's (null if it had none or could not be read far enough to find it)::
     {"version": 1, "ok": false, "error": {"code": "no-such-batch", "message": "..."}, "request_id": 7}
 
 The contents of ``result`` depend on the request and are documented with the daemon.
+``status`` and ``list`` describe each batch by its summary, one shape whether the batch is
+queued, running or long finished (``summary_version`` 1; pmlmd/summary.py defines its fields,
+its counts, which add up to ``tasks``, and its ``state``: ``queued``, ``running``, ``paused``,
+``finishing``, ``finished``, ``cancelled`` or ``failed``). ``status`` with a batch answers
+with its summary plus ``node`` (the last sample: ``cpu_pct``, ``free_bytes``, ``total_bytes``,
+``free_pct``; null before the first); without one, with ``status`` (one line), ``node``,
+``limits`` and ``batches``, the summaries of the live batches. ``list`` answers with
+``batches``: the summaries of the finished batches, then of the live ones, each in submission
+order. A batch has ended when its summary's ``ended`` is not null.
 
 Events
 ======

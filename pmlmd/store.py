@@ -2,8 +2,8 @@
 
 A submitted batch is committed before the daemon replies, and every attempt's start
 and end is committed as it happens, so a restarted daemon knows every task's state
-and which workers it may find still running. Finished batches keep their report
-until they are pruned.
+and which workers it may find still running. Finished batches keep their report and
+their summary (summary.BatchSummary) until they are pruned.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 from . import tasklines
 from .batch import FINISHED, QUEUED, RUNNING, Attempt, Task
 from .bounds import BOUNDS
+from .summary import BatchSummary, from_record
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS batches (
     finished REAL,
     cancel_reason TEXT,
     critical_reason TEXT,
-    report TEXT                      -- JSON execution report, once finished
+    report TEXT,                     -- JSON execution report, once finished
+    summary TEXT                     -- JSON batch summary (summary.BatchSummary), once finished
 );
 CREATE TABLE IF NOT EXISTS tasks (
     batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
@@ -68,6 +70,10 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches(state, finished);
 """
+
+# What takes a database of each older schema version to the next one. Version 1 had no summary
+# column: its finished batches are summarized from their reports (summary.from_record).
+MIGRATIONS = {1: ("ALTER TABLE batches ADD COLUMN summary TEXT",)}
 
 
 class StoreError(Exception):
@@ -186,12 +192,25 @@ class Store:
                 self.db.executescript(SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            if version in MIGRATIONS:
+                version = self._migrate(version)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use the state database {self.path}: {e}; check that --state-dir (state_dir "
                              f"in pmlmd.toml) names a directory pmlmd can write") from e
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, this pmlmd knows {SCHEMA_VERSION}: "
                              "use a pmlmd that matches it, or move the file away to start afresh")
+
+    def _migrate(self, version: int) -> int:
+        """Bring a database of an older schema up to SCHEMA_VERSION, one version per transaction."""
+        while version in MIGRATIONS:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                for statement in MIGRATIONS[version]:
+                    self.db.execute(statement)
+                version += 1
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+        return version
 
     def close(self) -> None:
         self.db.close()
@@ -250,11 +269,13 @@ class Store:
         with self.db:
             self.db.execute("UPDATE batches SET cancel_reason=? WHERE id=?", (reason, batch_id))
 
-    def finish(self, batch_id: str, finished: float, report: dict) -> None:
+    def finish(self, batch_id: str, finished: float, report: dict, summary: dict | None = None) -> None:
+        """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended."""
         with self.db:
-            self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=? "
+            self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=?, summary=? "
                             "WHERE id=?", (finished, json.dumps(report), report.get("error_message")
-                                           if report.get("critical_error") else None, batch_id))
+                                           if report.get("critical_error") else None,
+                                           None if summary is None else json.dumps(summary), batch_id))
 
     def prune(self, finished_before: float) -> int:
         with self.db:
@@ -398,24 +419,36 @@ class Store:
         row = self.db.execute("SELECT owner_uid FROM batches WHERE id=?", (batch_id,)).fetchone()
         return row[0] if row else None
 
-    def finished_batches(self) -> list[dict]:
-        # Batches marked failed because their record was damaged are listed too, their values shown as
-        # well as they can be: text as UTF-8, numbers only when finite (a reply must be strict JSON).
-        rows = self.db.execute("SELECT CAST(id AS BLOB), CAST(name AS BLOB), owner_uid, priority, created, finished, "
-                               "CAST(report AS BLOB) FROM batches WHERE state='finished' ORDER BY seq").fetchall()
-        out = []
-        for bid, name, uid, priority, created, finished, report in rows:
-            try:
-                rep = json.loads(report, parse_constant=_no_constant) if report else {}
-            except (ValueError, RecursionError):
-                rep = {}
-            rep = rep if isinstance(rep, dict) else {}
-            counts = rep.get("counts")
-            out.append({"batch": _shown(bid), "name": _shown(name), "owner_uid": _plain(uid),
-                        "priority": _plain(priority), "state": "finished", "created": _plain(created),
-                        "finished": _plain(finished), "counts": counts if isinstance(counts, dict) else None,
-                        "exit_status": _plain(rep.get("exit_status"))})
-        return out
+    def finished_batches(self) -> list[BatchSummary]:
+        """The summary of every finished batch, in submission order (see ``_finished``)."""
+        rows = self.db.execute(f"SELECT {_FINISHED_COLUMNS} FROM batches WHERE state='finished' "
+                               "ORDER BY seq").fetchall()
+        return [self._finished(*row) for row in rows]
+
+    def finished_summary(self, batch_id: str) -> BatchSummary | None:
+        """The summary of a finished batch (see ``_finished``); None when no such batch has finished."""
+        row = self.db.execute(f"SELECT {_FINISHED_COLUMNS} FROM batches WHERE id=? AND state='finished'",
+                              (batch_id,)).fetchone()
+        return None if row is None else self._finished(*row)
+
+    def _finished(self, rowid, bid, name, uid, priority, created, finished, summary) -> BatchSummary:
+        """A finished batch's summary: the one stored when it finished; else (stored by an older pmlmd,
+        marked failed because its record was damaged, or not fit to be used) one made from what its
+        record and its report hold, its values shown as well as they can be: text as UTF-8, numbers
+        only when finite. The owner's user name is then None, for the daemon to fill in."""
+        batch_id = _shown(bid)
+        try:
+            stored = BatchSummary.from_json(_json_object(summary)) if summary is not None else None
+        except ValueError:
+            stored = None
+        if stored is not None and stored.batch == batch_id:
+            return stored
+        (report,) = self.db.execute("SELECT CAST(report AS BLOB) FROM batches WHERE rowid=?", (rowid,)).fetchone()
+        uid = _plain(uid)
+        return from_record(batch_id if batch_id is not None else f"(row {rowid})", name=_shown(name),
+                           owner_uid=uid if _int(uid, 0, MAX_ID) else None, owner_user=None,
+                           priority=priority if _int(priority, -MAX_INT64, MAX_INT64) else None,
+                           created=_plain(created), finished=_plain(finished), report=_json_object(report))
 
     def next_seq(self) -> int:
         """A new batch number, never handed out before, even after pruning."""
@@ -425,3 +458,18 @@ class Store:
             seq = (int(row[0]) if row else 0) + 1
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
         return seq
+
+
+# What Store._finished reads of a finished batch: not its report, which may be large, unless it needs it.
+_FINISHED_COLUMNS = ("rowid, CAST(id AS BLOB), CAST(name AS BLOB), owner_uid, priority, created, finished, "
+                     "CAST(summary AS BLOB)")
+
+
+def _json_object(raw: bytes | None) -> dict:
+    """A stored JSON object, or {} for anything else (strict JSON: a reply must be strict JSON too)."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant) if raw else {}
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+

@@ -114,8 +114,8 @@ def test_pause_in_agent_mode_blocks_the_worker_in_checkpoint_until_resume(daemon
     assert daemon.ctl("resume", batch).returncode == 0
     wait_for(lambda: len(lines(out)) > lines_when_stalled + 2, what="the ticks to resume")
     assert daemon.ctl("cancel", batch).returncode == 0
-    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "finished",
-             what="the batch to finish")
+    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "cancelled",
+             what="the batch to end")
     assert lines(out)[-1] == "cleanup"
 
 
@@ -131,12 +131,13 @@ def test_two_hundred_agent_workers_all_stop_on_cancel_within_the_deadline(daemon
         result = daemon.ctl("status", "--json", batch)
         return json.loads(result.stdout) if result.returncode == 0 else {}
 
-    wait_for(lambda: status().get("running") == 200, timeout=240, poll=0.5, what="200 running workers")
+    wait_for(lambda: status().get("counts", {}).get("running") == 200, timeout=240, poll=0.5,
+             what="200 running workers")
     # Every worker has connected once it printed its first line; give the last ones their first checkpoint.
     cancelled_at = time.time()
     cancel = daemon.ctl("cancel", batch)
     assert cancel.returncode == 0, cancel.stderr + "\n".join(l for l in daemon.logs().splitlines() if "did task" not in l)[-6000:]
-    wait_for(lambda: status().get("state") == "finished", timeout=60, poll=0.05, what="all 200 to stop")
+    wait_for(lambda: status().get("state") == "cancelled", timeout=60, poll=0.05, what="all 200 to stop")
     report = json.loads(daemon.ctl("report", batch).stdout)
     took = max(datetime.fromisoformat(a["end"]).timestamp() for a in attempts(report)) - cancelled_at
     paths = [a["stop_path"] for a in attempts(report)]
@@ -152,7 +153,7 @@ def test_an_agent_paused_worker_survives_a_daemon_restart_and_resumes(daemon_fac
     lines_when_stalled = stalled(out)
     daemon.stop(signal.SIGKILL)
     daemon.start()  # adopts it; the batch is still paused by its owner
-    assert json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "held"
+    assert json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "paused"
     assert daemon.ctl("resume", batch).returncode == 0
     # The worker's channel reconnected to the new pmlmd, which told it to go on.
     wait_for(lambda: len(lines(out)) > lines_when_stalled + 2, what="the ticks to resume after the restart")

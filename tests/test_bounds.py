@@ -484,7 +484,7 @@ def test_a_poisoned_state_db_costs_only_the_poisoned_batches(daemon_factory, tmp
         assert over_status["state"] == "finished" and over_status["exit_status"] == 0, over_status
         with daemon.client() as client:
             for seq, fragment in enumerate(poisoned, 1):
-                assert status(str(seq))["state"] == "finished"
+                assert status(str(seq))["state"] == "failed"
                 report = client.call("report", batch=str(seq))
                 assert report["exit_status"] == 1 and report["error_exist"] is True
                 assert report["error_message"].startswith("not restored when pmlmd started: ")
@@ -500,7 +500,7 @@ def test_a_poisoned_state_db_costs_only_the_poisoned_batches(daemon_factory, tmp
         # The next start finds them finished: nothing left to refuse, nothing to crash on.
         daemon.stop()
         daemon.start()
-        assert status("1")["state"] == "finished" and status(good_id)["state"] == "finished"
+        assert status("1")["state"] == "failed" and status(good_id)["state"] == "finished"
         assert daemon.logs().count("cannot be restored") == len(poisoned)
     finally:
         for process in (stray, adoptee):

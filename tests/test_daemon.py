@@ -2,17 +2,21 @@
 
 import json
 import os
+import pwd
 import resource
 import signal
 import stat
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from support import BURN, group_states, wait_for
+from test_daemon_auth import wait_event
+from test_summary import write_v1_state
 
 PY = sys.executable
 
@@ -23,8 +27,9 @@ def status(daemon, batch=None):
 
 
 def wait_finished(daemon, batch, timeout=60):
-    return wait_for(lambda: (s := status(daemon, batch))["state"] == "finished" and s, timeout=timeout,
-                    what=f"batch {batch} to finish")
+    """The batch's summary once it has ended (finished, cancelled or failed)."""
+    return wait_for(lambda: (s := status(daemon, batch))["ended"] is not None and s, timeout=timeout,
+                    what=f"batch {batch} to end")
 
 
 def test_submit_wait_runs_the_batch_and_exits_like_run(daemon):
@@ -114,12 +119,12 @@ def test_sighup_applies_good_limits_and_keeps_them_on_a_bad_file(daemon_factory)
 
 def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):
     batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--", "sleep", "30").stdout.strip()
-    wait_for(lambda: status(daemon, batch)["running"] == 2, what="two running workers")
+    wait_for(lambda: status(daemon, batch)["counts"]["running"] == 2, what="two running workers")
     assert daemon.ctl("pause", batch).stdout.strip() == f"batch {batch}: paused"
     pids = [pid for pid, _ in daemon.worker_pids()]
     for pid in pids:
         wait_for(lambda: group_states(pid) == "T", what=f"worker {pid} stopped")
-    assert status(daemon, batch)["state"] == "held"
+    assert status(daemon, batch)["state"] == "paused"
     resumed = daemon.ctl("resume", "--json", batch)
     assert resumed.returncode == 0 and json.loads(resumed.stdout) == {"batch": batch, "state": "active"}
     assert daemon.ctl("report", "--json", batch).returncode == 0  # --json where a user would try it
@@ -344,8 +349,8 @@ def test_the_report_of_a_running_batch_says_it_runs_and_counts_nothing_as_failed
     assert report["error_exist"] is False and report["error_message"] is None, report
     assert report["duration_s"] > 0
     assert daemon.ctl("cancel", batch).returncode == 0
-    wait_for(lambda: json.loads(daemon.ctl("report", batch).stdout)["state"] == "finished",
-             what="the batch to finish")
+    wait_for(lambda: json.loads(daemon.ctl("report", batch).stdout)["state"] == "cancelled",
+             what="the batch to end")
     report = json.loads(daemon.ctl("report", batch).stdout)
     assert report["exit_status"] == 1 and report["error_message"].startswith("cancelled"), report
 
@@ -361,3 +366,93 @@ def test_check_config_says_what_is_wrong_with_a_file_without_starting(tmp_path):
                               "victim, interval, max_workers)\n")
     taken = subprocess.run([PY, "-m", "pmlmd", "--config", str(good), "--check-config"], capture_output=True, text=True)
     assert taken.returncode == 0 and "the configuration is valid" in taken.stdout
+
+
+# --- the batch summary: one shape for status ID, status and list, live or finished -------------------------
+
+SUMMARY_KEYS = {"summary_version", "batch", "name", "owner", "command", "priority", "state", "tasks", "counts",
+                "terminated_attempts", "requeued_attempts", "exit_status", "created", "started", "ended", "elapsed_s",
+                "scope", "freezer"}
+
+
+def summary_of(daemon, batch):
+    """status ID's reply less the node's sample: the batch's summary."""
+    reply = status(daemon, batch)
+    assert set(reply) == SUMMARY_KEYS | {"node"}, reply
+    del reply["node"]
+    return reply
+
+
+def listed(daemon):
+    return {b["batch"]: b for b in json.loads(daemon.ctl("list", "--json").stdout)}
+
+
+def counts(**given):
+    return {"succeeded": 0, "failed": 0, "given_up": 0, "cancelled": 0, "running": 0, "paused": 0, "queued": 0,
+            **given}
+
+
+def me():
+    return {"user": pwd.getpwuid(os.geteuid()).pw_name, "uid": os.geteuid()}
+
+
+def test_a_cancelled_batch_counts_its_cancelled_tasks_and_says_cancelled(daemon):
+    batch = daemon.ctl("submit", "--name", "sleepers", "--priority", "3", "-n", "3", "-j", "1", "--",
+                       "sleep", "30").stdout.strip()
+    wait_event(daemon, batch, "start")
+    live = summary_of(daemon, batch)
+    assert (live["state"], live["tasks"], live["counts"]["queued"]) == ("running", 3, 2), live
+    assert live["counts"]["running"] + live["counts"]["paused"] == 1, live
+    assert (live["name"], live["owner"], live["priority"], live["command"]) == ("sleepers", me(), 3, ["sleep", "30"])
+    assert live["started"] >= live["created"] and live["ended"] is None and live["exit_status"] is None
+    assert [b["batch"] for b in status(daemon)["batches"]] == [batch]
+    assert daemon.ctl("pause", batch).returncode == 0
+    held = summary_of(daemon, batch)
+    assert (held["state"], held["counts"]) == ("paused", counts(paused=1, queued=2)), held
+    # The report says what status says.
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert report["state"] == "paused" and report["counts"]["paused"] == 1 and report["exit_status"] is None
+
+    assert daemon.ctl("cancel", batch).returncode == 0
+    wait_event(daemon, batch, "finished")
+    ended = summary_of(daemon, batch)
+    assert (ended["state"], ended["tasks"], ended["counts"]) == ("cancelled", 3, counts(cancelled=3)), ended
+    assert ended["exit_status"] == 1 and ended["ended"] >= ended["started"] and ended["elapsed_s"] >= 0
+    assert (ended["name"], ended["owner"], ended["priority"]) == ("sleepers", me(), 3)
+    assert listed(daemon)[batch] == ended
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    assert report["state"] == "cancelled" and report["counts"]["cancelled"] == 3
+
+    text = daemon.ctl("status", batch).stdout
+    assert "state     cancelled, exit status 1" in text and "tasks     3 tasks: 3 cancelled" in text, text
+    assert f"owner     {me()['user']}" in text and "command   sleep 30" in text, text
+    (line,) = [line for line in daemon.ctl("list").stdout.splitlines() if line.split()[0] == batch]
+    assert line.split()[1:5] == ["sleepers", me()["user"], "3", "cancelled"] and line.endswith("3 tasks: 3 cancelled")
+
+
+def test_a_finished_batch_reads_the_same_in_status_and_list_and_after_a_restart(daemon_factory):
+    daemon = daemon_factory().start()
+    batch = daemon.ctl("submit", "--name", "nightly", "--priority", "5", "-n", "2", "--", "true").stdout.strip()
+    wait_event(daemon, batch, "finished")
+    ended = summary_of(daemon, batch)
+    assert (ended["name"], ended["owner"], ended["priority"], ended["command"]) == ("nightly", me(), 5, ["true"])
+    assert (ended["state"], ended["tasks"], ended["counts"], ended["exit_status"]) == \
+        ("finished", 2, counts(succeeded=2), 0), ended
+    assert ended["created"] <= ended["started"] <= ended["ended"] and ended["elapsed_s"] >= 0
+    assert listed(daemon) == {batch: ended}
+    daemon.stop()
+    daemon.start()
+    assert summary_of(daemon, batch) == ended and listed(daemon) == {batch: ended}
+
+
+def test_a_state_db_of_the_older_schema_is_restored_and_its_finished_batches_listed(daemon_factory):
+    daemon = daemon_factory()
+    # Batch 1 finished (cancelled) a minute ago, not old enough to be pruned; batch 2 is active, one task queued.
+    write_v1_state(daemon.state_dir, created=time.time() - 60)
+    daemon.start()
+    wait_event(daemon, "2", "finished")
+    old, restored = summary_of(daemon, "1"), summary_of(daemon, "2")
+    assert (old["name"], old["priority"], old["state"], old["counts"]) == ("old", 4, "cancelled", counts(cancelled=3))
+    assert old["owner"] == {"user": pwd.getpwuid(0).pw_name, "uid": 0}
+    assert (restored["name"], restored["state"], restored["counts"]) == ("waiting", "finished", counts(succeeded=2))
+    assert listed(daemon) == {"1": old, "2": restored}

@@ -298,12 +298,13 @@ def test_member_cannot_act_on_another_members_batch(served, accounts):
     for action in ("cancel", "pause", "resume"):
         assert_denied(as_user(served, accounts.b, action, batch=batch), "only its owner or root")
     status = as_root(served, "status", batch=batch)
-    assert status["state"] == "active" and status["running"] == 1 and status["paused"] == 0, status
+    assert status["state"] == "running" and status["counts"]["running"] == 1 and status["counts"]["paused"] == 0, \
+        status
 
     # The owner may pause and resume; b may not undo the owner's pause either.
     assert as_user(served, accounts.a, "pause", batch=batch)["result"]["state"] == "held"
     assert_denied(as_user(served, accounts.b, "resume", batch=batch))
-    assert as_root(served, "status", batch=batch)["state"] == "held"
+    assert as_root(served, "status", batch=batch)["state"] == "paused"
     assert as_user(served, accounts.a, "resume", batch=batch)["result"]["state"] == "active"
 
     assert as_user(served, accounts.a, "cancel", batch=batch)["result"]["state"] == "cancelling"
@@ -317,7 +318,7 @@ def test_root_may_cancel_any_batch(served, accounts):
     assert as_root(served, "cancel", batch=batch)["state"] == "cancelling"
     wait_event(served, batch, "finished")
     status = as_root(served, "status", batch=batch)
-    assert status["state"] == "finished" and status["counts"]["cancelled"] == 1, status
+    assert status["state"] == "cancelled" and status["counts"]["cancelled"] == 1, status
 
 
 @pytest.mark.parametrize("target", ["root", "b"])
@@ -343,7 +344,8 @@ def test_members_may_read_each_others_batches(served, accounts):
     wait_event(served, batch, "start")
     status = as_user(served, accounts.b, "status", batch=batch)
     assert status["ok"] is True, status
-    assert status["result"]["batch"] == batch and status["result"]["owner_uid"] == accounts.uid(accounts.a)
+    assert status["result"]["batch"] == batch and status["result"]["owner"] == {"user": accounts.a,
+                                                                                 "uid": accounts.uid(accounts.a)}
     report = as_user(served, accounts.b, "report", batch=batch)
     assert report["ok"] is True, report
     assert report["result"]["batch_id"] == batch

@@ -417,7 +417,8 @@ def test_workers_get_the_groups_their_user_has_when_they_start(served, accounts,
     subprocess.run(["gpasswd", "-d", user, accounts.group], check=True, capture_output=True)
     status = wait_for(lambda: (s := as_root(served, "status", batch=batch))["counts"]["cancelled"] == 2 and s,
                       timeout=10, what="the queued tasks to be cancelled")
-    assert status["running"] == 1 and status["queued"] == 0, status
+    assert status["counts"]["running"] == 1 and status["counts"]["queued"] == 0, status
+    assert status["state"] == "finishing", status  # nothing more starts; the running worker goes on
     (outdir / "go-2").touch()
     assert wait_event(served, batch, "finished")["exit_status"] == 1
     report = as_root(served, "report", batch=batch)

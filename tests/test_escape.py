@@ -84,8 +84,8 @@ def test_daemon_ends_escaped_processes_on_a_normal_end_and_on_cancel(daemon_fact
                        "60").stdout.strip()
     pid = escaped_pid(cancelled)
     assert daemon.ctl("cancel", batch).returncode == 0
-    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "finished",
-             what="the batch to finish")
+    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "cancelled",
+             what="the batch to end")
     wait_for(lambda: not alive(pid), timeout=10, what="the escaped process ended")
 
 

@@ -222,8 +222,8 @@ def test_a_worker_that_acknowledges_a_pause_and_keeps_working_is_stopped(daemon_
     assert daemon.ctl("resume", batch).returncode == 0
     wait_for(lambda: "T" not in group_states(pid), what="the worker continued")
     assert daemon.ctl("cancel", batch).returncode == 0
-    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "finished",
-             what="the batch to finish")
+    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "cancelled",
+             what="the batch to end")
     report = json.loads(daemon.ctl("report", batch).stdout)
     (attempt,) = [a for t in report["tasks"] for a in t["attempts"]]
     assert "did not comply with an agent pause" in attempt["reason"], attempt

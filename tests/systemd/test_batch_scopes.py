@@ -27,12 +27,12 @@ def status(tb, batch: str) -> dict:
 
 
 def finished(p) -> bool:
-    """For wait_inside on `pmlmctl status --json ID`: the batch has finished (a restarting pmlmd may not answer)."""
-    return p.returncode == 0 and json.loads(p.stdout)["state"] == "finished"
+    """For wait_inside on `pmlmctl status --json ID`: the batch has ended (a restarting pmlmd may not answer)."""
+    return p.returncode == 0 and json.loads(p.stdout)["ended"] is not None
 
 
 def running(count: int):
-    return lambda p: p.returncode == 0 and json.loads(p.stdout)["running"] == count
+    return lambda p: p.returncode == 0 and json.loads(p.stdout)["counts"]["running"] == count
 
 
 def worker_pids(tb, batch: str) -> list[int]:
@@ -173,7 +173,7 @@ def test_workers_outlive_a_restart_of_pmlmd_and_are_adopted(pmlmd):
     pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
     assert worker_pids(pmlmd, batch) == before  # not killed with the service: they live in the scope
     after = status(pmlmd, batch)
-    assert after["running"] == 2
+    assert after["counts"]["running"] == 2
     wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
                 timeout=30, what="the batch to finish")
     report = json.loads(pmlmd.run(["pmlmctl", "report", batch]).stdout)

@@ -27,7 +27,7 @@ def submit(tb, *args: str) -> str:
 
 
 def running(p) -> bool:
-    return p.returncode == 0 and json.loads(p.stdout)["running"] >= 1
+    return p.returncode == 0 and json.loads(p.stdout)["counts"]["running"] >= 1
 
 
 def limits_of(tb, unit: str) -> dict[str, str]:

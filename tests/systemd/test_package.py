@@ -115,7 +115,8 @@ def test_upgrade_keeps_running_batches(installed, pmlmd_deb_upgrade):
     installed.run("rm -f /tmp/pmlm-upgrade-*")
     batch = installed.run(["pmlmctl", "submit", "-n", "4", "-j", "4", "--shell", "--", script]).stdout.strip()
     wait_inside(installed, ["pmlmctl", "status", "--json", batch],
-                lambda p: p.returncode == 0 and json.loads(p.stdout)["running"] == 4, what="4 running workers")
+                lambda p: p.returncode == 0 and json.loads(p.stdout)["counts"]["running"] == 4,
+                what="4 running workers")
 
     proc = testbed_module.install_deb(installed, pmlmd_deb_upgrade, check=False)
     assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{diagnostics(installed)}"
