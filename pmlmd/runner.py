@@ -20,6 +20,7 @@ import zmq
 from .agentchannel import AgentChannels
 from .batch import Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
+from .joblog import Joblog
 from .governor import PAUSED, RUNNING, free_bytes
 from .sampler import ProcReader
 
@@ -30,8 +31,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class Runner:
     def __init__(self, spec: BatchSpec, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
-                 trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None):
+                 trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None,
+                 joblog: Joblog | None = None):
+        """``joblog``: an open --joblog, written a line per ended attempt (the caller closes it)."""
         self.trace = trace
+        self.joblog = joblog
         self.on_progress = on_progress
         self.loop = Loop()
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._trace,
@@ -86,6 +90,9 @@ class Runner:
                 "eta_s": elapsed * (total - done) / done if done else None}
 
     def _trace(self, event: dict) -> None:
+        if self.joblog is not None and event["event"] == "end" and event.get("batch") == self.batch_run.id:
+            task = self.batch_run.batch.tasks[event["task"]]
+            self.joblog.attempt_ended(self.batch_run.batch.spec, task, task.attempts[event["attempt"] - 1])
         if self.trace is None:
             return
         record = {"t": round(time.time(), 4), **{k: v for k, v in event.items() if v is not None and k != "batch"}}
