@@ -23,7 +23,9 @@ def complete(line: str, socket: str = "/nonexistent.sock") -> list[str]:
                f"read -ra COMP_WORDS <<< \"$COMP_LINE\"; [[ $COMP_LINE == *' ' ]] && COMP_WORDS+=(''); "
                "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _pmlmctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
     result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30,
-                            env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "PMLM_SOCKET": socket})
+                            env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "PMLM_SOCKET": socket,
+                                 # the pmlmctl that lists batch ids is the tree under test, not an installed one
+                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     return [w for w in result.stdout.split("\n") if w]
 
 
