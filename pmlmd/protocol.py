@@ -67,7 +67,7 @@ request       arguments
               kept). ``bad-field`` when nothing is left to retry, when the batch is still
               running, or when its stored submission breaks today's rules. The result is
               submit's, plus ``retried``: the original indices of the tasks, in the new
-              batch's order.
+              batch's order, and ``of``: the original batch's id.
 ============  ===========================================================================
 
 ``submit`` arguments (all but ``command`` and ``cwd`` may be null or left out):
@@ -178,10 +178,10 @@ at submit, so that no task fails later for it (``bad-field``, naming the task li
 ``MAX_ARG_STRLEN`` bytes (32 pages: 131072 on x86-64) for one argument or environment
 string, its NUL included, after ``{}`` is replaced by the task line (shell-quoted with
 ``shell``) or the line is appended (``append``); so a task line has at most 131061 bytes,
-since it also reaches the worker as ``PMLM_TASK=LINE``. And all of a worker's arguments and environment strings together, with
-a pointer each, within a quarter of the workers' soft stack limit (the ``stack`` of
-``rlimits``, else pmlmd's own; at most 6 MiB), 4096 bytes of that kept for the variables pmlmd
-adds.
+since it also reaches the worker as ``PMLM_TASK=LINE``. And all of a worker's arguments and
+environment strings together, with a pointer each, within a quarter of the workers' soft
+stack limit (the ``stack`` of ``rlimits``, else pmlmd's own; at most 6 MiB), 4096 bytes of
+that kept for the variables pmlmd adds.
 
 Replies
 =======
