@@ -30,6 +30,12 @@ CAUSE_CANCELLED = "cancelled"  # the batch was cancelled (Ctrl-C, SIGTERM)
 CAUSE_SPAWN_FAILED = "spawn-failed"  # the command could not be executed
 CAUSE_CWD = "cwd"  # the working directory could not be entered as the worker's user
 CAUSE_DAEMON_RESTART = "daemon-restart"  # pmlmd restarted and the worker was gone, or ended unseen
+CAUSE_TIMEOUT = "timeout"  # it ran longer than --timeout: terminated, and a failure of the task
+
+# --halt: when a batch stops once enough of its tasks have failed
+HALT_SOON = "soon"  # start no more tasks, let the running ones finish
+HALT_NOW = "now"  # and terminate the running ones too
+HALT_WHEN = (HALT_SOON, HALT_NOW)
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -90,10 +96,24 @@ class BatchSpec:
     term_mode: str = "signal"  # or "agent": ask through the agent channel first
     pause_mode: str = "signal"
     agent_timeout: float = 5.0
+    timeout: float | None = None  # seconds an attempt may run, not counting time pmlmd held it paused
+    halt: str | None = None  # HALT_SOON or HALT_NOW, with one of:
+    halt_fail: int | None = None  # ... once this many tasks have failed
+    halt_fail_pct: float | None = None  # ... once this share (percent) of the tasks has failed
+    append: bool = False  # a task line is the last argument when the command has no {}
 
     @property
     def uses_agent(self) -> bool:
         return "agent" in (self.term_mode, self.pause_mode)
+
+    @property
+    def halt_text(self) -> str | None:
+        """--halt as given: "soon,fail=2", "now,fail=10%"; None without."""
+        if self.halt is None:
+            return None
+        if self.halt_fail_pct is not None:
+            return f"{self.halt},fail={self.halt_fail_pct:g}%"
+        return f"{self.halt},fail={self.halt_fail}"
 
 
 class Series:
@@ -127,6 +147,10 @@ class Batch:
                             for t in self.tasks)
         self.critical_reason: str | None = None
         self.cancel_reason: str | None = None
+        # Tasks that ended failed or given up; once --halt's count is reached, halt_reason says so.
+        self.failed_tasks = sum(1 for t in self.tasks if t.status in (FAILED, GIVEN_UP))
+        self.halt_reason: str | None = None
+        self._check_halt()  # a restored batch that had halted stays halted
         self.cpu = Series()
         self.free_pct = Series()
         self.lowest_free: int | None = None
@@ -148,26 +172,54 @@ class Batch:
         attempt.cause = cause
         if cause == CAUSE_GOVERNOR_MEMORY:
             task.governor_ends += 1
-            if task.governor_ends <= self.spec.retries and self.cancel_reason is None:
+            if task.governor_ends <= self.spec.retries and self._may_requeue():
                 self._requeue(task)
             else:
                 task.status = GIVEN_UP
+                self._failed(task)
         elif cause == CAUSE_CANCELLED:
             task.status = CANCELLED
         elif cause == CAUSE_DAEMON_RESTART:
             # Not the task's fault and its outcome is unknown: run it again, on no budget.
-            if self.cancel_reason is None:
+            if self._may_requeue():
                 self._requeue(task)
             else:
                 task.status = CANCELLED
-        elif attempt.exit_code == 0:
+        elif attempt.exit_code == 0 and cause != CAUSE_TIMEOUT:
             task.status = SUCCEEDED
         else:
+            # A timeout fails the attempt whatever the worker exited with once it was told to stop.
             task.failures += 1
-            if task.failures <= self.spec.retry_failed and self.cancel_reason is None:
+            if task.failures <= self.spec.retry_failed and self._may_requeue():
                 self._requeue(task)
             else:
                 task.status = FAILED
+                self._failed(task)
+
+    def _may_requeue(self) -> bool:
+        """Whether a task may run again: not once the batch is cancelled or has halted."""
+        return self.cancel_reason is None and self.halt_reason is None
+
+    def _failed(self, task: Task) -> None:
+        self.failed_tasks += 1
+        self._check_halt()
+
+    def _check_halt(self) -> None:
+        """--halt: once enough tasks have failed, no more start (the engine ends the running ones
+        for ``now``). GNU parallel's rule: fail=N halts at N failed tasks, fail=P% once the failed
+        tasks are at least P% of all tasks."""
+        spec = self.spec
+        if spec.halt is None or self.halt_reason is not None or not self.failed_tasks:
+            return
+        if spec.halt_fail_pct is not None:
+            due = self.failed_tasks * 100 >= spec.halt_fail_pct * len(self.tasks)
+        else:
+            due = spec.halt_fail is not None and self.failed_tasks >= spec.halt_fail
+        if not due:
+            return
+        plural = "" if self.failed_tasks == 1 else "s"
+        self.halt_reason = f"halted after {self.failed_tasks} failed task{plural} (--halt {spec.halt_text})"
+        self.cancel_queued()
 
     def _requeue(self, task: Task) -> None:
         # Back to the front: it has waited longest, and what it needs is known now.
@@ -218,9 +270,10 @@ class Batch:
         bad = [t for t in self.tasks if t.status != SUCCEEDED and (self.finished is not None or t.status in FINISHED)]
         if not bad:
             return None
-        shown = ", ".join(f"{t.index} ({_describe_end(t)})" for t in bad[:5])
+        shown = ", ".join(f"{t.index} ({_describe_end(t, self.spec)})" for t in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        return f"{len(bad)} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
+        halted = f"{self.halt_reason}: " if self.halt_reason else ""
+        return f"{halted}{len(bad)} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
 
     def summary_line(self) -> str:
         c = self.counts()
@@ -279,6 +332,9 @@ class Batch:
                 "term_mode": spec.term_mode,
                 "pause_mode": spec.pause_mode,
                 "agent_timeout_s": spec.agent_timeout,
+                "timeout_s": spec.timeout,
+                "halt": spec.halt_text,
+                "append": spec.append,
             },
             # The counts that add up to the tasks, and those of attempts (terminated, requeued).
             "counts": {"tasks": summary.tasks, **summary.counts.to_json(),
@@ -292,7 +348,7 @@ class Batch:
         }
 
 
-def _describe_end(task: Task) -> str:
+def _describe_end(task: Task, spec: BatchSpec) -> str:
     if task.status == GIVEN_UP:
         return f"given up after {task.governor_ends} terminations"
     if task.status == CANCELLED:
@@ -300,6 +356,8 @@ def _describe_end(task: Task) -> str:
     last = task.attempts[-1] if task.attempts else None
     if last is None:
         return task.status
+    if last.cause == CAUSE_TIMEOUT:
+        return f"timed out after {spec.timeout:g}s" if spec.timeout is not None else "timed out"
     if last.cause in (CAUSE_SPAWN_FAILED, CAUSE_CWD):
         return last.reason or "could not start"
     if last.signal is not None:

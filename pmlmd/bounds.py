@@ -90,6 +90,9 @@ BOUNDS: dict[str, Bound] = {
     "retries": Bound(INTEGER, 0, 1000),
     "retry_failed": Bound(INTEGER, 0, 1000),
     "max_workers": Bound(INTEGER, 1, 100_000),
+    # --halt WHEN,fail=N or fail=N%: a count of failed tasks, or a share of the batch's tasks.
+    "halt_fail": Bound(INTEGER, 1, MAX_TASKS),
+    "halt_fail_pct": Bound(NUMBER, 1, 100, "percent"),
     # The limits.
     "cpu_limit": Bound(NUMBER, 1, 100, "percent"),
     "cpu_margin": Bound(NUMBER, 0, 99, "percentage points"),
@@ -100,6 +103,8 @@ BOUNDS: dict[str, Bound] = {
     "interval": Bound(NUMBER, 0.01, 60, "seconds"),
     "term_grace": Bound(NUMBER, 0, 3600, "seconds"),
     "agent_timeout": Bound(NUMBER, 0.1, 3600, "seconds"),
+    # How long one attempt of a task may run (--timeout): a year is as good as none.
+    "timeout": Bound(NUMBER, 0.01, 365 * 86400, "seconds"),
     # What the workers take from their submitter's process (pmlmctl submit sends it, see protocol).
     "umask": Bound(INTEGER, 0, 0o777, "file mode bits"),
     # The daemon's own: how long finished batches are kept (10 years is as good as never).

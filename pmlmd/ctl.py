@@ -18,10 +18,11 @@ from datetime import datetime
 from typing import Callable
 
 from . import __version__, output, protocol, tasklines
-from .batch import CAUSE_CANCELLED, BatchSpec
+from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .joblog import Joblog
 from .progress import StartFinishClock, eta_seconds
 from .runner import Runner
 from .units import format_size, parse_size
@@ -29,7 +30,7 @@ from .units import format_size, parse_size
 EXIT_STATUS_HELP = """\
 exit status:
   0  every task succeeded
-  1  some task failed, was given up or cancelled
+  1  some task failed (a timeout too), was given up or cancelled; or the batch halted (--halt)
   2  usage error (bad option, missing or unknown command, unreadable tasks file, a task line no
      worker could be given: one holding a NUL byte, or too long for exec)
   3  critical finish: free memory fell below --min-free with no worker left to terminate
@@ -75,6 +76,29 @@ def _max_workers(text):
     return _ranged("max_workers")(text)
 
 
+def _halt(text):
+    """--halt WHEN,fail=N or WHEN,fail=P% (WHEN: now or soon), or never: (when, count, percent)."""
+    shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+    if text == "never":
+        return None
+    when, _, why = text.partition(",")
+    if when not in HALT_WHEN or not why.startswith("fail="):
+        raise argparse.ArgumentTypeError(f"--halt must be now,fail=N or soon,fail=N (N failed tasks, or N% of the "
+                                         f"tasks), or never, not {shown}")
+    value = why[len("fail="):]
+    name = "halt_fail_pct" if value.endswith("%") else "halt_fail"
+    bound = BOUNDS[name]
+    try:
+        number = float(value[:-1]) if name == "halt_fail_pct" else int(value)
+    except ValueError:
+        number = None
+    if number is None or not bound.admits(number):
+        unit = "a share of the tasks from 1% to 100%" if name == "halt_fail_pct" else \
+            f"a count of failed tasks from {bound.low} to {bound.high}"
+        raise argparse.ArgumentTypeError(f"--halt fail= takes {unit}, not {shown}")
+    return (when, number, None) if name == "halt_fail" else (when, None, number)
+
+
 def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> None:
     """The options that describe a batch, shared by run and submit.
 
@@ -109,7 +133,20 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
                        help="requeue a task terminated by the governor up to N times" + shown)
     value, shown = default(0)
     tasks.add_argument("--retry-failed", type=_ranged("retry_failed"), default=value, metavar="N",
-                       help="requeue a task that failed on its own (non-zero exit) up to N times" + shown)
+                       help="requeue a task that failed on its own (non-zero exit, or --timeout) up to N times"
+                            + shown)
+    tasks.add_argument("--no-append", dest="append", action="store_false",
+                       help="with --tasks-file and no {} in the command, do not add the task line as the last "
+                            "argument (it still reaches the worker as $PMLM_TASK)")
+    tasks.add_argument("--timeout", type=_ranged("timeout"), default=None, metavar="SECONDS",
+                       help="terminate an attempt that runs longer (SIGTERM, SIGKILL after --term-grace); it "
+                            "counts as a failure of its task. Time paused by pmlmd does not count (default none)")
+    tasks.add_argument("--halt", type=_halt, default=None, metavar="WHEN,fail=N[%]",
+                       help="once N tasks (or N%% of them) have failed: soon = start no more tasks, let the "
+                            "running ones finish; now = also terminate them (default never)")
+    tasks.add_argument("--joblog", metavar="FILE",
+                       help="write a line per ended attempt to FILE in GNU parallel's joblog format (TSV)"
+                            + (", opened as you by pmlmd" if for_daemon else ""))
 
     limits = p.add_argument_group("limits")
     limits.add_argument("-j", "--max-workers", type=_max_workers, default=None, metavar="N|auto",
@@ -215,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     submit.set_defaults(handler=cmd_submit, subparser=submit)
 
+    retry = commands.add_parser(
+        "retry", parents=[daemon], help="submit the tasks of a finished batch that did not succeed, again",
+        usage="pmlmctl retry [options] ID",
+        description="Submit a new batch made of the tasks of batch ID that did not succeed (failed, given up or "
+                    "cancelled; with --failed only failed and given up), with its command, options, environment, "
+                    "directory and owner. The tasks are numbered from 0 in the new batch ($PMLM_TASK_INDEX); "
+                    "a task's line is kept. Prints the new batch id; with --wait, waits and exits like 'run'.",
+        epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    retry.add_argument("batch", metavar="ID")
+    retry.add_argument("--failed", action="store_true",
+                       help="only tasks that failed or were given up, not cancelled ones")
+    retry.add_argument("--joblog", metavar="FILE",
+                       help="write the new batch's joblog to FILE (the original batch's is not carried over)")
+    retry.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
+    retry.add_argument("--json", action="store_true", help="with --wait: print the report as JSON")
+    retry.set_defaults(handler=cmd_retry, subparser=retry)
+
     for name, handler, helptext, parents, needs_id in (
             ("status", cmd_status, "the node and its batches, or one batch", [daemon, reading], "optional"),
             ("list", cmd_list, "every batch pmlmd knows", [daemon, reading], None),
@@ -291,7 +346,7 @@ def _read_tasks(parser, args, command: list[str], env: dict[str, str]) -> list[s
     if len(lines) > MAX_TASKS:
         parser.error(f"tasks file {path!r} holds {len(lines)} tasks, more than the {MAX_TASKS} a batch may have: "
                      f"split it into several batches")
-    fit = tasklines.Fit(command, args.shell, env)
+    fit = tasklines.Fit(command, args.shell, env, append=args.append)
     tasks = []
     for number, line in lines:
         if b"\0" in line:  # only without --null
@@ -332,10 +387,12 @@ def spec_from_args(parser, args) -> BatchSpec:
     limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                     memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
                     max_workers=args.max_workers or 8 * cpus, cpu_margin=args.cpu_margin, window=args.interval)
+    halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
     return BatchSpec(batch_id=secrets.token_hex(6), command=argv, tasks=tasks, limits=limits, shell=args.shell,
                      term_grace=args.term_grace, retries=args.retries, retry_failed=args.retry_failed,
                      task_id=args.task_id, term_mode=args.term_mode, pause_mode=args.pause_mode,
-                     agent_timeout=args.agent_timeout)
+                     agent_timeout=args.agent_timeout, timeout=args.timeout, halt=halt, halt_fail=halt_fail,
+                     halt_fail_pct=halt_fail_pct, append=args.append)
 
 
 STATUS_CLEAR = "\r\033[K"  # to the line's start, erase to its end
@@ -499,6 +556,11 @@ def cmd_run(parser, args) -> int:
     try:
         report_file = open(args.report, "w", encoding="utf-8") if args.report else None
         trace_file = open(args.trace, "w", encoding="utf-8") if args.trace else None
+        joblog = None
+        if args.joblog:
+            joblog = Joblog(os.open(args.joblog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666),
+                            args.joblog)
+            joblog.header()
     except OSError as e:
         parser.error(f"cannot write {e.filename!r}: {e.strerror}")
     status = StatusLine(sys.stderr) if sys.stderr.isatty() else None
@@ -524,7 +586,7 @@ def cmd_run(parser, args) -> int:
                 sinks.append(output.Results(args.results, task.index))
             return sinks
     runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status,
-                    sinks_for=sinks_for)
+                    sinks_for=sinks_for, joblog=joblog)
     stopped = None
     try:
         batch = runner.run()
@@ -540,6 +602,8 @@ def cmd_run(parser, args) -> int:
             if task.attempts and task.attempts[-1].end is None:
                 task.attempts[-1].reason = stopped
                 batch.end_attempt(task, task.attempts[-1], batch.finished, CAUSE_CANCELLED)
+                if joblog is not None:
+                    joblog.attempt_ended(spec, task, task.attempts[-1])
     if status:
         status.clear()
     report = batch.report()
@@ -549,6 +613,8 @@ def cmd_run(parser, args) -> int:
         report_file.close()
     if trace_file:
         trace_file.close()
+    if joblog is not None:
+        joblog.close()
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -596,8 +662,14 @@ def _say_lowered(lowered: dict) -> None:
               "them to the owner's login limits (limits.conf) and to its own", file=sys.stderr)
 
 
+def _absolute(path: str | None) -> str | None:
+    """A path given to pmlmctl as the daemon gets it: absolute (from pmlmctl's directory), bytes as text."""
+    return None if path is None else tasklines.text(os.path.abspath(os.fsencode(path)))
+
+
 def cmd_submit(parser, args) -> int:
     argv = _command(parser, args)
+    halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
     request = dict(command=argv, shell=args.shell, name=args.name, priority=args.priority, user=args.user,
                    cwd=tasklines.text(os.getcwdb()), env=tasklines.environment(),
                    max_workers=args.max_workers, cpu_limit=args.cpu_limit,
@@ -605,8 +677,9 @@ def cmd_submit(parser, args) -> int:
                    memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
                    term_grace=args.term_grace, interval=args.interval, retries=args.retries,
                    retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
-                   agent_timeout=args.agent_timeout,
-                   results=None if args.results is None else tasklines.text(os.path.abspath(os.fsencode(args.results))))
+                   agent_timeout=args.agent_timeout, timeout=args.timeout, halt=halt, halt_fail=halt_fail,
+                   halt_fail_pct=halt_fail_pct, append=args.append, joblog=_absolute(args.joblog),
+                   results=_absolute(args.results))
     # The workers start with this shell's umask and limits, as those of 'run' do.
     request.update(umask=own_umask(), rlimits=own_rlimits())
     if args.tasks_file:
@@ -621,6 +694,23 @@ def cmd_submit(parser, args) -> int:
             print(batch_id)
             return 0
         print(f"batch {batch_id} submitted", file=sys.stderr)
+        return _wait(client, batch_id, args.json)
+
+
+def cmd_retry(parser, args) -> int:
+    with Client(socket_path(args.socket)) as client:
+        result = client.call("retry", batch=args.batch, failed_only=args.failed, joblog=_absolute(args.joblog))
+        batch_id = result["batch"]
+        retried = result.get("retried") or []
+        shown = ", ".join(str(i) for i in retried[:10]) + (f" and {len(retried) - 10} more" if len(retried) > 10
+                                                           else "")
+        plural = "" if len(retried) == 1 else "s"
+        print(f"batch {batch_id} retries {len(retried)} task{plural} of batch {args.batch} (its task{plural} "
+              f"{shown}, numbered from 0 in batch {batch_id})", file=sys.stderr)
+        _say_lowered(result.get("rlimits_lowered") or {})
+        if not args.wait:
+            print(batch_id)
+            return 0
         return _wait(client, batch_id, args.json)
 
 
@@ -904,6 +994,10 @@ def describe_event(e: dict) -> str:
         return f"{when} {batch}: task {e['task']} attempt {e['attempt']} started as pid {e['pid']}"
     if kind == "finished":
         return f"{when} {batch}: finished: {e['summary']}"
+    if kind == "timeout":
+        return f"{when} {batch}: task {e['task']} worker {e['pid']} ran past its --timeout: terminating it"
+    if kind == "halted":
+        return f"{when} {batch}: {e['reason']}"
     # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.
     return f"{when} {batch}: {ENGINE_WORDS.get(kind, kind)}"
 

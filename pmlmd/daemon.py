@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import grp
 import logging
 import os
@@ -17,6 +18,7 @@ import pwd
 import resource
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -24,11 +26,12 @@ import zmq
 
 from . import __version__, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
-from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch, BatchSpec,
-                    iso)
+from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch,
+                    BatchSpec, iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
 from .output import TaskFiles
+from .joblog import Joblog
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
@@ -200,6 +203,7 @@ class Daemon:
                              on_event=self._on_event, scopes=self.scopes,
                              worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True,
                              output=self.output)
+        self.joblogs: dict[str, Joblog] = {}  # batch id -> its --joblog, opened as its owner
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -302,6 +306,9 @@ class Daemon:
         self.peers.close()
         self.sock.close()
         self.engine.agent.close()
+        for joblog in self.joblogs.values():
+            joblog.close()
+        self.joblogs.clear()
         self.ctx.term()
         if inherited_socket_fd() is None and os.path.exists(self.config.socket):
             os.unlink(self.config.socket)
@@ -429,6 +436,9 @@ class Daemon:
         self.owners.pop(stored.id, None)
         self.carried.pop(stored.id, None)
         self.limits_basis.pop(stored.id, None)
+        joblog = self.joblogs.pop(stored.id, None)
+        if joblog is not None:
+            joblog.close()
         ended = 0
         for pid, start_ticks in self.store.recorded_workers(stored.rowid):
             try:
@@ -464,6 +474,8 @@ class Daemon:
                 attempt.reason = "its worker was gone when pmlmd restarted"
                 run.batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
                 self.store.attempt_ended(run.id, task, attempt)
+                if run.id in self.joblogs:
+                    self.joblogs[run.id].attempt_ended(run.batch.spec, task, attempt)
                 continue
             if self.config.stranded == "terminate":
                 procctl.signal_group(child.pid, signal.SIGTERM)
@@ -495,6 +507,15 @@ class Daemon:
         submitted = procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups))
         self.owners[stored.id] = (submitted, args.get("user") is not None)
         self.carried[stored.id] = carried_rlimits(args["rlimits"])
+        if args["joblog"] is not None:
+            # Appended to from where the previous pmlmd left it, opened as its owner is now.
+            try:
+                self.joblogs[stored.id] = self._open_joblog(args["joblog"], current_credentials(submitted),
+                                                            args["umask"], append=True)
+            except OSError as e:
+                log.warning("batch %s: cannot reopen its joblog %s (%s): it goes on without", stored.id,
+                            args["joblog"].encode("utf-8", "backslashreplace").decode(), e.strerror,
+                            extra={"BATCH_ID": stored.id})
         return BatchRun(batch=batch, limits=spec.limits, priority=stored.priority, seq=stored.seq,
                         max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=submitted,
                         description=self._description(stored.id, stored.name, stored.owner_uid),
@@ -553,7 +574,28 @@ class Daemon:
                          retry_failed=c.retry_failed if args["retry_failed"] is None else args["retry_failed"],
                          task_id=args.get("name"), term_mode=args.get("term_mode") or "signal",
                          pause_mode=args.get("pause_mode") or "signal",
-                         agent_timeout=args.get("agent_timeout") or 5.0)
+                         agent_timeout=args.get("agent_timeout") or 5.0, timeout=args["timeout"],
+                         halt=args["halt"], halt_fail=args["halt_fail"], halt_fail_pct=args["halt_fail_pct"],
+                         append=args["append"])
+
+    @staticmethod
+    def _open_joblog(path: str, owner: procctl.Credentials | None, umask: int | None, append: bool) -> Joblog:
+        """The batch's --joblog, opened as its owner would open it (see workdir.open_file): truncated
+        at submit, appended to after a restart; created with the submitter's umask. Only a regular
+        file: a FIFO would block the daemon, a device is no log. Raises OSError."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK | (os.O_APPEND if append else os.O_TRUNC)
+        credentials = owner if os.geteuid() == 0 else None
+        previous = os.umask(umask) if umask is not None else None
+        try:
+            # The very bytes submitted, whatever pmlmd's file system encoding (see tasklines).
+            fd = workdir.open_file(os.fsdecode(tasklines.raw(path)), flags, 0o666, credentials)
+        finally:
+            if previous is not None:
+                os.umask(previous)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return Joblog(fd, path)
 
     def _add(self, run: BatchRun) -> None:
         self.engine.add(run)
@@ -570,6 +612,12 @@ class Daemon:
         elif kind == "end" and run is not None:
             task = run.batch.tasks[event["task"]]
             self.store.attempt_ended(run.id, task, task.attempts[-1])
+            if run.id in self.joblogs:
+                self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event["attempt"] - 1])
+        elif kind == "halted" and run is not None:
+            # Its queue was cancelled: a restarted pmlmd must not run those tasks.
+            self.store.tasks_changed(run.id, [t for t in run.batch.tasks if t.status == CANCELLED])
+            log.info("batch %s: %s", run.id, event["reason"], extra={"BATCH_ID": run.id})
         elif kind == "finished" and run is not None:
             self.store.tasks_changed(run.id, run.batch.tasks)
             # Stored as it ended, so that status and list show a finished batch as its last live summary did.
@@ -579,6 +627,9 @@ class Daemon:
             self.owners.pop(run.id, None)
             self.carried.pop(run.id, None)
             self.limits_basis.pop(run.id, None)
+            joblog = self.joblogs.pop(run.id, None)
+            if joblog is not None:
+                joblog.close()
             log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
@@ -641,13 +692,16 @@ class Daemon:
         return protocol.encode_reply({"version": __version__, "pid": os.getpid(),
                                       "uptime_s": round(time.monotonic() - self.started, 3)}, request.request_id)
 
+    def _may_submit(self, uid: int, gid: int, groups: list[int]) -> None:
+        if uid != 0 and (self.group_gid is None or self.group_gid not in groups + [gid]):
+            raise Denied(f"uid {uid} may not submit batches: only root and members of group {self.config.group!r} "
+                         f"may (add the user with 'adduser USER {self.config.group}')")
+
     def _do_submit(self, client, request, peer) -> bytes:
         args = request.args
         uid, gid, _ = peer
         groups = user_groups(uid, gid)
-        if uid != 0 and (self.group_gid is None or self.group_gid not in groups + [gid]):
-            raise Denied(f"uid {uid} may not submit batches: only root and members of group {self.config.group!r} "
-                         f"may (add the user with 'adduser USER {self.config.group}')")
+        self._may_submit(uid, gid, groups)
         if args["user"] is not None:
             if uid != 0:
                 raise Denied("only root may submit a batch to run as another user")
@@ -656,46 +710,107 @@ class Daemon:
             except KeyError:
                 raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {args['user']!r}")
             uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
+        owner = procctl.Credentials(uid, gid, tuple(groups))
+        return self._start("submit", args, owner, peer, request.request_id)
+
+    def _start(self, req: str, args: dict, owner: procctl.Credentials, peer, request_id, extra=None) -> bytes:
+        """Start a batch of checked submit arguments for ``owner``: a submit, or a retry."""
+        uid, gid, groups = owner.uid, owner.gid, list(owner.groups)
         if os.geteuid() != 0 and uid != os.geteuid():
             raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
         # Every spawn enters the directory as the user again (it may change meanwhile); checked
         # here too, so that a directory the user cannot enter is refused at once, not task by task.
         try:
-            workdir.check(args["cwd"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
+            workdir.check(args["cwd"], owner if os.geteuid() == 0 else None)
         except workdir.DirectoryError as e:
-            raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: {e}") from None
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: {e}") from None
         if args["results"] is not None:
             try:  # made now, as the user: a directory they cannot make is refused before anything runs
-                workdir.make_directories(args["results"], procctl.Credentials(uid, gid, tuple(groups)) if os.geteuid() == 0 else None)
+                workdir.make_directories(args["results"], owner if os.geteuid() == 0 else None)
             except OSError as e:
-                raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: cannot make the results directory "
+                raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: cannot make the results directory "
                                              f"{args['results']}: {e.strerror}") from None
         self._refuse_looser(args)
-        seq = self.store.next_seq()
-        batch_id = str(seq)
-        lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
-        spec = self._spec(batch_id, args, lines)
-        now = time.time()
-        batch = Batch(spec, now)
-        self.store.add_batch(batch_id, seq, args["name"], (uid, gid, groups), args["priority"], args, now,
-                             batch.tasks)
+        joblog = None
+        if args["joblog"] is not None:
+            try:
+                joblog = self._open_joblog(args["joblog"], owner, args["umask"], append=False)
+            except OSError as e:
+                shown = args["joblog"].encode("utf-8", "backslashreplace").decode()
+                raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: cannot write the joblog {shown} as uid "
+                                             f"{uid}: {e.strerror}") from None
+        try:
+            seq = self.store.next_seq()
+            batch_id = str(seq)
+            lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
+            spec = self._spec(batch_id, args, lines)
+            now = time.time()
+            batch = Batch(spec, now)
+            self.store.add_batch(batch_id, seq, args["name"], (uid, gid, groups), args["priority"], args, now,
+                                 batch.tasks)
+        except BaseException:
+            if joblog is not None:
+                joblog.close()
+            raise
+        if joblog is not None:
+            joblog.header()
+            self.joblogs[batch_id] = joblog
         self.asked[batch_id] = self._asked(args)
-        self.owners[batch_id] = (procctl.Credentials(uid, gid, tuple(groups)), args["user"] is not None)
+        self.owners[batch_id] = (owner, args["user"] is not None)
         self.carried[batch_id] = carried_rlimits(args["rlimits"])
-        owner = procctl.Credentials(uid, gid, tuple(groups))
         run = BatchRun(batch=batch, limits=spec.limits, priority=args["priority"], seq=seq,
                        max_workers=args["max_workers"], cwd=args["cwd"], env=args["env"], owner=owner,
                        description=self._description(batch_id, args["name"], uid), umask=args["umask"],
                        rlimits=self._worker_rlimits(batch_id, owner), results=args["results"])
         self._add(run)
-        log.info("batch %s submitted by uid %d: %d tasks of %s", batch_id, peer[0], len(lines), spec.command,
+        log.info("batch %s %s by uid %d: %d tasks of %s", batch_id, "submitted" if req == "submit" else
+                 f"retried (tasks of batch {(extra or {}).get('of')})", peer[0], len(lines), spec.command,
                  extra={"BATCH_ID": batch_id})
         lowered = lowered_rlimits(self.carried[batch_id], run.rlimits)
         if lowered:
             log.info("batch %s: its workers get lower limits than its submitter has (the owner's login "
                      "limits, or pmlmd's own): %s", batch_id, lowered, extra={"BATCH_ID": batch_id})
-        return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered},
-                                     request.request_id)
+        return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered,
+                                      **(extra or {})}, request_id)
+
+    def _do_retry(self, client, request, peer) -> bytes:
+        """A new batch of the tasks of a finished batch that did not succeed (see protocol, ``retry``)."""
+        batch_id, failed_only = request.args["batch"], request.args["failed_only"]
+        if self._batch(batch_id, peer, "retry") is not None:
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} is still running: retry it "
+                                         f"once it has finished (cancel it first to end it now)")
+        try:
+            record = self.store.submission(batch_id)
+        except ValueError as e:  # store.Unusable: a damaged record costs this request only
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} cannot be run again: "
+                                         f"{e}") from None
+        if record is None:
+            raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"no batch {batch_id!r}: see 'pmlmctl list'")
+        submission, (uid, gid, groups), statuses = record
+        if peer[0] != 0:
+            # The owner retries: they must still be allowed to submit (root may retry anyone's).
+            self._may_submit(peer[0], peer[1], user_groups(peer[0], peer[1]))
+        wanted = (FAILED, GIVEN_UP) if failed_only else (FAILED, GIVEN_UP, CANCELLED)
+        picked = [index for index, status in enumerate(statuses) if status in wanted]
+        if not picked:
+            which = "failed or given-up" if failed_only else "failed, given-up or cancelled"
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} has no {which} task: "
+                                         f"nothing to retry")
+        if not isinstance(submission, dict):
+            submission = {}
+        lines = submission.get("task_lines")
+        submission = {**submission, "joblog": request.args["joblog"]}
+        if isinstance(lines, list) and len(lines) == len(statuses):
+            submission.update(task_lines=[lines[index] for index in picked], tasks=None)
+        else:
+            submission.update(task_lines=None, tasks=len(picked))
+        try:
+            args = protocol.check_args("submit", submission)
+        except protocol.ProtocolError as e:
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} cannot be run again, its "
+                                         f"submission breaks today's rules: {e.message}") from None
+        owner = current_credentials(procctl.Credentials(uid, gid, tuple(groups)))
+        return self._start("retry", args, owner, peer, request.request_id, {"retried": picked, "of": batch_id})
 
     def _summary(self, run: BatchRun) -> dict:
         return self._batch_summary(run).to_json()

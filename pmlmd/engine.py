@@ -24,8 +24,8 @@ from typing import Callable
 import zmq
 
 from . import lineage, procctl, tasklines
-from .batch import (QUEUED, CAUSE_CANCELLED, CAUSE_CWD, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY,
-                    CAUSE_SPAWN_FAILED, Attempt, Batch, Task)
+from .batch import (HALT_NOW, QUEUED, CAUSE_CANCELLED, CAUSE_CWD, CAUSE_DAEMON_RESTART, CAUSE_EXIT,
+                    CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT, Attempt, Batch, Task)
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
@@ -142,6 +142,7 @@ class BatchRun:
     results: str | None = None  # --results: an absolute directory, written as the owner (see output)
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
+    halted: bool = False  # the engine has acted on the batch's --halt
 
     @property
     def id(self) -> str:
@@ -172,6 +173,20 @@ class Worker:
     verify_pause_from: float | None = None  # monotonic: an acknowledged agent pause must show from then on
     noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
     escaped: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of its processes outside its group
+    # --timeout: monotonic deadline of the attempt, pushed back by the time pmlmd holds it paused
+    # (``stopped_at``: since when; the governor's pause or a user's pmlmctl pause), which is not the task's doing.
+    timeout_at: float | None = None
+    stopped_at: float | None = None
+
+    def stop_clock(self, now: float) -> None:
+        """pmlmd pauses it: its --timeout stands still until ``start_clock``."""
+        if self.timeout_at is not None and self.stopped_at is None:
+            self.stopped_at = now
+
+    def start_clock(self, now: float) -> None:
+        if self.stopped_at is not None:
+            self.timeout_at += max(0.0, now - self.stopped_at)
+            self.stopped_at = None
 
     @property
     def worker_id(self) -> str:
@@ -188,8 +203,10 @@ class Worker:
 
 
 def worker_argv(run: BatchRun, line: str | None) -> list[str]:
-    """The command for one task: ``{}`` replaced by the task line (shell-quoted with --shell)."""
-    return tasklines.worker_argv(run.batch.spec.command, run.batch.spec.shell, line)
+    """The command for one task: ``{}`` replaced by the task line (shell-quoted with --shell), or
+    the line appended (see tasklines.worker_argv)."""
+    spec = run.batch.spec
+    return tasklines.worker_argv(spec.command, spec.shell, line, spec.append)
 
 
 class Engine:
@@ -245,15 +262,17 @@ class Engine:
         if run.batch.cancel_reason is None:
             run.batch.cancel_reason = reason
         run.batch.cancel_queued()
-        if not running:
-            self._finish_if_done(run)
-            return
+        if running:
+            self._stop_workers(run, f"batch cancelled ({reason})")
+        self._finish_if_done(run)
+
+    def _stop_workers(self, run: BatchRun, reason: str) -> None:
+        """Terminate every worker of the batch (as a cancel does); their attempts end cancelled."""
         if run.held:
             self.release(run)  # a frozen or paused worker could act on no request to stop
         for w in self.workers_of(run):
             if w.state not in RELEASING:
-                self._terminate(w, CAUSE_CANCELLED, f"batch cancelled ({reason})")
-        self._finish_if_done(run)
+                self._terminate(w, CAUSE_CANCELLED, reason)
 
     def kill_all(self, reason: str) -> None:
         for w in list(self.workers.values()):
@@ -269,6 +288,7 @@ class Engine:
         cooperative = run.batch.spec.pause_mode == "agent" and self.agent is not None
         # The freezer stops the whole scope at once, children the workers forked included.
         run.frozen = not cooperative and self.scopes.freeze(run.id)
+        now = time.monotonic()
         for w in self.workers_of(run):
             if w.state in (RUNNING, PAUSED):
                 if cooperative:
@@ -277,6 +297,7 @@ class Engine:
                     self._signal(w, signal.SIGSTOP)
                     w.signal_stopped = True
                 w.state = HELD
+                w.stop_clock(now)
         self.on_event({"event": "held", "batch": run.id})
 
     def release(self, run: BatchRun) -> None:
@@ -284,11 +305,13 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
             run.frozen = False
+        now = time.monotonic()
         for w in self.workers_of(run):
             if w.state == HELD:
                 self.continue_worker(w)
                 self._signal(w, signal.SIGCONT)  # also what a governor pause left stopped
                 w.state = RUNNING
+                w.start_clock(now)
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
 
@@ -302,6 +325,8 @@ class Engine:
             for at in (w.kill_at, w.escalate_at):
                 if at is not None:
                     deadline = min(deadline, at)
+            if w.timeout_at is not None and w.state == RUNNING and w.stopped_at is None:
+                deadline = min(deadline, w.timeout_at)
         if self.agent is not None:
             deadline = min(deadline, self.agent.next_deadline())
         if self.stragglers:
@@ -486,9 +511,11 @@ class Engine:
             self._pause(w)
             w.state, w.paused_at, w.cpu_at_pause = PAUSED, sample.time, w.cpu
             w.attempt.pauses += 1
+            w.stop_clock(time.monotonic())
         elif d.action == CONTINUE:
             self.continue_worker(w)
             w.state, w.paused_at = RUNNING, None
+            w.start_clock(time.monotonic())
         elif d.action == TERMINATE:
             self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)
         elif d.action == KILL:
@@ -740,6 +767,10 @@ class Engine:
             self.continue_worker(worker)
 
     def _watch(self, worker: Worker) -> None:
+        timeout = worker.run.batch.spec.timeout
+        if timeout is not None:
+            # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
+            worker.timeout_at = time.monotonic() + timeout - max(0.0, time.time() - worker.attempt.start)
         self.workers[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
@@ -776,6 +807,11 @@ class Engine:
         if self.agent is not None:
             self._agent_expired(now)
         for w in list(self.workers.values()):
+            if w.state == RUNNING and w.timeout_at is not None and w.stopped_at is None and now >= w.timeout_at:
+                timeout = w.run.batch.spec.timeout
+                log.info("worker %d ran longer than its timeout of %gs: terminating it", w.child.pid, timeout)
+                self._terminate(w, CAUSE_TIMEOUT, f"ran longer than --timeout {timeout:g}s")
+                self.on_event({"event": "timeout", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid})
             if w.escalate_at is not None and now >= w.escalate_at:
                 grace = w.run.batch.spec.term_grace
                 log.info("worker %d still alive %gs after acknowledging terminate: SIGTERM", w.child.pid, grace)
@@ -844,6 +880,7 @@ class Engine:
         self._finish_if_done(run)
 
     def _finish_if_done(self, run: BatchRun) -> None:
+        self._halt_if_due(run)
         if run.batch.queue or any(w.run is run for w in self.workers.values()) or run.id not in self.runs:
             return
         run.batch.finished = time.time()
@@ -853,6 +890,18 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
         self.scopes.stop(run.id)
+
+    def _halt_if_due(self, run: BatchRun) -> None:
+        """--halt: once the batch's bookkeeping says it halts (its queue already cancelled there),
+        say so once and, for ``now``, terminate its running workers as a cancel does."""
+        reason = run.batch.halt_reason
+        if reason is None or run.halted:
+            return
+        run.halted = True
+        log.info("batch %s: %s", run.id, reason)
+        self.on_event({"event": "halted", "batch": run.id, "reason": reason})
+        if run.batch.spec.halt == HALT_NOW:
+            self._stop_workers(run, f"batch {reason}")
 
     # --- stopping ------------------------------------------------------------------------
     def abandon(self) -> None:

@@ -63,6 +63,17 @@ request       arguments
               ``live``: boolean (default false): stop at the first task that has not
               finished, to go on from there later (``pmlmctl log --follow``)
 ``submit``    start a batch; the arguments below
+``retry``     ``batch``: string, required: a finished batch of the caller's (root: anyone's);
+              ``failed_only``: boolean (default false: the tasks that failed, were given up
+              or were cancelled; true: only failed and given up);
+              ``joblog``: absolute path or null (default null: none; the original batch's
+              joblog is not carried over), as submit's. Submits those tasks again as a new
+              batch: the original submission (command, options, environment, ``cwd``,
+              owner, name, priority) with those tasks, numbered from 0 (a task's line is
+              kept). ``bad-field`` when nothing is left to retry, when the batch is still
+              running, or when its stored submission breaks today's rules. The result is
+              submit's, plus ``retried``: the original indices of the tasks, in the new
+              batch's order, and ``of``: the original batch's id.
 ============  ===========================================================================
 
 ``submit`` arguments (all but ``command`` and ``cwd`` may be null or left out):
@@ -97,6 +108,29 @@ argument           type                                                default
 ``pause_mode``     ``"signal"`` or ``"agent"``                         null (signal)
 ``agent_timeout``  number 0.1 to 3600 (seconds to wait for an agent    null (5)
                    acknowledgement)
+``timeout``        number 0.01 to 31536000 (seconds): an attempt       null (none)
+                   running longer is terminated (SIGTERM, SIGKILL
+                   after ``term_grace``) and fails its task (cause
+                   ``timeout``, against ``retry_failed``); time pmlmd
+                   holds it paused does not count
+``halt``           ``"soon"`` or ``"now"``: once ``halt_fail`` tasks   null (never)
+                   (or ``halt_fail_pct`` percent of them) have failed
+                   or been given up, start no more (queued ones end
+                   cancelled); ``now`` also terminates the running
+                   ones. Needs exactly one of the two below
+``halt_fail``      integer 1 to 100000: a count of failed tasks        null
+``halt_fail_pct``  number 1 to 100 (percent of the batch's tasks)      null
+``append``         boolean: with ``task_lines`` and no ``{}`` in the   false
+                   command, the line is the command's last argument
+                   (with ``shell``: appended to the script,
+                   shell-quoted); pmlmctl sends true unless
+                   ``--no-append``
+``joblog``         absolute path or null: a joblog (GNU parallel's     null
+                   format, see pmlmd.joblog), opened at submit as the
+                   batch's owner, truncated, and written by the daemon
+                   (``bad-field`` naming the path when the owner cannot
+                   open it for writing, or it is not a regular file);
+                   bytes (see "Bytes")
 ``umask``          integer 0 to 511 (0o777): the workers' file mode     null (pmlmd's own,
                    creation mask, the submitter's                      normally 022)
 ``rlimits``        object: a resource name of ``RLIMITS`` (``cpu``,     null (the owner's
@@ -137,8 +171,8 @@ Bytes
 =====
 
 Command words, task lines, ``cwd`` and the names and values of ``env`` reach the worker's
-exec as bytes, and they need not be UTF-8 (a Latin-1 file name, a tasks file in another
-encoding). Each travels as the text that decoding its bytes from UTF-8 with Python's
+exec as bytes (``joblog`` the daemon's open), and they need not be UTF-8 (a Latin-1 file
+name, a tasks file in another encoding). Each travels as the text that decoding its bytes from UTF-8 with Python's
 ``surrogateescape`` gives (``tasklines.text``): valid UTF-8 as its characters, every other
 byte 0xNN as the lone surrogate U+DCNN. A lone surrogate has no UTF-8 form, so every message
 (requests, replies, events) is written with it as the JSON escape ``\\udcNN``; the frame
@@ -154,11 +188,11 @@ No string may hold a NUL: exec could not pass it on. And what Linux's exec takes
 at submit, so that no task fails later for it (``bad-field``, naming the task line): at most
 ``MAX_ARG_STRLEN`` bytes (32 pages: 131072 on x86-64) for one argument or environment
 string, its NUL included, after ``{}`` is replaced by the task line (shell-quoted with
-``shell``); so a task line has at most 131061 bytes, since it also reaches the worker as
-``PMLM_TASK=LINE``. And all of a worker's arguments and environment strings together, with
-a pointer each, within a quarter of the workers' soft stack limit (the ``stack`` of
-``rlimits``, else pmlmd's own; at most 6 MiB), 4096 bytes of that kept for the variables pmlmd
-adds.
+``shell``) or the line is appended (``append``); so a task line has at most 131061 bytes,
+since it also reaches the worker as ``PMLM_TASK=LINE``. And all of a worker's arguments and
+environment strings together, with a pointer each, within a quarter of the workers' soft
+stack limit (the ``stack`` of ``rlimits``, else pmlmd's own; at most 6 MiB), 4096 bytes of
+that kept for the variables pmlmd adds.
 
 Replies
 =======
@@ -233,6 +267,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import tasklines
+from .batch import HALT_WHEN
 from .bounds import BOUNDS, DURATION, MAX_RLIMIT, MAX_TASKS, NUMBER
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -387,6 +422,8 @@ _SCHEMAS: dict[str, _Schema] = {
                     "from_task": _Field(_INT, default=0, low=0, high=MAX_TASKS),
                     "offset": _Field(_INT, default=0, low=0, high=MAX_OFFSET),
                     "live": _Field(_BOOL, default=False)}),
+    "retry": _Schema({"batch": _BATCH, "failed_only": _Field(_BOOL, default=False),
+                      "joblog": _opt(_PATH, carries_bytes=True)}),
     "submit": _Schema(
         {
             "command": _Field(_STR_LIST, required=True, min_items=1, max_items=4096, first_nonempty=True,
@@ -411,6 +448,12 @@ _SCHEMAS: dict[str, _Schema] = {
             "term_mode": _opt(_CHOICE, choices=("signal", "agent")),
             "pause_mode": _opt(_CHOICE, choices=("signal", "agent")),
             "agent_timeout": _bounded("agent_timeout"),
+            "timeout": _bounded("timeout"),
+            "halt": _opt(_CHOICE, choices=HALT_WHEN),
+            "halt_fail": _bounded("halt_fail"),
+            "halt_fail_pct": _bounded("halt_fail_pct"),
+            "append": _Field(_BOOL, default=False),
+            "joblog": _opt(_PATH, carries_bytes=True),
             "umask": _bounded("umask"),
             "rlimits": _opt(_RLIMITS),
             "user": _opt(_STR),
@@ -420,7 +463,7 @@ _SCHEMAS: dict[str, _Schema] = {
         },
         one_of=("tasks", "task_lines"),
         one_of_default=("tasks", 1),
-        check=lambda req, args: _check_exec_fits(req, args),  # defined below, with the other checks
+        check=lambda req, args: _check_submit(req, args),  # defined below, with the other checks
     ),
 }
 
@@ -641,6 +684,23 @@ def _check_args(req: str, schema: _Schema, given: dict) -> dict:
     return args
 
 
+def _check_submit(req: str, args: dict) -> None:
+    _check_halt(req, args)
+    _check_exec_fits(req, args)
+
+
+def _check_halt(req: str, args: dict) -> None:
+    """``halt`` takes exactly one of ``halt_fail`` and ``halt_fail_pct``, and they need it."""
+    given = [name for name in ("halt_fail", "halt_fail_pct") if args[name] is not None]
+    if args["halt"] is None and given:
+        raise ProtocolError(BAD_FIELD, f"{req}: {given[0]!r} is given without 'halt': give 'halt' (\"soon\" or "
+                                       f"\"now\") too, or leave {given[0]!r} out")
+    if args["halt"] is not None and len(given) != 1:
+        raise ProtocolError(BAD_FIELD, f"{req}: 'halt' needs exactly one of 'halt_fail' (a count of failed tasks) "
+                                       f"and 'halt_fail_pct' (a percentage of the tasks), got "
+                                       f"{' and '.join(repr(n) for n in given) if given else 'neither'}")
+
+
 def _check_exec_fits(req: str, args: dict) -> None:
     """submit: every worker's exec must take its command, environment and task line (see "Bytes"),
     so that a line too long for Linux is refused now rather than failing as a task later."""
@@ -648,7 +708,7 @@ def _check_exec_fits(req: str, args: dict) -> None:
     # further), else under pmlmd's own.
     stack = (args.get("rlimits") or {}).get("stack")
     soft = None if stack is None else resource.RLIM_INFINITY if stack[0] == UNLIMITED else stack[0]
-    fit = tasklines.Fit(args["command"], args["shell"], args["env"], tasklines.arg_max(soft))
+    fit = tasklines.Fit(args["command"], args["shell"], args["env"], tasklines.arg_max(soft), args["append"])
     problem = fit.base_problem()
     if problem:
         raise ProtocolError(BAD_FIELD, f"{req}: the command cannot be executed: {problem}")

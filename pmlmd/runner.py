@@ -21,6 +21,7 @@ import zmq
 from .agentchannel import AgentChannels
 from .batch import CANCELLED, FINISHED, Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
+from .joblog import Joblog
 from .governor import PAUSED, RUNNING, free_bytes
 from .output import Pipes
 from .progress import eta_seconds
@@ -34,11 +35,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Runner:
     def __init__(self, spec: BatchSpec, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
                  trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None,
-                 sinks_for: Callable | None = None):
+                 sinks_for: Callable | None = None, joblog: Joblog | None = None):
         """With ``sinks_for(run, task, attempt_no) -> [output.Sink]`` workers write into pipes that
         pmlmctl reads and hands to those sinks; without, to ``stdout_fd`` (default pmlmctl's
-        stdout) and pmlmctl's stderr, directly."""
+        stdout) and pmlmctl's stderr, directly. ``joblog``: an open --joblog, written a line per
+        ended attempt (the caller closes it)."""
         self.trace = trace
+        self.joblog = joblog
         self.on_progress = on_progress
         self.loop = Loop()
         self.pipes = Pipes(self.loop, sinks_for) if sinks_for is not None else None
@@ -109,6 +112,9 @@ class Runner:
         self._trace(event)
 
     def _trace(self, event: dict) -> None:
+        if self.joblog is not None and event["event"] == "end" and event.get("batch") == self.batch_run.id:
+            task = self.batch_run.batch.tasks[event["task"]]
+            self.joblog.attempt_ended(self.batch_run.batch.spec, task, task.attempts[event["attempt"] - 1])
         if self.trace is None:
             return
         record = {"t": round(time.time(), 4), **{k: v for k, v in event.items() if v is not None and k != "batch"}}

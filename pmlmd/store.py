@@ -415,6 +415,28 @@ class Store:
     def task_count(self, batch_id: str) -> int:
         return self.db.execute("SELECT COUNT(*) FROM tasks WHERE batch_id=?", (batch_id,)).fetchone()[0]
 
+    def submission(self, batch_id: str) -> tuple[Any, tuple[int, int, list[int]], list[str]] | None:
+        """What a batch was submitted with (for a retry): its submission as stored (checked by the
+        caller), its owner (uid, gid, groups) and its tasks' statuses by index; None when there is
+        no such batch. Raises Unusable when the record cannot be read."""
+        row = self.db.execute("SELECT CAST(submission AS BLOB), owner_uid, owner_gid, CAST(owner_groups AS BLOB) "
+                              "FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        submission, uid, gid, groups = row
+        _need(_int(uid, 0, MAX_ID), "its owner's uid", uid)
+        _need(_int(gid, 0, MAX_ID), "its owner's gid", gid)
+        try:
+            groups = json.loads(groups, parse_constant=_no_constant)
+            submission = json.loads(submission, parse_constant=_no_constant)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise Unusable(f"its record cannot be read ({type(e).__name__})") from None
+        _need(isinstance(groups, list) and len(groups) <= MAX_GROUPS and all(_int(g, 0, MAX_ID) for g in groups),
+              "its owner's group list", groups)
+        statuses = [_shown(raw) or "" for (raw,) in self.db.execute(
+            "SELECT CAST(status AS BLOB) FROM tasks WHERE batch_id=? ORDER BY idx", (batch_id,))]
+        return submission, (uid, gid, groups), statuses
+
     def batch_owner(self, batch_id: str) -> int | None:
         row = self.db.execute("SELECT owner_uid FROM batches WHERE id=?", (batch_id,)).fetchone()
         return row[0] if row else None

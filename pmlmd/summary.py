@@ -224,7 +224,8 @@ def summarize(batch: Batch, *, now: float, owner_uid: int | None = None, owner_u
     return BatchSummary(
         batch=batch.spec.batch_id, name=batch.spec.task_id, owner=Owner(owner_uid, owner_user),
         command=tuple(batch.spec.command), priority=priority,
-        state=batch_state(counts, held=held, stopping=batch.cancel_reason is not None,
+        state=batch_state(counts, held=held,
+                          stopping=batch.cancel_reason is not None or batch.halt_reason is not None,
                           critical=batch.critical_reason is not None),
         counts=counts,
         terminated_attempts=sum(1 for t in batch.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY),

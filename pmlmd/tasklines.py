@@ -67,20 +67,35 @@ def split(data: bytes, null: bool = False) -> list[tuple[int, bytes]]:
     return [(number, part) for number, part in enumerate(parts, 1) if part]
 
 
-def worker_argv(command: list[str], shell: bool, line: str | None) -> list[str]:
+def appends(command: list[str], shell: bool, append: bool) -> bool:
+    """Whether a task line is added as the last argument: with ``append``, when no word of the
+    command (with ``shell``: nothing in the script) holds ``{}``, as GNU parallel does."""
+    return append and not any("{}" in word for word in command)
+
+
+def worker_argv(command: list[str], shell: bool, line: str | None, append: bool = False) -> list[str]:
     """The command for one task: ``{}`` replaced by the task line (shell-quoted with ``shell``).
+
+    With ``append`` and no ``{}`` in the command, the line is added as the last argument
+    instead (to the script, shell-quoted, with ``shell``). A task without a line (``-n N``)
+    runs the command as it is.
 
     shlex.quote works on the surrogate-escaped text: a byte that is not UTF-8 is not a safe
     character, so such a line is single-quoted, and inside single quotes sh takes every byte
     (newlines, carriage returns, bytes over 0x7f) as it is.
     """
+    last = line is not None and appends(command, shell, append)
     if shell:
         script = " ".join(command)
-        if line is not None:
+        if last:
+            script = f"{script} {shlex.quote(line)}"
+        elif line is not None:
             script = script.replace("{}", shlex.quote(line))
         return ["/bin/sh", "-c", script]
     if line is None:
         return list(command)
+    if last:
+        return [*command, line]
     return [arg.replace("{}", line) for arg in command]
 
 
@@ -108,13 +123,20 @@ class Fit:
     Strings must already be free of NUL and of surrogates that stand for no byte.
     """
 
-    def __init__(self, command: list[str], shell: bool, env: Mapping[str, str], limit: int | None = None):
+    def __init__(self, command: list[str], shell: bool, env: Mapping[str, str], limit: int | None = None,
+                 append: bool = False):
         self.command = command
         self.shell = shell
         words = [" ".join(command)] if shell else command
         fixed = [b"/bin/sh", b"-c"] if shell else []
         # (size in bytes, occurrences of {}) per word; "{}" is ASCII, so it is the same count in bytes.
         self.words = [(len(raw(w)), w.count("{}")) for w in words]
+        # An appended line is sized as if the command ended in " {}" (the script) or a word "{}".
+        self.appended = appends(command, shell, append)
+        if self.appended and shell:
+            self.words = [(self.words[0][0] + 3, 1)]
+        elif self.appended:
+            self.words.append((2, 1))
         self.fixed = sum(len(w) + 1 + POINTER for w in fixed)
         self.env_sizes = {name: len(raw(name)) + len(raw(value)) + 2
                           for name, value in env.items() if name != TASK_VARIABLE}  # pmlmd sets that one
@@ -138,6 +160,8 @@ class Fit:
     def _what(self, index: int) -> str:
         if self.shell:
             return "the /bin/sh -c script"
+        if index >= len(self.command):
+            return f"argument {index} of the command (the task line, appended)"
         return f"argument {index} of the command ({_brief(self.command[index])})"
 
     def base_problem(self) -> str | None:

@@ -50,8 +50,10 @@ SUBMIT_NUMBERS = sorted(name for name, field in protocol._SCHEMAS["submit"].fiel
                         if field.kind in (protocol._INT, protocol._NUMBER))
 CONFIG_NUMBERS = sorted(name for name in BOUNDS if name in Config.__dataclass_fields__)
 # No option: the daemon's own, and the umask, which submit takes from pmlmctl's process.
-# output_limit is the daemon's; task_index is log's TASK, the position of a task, not an option.
-CLI_NUMBERS = sorted(name for name in BOUNDS if name not in ("prune_after", "umask", "output_limit", "task_index"))
+# output_limit is the daemon's; task_index is log's TASK, the position of a task, not an option;
+# --halt WHEN,fail=N and WHEN,fail=N% carry halt_fail and halt_fail_pct (see the test of --halt).
+CLI_NUMBERS = sorted(name for name in BOUNDS if name not in ("prune_after", "umask", "output_limit", "task_index",
+                                                            "halt_fail", "halt_fail_pct"))
 
 # Refused for every numeric argument: beyond any range, of the wrong type, or not a number at all.
 POISON = [10 ** 400, -10 ** 400, 2 ** 63, 2 ** 64, -2 ** 63 - 1, MAX_SIZE * 4, 1e308, -1e308, 1e20, True, False,
@@ -88,6 +90,8 @@ def _edges(name):
 
 def _submit_frame(**args) -> bytes:
     # json.dumps, not protocol.encode_request: a careless client writes nan and inf (as NaN, Infinity).
+    if "halt_fail" in args or "halt_fail_pct" in args:
+        args = {"halt": "soon", **args}  # they count for 'halt' only
     return json.dumps({"version": 1, "request": "submit",
                        "args": {"command": ["/bin/true"], "cwd": "/tmp", **args}}).encode()
 
@@ -144,6 +148,24 @@ def test_cli_takes_exactly_the_range_of_the_table(name, capsys):
             assert "must be between" in err or (value < 0 and "invalid size" in err), err
 
 
+@pytest.mark.parametrize("name", ["halt_fail", "halt_fail_pct"])
+def test_cli_halt_takes_exactly_the_range_of_the_table(name, capsys):
+    for value, admitted in _edges(name):
+        shown = f"{value!r}%" if name == "halt_fail_pct" else str(value)
+        for when in ("soon", "now"):
+            argv = ["run", f"--halt={when},fail={shown}", "--", "true"]
+            if admitted:
+                expected = (when, value, None) if name == "halt_fail" else (when, None, value)
+                assert build_parser().parse_args(argv).halt == expected
+            else:
+                with pytest.raises(SystemExit) as caught:
+                    build_parser().parse_args(argv)
+                assert caught.value.code == 2
+                err = capsys.readouterr().err
+                assert "--halt" in err and err.count("\n") == 1, err
+                assert "fail= takes" in err, err
+
+
 # --- poisonous values: refused at each door with one line --------------------------------------------
 
 CLI_POISON = [
@@ -160,6 +182,15 @@ CLI_POISON = [
     ("--retries", "9" * 30),
     ("--retry-failed", "-1"),
     ("--max-workers", "1e9"),
+    ("--timeout", "0"),
+    ("--timeout", "nan"),
+    ("--timeout", "1e400"),
+    ("--halt", "soon,fail=0"),
+    ("--halt", "now,fail=" + "9" * 400),
+    ("--halt", "soon,fail=nan%"),
+    ("--halt", "soon,fail=101%"),
+    ("--halt", "later,fail=1"),
+    ("--halt", "now,success=1"),
 ]
 
 

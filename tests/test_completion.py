@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import argparse
+
 import pytest
+
+from pmlmd.ctl import build_parser
 
 SCRIPT = Path(__file__).parent.parent / "etc" / "bash_completion.d" / "pmlmctl"
 FRAMEWORK = Path("/usr/share/bash-completion/bash_completion")
@@ -19,7 +23,9 @@ def complete(line: str, socket: str = "/nonexistent.sock") -> list[str]:
                f"read -ra COMP_WORDS <<< \"$COMP_LINE\"; [[ $COMP_LINE == *' ' ]] && COMP_WORDS+=(''); "
                "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _pmlmctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
     result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30,
-                            env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "PMLM_SOCKET": socket})
+                            env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "PMLM_SOCKET": socket,
+                                 # the pmlmctl that lists batch ids is the tree under test, not an installed one
+                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     return [w for w in result.stdout.split("\n") if w]
 
 
@@ -56,3 +62,25 @@ def test_batch_ids_come_from_the_daemon(daemon):
     daemon.ctl("submit", "--wait", "--", "true")
     assert complete("pmlmctl report ", socket=daemon.socket)[:1] == ["1"]
     assert complete(f"pmlmctl --socket {daemon.socket} cancel ")[:1] == ["1"]
+
+
+def _options(parser) -> set[str]:
+    """Its long options (the short ones are aliases of them)."""
+    return {option for action in parser._actions if action.help != argparse.SUPPRESS
+            for option in action.option_strings if option.startswith("--")}
+
+
+def test_every_option_of_the_parser_is_completed():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert complete("pmlmctl ")[:len(commands.choices)] == list(commands.choices)
+    for name, sub in commands.choices.items():
+        offered = set(complete(f"pmlmctl {name} -"))
+        missing = _options(sub) - offered
+        assert not missing, f"pmlmctl {name}: {sorted(missing)} not completed"
+
+
+def test_new_options_and_their_values():
+    assert complete("pmlmctl run --halt ") == ["soon,fail=", "now,fail=", "never"]
+    assert complete("pmlmctl retry --f") == ["--failed"]
+    assert complete("pmlmctl run --term-mode a") == ["agent"]

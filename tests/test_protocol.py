@@ -25,6 +25,9 @@ SUBMIT_DEFAULTS = {
 # What workers inherit from the submitter; null: pmlmd's own umask, the owner's login limits.
 SUBMIT_DEFAULTS.update({"umask": None, "rlimits": None})
 SUBMIT_DEFAULTS["results"] = None  # no --results: the output stays with pmlmd only
+# The controls GNU parallel users know: off unless asked (append: pmlmctl asks for it by default).
+SUBMIT_DEFAULTS.update({"timeout": None, "halt": None, "halt_fail": None, "halt_fail_pct": None, "append": False,
+                        "joblog": None})
 SUBMIT_MINIMAL = {"command": ["true"], "cwd": "/tmp"}
 SUBMIT_FIELDS = tuple(SUBMIT_MINIMAL) + tuple(SUBMIT_DEFAULTS)
 
@@ -59,6 +62,9 @@ def error_of(data: bytes) -> ProtocolError:
     ("report", {"batch": "b1"}, {"batch": "b1"}),
     ("events", None, {"batch": None, "follow": False}),
     ("events", {"batch": "b1", "follow": True}, {"batch": "b1", "follow": True}),
+    ("retry", {"batch": "b1"}, {"batch": "b1", "failed_only": False, "joblog": None}),
+    ("retry", {"batch": "b1", "failed_only": True, "joblog": "/tmp/j"}, {"batch": "b1", "failed_only": True,
+                                                                         "joblog": "/tmp/j"}),
     ("submit", SUBMIT_MINIMAL, {**SUBMIT_MINIMAL, **SUBMIT_DEFAULTS}),
     ("submit", {**SUBMIT_MINIMAL, "task_lines": ["a", ""]},
      {**SUBMIT_MINIMAL, **SUBMIT_DEFAULTS, "tasks": None, "task_lines": ["a", ""]}),
@@ -78,9 +84,10 @@ def test_submit_with_every_argument():
         "agent_timeout": 2, "user": "nobody", "cwd": "/", "env": {"A": "b=c"}, "results": "/srv/r\udcff",
     }
     args.update(umask=0o777, rlimits={"nofile": [0, 2 ** 60], "as": [4096, "unlimited"], "cpu": ["unlimited"] * 2})
+    args.update(timeout=30, halt="soon", halt_fail_pct=50, halt_fail=None, append=True, joblog="/tmp/j\udcff.tsv")
     parsed = parse_request(submit(**args))
     assert parsed.args == {**args, "cpu_limit": 100.0, "memfree_limit": 0.0, "term_grace": 3600.0,
-                           "agent_timeout": 2.0}
+                           "agent_timeout": 2.0, "timeout": 30.0, "halt_fail_pct": 50.0}
     # numbers reach the daemon as floats, whatever JSON spelling the client used
     assert isinstance(parsed.args["cpu_limit"], float) and isinstance(parsed.args["memfree_limit"], float)
 
@@ -94,7 +101,8 @@ def test_request_id_is_read_and_echoed_in_errors():
 
 
 def test_requests_tuple_matches_the_schema_table_and_the_docstring():
-    assert set(REQUESTS) == {"ping", "list", "status", "cancel", "pause", "resume", "report", "events", "submit", "log"}
+    assert set(REQUESTS) == {"ping", "list", "status", "cancel", "pause", "resume", "report", "events", "submit",
+                             "retry", "log"}
     assert set(protocol._SCHEMAS["submit"].fields) == set(SUBMIT_FIELDS)
     for name in REQUESTS:
         assert f"``{name}``" in protocol.__doc__
@@ -182,6 +190,20 @@ ERROR_CASES = [
     (submit(env={"A": "\0"}), BAD_FIELD, ["'env' variable 'A'", "NUL"]),
     (frame({"batch": None}, request="cancel"), BAD_FIELD, ["'batch'", "null"]),
     (frame({"follow": "yes"}, request="events"), BAD_FIELD, ["'follow'", "'yes'"]),
+    (submit(timeout=0), BAD_FIELD, ["'timeout'", "seconds", "0.01"]),
+    (submit(timeout=True), BAD_FIELD, ["'timeout'", "true"]),
+    (submit(halt="later", halt_fail=1), BAD_FIELD, ["'halt'", "'soon'", "'now'"]),
+    (submit(halt="soon"), BAD_FIELD, ["'halt' needs exactly one of 'halt_fail'", "'halt_fail_pct'", "neither"]),
+    (submit(halt="now", halt_fail=1, halt_fail_pct=5), BAD_FIELD, ["'halt' needs exactly one", "'halt_fail' and"]),
+    (submit(halt_fail=2), BAD_FIELD, ["'halt_fail' is given without 'halt'"]),
+    (submit(halt="soon", halt_fail=0), BAD_FIELD, ["'halt_fail'", "1 to 100000"]),
+    (submit(halt="soon", halt_fail_pct=0.5), BAD_FIELD, ["'halt_fail_pct'", "percent"]),
+    (submit(append="yes"), BAD_FIELD, ["'append'", "true or false"]),
+    (submit(joblog="log.tsv"), BAD_FIELD, ["'joblog'", "absolute", "'log.tsv'"]),
+    (submit(joblog="/tmp/\ud800"), BAD_FIELD, ["'joblog'", "surrogate"]),
+    (frame({"failed_only": True}, request="retry"), MISSING_FIELD, ["'batch'", "retry"]),
+    (frame({"batch": "1", "failed_only": 1}, request="retry"), BAD_FIELD, ["'failed_only'", "true or false"]),
+    (frame({"batch": "1", "joblog": "j"}, request="retry"), BAD_FIELD, ["'joblog'", "absolute"]),
 ]
 
 
@@ -208,6 +230,7 @@ def test_non_bytes_frame_is_bad_json():
 @pytest.mark.parametrize("name, args", [
     ("ping", {}), ("list", {}), ("status", {"batch": "b"}), ("cancel", {"batch": "b"}), ("pause", {"batch": "b"}),
     ("resume", {"batch": "b"}), ("report", {"batch": "b"}), ("events", {"batch": None, "follow": True}),
+    ("retry", {"batch": "b", "failed_only": True, "joblog": None}),
     ("submit", {**SUBMIT_MINIMAL, **SUBMIT_DEFAULTS, "name": "nightly", "env": {"Ü": "ß"}}),
 ])
 def test_encode_request_round_trips(name, args):
