@@ -6,7 +6,7 @@ No processes and no I/O here; the runner feeds attempts in and reads decisions o
 from __future__ import annotations
 
 import statistics
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -74,6 +74,16 @@ class Task:
     attempts: list[Attempt] = field(default_factory=list)
     governor_ends: int = 0  # attempts ended by the governor (budget: --retries)
     failures: int = 0  # attempts that failed on their own (budget: --retry-failed)
+
+    def __setattr__(self, name, value):
+        # Its batch counts its tasks by status as they change, so that a summary of a batch of
+        # any size costs no walk over its tasks (see Batch.status_counts).
+        if name == "status":
+            counts = self.__dict__.get("counts")
+            if counts is not None:
+                counts[self.__dict__["status"]] -= 1
+                counts[value] += 1
+        object.__setattr__(self, name, value)
 
     def to_json(self) -> dict:
         return {"index": self.index, "task": self.line, "status": self.status,
@@ -145,6 +155,12 @@ class Batch:
         # Every attempt but a finished or running task's last one ended in a requeue.
         self.requeued = sum(len(t.attempts) - (bool(t.attempts) and (t.status in FINISHED or t.status == RUNNING))
                             for t in self.tasks)
+        # Kept up to date as tasks change (Task.__setattr__) and attempts end: read in O(1).
+        self.status_counts: Counter[str] = Counter(t.status for t in self.tasks)
+        for task in self.tasks:
+            task.__dict__["counts"] = self.status_counts
+        self.terminated = sum(1 for t in self.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY)
+        self.first_start: float | None = min((a.start for t in self.tasks for a in t.attempts), default=None)
         self.critical_reason: str | None = None
         self.cancel_reason: str | None = None
         # Tasks that ended failed or given up; once --halt's count is reached, halt_reason says so.
@@ -163,6 +179,8 @@ class Batch:
 
     def start_attempt(self, task: Task, pid: int | None, now: float) -> Attempt:
         attempt = Attempt(number=len(task.attempts) + 1, pid=pid, start=now)
+        if self.first_start is None or now < self.first_start:
+            self.first_start = now
         task.attempts.append(attempt)
         return attempt
 
@@ -170,6 +188,8 @@ class Batch:
         """Record the end and decide the task's fate: done, failed, or queued again."""
         attempt.end = now
         attempt.cause = cause
+        if cause == CAUSE_GOVERNOR_MEMORY:
+            self.terminated += 1
         if cause == CAUSE_GOVERNOR_MEMORY:
             task.governor_ends += 1
             if task.governor_ends <= self.spec.retries and self._may_requeue():
@@ -241,19 +261,19 @@ class Batch:
 
     # --- outcome -------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        statuses = [t.status for t in self.tasks]
+        statuses = self.status_counts
         return {
             "tasks": len(self.tasks),
-            "succeeded": statuses.count(SUCCEEDED),
-            "failed": statuses.count(FAILED),
-            "given_up": statuses.count(GIVEN_UP),
-            "cancelled": statuses.count(CANCELLED),
-            "terminated": sum(1 for t in self.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY),
+            "succeeded": statuses[SUCCEEDED],
+            "failed": statuses[FAILED],
+            "given_up": statuses[GIVEN_UP],
+            "cancelled": statuses[CANCELLED],
+            "terminated": self.terminated,
             "requeued": self.requeued,
         }
 
     def done(self) -> int:
-        return sum(1 for t in self.tasks if t.status in FINISHED)
+        return sum(self.status_counts[status] for status in FINISHED)
 
     def exit_status(self) -> int:
         """0 all succeeded, 1 some task did not, 3 critical finish."""
@@ -267,13 +287,22 @@ class Batch:
         if self.cancel_reason:
             return f"cancelled: {self.cancel_reason}"
         # While the batch runs, a task still queued or running has not failed (yet).
-        bad = [t for t in self.tasks if t.status != SUCCEEDED and (self.finished is not None or t.status in FINISHED)]
-        if not bad:
+        ended = self.finished is not None
+        count = (len(self.tasks) - self.status_counts[SUCCEEDED] if ended else
+                 sum(self.status_counts[status] for status in FINISHED if status != SUCCEEDED))
+        if not count:
             return None
-        shown = ", ".join(f"{t.index} ({_describe_end(t, self.spec)})" for t in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        # The first five by index; counted from status_counts, so a batch with none costs no walk.
+        bad = []
+        for t in self.tasks:
+            if t.status != SUCCEEDED and (ended or t.status in FINISHED):
+                bad.append(t)
+                if len(bad) == 5:
+                    break
+        shown = ", ".join(f"{t.index} ({_describe_end(t, self.spec)})" for t in bad)
+        more = f" and {count - 5} more" if count > 5 else ""
         halted = f"{self.halt_reason}: " if self.halt_reason else ""
-        return f"{halted}{len(bad)} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
+        return f"{halted}{count} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
 
     def summary_line(self) -> str:
         c = self.counts()
@@ -284,14 +313,15 @@ class Batch:
         tasks = f"{c['tasks']} task" + ("" if c["tasks"] == 1 else "s")
         return f"batch {self.spec.batch_id}: {tasks}, {', '.join(parts)} in {took:.1f}s"
 
-    def report(self, now: float | None = None, summary=None) -> dict:
+    def report(self, now: float | None = None, summary=None, with_tasks: bool = True) -> dict:
         """The execution report. For a batch still running, ``now`` (wall-clock seconds) gives its
         duration so far; its state is a live one (``running``, say), its exit_status is None and
         only tasks that ended count as not succeeded.
 
         ``state`` and ``counts`` are those of the batch's summary (summary.BatchSummary): the
         daemon passes the one it shows, which knows paused workers and a user's pause; without
-        one they come from the bookkeeping alone.
+        one they come from the bookkeeping alone. Without ``with_tasks`` the report has no
+        ``tasks`` (the daemon encodes those a slice at a time, see its ReportJob).
         """
         from .summary import summarize  # it builds on this module
 
@@ -344,7 +374,7 @@ class Batch:
             "highest_cpu_pct": self.cpu.summary()["max"] if self.cpu.values else None,
             "cpu_pct": self.cpu.summary(),
             "free_memory_pct": self.free_pct.summary(),
-            "tasks": [t.to_json() for t in self.tasks],
+            **({"tasks": [t.to_json() for t in self.tasks]} if with_tasks else {}),
         }
 
 

@@ -12,6 +12,7 @@ import argparse
 import collections
 import errno
 import grp
+import json
 import logging
 import os
 import pwd
@@ -53,6 +54,8 @@ RECENT_EVENTS = 2000  # events kept for ``pmlmctl events`` without --follow
 # Bytes of task output one ``log`` reply carries at most: a reply is built within the loop's
 # turn and a big log is read in several requests, so no reader holds up the governor.
 LOG_REPLY_BYTES = 256 << 10
+# Seconds per loop turn spent on replies built a slice at a time (a big batch's report).
+JOB_BUDGET = 0.005
 SD_LISTEN_FDS_START = 3
 # Tighter limits a batch may ask for: submit argument -> governor Limits field.
 ASKED_LIMITS = {"cpu_limit": "cpu_limit", "cpu_margin": "cpu_margin", "memfree_limit": "memfree_limit",
@@ -204,6 +207,7 @@ class Daemon:
                              worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True,
                              output=self.output)
         self.joblogs: dict[str, Joblog] = {}  # batch id -> its --joblog, opened as its owner
+        self.jobs: collections.deque = collections.deque()  # replies built over several turns (ReportJob...)
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -248,9 +252,10 @@ class Daemon:
         try:
             while not self.stopping:
                 deadline = min(self.engine.next_deadline(), self.next_housekeeping)
-                self.loop.poll(deadline - time.monotonic())
+                self.loop.poll(0 if self.jobs else deadline - time.monotonic())
                 self._refresh_owners()  # workers start only in tick(), with what this finds
                 self.engine.tick()
+                self._run_jobs()
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
                     self.next_housekeeping = time.monotonic() + min(HOUSEKEEPING, watchdog or HOUSEKEEPING)
@@ -295,6 +300,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        for job in self.jobs:  # replies still being built: their readers of the database end here
+            if hasattr(job, "close"):
+                job.close()
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():
@@ -900,14 +908,30 @@ class Daemon:
             (self.engine.hold if held else self.engine.release)(run)
         return protocol.encode_reply({"batch": run.id, "state": "held" if held else "active"}, request.request_id)
 
-    def _do_report(self, client, request, peer) -> bytes:
+    def _do_report(self, client, request, peer) -> bytes | None:
         run = self._batch(request.args["batch"], peer, None)
         if run is not None:
-            # running: how long so far, nothing failed that has not; the state and counts status shows
-            report = run.batch.report(time.time(), summary=self._batch_summary(run))
-        else:
-            report = self.store.finished_report(request.args["batch"])
-        return protocol.encode_reply(report, request.request_id)
+            # Encoded over several loop turns (a report lists every task): answered when complete.
+            self.jobs.append(ReportJob(self, client, request.request_id, run))
+            return None
+        stored = self.store.open_report(request.args["batch"])
+        if isinstance(stored, bytes) and stored.isascii() and stored[:1] == b"{":
+            return protocol.encode_reply_json(stored, request.request_id)
+        if stored is None or isinstance(stored, bytes):
+            raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {request.args['batch']} has no report "
+                                         "(its record was damaged)")
+        self.jobs.append(StoredReportJob(client, request.request_id, stored))
+        return None
+
+    def _run_jobs(self) -> None:
+        """Work on replies built a slice at a time, for at most JOB_BUDGET seconds per loop turn."""
+        until = time.monotonic() + JOB_BUDGET
+        while self.jobs and time.monotonic() < until:
+            job = self.jobs[0]
+            reply = job.step(until)
+            if reply is not None:
+                self.jobs.popleft()
+                self._send(job.client, reply)
 
     def _do_log(self, client, request, peer) -> bytes:
         """A slice of what the batch's tasks wrote: chunks of at most LOG_REPLY_BYTES in all.
@@ -973,6 +997,70 @@ class Daemon:
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open
         return protocol.encode_reply({"events": "end"}, request.request_id)
+
+
+class ReportJob:
+    """A live batch's report, its tasks encoded a slice at a time between the governor's turns.
+
+    Each task is encoded as it stands when its slice is reached; the head (state, counts,
+    summary) as the batch stands when the last slice is done.
+    """
+
+    SLICE = 500  # tasks encoded between two looks at the clock
+
+    def __init__(self, daemon: "Daemon", client: bytes, request_id, run: BatchRun):
+        self.daemon, self.client, self.request_id, self.run = daemon, client, request_id, run
+        self.parts: list[bytes] = [b""]  # the head comes first, once the tasks are done
+        self.next = 0
+
+    def step(self, until: float) -> bytes | None:
+        tasks = self.run.batch.tasks
+        while self.next < len(tasks):
+            if time.monotonic() >= until:
+                return None
+            end = min(self.next + self.SLICE, len(tasks))
+            # ASCII JSON (surrogates carrying bytes as escapes), a slice in one piece.
+            lead = b"" if self.next == 0 else b", "
+            self.parts.append(lead + ", ".join(json.dumps(t.to_json()) for t in tasks[self.next:end]).encode("ascii"))
+            self.next = end
+        batch = self.run.batch
+        # running: how long so far, nothing failed that has not; the state and counts status shows
+        head = batch.report(time.time(), summary=self.daemon._batch_summary(self.run), with_tasks=False)
+        self.parts[0] = (json.dumps(head)[:-1] + ', "tasks": [').encode("ascii")
+        self.parts.append(b"]}")
+        return protocol.encode_reply_json(self.parts, self.request_id)
+
+
+class StoredReportJob:
+    """A finished batch's stored report, read a slice at a time between the governor's turns."""
+
+    SLICE = 256 << 10  # bytes read between two looks at the clock
+
+    def __init__(self, client: bytes, request_id, blob):
+        self.client, self.request_id, self.blob = client, request_id, blob
+        self.parts: list[bytes] = []
+
+    def step(self, until: float) -> bytes | None:
+        try:
+            while time.monotonic() < until:
+                piece = self.blob.read(self.SLICE)
+                if not piece:
+                    break
+                self.parts.append(piece)
+            else:
+                return None
+        except Exception as e:  # sqlite3.Error: the row changed (pruned) under the reader
+            self.blob.close()
+            return protocol.encode_error(protocol.NO_SUCH_BATCH, f"the report could not be read: {e}",
+                                         self.request_id)
+        self.blob.close()
+        if not (self.parts and self.parts[0][:1] == b"{" and all(part.isascii() for part in self.parts)):
+            return protocol.encode_error(protocol.NO_SUCH_BATCH, "the batch has no report (its record was damaged)",
+                                         self.request_id)
+        return protocol.encode_reply_json(self.parts, self.request_id)
+
+    def close(self) -> None:
+        self.blob.close()
 
 
 def carried_rlimits(sent: dict | None) -> dict[int, tuple[int, int]] | None:

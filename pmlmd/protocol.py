@@ -870,6 +870,15 @@ def encode_reply(result: dict, request_id: str | int | None = None) -> bytes:
     return _dump({"version": PROTOCOL_VERSION, "ok": True, "result": result, "request_id": request_id})
 
 
+def encode_reply_json(result_json: bytes | list[bytes], request_id: str | int | None = None) -> bytes:
+    """A reply whose result is JSON already (a stored report, or one encoded a slice at a time,
+    given as its pieces), so that it is not decoded and encoded again: ASCII JSON (as
+    ``json.dumps`` writes it by default), copied once into the frame."""
+    head = _dump({"version": PROTOCOL_VERSION, "ok": True, "request_id": request_id})
+    pieces = result_json if isinstance(result_json, list) else [result_json]
+    return b"".join([head[:-1], b',"result":', *pieces, b"}"])
+
+
 def encode_error(code: str, message: str, request_id: str | int | None = None) -> bytes:
     # A typo in a code would reach clients that branch on it; refuse it here instead.
     if code not in ERROR_CODES:

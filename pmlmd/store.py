@@ -273,7 +273,7 @@ class Store:
         """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended."""
         with self.db:
             self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=?, summary=? "
-                            "WHERE id=?", (finished, json.dumps(report), report.get("error_message")
+                            "WHERE id=?", (finished, json.dumps(report).encode("ascii"), report.get("error_message")
                                            if report.get("critical_error") else None,
                                            None if summary is None else json.dumps(summary), batch_id))
 
@@ -405,8 +405,26 @@ class Store:
                             "WHERE rowid=?", (finished, json.dumps(report), rowid))
 
     def finished_report(self, batch_id: str) -> dict | None:
-        row = self.db.execute("SELECT report FROM batches WHERE id=? AND state='finished'", (batch_id,)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
+        data = self.finished_report_text(batch_id)
+        return json.loads(data) if data else None
+
+    def finished_report_text(self, batch_id: str) -> bytes | None:
+        """The stored report as the JSON it was written as (ASCII bytes, not decoded), or None."""
+        row = self.db.execute("SELECT CAST(report AS BLOB) FROM batches WHERE id=? AND state='finished'",
+                              (batch_id,)).fetchone()
+        return row[0] if row and isinstance(row[0], bytes) and row[0].isascii() and row[0][:1] == b"{" else None
+
+    def open_report(self, batch_id: str):
+        """The stored report of a finished batch, to read a slice at a time (sqlite3's incremental
+        BLOB I/O): a sqlite3.Blob; or, for a report stored as text (an older pmlmd), its bytes;
+        None when there is none. The caller closes a Blob soon: it holds a read of the database."""
+        row = self.db.execute("SELECT rowid, typeof(report) FROM batches WHERE id=? AND state='finished'",
+                              (batch_id,)).fetchone()
+        if row is None or row[1] not in ("blob", "text"):
+            return None
+        if row[1] == "text":
+            return self.finished_report_text(batch_id)
+        return self.db.blobopen("batches", "report", row[0], readonly=True)
 
     def batch_ids(self) -> set[str]:
         """Every batch the state holds, active or finished."""

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, astuple, dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from .batch import CANCELLED, CAUSE_GOVERNOR_MEMORY, FAILED, GIVEN_UP, QUEUED, RUNNING, SUCCEEDED, Batch, iso
+from .batch import CANCELLED, FAILED, GIVEN_UP, QUEUED, RUNNING, SUCCEEDED, Batch, iso
 
 SUMMARY_VERSION = 1
 
@@ -180,11 +180,13 @@ def task_counts(statuses: Iterable[str], paused_workers: int = 0) -> Counts:
     counts as failed, as it does in a record marked failed."""
     found = {SUCCEEDED: 0, FAILED: 0, GIVEN_UP: 0, CANCELLED: 0, RUNNING: 0, QUEUED: 0}
     other = 0
-    for status in statuses:
+    # A mapping of status -> count (Batch.status_counts), or the statuses one by one.
+    pairs = statuses.items() if isinstance(statuses, Mapping) else ((status, 1) for status in statuses)
+    for status, number in pairs:
         if status in found:
-            found[status] += 1
+            found[status] += number
         else:
-            other += 1
+            other += number
     paused = min(max(paused_workers, 0), found[RUNNING])
     return Counts(succeeded=found[SUCCEEDED], failed=found[FAILED] + other, given_up=found[GIVEN_UP],
                   cancelled=found[CANCELLED], running=found[RUNNING] - paused, paused=paused, queued=found[QUEUED])
@@ -217,9 +219,8 @@ def summarize(batch: Batch, *, now: float, owner_uid: int | None = None, owner_u
     ``paused_workers``: how many of its workers stand paused (the engine's PAUSED and HELD);
     ``held``: a user paused the batch. The rest is what the daemon knows of it.
     """
-    counts = task_counts((t.status for t in batch.tasks), paused_workers)
+    counts = task_counts(batch.status_counts, paused_workers)
     ended = batch.finished
-    starts = [a.start for t in batch.tasks for a in t.attempts]
     until = ended if ended is not None else now
     return BatchSummary(
         batch=batch.spec.batch_id, name=batch.spec.task_id, owner=Owner(owner_uid, owner_user),
@@ -228,10 +229,10 @@ def summarize(batch: Batch, *, now: float, owner_uid: int | None = None, owner_u
                           stopping=batch.cancel_reason is not None or batch.halt_reason is not None,
                           critical=batch.critical_reason is not None),
         counts=counts,
-        terminated_attempts=sum(1 for t in batch.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY),
+        terminated_attempts=batch.terminated,
         requeued_attempts=batch.requeued,
         exit_status=batch.exit_status() if ended is not None else None,
-        created=iso(batch.started), started=iso(min(starts)) if starts else None, ended=iso(ended),
+        created=iso(batch.started), started=iso(batch.first_start), ended=iso(ended),
         elapsed_s=round(max(until - batch.started, 0.0), 3), scope=scope, freezer=freezer if ended is None else None)
 
 

@@ -1,0 +1,57 @@
+"""Reads that never hold up the governor: a batch's report is built a slice at a time between
+the loop's turns (live) or read from the database a slice at a time (finished). Here: what a
+reader gets is whole and exact. Real daemon, real ZeroMQ clients."""
+
+from __future__ import annotations
+
+import json
+
+import zmq
+
+from pmlmd import protocol
+
+from support import wait_for
+
+BIG = 100_000  # the most tasks a batch may have: its report is about 7 MB
+
+
+def _dealer(ctx, daemon):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect("ipc://" + daemon.socket)
+    return sock
+
+
+def _reply(sock, timeout_ms=60_000) -> dict:
+    assert sock.poll(timeout_ms), "no reply"
+    return protocol.decode_reply(sock.recv())
+
+
+def test_a_big_report_built_in_slices_is_whole_and_carries_bytes_exactly(daemon_factory):
+    daemon = daemon_factory().start()
+    ctx = zmq.Context()
+    reader, other = _dealer(ctx, daemon), _dealer(ctx, daemon)
+    try:
+        # A task line that is not UTF-8 must come back as the same bytes through the sliced encoding.
+        lines = ["caf\udce9"] + [str(i) for i in range(1, BIG)]
+        reader.send(protocol.encode_request("submit", command=["sleep", "60"], cwd="/tmp", task_lines=lines,
+                                            max_workers=1))
+        batch = _reply(reader)["result"]["batch"]
+        for finished in (False, True):
+            reader.send(protocol.encode_request("report", batch=batch))
+            other.send(protocol.encode_request("ping"))  # served meanwhile (how soon: bench/)
+            assert _reply(other)["ok"] is True
+            report = _reply(reader)["result"]
+            assert len(report["tasks"]) == BIG and report["tasks"][0]["task"].encode("utf-8", "surrogateescape") \
+                == b"caf\xe9"
+            assert report["state"] == ("cancelled" if finished else "running")
+            assert json.loads(json.dumps(report)) == report
+            if not finished:
+                other.send(protocol.encode_request("cancel", batch=batch))
+                assert _reply(other)["ok"] is True
+                wait_for(lambda: daemon.ctl("status", "--json", batch).stdout.count('"ended": null') == 0,
+                         timeout=60, what="the batch to end")
+    finally:
+        reader.close()
+        other.close()
+        ctx.term()
