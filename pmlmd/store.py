@@ -225,6 +225,7 @@ class Store:
         self.floor = 0  # after a recovery: batch ids go on above this
         self.changed = False  # written since the last backup
         self.last_backup = float("-inf")
+        self.retrying = False  # a retry failed and was logged
         try:
             os.makedirs(state_dir, mode=0o750, exist_ok=True)
             self.high_water = self._read_marker()
@@ -427,9 +428,13 @@ class Store:
             return True
         try:
             if self.read_only:
-                db = self.db
-                version = self._open()
-                db.close()
+                reading = self.db
+                try:
+                    version = self._open()
+                except BaseException:
+                    self.db = reading  # still read-only: reads go on as before
+                    raise
+                reading.close()
                 self.read_only = False
                 if version != SCHEMA_VERSION:
                     raise sqlite3.OperationalError(f"schema version {version}")
@@ -439,8 +444,12 @@ class Store:
                 del self.pending[key]
         except sqlite3.OperationalError as e:
             self._fail_write(e)
+            if not self.retrying:
+                self.retrying = True
+                log.warning("the state cannot be written yet (%s): pmlmd tries again every second", e)
             return False
         self.unwritable = None
+        self.retrying = False
         self.changed = True
         log.warning("the state in %s is written again; submits are taken again", self.state_dir)
         return True
@@ -462,6 +471,9 @@ class Store:
         return version
 
     def close(self) -> None:
+        if self.pending:
+            log.error("%d writes to the state could not be made (%s): the next pmlmd finds the state as it was "
+                      "before them", len(self.pending), self.unwritable)
         self.db.close()
 
     # --- writes ---------------------------------------------------------------------

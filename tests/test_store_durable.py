@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def release(go: Path) -> None:
 
 def running_worker(daemon, batch: str) -> int:
     def found():
-        with sqlite3.connect(Path(daemon.state_dir) / "state.db") as db:
+        with closing(sqlite3.connect(Path(daemon.state_dir) / "state.db")) as db:
             row = db.execute("SELECT pid FROM attempts WHERE batch_id=? AND end IS NULL", (batch,)).fetchone()
         return row and row[0]
     return wait_for(found, what=f"a worker of batch {batch} recorded")
@@ -128,15 +129,18 @@ def test_a_corrupt_page_is_told_in_one_line_not_a_traceback(daemon_factory):
 
 
 def fill(path: Path) -> None:
-    """Write ``path`` until its file system is full."""
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as e:
-            assert e.errno == 28, e
-    # What the last write kept in its buffer is lost; the file system is full either way.
+    """Write ``path`` until its file system has not one byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        size = 1 << 20
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError as e:
+                assert e.errno == 28, e
+                size //= 2
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -171,7 +175,7 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
 
         os.unlink(filler)  # space returns: the end is written without a restart
         assert succeeded(daemon, batch)["counts"]["succeeded"] == 1
-        with sqlite3.connect(state / "state.db") as db:
+        with closing(sqlite3.connect(state / "state.db")) as db:  # closed: it would keep the WAL index
             assert db.execute("SELECT state FROM batches WHERE id=?", (batch,)).fetchone() == ("finished",)
             assert db.execute("SELECT end IS NOT NULL, exit_code FROM attempts WHERE batch_id=?",
                               (batch,)).fetchall() == [(1, 0)]
@@ -184,6 +188,9 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
         fill(filler)
         daemon.start()
         assert ping(daemon)["pid"] == daemon.proc.pid
+        wait_for(lambda: "the state cannot be written yet" in daemon.logs(), what="a retry that failed")
+        listed = daemon.ctl("list")  # the state is still read after a retry failed
+        assert listed.returncode == 0 and batch in listed.stdout, listed.stderr
         refused = daemon.ctl("submit", "--", "true")
         assert refused.returncode != 0 and "no space in STATE_DIR" in refused.stderr, refused.stderr
         os.unlink(filler)
@@ -191,6 +198,7 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
         assert later.returncode == 0, later.stderr + daemon.logs()
         assert "Traceback" not in daemon.logs()
     finally:
+        filler.unlink(missing_ok=True)
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
