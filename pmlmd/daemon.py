@@ -35,7 +35,7 @@ from .output import TaskFiles
 from .joblog import Joblog
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
-from .store import Store, StoreError, StoredBatch
+from .store import Store, StoreError, StoredBatch, Unwritable
 from .summary import STATE_FAILED, BatchSummary, summarize
 from .systemd import Notifier, setup_logging
 from .units import format_size
@@ -268,6 +268,8 @@ class Daemon:
         self.notifier.watchdog()
         self.engine.agent.close_idle()
         self.output.enforce()
+        self.store.retry()  # what a full disk kept from the state, written once there is space
+        self.store.backup()
         pruned = self.store.prune(time.time() - self.config.prune_after)
         if pruned:
             log.info("pruned %d finished batches older than %gs", pruned, self.config.prune_after)
@@ -320,6 +322,8 @@ class Daemon:
         self.ctx.term()
         if inherited_socket_fd() is None and os.path.exists(self.config.socket):
             os.unlink(self.config.socket)
+        self.store.retry()
+        self.store.backup(force=True)
         self.store.close()
 
     def _reload(self) -> None:
@@ -673,6 +677,8 @@ class Daemon:
                 reply = protocol.encode_error(e.code, e.message, request_id if e.request_id is None else e.request_id)
             except Denied as e:
                 reply = protocol.encode_error(protocol.PERMISSION_DENIED, f"permission denied: {e}", request_id)
+            except Unwritable as e:  # a full disk: refused, and nothing was acknowledged
+                reply = protocol.encode_error(protocol.INTERNAL, str(e), request_id)
             except Exception as e:  # a bug must not take the daemon down with it
                 log.exception("request failed")
                 reply = protocol.encode_error(protocol.INTERNAL, f"internal error: {e}", request_id)

@@ -243,7 +243,11 @@ code                   meaning
 ``bad-field``          a field of the wrong type, or a value out of range
 ``no-such-batch``      (daemon) the batch does not exist, or the caller may not see it
 ``permission-denied``  (daemon) the caller may not do this
-``internal``           (daemon) a bug in pmlmd; the message says more
+``internal``           (daemon) a bug in pmlmd; or pmlmd cannot do it now: its state
+                       cannot be written (a submit on a full disk: "no space in
+                       STATE_DIR (DIR): free space, then submit again"; pmlmd goes on
+                       and takes submits again once it can write, no restart needed);
+                       the message says more
 =====================  ================================================================
 
 Versions

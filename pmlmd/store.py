@@ -4,13 +4,39 @@ A submitted batch is committed before the daemon replies, and every attempt's st
 and end is committed as it happens, so a restarted daemon knows every task's state
 and which workers it may find still running. Finished batches keep their report and
 their summary (summary.BatchSummary) until they are pruned.
+
+A full disk. A write that fails for want of space (or any other OperationalError of SQLite)
+never reaches the daemon's loop: it is kept in memory, in order (one entry per attempt, task
+list or batch, each re-reading the daemon's objects when it runs), and tried again by
+``retry()`` at every housekeeping turn, so that once space returns the file again holds what
+memory holds, with no restart. Meanwhile ``unwritable`` says why, and what must be
+acknowledged first (``next_seq``, ``add_batch``: a submit) raises ``Unwritable`` instead: no
+batch is acknowledged that is not in the file. A start on a full disk, when SQLite cannot even
+make its WAL index, reads the file as it is (read-only) and writes once it can.
+
+Damaged state. ``last-batch-id`` beside the database (written atomically, in blocks of
+ID_BLOCK ids, before an id of a new block is handed out) says that a state existed and the
+highest batch id that may have been handed out. ``state.db.backup`` is a copy made with
+SQLite's backup API by ``backup()`` (at housekeeping, at most every BACKUP_INTERVAL seconds
+when something changed, and at a clean stop). At start, a state.db that is missing or empty
+while ``last-batch-id`` exists, or that is not a database or fails ``PRAGMA integrity_check``
+(about 0.1 s for 100k tasks), is moved aside as ``state.db.damaged-TIMESTAMP`` (with its -wal
+and -shm); then the state is restored from the backup when it passes the same check (the log
+names the batches that may be missing: those handed out after the backup), else the start is
+refused with one line that says what to do (``StoreError``). Either way batch ids go on above
+the mark in ``last-batch-id``: an id is never handed out twice. An empty state is started over
+a lost one only when asked: a file ``start-empty`` in the state directory, removed once used.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +45,14 @@ from .batch import FINISHED, QUEUED, RUNNING, Attempt, Task
 from .bounds import BOUNDS
 from .summary import BatchSummary, from_record
 
+log = logging.getLogger("pmlmd.store")
+
 SCHEMA_VERSION = 2
+MARKER = "last-batch-id"  # the highest batch id that may have been handed out; written atomically
+BACKUP = "state.db.backup"
+START_EMPTY = "start-empty"  # asks a start to go on with an empty state over a lost one
+ID_BLOCK = 64  # last-batch-id is written once per this many ids
+BACKUP_INTERVAL = 300.0  # seconds, at least, between backups made while the daemon runs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +111,10 @@ MIGRATIONS = {1: ("ALTER TABLE batches ADD COLUMN summary TEXT",)}
 
 class StoreError(Exception):
     """The state database cannot be used; the message names the file and the fix."""
+
+
+class Unwritable(StoreError):
+    """The state cannot be written now (a full disk): what needed it is refused, the daemon goes on."""
 
 
 class Unusable(ValueError):
@@ -180,10 +217,51 @@ class StoredBatch:
 
 class Store:
     def __init__(self, state_dir: str):
+        self.state_dir = state_dir
         self.path = os.path.join(state_dir, "state.db")
+        self.pending: dict[object, Any] = {}  # writes that failed, to try again (in order; see the docstring)
+        self.unwritable: str | None = None  # why the state cannot be written now, or None
+        self.read_only = False  # opened read-only (a start on a full disk): writes wait for retry()
+        self.floor = 0  # after a recovery: batch ids go on above this
+        self.changed = False  # written since the last backup
+        self.last_backup = float("-inf")
+        self.retrying = False  # a retry failed and was logged
         try:
             os.makedirs(state_dir, mode=0o750, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+            self.high_water = self._read_marker()
+            self._check_damage()
+        except OSError as e:
+            raise self._cannot(e) from e
+        try:
+            version = self._open()
+        except sqlite3.OperationalError as e:
+            if not _space_trouble(e, state_dir):
+                raise self._cannot(e) from e
+            # A start on a full disk: read what the file holds and run it; write once there is space.
+            self._fail_write(e)
+            self.read_only = True
+            self.db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, isolation_level=None)
+            self.db.text_factory = _utf8
+            version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            log.error("%s; pmlmd runs what its state holds, refuses submits and writes the state once there "
+                      "is space", self.unwritable)
+        except (OSError, sqlite3.Error) as e:
+            raise self._cannot(e) from e
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, this pmlmd knows {SCHEMA_VERSION}: "
+                             "use a pmlmd that matches it, or move the file away to start afresh")
+        if self.high_water == 0 and not self.read_only:
+            last = self._last_seq()
+            if last:
+                self._write_marker(last)  # a state of an older pmlmd: mark it as existing
+
+    def _cannot(self, e: Exception) -> StoreError:
+        return StoreError(f"cannot use the state database {self.path}: {e}; check that --state-dir (state_dir "
+                          f"in pmlmd.toml) names a directory pmlmd can write")
+
+    def _open(self) -> int:
+        self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+        try:
             self.db.text_factory = _utf8
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of pmlmd; WAL keeps it consistent
@@ -194,12 +272,192 @@ class Store:
             version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
             if version in MIGRATIONS:
                 version = self._migrate(version)
+            return version
+        except BaseException:
+            self.db.close()
+            raise
+
+    # --- damage, the high-water mark and the backup ------------------------------------------
+    def _file(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def _read_marker(self) -> int:
+        try:
+            with open(self._file(MARKER)) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return 0
+        try:
+            return max(0, int(text))
+        except ValueError:
+            return 1  # damaged too, but it says that a state existed
+
+    def _write_marker(self, value: int) -> None:
+        """Write last-batch-id atomically (temporary file, fsync, rename, fsync of the directory)."""
+        path = self._file(MARKER)
+        temp = path + ".tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.write(fd, f"{value}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, path)
+            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        self.high_water = value
+
+    def _check_damage(self) -> None:
+        """At start: a state that existed and is lost or damaged is restored from the backup, or the start
+        is refused (see the module's docstring)."""
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            size = None
+        if size is None and not os.path.exists(self.path + "-wal") and self.high_water == 0:
+            return  # a first start
+        if size == 0 and self.high_water == 0:
+            return  # an empty file and no sign that a state existed
+        problem = _damage(self.path) if size else ("missing" if size is None else "empty")
+        if problem is None:
+            return
+        start_empty = self._file(START_EMPTY)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = None
+        if size is not None or os.path.exists(self.path + "-wal"):
+            aside = f"{self.path}.damaged-{stamp}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.rename(self.path + suffix, aside + suffix)
+        kept = f" (kept as {aside})" if aside else ""
+        backup = self._file(BACKUP)
+        backup_problem = _damage(backup) if os.path.exists(backup) else "missing"
+        self.floor = self.high_water
+        if backup_problem is None:
+            temp = self.path + ".restoring"
+            shutil.copyfile(backup, temp)
+            with open(temp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(temp, self.path)
+            taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(backup)))
+            last = _last_seq_of(self.path)
+            log.error("the state database %s was %s%s: restored from the backup %s of %s; batches after %d "
+                      "(up to %d) may be missing, their workers are not governed; new batch ids go on above %d",
+                      self.path, problem, kept, backup, taken, last, self.high_water, self.high_water)
+        elif os.path.exists(start_empty):
+            os.unlink(start_empty)
+            log.error("the state database %s was %s%s and the backup %s is %s: starting with an empty state, "
+                      "as %s asked; new batch ids go on above %d", self.path, problem, kept, backup,
+                      backup_problem, start_empty, self.high_water)
+        else:
+            mark = f" (last-batch-id says up to {self.high_water})" if self.high_water else ""
+            raise StoreError(f"the state database {self.path} is {problem}{kept} and a state existed{mark}, but "
+                             f"the backup {backup} is {backup_problem}: put a good copy of state.db in place, or "
+                             f"create {start_empty} to start with an empty state (batch ids go on above "
+                             f"{self.high_water})")
+
+    def backup(self, force: bool = False) -> None:
+        """Copy the state to state.db.backup, when it changed, at most every BACKUP_INTERVAL seconds
+        (``force``: whenever it changed). A backup that cannot be made now is made later."""
+        now = time.monotonic()
+        if not self.changed or self.pending or self.read_only \
+                or (not force and now - self.last_backup < BACKUP_INTERVAL):
+            return
+        path = self._file(BACKUP)
+        temp = path + ".tmp"
+        try:
+            target = sqlite3.connect(temp)
+            try:
+                self.db.backup(target)
+            finally:
+                target.close()
+            with open(temp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(temp, path)
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot use the state database {self.path}: {e}; check that --state-dir (state_dir "
-                             f"in pmlmd.toml) names a directory pmlmd can write") from e
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has schema version {version}, this pmlmd knows {SCHEMA_VERSION}: "
-                             "use a pmlmd that matches it, or move the file away to start afresh")
+            log.warning("cannot back up the state to %s now: %s", path, e)
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            self.last_backup = now  # not at every turn
+            return
+        self.changed = False
+        self.last_backup = now
+
+    # --- writes that wait for space --------------------------------------------------------------
+    def _write(self, key: object, action) -> None:
+        """Run a write now; when the state cannot be written, keep it to try again (``retry``).
+
+        ``action`` reads the daemon's objects when it runs, so a later write of the same ``key``
+        replaces an earlier one in its place, and the list stays as long as the things written.
+        """
+        if self.pending or self.read_only:
+            self.pending[key] = action
+            return
+        try:
+            action()
+        except sqlite3.OperationalError as e:
+            self.pending[key] = action
+            self._fail_write(e)
+            log.error("%s; pmlmd goes on, refuses submits and writes the state again once it can",
+                      self.unwritable)
+        else:
+            self.changed = True
+
+    def _fail_write(self, e: Exception) -> None:
+        if _space_trouble(e, self.state_dir):
+            self.unwritable = f"no space in STATE_DIR ({self.state_dir}): free space, then submit again"
+        else:
+            self.unwritable = (f"cannot write the state in STATE_DIR ({self.state_dir}): {e}: see the daemon's log, "
+                               f"then submit again")
+
+    def retry(self) -> bool:
+        """Write what could not be written (at housekeeping); True once the state is written again."""
+        if self.unwritable is None:
+            return True
+        try:
+            if self.read_only:
+                reading = self.db
+                try:
+                    version = self._open()
+                except BaseException:
+                    self.db = reading  # still read-only: reads go on as before
+                    raise
+                reading.close()
+                self.read_only = False
+                if version != SCHEMA_VERSION:
+                    raise sqlite3.OperationalError(f"schema version {version}")
+            while self.pending:
+                key = next(iter(self.pending))
+                self.pending[key]()
+                del self.pending[key]
+        except sqlite3.OperationalError as e:
+            self._fail_write(e)
+            if not self.retrying:
+                self.retrying = True
+                log.warning("the state cannot be written yet (%s): pmlmd tries again every second", e)
+            return False
+        self.unwritable = None
+        self.retrying = False
+        self.changed = True
+        log.warning("the state in %s is written again; submits are taken again", self.state_dir)
+        return True
+
+    def check_writable(self) -> None:
+        """Raise Unwritable while writes wait for space (a submit is refused then)."""
+        if self.unwritable is not None and not self.retry():
+            raise Unwritable(self.unwritable)
 
     def _migrate(self, version: int) -> int:
         """Bring a database of an older schema up to SCHEMA_VERSION, one version per transaction."""
@@ -213,12 +471,24 @@ class Store:
         return version
 
     def close(self) -> None:
+        if self.pending:
+            log.error("%d writes to the state could not be made (%s): the next pmlmd finds the state as it was "
+                      "before them", len(self.pending), self.unwritable)
         self.db.close()
 
     # --- writes ---------------------------------------------------------------------
     def add_batch(self, batch_id: str, seq: int, name: str | None, owner: tuple[int, int, list[int]], priority: int,
                   submission: dict, created: float, tasks: list[Task]) -> None:
         uid, gid, groups = owner
+        self.check_writable()
+        try:
+            self._add_batch(batch_id, seq, name, uid, gid, groups, priority, submission, created, tasks)
+        except sqlite3.OperationalError as e:
+            self._fail_write(e)
+            raise Unwritable(self.unwritable) from None
+        self.changed = True
+
+    def _add_batch(self, batch_id, seq, name, uid, gid, groups, priority, submission, created, tasks) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT INTO batches (id, seq, name, owner_uid, owner_gid, owner_groups, priority, "
@@ -229,6 +499,10 @@ class Store:
                                 ((batch_id, t.index, _line_value(t.line), t.status) for t in tasks))
 
     def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
+        self._write(("attempt", batch_id, task.index, attempt.number),
+                    lambda: self._attempt_started(batch_id, task, attempt, start_ticks))
+
+    def _attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
@@ -237,6 +511,11 @@ class Store:
             self._task_row(batch_id, task)
 
     def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt) -> None:
+        # Of the same key as its start: written late, the end carries the start too.
+        self._write(("attempt", batch_id, task.index, attempt.number),
+                    lambda: self._attempt_ended(batch_id, task, attempt))
+
+    def _attempt_ended(self, batch_id: str, task: Task, attempt: Attempt) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
@@ -256,21 +535,32 @@ class Store:
 
     def tasks_changed(self, batch_id: str, tasks: list[Task]) -> None:
         """Record the status of many tasks at once (a cancel marks the queue cancelled)."""
-        with self.db:
-            self.db.execute("BEGIN")
-            for task in tasks:
-                self._task_row(batch_id, task)
+        tasks = list(tasks)
+
+        def write():
+            with self.db:
+                self.db.execute("BEGIN")
+                for task in tasks:
+                    self._task_row(batch_id, task)
+        self._write(("tasks", batch_id, tuple(t.index for t in tasks)), write)
 
     def set_held(self, batch_id: str, held: bool) -> None:
-        with self.db:
-            self.db.execute("UPDATE batches SET held=? WHERE id=?", (int(held), batch_id))
+        def write():
+            with self.db:
+                self.db.execute("UPDATE batches SET held=? WHERE id=?", (int(held), batch_id))
+        self._write(("held", batch_id), write)
 
     def set_cancelled(self, batch_id: str, reason: str) -> None:
-        with self.db:
-            self.db.execute("UPDATE batches SET cancel_reason=? WHERE id=?", (reason, batch_id))
+        def write():
+            with self.db:
+                self.db.execute("UPDATE batches SET cancel_reason=? WHERE id=?", (reason, batch_id))
+        self._write(("cancelled", batch_id), write)
 
     def finish(self, batch_id: str, finished: float, report: dict, summary: dict | None = None) -> None:
         """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended."""
+        self._write(("finish", batch_id), lambda: self._finish(batch_id, finished, report, summary))
+
+    def _finish(self, batch_id: str, finished: float, report: dict, summary: dict | None) -> None:
         with self.db:
             self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=?, summary=? "
                             "WHERE id=?", (finished, json.dumps(report).encode("ascii"), report.get("error_message")
@@ -278,9 +568,17 @@ class Store:
                                            None if summary is None else json.dumps(summary), batch_id))
 
     def prune(self, finished_before: float) -> int:
-        with self.db:
-            cursor = self.db.execute("DELETE FROM batches WHERE state='finished' AND finished < ?",
-                                     (finished_before,))
+        if self.unwritable is not None:
+            return 0  # tried again once the state is written again
+        try:
+            with self.db:
+                cursor = self.db.execute("DELETE FROM batches WHERE state='finished' AND finished < ?",
+                                         (finished_before,))
+        except sqlite3.OperationalError as e:
+            log.warning("cannot prune the state now: %s", e)
+            return 0
+        if cursor.rowcount:
+            self.changed = True
         return cursor.rowcount
 
     # --- reads ------------------------------------------------------------------------
@@ -397,12 +695,14 @@ class Store:
 
     def fail_batch(self, rowid: int, finished: float, report: dict) -> None:
         """Mark an active batch that cannot run again finished, with ``report``; its unfinished tasks failed."""
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute(f"UPDATE tasks SET status='failed' WHERE batch_id IN (SELECT id FROM batches WHERE "
-                            f"rowid=?) AND status NOT IN ({', '.join('?' * len(FINISHED))})", (rowid, *FINISHED))
-            self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=NULL "
-                            "WHERE rowid=?", (finished, json.dumps(report), rowid))
+        def write():
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute(f"UPDATE tasks SET status='failed' WHERE batch_id IN (SELECT id FROM batches WHERE "
+                                f"rowid=?) AND status NOT IN ({', '.join('?' * len(FINISHED))})", (rowid, *FINISHED))
+                self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=NULL "
+                                "WHERE rowid=?", (finished, json.dumps(report), rowid))
+        self._write(("fail", rowid), write)
 
     def finished_report(self, batch_id: str) -> dict | None:
         data = self.finished_report_text(batch_id)
@@ -491,13 +791,74 @@ class Store:
                            created=_plain(created), finished=_plain(finished), report=_json_object(report))
 
     def next_seq(self) -> int:
-        """A new batch number, never handed out before, even after pruning."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            row = self.db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
-            seq = (int(row[0]) if row else 0) + 1
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
+        """A new batch number, never handed out before, even after pruning or a lost state: above the
+        database's last one and, after a recovery, above last-batch-id's mark, which is moved a block on
+        before an id beyond it is handed out. Raises Unwritable when the state cannot be written."""
+        self.check_writable()
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                row = self.db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+                seq = max(int(row[0]) if row else 0, self.floor) + 1
+                if seq > self.high_water:
+                    self._write_marker(seq + ID_BLOCK - 1)
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
+        except (OSError, sqlite3.OperationalError) as e:
+            self._fail_write(e)
+            raise Unwritable(self.unwritable) from None
+        self.changed = True
         return seq
+
+    def _last_seq(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        return int(row[0]) if row else 0
+
+
+def _space_trouble(e: Exception, state_dir: str) -> bool:
+    """Whether a failed write is for want of space (SQLite's SQLITE_FULL, or its WAL index not growing)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    name = getattr(e, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL" or "full" in str(e):
+        return True
+    try:
+        stat = os.statvfs(state_dir)
+    except OSError:
+        return False
+    return stat.f_bavail == 0 or (stat.f_files and stat.f_favail == 0)
+
+
+def _damage(path: str) -> str | None:
+    """What is wrong with a database file, or None: opened read-only, checked with integrity_check."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty"
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("PRAGMA integrity_check").fetchall()
+            if rows != [("ok",)]:
+                return f"damaged (integrity_check: {'; '.join(str(r[0]) for r in rows[:3])})"
+            db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return None  # in use, a full disk, no permission: not damage; the open that follows says more
+    except sqlite3.DatabaseError as e:
+        return f"damaged ({e})"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    return None
+
+
+def _last_seq_of(path: str) -> int:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        return int(row[0]) if row else 0
+    except (sqlite3.Error, ValueError):
+        return 0
+    finally:
+        db.close()
 
 
 # What Store._finished reads of a finished batch: not its report, which may be large, unless it needs it.
