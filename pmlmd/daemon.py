@@ -411,7 +411,9 @@ class Daemon:
             except Exception as e:  # whatever the record holds, it costs its own batch only
                 self._unrestorable(stored, e)
         active = {stored.id for stored, _ in restored}
-        removed = self.output.keep_only(self.store.batch_ids())
+        # Output of batches the state does not know goes; not while the state is read without its
+        # last writes (a start on a full disk), when a batch it does not show may still exist.
+        removed = 0 if self.store.read_only else self.output.keep_only(self.store.batch_ids())
         if removed:
             log.info("removed the output of %d batches the state no longer knows", removed)
         for batch_id in self.scopes.scopes():
