@@ -37,6 +37,7 @@ from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch
 from .summary import STATE_FAILED, BatchSummary, summarize
 from .systemd import Notifier, setup_logging
+from .outbox import Outboxes
 from .units import format_size
 
 log = logging.getLogger("pmlmd.daemon")
@@ -216,6 +217,8 @@ class Daemon:
             raise DaemonError(f"cannot set up the agent channel: {e}") from e
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
+        # What a client does not read at once waits for it there (events bounded, replies kept).
+        self.outboxes = Outboxes(self.sock, on_gone=self._client_gone)
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
         # batch id -> (its owner as submitted, whether root submitted it for them with --user)
         self.owners: dict[str, tuple[procctl.Credentials, bool]] = {}
@@ -247,8 +250,9 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         try:
             while not self.stopping:
-                deadline = min(self.engine.next_deadline(), self.next_housekeeping)
+                deadline = min(self.engine.next_deadline(), self.next_housekeeping, self.outboxes.next_retry())
                 self.loop.poll(deadline - time.monotonic())
+                self.outboxes.flush()
                 self._refresh_owners()  # workers start only in tick(), with what this finds
                 self.engine.tick()
                 if time.monotonic() >= self.next_housekeeping:
@@ -634,12 +638,14 @@ class Daemon:
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
         for (client, request_id), only in list(self.followers.items()):
+            if (client, request_id) not in self.followers:
+                continue  # its client went away while this event was handed out
             if only is None or only == event.get("batch"):
-                self._send(client, protocol.encode_event(event, request_id), follower=(client, request_id))
+                self.outboxes.event(client, request_id, event)
             if kind == "finished" and only == event.get("batch") and (client, request_id) in self.followers:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
                 del self.followers[(client, request_id)]
-                self._send(client, protocol.encode_reply({"events": "end"}, request_id))
+                self._send(client, protocol.encode_reply({"events": "end"}, request_id), request_id)
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
@@ -669,14 +675,15 @@ class Daemon:
                 log.exception("request failed")
                 reply = protocol.encode_error(protocol.INTERNAL, f"internal error: {e}", request_id)
             if reply is not None:
-                self._send(client.bytes, reply)
+                self._send(client.bytes, reply, request_id)
 
-    def _send(self, client: bytes, payload: bytes, follower=None) -> None:
-        try:
-            self.sock.send_multipart([client, payload], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the client is gone (or not reading): forget its subscription
-            if follower is not None:
-                self.followers.pop(follower, None)
+    def _send(self, client: bytes, payload: bytes, request_id=None) -> None:
+        """A reply: sent now, or as soon as the client reads (see outbox.Outboxes); lost only with the client."""
+        self.outboxes.reply(client, request_id, payload)
+
+    def _client_gone(self, client: bytes) -> None:
+        for follower in [follower for follower in self.followers if follower[0] == client]:
+            del self.followers[follower]
 
     def _batch(self, batch_id: str, peer, action: str | None) -> BatchRun | None:
         """The live batch, or None if it has finished; checks that the peer may act on it."""
@@ -968,7 +975,7 @@ class Daemon:
         live = only is None or self._batch(only, peer, None) is not None
         for event in self.recent:
             if only is None or event.get("batch") == only:
-                self._send(client, protocol.encode_event(event, request.request_id))
+                self.outboxes.event(client, request.request_id, event)
         if request.args["follow"] and live:  # a finished batch has nothing more to follow
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open

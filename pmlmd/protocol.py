@@ -225,6 +225,11 @@ request's ``request_id``, ended by one reply (result or error) as above::
 With ``follow`` false the stream holds the events recorded so far; with ``follow`` true
 it stays open for new events.
 
+A reader that does not keep up gets every reply, and every event or in their place
+``{"event": "dropped", "count": N}``: N events of this stream were left out there, before
+the next message of the stream (see pmlmd/outbox.py). Replies are never left out while
+the client is connected.
+
 Errors
 ======
 
