@@ -635,6 +635,7 @@ def cmd_run(parser, args) -> int:
 
 # --- talking to the daemon ------------------------------------------------------------------
 EXIT_UNREACHABLE = 4
+# The request was wrong: exit 2, as for a bad option. Others (permission-denied, quota-exceeded, ...) exit 1.
 USAGE_CODES = ("bad-field", "unknown-field", "missing-field")
 
 

@@ -725,6 +725,7 @@ class Daemon:
         uid, gid, groups = owner.uid, owner.gid, list(owner.groups)
         if os.geteuid() != 0 and uid != os.geteuid():
             raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
+        self._check_quotas(req, args, uid, peer)
         # Every spawn enters the directory as the user again (it may change meanwhile); checked
         # here too, so that a directory the user cannot enter is refused at once, not task by task.
         try:
@@ -779,6 +780,34 @@ class Daemon:
                      "limits, or pmlmd's own): %s", batch_id, lowered, extra={"BATCH_ID": batch_id})
         return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered,
                                       **(extra or {})}, request_id)
+
+    def _check_quotas(self, req: str, args: dict, uid: int, peer) -> None:
+        """Refuse a batch that would take its owner past a quota of [quotas] (root's own requests pass
+        with root_exempt): tasks not yet finished, active batches, and the shortest interval."""
+        config = self.config
+        if peer[0] == 0 and config.root_exempt:
+            return
+        path = self.config_path or DEFAULT_CONFIG_PATH
+
+        def exceeded(what: str, key: str, value, fix: str, beyond: str = "more than") -> protocol.ProtocolError:
+            return protocol.ProtocolError(protocol.QUOTA_EXCEEDED, f"{req}: {what}, {beyond} quotas.{key} = "
+                                          f"{value} in {path} ({fix})")
+
+        interval = args["interval"]
+        if interval is not None and interval < config.min_interval:
+            raise exceeded(f"uid {uid} asked for an interval of {interval:g} s", "min_interval",
+                           f"{config.min_interval:g}", f"ask for --interval {config.min_interval:g} or more, or ask "
+                           f"the operator to lower it", beyond="shorter than")
+        runs = [run for run in self.engine.runs.values() if run.owner.uid == uid and run.batch.finished is None]
+        if len(runs) + 1 > config.batches_active:
+            raise exceeded(f"uid {uid} would have {len(runs) + 1} active batches", "batches_active",
+                           config.batches_active, "wait for one to finish, or ask the operator to raise it")
+        tasks = len(args["task_lines"]) if args["task_lines"] is not None else args["tasks"]
+        running = collections.Counter(id(w.run) for w in self.engine.workers.values())
+        queued = tasks + sum(len(run.batch.queue) + running[id(run)] for run in runs)
+        if queued > config.tasks_queued:
+            raise exceeded(f"uid {uid} would have {queued} tasks queued", "tasks_queued", config.tasks_queued,
+                           "wait for some to finish, or ask the operator to raise it")
 
     def _do_retry(self, client, request, peer) -> bytes:
         """A new batch of the tasks of a finished batch that did not succeed (see protocol, ``retry``)."""

@@ -248,6 +248,8 @@ code                   meaning
 ``bad-field``          a field of the wrong type, or a value out of range
 ``no-such-batch``      (daemon) the batch does not exist, or the caller may not see it
 ``permission-denied``  (daemon) the caller may not do this
+``quota-exceeded``     (daemon) the batch would take its user past a quota of pmlmd.toml's
+                       [quotas]; the message names the key, its value and what was asked
 ``internal``           (daemon) a bug in pmlmd; the message says more
 =====================  ================================================================
 
@@ -295,9 +297,10 @@ UNKNOWN_FIELD = "unknown-field"
 BAD_FIELD = "bad-field"
 NO_SUCH_BATCH = "no-such-batch"
 PERMISSION_DENIED = "permission-denied"
+QUOTA_EXCEEDED = "quota-exceeded"
 INTERNAL = "internal"
 ERROR_CODES = (BAD_JSON, TOO_LARGE, BAD_VERSION, UNKNOWN_REQUEST, MISSING_FIELD, UNKNOWN_FIELD, BAD_FIELD,
-               NO_SUCH_BATCH, PERMISSION_DENIED, INTERNAL)
+               NO_SUCH_BATCH, PERMISSION_DENIED, QUOTA_EXCEEDED, INTERNAL)
 
 MAX_REQUEST_ID_CHARS = 200
 
