@@ -74,8 +74,8 @@ class Outboxes:
     def _missed(self, client: bytes, request_id) -> None:
         missed = self.dropped.pop((client, request_id), 0)
         if missed:
-            self._put(client, protocol.encode_event({"event": "dropped", "count": missed, "time": round(time.time(), 3)},
-                                                    request_id), True)
+            marker = {"time": round(time.time(), 3), "event": "dropped", "count": missed}
+            self._put(client, protocol.encode_event(marker, request_id), True)
 
     def _put(self, client: bytes, frame: bytes, is_event: bool) -> None:
         box = self.boxes.get(client)
