@@ -111,6 +111,11 @@ BOUNDS: dict[str, Bound] = {
     # output_limit: bytes of each task's stdout and of its stderr kept (the tail); 0 keeps none.
     "output_limit": Bound(SIZE, 0, MAX_SIZE, "bytes"),
     "prune_after": Bound(DURATION, 1, 3650 * 86400, "seconds"),
+    # [quotas], per user (see config.py): tasks not yet finished over the user's active batches
+    # (a hundred of the largest batches), active batches, and the shortest interval a batch may ask for.
+    "tasks_queued": Bound(INTEGER, 1, 100 * MAX_TASKS),
+    "batches_active": Bound(INTEGER, 1, 10_000),
+    "min_interval": Bound(NUMBER, 0.01, 60, "seconds"),
 }
 
 # A resource limit as getrlimit(2) gives it (bytes, seconds or a count; each of submit's

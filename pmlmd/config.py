@@ -1,6 +1,6 @@
 """The daemon's configuration: /etc/pmlmd/pmlmd.toml plus command-line overrides.
 
-The file has three tables, [daemon], [limits] and [batches]; their keys are the
+The file has four tables, [daemon], [limits], [batches] and [quotas]; their keys are the
 field names of ``Config``. Unknown tables and keys and bad values are refused with
 one line naming the file, the dotted key and what to write instead, so a typo never
 passes silently as a default.
@@ -83,6 +83,14 @@ class Config:
     retries: int = 3
     retry_failed: int = 0
     term_grace: float = 10.0
+    # [quotas]: what one user (uid) may ask of the daemon at once, checked when a batch starts
+    # (submit, retry). A batch's tasks live in the daemon's memory until they end, and a batch's
+    # interval sets how often the daemon samples the node, so these keep one user from
+    # slowing the daemon down for everybody.
+    tasks_queued: int = 100_000  # tasks not yet finished, over the user's active batches
+    batches_active: int = 100
+    min_interval: float = 0.1  # the shortest interval a batch may ask for (seconds)
+    root_exempt: bool = True  # requests root makes (also for another user) are not held to quotas
 
     def limits(self, cpus: int) -> Limits:
         """The governor's limits on a node with ``cpus`` CPUs."""
@@ -323,8 +331,12 @@ _OPTIONS: dict[str, _Option] = {
     "retries": _Option("batches", _whole("retries")),
     "retry_failed": _Option("batches", _whole("retry_failed")),
     "term_grace": _Option("batches", _number("term_grace")),
+    "tasks_queued": _Option("quotas", _whole("tasks_queued")),
+    "batches_active": _Option("quotas", _whole("batches_active")),
+    "min_interval": _Option("quotas", _number("min_interval")),
+    "root_exempt": _Option("quotas", _switch),
 }
-TABLES = ("daemon", "limits", "batches")
+TABLES = ("daemon", "limits", "batches", "quotas")
 
 
 def _keys_in(table: str) -> list[str]:

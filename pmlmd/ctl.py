@@ -635,6 +635,7 @@ def cmd_run(parser, args) -> int:
 
 # --- talking to the daemon ------------------------------------------------------------------
 EXIT_UNREACHABLE = 4
+# The request was wrong: exit 2, as for a bad option. Others (permission-denied, quota-exceeded, ...) exit 1.
 USAGE_CODES = ("bad-field", "unknown-field", "missing-field")
 
 
@@ -998,6 +999,8 @@ def describe_event(e: dict) -> str:
         return f"{when} {batch}: task {e['task']} worker {e['pid']} ran past its --timeout: terminating it"
     if kind == "halted":
         return f"{when} {batch}: {e['reason']}"
+    if kind == "dropped":  # the daemon could not keep up with this reader's pace (see pmlmd/outbox.py)
+        return f"{when} events dropped: {e['count']} (the reader was too slow)"
     # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.
     return f"{when} {batch}: {ENGINE_WORDS.get(kind, kind)}"
 

@@ -38,6 +38,7 @@ from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable
 from .summary import STATE_FAILED, BatchSummary, summarize
 from .systemd import Notifier, setup_logging
+from .outbox import Outboxes
 from .units import format_size
 
 log = logging.getLogger("pmlmd.daemon")
@@ -220,6 +221,8 @@ class Daemon:
             raise DaemonError(f"cannot set up the agent channel: {e}") from e
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
         self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
+        # What a client does not read at once waits for it there (events bounded, replies kept).
+        self.outboxes = Outboxes(self.sock, on_gone=self._client_gone)
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
         # batch id -> (its owner as submitted, whether root submitted it for them with --user)
         self.owners: dict[str, tuple[procctl.Credentials, bool]] = {}
@@ -251,8 +254,9 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         try:
             while not self.stopping:
-                deadline = min(self.engine.next_deadline(), self.next_housekeeping)
+                deadline = min(self.engine.next_deadline(), self.next_housekeeping, self.outboxes.next_retry())
                 self.loop.poll(0 if self.jobs else deadline - time.monotonic())
+                self.outboxes.flush()
                 self._refresh_owners()  # workers start only in tick(), with what this finds
                 self.engine.tick()
                 self._run_jobs()
@@ -648,12 +652,14 @@ class Daemon:
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
         for (client, request_id), only in list(self.followers.items()):
+            if (client, request_id) not in self.followers:
+                continue  # its client went away while this event was handed out
             if only is None or only == event.get("batch"):
-                self._send(client, protocol.encode_event(event, request_id), follower=(client, request_id))
+                self.outboxes.event(client, request_id, event)
             if kind == "finished" and only == event.get("batch") and (client, request_id) in self.followers:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
                 del self.followers[(client, request_id)]
-                self._send(client, protocol.encode_reply({"events": "end"}, request_id))
+                self._send(client, protocol.encode_reply({"events": "end"}, request_id), request_id)
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
@@ -685,14 +691,15 @@ class Daemon:
                 log.exception("request failed")
                 reply = protocol.encode_error(protocol.INTERNAL, f"internal error: {e}", request_id)
             if reply is not None:
-                self._send(client.bytes, reply)
+                self._send(client.bytes, reply, request_id)
 
-    def _send(self, client: bytes, payload: bytes, follower=None) -> None:
-        try:
-            self.sock.send_multipart([client, payload], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the client is gone (or not reading): forget its subscription
-            if follower is not None:
-                self.followers.pop(follower, None)
+    def _send(self, client: bytes, payload: bytes, request_id=None) -> None:
+        """A reply: sent now, or as soon as the client reads (see outbox.Outboxes); lost only with the client."""
+        self.outboxes.reply(client, request_id, payload)
+
+    def _client_gone(self, client: bytes) -> None:
+        for follower in [follower for follower in self.followers if follower[0] == client]:
+            del self.followers[follower]
 
     def _batch(self, batch_id: str, peer, action: str | None) -> BatchRun | None:
         """The live batch, or None if it has finished; checks that the peer may act on it."""
@@ -734,6 +741,7 @@ class Daemon:
         uid, gid, groups = owner.uid, owner.gid, list(owner.groups)
         if os.geteuid() != 0 and uid != os.geteuid():
             raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
+        self._check_quotas(req, args, uid, peer)
         # Every spawn enters the directory as the user again (it may change meanwhile); checked
         # here too, so that a directory the user cannot enter is refused at once, not task by task.
         try:
@@ -788,6 +796,34 @@ class Daemon:
                      "limits, or pmlmd's own): %s", batch_id, lowered, extra={"BATCH_ID": batch_id})
         return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered,
                                       **(extra or {})}, request_id)
+
+    def _check_quotas(self, req: str, args: dict, uid: int, peer) -> None:
+        """Refuse a batch that would take its owner past a quota of [quotas] (root's own requests pass
+        with root_exempt): tasks not yet finished, active batches, and the shortest interval."""
+        config = self.config
+        if peer[0] == 0 and config.root_exempt:
+            return
+        path = self.config_path or DEFAULT_CONFIG_PATH
+
+        def exceeded(what: str, key: str, value, fix: str, beyond: str = "more than") -> protocol.ProtocolError:
+            return protocol.ProtocolError(protocol.QUOTA_EXCEEDED, f"{req}: {what}, {beyond} quotas.{key} = "
+                                          f"{value} in {path} ({fix})")
+
+        interval = args["interval"]
+        if interval is not None and interval < config.min_interval:
+            raise exceeded(f"uid {uid} asked for an interval of {interval:g} s", "min_interval",
+                           f"{config.min_interval:g}", f"ask for --interval {config.min_interval:g} or more, or ask "
+                           f"the operator to lower it", beyond="shorter than")
+        runs = [run for run in self.engine.runs.values() if run.owner.uid == uid and run.batch.finished is None]
+        if len(runs) + 1 > config.batches_active:
+            raise exceeded(f"uid {uid} would have {len(runs) + 1} active batches", "batches_active",
+                           config.batches_active, "wait for one to finish, or ask the operator to raise it")
+        tasks = len(args["task_lines"]) if args["task_lines"] is not None else args["tasks"]
+        running = collections.Counter(id(w.run) for w in self.engine.workers.values())
+        queued = tasks + sum(len(run.batch.queue) + running[id(run)] for run in runs)
+        if queued > config.tasks_queued:
+            raise exceeded(f"uid {uid} would have {queued} tasks queued", "tasks_queued", config.tasks_queued,
+                           "wait for some to finish, or ask the operator to raise it")
 
     def _do_retry(self, client, request, peer) -> bytes:
         """A new batch of the tasks of a finished batch that did not succeed (see protocol, ``retry``)."""
@@ -939,7 +975,7 @@ class Daemon:
             reply = job.step(until)
             if reply is not None:
                 self.jobs.popleft()
-                self._send(job.client, reply)
+                self._send(job.client, reply, job.request_id)
 
     def _do_log(self, client, request, peer) -> bytes:
         """A slice of what the batch's tasks wrote: chunks of at most LOG_REPLY_BYTES in all.
@@ -1000,7 +1036,7 @@ class Daemon:
         live = only is None or self._batch(only, peer, None) is not None
         for event in self.recent:
             if only is None or event.get("batch") == only:
-                self._send(client, protocol.encode_event(event, request.request_id))
+                self.outboxes.event(client, request.request_id, event)
         if request.args["follow"] and live:  # a finished batch has nothing more to follow
             self.followers[(client, request.request_id)] = only
             return None  # the stream stays open

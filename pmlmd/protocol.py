@@ -225,6 +225,11 @@ request's ``request_id``, ended by one reply (result or error) as above::
 With ``follow`` false the stream holds the events recorded so far; with ``follow`` true
 it stays open for new events.
 
+A reader that does not keep up gets every reply, and every event or in their place
+``{"event": "dropped", "count": N}``: N events of this stream were left out there, before
+the next message of the stream (see pmlmd/outbox.py). Replies are never left out while
+the client is connected.
+
 Errors
 ======
 
@@ -243,6 +248,8 @@ code                   meaning
 ``bad-field``          a field of the wrong type, or a value out of range
 ``no-such-batch``      (daemon) the batch does not exist, or the caller may not see it
 ``permission-denied``  (daemon) the caller may not do this
+``quota-exceeded``     (daemon) the batch would take its user past a quota of pmlmd.toml's
+                       [quotas]; the message names the key, its value and what was asked
 ``internal``           (daemon) a bug in pmlmd; or pmlmd cannot do it now: its state
                        cannot be written (a submit on a full disk: "no space in
                        STATE_DIR (DIR): free space, then submit again"; pmlmd goes on
@@ -294,9 +301,10 @@ UNKNOWN_FIELD = "unknown-field"
 BAD_FIELD = "bad-field"
 NO_SUCH_BATCH = "no-such-batch"
 PERMISSION_DENIED = "permission-denied"
+QUOTA_EXCEEDED = "quota-exceeded"
 INTERNAL = "internal"
 ERROR_CODES = (BAD_JSON, TOO_LARGE, BAD_VERSION, UNKNOWN_REQUEST, MISSING_FIELD, UNKNOWN_FIELD, BAD_FIELD,
-               NO_SUCH_BATCH, PERMISSION_DENIED, INTERNAL)
+               NO_SUCH_BATCH, PERMISSION_DENIED, QUOTA_EXCEEDED, INTERNAL)
 
 MAX_REQUEST_ID_CHARS = 200
 

@@ -1,7 +1,13 @@
-"""Retry budgets, task fates and the report's shape, without processes."""
+"""Retry budgets, task fates, the sample summaries and the report's shape, without processes."""
 
-from pmlmd.batch import (CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CANCELLED, FAILED, GIVEN_UP, QUEUED,
-                         SUCCEEDED, Batch, BatchSpec)
+import statistics
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pmlmd.batch import (BIN_WIDTH, BINS, CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CANCELLED,
+                         EXACT_SAMPLES, FAILED, GIVEN_UP, QUEUED, SUCCEEDED, Batch, BatchSpec, Series)
 from pmlmd.governor import Limits
 
 
@@ -75,3 +81,61 @@ def test_report_carries_the_compatible_fields_and_the_new_ones():
     assert report["highest_cpu_pct"] == 60.0
     attempt = report["tasks"][1]["attempts"][0]
     assert attempt["exit_code"] == 3 and attempt["cause"] == "exit" and attempt["start"].endswith("+00:00")
+
+
+# --- samples: bounded summaries -------------------------------------------------------------------
+
+PERCENTAGES = st.floats(min_value=0, max_value=100, allow_nan=False)
+
+
+SMALL = 20  # tests hand Series a small exact part, so that hypothesis's lists go past it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PERCENTAGES, min_size=1, max_size=6 * SMALL))
+def test_series_summary_matches_the_exact_one(values):
+    series = Series(exact_samples=SMALL)
+    for value in values:
+        series.add(value)
+    assert series.count == len(values)
+    assert series.low == min(values) and series.high == max(values)
+    exact = statistics.median(values)
+    if len(values) <= SMALL:
+        assert series.median() == exact
+    else:  # the histogram's median: the one of the samples rounded to the nearest bin
+        assert abs(series.median() - exact) <= BIN_WIDTH / 2 + 1e-9
+    summary = series.summary()
+    assert summary["samples"] == len(values)
+    assert summary["min"] == round(min(values), 1) and summary["max"] == round(max(values), 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(PERCENTAGES, min_size=SMALL + 1, max_size=4 * SMALL).filter(lambda v: len(v) % 2))
+def test_series_median_is_the_bin_of_the_middle_sample(values):
+    """An odd count past the exact part: the median is the middle sample's bin (clamped into min..max)."""
+    series = Series(exact_samples=SMALL)
+    for value in values:
+        series.add(value)
+    middle = sorted(values)[len(values) // 2]
+    expected = min(max(round(middle / BIN_WIDTH) * BIN_WIDTH, min(values)), max(values))
+    assert series.median() == pytest.approx(expected, abs=1e-9)
+
+
+def test_series_memory_stays_bounded_for_a_million_samples():
+    series = Series()
+    for i in range(1_000_000):
+        series.add((i * 7919 % 100_003) / 1000.03)  # spread over 0..100
+    assert series.count == 1_000_000
+    assert series.exact is None  # the samples themselves are gone
+    assert len(series.bins) == BINS and sum(series.bins) == 1_000_000
+    assert sys.getsizeof(series.bins) < 16 * BINS
+    summary = series.summary()
+    assert summary["samples"] == 1_000_000
+    assert abs(summary["median"] - 50.0) <= 0.2
+
+
+def test_series_keeps_values_outside_the_bins_in_min_and_max():
+    series = Series()
+    for value in [150.0, -5.0] + [50.0] * (EXACT_SAMPLES + 1):
+        series.add(value)
+    assert series.summary() == {"min": -5.0, "median": 50.0, "max": 150.0, "samples": EXACT_SAMPLES + 3}

@@ -49,11 +49,12 @@ WIRE = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 SUBMIT_NUMBERS = sorted(name for name, field in protocol._SCHEMAS["submit"].fields.items()
                         if field.kind in (protocol._INT, protocol._NUMBER))
 CONFIG_NUMBERS = sorted(name for name in BOUNDS if name in Config.__dataclass_fields__)
+QUOTAS = ("tasks_queued", "batches_active", "min_interval")  # pmlmd.toml's [quotas]: the daemon's own
 # No option: the daemon's own, and the umask, which submit takes from pmlmctl's process.
 # output_limit is the daemon's; task_index is log's TASK, the position of a task, not an option;
 # --halt WHEN,fail=N and WHEN,fail=N% carry halt_fail and halt_fail_pct (see the test of --halt).
 CLI_NUMBERS = sorted(name for name in BOUNDS if name not in ("prune_after", "umask", "output_limit", "task_index",
-                                                            "halt_fail", "halt_fail_pct"))
+                                                            "halt_fail", "halt_fail_pct", *QUOTAS))
 
 # Refused for every numeric argument: beyond any range, of the wrong type, or not a number at all.
 POISON = [10 ** 400, -10 ** 400, 2 ** 63, 2 ** 64, -2 ** 63 - 1, MAX_SIZE * 4, 1e308, -1e308, 1e20, True, False,
@@ -63,10 +64,10 @@ POISON_TOKENS = [b"1e400", b"-1e400", b"Infinity", b"-Infinity", b"NaN", b"1" + 
 
 
 def test_the_table_covers_every_number_of_submit_config_and_cli():
-    assert set(SUBMIT_NUMBERS) == set(BOUNDS) - {"prune_after", "output_limit", "task_index"}
+    assert set(SUBMIT_NUMBERS) == set(BOUNDS) - {"prune_after", "output_limit", "task_index", *QUOTAS}
     assert set(CONFIG_NUMBERS) == {"cpu_limit", "cpu_margin", "memfree_limit", "memory_gap", "min_free", "interval",
                                    "max_workers", "retries", "retry_failed", "term_grace", "prune_after",
-                                   "output_limit"}
+                                   "output_limit", *QUOTAS}
     field, bound = protocol._SCHEMAS["log"].fields["task"], BOUNDS["task_index"]
     assert (field.low, field.high) == (bound.low, bound.high)
     for name in SUBMIT_NUMBERS:
@@ -115,7 +116,8 @@ def _toml(value) -> str:
 @pytest.mark.parametrize("name", CONFIG_NUMBERS)
 def test_config_takes_exactly_the_range_of_the_table(tmp_path, name):
     table = {"retries": "batches", "retry_failed": "batches", "term_grace": "batches",
-             "prune_after": "daemon", "output_limit": "daemon"}.get(name, "limits")
+             "prune_after": "daemon", "output_limit": "daemon",
+             **dict.fromkeys(QUOTAS, "quotas")}.get(name, "limits")
     for value, admitted in _edges(name):
         path = tmp_path / "pmlmd.toml"
         path.write_text(f"[{table}]\n{name} = {_toml(value)}\n")

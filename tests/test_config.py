@@ -94,6 +94,11 @@ GOOD = [
     ("batches", "retries", "0", 0),
     ("batches", "retry_failed", "5", 5),
     ("batches", "term_grace", "30", 30.0),
+    ("quotas", "tasks_queued", "500", 500),
+    ("quotas", "batches_active", "4", 4),
+    ("quotas", "min_interval", "0.5", 0.5),
+    ("quotas", "min_interval", "1", 1.0),
+    ("quotas", "root_exempt", "false", False),
 ]
 
 
@@ -169,6 +174,11 @@ BAD = [
     ("batches", "retry_failed", "1001", "whole number from 0 to 1000"),
     ("batches", "term_grace", "3601", "from 0 to 3600"),
     ("batches", "term_grace", "[10]", "got an array"),
+    ("quotas", "tasks_queued", "0", "whole number from 1 to 10000000"),
+    ("quotas", "tasks_queued", '"100K"', "whole number from 1 to 10000000"),
+    ("quotas", "batches_active", "10001", "whole number from 1 to 10000"),
+    ("quotas", "min_interval", "0.001", "number from 0.01 to 60"),
+    ("quotas", "root_exempt", '"yes"', "expected true or false"),
 ]
 
 

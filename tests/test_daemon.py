@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
+
+from pmlmd import ctl, protocol
 
 from support import BURN, group_states, wait_for
 from test_daemon_auth import wait_event
@@ -456,3 +459,70 @@ def test_a_state_db_of_the_older_schema_is_restored_and_its_finished_batches_lis
     assert old["owner"] == {"user": pwd.getpwuid(0).pw_name, "uid": 0}
     assert (restored["name"], restored["state"], restored["counts"]) == ("waiting", "finished", counts(succeeded=2))
     assert listed(daemon) == {"1": old, "2": restored}
+
+
+# --- a reader that does not keep up -------------------------------------------------------------
+
+PERMISSIVE = "[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n"
+
+
+def read_stream(sock, timeout=120.0):
+    """The events of one stream, up to its closing reply: (events, the reply's result)."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0 and sock.poll(int(remaining * 1000)), f"no closing reply after {len(events)} events"
+        message = protocol.decode_reply(sock.recv())
+        assert message["ok"] is True, message
+        if "event" not in message:
+            return events, message["result"]
+        events.append(message["event"])
+
+
+def test_a_slow_events_reader_gets_each_event_or_a_count_of_those_dropped_and_the_end(daemon_factory):
+    """A follower that reads nothing while 3000 tasks start and end: it gets, in order, each event or
+    a dropped marker counting exactly those it missed, and the closing reply; a quick follower of the
+    same batch gets every event (the truth to compare with)."""
+    daemon = daemon_factory(PERMISSIVE).start()
+    ctx = zmq.Context()
+    fast, slow = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (fast, slow):
+            sock.setsockopt(zmq.LINGER, 0)
+        slow.setsockopt(zmq.RCVHWM, 1)
+        for sock in (fast, slow):
+            sock.connect("ipc://" + daemon.socket)
+        with daemon.client() as client:
+            batch = client.call("submit", command=["/bin/true"], tasks=3000, cwd="/tmp",
+                                env={"PATH": "/usr/bin:/bin"})["batch"]
+        # Both streams start with the batch's events recorded so far (a few at most), then follow.
+        fast.send(protocol.encode_request("events", request_id="fast", batch=batch, follow=True))
+        slow.send(protocol.encode_request("events", request_id="slow", batch=batch, follow=True))
+        every, end = read_stream(fast)
+        assert end == {"events": "end"}
+        assert all(e["event"] != "dropped" for e in every)
+        assert every[-1]["event"] == "finished" and every[-1]["batch"] == batch
+        assert sum(e["event"] == "end" for e in every) == 3000
+        got, end = read_stream(slow, timeout=30)  # only now does the slow one read: all of it waits
+        assert end == {"events": "end"}
+        position, dropped = 0, 0
+        for event in got:
+            if event["event"] == "dropped":
+                assert event["count"] > 0
+                position += event["count"]
+                dropped += event["count"]
+            else:
+                assert event == every[position], f"event {position} of the stream"
+                position += 1
+        assert position == len(every)
+        assert dropped > 0, "the reader kept up: this test no longer tests a slow one"
+    finally:
+        fast.close()
+        slow.close()
+        ctx.term()
+
+
+def test_pmlmctl_says_how_many_events_were_dropped():
+    line = ctl.describe_event({"event": "dropped", "count": 17, "time": 0})
+    assert line.endswith("events dropped: 17 (the reader was too slow)")

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from pmlmd import protocol
 from pmlmd.bounds import MAX_SIZE, MAX_TASKS
 from pmlmd.protocol import (BAD_FIELD, BAD_JSON, BAD_VERSION, ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, MISSING_FIELD,
-                            NO_SUCH_BATCH, PERMISSION_DENIED, PROTOCOL_VERSION, REQUESTS, TOO_LARGE, UNKNOWN_FIELD,
-                            UNKNOWN_REQUEST, ProtocolError, Request, decode_reply, encode_error, encode_event,
-                            encode_reply, encode_request, parse_request)
+                            NO_SUCH_BATCH, PERMISSION_DENIED, PROTOCOL_VERSION, QUOTA_EXCEEDED, REQUESTS, TOO_LARGE,
+                            UNKNOWN_FIELD, UNKNOWN_REQUEST, ProtocolError, Request, decode_reply, encode_error,
+                            encode_event, encode_reply, encode_request, parse_request)
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -218,7 +218,7 @@ def test_bad_input_gives_code_and_helpful_message(data, code, parts):
 
 def test_every_code_the_parser_can_produce_is_covered():
     produced = {code for _, code, _ in ERROR_CASES}
-    assert produced == set(ERROR_CODES) - {NO_SUCH_BATCH, PERMISSION_DENIED, INTERNAL}
+    assert produced == set(ERROR_CODES) - {NO_SUCH_BATCH, PERMISSION_DENIED, QUOTA_EXCEEDED, INTERNAL}
 
 
 def test_non_bytes_frame_is_bad_json():
