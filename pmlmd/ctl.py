@@ -32,7 +32,8 @@ exit status:
   0  every task succeeded
   1  some task failed (a timeout too), was given up or cancelled; or the batch halted (--halt)
   2  usage error (bad option, missing or unknown command, unreadable tasks file, a task line no
-     worker could be given: one holding a NUL byte, or too long for exec)
+     worker could be given: one holding a NUL byte, or too long for exec; an ID that names no
+     batch)
   3  critical finish: free memory fell below --min-free with no worker left to terminate
   128+N  the batch was cancelled by signal N (130 for Ctrl-C); workers were terminated first
 """
@@ -46,11 +47,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _ranged(name):
+def _ranged(name, what: str | None = None):
     """An argparse type for the option of that name, checked against its range in bounds.BOUNDS
-    (the same the daemon and pmlmd.toml check), so a bad value is a usage error here, not later."""
+    (the same the daemon and pmlmd.toml check), so a bad value is a usage error here, not later.
+    ``what``: how the error names it (default: the option, --NAME)."""
     bound = BOUNDS[name]
-    what = "--" + name.replace("_", "-")
+    what = what or "--" + name.replace("_", "-")
 
     def parse(text):
         shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
@@ -68,6 +70,12 @@ def _ranged(name):
                                              f"{bound.text(bound.high)}, not {shown}")
         return value
     return parse
+
+
+def _directory(text):
+    if not text:
+        raise argparse.ArgumentTypeError("--results needs a directory, not an empty string")
+    return text
 
 
 def _max_workers(text):
@@ -216,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start each line a task prints with its task line (its number with -n) and a tab")
     out.add_argument("--group", action="store_true",
                      help="print a task's whole output when it ends, not line by line as it comes")
-    out.add_argument("--results", metavar="DIR",
+    out.add_argument("--results", metavar="DIR", type=_directory,
                      help="also write each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr, exit")
     out.add_argument("--task-id", metavar="ID", help="an id of your own, echoed as task_id in the report")
     out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
@@ -246,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--user", help="run the workers as this user (root only)")
     batch.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
     batch.add_argument("--json", action="store_true", help="with --wait: print the report as JSON")
-    batch.add_argument("--results", metavar="DIR",
+    batch.add_argument("--results", metavar="DIR", type=_directory,
                        help="pmlmd writes each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr and "
                             "exit, as you (the last output_limit bytes of each, see pmlmd.toml(5))")
     submit.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -295,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print what the tasks of batch ID wrote to stdout (or stderr), task after task in task order; "
                     "pmlmd keeps the last output_limit bytes of each (pmlmd.toml(5)).")
     log_cmd.add_argument("batch", metavar="ID")
-    log_cmd.add_argument("task", metavar="TASK", nargs="?", type=_ranged("task_index"),
+    log_cmd.add_argument("task", metavar="TASK", nargs="?", type=_ranged("task_index", "TASK"),
                          help="only this task (numbered from 0, as $PMLM_TASK_INDEX)")
     log_cmd.add_argument("--stderr", action="store_true", help="print what the tasks wrote to stderr instead")
     log_cmd.add_argument("-f", "--follow", action="store_true",
@@ -305,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wait = commands.add_parser(
         "wait", parents=[daemon], help="wait for a batch: progress and its output, then the summary",
-        description="Wait for batch ID to finish: show its progress, print its tasks' output as they finish "
-                    "(stdout to stdout, stderr to stderr, in task order), then the summary; exit like 'run'.",
+        description="Wait for batch ID to finish: show its progress, print its tasks' output (stdout to stdout, "
+                    "stderr to stderr) in task order, each task's as it is written, then the summary; exit like "
+                    "'run'.",
         epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     wait.add_argument("batch", metavar="ID")
@@ -636,7 +645,8 @@ def cmd_run(parser, args) -> int:
 # --- talking to the daemon ------------------------------------------------------------------
 EXIT_UNREACHABLE = 4
 # The request was wrong: exit 2, as for a bad option. Others (permission-denied, quota-exceeded, ...) exit 1.
-USAGE_CODES = ("bad-field", "unknown-field", "missing-field")
+# A batch id that names no batch is a usage error too: a typo must not read as "a task failed" (1).
+USAGE_CODES = ("bad-field", "unknown-field", "missing-field", "no-such-batch")
 
 
 def own_umask() -> int:
@@ -723,7 +733,9 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
     clock = StartFinishClock()
     emit = _emit_to(status_line)
-    printer = TaskPrinter((lambda stream, data: emit("stderr", data)) if as_json else emit, lines=True)
+    # Line by line only where a status line is drawn: elsewhere the bytes go out as they are.
+    printer = TaskPrinter((lambda stream, data: emit("stderr", data)) if as_json else emit,
+                          lines=status_line is not None)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
         while True:
@@ -804,14 +816,15 @@ class TaskPrinter:
             return
         sink = self.sinks.get((task, stream))
         if sink is None:
-            self.flush()  # a task's lines come together: the one before is complete
+            # Tasks come in task order: the ones before this one are complete (its other stream is not).
+            self.flush(below=task)
             sink = self.sinks[(task, stream)] = output.Terminal(self.emit, str(task).encode() if self.tag else None)
         sink.write(stream, data)
 
-    def flush(self) -> None:
-        for sink in self.sinks.values():
-            sink.close(None)
-        self.sinks.clear()
+    def flush(self, below: int | None = None) -> None:
+        """End the last line of every task (of every task before ``below``)."""
+        for key in [key for key in self.sinks if below is None or key[0] < below]:
+            self.sinks.pop(key).close(None)
 
 
 def _emit_to(status_line) -> callable:
@@ -989,7 +1002,8 @@ def describe_event(e: dict) -> str:
         count = f" {e['count']}" if e.get("count") else ""
         return f"{when} {batch}: {e['decision']}{count}{target} [{e['rule']}] {e['reason']}"
     if kind == "end":
-        how = f"signal {e['signal']}" if e.get("signal") else f"exit {e.get('exit_code')}"
+        how = f"signal {e['signal']}" if e.get("signal") else (
+            f"exit {e['exit_code']}" if e.get("exit_code") is not None else "exit status unknown")
         return f"{when} {batch}: task {e['task']} attempt {e['attempt']} ended ({how}, {e['cause']}): {e['status']}"
     if kind == "start":
         return f"{when} {batch}: task {e['task']} attempt {e['attempt']} started as pid {e['pid']}"

@@ -851,7 +851,9 @@ class Daemon:
         if not isinstance(submission, dict):
             submission = {}
         lines = submission.get("task_lines")
-        submission = {**submission, "joblog": request.args["joblog"]}
+        # Its own joblog, if asked; no --results: its tasks are numbered afresh, and would write over
+        # the original's results of the same numbers.
+        submission = {**submission, "joblog": request.args["joblog"], "results": None}
         if isinstance(lines, list) and len(lines) == len(statuses):
             submission.update(task_lines=[lines[index] for index in picked], tasks=None)
         else:

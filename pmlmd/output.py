@@ -370,31 +370,39 @@ class Terminal(Sink):
         self.tag = tag
         self.group = group
         self.partial = {s: b"" for s in STREAMS}
+        self.midline = {s: False for s in STREAMS}  # what went out last ended inside a line
         self.grouped: dict[str, list[bytes]] = {s: [] for s in STREAMS}
 
     def write(self, stream: str, data: bytes) -> None:
         data = self.partial[stream] + data
         end = data.rfind(b"\n") + 1
         if len(data) - end > MAX_LINE:
-            end = len(data)
+            end = len(data)  # a line too long to hold goes out in pieces, the rest of it untagged
         self.partial[stream] = data[end:]
         if end:
             self._out(stream, data[:end])
 
     def _out(self, stream: str, data: bytes) -> None:
-        if not data.endswith(b"\n"):
-            data += b"\n"  # the next line (or the status line) starts on a line of its own
         if self.tag is not None:
-            data = b"".join(self.tag + b"\t" + line + b"\n" for line in data[:-1].split(b"\n"))
-        if self.group:
-            self.grouped[stream].append(data)
+            # The last piece is empty when the data ends a line, else the start of an unfinished one.
+            pieces = data.split(b"\n")
+            lead = self.tag + b"\t"
+            tagged = [(b"" if i == 0 and self.midline[stream] else lead) + piece
+                      for i, piece in enumerate(pieces) if piece or i < len(pieces) - 1]
+            out = b"\n".join(tagged) + (b"\n" if data.endswith(b"\n") else b"")
         else:
-            self.emit(stream, data)
+            out = data
+        self.midline[stream] = not data.endswith(b"\n")
+        if self.group:
+            self.grouped[stream].append(out)
+        else:
+            self.emit(stream, out)
 
     def close(self, attempt) -> None:
         for stream in STREAMS:
-            if self.partial[stream]:
-                self._out(stream, self.partial[stream])
+            if self.partial[stream] or self.midline[stream]:
+                # The last line ends here, so the next output (or the status line) starts afresh.
+                self._out(stream, self.partial[stream] + b"\n")
                 self.partial[stream] = b""
         if self.group:
             for stream in STREAMS:

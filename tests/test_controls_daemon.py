@@ -168,7 +168,7 @@ def test_retry_takes_cancelled_tasks_unless_only_failed_ones_are_asked_for(daemo
     daemon.ctl("cancel", again)
     wait_finished(daemon, again)
     unknown = daemon.ctl("retry", "999")
-    assert unknown.returncode == 1 and "no batch '999'" in unknown.stderr
+    assert unknown.returncode == 2 and "no batch '999'" in unknown.stderr
 
 
 def test_retry_wait_exits_like_run(daemon, tmp_path):

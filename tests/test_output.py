@@ -307,3 +307,31 @@ def test_terminal_sink_writes_whole_lines_only():
     assert written == [("stdout", b"t\tabc\n")]
     sink.close(None)
     assert written[1:] == [("stdout", b"t\tde\n")]  # the last line ends, so the next output starts afresh
+
+
+def test_long_lines_reach_wait_whole_and_a_retry_leaves_the_results_alone(daemon_factory, tmp_path):
+    daemon = daemon_factory().start()
+    results = tmp_path / "res"
+    # A line longer than a log reply, on stdout, while stderr is written too: nothing is cut.
+    script = "head -c 300000 /dev/zero | tr '\\0' x; echo; echo e >&2; [ $PMLM_TASK_INDEX = 0 ]"
+    batch = daemon.ctl("submit", "-n", "2", "--results", str(results), "--", "/bin/sh", "-c", script).stdout.strip()
+    waited = daemon.ctl("wait", batch)
+    assert waited.returncode == 1
+    assert [len(line) for line in waited.stdout.splitlines()[:2]] == [300000, 300000]
+    assert waited.stderr.startswith("e\ne\n")
+    tagged = daemon.ctl("log", batch, "--tag").stdout.splitlines()
+    assert [len(line) for line in tagged] == [300002, 300002]
+    before = {path: path.read_bytes() for path in results.rglob("*") if path.is_file()}
+    retried = daemon.ctl("retry", "--wait", batch)
+    assert retried.returncode == 0, retried.stderr  # renumbered from 0, the task succeeds this time
+    assert {path: path.read_bytes() for path in results.rglob("*") if path.is_file()} == before
+
+
+def test_cli_mistakes_in_log_and_results_are_usage_errors(daemon_factory, tmp_path):
+    daemon = daemon_factory().start()
+    bad_task = daemon.ctl("log", "1", "-5")
+    assert bad_task.returncode == 2 and "TASK must be between 0 and" in bad_task.stderr
+    assert daemon.ctl("log", "42").returncode == 2  # no such batch: a usage error, not "a task failed"
+    empty = run_ctl("--results", "", "--", "true", cwd=tmp_path)
+    assert empty.returncode == 2 and "--results needs a directory" in empty.stderr
+    assert list(tmp_path.iterdir()) == []
