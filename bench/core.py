@@ -639,10 +639,84 @@ def scenario_scale(ctx) -> dict:
                       "daemon: max_workers 1100, cpu_limit 100, cpu_margin 0, memfree_limit 5, scope_backend none"]}
 
 
+# ---------------------------------------------------------------- scenario 7: reads next to a big batch
+
+READERS = 6
+READER = """
+import sys, time
+from pmlmd.client import Client
+socket, batch, until = sys.argv[1], sys.argv[2], float(sys.argv[3])
+n = 0
+with Client(socket) as c:
+    while time.time() < until:
+        c.call("list"); c.call("status"); c.call("status", batch=batch)
+        n += 3
+print(n)
+"""
+PINGER = """
+import sys, time, json
+from pmlmd.client import Client
+lat = []
+with Client(sys.argv[1]) as c:
+    until = float(sys.argv[2])
+    while time.time() < until:
+        t = time.perf_counter(); c.call("ping"); lat.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.01)
+print(json.dumps(lat))
+"""
+def reads_window(d, big: str, seconds: float, readers: int) -> dict:
+    """The governor's decisions on a stream of short tasks, and ping latency, while ``readers`` clients read."""
+    burner = d.submit("-n", "100000", "-j", "4", "--", "sleep", "0.05")
+    time.sleep(1.0)  # the stream of admissions is under way
+    start = time.time()
+    until = start + seconds
+    procs = [subprocess.Popen([PY, "-c", READER, d.socket, big, str(until)], stdout=subprocess.PIPE, text=True,
+                              env=ENV) for _ in range(readers)]
+    pinger = subprocess.Popen([PY, "-c", PINGER, d.socket, str(until)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        served = sum(int(p.communicate(timeout=seconds + 120)[0] or 0) for p in procs)
+        pings = json.loads(pinger.communicate(timeout=seconds + 60)[0] or "[]")
+    finally:
+        for p in procs + [pinger]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    events = list(d.client.stream("events", batch=burner, follow=False))
+    latencies = [float(e["latency_ms"]) for e in events if e.get("event") == "decision" and e.get("latency_ms") is not None
+                 and start <= e.get("time", 0) <= until]
+    d.client.call("cancel", batch=burner)
+    return {"decisions": stats(latencies), "pings": stats(pings), "served": served}
+
+
+def scenario_reads(ctx) -> dict:
+    ntasks, seconds = (5000, 3.0) if ctx.quick else (100_000, 20.0)
+    rows = []
+    with Daemon(ctx.tmp / "reads-daemon", DAEMON_RELAXED.format(max_workers=64)) as d:
+        big = d.submit("-n", str(ntasks), "-j", "1", "--", "sleep", "600")
+        for readers in (0, READERS):
+            r = reads_window(d, big, seconds, readers)
+            dec, ping = r["decisions"], r["pings"]
+            rows.append({"readers": f"{readers} x (list, status, status ID) in a loop",
+                         "requests served": r["served"],
+                         "governor decisions": dec.get("n", 0),
+                         "sample→signal p50 ms": fmt(dec.get("p50"), 2), "sample→signal max ms": fmt(dec.get("max"), 2),
+                         "ping p50 ms": fmt(ping.get("p50"), 2), "ping max ms": fmt(ping.get("max"), 1),
+                         "_decisions": dec, "_pings": ping})
+        d.client.call("cancel", batch=big)
+    return {"title": "7. Reads next to a big batch (daemon)", "rows": rows,
+            "notes": [f"one batch of {ntasks} tasks (`sleep 600`, -j 1) in the daemon; a second batch of short tasks "
+                      "(`sleep 0.05`, -j 4), so the governor admits workers all along; "
+                      f"{seconds:g} s windows without and with {READERS} reader processes; sample→signal: the "
+                      "latency_ms of each governor decision on the second batch (from the sample to the signal: "
+                      "here the spawns); ping: a seventh client every 10 ms",
+                      "the most tasks a batch may have is 100000 (bounds.MAX_TASKS)"]}
+
+
 # ---------------------------------------------------------------- driver
 
 SCENARIOS = {"memory": scenario_memory, "cpu": scenario_cpu, "overhead": scenario_overhead,
-             "throughput": scenario_throughput, "goodput": scenario_goodput, "scale": scenario_scale}
+             "throughput": scenario_throughput, "goodput": scenario_goodput, "scale": scenario_scale,
+             "reads": scenario_reads}
 
 
 def machine() -> dict:
