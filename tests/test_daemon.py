@@ -156,7 +156,7 @@ def test_events_follow_streams_decisions_and_task_ends(daemon):
 
 def test_unknown_batch_gets_a_clear_error(daemon):
     result = daemon.ctl("cancel", "999")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error: the id names no batch
     assert "no batch '999'" in result.stderr
 
 

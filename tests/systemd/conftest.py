@@ -75,7 +75,7 @@ def testbed(pmlmd_deb):
 def pmlmd(testbed):
     """pmlmd.service freshly started on an empty state: no batch or scope of an earlier test is left."""
     testbed.run(["systemctl", "stop", UNIT], check=False, timeout=120)
-    testbed.run("systemctl stop 'pmlm-*.scope'; rm -f /var/lib/pmlmd/state.db*", check=False, timeout=120)
+    testbed.run("systemctl stop 'pmlm-*.scope'; rm -rf /var/lib/pmlmd/* /var/lib/pmlmd/.[!.]*", check=False, timeout=120)
     testbed.run(["systemctl", "reset-failed", UNIT], check=False)
     proc = testbed.run(["systemctl", "start", UNIT], check=False, timeout=120)
     assert proc.returncode == 0, f"systemctl start {UNIT} failed:\n{proc.stderr}\n{diagnostics(testbed)}"
