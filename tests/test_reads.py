@@ -55,3 +55,27 @@ def test_a_big_report_built_in_slices_is_whole_and_carries_bytes_exactly(daemon_
         reader.close()
         other.close()
         ctx.term()
+
+
+class _NoWalk(list):
+    """A batch's task list that fails the test when anything walks it."""
+
+    def __iter__(self):
+        raise AssertionError("the summary walked every task")
+
+
+def test_a_summary_costs_no_walk_over_the_tasks():
+    from pmlmd.batch import CANCELLED, Batch, BatchSpec
+    from pmlmd.governor import Limits
+    from pmlmd.summary import summarize
+
+    spec = BatchSpec(batch_id="1", command=["true"], tasks=[None] * 1000, limits=Limits())
+    batch = Batch(spec, now=1000.0)
+    task = batch.next_task()
+    batch.end_attempt(task, batch.start_attempt(task, 42, 1001.0), 1002.0, "exit")  # exit code None: failed
+    batch.queue[0].status = CANCELLED
+    batch.tasks = _NoWalk(batch.tasks)
+    summary = summarize(batch, now=1003.0, owner_uid=0, owner_user="root")
+    counts = summary.counts
+    assert (counts.failed, counts.cancelled, counts.queued) == (1, 1, 998)
+    assert summary.started is not None and summary.terminated_attempts == 0
