@@ -931,7 +931,7 @@ class Daemon:
         run = self._batch(request.args["batch"], peer, "cancel")
         if run is None:
             return protocol.encode_reply({"batch": request.args["batch"], "state": "finished"}, request.request_id)
-        reason = f"cancelled by uid {peer[0]}"
+        reason = f"cancelled by {user_name(peer[0])} (uid {peer[0]})"
         self.store.set_cancelled(run.id, reason)
         self.engine.cancel(run, reason)
         self.store.tasks_changed(run.id, [t for t in run.batch.tasks if t.status in FINISHED])
