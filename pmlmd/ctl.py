@@ -1034,6 +1034,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args.subparser, args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (pmlmctl log ID | head): stop quietly, as cat does; what Python
+        # still holds for stdout must not fail again at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 128 + 13  # SIGPIPE
     except Unreachable as e:
         print(f"pmlmctl: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -209,6 +209,8 @@ class Daemon:
                              output=self.output)
         self.joblogs: dict[str, Joblog] = {}  # batch id -> its --joblog, opened as its owner
         self.jobs: collections.deque = collections.deque()  # replies built over several turns (ReportJob...)
+        # Batches that finished while the state could not be written: served from memory until it is.
+        self.unsaved: dict[str, BatchRun] = {}
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -273,6 +275,8 @@ class Daemon:
         self.engine.agent.close_idle()
         self.output.enforce()
         self.store.retry()  # what a full disk kept from the state, written once there is space
+        for batch_id in [b for b in self.unsaved if ("finish", b) not in self.store.pending]:
+            del self.unsaved[batch_id]  # written: the state answers for it again
         self.store.backup()
         pruned = self.store.prune(time.time() - self.config.prune_after)
         if pruned:
@@ -641,6 +645,8 @@ class Daemon:
             # Stored as it ended, so that status and list show a finished batch as its last live summary did.
             summary = self._batch_summary(run)
             self.store.finish(run.id, run.batch.finished, run.batch.report(summary=summary), summary.to_json())
+            if ("finish", run.id) in self.store.pending:
+                self.unsaved[run.id] = run  # not in the state yet: status, list and report read it here
             self.asked.pop(run.id, None)
             self.owners.pop(run.id, None)
             self.carried.pop(run.id, None)
@@ -702,14 +708,18 @@ class Daemon:
             del self.followers[follower]
 
     def _batch(self, batch_id: str, peer, action: str | None) -> BatchRun | None:
-        """The live batch, or None if it has finished; checks that the peer may act on it."""
+        """The live batch, or None if it has finished; checks that the peer may act on it.
+
+        A batch that finished while its end could not be written yet (a full disk) is read from
+        memory: returned to a reader (``action`` None), finished (None) to anything else."""
         run = self.engine.runs.get(batch_id)
-        owner = run.owner.uid if run is not None else self.store.batch_owner(batch_id)
+        unsaved = self.unsaved.get(batch_id)
+        owner = (run or unsaved).owner.uid if (run or unsaved) is not None else self.store.batch_owner(batch_id)
         if owner is None:
             raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"no batch {batch_id!r}: see 'pmlmctl list'")
         if action and peer[0] not in (0, owner):
             raise Denied(f"batch {batch_id} belongs to uid {owner}; only its owner or root may {action} it")
-        return run
+        return run if run is not None or action else unsaved
 
     def _do_ping(self, client, request, peer) -> bytes:
         return protocol.encode_reply({"version": __version__, "pid": os.getpid(),
@@ -924,7 +934,9 @@ class Daemon:
     def _do_list(self, client, request, peer) -> bytes:
         """``batches``: the summary of every batch pmlmd knows, as status gives it: the finished ones
         (until they are pruned), then the live ones, each in submission order."""
-        batches = [s.to_json() for s in self._finished_summaries()] + [self._summary(r) for r in self._ordered()]
+        batches = [s.to_json() for s in self._finished_summaries()] + [
+            self._summary(r) for r in sorted(self.unsaved.values(), key=lambda r: r.seq)] + [
+            self._summary(r) for r in self._ordered()]
         return protocol.encode_reply({"batches": batches}, request.request_id)
 
     def _do_cancel(self, client, request, peer) -> bytes:

@@ -282,15 +282,26 @@ class Store:
         return os.path.join(self.state_dir, name)
 
     def _read_marker(self) -> int:
+        """The highest batch id that may have been handed out, from every sign of one kept outside
+        the database: last-batch-id, and the batches whose output is kept (output/ID). 0: none."""
+        mark = 0
         try:
-            with open(self._file(MARKER)) as f:
-                text = f.read().strip()
+            with open(self._file(MARKER), "rb") as f:
+                text = f.read(64).strip()
         except FileNotFoundError:
-            return 0
+            text = None
+        if text is not None:
+            try:
+                mark = max(0, int(text))
+            except ValueError:
+                mark = 1  # damaged too, but it says that a state existed
+                log.warning("%s holds no batch id (%r): the highest id is taken from what else is kept",
+                            self._file(MARKER), text[:20])
         try:
-            return max(0, int(text))
-        except ValueError:
-            return 1  # damaged too, but it says that a state existed
+            seen = [int(name) for name in os.listdir(os.path.join(self.state_dir, "output")) if name.isdigit()]
+        except OSError:
+            seen = []
+        return max([mark, *seen])
 
     def _write_marker(self, value: int) -> None:
         """Write last-batch-id atomically (temporary file, fsync, rename, fsync of the directory)."""
@@ -324,9 +335,11 @@ class Store:
             size = os.path.getsize(self.path)
         except FileNotFoundError:
             size = None
-        if size is None and not os.path.exists(self.path + "-wal") and self.high_water == 0:
+        # Signs that a state existed: an id handed out (last-batch-id, kept output), or a backup.
+        existed = self.high_water > 0 or os.path.exists(self._file(BACKUP))
+        if size is None and not os.path.exists(self.path + "-wal") and not existed:
             return  # a first start
-        if size == 0 and self.high_water == 0:
+        if size == 0 and not existed:
             return  # an empty file and no sign that a state existed
         problem = _damage(self.path) if size else ("missing" if size is None else "empty")
         if problem is None:

@@ -335,3 +335,15 @@ def test_cli_mistakes_in_log_and_results_are_usage_errors(daemon_factory, tmp_pa
     empty = run_ctl("--results", "", "--", "true", cwd=tmp_path)
     assert empty.returncode == 2 and "--results needs a directory" in empty.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_ends_pmlmctl_quietly(daemon_factory):
+    daemon = daemon_factory().start()
+    batch = daemon.ctl("submit", "--wait", "--", "seq", "1", "200000").stderr.split()[1]
+    # As `pmlmctl log ID | head -1` does: the reader takes one line and closes the pipe.
+    reader = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "log", batch],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline() == b"1\n"
+    reader.stdout.close()
+    err = reader.stderr.read()
+    assert reader.wait(timeout=60) == 141 and b"Traceback" not in err, err

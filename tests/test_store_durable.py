@@ -5,6 +5,7 @@ mount does; it is skipped otherwise) and fills it with a file until ENOSPC.
 """
 
 import glob
+import json
 import os
 import signal
 import sqlite3
@@ -173,10 +174,18 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
         assert daemon.proc.poll() is None
         assert "pmlmd goes on, refuses submits and writes the state again once it can" in daemon.logs()
 
-        os.unlink(filler)  # space returns: the end is written without a restart
+        # Ended while its end cannot be written: status, list and report answer from memory.
         assert succeeded(daemon, batch)["counts"]["succeeded"] == 1
-        with closing(sqlite3.connect(state / "state.db")) as db:  # closed: it would keep the WAL index
-            assert db.execute("SELECT state FROM batches WHERE id=?", (batch,)).fetchone() == ("finished",)
+        assert [b["batch"] for b in json.loads(daemon.ctl("list", "--json").stdout)] == [batch]
+        assert json.loads(daemon.ctl("report", batch).stdout)["exit_status"] == 0
+
+        os.unlink(filler)  # space returns: the end is written without a restart
+
+        def written():
+            with closing(sqlite3.connect(state / "state.db")) as db:  # closed: it would keep the WAL index
+                return db.execute("SELECT state FROM batches WHERE id=?", (batch,)).fetchone() == ("finished",)
+        wait_for(written, what="the batch's end written to the state")
+        with closing(sqlite3.connect(state / "state.db")) as db:
             assert db.execute("SELECT end IS NOT NULL, exit_code FROM attempts WHERE batch_id=?",
                               (batch,)).fetchall() == [(1, 0)]
         after = daemon.ctl("submit", "--wait", "--", "true")
@@ -204,3 +213,31 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
             daemon.proc.wait()
         daemon.cleanup()  # ends the workers it recorded, while the state can still be read
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_backup_or_kept_output_is_a_sign_that_a_state_existed(daemon_factory):
+    daemon = daemon_factory().start()
+    ids = [daemon.ctl("submit", "--wait", "--", "echo", "hi").stderr.split()[1] for _ in range(2)]
+    assert daemon.stop() == 0  # a clean stop writes the backup
+    state = Path(daemon.state_dir)
+    assert (state / "state.db.backup").exists()
+    for name in ("state.db", "state.db-wal", "state.db-shm", "last-batch-id"):
+        if (state / name).exists():
+            (state / name).unlink()
+    daemon.start()
+    # Not an empty state over the old one: restored from the backup, and no id handed out again.
+    assert [b["batch"] for b in json.loads(daemon.ctl("list", "--json").stdout)] == ids
+    assert daemon.ctl("log", ids[0]).stdout == "hi\n"  # its output was not removed either
+    new = daemon.ctl("submit", "--", "true").stdout.strip()
+    assert int(new) > max(int(i) for i in ids)
+
+
+def test_a_last_batch_id_that_is_not_a_number_costs_no_traceback(daemon_factory):
+    daemon = daemon_factory().start()
+    first = daemon.ctl("submit", "--wait", "--", "true").stderr.split()[1]
+    assert daemon.stop() == 0
+    (Path(daemon.state_dir) / "last-batch-id").write_bytes(b"\xff\xfe")
+    daemon.start()
+    assert "Traceback" not in daemon.logs()
+    assert "holds no batch id" in daemon.logs()
+    assert int(daemon.ctl("submit", "--", "true").stdout.strip()) > int(first)
