@@ -339,7 +339,7 @@ def test_cli_mistakes_in_log_and_results_are_usage_errors(daemon_factory, tmp_pa
 
 def test_a_reader_that_goes_away_ends_pmlmctl_quietly(daemon_factory):
     daemon = daemon_factory().start()
-    batch = daemon.ctl("submit", "--wait", "--", "seq", "1", "200000").stderr.split()[1]
+    batch = daemon.ctl("submit", "--wait", "--", "seq", "1", "100000").stderr.split()[1]
     # As `pmlmctl log ID | head -1` does: the reader takes one line and closes the pipe.
     reader = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "log", batch],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
