@@ -68,24 +68,47 @@ class Attempt:
         return data
 
 
-@dataclass
 class Task:
-    index: int
-    line: str | None
-    status: str = QUEUED
-    attempts: list[Attempt] = field(default_factory=list)
-    governor_ends: int = 0  # attempts ended by the governor (budget: --retries)
-    failures: int = 0  # attempts that failed on their own (budget: --retry-failed)
+    """One task of a batch: its line, where it stands, its attempts and its two retry budgets.
 
-    def __setattr__(self, name, value):
-        # Its batch counts its tasks by status as they change, so that a summary of a batch of
-        # any size costs no walk over its tasks (see Batch.status_counts).
-        if name == "status":
-            counts = self.__dict__.get("counts")
-            if counts is not None:
-                counts[self.__dict__["status"]] -= 1
-                counts[value] += 1
-        object.__setattr__(self, name, value)
+    Its batch counts its tasks by status as they change (``counts``, see Batch.status_counts),
+    so that a summary of a batch of any size costs no walk over its tasks. A plain class with
+    slots: a batch holds up to 100000 of them, made in one go at submit.
+    """
+
+    __slots__ = ("index", "line", "_status", "attempts", "governor_ends", "failures", "counts")
+
+    def __init__(self, index: int, line: str | None, status: str = QUEUED, attempts: list[Attempt] | None = None,
+                 governor_ends: int = 0, failures: int = 0):
+        self.index = index
+        self.line = line
+        self._status = status
+        self.attempts: list[Attempt] = [] if attempts is None else attempts
+        self.governor_ends = governor_ends  # attempts ended by the governor (budget: --retries)
+        self.failures = failures  # attempts that failed on their own (budget: --retry-failed)
+        self.counts: Counter | None = None  # its batch's status_counts, once it belongs to one
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        counts = self.counts
+        if counts is not None:
+            counts[self._status] -= 1
+            counts[value] += 1
+        self._status = value
+
+    def _fields(self) -> tuple:
+        return (self.index, self.line, self._status, self.attempts, self.governor_ends, self.failures)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Task) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (f"Task(index={self.index!r}, line={self.line!r}, status={self._status!r}, "
+                f"attempts={self.attempts!r}, governor_ends={self.governor_ends!r}, failures={self.failures!r})")
 
     def to_json(self) -> dict:
         return {"index": self.index, "task": self.line, "status": self.status,
@@ -197,23 +220,30 @@ class Batch:
     def __init__(self, spec: BatchSpec, now: float, tasks: list[Task] | None = None):
         """A new batch, or with ``tasks`` one restored from the state database."""
         self.spec = spec
-        self.tasks = tasks if tasks is not None else [Task(i, line) for i, line in enumerate(spec.tasks)]
-        self.queue: deque[Task] = deque(t for t in self.tasks if t.status == QUEUED)
         self.started = now
         self.finished: float | None = None
-        # Every attempt but a finished or running task's last one ended in a requeue.
-        self.requeued = sum(len(t.attempts) - (bool(t.attempts) and (t.status in FINISHED or t.status == RUNNING))
-                            for t in self.tasks)
-        # Kept up to date as tasks change (Task.__setattr__) and attempts end: read in O(1).
-        self.status_counts: Counter[str] = Counter(t.status for t in self.tasks)
+        # Kept up to date as tasks change (Task.status) and attempts end: read in O(1).
+        self.status_counts: Counter[str] = Counter()
+        if tasks is None:  # new: every task queued, nothing to add up
+            self.tasks = [Task(i, line) for i, line in enumerate(spec.tasks)]
+            self.queue: deque[Task] = deque(self.tasks)
+            self.status_counts[QUEUED] = len(self.tasks)
+            self.requeued, self.terminated, self.first_start, self.failed_tasks = 0, 0, None, 0
+        else:
+            self.tasks = tasks
+            self.queue = deque(t for t in tasks if t.status == QUEUED)
+            self.status_counts.update(t.status for t in tasks)
+            # Every attempt but a finished or running task's last one ended in a requeue.
+            self.requeued = sum(len(t.attempts) - (bool(t.attempts) and (t.status in FINISHED or t.status == RUNNING))
+                                for t in tasks)
+            self.terminated = sum(1 for t in tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY)
+            self.first_start: float | None = min((a.start for t in tasks for a in t.attempts), default=None)
+            # Tasks that ended failed or given up; once --halt's count is reached, halt_reason says so.
+            self.failed_tasks = sum(1 for t in tasks if t.status in (FAILED, GIVEN_UP))
         for task in self.tasks:
-            task.__dict__["counts"] = self.status_counts
-        self.terminated = sum(1 for t in self.tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY)
-        self.first_start: float | None = min((a.start for t in self.tasks for a in t.attempts), default=None)
+            task.counts = self.status_counts
         self.critical_reason: str | None = None
         self.cancel_reason: str | None = None
-        # Tasks that ended failed or given up; once --halt's count is reached, halt_reason says so.
-        self.failed_tasks = sum(1 for t in self.tasks if t.status in (FAILED, GIVEN_UP))
         self.halt_reason: str | None = None
         self._check_halt()  # a restored batch that had halted stays halted
         self.cpu = Series()
