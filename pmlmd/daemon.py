@@ -211,6 +211,7 @@ class Daemon:
         self.jobs: collections.deque = collections.deque()  # replies built over several turns (ReportJob...)
         # Batches that finished while the state could not be written: served from memory until it is.
         self.unsaved: dict[str, BatchRun] = {}
+        self.finishing: set[str] = set()  # batches whose FinishJob has not stored them yet
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -275,7 +276,8 @@ class Daemon:
         self.engine.agent.close_idle()
         self.output.enforce()
         self.store.retry()  # what a full disk kept from the state, written once there is space
-        for batch_id in [b for b in self.unsaved if ("finish", b) not in self.store.pending]:
+        for batch_id in [b for b in self.unsaved if ("finish", b) not in self.store.pending
+                         and b not in self.finishing]:
             del self.unsaved[batch_id]  # written: the state answers for it again
         self.store.backup()
         pruned = self.store.prune(time.time() - self.config.prune_after)
@@ -310,8 +312,11 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        for job in self.jobs:  # replies still being built: their readers of the database end here
-            if hasattr(job, "close"):
+        for job in self.jobs:
+            if isinstance(job, FinishJob):  # a batch that ended is stored before pmlmd goes
+                while job.step(float("inf")) is None:
+                    pass
+            elif hasattr(job, "close"):  # replies still being built: their readers of the database end here
                 job.close()
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
@@ -638,15 +643,16 @@ class Daemon:
                 self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event["attempt"] - 1])
         elif kind == "halted" and run is not None:
             # Its queue was cancelled: a restarted pmlmd must not run those tasks.
-            self.store.tasks_changed(run.id, [t for t in run.batch.tasks if t.status == CANCELLED])
+            self.store.queue_cancelled(run.id)
             log.info("batch %s: %s", run.id, event["reason"], extra={"BATCH_ID": run.id})
         elif kind == "finished" and run is not None:
-            self.store.tasks_changed(run.id, run.batch.tasks)
-            # Stored as it ended, so that status and list show a finished batch as its last live summary did.
-            summary = self._batch_summary(run)
-            self.store.finish(run.id, run.batch.finished, run.batch.report(summary=summary), summary.to_json())
-            if ("finish", run.id) in self.store.pending:
-                self.unsaved[run.id] = run  # not in the state yet: status, list and report read it here
+            # Every task ended: what is still queued in the state was cancelled from the queue.
+            self.store.queue_cancelled(run.id)
+            # Its report is encoded a slice at a time, then stored with its summary (FinishJob);
+            # until then status, list and report read the batch here.
+            self.unsaved[run.id] = run
+            self.finishing.add(run.id)
+            self.jobs.append(FinishJob(self, run))
             self.asked.pop(run.id, None)
             self.owners.pop(run.id, None)
             self.carried.pop(run.id, None)
@@ -946,7 +952,7 @@ class Daemon:
         reason = f"cancelled by {user_name(peer[0])} (uid {peer[0]})"
         self.store.set_cancelled(run.id, reason)
         self.engine.cancel(run, reason)
-        self.store.tasks_changed(run.id, [t for t in run.batch.tasks if t.status in FINISHED])
+        self.store.queue_cancelled(run.id)  # its workers' ends are written as they come
         return protocol.encode_reply({"batch": run.id, "state": "cancelling"}, request.request_id)
 
     def _do_pause(self, client, request, peer) -> bytes:
@@ -989,7 +995,8 @@ class Daemon:
             reply = job.step(until)
             if reply is not None:
                 self.jobs.popleft()
-                self._send(job.client, reply, job.request_id)
+                if job.client is not None:
+                    self._send(job.client, reply, job.request_id)
 
     def _do_log(self, client, request, peer) -> bytes:
         """A slice of what the batch's tasks wrote: chunks of at most LOG_REPLY_BYTES in all.
@@ -1047,7 +1054,8 @@ class Daemon:
 
     def _do_events(self, client, request, peer) -> bytes | None:
         only = request.args["batch"]
-        live = only is None or self._batch(only, peer, None) is not None
+        # A batch that has ended (also one still being stored) has no more events to follow.
+        live = only is None or (self._batch(only, peer, None) is not None and only in self.engine.runs)
         for event in self.recent:
             if only is None or event.get("batch") == only:
                 self.outboxes.event(client, request.request_id, event)
@@ -1072,6 +1080,12 @@ class ReportJob:
         self.next = 0
 
     def step(self, until: float) -> bytes | None:
+        if not self._encode(until):
+            return None
+        return protocol.encode_reply_json(self.parts, self.request_id)
+
+    def _encode(self, until: float) -> dict | None:
+        """Encode the next slices until ``until``; when all are done, the head, and return it."""
         tasks = self.run.batch.tasks
         while self.next < len(tasks):
             if time.monotonic() >= until:
@@ -1081,12 +1095,33 @@ class ReportJob:
             lead = b"" if self.next == 0 else b", "
             self.parts.append(lead + ", ".join(json.dumps(t.to_json()) for t in tasks[self.next:end]).encode("ascii"))
             self.next = end
-        batch = self.run.batch
         # running: how long so far, nothing failed that has not; the state and counts status shows
-        head = batch.report(time.time(), summary=self.daemon._batch_summary(self.run), with_tasks=False)
+        self.summary = self.daemon._batch_summary(self.run)
+        head = self.run.batch.report(time.time(), summary=self.summary, with_tasks=False)
         self.parts[0] = (json.dumps(head)[:-1] + ', "tasks": [').encode("ascii")
         self.parts.append(b"]}")
-        return protocol.encode_reply_json(self.parts, self.request_id)
+        return head
+
+
+class FinishJob(ReportJob):
+    """A finished batch's report encoded a slice at a time, then stored with its summary, so that
+    the end of a big batch does not hold up the governor; status, list and report read the batch
+    from memory (Daemon.unsaved) meanwhile."""
+
+    def __init__(self, daemon: "Daemon", run: BatchRun):
+        super().__init__(daemon, None, None, run)
+
+    def step(self, until: float) -> bytes | None:
+        head = self._encode(until)
+        if head is None:
+            return None
+        run, store = self.run, self.daemon.store
+        critical = head["error_message"] if head["critical_error"] else None
+        store.finish(run.id, run.batch.finished, b"".join(self.parts), self.summary.to_json(), critical)
+        self.daemon.finishing.discard(run.id)
+        if ("finish", run.id) not in store.pending:
+            self.daemon.unsaved.pop(run.id, None)  # stored: the state answers for it from now on
+        return b""
 
 
 class StoredReportJob:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tasklines
-from .batch import FINISHED, QUEUED, RUNNING, Attempt, Task
+from .batch import CANCELLED, FINISHED, QUEUED, RUNNING, Attempt, Task
 from .bounds import BOUNDS
 from .summary import BatchSummary, from_record
 
@@ -553,9 +553,16 @@ class Store:
         def write():
             with self.db:
                 self.db.execute("BEGIN")
-                for task in tasks:
-                    self._task_row(batch_id, task)
+                self.db.executemany("UPDATE tasks SET status=?, governor_ends=?, failures=? WHERE batch_id=? AND idx=?",
+                                    ((t.status, t.governor_ends, t.failures, batch_id, t.index) for t in tasks))
         self._write(("tasks", batch_id, tuple(t.index for t in tasks)), write)
+
+    def queue_cancelled(self, batch_id: str) -> None:
+        """Record that the batch's queued tasks were cancelled (one statement, whatever their number)."""
+        def write():
+            with self.db:
+                self.db.execute("UPDATE tasks SET status=? WHERE batch_id=? AND status=?", (CANCELLED, batch_id, QUEUED))
+        self._write(("queue-cancelled", batch_id), write)
 
     def set_held(self, batch_id: str, held: bool) -> None:
         def write():
@@ -569,15 +576,22 @@ class Store:
                 self.db.execute("UPDATE batches SET cancel_reason=? WHERE id=?", (reason, batch_id))
         self._write(("cancelled", batch_id), write)
 
-    def finish(self, batch_id: str, finished: float, report: dict, summary: dict | None = None) -> None:
-        """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended."""
-        self._write(("finish", batch_id), lambda: self._finish(batch_id, finished, report, summary))
+    def finish(self, batch_id: str, finished: float, report: dict | bytes, summary: dict | None = None,
+               critical_reason: str | None = None) -> None:
+        """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended.
 
-    def _finish(self, batch_id: str, finished: float, report: dict, summary: dict | None) -> None:
+        ``report``: the report, or its ASCII JSON already encoded (then ``critical_reason`` is
+        given apart, when the batch had a critical finish)."""
+        if isinstance(report, dict):
+            critical_reason = report.get("error_message") if report.get("critical_error") else None
+            report = json.dumps(report).encode("ascii")
+        self._write(("finish", batch_id), lambda: self._finish(batch_id, finished, report, summary, critical_reason))
+
+    def _finish(self, batch_id: str, finished: float, report: bytes, summary: dict | None,
+                critical_reason: str | None) -> None:
         with self.db:
             self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=?, summary=? "
-                            "WHERE id=?", (finished, json.dumps(report).encode("ascii"), report.get("error_message")
-                                           if report.get("critical_error") else None,
+                            "WHERE id=?", (finished, report, critical_reason,
                                            None if summary is None else json.dumps(summary), batch_id))
 
     def prune(self, finished_before: float) -> int:
