@@ -116,6 +116,7 @@ BOUNDS: dict[str, Bound] = {
     "tasks_queued": Bound(INTEGER, 1, 100 * MAX_TASKS),
     "batches_active": Bound(INTEGER, 1, 10_000),
     "min_interval": Bound(NUMBER, 0.01, 60, "seconds"),
+    "state_bytes": Bound(SIZE, 1 << 20, MAX_SIZE, "bytes"),
 }
 
 # A resource limit as getrlimit(2) gives it (bytes, seconds or a count; each of submit's

@@ -91,6 +91,9 @@ class Config:
     batches_active: int = 100
     min_interval: float = 0.1  # the shortest interval a batch may ask for (seconds)
     root_exempt: bool = True  # requests root makes (also for another user) are not held to quotas
+    # What one user's finished batches may take of the state (submissions and reports as stored):
+    # past it, that user's oldest finished batches are pruned before prune_after.
+    state_bytes: int = 256 << 20
 
     def limits(self, cpus: int) -> Limits:
         """The governor's limits on a node with ``cpus`` CPUs."""
@@ -335,6 +338,7 @@ _OPTIONS: dict[str, _Option] = {
     "batches_active": _Option("quotas", _whole("batches_active")),
     "min_interval": _Option("quotas", _number("min_interval")),
     "root_exempt": _Option("quotas", _switch),
+    "state_bytes": _Option("quotas", _size("state_bytes")),
 }
 TABLES = ("daemon", "limits", "batches", "quotas")
 

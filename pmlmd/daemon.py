@@ -212,6 +212,7 @@ class Daemon:
         # Batches that finished while the state could not be written: served from memory until it is.
         self.unsaved: dict[str, BatchRun] = {}
         self.finishing: set[str] = set()  # batches whose FinishJob has not stored them yet
+        self.state_check_due = True  # a batch was stored finished: see whose state is past quotas.state_bytes
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -276,6 +277,8 @@ class Daemon:
         self.engine.agent.close_idle()
         self.output.enforce()
         self.store.retry()  # what a full disk kept from the state, written once there is space
+        if self.state_check_due:
+            self._prune_over_quota()
         for batch_id in [b for b in self.unsaved if ("finish", b) not in self.store.pending
                          and b not in self.finishing]:
             del self.unsaved[batch_id]  # written: the state answers for it again
@@ -813,6 +816,31 @@ class Daemon:
         return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered,
                                       **(extra or {})}, request_id)
 
+    def _prune_over_quota(self) -> None:
+        """Each user's finished batches take at most quotas.state_bytes of the state: past it, their
+        oldest go, with their output, before prune_after (root's stay with root_exempt)."""
+        self.state_check_due = False
+        try:
+            sizes = self.store.finished_sizes()
+        except Exception as e:  # sqlite3.Error: tried again at the next batch's end
+            log.warning("cannot measure the state's batches now: %s", e)
+            return
+        used = collections.Counter()
+        for _, uid, size in sizes:
+            used[uid] += size
+        limit = self.config.state_bytes
+        doomed: dict[int, list[str]] = {}
+        for batch_id, uid, size in sizes:  # oldest first
+            if used[uid] > limit and not (uid == 0 and self.config.root_exempt):
+                doomed.setdefault(uid, []).append(batch_id)
+                used[uid] -= size
+        for uid, ids in doomed.items():
+            if self.store.forget(ids):
+                for batch_id in ids:
+                    self.output.remove(batch_id)
+                log.info("pruned %d finished batches of uid %d early (%s): its finished batches took more of the "
+                         "state than quotas.state_bytes = %d", len(ids), uid, ", ".join(ids), limit)
+
     def _check_quotas(self, req: str, args: dict, uid: int, peer) -> None:
         """Refuse a batch that would take its owner past a quota of [quotas] (root's own requests pass
         with root_exempt): tasks not yet finished, active batches, and the shortest interval."""
@@ -1119,6 +1147,7 @@ class FinishJob(ReportJob):
         critical = head["error_message"] if head["critical_error"] else None
         store.finish(run.id, run.batch.finished, b"".join(self.parts), self.summary.to_json(), critical)
         self.daemon.finishing.discard(run.id)
+        self.daemon.state_check_due = True
         if ("finish", run.id) not in store.pending:
             self.daemon.unsaved.pop(run.id, None)  # stored: the state answers for it from now on
         return b""

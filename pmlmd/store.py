@@ -608,6 +608,28 @@ class Store:
             self.changed = True
         return cursor.rowcount
 
+    def forget(self, batch_ids: list[str]) -> int:
+        """Delete these finished batches now (a user's past quotas.state_bytes); how many went."""
+        if self.unwritable is not None or not batch_ids:
+            return 0
+        try:
+            with self.db:
+                cursor = self.db.execute(f"DELETE FROM batches WHERE state='finished' AND id IN "
+                                         f"({', '.join('?' * len(batch_ids))})", batch_ids)
+        except sqlite3.OperationalError as e:
+            log.warning("cannot prune the state now: %s", e)
+            return 0
+        if cursor.rowcount:
+            self.changed = True
+        return cursor.rowcount
+
+    def finished_sizes(self) -> list[tuple[str, int, int]]:
+        """(batch id, owner uid, bytes its submission and report take) of every finished batch,
+        the one that finished first first."""
+        return [(bid, uid, size or 0) for bid, uid, size in self.db.execute(
+            "SELECT id, owner_uid, LENGTH(CAST(submission AS BLOB)) + IFNULL(LENGTH(CAST(report AS BLOB)), 0) "
+            "FROM batches WHERE state='finished' ORDER BY finished, seq")]
+
     # --- reads ------------------------------------------------------------------------
     def active_batches(self) -> list[StoredBatch]:
         """Every active batch, in submission order.

@@ -98,6 +98,7 @@ GOOD = [
     ("quotas", "batches_active", "4", 4),
     ("quotas", "min_interval", "0.5", 0.5),
     ("quotas", "min_interval", "1", 1.0),
+    ("quotas", "state_bytes", '"1G"', 1 << 30),
     ("quotas", "root_exempt", "false", False),
 ]
 
@@ -178,6 +179,7 @@ BAD = [
     ("quotas", "tasks_queued", '"100K"', "whole number from 1 to 10000000"),
     ("quotas", "batches_active", "10001", "whole number from 1 to 10000"),
     ("quotas", "min_interval", "0.001", "number from 0.01 to 60"),
+    ("quotas", "state_bytes", '"512K"', "size from 1M"),
     ("quotas", "root_exempt", '"yes"', "expected true or false"),
 ]
 

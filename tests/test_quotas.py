@@ -7,6 +7,7 @@ a test starts is cancelled and waited for before the test ends.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import zmq
 
 from pmlmd import protocol
 
-from support import Daemon
+from support import Daemon, wait_for
 from test_daemon_auth import SH_PATH, accounts, as_root, as_user, submitted, wait_event  # noqa: F401
 
 SLEEPER = dict(command=["/bin/sleep", "30"], cwd="/tmp", env=SH_PATH)
@@ -140,3 +141,21 @@ def test_without_root_exempt_root_is_held_to_the_quotas_and_pmlmctl_exits_1(quot
     assert "uid 0 asked for an interval of 0.05 s, shorter than quotas.min_interval = 0.1" in result.stderr
     submitted(as_root_raw(daemon, "submit", **SLEEPER))
     assert_quota(as_root_raw(daemon, "submit", **SLEEPER), "uid 0 would have 2 active batches")
+
+
+def test_a_users_finished_batches_past_state_bytes_are_pruned_oldest_first(daemon_factory, tmp_path):
+    daemon = daemon_factory('[quotas]\nstate_bytes = "1M"\nroot_exempt = false\n').start()
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{i:01500d}\n" for i in range(200)))  # 300 KB in the submission and the report
+    batches = []
+    for _ in range(3):
+        result = daemon.ctl("submit", "--wait", "--tasks-file", str(lines), "-j", "8", "--", "echo")
+        assert result.returncode == 0, result.stderr
+        batches.append(result.stderr.split()[1])
+    # Each batch takes about 0.7 MB of the state: only the newest fits in 1M; the older ones go
+    # before prune_after, with their output, and the log says why.
+    wait_for(lambda: [b["batch"] for b in json.loads(daemon.ctl("list", "--json").stdout)] == batches[-1:],
+             timeout=30, what="the oldest batches pruned")
+    output = Path(daemon.state_dir) / "output"
+    assert not (output / batches[0]).exists() and (output / batches[-1] / "0.out").exists()
+    assert "more of the state than quotas.state_bytes" in daemon.logs()
