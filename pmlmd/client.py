@@ -81,7 +81,9 @@ class Client:
                 raise Unreachable(f"pmlmd did not answer on {self.path} within {timeout:g}s; see "
                                   "'journalctl -u pmlmd'")
             reply = protocol.decode_reply(self.sock.recv())
-            if reply.get("request_id") == request_id:
+            # An error pmlmd found before it could read the request's id (too large, not JSON)
+            # comes without one: it answers the one request this client has in flight.
+            if reply.get("request_id") == request_id or (reply.get("request_id") is None and not reply.get("ok")):
                 return reply
 
     def call(self, name: str, /, **args) -> dict:

@@ -94,6 +94,7 @@ class Config:
     # What one user's finished batches may take of the state (submissions and reports as stored):
     # past it, that user's oldest finished batches are pruned before prune_after.
     state_bytes: int = 256 << 20
+    request_bytes: int = 1 << 20  # the largest request one user may send (the protocol's own limit: 1M)
 
     def limits(self, cpus: int) -> Limits:
         """The governor's limits on a node with ``cpus`` CPUs."""
@@ -339,6 +340,7 @@ _OPTIONS: dict[str, _Option] = {
     "min_interval": _Option("quotas", _number("min_interval")),
     "root_exempt": _Option("quotas", _switch),
     "state_bytes": _Option("quotas", _size("state_bytes")),
+    "request_bytes": _Option("quotas", _size("request_bytes")),
 }
 TABLES = ("daemon", "limits", "batches", "quotas")
 

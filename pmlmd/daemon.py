@@ -695,6 +695,11 @@ class Daemon:
                 peer = peer_credentials(frame)
                 if peer is None:
                     raise Denied("the client's credentials could not be read")
+                if len(frame) > self.config.request_bytes and not (peer[0] == 0 and self.config.root_exempt):
+                    raise protocol.ProtocolError(protocol.QUOTA_EXCEEDED, (
+                        f"{request.name}: a request of {len(frame)} bytes, more than quotas.request_bytes = "
+                        f"{self.config.request_bytes} in {self.config_path or DEFAULT_CONFIG_PATH} (send fewer or "
+                        "shorter task lines, several batches, or ask the operator to raise it)"))
                 reply = getattr(self, "_do_" + request.name)(client.bytes, request, peer)
             except protocol.ProtocolError as e:  # raised while parsing, or by a handler (which knows no id)
                 reply = protocol.encode_error(e.code, e.message, request_id if e.request_id is None else e.request_id)

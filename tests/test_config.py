@@ -99,6 +99,7 @@ GOOD = [
     ("quotas", "min_interval", "0.5", 0.5),
     ("quotas", "min_interval", "1", 1.0),
     ("quotas", "state_bytes", '"1G"', 1 << 30),
+    ("quotas", "request_bytes", '"64K"', 65536),
     ("quotas", "root_exempt", "false", False),
 ]
 
@@ -180,6 +181,7 @@ BAD = [
     ("quotas", "batches_active", "10001", "whole number from 1 to 10000"),
     ("quotas", "min_interval", "0.001", "number from 0.01 to 60"),
     ("quotas", "state_bytes", '"512K"', "size from 1M"),
+    ("quotas", "request_bytes", '"2M"', "size from 4K to 1M"),
     ("quotas", "root_exempt", '"yes"', "expected true or false"),
 ]
 

@@ -159,3 +159,14 @@ def test_a_users_finished_batches_past_state_bytes_are_pruned_oldest_first(daemo
     output = Path(daemon.state_dir) / "output"
     assert not (output / batches[0]).exists() and (output / batches[-1] / "0.out").exists()
     assert "more of the state than quotas.state_bytes" in daemon.logs()
+
+
+def test_a_request_larger_than_request_bytes_is_refused_naming_the_key(daemon_factory, tmp_path):
+    daemon = daemon_factory('[quotas]\nrequest_bytes = "64K"\nroot_exempt = false\n').start()
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{i:0100d}\n" for i in range(1000)))  # 100 KB of task lines
+    refused = daemon.ctl("submit", "--tasks-file", str(lines), "--", "true")
+    assert refused.returncode == 1
+    assert "more than quotas.request_bytes = 65536" in refused.stderr, refused.stderr
+    assert json.loads(daemon.ctl("list", "--json").stdout) == []
+    assert daemon.ctl("submit", "-n", "2", "--", "true").returncode == 0  # a small one goes
