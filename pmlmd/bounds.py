@@ -118,6 +118,7 @@ BOUNDS: dict[str, Bound] = {
     "min_interval": Bound(NUMBER, 0.01, 60, "seconds"),
     "state_bytes": Bound(SIZE, 1 << 20, MAX_SIZE, "bytes"),
     "request_bytes": Bound(SIZE, 4096, 1 << 20, "bytes"),  # at most protocol.MAX_MESSAGE_BYTES
+    "output_bytes": Bound(SIZE, 1 << 20, MAX_SIZE, "bytes"),
 }
 
 # A resource limit as getrlimit(2) gives it (bytes, seconds or a count; each of submit's

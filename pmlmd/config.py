@@ -95,6 +95,7 @@ class Config:
     # past it, that user's oldest finished batches are pruned before prune_after.
     state_bytes: int = 256 << 20
     request_bytes: int = 1 << 20  # the largest request one user may send (the protocol's own limit: 1M)
+    output_bytes: int = 1 << 30  # disk one user's finished batches' output may take, like state_bytes
 
     def limits(self, cpus: int) -> Limits:
         """The governor's limits on a node with ``cpus`` CPUs."""
@@ -341,6 +342,7 @@ _OPTIONS: dict[str, _Option] = {
     "root_exempt": _Option("quotas", _switch),
     "state_bytes": _Option("quotas", _size("state_bytes")),
     "request_bytes": _Option("quotas", _size("request_bytes")),
+    "output_bytes": _Option("quotas", _size("output_bytes")),
 }
 TABLES = ("daemon", "limits", "batches", "quotas")
 

@@ -430,6 +430,7 @@ class Daemon:
         # Output of batches the state does not know goes; not while the state is read without its
         # last writes (a start on a full disk), when a batch it does not show may still exist.
         removed = 0 if self.store.read_only else self.output.keep_only(self.store.batch_ids())
+        self.output.measure()
         if removed:
             log.info("removed the output of %d batches the state no longer knows", removed)
         for batch_id in self.scopes.scopes():
@@ -830,21 +831,26 @@ class Daemon:
         except Exception as e:  # sqlite3.Error: tried again at the next batch's end
             log.warning("cannot measure the state's batches now: %s", e)
             return
-        used = collections.Counter()
-        for _, uid, size in sizes:
+        used, output = collections.Counter(), collections.Counter()
+        for batch_id, uid, size in sizes:
             used[uid] += size
-        limit = self.config.state_bytes
+            output[uid] += self.output.kept.get(batch_id, 0)
+        config = self.config
         doomed: dict[int, list[str]] = {}
         for batch_id, uid, size in sizes:  # oldest first
-            if used[uid] > limit and not (uid == 0 and self.config.root_exempt):
+            if (used[uid] > config.state_bytes or output[uid] > config.output_bytes) \
+                    and not (uid == 0 and config.root_exempt):
                 doomed.setdefault(uid, []).append(batch_id)
                 used[uid] -= size
+                output[uid] -= self.output.kept.get(batch_id, 0)
         for uid, ids in doomed.items():
             if self.store.forget(ids):
                 for batch_id in ids:
                     self.output.remove(batch_id)
                 log.info("pruned %d finished batches of uid %d early (%s): its finished batches took more of the "
-                         "state than quotas.state_bytes = %d", len(ids), uid, ", ".join(ids), limit)
+                         "state than quotas.state_bytes = %d or of the disk for their output than "
+                         "quotas.output_bytes = %d", len(ids), uid, ", ".join(ids), config.state_bytes,
+                         config.output_bytes)
 
     def _check_quotas(self, req: str, args: dict, uid: int, peer) -> None:
         """Refuse a batch that would take its owner past a quota of [quotas] (root's own requests pass

@@ -98,7 +98,9 @@ class TaskFiles:
         self.forward = forward
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.batches: dict[str, _BatchFiles] = {}
-        self.open_files: dict[tuple[str, int], list] = {}  # (batch, task) -> [[fd, stream, forwarded, partial], ...]
+        # (batch, task) -> [[fd, stream, forwarded, partial, bytes on disk at open], ...]
+        self.open_files: dict[tuple[str, int], list] = {}
+        self.kept: dict[str, int] = {}  # batch -> bytes on disk of its ended tasks' output (see measure)
         self.failure_logged_at: dict[str, float] = {}
 
     # --- the engine's port -------------------------------------------------------------------
@@ -134,7 +136,9 @@ class TaskFiles:
             try:
                 self._forward(run.id, task.index, entry, final=True)
                 self._trim(fd)
-                empty = os.fstat(fd).st_size == 0
+                info = os.fstat(fd)
+                empty = info.st_size == 0
+                self.kept[run.id] = self.kept.get(run.id, 0) + info.st_blocks * 512 - entry[4]
             except OSError as e:
                 self._failure("size", f"batch {run.id} task {task.index}: {e.strerror}")
                 empty = False
@@ -174,7 +178,7 @@ class TaskFiles:
     def _forward(self, batch_id: str, index: int, entry: list, final: bool) -> None:
         if self.forward is None:
             return
-        fd, stream, done, partial = entry
+        fd, stream, done, partial = entry[:4]
         size = os.fstat(fd).st_size
         start = max(done, first_kept(fd))
         data = partial + (os.pread(fd, min(size - start, 1 << 20), start) if size > start else b"")
@@ -231,8 +235,9 @@ class TaskFiles:
                 # Read and write: pmlmd reads what it forwards through the descriptor it holds anyway.
                 fd = os.open(self._path(batch_id, index, stream), os.O_RDWR | os.O_APPEND | os.O_CREAT
                              | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-                size = os.fstat(fd).st_size
-                files.append([fd, stream, size, b""])  # lines already there were forwarded by then
+                info = os.fstat(fd)
+                # Lines already there were forwarded by then; the blocks it took count already (kept).
+                files.append([fd, stream, info.st_size, b"", info.st_blocks * 512])
                 present = batch.present[stream]
                 at = bisect.bisect_left(present, index)
                 if at == len(present) or present[at] != index:
@@ -282,9 +287,27 @@ class TaskFiles:
         except OSError:
             return 0
 
+    def measure(self) -> None:
+        """What each batch's output takes on disk (at start: what earlier runs of pmlmd left)."""
+        self.kept.clear()
+        try:
+            batches = os.listdir(self.root)
+        except OSError:
+            return
+        for batch_id in batches:
+            total = 0
+            try:
+                with os.scandir(os.path.join(self.root, batch_id)) as entries:
+                    for entry in entries:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+            self.kept[batch_id] = total
+
     def remove(self, batch_id: str) -> None:
         """Delete a batch's output (when the batch itself is pruned)."""
         self.batches.pop(batch_id, None)
+        self.kept.pop(batch_id, None)
         shutil.rmtree(os.path.join(self.root, batch_id), ignore_errors=True)
 
     def keep_only(self, batch_ids: set[str]) -> int:

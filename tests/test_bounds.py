@@ -49,7 +49,7 @@ WIRE = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 SUBMIT_NUMBERS = sorted(name for name, field in protocol._SCHEMAS["submit"].fields.items()
                         if field.kind in (protocol._INT, protocol._NUMBER))
 CONFIG_NUMBERS = sorted(name for name in BOUNDS if name in Config.__dataclass_fields__)
-QUOTAS = ("tasks_queued", "batches_active", "min_interval", "state_bytes", "request_bytes")  # pmlmd.toml's [quotas]: the daemon's own
+QUOTAS = ("tasks_queued", "batches_active", "min_interval", "state_bytes", "request_bytes", "output_bytes")  # pmlmd.toml's [quotas]: the daemon's own
 # No option: the daemon's own, and the umask, which submit takes from pmlmctl's process.
 # output_limit is the daemon's; task_index is log's TASK, the position of a task, not an option;
 # --halt WHEN,fail=N and WHEN,fail=N% carry halt_fail and halt_fail_pct (see the test of --halt).

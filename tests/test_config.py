@@ -100,6 +100,7 @@ GOOD = [
     ("quotas", "min_interval", "1", 1.0),
     ("quotas", "state_bytes", '"1G"', 1 << 30),
     ("quotas", "request_bytes", '"64K"', 65536),
+    ("quotas", "output_bytes", '"2G"', 2 << 30),
     ("quotas", "root_exempt", "false", False),
 ]
 
@@ -182,6 +183,7 @@ BAD = [
     ("quotas", "min_interval", "0.001", "number from 0.01 to 60"),
     ("quotas", "state_bytes", '"512K"', "size from 1M"),
     ("quotas", "request_bytes", '"2M"', "size from 4K to 1M"),
+    ("quotas", "output_bytes", '"100K"', "size from 1M"),
     ("quotas", "root_exempt", '"yes"', "expected true or false"),
 ]
 

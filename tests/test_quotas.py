@@ -170,3 +170,20 @@ def test_a_request_larger_than_request_bytes_is_refused_naming_the_key(daemon_fa
     assert "more than quotas.request_bytes = 65536" in refused.stderr, refused.stderr
     assert json.loads(daemon.ctl("list", "--json").stdout) == []
     assert daemon.ctl("submit", "-n", "2", "--", "true").returncode == 0  # a small one goes
+
+
+def test_a_users_output_past_output_bytes_prunes_their_oldest_batches(daemon_factory):
+    daemon = daemon_factory('[quotas]\noutput_bytes = "1M"\nroot_exempt = false\n').start()
+    batches = []
+    for _ in range(3):  # each keeps 600 KB of output
+        result = daemon.ctl("submit", "--wait", "--", "head", "-c", "600000", "/dev/zero")
+        assert result.returncode == 0, result.stderr
+        batches.append(result.stderr.split()[1])
+    wait_for(lambda: [b["batch"] for b in json.loads(daemon.ctl("list", "--json").stdout)] == batches[-1:],
+             timeout=30, what="the oldest batches pruned")
+    output = Path(daemon.state_dir) / "output"
+    assert sorted(os.listdir(output)) == batches[-1:]
+    # Counted again at a restart, from what is on disk.
+    assert daemon.stop() == 0
+    daemon.start()
+    assert [b["batch"] for b in json.loads(daemon.ctl("list", "--json").stdout)] == batches[-1:]
