@@ -9,7 +9,7 @@ import math
 import statistics
 from array import array
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from .governor import Limits

@@ -544,9 +544,7 @@ def _write_bytes(target, data: bytes) -> None:
     """All of ``data`` to a text stream (through its buffer, after what its text layer holds), a
     binary stream or a file descriptor."""
     if isinstance(target, int):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(target, view):]
+        output.write_all(target, data)
         return
     buffer = getattr(target, "buffer", None)
     if buffer is not None:
@@ -581,12 +579,7 @@ def cmd_run(parser, args) -> int:
             parser.error(f"cannot make the results directory {args.results!r}: {e.strerror}")
     if status or args.tag or args.group or args.results:
         # Through pmlmctl: whole lines, above the status line, tagged, grouped, or into DIR as well.
-        def emit(stream: str, data: bytes) -> None:
-            fd = 2 if stream == "stderr" or args.json else 1
-            if status is not None:
-                status.print_above(fd, data)
-            else:
-                _write_bytes(fd, data)
+        emit = _emit_to(status, stdout_to_stderr=args.json)
 
         def sinks_for(run, task, attempt_no):
             tag = (tasklines.raw(task.line) if task.line is not None else str(task.index).encode()) if args.tag else None
@@ -732,10 +725,8 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     counts move between polls (progress.StartFinishClock), not asked of the daemon."""
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
     clock = StartFinishClock()
-    emit = _emit_to(status_line)
     # Line by line only where a status line is drawn: elsewhere the bytes go out as they are.
-    printer = TaskPrinter((lambda stream, data: emit("stderr", data)) if as_json else emit,
-                          lines=status_line is not None)
+    printer = TaskPrinter(_emit_to(status_line, stdout_to_stderr=as_json), lines=status_line is not None)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
         while True:
@@ -827,9 +818,11 @@ class TaskPrinter:
             self.sinks.pop(key).close(None)
 
 
-def _emit_to(status_line) -> callable:
+def _emit_to(status_line, stdout_to_stderr: bool = False) -> Callable[[str, bytes], None]:
+    """Where workers' output goes in pmlmctl: stdout and stderr (with ``stdout_to_stderr``, as
+    --json asks, both on stderr), above the status line when one is drawn."""
     def emit(stream: str, data: bytes) -> None:
-        fd = 2 if stream == "stderr" else 1
+        fd = 2 if stream == "stderr" or stdout_to_stderr else 1
         if status_line is not None:
             status_line.print_above(fd, data)
         else:

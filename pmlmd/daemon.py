@@ -35,7 +35,7 @@ from .output import TaskFiles
 from .joblog import Joblog
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
-from .store import Store, StoreError, StoredBatch, Unwritable
+from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
 from .summary import STATE_FAILED, BatchSummary, summarize
 from .systemd import Notifier, setup_logging
 from .outbox import Outboxes
@@ -212,7 +212,11 @@ class Daemon:
         # Batches that finished while the state could not be written: served from memory until it is.
         self.unsaved: dict[str, BatchRun] = {}
         self.finishing: set[str] = set()  # batches whose FinishJob has not stored them yet
-        self.state_check_due = True  # a batch was stored finished: see whose state is past quotas.state_bytes
+        # Finished batch -> (owner uid, bytes of the state it takes), oldest first: measured once each,
+        # all at start (_restore), then each as it is stored finished (``unmeasured``).
+        self.state_sizes: dict[str, tuple[int, int]] = {}
+        self.unmeasured: list[str] = []
+        self.quota_check_due = True  # at start, and whenever a batch's size is known
         self.ctx = zmq.Context()
         self.sock = bind_control_socket(self.ctx, self.config, self.group_gid)
         self.loop.watch(self.sock, self._on_request)
@@ -277,7 +281,7 @@ class Daemon:
         self.engine.agent.close_idle()
         self.output.enforce()
         self.store.retry()  # what a full disk kept from the state, written once there is space
-        if self.state_check_due:
+        if self.unmeasured or self.quota_check_due:
             self._prune_over_quota()
         for batch_id in [b for b in self.unsaved if ("finish", b) not in self.store.pending
                          and b not in self.finishing]:
@@ -286,7 +290,13 @@ class Daemon:
         pruned = self.store.prune(time.time() - self.config.prune_after)
         if pruned:
             log.info("pruned %d finished batches older than %gs", pruned, self.config.prune_after)
-            self.output.keep_only(self.store.batch_ids())
+            self._forget_pruned()
+
+    def _forget_pruned(self) -> None:
+        """After a prune: the output and the sizes of batches the state no longer holds go too."""
+        kept = self.store.batch_ids()
+        self.output.keep_only(kept)
+        self.state_sizes = {b: size for b, size in self.state_sizes.items() if b in kept}
 
     def _journal_forward(self):
         """With output_journal: a function that sends one line of a task's output to the journal."""
@@ -431,6 +441,7 @@ class Daemon:
         # last writes (a start on a full disk), when a batch it does not show may still exist.
         removed = 0 if self.store.read_only else self.output.keep_only(self.store.batch_ids())
         self.output.measure()
+        self.state_sizes = {b: (uid, size) for b, uid, size in self.store.finished_sizes()}
         if removed:
             log.info("removed the output of %d batches the state no longer knows", removed)
         for batch_id in self.scopes.scopes():
@@ -463,13 +474,7 @@ class Daemon:
             reason = f"restoring it failed ({type(error).__name__}: {error})"[:500]
             log.exception("batch %s cannot be restored and is marked failed: %s", stored.id, reason,
                           extra={"BATCH_ID": stored.id})
-        self.asked.pop(stored.id, None)
-        self.owners.pop(stored.id, None)
-        self.carried.pop(stored.id, None)
-        self.limits_basis.pop(stored.id, None)
-        joblog = self.joblogs.pop(stored.id, None)
-        if joblog is not None:
-            joblog.close()
+        self._drop_batch_state(stored.id)
         ended = 0
         for pid, start_ticks in self.store.recorded_workers(stored.rowid):
             try:
@@ -486,6 +491,16 @@ class Daemon:
                         extra={"BATCH_ID": stored.id})
         statuses = self.store.task_statuses(stored.rowid)
         self.store.fail_batch(stored.rowid, time.time(), unrestorable_report(stored.id, reason, statuses))
+
+    def _drop_batch_state(self, batch_id: str) -> None:
+        """What the daemon keeps beside a live batch, let go when it ends or cannot be restored."""
+        self.asked.pop(batch_id, None)
+        self.owners.pop(batch_id, None)
+        self.carried.pop(batch_id, None)
+        self.limits_basis.pop(batch_id, None)
+        joblog = self.joblogs.pop(batch_id, None)
+        if joblog is not None:
+            joblog.close()
 
     def _withdraw(self, run: BatchRun) -> None:
         """Take a batch that failed half-way through ``_resume`` back out of the engine."""
@@ -657,13 +672,7 @@ class Daemon:
             self.unsaved[run.id] = run
             self.finishing.add(run.id)
             self.jobs.append(FinishJob(self, run))
-            self.asked.pop(run.id, None)
-            self.owners.pop(run.id, None)
-            self.carried.pop(run.id, None)
-            self.limits_basis.pop(run.id, None)
-            joblog = self.joblogs.pop(run.id, None)
-            if joblog is not None:
-                joblog.close()
+            self._drop_batch_state(run.id)
             log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
         event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
         self.recent.append(event)
@@ -823,21 +832,33 @@ class Daemon:
                                       **(extra or {})}, request_id)
 
     def _prune_over_quota(self) -> None:
-        """Each user's finished batches take at most quotas.state_bytes of the state: past it, their
-        oldest go, with their output, before prune_after (root's stay with root_exempt)."""
-        self.state_check_due = False
-        try:
-            sizes = self.store.finished_sizes()
-        except Exception as e:  # sqlite3.Error: tried again at the next batch's end
-            log.warning("cannot measure the state's batches now: %s", e)
+        """Each user's finished batches take at most quotas.state_bytes of the state and
+        quotas.output_bytes of the disk: past either, their oldest go, with their output, before
+        prune_after (root's stay with root_exempt)."""
+        waiting = []
+        for batch_id in self.unmeasured:
+            try:
+                found = self.store.finished_sizes(batch_id)
+            except Exception as e:  # sqlite3.Error: measured at the next turn
+                log.warning("cannot measure batch %s in the state now: %s", batch_id, e)
+                found = None
+            if found:
+                self.state_sizes[batch_id] = found[0][1:]
+            else:  # not stored finished yet (a full disk): measured once it is
+                waiting.append(batch_id)
+        if waiting != self.unmeasured:
+            self.quota_check_due = True
+        self.unmeasured = waiting
+        if not self.quota_check_due:
             return
+        self.quota_check_due = False
         used, output = collections.Counter(), collections.Counter()
-        for batch_id, uid, size in sizes:
+        for batch_id, (uid, size) in self.state_sizes.items():
             used[uid] += size
             output[uid] += self.output.kept.get(batch_id, 0)
         config = self.config
         doomed: dict[int, list[str]] = {}
-        for batch_id, uid, size in sizes:  # oldest first
+        for batch_id, (uid, size) in self.state_sizes.items():  # oldest first
             if (used[uid] > config.state_bytes or output[uid] > config.output_bytes) \
                     and not (uid == 0 and config.root_exempt):
                 doomed.setdefault(uid, []).append(batch_id)
@@ -847,6 +868,7 @@ class Daemon:
             if self.store.forget(ids):
                 for batch_id in ids:
                     self.output.remove(batch_id)
+                    self.state_sizes.pop(batch_id, None)
                 log.info("pruned %d finished batches of uid %d early (%s): its finished batches took more of the "
                          "state than quotas.state_bytes = %d or of the disk for their output than "
                          "quotas.output_bytes = %d", len(ids), uid, ", ".join(ids), config.state_bytes,
@@ -1017,10 +1039,10 @@ class Daemon:
             # Encoded over several loop turns (a report lists every task): answered when complete.
             self.jobs.append(ReportJob(self, client, request.request_id, run))
             return None
-        stored = self.store.open_report(request.args["batch"])
-        if isinstance(stored, bytes) and stored.isascii() and stored[:1] == b"{":
+        stored = self.store.open_report(request.args["batch"])  # checked bytes, a Blob to read, or None
+        if isinstance(stored, bytes):
             return protocol.encode_reply_json(stored, request.request_id)
-        if stored is None or isinstance(stored, bytes):
+        if stored is None:
             raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {request.args['batch']} has no report "
                                          "(its record was damaged)")
         self.jobs.append(StoredReportJob(client, request.request_id, stored))
@@ -1158,7 +1180,7 @@ class FinishJob(ReportJob):
         critical = head["error_message"] if head["critical_error"] else None
         store.finish(run.id, run.batch.finished, b"".join(self.parts), self.summary.to_json(), critical)
         self.daemon.finishing.discard(run.id)
-        self.daemon.state_check_due = True
+        self.daemon.unmeasured.append(run.id)
         if ("finish", run.id) not in store.pending:
             self.daemon.unsaved.pop(run.id, None)  # stored: the state answers for it from now on
         return b""
@@ -1187,7 +1209,7 @@ class StoredReportJob:
             return protocol.encode_error(protocol.NO_SUCH_BATCH, f"the report could not be read: {e}",
                                          self.request_id)
         self.blob.close()
-        if not (self.parts and self.parts[0][:1] == b"{" and all(part.isascii() for part in self.parts)):
+        if not looks_like_report(self.parts):
             return protocol.encode_error(protocol.NO_SUCH_BATCH, "the batch has no report (its record was damaged)",
                                          self.request_id)
         return protocol.encode_reply_json(self.parts, self.request_id)

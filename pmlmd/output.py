@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import workdir
+
 log = logging.getLogger("pmlmd.output")
 
 STREAMS = ("stdout", "stderr")
@@ -85,6 +87,7 @@ class _BatchFiles:
     directory: str
     present: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in STREAMS})  # sorted task indices
     scanned: bool = False
+    made: bool = False  # its directory exists (made by this pmlmd): no look at the disk per task
 
 
 class TaskFiles:
@@ -230,7 +233,9 @@ class TaskFiles:
         batch = self._batch(batch_id)
         files = []
         try:
-            os.makedirs(batch.directory, mode=0o700, exist_ok=True)
+            if not batch.made:
+                os.makedirs(batch.directory, mode=0o700, exist_ok=True)
+                batch.made = True
             for stream in STREAMS:
                 # Read and write: pmlmd reads what it forwards through the descriptor it holds anyway.
                 fd = os.open(self._path(batch_id, index, stream), os.O_RDWR | os.O_APPEND | os.O_CREAT
@@ -333,8 +338,6 @@ def exit_text(attempt) -> str:
 
 def results_file(directory: str, index: int, name: str, credentials) -> int:
     """``DIRECTORY/TASK/NAME`` opened for writing (emptied), made and opened as ``credentials``."""
-    from . import workdir
-
     task_dir = os.path.join(directory, str(index))
     workdir.make_directories(task_dir, credentials)
     return workdir.open_file(os.path.join(task_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666,
@@ -434,6 +437,13 @@ class Terminal(Sink):
                     self.grouped[stream] = []
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Results(Sink):
     """``--results DIRECTORY`` for pmlmctl run: DIRECTORY/TASK/stdout, stderr, and exit at the end."""
 
@@ -442,9 +452,7 @@ class Results(Sink):
         self.fds = {stream: results_file(directory, index, stream, None) for stream in STREAMS}
 
     def write(self, stream: str, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fds[stream], view):]
+        write_all(self.fds[stream], data)
 
     def close(self, attempt) -> None:
         for fd in self.fds.values():

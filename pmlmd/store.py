@@ -195,6 +195,12 @@ def _utf8(data: bytes) -> str:
     return data.decode("utf-8")
 
 
+def looks_like_report(pieces: list[bytes]) -> bool:
+    """Whether a stored report, read in ``pieces``, can go into a reply as it is: ASCII JSON
+    (json.dumps' default) of an object. Not parsed: a damaged record fails here or at the client."""
+    return bool(pieces) and pieces[0][:1] == b"{" and all(piece.isascii() for piece in pieces)
+
+
 @dataclass
 class StoredBatch:
     id: str
@@ -595,12 +601,21 @@ class Store:
                                            None if summary is None else json.dumps(summary), batch_id))
 
     def prune(self, finished_before: float) -> int:
+        """Delete the batches that finished before then; how many went."""
+        return self._delete_finished("finished < ?", (finished_before,))
+
+    def forget(self, batch_ids: list[str]) -> int:
+        """Delete these finished batches now (a user's past quotas.state_bytes); how many went."""
+        if not batch_ids:
+            return 0
+        return self._delete_finished(f"id IN ({', '.join('?' * len(batch_ids))})", tuple(batch_ids))
+
+    def _delete_finished(self, where: str, params: tuple) -> int:
         if self.unwritable is not None:
             return 0  # tried again once the state is written again
         try:
             with self.db:
-                cursor = self.db.execute("DELETE FROM batches WHERE state='finished' AND finished < ?",
-                                         (finished_before,))
+                cursor = self.db.execute(f"DELETE FROM batches WHERE state='finished' AND {where}", params)
         except sqlite3.OperationalError as e:
             log.warning("cannot prune the state now: %s", e)
             return 0
@@ -608,27 +623,14 @@ class Store:
             self.changed = True
         return cursor.rowcount
 
-    def forget(self, batch_ids: list[str]) -> int:
-        """Delete these finished batches now (a user's past quotas.state_bytes); how many went."""
-        if self.unwritable is not None or not batch_ids:
-            return 0
-        try:
-            with self.db:
-                cursor = self.db.execute(f"DELETE FROM batches WHERE state='finished' AND id IN "
-                                         f"({', '.join('?' * len(batch_ids))})", batch_ids)
-        except sqlite3.OperationalError as e:
-            log.warning("cannot prune the state now: %s", e)
-            return 0
-        if cursor.rowcount:
-            self.changed = True
-        return cursor.rowcount
-
-    def finished_sizes(self) -> list[tuple[str, int, int]]:
-        """(batch id, owner uid, bytes its submission and report take) of every finished batch,
-        the one that finished first first."""
+    def finished_sizes(self, batch_id: str | None = None) -> list[tuple[str, int, int]]:
+        """(batch id, owner uid, bytes its submission and report take) of every finished batch (of
+        the one, with ``batch_id``), the one that finished first first. Reads their contents: the
+        daemon measures each batch once (see Daemon.state_sizes)."""
+        where, params = ("AND id=?", (batch_id,)) if batch_id is not None else ("", ())
         return [(bid, uid, size or 0) for bid, uid, size in self.db.execute(
             "SELECT id, owner_uid, LENGTH(CAST(submission AS BLOB)) + IFNULL(LENGTH(CAST(report AS BLOB)), 0) "
-            "FROM batches WHERE state='finished' ORDER BY finished, seq")]
+            f"FROM batches WHERE state='finished' {where} ORDER BY finished, seq", params)]
 
     # --- reads ------------------------------------------------------------------------
     def active_batches(self) -> list[StoredBatch]:
@@ -761,7 +763,7 @@ class Store:
         """The stored report as the JSON it was written as (ASCII bytes, not decoded), or None."""
         row = self.db.execute("SELECT CAST(report AS BLOB) FROM batches WHERE id=? AND state='finished'",
                               (batch_id,)).fetchone()
-        return row[0] if row and isinstance(row[0], bytes) and row[0].isascii() and row[0][:1] == b"{" else None
+        return row[0] if row and isinstance(row[0], bytes) and looks_like_report([row[0]]) else None
 
     def open_report(self, batch_id: str):
         """The stored report of a finished batch, to read a slice at a time (sqlite3's incremental

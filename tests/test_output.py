@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from pmlmd import ctl, output
 from pmlmd.batch import Attempt
 
