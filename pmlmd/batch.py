@@ -23,7 +23,8 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 GIVEN_UP = "given-up"
 CANCELLED = "cancelled"
-FINISHED = (SUCCEEDED, FAILED, GIVEN_UP, CANCELLED)
+RETURNED = "returned"  # a queue batch's task whose message went back to its queue (see intake), for any node
+FINISHED = (SUCCEEDED, FAILED, GIVEN_UP, CANCELLED, RETURNED)
 
 # Why an attempt ended
 CAUSE_EXIT = "exit"  # the worker ended on its own (any status, or a signal pmlmd did not send)
@@ -76,10 +77,10 @@ class Task:
     slots: a batch holds up to 100000 of them, made in one go at submit.
     """
 
-    __slots__ = ("index", "line", "_status", "attempts", "governor_ends", "failures", "counts")
+    __slots__ = ("index", "line", "_status", "attempts", "governor_ends", "failures", "counts", "message")
 
     def __init__(self, index: int, line: str | None, status: str = QUEUED, attempts: list[Attempt] | None = None,
-                 governor_ends: int = 0, failures: int = 0):
+                 governor_ends: int = 0, failures: int = 0, message: dict | None = None):
         self.index = index
         self.line = line
         self._status = status
@@ -87,6 +88,8 @@ class Task:
         self.governor_ends = governor_ends  # attempts ended by the governor (budget: --retries)
         self.failures = failures  # attempts that failed on their own (budget: --retry-failed)
         self.counts: Counter | None = None  # its batch's status_counts, once it belongs to one
+        # A queue batch's task: what its message said ({"message_id": str | None, "redelivered": bool}).
+        self.message = message
 
     @property
     def status(self) -> str:
@@ -111,8 +114,25 @@ class Task:
                 f"attempts={self.attempts!r}, governor_ends={self.governor_ends!r}, failures={self.failures!r})")
 
     def to_json(self) -> dict:
-        return {"index": self.index, "task": self.line, "status": self.status,
+        data = {"index": self.index, "task": self.line, "status": self.status,
                 "attempts": [a.to_json() for a in self.attempts]}
+        if self.message is not None:
+            data.update(self.message)
+        return data
+
+
+@dataclass(frozen=True)
+class IntakeSpec:
+    """Where a queue batch takes its tasks from (see intake): each message body is a task line."""
+
+    url: str  # amqp://USER:PASSWORD@HOST:PORT/VHOST
+    queue: str
+    until_empty: bool = False  # end once the queue is empty and nothing is in flight; else run until cancelled
+    dead_letter: str | None = None  # exchange for tasks that failed or were given up; None: nack, no requeue
+
+    def to_json(self) -> dict:
+        return {"amqp": self.url, "queue": self.queue, "until_empty": self.until_empty,
+                "dead_letter": self.dead_letter}
 
 
 @dataclass
@@ -136,6 +156,11 @@ class BatchSpec:
     halt_fail: int | None = None  # ... once this many tasks have failed
     halt_fail_pct: float | None = None  # ... once this share (percent) of the tasks has failed
     append: bool = False  # a task line is the last argument when the command has no {}
+    intake: IntakeSpec | None = None  # the tasks come from an AMQP queue: an open-ended batch
+
+    @property
+    def open_ended(self) -> bool:
+        return self.intake is not None
 
     @property
     def uses_agent(self) -> bool:
@@ -269,19 +294,21 @@ class Batch:
         attempt.cause = cause
         if cause == CAUSE_GOVERNOR_MEMORY:
             self.terminated += 1
+        open_ended = self.spec.open_ended
         if cause == CAUSE_GOVERNOR_MEMORY:
             task.governor_ends += 1
-            if task.governor_ends <= self.spec.retries and self._may_requeue():
-                self._requeue(task)
+            if task.governor_ends <= self.spec.retries and (open_ended or self._may_requeue()):
+                # A queue batch's task goes back to its queue, for whichever node has room.
+                self._requeue(task, RETURNED if open_ended else QUEUED)
             else:
                 task.status = GIVEN_UP
                 self._failed(task)
         elif cause == CAUSE_CANCELLED:
-            task.status = CANCELLED
+            task.status = RETURNED if open_ended else CANCELLED
         elif cause == CAUSE_DAEMON_RESTART:
             # Not the task's fault and its outcome is unknown: run it again, on no budget.
-            if self._may_requeue():
-                self._requeue(task)
+            if open_ended or self._may_requeue():
+                self._requeue(task, RETURNED if open_ended else QUEUED)
             else:
                 task.status = CANCELLED
         elif attempt.exit_code == 0 and cause != CAUSE_TIMEOUT:
@@ -320,15 +347,37 @@ class Batch:
         self.halt_reason = f"halted after {self.failed_tasks} failed task{plural} (--halt {spec.halt_text})"
         self.cancel_queued()
 
-    def _requeue(self, task: Task) -> None:
+    def _requeue(self, task: Task, status: str = QUEUED) -> None:
         # Back to the front: it has waited longest, and what it needs is known now.
-        task.status = QUEUED
-        self.queue.appendleft(task)
+        task.status = status
+        if status == QUEUED:
+            self.queue.appendleft(task)
         self.requeued += 1
 
     def cancel_queued(self) -> None:
+        """No queued task starts: cancelled, or for a queue batch, returned to its queue."""
+        status = RETURNED if self.spec.open_ended else CANCELLED
         while self.queue:
-            self.queue.popleft().status = CANCELLED
+            self.queue.popleft().status = status
+
+    def fail_unrunnable(self, task: Task, now: float, cause: str, reason: str) -> Attempt:
+        """A queued task that no attempt could run (a queue message that is no task line): failed
+        at once, on no retry budget."""
+        self.queue.remove(task)
+        attempt = self.start_attempt(task, None, now)
+        attempt.end, attempt.cause, attempt.exit_code, attempt.reason = now, cause, 126, reason
+        task.status = FAILED
+        self._failed(task)
+        return attempt
+
+    def add_task(self, line: str | None, message: dict | None = None, governor_ends: int = 0) -> Task:
+        """A queue batch's new task, queued: numbered after the ones it has."""
+        task = Task(len(self.tasks), line, governor_ends=governor_ends, message=message)
+        task.counts = self.status_counts
+        self.status_counts[QUEUED] += 1
+        self.tasks.append(task)
+        self.queue.append(task)
+        return task
 
     # --- samples -------------------------------------------------------------------
     def record_sample(self, cpu_pct: float | None, free: int, total: int) -> None:
@@ -347,6 +396,7 @@ class Batch:
             "failed": statuses[FAILED],
             "given_up": statuses[GIVEN_UP],
             "cancelled": statuses[CANCELLED],
+            "returned": statuses[RETURNED],
             "terminated": self.terminated,
             "requeued": self.requeued,
         }
@@ -358,7 +408,8 @@ class Batch:
         """0 all succeeded, 1 some task did not, 3 critical finish."""
         if self.critical_reason:
             return 3
-        return 0 if all(t.status == SUCCEEDED for t in self.tasks) else 1
+        # A queue batch's returned tasks are its queue's again: not a failure of this batch.
+        return 0 if all(t.status in (SUCCEEDED, RETURNED) for t in self.tasks) else 1
 
     def error_message(self) -> str | None:
         if self.critical_reason:
@@ -367,18 +418,19 @@ class Batch:
             return f"cancelled: {self.cancel_reason}"
         # While the batch runs, a task still queued or running has not failed (yet).
         ended = self.finished is not None
-        count = (len(self.tasks) - self.status_counts[SUCCEEDED] if ended else
-                 sum(self.status_counts[status] for status in FINISHED if status != SUCCEEDED))
+        fine = (SUCCEEDED, RETURNED)
+        count = (len(self.tasks) - sum(self.status_counts[status] for status in fine) if ended else
+                 sum(self.status_counts[status] for status in FINISHED if status not in fine))
         if not count:
             return None
         # The first five by index; counted from status_counts, so a batch with none costs no walk.
         bad = []
         for t in self.tasks:
-            if t.status != SUCCEEDED and (ended or t.status in FINISHED):
+            if t.status not in fine and (ended or t.status in FINISHED):
                 bad.append(t)
                 if len(bad) == 5:
                     break
-        shown = ", ".join(f"{t.index} ({_describe_end(t, self.spec)})" for t in bad)
+        shown = ", ".join(f"{t.index} ({describe_end(t, self.spec)})" for t in bad)
         more = f" and {count - 5} more" if count > 5 else ""
         halted = f"{self.halt_reason}: " if self.halt_reason else ""
         return f"{halted}{count} of {len(self.tasks)} tasks did not succeed: {shown}{more}"
@@ -387,7 +439,7 @@ class Batch:
         c = self.counts()
         took = (self.finished or self.started) - self.started
         parts = [f"{c['succeeded']} succeeded"]
-        parts += [f"{c[k]} {k.replace('_', ' ')}" for k in ("failed", "given_up", "cancelled", "terminated", "requeued")
+        parts += [f"{c[k]} {k.replace('_', ' ')}" for k in ("failed", "given_up", "cancelled", "returned", "terminated", "requeued")
                   if c[k]]
         tasks = f"{c['tasks']} task" + ("" if c["tasks"] == 1 else "s")
         return f"batch {self.spec.batch_id}: {tasks}, {', '.join(parts)} in {took:.1f}s"
@@ -457,7 +509,8 @@ class Batch:
         }
 
 
-def _describe_end(task: Task, spec: BatchSpec) -> str:
+def describe_end(task: Task, spec: BatchSpec) -> str:
+    """How a task that did not succeed ended, in a few words: "exit 3", "given up after 4 terminations"."""
     if task.status == GIVEN_UP:
         return f"given up after {task.governor_ends} terminations"
     if task.status == CANCELLED:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Callable
 
 from . import __version__, output, protocol, tasklines
-from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec
+from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
@@ -128,6 +128,17 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
                         help="one task per line ('-' for stdin): the bytes up to each newline, exactly as they "
                              "are (a carriage return is kept); a line reaches its worker as $PMLM_TASK and "
                              "replaces {} in the arguments; empty lines are skipped")
+    source.add_argument("--amqp", metavar="URL",
+                        help="take the tasks from a RabbitMQ queue instead (with --queue): each message body is "
+                             "one task line; amqp://USER:PASSWORD@HOST:PORT/VHOST. The batch takes messages while "
+                             "the node's limits admit workers, and runs until cancelled (or --until-empty)")
+    queue = p.add_argument_group("queue (with --amqp; see 'Many nodes' in pmlmctl(1))")
+    queue.add_argument("--queue", metavar="NAME", help="the queue to take tasks from (it must exist)")
+    queue.add_argument("--until-empty", action="store_true",
+                       help="end the batch once the queue is empty and no task of it is in flight")
+    queue.add_argument("--dead-letter", metavar="EXCHANGE",
+                       help="publish tasks that failed or were given up to EXCHANGE, with their cause in headers "
+                            "(default: reject them without requeue, for the queue's own dead-letter exchange)")
     tasks.add_argument("-0", "--null", action="store_true",
                        help="tasks in --tasks-file end with a NUL byte instead of a newline (as find -print0 "
                             "writes them); a task may then hold newlines")
@@ -389,9 +400,33 @@ def _command(parser, args) -> list[str]:
     return [tasklines.text(os.fsencode(word)) for word in argv]
 
 
+def intake_from_args(parser, args) -> IntakeSpec | None:
+    """--amqp and its queue options, checked; None without --amqp (parser.error for misuse)."""
+    given = [name for name, value in (("--queue", args.queue), ("--until-empty", args.until_empty),
+                                      ("--dead-letter", args.dead_letter)) if value]
+    if args.amqp is None:
+        if given:
+            parser.error(f"{given[0]} needs --amqp URL (the broker to take tasks from)")
+        return None
+    if not args.queue:
+        parser.error("--amqp needs --queue NAME: the queue to take tasks from")
+    from .intake import URLError, check_name, check_url  # pika: only for --amqp
+
+    try:
+        check_url(args.amqp)
+        check_name(args.queue, "queue")
+        if args.dead_letter is not None:
+            check_name(args.dead_letter, "dead-letter exchange")
+    except URLError as e:
+        parser.error(f"--amqp: {e}")
+    return IntakeSpec(url=args.amqp, queue=args.queue, until_empty=args.until_empty, dead_letter=args.dead_letter)
+
+
 def spec_from_args(parser, args) -> BatchSpec:
     argv = _command(parser, args)
-    tasks: list[str | None] = _read_tasks(parser, args, argv, tasklines.environment()) or [None] * (args.tasks or 1)
+    intake = intake_from_args(parser, args)
+    tasks: list[str | None] = [] if intake else \
+        _read_tasks(parser, args, argv, tasklines.environment()) or [None] * (args.tasks or 1)
     cpus = os.cpu_count() or 1
     limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                     memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
@@ -401,7 +436,7 @@ def spec_from_args(parser, args) -> BatchSpec:
                      term_grace=args.term_grace, retries=args.retries, retry_failed=args.retry_failed,
                      task_id=args.task_id, term_mode=args.term_mode, pause_mode=args.pause_mode,
                      agent_timeout=args.agent_timeout, timeout=args.timeout, halt=halt, halt_fail=halt_fail,
-                     halt_fail_pct=halt_fail_pct, append=args.append)
+                     halt_fail_pct=halt_fail_pct, append=args.append, intake=intake)
 
 
 STATUS_CLEAR = "\r\033[K"  # to the line's start, erase to its end
@@ -686,7 +721,11 @@ def cmd_submit(parser, args) -> int:
                    results=_absolute(args.results))
     # The workers start with this shell's umask and limits, as those of 'run' do.
     request.update(umask=own_umask(), rlimits=own_rlimits())
-    if args.tasks_file:
+    intake = intake_from_args(parser, args)
+    if intake is not None:
+        request.update(amqp=intake.url, queue=intake.queue, until_empty=intake.until_empty,
+                       dead_letter=intake.dead_letter)
+    elif args.tasks_file:
         request["task_lines"] = _read_tasks(parser, args, argv, request["env"])
     else:
         request["tasks"] = args.tasks or 1
@@ -857,7 +896,8 @@ def _print_json(data) -> None:
 
 # A batch summary's counts (see pmlmd/summary.py) in the words pmlmctl shows them with, in this order.
 COUNT_WORDS = (("succeeded", "succeeded"), ("failed", "failed"), ("given_up", "given up"),
-               ("cancelled", "cancelled"), ("running", "running"), ("paused", "paused"), ("queued", "queued"))
+               ("cancelled", "cancelled"), ("returned", "returned to the queue"), ("running", "running"),
+               ("paused", "paused"), ("queued", "queued"))
 
 
 def _printable(text: str) -> str:
@@ -928,6 +968,13 @@ def _batch_details(b: dict) -> list[str]:
              ("ended", _local_time(b.get("ended"), True)), ("elapsed", _duration(b.get("elapsed_s")))]
     if b.get("scope"):
         rows.append(("scope", b["scope"] + (f" (freezer: {b['freezer']})" if b.get("freezer") else "")))
+    intake = b.get("intake")
+    if intake:
+        state = intake["state"] + (f": {intake['detail']}" if intake.get("detail") else "")
+        rows += [("queue", f"{intake['queue']} at {intake['broker']}" + (", until empty" if intake["until_empty"]
+                                                                         else "")),
+                 ("intake", f"{state}; {intake['consumed']} consumed, {intake['acked']} acked, {intake['returned']} "
+                            f"returned, {intake['dead_lettered']} dead-lettered, {intake['in_flight']} in flight")]
     return [_printable(f"{key:<9} {value}") for key, value in rows]
 
 

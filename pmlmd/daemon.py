@@ -28,7 +28,7 @@ import zmq
 from . import __version__, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch,
-                    BatchSpec, iso)
+                    BatchSpec, IntakeSpec, iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
 from .output import TaskFiles
@@ -36,7 +36,8 @@ from .joblog import Joblog
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
-from .summary import STATE_FAILED, BatchSummary, summarize
+from .intake import where as intake_where
+from .summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
 from .systemd import Notifier, setup_logging
 from .outbox import Outboxes
 from .units import format_size
@@ -513,7 +514,14 @@ class Daemon:
         self.engine.runs.pop(run.id, None)
 
     def _resume(self, stored: StoredBatch, run: BatchRun) -> None:
-        """Adopt a restored batch's workers that still run and hand the batch to the engine."""
+        """Adopt a restored batch's workers that still run and hand the batch to the engine.
+
+        A queue batch's tasks that had not ended went back to their queue when the previous pmlmd's
+        broker connection closed (the broker redelivers what was not acked): they end ``returned``
+        here, and their workers, still running, are terminated, since another node (or this one)
+        runs them again."""
+        if run.batch.spec.open_ended:
+            self._return_unsettled(stored, run)
         for task, attempt, start_ticks in stored.open_attempts:
             child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
             if child is None:
@@ -537,6 +545,27 @@ class Daemon:
         # Its last task may have ended just before the previous pmlmd stopped, before the batch was
         # marked finished: with nothing queued and no worker, nothing else would ever finish it.
         self.engine._finish_if_done(run)
+
+    def _return_unsettled(self, stored: StoredBatch, run: BatchRun) -> None:
+        batch = run.batch
+        returned = list(batch.queue)
+        batch.cancel_queued()  # a queue batch's queued tasks end returned
+        reason = "its message went back to its queue when pmlmd stopped"
+        for task, attempt, start_ticks in stored.open_attempts:
+            child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
+            attempt.reason = reason
+            if child is not None:
+                procctl.signal_group(child.pid, signal.SIGTERM)
+                procctl.signal_group(child.pid, signal.SIGCONT)
+                os.close(child.pidfd)
+            batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
+            self.store.attempt_ended(run.id, task, attempt)
+        stored.open_attempts = []
+        if returned:
+            self.store.tasks_changed(run.id, returned)
+        if returned or batch.status_counts["returned"]:
+            log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped", run.id,
+                     batch.status_counts["returned"], batch.spec.intake.queue, extra={"BATCH_ID": run.id})
 
     def _run_from(self, stored: StoredBatch) -> BatchRun:
         """The batch of a stored record, held to the rules a submit is held to today; raises Unrestorable."""
@@ -622,7 +651,10 @@ class Daemon:
                          pause_mode=args.get("pause_mode") or "signal",
                          agent_timeout=args.get("agent_timeout") or 5.0, timeout=args["timeout"],
                          halt=args["halt"], halt_fail=args["halt_fail"], halt_fail_pct=args["halt_fail_pct"],
-                         append=args["append"])
+                         append=args["append"],
+                         intake=None if args.get("amqp") is None else IntakeSpec(
+                             url=args["amqp"], queue=args["queue"], until_empty=args["until_empty"],
+                             dead_letter=args["dead_letter"]))
 
     @staticmethod
     def _open_joblog(path: str, owner: procctl.Credentials | None, umask: int | None, append: bool) -> Joblog:
@@ -652,7 +684,9 @@ class Daemon:
         if kind == "sample":
             return
         run = self.engine.runs.get(event.get("batch"))
-        if kind == "start" and run is not None:
+        if kind == "added" and run is not None:
+            self.store.task_added(run.id, run.batch.tasks[event["task"]])
+        elif kind == "start" and run is not None:
             task = run.batch.tasks[event["task"]]
             self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
         elif kind == "end" and run is not None:
@@ -800,7 +834,8 @@ class Daemon:
         try:
             seq = self.store.next_seq()
             batch_id = str(seq)
-            lines = args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
+            lines = [] if args.get("amqp") else \
+                args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
             spec = self._spec(batch_id, args, lines)
             now = time.time()
             batch = Batch(spec, now)
@@ -821,8 +856,10 @@ class Daemon:
                        description=self._description(batch_id, args["name"], uid), umask=args["umask"],
                        rlimits=self._worker_rlimits(batch_id, owner), results=args["results"])
         self._add(run)
-        log.info("batch %s %s by uid %d: %d tasks of %s", batch_id, "submitted" if req == "submit" else
-                 f"retried (tasks of batch {(extra or {}).get('of')})", peer[0], len(lines), spec.command,
+        source = f"tasks from queue {spec.intake.queue} at {intake_where(spec.intake.url)}" if spec.intake else \
+            f"{len(lines)} tasks"
+        log.info("batch %s %s by uid %d: %s of %s", batch_id, "submitted" if req == "submit" else
+                 f"retried (tasks of batch {(extra or {}).get('of')})", peer[0], source, spec.command,
                  extra={"BATCH_ID": batch_id})
         lowered = lowered_rlimits(self.carried[batch_id], run.rlimits)
         if lowered:
@@ -953,7 +990,7 @@ class Daemon:
                          priority=run.priority, held=run.held,
                          paused_workers=self.engine.count(PAUSED, run) + self.engine.count(HELD, run),
                          scope=scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
-                         freezer=self.scopes.freezer_state(run.id) if live else None)
+                         freezer=self.scopes.freezer_state(run.id) if live else None, intake=intake_status(run))
 
     def _finished_summaries(self, batch_id: str | None = None) -> list[BatchSummary]:
         """The stored summaries of finished batches (of one, with ``batch_id``), owners named."""
@@ -1289,6 +1326,21 @@ def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict
             "exit_status": 1, "limits": None, "counts": counts, "lowest_free_memory_bytes": None,
             "lowest_free_memory_pct": None, "highest_cpu_pct": None, "cpu_pct": None, "free_memory_pct": None,
             "tasks": []}
+
+
+def intake_status(run: BatchRun) -> IntakeStatus | None:
+    """What status shows of a queue batch's intake (summary.IntakeStatus); None for other batches."""
+    spec = run.batch.spec.intake
+    if spec is None:
+        return None
+    if run.intake is None:  # not handed to the engine (yet)
+        return IntakeStatus(broker=intake_where(spec.url), queue=spec.queue, state="closed", detail=None, consumed=0,
+                            acked=0, returned=0, dead_lettered=0, in_flight=0, until_empty=spec.until_empty)
+    d = run.intake.describe()
+    state = d["state"] if run.intake_done is None or d["state"] == "closed" else f"closing ({run.intake_done})"
+    return IntakeStatus(broker=d["broker"], queue=d["queue"], state=state, detail=d["detail"], consumed=d["consumed"],
+                        acked=d["acked"], returned=d["returned"], dead_lettered=d["dead_lettered"],
+                        in_flight=len(run.deliveries), until_empty=spec.until_empty)
 
 
 def user_name(uid: int | None) -> str | None:

@@ -24,8 +24,9 @@ from typing import Callable
 import zmq
 
 from . import lineage, procctl, tasklines
-from .batch import (HALT_NOW, QUEUED, CAUSE_CANCELLED, CAUSE_CWD, CAUSE_DAEMON_RESTART, CAUSE_EXIT,
-                    CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT, Attempt, Batch, Task)
+from .batch import (FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
+                    CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT,
+                    Attempt, Batch, Task, describe_end)
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
@@ -56,6 +57,11 @@ AGENT_PAUSE_GRACE = 1.0
 AGENT_PAUSE_MAX_CPU = 10.0
 AGENT_PAUSE_MAX_GROWTH = 4 << 20
 NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped with SIGSTOP"
+# A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
+# broker's. What the governor admits becomes its credit, the deliveries it may hold.
+OPEN_DEMAND = 1 << 20
+GIVE_BACK_AFTER = 1.0  # seconds a delivery may wait for admission before it goes back to its queue
+CAUSE_BAD_MESSAGE = "bad-message"  # a message that cannot be a task line (a NUL byte): dead-lettered
 
 
 class Loop:
@@ -143,6 +149,10 @@ class BatchRun:
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
     halted: bool = False  # the engine has acted on the batch's --halt
+    intake: object | None = None  # intake.Intake of a queue batch, made by Engine.add
+    deliveries: dict = field(default_factory=dict)  # task index -> intake.Delivery, until it is settled
+    intake_done: str | None = None  # why the batch takes no more messages (--until-empty, a cancel)
+    intake_closing: bool = False  # asked the intake to close
 
     @property
     def id(self) -> str:
@@ -252,6 +262,13 @@ class Engine:
             run.seq = self._seq
         self.runs[run.id] = run
         self.next_sample_at = 0.0
+        spec = run.batch.spec.intake
+        if spec is not None and run.intake is None:
+            from .intake import Intake  # pika: only for a queue batch
+
+            run.intake = Intake(spec.url, spec.queue, dead_letter=spec.dead_letter, watch_depth=spec.until_empty)
+            self.loop.watch(run.intake.fileno(), lambda: self._on_intake(run))
+            run.intake.start()
         return run
 
     def busy(self) -> bool:
@@ -262,6 +279,7 @@ class Engine:
         if run.batch.cancel_reason is None:
             run.batch.cancel_reason = reason
         run.batch.cancel_queued()
+        self._settle(run)
         if running:
             self._stop_workers(run, f"batch cancelled ({reason})")
         self._finish_if_done(run)
@@ -354,8 +372,13 @@ class Engine:
         if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample)
+        # Queue batches: the deliveries their running tasks hold before this step's spawns.
+        holding = {run.id: _running_deliveries(run) for run in self.runs.values() if run.intake is not None}
         for decision in decisions:
             self._apply(decision, sample)
+        for run in list(self.runs.values()):
+            if run.id in holding:
+                self._credit(run, decisions, holding[run.id])
         self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
                        "running": self.count(RUNNING), "paused": self.count(PAUSED)})
@@ -370,7 +393,8 @@ class Engine:
         self.next_sample_at = sample.time + interval
 
     def _admission_order(self) -> list[BatchRun]:
-        runs = [r for r in self.runs.values() if r.batch.queue and not r.held and r.batch.cancel_reason is None]
+        runs = [r for r in self.runs.values()
+                if (r.batch.queue or self._taking(r)) and not r.held and r.batch.cancel_reason is None]
         return sorted(runs, key=lambda r: (-r.priority, r.seq))
 
     def _workload(self, run: BatchRun) -> Workload:
@@ -385,7 +409,8 @@ class Engine:
                 cpu_sum += w.cpu
                 cpu_n += 1
         room = None if run.max_workers is None else max(0, run.max_workers - len(mine))
-        return Workload(queued=len(run.batch.queue), avg_rss=rss_sum / rss_n if rss_n else None,
+        queued = len(run.batch.queue) + (OPEN_DEMAND if self._taking(run) else 0)
+        return Workload(queued=queued, avg_rss=rss_sum / rss_n if rss_n else None,
                         avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room)
 
     def _decide(self, sample: NodeSample) -> list[Decision]:
@@ -487,20 +512,24 @@ class Engine:
     def _apply(self, d: Decision, sample: NodeSample) -> None:
         if d.action == SPAWN:
             run = self.runs.get(d.batch)
+            spawned = 0
             if run is not None:
                 for _ in range(min(d.count, self._spawn_room())):
                     if not run.batch.queue or time.monotonic() < self.spawn_blocked_until:
                         break
                     self._spawn(run, run.batch.next_task())
-            self._record(d, sample, None, run)
+                    spawned += 1
+            if spawned or run is None or run.intake is None:  # a queue batch's admission is its credit (_credit)
+                self._record(d, sample, None, run)
             return
         if d.action == CRITICAL:
             self._record(d, sample, None, None)
             if self.critical_finish:
                 for run in list(self.runs.values()):
-                    if run.batch.queue:
+                    if run.batch.queue or self._taking(run):
                         run.batch.critical_reason = d.reason
                         run.batch.cancel_queued()
+                        self._settle(run)
                         self._finish_if_done(run)
             return
         pid, start_ticks = d.worker
@@ -708,6 +737,7 @@ class Engine:
             run.batch.end_attempt(task, attempt, attempt.start, cause)
             self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
                            "cause": cause, "status": task.status, "reason": attempt.reason})
+            self._settle(run)
             self._finish_if_done(run)
             return
         if gate_r is not None:
@@ -863,6 +893,7 @@ class Engine:
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
         run.batch.end_attempt(w.task, a, now, cause)
+        self._settle(run)
         if self.output is not None:
             self.output.ended(run, w.task, a)
         self.on_event({"event": "end", "batch": run.id, "task": w.task.index, "attempt": a.number,
@@ -883,6 +914,12 @@ class Engine:
         self._halt_if_due(run)
         if run.batch.queue or any(w.run is run for w in self.workers.values()) or run.id not in self.runs:
             return
+        if run.intake is not None and not run.intake.closed:
+            # Open until it takes no more and holds nothing; then it finishes once the intake has closed.
+            if not self._taking(run) and not run.held and not run.deliveries and not run.intake_closing:
+                run.intake_closing = True
+                run.intake.close()
+            return
         run.batch.finished = time.time()
         self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
                        "summary": run.batch.summary_line()})
@@ -902,6 +939,127 @@ class Engine:
         self.on_event({"event": "halted", "batch": run.id, "reason": reason})
         if run.batch.spec.halt == HALT_NOW:
             self._stop_workers(run, f"batch {reason}")
+
+    # --- queue batches (see intake) --------------------------------------------------------
+    def _taking(self, run: BatchRun) -> bool:
+        """Whether a queue batch still takes messages (admission counts it as wanting workers)."""
+        b = run.batch
+        return (run.intake is not None and run.intake_done is None and not run.intake_closing
+                and b.cancel_reason is None and b.halt_reason is None and b.critical_reason is None)
+
+    def _on_intake(self, run: BatchRun) -> None:
+        intake = run.intake
+        for event in intake.events():
+            if event.kind == "delivery":
+                self._delivered(run, event.delivery)
+            elif event.kind == "depth":
+                spec = run.batch.spec.intake
+                if (spec.until_empty and event.depth == 0 and not run.deliveries and not run.batch.queue
+                        and run.intake_done is None):
+                    run.intake_done = "its queue is empty"
+                    log.info("batch %s: queue %s is empty and nothing is in flight: taking no more", run.id,
+                             spec.queue, extra={"BATCH_ID": run.id})
+                    self._finish_if_done(run)
+            elif event.kind == "state":
+                self.on_event({"event": "intake", "batch": run.id, "state": event.state, "detail": event.detail})
+            elif event.kind == "closed":
+                self.loop.unwatch(intake.fileno())
+                self._finish_if_done(run)
+
+    def _delivered(self, run: BatchRun, d) -> None:
+        intake = run.intake
+        if not self._taking(run):  # it came while the batch stopped taking: for another node
+            intake.give_back(d)
+            return
+        line = tasklines.text(d.body)
+        message = {"message_id": d.message_id, "redelivered": d.redelivered}
+        task = run.batch.add_task(line, message, governor_ends=d.terminations)
+        run.deliveries[task.index] = d
+        self.on_event({"event": "added", "batch": run.id, "task": task.index})
+        if "\0" in line:  # exec could not take it: not a task line, whichever node tries
+            attempt = run.batch.fail_unrunnable(task, time.time(), CAUSE_BAD_MESSAGE,
+                                                "the message body holds a NUL byte: it cannot be a task line")
+            self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
+                           "cause": CAUSE_BAD_MESSAGE, "status": task.status, "reason": attempt.reason})
+            self._settle(run)
+            self._finish_if_done(run)
+            return
+        self.next_sample_at = 0.0  # admit it now if there is room
+
+    def _credit(self, run: BatchRun, decisions: list[Decision], running: int) -> None:
+        """A queue batch's credit after a governor step: the deliveries its ``running`` tasks held
+        before the step plus what the governor admitted for it in the step (the spawns of the
+        step came out of that). Deliveries that waited GIVE_BACK_AFTER for admission beyond the
+        credit go back to the queue, for a node with room."""
+        intake = run.intake
+        if not self._taking(run) or run.held:
+            intake.set_credit(len(run.deliveries) if run.held else 0)
+            return
+        admitted = sum(d.count for d in decisions if d.action == SPAWN and d.batch == run.id)
+        credit = running + admitted
+        before = intake.credit
+        intake.set_credit(max(credit, 0))
+        if credit != before:
+            log.debug("batch %s: intake credit %d (%d running, %d admitted)", run.id, credit, running, admitted,
+                      extra={"BATCH_ID": run.id, "INTAKE_CREDIT": str(credit)})
+        excess = len(run.deliveries) - credit
+        if excess <= 0:
+            return
+        now = time.monotonic()
+        for task in reversed(list(run.batch.queue)):
+            if excess <= 0:
+                break
+            d = run.deliveries.get(task.index)
+            if d is not None and now - d.received >= GIVE_BACK_AFTER:
+                run.batch.queue.remove(task)
+                task.status = RETURNED
+                excess -= 1
+                self.on_event({"event": "returned", "batch": run.id, "task": task.index,
+                               "reason": "waited for admission: back to its queue"})
+        self._settle(run)
+        self._finish_if_done(run)
+
+    def _settle(self, run: BatchRun) -> None:
+        """Settle the deliveries of a queue batch's tasks whose outcome is final (see intake)."""
+        if not run.deliveries:
+            return
+        intake, tasks = run.intake, run.batch.tasks
+        for index in [i for i in run.deliveries if tasks[i].status in FINISHED]:
+            d, task = run.deliveries.pop(index), tasks[index]
+            last = task.attempts[-1] if task.attempts else None
+            if task.status == SUCCEEDED:
+                intake.ack(d)
+                settled = "acked"
+            elif task.status == RETURNED and last is not None and last.cause == CAUSE_GOVERNOR_MEMORY:
+                intake.send_back(d, task.governor_ends)
+                settled = "sent back"
+            elif task.status == RETURNED:
+                intake.give_back(d)
+                settled = "given back"
+            else:
+                cause = task.status if task.status != FAILED or last is None else last.cause
+                reason = describe_end(task, run.batch.spec) + (f": {last.reason}" if last and last.reason else "")
+                intake.dead_letter(d, cause, reason, task.governor_ends)
+                settled = "dead-lettered"
+            task.message["settled"] = settled
+            if settled in ("acked", "dead-lettered"):  # final: a task sent back runs again somewhere
+                intake.reply(d, self._outcome(run, task, settled))
+
+    @staticmethod
+    def _outcome(run: BatchRun, task: Task, settled: str) -> dict:
+        """The result a queue batch publishes to a message's reply_to: the older tool's execution
+        fields (task_id, error, critical, message) and what pmlmd knows of the task."""
+        last = task.attempts[-1] if task.attempts else None
+        ok = task.status == SUCCEEDED
+        message = "succeeded" if ok else describe_end(task, run.batch.spec)
+        if last is not None and last.reason and not ok:
+            message += f": {last.reason}"
+        return {"task_id": task.message.get("message_id"), "error": not ok, "critical": False, "message": message,
+                "status": task.status, "settled": settled, "exit_status": last.exit_code if last else None,
+                "signal": last.signal if last else None, "attempts": len(task.attempts),
+                "cause": last.cause if last else None, "node": run.intake.node, "batch": run.id,
+                "task_index": task.index,
+                "duration_s": round(last.end - last.start, 3) if last and last.end is not None else None}
 
     # --- stopping ------------------------------------------------------------------------
     def abandon(self) -> None:
@@ -948,6 +1106,12 @@ class Engine:
                        "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
                        "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
+
+
+def _running_deliveries(run: BatchRun) -> int:
+    """How many of a queue batch's held deliveries belong to tasks that have left its local queue."""
+    queued = sum(1 for task in run.batch.queue if task.index in run.deliveries)
+    return len(run.deliveries) - queued
 
 
 @dataclass

@@ -154,6 +154,17 @@ argument           type                                                default
 ``env``            object of string to string: the workers'            ``{}``
                    environment; names non-empty, without ``=``;
                    names and values are bytes (see "Bytes")
+``amqp``           string of at most 2048 characters: take the tasks    null
+                   from a queue of this AMQP 0-9-1 broker
+                   (``amqp://USER:PASSWORD@HOST:PORT/VHOST``), one
+                   per message body; the batch is open-ended (see
+                   pmlmd.intake); needs ``queue``, and no
+                   ``task_lines``
+``queue``          string of 1 to 255 bytes: the queue (it must exist)  null
+``until_empty``    boolean: end once the queue is empty and no task     false
+                   of the batch is in flight (else: until cancelled)
+``dead_letter``    string: an exchange for tasks that failed or were    null (nack without
+                   given up, with ``x-pmlm-cause`` headers              requeue)
 =================  ==================================================  =====================
 
 Give at most one of ``tasks`` and ``task_lines``; giving both is ``bad-field``. The range
@@ -472,6 +483,10 @@ _SCHEMAS: dict[str, _Schema] = {
             "cwd": _Field(_PATH, required=True, carries_bytes=True),
             "results": _opt(_PATH, carries_bytes=True),
             "env": _Field(_STR_MAP, default={}, carries_bytes=True),
+            "amqp": _opt(_STR, max_chars=2048),
+            "queue": _opt(_STR, max_chars=255),
+            "until_empty": _Field(_BOOL, default=False),
+            "dead_letter": _opt(_STR, max_chars=255),
         },
         one_of=("tasks", "task_lines"),
         one_of_default=("tasks", 1),
@@ -698,7 +713,32 @@ def _check_args(req: str, schema: _Schema, given: dict) -> dict:
 
 def _check_submit(req: str, args: dict) -> None:
     _check_halt(req, args)
+    _check_intake(req, args)
     _check_exec_fits(req, args)
+
+
+def _check_intake(req: str, args: dict) -> None:
+    """``amqp`` takes ``queue`` (and tasks from there: no ``task_lines``); the queue options need it."""
+    if args["amqp"] is None:
+        given = [name for name in ("queue", "dead_letter") if args[name] is not None]
+        given += ["until_empty"] if args["until_empty"] else []
+        if given:
+            raise ProtocolError(BAD_FIELD, f"{req}: {given[0]!r} is given without 'amqp': give the broker's URL in "
+                                           f"'amqp' too, or leave {given[0]!r} out")
+        return
+    if args["queue"] is None:
+        raise ProtocolError(BAD_FIELD, f"{req}: 'amqp' needs 'queue': the queue to take the tasks from")
+    if args["task_lines"] is not None:
+        raise ProtocolError(BAD_FIELD, f"{req}: 'amqp' takes the tasks from the queue: leave 'task_lines' out")
+    from .intake import URLError, check_name, check_url  # pika: only for a queue batch
+
+    try:
+        check_url(args["amqp"])
+        check_name(args["queue"], "queue")
+        if args["dead_letter"] is not None:
+            check_name(args["dead_letter"], "dead-letter exchange")
+    except URLError as e:
+        raise ProtocolError(BAD_FIELD, f"{req}: {e}") from None
 
 
 def _check_halt(req: str, args: dict) -> None:

@@ -47,7 +47,7 @@ from .summary import BatchSummary, from_record
 
 log = logging.getLogger("pmlmd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MARKER = "last-batch-id"  # the highest batch id that may have been handed out; written atomically
 BACKUP = "state.db.backup"
 START_EMPTY = "start-empty"  # asks a start to go on with an empty state over a lost one
@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     status TEXT NOT NULL,
     governor_ends INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
+    message TEXT,                    -- JSON: a queue batch's task's message (Task.message)
     PRIMARY KEY (batch_id, idx)
 );
 CREATE TABLE IF NOT EXISTS attempts (
@@ -105,8 +106,10 @@ CREATE INDEX IF NOT EXISTS batches_state ON batches(state, finished);
 """
 
 # What takes a database of each older schema version to the next one. Version 1 had no summary
-# column: its finished batches are summarized from their reports (summary.from_record).
-MIGRATIONS = {1: ("ALTER TABLE batches ADD COLUMN summary TEXT",)}
+# column: its finished batches are summarized from their reports (summary.from_record). Version 2
+# had no queue batches (see intake), so no task message.
+MIGRATIONS = {1: ("ALTER TABLE batches ADD COLUMN summary TEXT",),
+              2: ("ALTER TABLE tasks ADD COLUMN message TEXT",)}
 
 
 class StoreError(Exception):
@@ -549,8 +552,20 @@ class Store:
             self._task_row(batch_id, task)
 
     def _task_row(self, batch_id: str, task: Task) -> None:
-        self.db.execute("UPDATE tasks SET status=?, governor_ends=?, failures=? WHERE batch_id=? AND idx=?",
-                        (task.status, task.governor_ends, task.failures, batch_id, task.index))
+        self.db.execute("UPDATE tasks SET status=?, governor_ends=?, failures=?, message=? WHERE batch_id=? AND idx=?",
+                        (task.status, task.governor_ends, task.failures, _message_json(task), batch_id, task.index))
+
+    def task_added(self, batch_id: str, task: Task) -> None:
+        """A queue batch's new task (see intake), queued."""
+        def write():
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("INSERT OR REPLACE INTO tasks (batch_id, idx, line, status, governor_ends, message) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                (batch_id, task.index, _line_value(task.line), task.status, task.governor_ends,
+                                 _message_json(task)))
+
+        self._write(("task", batch_id, task.index), write)
 
     def tasks_changed(self, batch_id: str, tasks: list[Task]) -> None:
         """Record the status of many tasks at once (a cancel marks the queue cancelled)."""
@@ -682,8 +697,9 @@ class Store:
         _need(_text(cancel_reason), "its cancel reason", cancel_reason)
 
         tasks = []
-        for idx, line, status, governor_ends, failures in self.db.execute(
-                "SELECT idx, line, status, governor_ends, failures FROM tasks WHERE batch_id=? ORDER BY idx", (bid,)):
+        for idx, line, status, governor_ends, failures, message in self.db.execute(
+                "SELECT idx, line, status, governor_ends, failures, message FROM tasks WHERE batch_id=? ORDER BY idx",
+                (bid,)):
             _need(idx == len(tasks) and _int(idx, 0, MAX_INT64), f"the index of its task number {len(tasks)}", idx)
             _need(_text(line) or isinstance(line, bytes), f"the line of task {idx}", line)
             if isinstance(line, bytes):
@@ -693,8 +709,17 @@ class Store:
             _need(status in TASK_STATES, f"the status of task {idx}", status)
             _need(_int(governor_ends, 0, MAX_INT64) and _int(failures, 0, MAX_INT64),
                   f"the termination and failure counts of task {idx}", (governor_ends, failures))
-            tasks.append(Task(index=idx, line=line, status=status, governor_ends=governor_ends, failures=failures))
-        _need(0 < len(tasks) <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})", len(tasks))
+            if message is not None:
+                _need(isinstance(message, str), f"the message of task {idx}", message)
+                message = json.loads(message)
+                _need(isinstance(message, dict) and set(message) <= MESSAGE_KEYS, f"the message of task {idx}",
+                      message)
+            tasks.append(Task(index=idx, line=line, status=status, governor_ends=governor_ends, failures=failures,
+                              message=message))
+        # A queue batch takes its tasks as messages come: none at first, and no cap over its life.
+        if submission.get("amqp") is None:
+            _need(0 < len(tasks) <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})",
+                  len(tasks))
 
         open_attempts = []
         for (idx, number, pid, start_ticks, start, end, exit_code, sig, cause, reason, peak_rss, cpu_seconds,
@@ -863,6 +888,13 @@ class Store:
     def _last_seq(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         return int(row[0]) if row else 0
+
+
+MESSAGE_KEYS = {"message_id", "redelivered", "settled"}
+
+
+def _message_json(task: Task) -> str | None:
+    return None if task.message is None else json.dumps(task.message)
 
 
 def _space_trouble(e: Exception, state_dir: str) -> bool:

@@ -14,6 +14,8 @@ The counts say where each task stands, once: they add up to the number of tasks.
 ``failed``      failed on its own (and its --retry-failed budget was spent), or could not start
 ``given_up``    terminated by the governor more than --retries times
 ``cancelled``   cancelled before or while it ran
+``returned``    a queue batch's task whose message went back to its queue, for any node: the
+                governor ended it (within --retries), or the batch was cancelled or restarted
 ``running``     its worker is alive (also while pmlmd ends it) and not paused
 ``paused``      its worker is alive and paused, by the governor or by ``pmlmctl pause``
 ``queued``      waiting for a worker: not started yet, or between attempts (requeued)
@@ -41,9 +43,10 @@ import math
 from dataclasses import asdict, astuple, dataclass, replace
 from typing import Any, Iterable, Mapping
 
-from .batch import CANCELLED, FAILED, GIVEN_UP, QUEUED, RUNNING, SUCCEEDED, Batch, iso
+from .batch import CANCELLED, FAILED, GIVEN_UP, QUEUED, RETURNED, RUNNING, SUCCEEDED, Batch, iso
 
-SUMMARY_VERSION = 1
+# 2 added the count ``returned`` and ``intake``; a stored version 1 reads as having neither.
+SUMMARY_VERSION = 2
 
 # Batch states
 STATE_QUEUED = "queued"
@@ -69,6 +72,7 @@ class Counts:
     running: int = 0
     paused: int = 0
     queued: int = 0
+    returned: int = 0
 
     @property
     def total(self) -> int:
@@ -84,6 +88,39 @@ class Counts:
 
 
 COUNT_FIELDS = tuple(Counts.__dataclass_fields__)
+COUNT_FIELDS_V1 = tuple(name for name in COUNT_FIELDS if name != "returned")
+
+
+@dataclass(frozen=True)
+class IntakeStatus:
+    """A queue batch's intake (see intake): where from, how it stands, what it did so far."""
+
+    broker: str  # host:port/vhost (never the URL's user or password)
+    queue: str
+    state: str  # connecting, consuming, paused by a limit, waiting for broker, closed
+    detail: str | None  # why it waits for the broker
+    consumed: int  # messages taken
+    acked: int  # acknowledged: their task succeeded
+    returned: int  # given or sent back to the queue
+    dead_lettered: int  # failed or given up: to the dead-letter exchange
+    in_flight: int  # held unacknowledged now: running or about to
+    until_empty: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> IntakeStatus | None:
+        if data is None:
+            return None
+        names = tuple(cls.__dataclass_fields__)
+        _check(isinstance(data, dict) and set(data) == set(names), "intake", data)
+        for key in ("consumed", "acked", "returned", "dead_lettered", "in_flight"):
+            _check(_is_int(data[key]) and data[key] >= 0, f"intake {key}", data[key])
+        for key in ("broker", "queue", "state"):
+            _check(isinstance(data[key], str), f"intake {key}", data[key])
+        _check(_opt_str(data["detail"]) and isinstance(data["until_empty"], bool), "intake", data)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -110,6 +147,7 @@ class BatchSummary:
     elapsed_s: float | None  # from created to ended, or to now while it is live
     scope: str | None = None  # its systemd scope, if it runs in one
     freezer: str | None = None  # the scope's FreezerState while the batch is live
+    intake: IntakeStatus | None = None  # a queue batch's
 
     @property
     def tasks(self) -> int:
@@ -129,14 +167,18 @@ class BatchSummary:
                 "state": self.state, "tasks": self.tasks, "counts": self.counts.to_json(),
                 "terminated_attempts": self.terminated_attempts, "requeued_attempts": self.requeued_attempts,
                 "exit_status": self.exit_status, "created": self.created, "started": self.started,
-                "ended": self.ended, "elapsed_s": self.elapsed_s, "scope": self.scope, "freezer": self.freezer}
+                "ended": self.ended, "elapsed_s": self.elapsed_s, "scope": self.scope, "freezer": self.freezer,
+                "intake": None if self.intake is None else self.intake.to_json()}
 
     @classmethod
     def from_json(cls, data: Any) -> BatchSummary:
         """A summary as ``to_json`` wrote it; ValueError, saying what is wrong, for anything else."""
-        _check(isinstance(data, dict) and set(data) == set(_JSON_KEYS), "its keys", data)
-        _check(data["summary_version"] == SUMMARY_VERSION and _is_int(data["summary_version"]), "its version",
-               data["summary_version"])
+        _check(isinstance(data, dict) and data.get("summary_version") in (1, SUMMARY_VERSION)
+               and _is_int(data["summary_version"]), "its version", data.get("summary_version") if
+               isinstance(data, dict) else data)
+        version = data["summary_version"]
+        keys, count_fields = (_JSON_KEYS_V1, COUNT_FIELDS_V1) if version == 1 else (_JSON_KEYS, COUNT_FIELDS)
+        _check(set(data) == set(keys), "its keys", data)
         _check(isinstance(data["batch"], str), "its batch id", data["batch"])
         owner = data["owner"]
         _check(isinstance(owner, dict) and set(owner) == {"user", "uid"} and _opt_int(owner["uid"])
@@ -146,11 +188,14 @@ class BatchSummary:
                "its command", command)
         _check(data["state"] in STATES, "its state", data["state"])
         counts = data["counts"]
-        _check(isinstance(counts, dict) and set(counts) == set(COUNT_FIELDS)
+        _check(isinstance(counts, dict) and set(counts) == set(count_fields)
                and all(_is_int(v) and v >= 0 for v in counts.values()), "its counts", counts)
         counts = Counts(**counts)
         _check(data["tasks"] == counts.total and _is_int(data["tasks"]), "its number of tasks", data["tasks"])
-        _check((counts.pending == 0) == (data["state"] in ENDED_STATES), "its state for its counts", data["state"])
+        # A live queue batch may have no task pending: its intake waits for messages.
+        _check((counts.pending == 0) == (data["state"] in ENDED_STATES) or
+               (data.get("intake") is not None and data["state"] in LIVE_STATES), "its state for its counts",
+               data["state"])
         for key in ("terminated_attempts", "requeued_attempts"):
             _check(_is_int(data[key]) and data[key] >= 0, key, data[key])
         for key in ("priority", "exit_status"):
@@ -166,19 +211,20 @@ class BatchSummary:
                    requeued_attempts=data["requeued_attempts"], exit_status=data["exit_status"],
                    created=data["created"], started=data["started"], ended=data["ended"],
                    elapsed_s=None if elapsed is None else float(elapsed), scope=data["scope"],
-                   freezer=data["freezer"])
+                   freezer=data["freezer"], intake=IntakeStatus.from_json(data.get("intake")))
 
 
 _JSON_KEYS = ("summary_version", "batch", "name", "owner", "command", "priority", "state", "tasks", "counts",
               "terminated_attempts", "requeued_attempts", "exit_status", "created", "started", "ended", "elapsed_s",
-              "scope", "freezer")
+              "scope", "freezer", "intake")
+_JSON_KEYS_V1 = _JSON_KEYS[:-1]
 
 
 def task_counts(statuses: Iterable[str], paused_workers: int = 0) -> Counts:
     """Where the tasks stand, from their statuses (batch.Task.status) and how many of the batch's
     workers stand paused (by the governor or a user); a status the bookkeeping does not know
     counts as failed, as it does in a record marked failed."""
-    found = {SUCCEEDED: 0, FAILED: 0, GIVEN_UP: 0, CANCELLED: 0, RUNNING: 0, QUEUED: 0}
+    found = {SUCCEEDED: 0, FAILED: 0, GIVEN_UP: 0, CANCELLED: 0, RETURNED: 0, RUNNING: 0, QUEUED: 0}
     other = 0
     # A mapping of status -> count (Batch.status_counts), or the statuses one by one.
     pairs = statuses.items() if isinstance(statuses, Mapping) else ((status, 1) for status in statuses)
@@ -189,21 +235,23 @@ def task_counts(statuses: Iterable[str], paused_workers: int = 0) -> Counts:
             other += number
     paused = min(max(paused_workers, 0), found[RUNNING])
     return Counts(succeeded=found[SUCCEEDED], failed=found[FAILED] + other, given_up=found[GIVEN_UP],
-                  cancelled=found[CANCELLED], running=found[RUNNING] - paused, paused=paused, queued=found[QUEUED])
+                  cancelled=found[CANCELLED], running=found[RUNNING] - paused, paused=paused, queued=found[QUEUED],
+                  returned=found[RETURNED])
 
 
 def batch_state(counts: Counts, *, held: bool = False, stopping: bool = False, critical: bool = False,
-                marked_failed: bool = False) -> str:
+                marked_failed: bool = False, intake_open: bool = False) -> str:
     """The batch's state (see the module's docstring).
 
     ``held``: paused by a user; ``stopping``: cancelled, no task starts any more; ``critical``:
     a critical finish; ``marked_failed``: the batch failed whatever its tasks say (its record
-    could not be restored).
+    could not be restored); ``intake_open``: a queue batch that may still take tasks.
     """
-    if counts.pending == 0:
+    if counts.pending == 0 and not intake_open:
         if critical or marked_failed or counts.failed or counts.given_up:
             return STATE_FAILED
-        return STATE_CANCELLED if counts.cancelled else STATE_FINISHED
+        # A queue batch's tasks go back to its queue when it is cancelled (see intake).
+        return STATE_CANCELLED if counts.cancelled or (stopping and counts.returned) else STATE_FINISHED
     if stopping or critical or counts.cancelled:
         return STATE_FINISHING
     if held:
@@ -213,7 +261,7 @@ def batch_state(counts: Counts, *, held: bool = False, stopping: bool = False, c
 
 def summarize(batch: Batch, *, now: float, owner_uid: int | None = None, owner_user: str | None = None,
               priority: int | None = None, held: bool = False, paused_workers: int = 0, scope: str | None = None,
-              freezer: str | None = None) -> BatchSummary:
+              freezer: str | None = None, intake: IntakeStatus | None = None) -> BatchSummary:
     """The summary of a batch, live or ended, at wall-clock time ``now``.
 
     ``paused_workers``: how many of its workers stand paused (the engine's PAUSED and HELD);
@@ -225,15 +273,19 @@ def summarize(batch: Batch, *, now: float, owner_uid: int | None = None, owner_u
     return BatchSummary(
         batch=batch.spec.batch_id, name=batch.spec.task_id, owner=Owner(owner_uid, owner_user),
         command=tuple(batch.spec.command), priority=priority,
-        state=batch_state(counts, held=held,
+        # A queue batch ends by a cancel as a rule: then it is cancelled, whatever its tasks did.
+        state=STATE_CANCELLED if (ended is not None and batch.spec.open_ended and batch.cancel_reason is not None
+                                  and not (counts.failed or counts.given_up)) else batch_state(counts, held=held,
                           stopping=batch.cancel_reason is not None or batch.halt_reason is not None,
-                          critical=batch.critical_reason is not None),
+                          critical=batch.critical_reason is not None,
+                          intake_open=ended is None and batch.spec.open_ended),
         counts=counts,
         terminated_attempts=batch.terminated,
         requeued_attempts=batch.requeued,
         exit_status=batch.exit_status() if ended is not None else None,
         created=iso(batch.started), started=iso(batch.first_start), ended=iso(ended),
-        elapsed_s=round(max(until - batch.started, 0.0), 3), scope=scope, freezer=freezer if ended is None else None)
+        elapsed_s=round(max(until - batch.started, 0.0), 3), scope=scope, freezer=freezer if ended is None else None,
+        intake=intake)
 
 
 def from_record(batch_id: str, *, name: str | None, owner_uid: int | None, owner_user: str | None,

@@ -75,7 +75,8 @@ def test_report_carries_the_compatible_fields_and_the_new_ones():
     assert report["error_exist"] is True and report["critical_error"] is False
     assert report["task_id"] == "b1" and report["batch_id"] == "b1"
     assert report["counts"] == {"tasks": 2, "succeeded": 1, "failed": 1, "given_up": 0, "cancelled": 0,
-                                "running": 0, "paused": 0, "queued": 0, "terminated": 0, "requeued": 0}
+                                "running": 0, "paused": 0, "queued": 0, "returned": 0, "terminated": 0,
+                                "requeued": 0}
     assert report["state"] == "failed"
     assert report["lowest_free_memory_bytes"] == 1 << 30 and report["lowest_free_memory_pct"] == 12.5
     assert report["highest_cpu_pct"] == 60.0

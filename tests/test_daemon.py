@@ -375,7 +375,7 @@ def test_check_config_says_what_is_wrong_with_a_file_without_starting(tmp_path):
 
 SUMMARY_KEYS = {"summary_version", "batch", "name", "owner", "command", "priority", "state", "tasks", "counts",
                 "terminated_attempts", "requeued_attempts", "exit_status", "created", "started", "ended", "elapsed_s",
-                "scope", "freezer"}
+                "scope", "freezer", "intake"}
 
 
 def summary_of(daemon, batch):
@@ -392,7 +392,7 @@ def listed(daemon):
 
 def counts(**given):
     return {"succeeded": 0, "failed": 0, "given_up": 0, "cancelled": 0, "running": 0, "paused": 0, "queued": 0,
-            **given}
+            "returned": 0, **given}
 
 
 def me():

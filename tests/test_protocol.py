@@ -25,6 +25,8 @@ SUBMIT_DEFAULTS = {
 # What workers inherit from the submitter; null: pmlmd's own umask, the owner's login limits.
 SUBMIT_DEFAULTS.update({"umask": None, "rlimits": None})
 SUBMIT_DEFAULTS["results"] = None  # no --results: the output stays with pmlmd only
+# Tasks from the request, not from a queue (see pmlmd.intake).
+SUBMIT_DEFAULTS.update({"amqp": None, "queue": None, "until_empty": False, "dead_letter": None})
 # The controls GNU parallel users know: off unless asked (append: pmlmctl asks for it by default).
 SUBMIT_DEFAULTS.update({"timeout": None, "halt": None, "halt_fail": None, "halt_fail_pct": None, "append": False,
                         "joblog": None})
@@ -75,6 +77,32 @@ def test_request_parses_with_defaults(request_name, args, expected):
     assert parse_request(frame(args, request=request_name)) == Request(request_name, expected, None)
 
 
+QUEUE = {"amqp": "amqp://worker:s3cret@broker.example:5672/jobs", "queue": "tasks"}
+
+
+def test_a_queue_batch_names_its_broker_and_queue():
+    parsed = parse_request(submit(**SUBMIT_MINIMAL, **QUEUE, until_empty=True, dead_letter="failed"))
+    assert {k: parsed.args[k] for k in ("amqp", "queue", "until_empty", "dead_letter", "task_lines")} == {
+        **QUEUE, "until_empty": True, "dead_letter": "failed", "task_lines": None}
+
+
+@pytest.mark.parametrize("args, says", [
+    ({"amqp": QUEUE["amqp"]}, "'amqp' needs 'queue'"),
+    ({"queue": "tasks"}, "'queue' is given without 'amqp'"),
+    ({"until_empty": True}, "'until_empty' is given without 'amqp'"),
+    ({**QUEUE, "task_lines": ["a"]}, "leave 'task_lines' out"),
+    ({**QUEUE, "amqp": "http://worker:s3cret@broker.example/"}, "must start with amqp:// or amqps://"),
+    ({**QUEUE, "amqp": "amqp://worker:s3cret@:5672/"}, "names no host"),
+    ({**QUEUE, "amqp": "amqp://worker:s3cret@broker.example:99999/"}, "cannot be used"),
+    ({**QUEUE, "queue": "q" * 256}, "at most 255 characters"),
+    ({**QUEUE, "queue": "\u00e9" * 200}, "the queue name must be 1 to 255 bytes"),  # 400 bytes of UTF-8
+    ({**QUEUE, "dead_letter": ""}, "the dead-letter exchange name must be 1 to 255 bytes"),
+])
+def test_a_queue_batch_that_cannot_work_is_refused_without_showing_the_password(args, says):
+    error = error_of(submit(**SUBMIT_MINIMAL, **args))
+    assert error.code == BAD_FIELD and says in error.message and "s3cret" not in error.message
+
+
 def test_submit_with_every_argument():
     args = {
         "command": ["sh", "", "-c"], "tasks": None, "task_lines": ["x"], "shell": True, "name": "n" * 200,
@@ -87,7 +115,8 @@ def test_submit_with_every_argument():
     args.update(timeout=30, halt="soon", halt_fail_pct=50, halt_fail=None, append=True, joblog="/tmp/j\udcff.tsv")
     parsed = parse_request(submit(**args))
     assert parsed.args == {**args, "cpu_limit": 100.0, "memfree_limit": 0.0, "term_grace": 3600.0,
-                           "agent_timeout": 2.0, "timeout": 30.0, "halt_fail_pct": 50.0}
+                           "agent_timeout": 2.0, "timeout": 30.0, "halt_fail_pct": 50.0,
+                           "amqp": None, "queue": None, "until_empty": False, "dead_letter": None}
     # numbers reach the daemon as floats, whatever JSON spelling the client used
     assert isinstance(parsed.args["cpu_limit"], float) and isinstance(parsed.args["memfree_limit"], float)
 

@@ -200,13 +200,14 @@ def test_a_batch_from_queued_to_cancelled():
                   freezer="running")
     assert (s.state, s.counts, s.exit_status) == ("cancelled", Counts(cancelled=3), 1)
     assert s.to_json() == {
-        "summary_version": 1, "batch": "7", "name": "nightly", "owner": {"user": "alice", "uid": 1000},
+        "summary_version": 2, "batch": "7", "name": "nightly", "owner": {"user": "alice", "uid": 1000},
         "command": ["sleep", "30"], "priority": 5, "state": "cancelled", "tasks": 3,
         "counts": {"succeeded": 0, "failed": 0, "given_up": 0, "cancelled": 3, "running": 0, "paused": 0,
-                   "queued": 0},
+                   "queued": 0, "returned": 0},
         "terminated_attempts": 0, "requeued_attempts": 0, "exit_status": 1,
         "created": "2023-11-14T22:13:20.000+00:00", "started": "2023-11-14T22:13:30.000+00:00",
-        "ended": "2023-11-14T22:13:33.000+00:00", "elapsed_s": 13.0, "scope": "pmlm-7.scope", "freezer": None}
+        "ended": "2023-11-14T22:13:33.000+00:00", "elapsed_s": 13.0, "scope": "pmlm-7.scope", "freezer": None,
+        "intake": None}
 
 
 def test_a_task_between_attempts_counts_as_queued_and_its_attempts_apart():
@@ -247,7 +248,7 @@ def a_summary(**changes) -> BatchSummary:
     {"state": "exploded"}, {"state": "running"},  # not a state; a live state with nothing left to run
     {"tasks": 2}, {"counts": {"succeeded": 1}}, {"counts": {"succeeded": -1, "failed": 2, "given_up": 0,
                                                             "cancelled": 0, "running": 0, "paused": 0, "queued": 0}},
-    {"owner": {"uid": "0", "user": "root"}}, {"summary_version": 2}, {"summary_version": True},
+    {"owner": {"uid": "0", "user": "root"}}, {"summary_version": 3}, {"summary_version": True},
     {"elapsed_s": "long"}, {"command": "sleep 30"}, {"surprise": 1},
 ])
 def test_a_stored_summary_that_does_not_fit_is_refused(changes):
@@ -372,7 +373,9 @@ def test_a_state_db_of_schema_1_opens_migrated_and_its_batches_read_as_summaries
     store = Store(state)
     try:
         version = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 2
+        assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 3
+        # Each migration ran: version 2's summary column, version 3's task message.
+        assert store.db.execute("SELECT count(message) FROM tasks").fetchone() == (0,)
         (old,) = store.finished_batches()
         assert store.finished_summary("1") == old
         assert (old.batch, old.name, old.owner, old.priority, old.state) == ("1", "old", Owner(0, None), 4, "cancelled")

@@ -1,0 +1,512 @@
+"""A batch's intake from an AMQP 0-9-1 queue (RabbitMQ): deliveries in, settlements out.
+
+The broker connection lives on a thread of its own, so the loop that enforces the limits never
+waits on the network. The loop and the thread talk through two queues: the loop posts commands
+(``set_credit``, ``ack``, ``give_back``, ``send_back``, ``dead_letter``, ``reply``, ``close``) and
+the thread answers with ``Event``s, each signalled on an eventfd the loop watches (``fileno``).
+
+Flow control: the loop keeps ``set_credit`` at the number of deliveries the node may hold
+unacknowledged (its running tasks plus what the governor admits now). The credit becomes the
+channel's basic.qos prefetch count, with ``global`` set: RabbitMQ then limits the channel as a
+whole and applies a new count at once (a per-consumer count applies only to consumers made
+after it). Prefetch 0 would mean *unlimited* in AMQP, so a credit of 0 cancels the consumer
+instead, and the node takes nothing until credit returns.
+
+Settling, once a task's outcome is final (never before: at-least-once):
+
+================  ===========================================================================
+``ack``           it succeeded
+``give_back``     basic.reject with requeue: unchanged, for any node (a cancelled batch, a
+                  delivery the node held but could not start while a limit was breached)
+``send_back``     the governor ended it and its budget allows more: published again to the
+                  queue with its termination count in the ``x-pmlm-terminations`` header (so
+                  every node honours one budget), then acked
+``dead_letter``   it failed, or was given up: published to the dead-letter exchange with
+                  ``x-pmlm-cause``/``x-pmlm-reason``/``x-pmlm-node`` headers and acked; with no
+                  exchange given, basic.nack without requeue (the queue's own
+                  x-dead-letter-exchange, if it has one, takes it with an x-death header)
+================  ===========================================================================
+
+Publishes use publisher confirms (RabbitMQ's confirm.select) and are mandatory, so a message
+is acked only once the broker has taken its replacement. If the connection drops, the broker
+redelivers every unacked message (to any node, with ``redelivered`` set); the thread reconnects
+with backoff (0.5 s doubling to 30 s), deliveries of the lost connection can no longer be
+settled here (their settlement is dropped: ``Delivery.generation``), and the state says
+"waiting for broker: ...". pika (Debian's python3-pika) is imported only here, only when a
+batch needs it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger("pmlmd.intake")
+# pika logs every frame at DEBUG: pmlmctl -vv is about pmlmd's decisions.
+logging.getLogger("pika").setLevel(logging.WARNING)
+
+TERMINATIONS_HEADER = "x-pmlm-terminations"  # how often the governor ended this task, on any node
+CAUSE_HEADER = "x-pmlm-cause"
+REASON_HEADER = "x-pmlm-reason"
+NODE_HEADER = "x-pmlm-node"
+BACKOFF_FIRST = 0.5  # seconds before the first reconnect; doubled up to BACKOFF_MAX
+BACKOFF_MAX = 30.0
+EMPTY_POLL = 0.5  # seconds between looks at the queue's depth, for --until-empty
+HEARTBEAT = 30  # seconds: AMQP heartbeat, so a dead broker is noticed
+MAX_URL = 2048
+MAX_NAME = 255  # AMQP short strings: queue and exchange names
+
+# Intake states, as status shows them
+CONNECTING = "connecting"
+CONSUMING = "consuming"
+HELD_BY_LIMIT = "paused by a limit"  # no credit: the governor admits nothing now
+WAITING = "waiting for broker"
+CLOSED = "closed"
+
+
+class URLError(ValueError):
+    """An --amqp URL that cannot be used; its text says why, without the password."""
+
+
+def where(url: str) -> str:
+    """host:port/vhost of an AMQP URL, for messages: never its user or password."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    except ValueError:
+        port = "?"
+    vhost = parts.path[1:] if parts.path not in ("", "/") else "%2F"
+    return f"{parts.hostname or '?'}:{port}/{vhost}"
+
+
+def check_url(url: str):
+    """The connection parameters of an AMQP URL (``amqp://user:password@host:port/vhost``), or
+    URLError naming what is wrong. The parameters carry a heartbeat and short timeouts, so a
+    dead broker is noticed (pika's own defaults wait much longer)."""
+    import pika  # only a batch with --amqp needs it
+
+    if not isinstance(url, str) or not url or len(url) > MAX_URL:
+        raise URLError(f"an AMQP URL of at most {MAX_URL} characters is needed")
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise URLError(f"the URL must start with amqp:// or amqps://, not {parts.scheme + '://' if parts.scheme else '(none)'}")
+    if not parts.hostname:
+        raise URLError("the URL names no host (amqp://USER:PASSWORD@HOST:PORT/VHOST)")
+    try:
+        parts.port
+        params = pika.URLParameters(url)
+    except Exception as e:  # pika raises ValueError and others for what it cannot parse
+        raise URLError(f"the URL for {where(url)} cannot be used: {type(e).__name__}") from None
+    params.heartbeat = HEARTBEAT
+    params.blocked_connection_timeout = 60
+    params.socket_timeout = 5
+    params.connection_attempts = 1
+    return params
+
+
+def check_name(value: str, what: str) -> None:
+    """A queue or exchange name: 1 to 255 bytes of UTF-8 (an AMQP short string)."""
+    if not isinstance(value, str) or not value or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise URLError(f"the {what} name must be 1 to {MAX_NAME} bytes")
+
+
+@dataclass
+class Delivery:
+    """One message the node holds: what the broker said of it and what the task needs."""
+
+    tag: int  # the channel's delivery tag
+    generation: int  # which connection it came on: settling one of a lost connection is dropped
+    body: bytes
+    message_id: str | None
+    redelivered: bool  # the broker delivered it before (to this node or another) and got no ack
+    terminations: int  # x-pmlm-terminations: the governor ended it that often before, on any node
+    reply_to: str | None
+    correlation_id: str | None
+    headers: dict = field(default_factory=dict)
+    received: float = 0.0  # monotonic, when the loop took it
+
+
+@dataclass
+class Event:
+    """What the intake thread tells the loop: ``kind`` is "delivery" (``delivery``), "state"
+    (``state``, ``detail``), "depth" (``depth``: ready messages in the queue, after every delivery
+    before it was handed over), or "closed"."""
+
+    kind: str
+    delivery: Delivery | None = None
+    state: str | None = None
+    detail: str | None = None
+    depth: int | None = None
+
+
+@dataclass
+class Counters:
+    """What the intake did so far (status shows them)."""
+
+    consumed: int = 0  # deliveries taken
+    acked: int = 0
+    returned: int = 0  # given or sent back to the queue
+    dead_lettered: int = 0
+    lost: int = 0  # settlements dropped: their connection was gone (the broker redelivers those)
+    replies: int = 0  # results published to reply_to
+
+
+class Intake:
+    """The intake of one batch from ``queue`` at ``url`` (see the module docstring).
+
+    Create, ``start()``, watch ``fileno()`` and call ``events()`` when it is readable. Every
+    other method may be called from the loop at any time and never blocks on the network.
+    """
+
+    def __init__(self, url: str, queue: str, *, dead_letter: str | None = None, watch_depth: bool = False,
+                 node: str | None = None):
+        self.params = check_url(url)
+        check_name(queue, "queue")
+        if dead_letter is not None:
+            check_name(dead_letter, "dead-letter exchange")
+        self.url, self.queue, self.exchange = url, queue, dead_letter
+        self.where = where(url)
+        self.watch_depth = watch_depth
+        self.node = node or socket.gethostname()
+        self.state, self.detail = CONNECTING, None
+        self.counters = Counters()
+        self.closed = False  # the thread has ended
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._out: collections.deque[Event] = collections.deque()
+        self._commands: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._kick = threading.Event()  # the thread waits on it while it has no connection
+        self._connection = None  # pika.BlockingConnection, the thread's
+        self._credit = 0
+        self._stop = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._main, name=f"intake {queue}", daemon=True)
+
+    # --- the loop's side ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._wake
+
+    def events(self) -> list[Event]:
+        """What happened since the last call, in order; updates ``state`` and ``closed``."""
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        out = []
+        while self._out:
+            event = self._out.popleft()
+            if event.kind == "state":
+                self.state, self.detail = event.state, event.detail
+            elif event.kind == "closed":
+                self.state, self.detail, self.closed = CLOSED, None, True
+            elif event.kind == "delivery":
+                self.counters.consumed += 1
+            out.append(event)
+        return out
+
+    def set_credit(self, credit: int) -> None:
+        """Hold at most ``credit`` unacknowledged deliveries (0: take nothing new)."""
+        credit = max(0, int(credit))
+        if credit != self._credit:
+            self._credit = credit
+            self._post(("credit", credit))
+
+    @property
+    def credit(self) -> int:
+        return self._credit
+
+    def ack(self, d: Delivery) -> None:
+        self.counters.acked += 1
+        self._post(("ack", d))
+
+    def give_back(self, d: Delivery) -> None:
+        self.counters.returned += 1
+        self._post(("give_back", d))
+
+    def send_back(self, d: Delivery, terminations: int) -> None:
+        self.counters.returned += 1
+        self._post(("send_back", d, terminations))
+
+    def dead_letter(self, d: Delivery, cause: str, reason: str | None, terminations: int) -> None:
+        self.counters.dead_lettered += 1
+        self._post(("dead_letter", d, cause, reason, terminations))
+
+    def reply(self, d: Delivery, outcome: dict) -> None:
+        """Publish ``outcome`` (JSON) to the message's reply_to, with its correlation_id."""
+        if d.reply_to:
+            self.counters.replies += 1
+            self._post(("reply", d, outcome))
+
+    def close(self) -> None:
+        """Carry out what was asked so far, then disconnect; "closed" follows as an event."""
+        self._post(("close",))
+
+    def _post(self, command: tuple) -> None:
+        with self._lock:
+            self._commands.append(command)
+            connection = self._connection
+        self._kick.set()
+        if connection is not None:
+            try:
+                connection.add_callback_threadsafe(self._run_commands)
+            except Exception:  # closed under us: the thread's reconnect picks the commands up
+                pass
+
+    # --- the thread's side ---------------------------------------------------------------------
+    def _emit(self, event: Event) -> None:
+        self._out.append(event)
+        os.eventfd_write(self._wake, 1)
+
+    def _main(self) -> None:
+        import pika
+
+        backoff = BACKOFF_FIRST
+        generation = 0
+        try:
+            while not self._stop:
+                self._drop_stale_commands()
+                if self._stop:
+                    break
+                try:
+                    connection = pika.BlockingConnection(self.params)
+                except Exception as e:
+                    self._waiting(f"cannot connect to {self.where}: {_describe(e)}")
+                    self._pause(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                generation += 1
+                try:
+                    self._session(connection, generation)
+                    backoff = BACKOFF_FIRST
+                except Exception as e:
+                    if self._stop:
+                        break
+                    self._waiting(f"lost {self.where}: {_describe(e)}")
+                    self._pause(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                finally:
+                    with self._lock:
+                        self._connection = None
+                    try:
+                        if connection.is_open:
+                            connection.close()
+                    except Exception:
+                        pass
+        finally:
+            self._emit(Event("closed"))
+
+    def _waiting(self, detail: str) -> None:
+        log.warning("intake from queue %s: %s (retrying)", self.queue, detail)
+        self._emit(Event("state", state=WAITING, detail=detail))
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before reconnecting; a close (or any command) cuts it short only for close."""
+        deadline = time.monotonic() + seconds
+        while not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._kick.wait(left)
+            self._kick.clear()
+            self._drop_stale_commands()
+
+    def _drop_stale_commands(self) -> None:
+        """With no connection: settlements of its deliveries cannot be made any more (the broker
+        redelivers them); credit is re-applied on connecting; replies and close wait or act."""
+        with self._lock:
+            keep = collections.deque()
+            while self._commands:
+                command = self._commands.popleft()
+                if command[0] == "close":
+                    self._stop = True
+                elif command[0] in ("ack", "give_back", "send_back", "dead_letter"):
+                    self.counters.lost += 1
+                elif command[0] == "reply":
+                    keep.append(command)
+            self._commands = keep
+
+    def _session(self, connection, generation: int) -> None:
+        import pika
+
+        self._gen = generation
+        self._pika = pika
+        channel = connection.channel()
+        channel.confirm_delivery()
+        try:
+            channel.queue_declare(self.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            raise IntakeTrouble(f"queue {self.queue!r} does not exist (code {e.reply_code}): declare it, or fill it "
+                                f"with pmlmctl enqueue") from None
+        if self.exchange is not None:
+            try:
+                channel.exchange_declare(self.exchange, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                channel = connection.channel()
+                channel.confirm_delivery()
+                raise IntakeTrouble(f"dead-letter exchange {self.exchange!r} does not exist: declare it") from None
+        self._channel = channel
+        self._consumer = None
+        self._applied_credit = None
+        with self._lock:
+            self._connection = connection
+        self._emit(Event("state", state=CONSUMING if self._credit else HELD_BY_LIMIT))
+        log.info("intake from queue %s at %s: connected", self.queue, self.where)
+        next_depth = 0.0
+        while True:
+            self._run_commands()
+            if self._stop:
+                return
+            self._apply_credit()
+            now = time.monotonic()
+            if self.watch_depth and now >= next_depth:
+                ok = channel.queue_declare(self.queue, passive=True)
+                connection.process_data_events(0)  # hand over what arrived before the count
+                self._emit(Event("depth", depth=ok.method.message_count))
+                next_depth = now + EMPTY_POLL
+            connection.process_data_events(time_limit=EMPTY_POLL if self.watch_depth else 1.0)
+
+    def _apply_credit(self) -> None:
+        credit = self._credit
+        if credit == self._applied_credit:
+            return
+        channel = self._channel
+        if credit == 0:
+            if self._consumer is not None:
+                channel.basic_cancel(self._consumer)  # pika requeues what it had not handed over yet
+                self._consumer = None
+            self._emit(Event("state", state=HELD_BY_LIMIT))
+        else:
+            channel.basic_qos(prefetch_count=credit, global_qos=True)
+            if self._consumer is None:
+                self._consumer = channel.basic_consume(self.queue, self._on_message)
+            self._emit(Event("state", state=CONSUMING))
+        self._applied_credit = credit
+
+    def _on_message(self, channel, method, properties, body: bytes) -> None:
+        headers = dict(properties.headers or {})
+        terminations = headers.get(TERMINATIONS_HEADER)
+        if not isinstance(terminations, int) or isinstance(terminations, bool) or terminations < 0:
+            terminations = 0
+        self._emit(Event("delivery", delivery=Delivery(
+            tag=method.delivery_tag, generation=self._gen, body=body,
+            message_id=_short(properties.message_id), redelivered=bool(method.redelivered),
+            terminations=terminations, reply_to=_short(properties.reply_to),
+            correlation_id=_short(properties.correlation_id), headers=headers, received=time.monotonic())))
+
+    def _run_commands(self) -> None:
+        # pika may call this (add_callback_threadsafe) inside a blocking call of an earlier
+        # command, such as a publish waiting for its confirm: the outer call goes on with the rest.
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self._drain_commands()
+        finally:
+            self._busy = False
+
+    def _drain_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                command = self._commands.popleft()
+            kind = command[0]
+            if kind == "close":
+                self._stop = True
+                continue
+            if kind == "credit":
+                self._apply_credit()  # the latest credit, however many changes were posted
+                continue
+            d: Delivery = command[1]
+            if kind != "reply" and d.generation != self._gen:
+                self.counters.lost += 1
+                continue
+            self._carry_out(kind, command)
+
+    def _carry_out(self, kind: str, command: tuple) -> None:
+        pika, channel = self._pika, self._channel
+        d: Delivery = command[1]
+        if kind == "ack":
+            channel.basic_ack(d.tag)
+        elif kind == "give_back":
+            channel.basic_reject(d.tag, requeue=True)
+        elif kind == "send_back":
+            headers = {**d.headers, TERMINATIONS_HEADER: command[2], NODE_HEADER: self.node}
+            if self._publish("", self.queue, d, headers):
+                channel.basic_ack(d.tag)
+            else:  # the queue is gone: the original, where it is, is all there is
+                channel.basic_reject(d.tag, requeue=True)
+        elif kind == "dead_letter":
+            _, _, cause, reason, terminations = command
+            if self.exchange is None:
+                channel.basic_nack(d.tag, requeue=False)
+                return
+            headers = {**d.headers, CAUSE_HEADER: cause, REASON_HEADER: (reason or "")[:1000],
+                       NODE_HEADER: self.node, TERMINATIONS_HEADER: terminations}
+            if self._publish(self.exchange, self.queue, d, headers):
+                channel.basic_ack(d.tag)
+            else:  # routed nowhere: the queue's own dead-lettering (or none) rather than run it forever
+                channel.basic_nack(d.tag, requeue=False)
+        elif kind == "reply":
+            import json
+
+            body = json.dumps(command[2]).encode()
+            props = pika.BasicProperties(content_type="application/json", correlation_id=d.correlation_id,
+                                         delivery_mode=2)
+            try:
+                channel.basic_publish("", d.reply_to, body, props, mandatory=True)
+            except pika.exceptions.UnroutableError:
+                log.warning("intake from queue %s: no queue %r for the result of message %s (reply_to)",
+                            self.queue, d.reply_to, d.message_id)
+
+    def _publish(self, exchange: str, routing_key: str, d: Delivery, headers: dict) -> bool:
+        """The delivery's message again, with ``headers``, confirmed by the broker before it returns;
+        False if the exchange routed it to no queue."""
+        props = self._pika.BasicProperties(delivery_mode=2, message_id=d.message_id, reply_to=d.reply_to,
+                                           correlation_id=d.correlation_id, headers=headers,
+                                           content_type="text/plain")
+        try:
+            self._channel.basic_publish(exchange, routing_key, d.body, props, mandatory=True)
+        except self._pika.exceptions.UnroutableError:
+            log.warning("intake from queue %s: exchange %r routes message %s to no queue", self.queue,
+                        exchange or "(default)", d.message_id)
+            return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """What status shows of the intake (see summary.IntakeStatus)."""
+        c = self.counters
+        return {"broker": self.where, "queue": self.queue, "state": self.state, "detail": self.detail,
+                "consumed": c.consumed, "acked": c.acked, "returned": c.returned, "dead_lettered": c.dead_lettered,
+                "credit": self._credit}
+
+
+class IntakeTrouble(Exception):
+    """The broker is there but the intake cannot use it as asked (a missing queue)."""
+
+
+def _describe(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _short(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text[:255]
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex

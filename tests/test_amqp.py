@@ -1,0 +1,230 @@
+"""Queue batches against a real RabbitMQ (tests/broker.py): many nodes, one queue.
+
+Each "node" is a pmlmd of its own (its socket, its state directory) on this machine. Every task
+leaves a marker: a line with its pid appended to a file named after its message, so a task that
+ran twice shows as a file of two lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from support import meminfo, wait_for
+
+pytestmark = pytest.mark.slow
+
+# A task: its marker, then (optionally) a little work. $PMLM_TASK is the message body.
+MARK = 'echo $$ >> "$MARKS/$PMLM_TASK"'
+
+
+def submit(daemon, broker, queue, *options, command=MARK + "; sleep 0.05", env=None):
+    taken = daemon.ctl("submit", "--amqp", broker.url, "--queue", queue, *options, "--", "sh", "-c", command,
+                       env={**os.environ, **(env or {})})
+    assert taken.returncode == 0, taken.stderr
+    return taken.stdout.strip()
+
+
+def status(daemon, batch):
+    taken = daemon.ctl("status", "--json", batch)
+    assert taken.returncode == 0, taken.stderr
+    return json.loads(taken.stdout)
+
+
+def ended(daemon, batch) -> bool:
+    return status(daemon, batch)["ended"] is not None
+
+
+def marks(directory: Path) -> dict[str, int]:
+    """Task -> how often it ran."""
+    return {p.name: len(p.read_text().split()) for p in directory.iterdir()}
+
+
+@pytest.fixture
+def marks_dir(tmp_path):
+    d = tmp_path / "marks"
+    d.mkdir()
+    return d
+
+
+def test_three_nodes_take_one_queue_and_run_each_task_exactly_once(broker, daemon_factory, marks_dir):
+    broker.declare("jobs")
+    broker.publish("jobs", [str(i) for i in range(300)])
+    nodes = [daemon_factory().start() for _ in range(3)]
+    env = {"MARKS": str(marks_dir)}
+    batches = [submit(node, broker, "jobs", "--until-empty", "-j", "4", env=env) for node in nodes]
+    for node, batch in zip(nodes, batches):
+        wait_for(lambda: ended(node, batch), timeout=120, what=f"the batch of {node.socket} to end")
+    ran = marks(marks_dir)
+    assert sorted(ran, key=int) == [str(i) for i in range(300)]
+    assert set(ran.values()) == {1}, {task: n for task, n in ran.items() if n != 1}
+    summaries = [status(node, batch) for node, batch in zip(nodes, batches)]
+    acked = [s["intake"]["acked"] for s in summaries]
+    assert sum(acked) == 300 and all(s["state"] == "finished" and s["exit_status"] == 0 for s in summaries)
+    assert all(n > 0 for n in acked), acked  # every node took a share
+    assert broker.count("jobs") == 0
+
+
+def test_a_node_killed_mid_run_loses_nothing(broker, daemon_factory, marks_dir):
+    """kill -9 of one pmlmd: the broker redelivers its unacked messages to the others. Its workers
+    may still finish on their own, so those tasks may run twice: at-least-once, and the report of
+    whoever ran a redelivered message says so."""
+    broker.declare("jobs")
+    broker.publish("jobs", [str(i) for i in range(60)])
+    victim, *others = [daemon_factory().start() for _ in range(3)]
+    env = {"MARKS": str(marks_dir)}
+    slow = MARK + "; sleep 0.5"
+    victim_batch = submit(victim, broker, "jobs", "-j", "4", command=slow, env=env)
+    wait_for(lambda: status(victim, victim_batch)["intake"]["in_flight"] >= 2, timeout=30,
+             what="the first node to hold deliveries")
+    in_flight = status(victim, victim_batch)["intake"]["in_flight"]
+    victim.stop(signal.SIGKILL)
+    batches = [submit(node, broker, "jobs", "--until-empty", "-j", "4", command=slow, env=env) for node in others]
+    for node, batch in zip(others, batches):
+        wait_for(lambda: ended(node, batch), timeout=120, what="the other nodes to empty the queue")
+    ran = marks(marks_dir)
+    assert sorted(ran, key=int) == [str(i) for i in range(60)]  # nothing lost
+    reports = [json.loads(node.ctl("report", batch).stdout) for node, batch in zip(others, batches)]
+    redelivered = {t["task"] for r in reports for t in r["tasks"] if t["redelivered"]}
+    twice = {task for task, n in ran.items() if n > 1}
+    # Only what the killed node held came again, and each such task says so.
+    assert 1 <= len(redelivered) <= max(in_flight, 4) + 4 and twice <= redelivered, (redelivered, twice, in_flight)
+    # The killed pmlmd comes back: it ends what it had (the broker gave those out again) and takes on.
+    victim.start()
+    wait_for(lambda: status(victim, victim_batch)["intake"]["state"] == "consuming", timeout=30,
+             what="the restarted node to consume again")
+    back = status(victim, victim_batch)
+    assert back["counts"]["running"] == 0 and back["counts"]["returned"] >= 1, back
+    assert victim.ctl("cancel", victim_batch).returncode == 0
+    wait_for(lambda: ended(victim, victim_batch), timeout=30, what="the cancelled batch to end")
+    assert status(victim, victim_batch)["state"] == "cancelled"
+
+
+def test_a_node_with_little_headroom_takes_fewer_tasks(broker, daemon_factory, marks_dir):
+    """The node whose memory limit leaves room for about one task holds about one delivery; the
+    others take the rest. Each task holds 64 MiB for half a second."""
+    broker.declare("jobs")
+    broker.publish("jobs", [str(i) for i in range(30)])
+    roomy, tight = daemon_factory().start(), daemon_factory().start()
+    info = meminfo()
+    # The tight node's limit: 150 MiB above today's free memory less the gap, so one 64 MiB task fits.
+    limit_pct = 100.0 * (info["MemAvailable"] - (250 << 20)) / info["MemTotal"]
+    env = {"MARKS": str(marks_dir)}
+    hog = MARK + f"; exec python3 {Path(__file__).parent / 'helpers' / 'hog.py'} 64 16 0.02 0.5"
+    tight_batch = submit(tight, broker, "jobs", "--until-empty", "--memfree-limit", f"{limit_pct:.3f}",
+                         "--memory-gap", "100M", "--min-free", "32M", "--retries", "100", command=hog, env=env)
+    roomy_batch = submit(roomy, broker, "jobs", "--until-empty", "-j", "4", command=hog, env=env)
+    for node, batch in ((roomy, roomy_batch), (tight, tight_batch)):
+        wait_for(lambda: ended(node, batch), timeout=120, what="both nodes to empty the queue")
+    acked = {name: status(node, batch)["intake"]["acked"] for name, node, batch in
+             (("roomy", roomy, roomy_batch), ("tight", tight, tight_batch))}
+    assert sum(acked.values()) == 30 and acked["tight"] * 2 < acked["roomy"], acked
+    assert sorted(marks(marks_dir), key=int) == [str(i) for i in range(30)]
+
+
+def test_a_task_that_never_fits_is_dead_lettered_with_its_cause(broker, pmlm, marks_dir):
+    """pmlmctl run (no daemon): the governor terminates the big task; it goes back to the queue with
+    its count in a header, runs again, and past --retries goes to the dead-letter exchange."""
+    broker.declare("jobs")
+    broker.declare_exchange("failed")
+    broker.declare("failed-tasks")
+    broker.bind("failed-tasks", "failed")
+    broker.publish("jobs", ["small", "big"])
+    info = meminfo()
+    os.sync()
+    limit_pct = 100.0 * (info["MemAvailable"] - (400 << 20)) / info["MemTotal"]
+    hog = Path(__file__).parent / "helpers" / "hog.py"
+    script = f'if [ "$PMLM_TASK" = big ]; then exec python3 {hog} 700 25 0.02 0.5; fi'
+    run = pmlm("--amqp", broker.url, "--queue", "jobs", "--until-empty", "--dead-letter", "failed", "--retries", "1",
+               "--memfree-limit", f"{limit_pct:.3f}", "--memory-gap", "100M", "--min-free", "32M", "--json",
+               "--", "sh", "-c", script)
+    assert run.wait(timeout=120) == 1, run.stderr
+    report = json.loads(run.stdout)
+    by_status = {t["status"]: t for t in report["tasks"]}
+    assert by_status["succeeded"]["task"] == "small" and by_status["succeeded"]["settled"] == "acked"
+    assert by_status["returned"]["settled"] == "sent back"
+    given_up = by_status["given-up"]
+    assert given_up["task"] == "big" and given_up["settled"] == "dead-lettered" and given_up["redelivered"] is False
+    [(body, props)] = broker.drain("failed-tasks")
+    assert body == b"big"
+    assert props.headers["x-pmlm-cause"] == "given-up" and props.headers["x-pmlm-terminations"] == 2
+    assert "terminat" in props.headers["x-pmlm-reason"]
+    assert broker.count("jobs") == 0
+
+
+def test_intake_waits_out_a_broker_restart_and_loses_nothing(broker, daemon_factory, marks_dir):
+    broker.declare("jobs")
+    broker.publish("jobs", [str(i) for i in range(40)])
+    node = daemon_factory().start()
+    batch = submit(node, broker, "jobs", "--until-empty", "-j", "2", command=MARK + "; sleep 0.3",
+                   env={"MARKS": str(marks_dir)})
+    wait_for(lambda: status(node, batch)["intake"]["acked"] >= 4, timeout=30, what="some tasks to be acked")
+    broker.stop()
+    wait_for(lambda: status(node, batch)["intake"]["state"] == "waiting for broker", timeout=60,
+             what="the node to notice the broker is gone")
+    assert node.proc.poll() is None
+    broker.start()
+    wait_for(lambda: ended(node, batch), timeout=120, what="the batch to finish after the broker came back")
+    ran = marks(marks_dir)
+    assert sorted(ran, key=int) == [str(i) for i in range(40)]
+    # What ran while the broker was away could not be acked: those (at most -j 2 plus the ones held) ran twice.
+    assert sum(n - 1 for n in ran.values()) <= 4, ran
+    assert status(node, batch)["exit_status"] == 0
+
+
+def test_results_go_to_reply_to_with_their_correlation_ids(broker, pmlm):
+    broker.declare("jobs")
+    broker.declare("results")
+    for i in range(5):
+        broker.publish("jobs", [str(i)], reply_to="results", correlation_id=f"req-{i}", message_id=f"msg-{i}")
+    run = pmlm("--amqp", broker.url, "--queue", "jobs", "--until-empty", "--", "sh", "-c", 'exit $((PMLM_TASK % 2))')
+    assert run.wait(timeout=60) == 1, run.stderr
+    results = {props.correlation_id: json.loads(body) for body, props in broker.drain("results")}
+    assert set(results) == {f"req-{i}" for i in range(5)}
+    for i in range(5):
+        r = results[f"req-{i}"]
+        assert r["task_id"] == f"msg-{i}" and r["exit_status"] == i % 2 and r["error"] is (i % 2 == 1)
+        assert r["attempts"] == 1 and r["critical"] is False and r["node"] and r["duration_s"] >= 0
+        assert r["cause"] == "exit" and r["status"] == ("failed" if i % 2 else "succeeded")
+    assert broker.count("jobs") == 0
+
+
+def test_an_unreachable_broker_is_waited_for_and_the_batch_can_be_cancelled(daemon_factory):
+    node = daemon_factory().start()
+    taken = node.ctl("submit", "--amqp", "amqp://guest:secret@127.0.0.1:1/%2F", "--queue", "jobs", "--", "true")
+    assert taken.returncode == 0, taken.stderr
+    batch = taken.stdout.strip()
+    wait_for(lambda: status(node, batch)["intake"]["state"] == "waiting for broker", timeout=30,
+             what="the intake to wait for the broker")
+    shown = node.ctl("status", batch).stdout
+    assert "waiting for broker: cannot connect to 127.0.0.1:1/%2F" in shown and "secret" not in shown
+    assert "secret" not in node.logs()
+    assert node.ctl("cancel", batch).returncode == 0
+    wait_for(lambda: ended(node, batch), timeout=30, what="the cancelled batch to end")
+    assert status(node, batch)["state"] == "cancelled"
+
+
+def test_a_missing_queue_is_named(broker, daemon_factory):
+    node = daemon_factory().start()
+    batch = submit(node, broker, "no-such-queue", command="true")
+    wait_for(lambda: "does not exist" in (status(node, batch)["intake"]["detail"] or ""), timeout=30,
+             what="the intake to say the queue is missing")
+    assert node.ctl("cancel", batch).returncode == 0
+    wait_for(lambda: ended(node, batch), timeout=30, what="the cancelled batch to end")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--amqp", "amqp://u:p@localhost/"], "--amqp needs --queue NAME"),
+    (["--queue", "jobs"], "--queue needs --amqp URL"),
+    (["--amqp", "http://u:secret@localhost/", "--queue", "jobs"], "must start with amqp://"),
+    (["--amqp", "amqp://u:p@localhost/", "--queue", "jobs", "-n", "3"], "not allowed with argument"),
+])
+def test_pmlmctl_refuses_a_queue_batch_that_cannot_work(pmlm, args, says):
+    run = pmlm(*args, "--", "true")
+    assert run.wait(timeout=30) == 2
+    assert says in run.stderr and "Traceback" not in run.stderr and "secret" not in run.stderr
