@@ -43,6 +43,7 @@ def test_dead_letter_queue(broker):
     assert broker.count("fixture-work") == 0
 
 
+@pytest.mark.slow  # stops and starts a broker: seconds each
 def test_stop_and_start_keep_persistent_messages_of_a_durable_queue(broker):
     broker.declare("fixture-durable")
     broker.publish("fixture-durable", [b"kept-1", b"kept-2"])
@@ -58,6 +59,7 @@ def test_stop_and_start_keep_persistent_messages_of_a_durable_queue(broker):
     assert [body for body, _ in broker.drain("fixture-durable")] == [b"kept-1", b"kept-2"]
 
 
+@pytest.mark.slow  # stops and starts a broker: seconds each
 def test_close_ends_every_process_it_caused_and_removes_the_data():
     if not os.path.exists(brokerlib.RABBITMQ_SERVER):
         pytest.skip(f"{brokerlib.RABBITMQ_SERVER} is not installed (Debian package rabbitmq-server)")
