@@ -332,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("batch", metavar="ID")
     wait.add_argument("--json", action="store_true", help="print the report as JSON (the tasks' stdout goes to stderr)")
     wait.set_defaults(handler=cmd_wait, subparser=wait)
+
+    enqueue = commands.add_parser(
+        "enqueue", help="put task lines on a RabbitMQ queue, one message per line, for pmlmd nodes to take",
+        usage="pmlmctl enqueue --amqp URL --queue NAME [-0] --tasks-file FILE",
+        description="Publish each line of FILE ('-' for stdin) as one persistent message to queue NAME through "
+                    "the broker's default exchange, each confirmed by the broker; the queue is declared durable "
+                    "if it does not exist (one that exists is used as it is). Lines are split as for run "
+                    "--tasks-file, empty ones skipped; each must be UTF-8 text.",
+        epilog="exit status:\n  0  every task was enqueued (or there was none)\n  1  the broker did not take a "
+               "task or refused the queue; the message says how many were enqueued\n  2  usage error (bad "
+               "option or URL, unreadable tasks file, a line that is not UTF-8 or holds a NUL)\n  4  the broker "
+               "cannot be reached, refused the login or the vhost, or the connection was lost\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    enqueue.add_argument("--amqp", metavar="URL", required=True,
+                         help="the broker: amqp://USER:PASSWORD@HOST:PORT/VHOST (the default vhost / is %%2F)")
+    enqueue.add_argument("--queue", metavar="NAME", required=True, help="the queue to put the tasks on")
+    enqueue.add_argument("--tasks-file", metavar="FILE", required=True, help="one task per line ('-' for stdin)")
+    enqueue.add_argument("-0", "--null", action="store_true",
+                         help="tasks end with a NUL byte instead of a newline (as find -print0 writes them)")
+    enqueue.set_defaults(handler=cmd_enqueue, subparser=enqueue)
     return parser
 
 
@@ -888,6 +908,35 @@ def cmd_log(parser, args) -> int:
 def cmd_wait(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
         return _wait(client, args.batch, args.json)
+
+
+def cmd_enqueue(parser, args) -> int:
+    # Imported here: pika is loaded by this command only, not by status and the others.
+    from . import enqueue
+
+    try:
+        params = enqueue.parse_url(args.amqp)
+        enqueue.check_queue(args.queue)
+        bodies = enqueue.task_bodies(enqueue.read_source(args.tasks_file), args.null,
+                                     enqueue.source_name(args.tasks_file))
+    except ValueError as e:
+        parser.error(str(e))
+    except enqueue.Failed as e:
+        print(f"pmlmctl: {e}", file=sys.stderr)
+        return e.status
+    if not bodies:
+        print(f"pmlmctl: no tasks in {enqueue.source_name(args.tasks_file)}: nothing enqueued", file=sys.stderr)
+        return 0
+    progress = enqueue.Progress(len(bodies))
+    try:
+        done = enqueue.publish(params, args.queue, bodies, progress)
+    except enqueue.Failed as e:
+        progress.clear()
+        print(f"pmlmctl: {e}", file=sys.stderr)
+        return e.status
+    progress.clear()
+    print(f"enqueued {done} task{'' if done == 1 else 's'} to {args.queue}", file=sys.stderr)
+    return 0
 
 
 def _print_json(data) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,3 +49,25 @@ def daemon_factory():
 def daemon(daemon_factory):
     """A running pmlmd with the default limits."""
     return daemon_factory().start()
+
+
+@pytest.fixture(scope="module")
+def _broker_node():
+    """One private RabbitMQ per test module (it takes seconds to start), always closed at its end."""
+    import broker as brokerlib
+
+    if not os.path.exists(brokerlib.RABBITMQ_SERVER):
+        pytest.skip(f"{brokerlib.RABBITMQ_SERVER} is not installed (Debian package rabbitmq-server)")
+    node = brokerlib.Broker()
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def broker(_broker_node):
+    """The module's private RabbitMQ, running: started again if an earlier test stopped it and
+    failed before starting it. Tests use queue names of their own; the data is shared."""
+    return _broker_node.start()

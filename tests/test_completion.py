@@ -43,7 +43,7 @@ def test_commands():
     assert complete("pmlmctl su") == ["submit"]
 
 
-@pytest.mark.parametrize("command", ["run", "submit", "status", "list", "events", "log", "wait"])
+@pytest.mark.parametrize("command", ["run", "submit", "status", "list", "events", "log", "wait", "enqueue"])
 def test_every_option_of_a_command_is_completed(command):
     offered = set(complete(f"pmlmctl {command} --"))
     options = {flag for action in _subcommands()[command]._actions for flag in action.option_strings
