@@ -961,6 +961,11 @@ class Engine:
                              spec.queue, extra={"BATCH_ID": run.id})
                     self._finish_if_done(run)
             elif event.kind == "state":
+                spec = run.batch.spec.intake
+                log.log(logging.WARNING if event.detail else logging.INFO, "batch %s: intake from queue %s: %s%s",
+                        run.id, spec.queue, event.state, f" ({event.detail})" if event.detail else "",
+                        extra={"BATCH_ID": run.id, "INTAKE_STATE": event.state, "INTAKE_QUEUE": spec.queue,
+                               "INTAKE_CREDIT": str(intake.credit)})
                 self.on_event({"event": "intake", "batch": run.id, "state": event.state, "detail": event.detail})
             elif event.kind == "closed":
                 self.loop.unwatch(intake.fileno())

@@ -50,8 +50,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger("pmlmd.intake")
-# pika logs every frame at DEBUG: pmlmctl -vv is about pmlmd's decisions.
-logging.getLogger("pika").setLevel(logging.WARNING)
+# pika logs every frame at DEBUG and each failed connect with a traceback at ERROR: the intake says
+# what went wrong in one line of its own (and pmlmctl -vv is about pmlmd's decisions).
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 TERMINATIONS_HEADER = "x-pmlm-terminations"  # how often the governor ended this task, on any node
 CAUSE_HEADER = "x-pmlm-cause"
@@ -307,7 +308,6 @@ class Intake:
             self._emit(Event("closed"))
 
     def _waiting(self, detail: str) -> None:
-        log.warning("intake from queue %s: %s (retrying)", self.queue, detail)
         self._emit(Event("state", state=WAITING, detail=detail))
 
     def _pause(self, seconds: float) -> None:
@@ -361,7 +361,6 @@ class Intake:
         with self._lock:
             self._connection = connection
         self._emit(Event("state", state=CONSUMING if self._credit else HELD_BY_LIMIT))
-        log.info("intake from queue %s at %s: connected", self.queue, self.where)
         next_depth = 0.0
         while True:
             self._run_commands()

@@ -8,6 +8,7 @@ ran twice shows as a file of two lines.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import time
@@ -46,18 +47,24 @@ def marks(directory: Path) -> dict[str, int]:
 
 
 @pytest.fixture
+def jobs(request) -> str:
+    """A queue name of the test's own: the broker is shared by the module."""
+    return "jobs-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:100]
+
+
+@pytest.fixture
 def marks_dir(tmp_path):
     d = tmp_path / "marks"
     d.mkdir()
     return d
 
 
-def test_three_nodes_take_one_queue_and_run_each_task_exactly_once(broker, daemon_factory, marks_dir):
-    broker.declare("jobs")
-    broker.publish("jobs", [str(i) for i in range(300)])
+def test_three_nodes_take_one_queue_and_run_each_task_exactly_once(broker, jobs, daemon_factory, marks_dir):
+    broker.declare(jobs)
+    broker.publish(jobs, [str(i) for i in range(300)])
     nodes = [daemon_factory().start() for _ in range(3)]
     env = {"MARKS": str(marks_dir)}
-    batches = [submit(node, broker, "jobs", "--until-empty", "-j", "4", env=env) for node in nodes]
+    batches = [submit(node, broker, jobs, "--until-empty", "-j", "4", env=env) for node in nodes]
     for node, batch in zip(nodes, batches):
         wait_for(lambda: ended(node, batch), timeout=120, what=f"the batch of {node.socket} to end")
     ran = marks(marks_dir)
@@ -67,24 +74,24 @@ def test_three_nodes_take_one_queue_and_run_each_task_exactly_once(broker, daemo
     acked = [s["intake"]["acked"] for s in summaries]
     assert sum(acked) == 300 and all(s["state"] == "finished" and s["exit_status"] == 0 for s in summaries)
     assert all(n > 0 for n in acked), acked  # every node took a share
-    assert broker.count("jobs") == 0
+    assert broker.count(jobs) == 0
 
 
-def test_a_node_killed_mid_run_loses_nothing(broker, daemon_factory, marks_dir):
+def test_a_node_killed_mid_run_loses_nothing(broker, jobs, daemon_factory, marks_dir):
     """kill -9 of one pmlmd: the broker redelivers its unacked messages to the others. Its workers
     may still finish on their own, so those tasks may run twice: at-least-once, and the report of
     whoever ran a redelivered message says so."""
-    broker.declare("jobs")
-    broker.publish("jobs", [str(i) for i in range(60)])
+    broker.declare(jobs)
+    broker.publish(jobs, [str(i) for i in range(60)])
     victim, *others = [daemon_factory().start() for _ in range(3)]
     env = {"MARKS": str(marks_dir)}
     slow = MARK + "; sleep 0.5"
-    victim_batch = submit(victim, broker, "jobs", "-j", "4", command=slow, env=env)
+    victim_batch = submit(victim, broker, jobs, "-j", "4", command=slow, env=env)
     wait_for(lambda: status(victim, victim_batch)["intake"]["in_flight"] >= 2, timeout=30,
              what="the first node to hold deliveries")
     in_flight = status(victim, victim_batch)["intake"]["in_flight"]
     victim.stop(signal.SIGKILL)
-    batches = [submit(node, broker, "jobs", "--until-empty", "-j", "4", command=slow, env=env) for node in others]
+    batches = [submit(node, broker, jobs, "--until-empty", "-j", "4", command=slow, env=env) for node in others]
     for node, batch in zip(others, batches):
         wait_for(lambda: ended(node, batch), timeout=120, what="the other nodes to empty the queue")
     ran = marks(marks_dir)
@@ -105,20 +112,21 @@ def test_a_node_killed_mid_run_loses_nothing(broker, daemon_factory, marks_dir):
     assert status(victim, victim_batch)["state"] == "cancelled"
 
 
-def test_a_node_with_little_headroom_takes_fewer_tasks(broker, daemon_factory, marks_dir):
+def test_a_node_with_little_headroom_takes_fewer_tasks(broker, jobs, daemon_factory, marks_dir):
     """The node whose memory limit leaves room for about one task holds about one delivery; the
     others take the rest. Each task holds 64 MiB for half a second."""
-    broker.declare("jobs")
-    broker.publish("jobs", [str(i) for i in range(30)])
-    roomy, tight = daemon_factory().start(), daemon_factory().start()
+    broker.declare(jobs)
+    broker.publish(jobs, [str(i) for i in range(30)])
     info = meminfo()
     # The tight node's limit: 150 MiB above today's free memory less the gap, so one 64 MiB task fits.
     limit_pct = 100.0 * (info["MemAvailable"] - (250 << 20)) / info["MemTotal"]
+    roomy = daemon_factory().start()
+    tight = daemon_factory(f'[limits]\nmemfree_limit = {limit_pct:.3f}\nmemory_gap = "100M"\nmin_free = "32M"\n'
+                           "[batches]\nretries = 100\n").start()
     env = {"MARKS": str(marks_dir)}
     hog = MARK + f"; exec python3 {Path(__file__).parent / 'helpers' / 'hog.py'} 64 16 0.02 0.5"
-    tight_batch = submit(tight, broker, "jobs", "--until-empty", "--memfree-limit", f"{limit_pct:.3f}",
-                         "--memory-gap", "100M", "--min-free", "32M", "--retries", "100", command=hog, env=env)
-    roomy_batch = submit(roomy, broker, "jobs", "--until-empty", "-j", "4", command=hog, env=env)
+    tight_batch = submit(tight, broker, jobs, "--until-empty", command=hog, env=env)
+    roomy_batch = submit(roomy, broker, jobs, "--until-empty", "-j", "4", command=hog, env=env)
     for node, batch in ((roomy, roomy_batch), (tight, tight_batch)):
         wait_for(lambda: ended(node, batch), timeout=120, what="both nodes to empty the queue")
     acked = {name: status(node, batch)["intake"]["acked"] for name, node, batch in
@@ -127,20 +135,20 @@ def test_a_node_with_little_headroom_takes_fewer_tasks(broker, daemon_factory, m
     assert sorted(marks(marks_dir), key=int) == [str(i) for i in range(30)]
 
 
-def test_a_task_that_never_fits_is_dead_lettered_with_its_cause(broker, pmlm, marks_dir):
+def test_a_task_that_never_fits_is_dead_lettered_with_its_cause(broker, jobs, pmlm, marks_dir):
     """pmlmctl run (no daemon): the governor terminates the big task; it goes back to the queue with
     its count in a header, runs again, and past --retries goes to the dead-letter exchange."""
-    broker.declare("jobs")
+    broker.declare(jobs)
     broker.declare_exchange("failed")
     broker.declare("failed-tasks")
     broker.bind("failed-tasks", "failed")
-    broker.publish("jobs", ["small", "big"])
+    broker.publish(jobs, ["small", "big"])
     info = meminfo()
     os.sync()
     limit_pct = 100.0 * (info["MemAvailable"] - (400 << 20)) / info["MemTotal"]
     hog = Path(__file__).parent / "helpers" / "hog.py"
     script = f'if [ "$PMLM_TASK" = big ]; then exec python3 {hog} 700 25 0.02 0.5; fi'
-    run = pmlm("--amqp", broker.url, "--queue", "jobs", "--until-empty", "--dead-letter", "failed", "--retries", "1",
+    run = pmlm("--amqp", broker.url, "--queue", jobs, "--until-empty", "--dead-letter", "failed", "--retries", "1",
                "--memfree-limit", f"{limit_pct:.3f}", "--memory-gap", "100M", "--min-free", "32M", "--json",
                "--", "sh", "-c", script)
     assert run.wait(timeout=120) == 1, run.stderr
@@ -154,14 +162,14 @@ def test_a_task_that_never_fits_is_dead_lettered_with_its_cause(broker, pmlm, ma
     assert body == b"big"
     assert props.headers["x-pmlm-cause"] == "given-up" and props.headers["x-pmlm-terminations"] == 2
     assert "terminat" in props.headers["x-pmlm-reason"]
-    assert broker.count("jobs") == 0
+    assert broker.count(jobs) == 0
 
 
-def test_intake_waits_out_a_broker_restart_and_loses_nothing(broker, daemon_factory, marks_dir):
-    broker.declare("jobs")
-    broker.publish("jobs", [str(i) for i in range(40)])
+def test_intake_waits_out_a_broker_restart_and_loses_nothing(broker, jobs, daemon_factory, marks_dir):
+    broker.declare(jobs)
+    broker.publish(jobs, [str(i) for i in range(40)])
     node = daemon_factory().start()
-    batch = submit(node, broker, "jobs", "--until-empty", "-j", "2", command=MARK + "; sleep 0.3",
+    batch = submit(node, broker, jobs, "--until-empty", "-j", "2", command=MARK + "; sleep 0.3",
                    env={"MARKS": str(marks_dir)})
     wait_for(lambda: status(node, batch)["intake"]["acked"] >= 4, timeout=30, what="some tasks to be acked")
     broker.stop()
@@ -177,12 +185,12 @@ def test_intake_waits_out_a_broker_restart_and_loses_nothing(broker, daemon_fact
     assert status(node, batch)["exit_status"] == 0
 
 
-def test_results_go_to_reply_to_with_their_correlation_ids(broker, pmlm):
-    broker.declare("jobs")
+def test_results_go_to_reply_to_with_their_correlation_ids(broker, jobs, pmlm):
+    broker.declare(jobs)
     broker.declare("results")
     for i in range(5):
-        broker.publish("jobs", [str(i)], reply_to="results", correlation_id=f"req-{i}", message_id=f"msg-{i}")
-    run = pmlm("--amqp", broker.url, "--queue", "jobs", "--until-empty", "--", "sh", "-c", 'exit $((PMLM_TASK % 2))')
+        broker.publish(jobs, [str(i)], reply_to="results", correlation_id=f"req-{i}", message_id=f"msg-{i}")
+    run = pmlm("--amqp", broker.url, "--queue", jobs, "--until-empty", "--", "sh", "-c", 'exit $((PMLM_TASK % 2))')
     assert run.wait(timeout=60) == 1, run.stderr
     results = {props.correlation_id: json.loads(body) for body, props in broker.drain("results")}
     assert set(results) == {f"req-{i}" for i in range(5)}
@@ -191,7 +199,7 @@ def test_results_go_to_reply_to_with_their_correlation_ids(broker, pmlm):
         assert r["task_id"] == f"msg-{i}" and r["exit_status"] == i % 2 and r["error"] is (i % 2 == 1)
         assert r["attempts"] == 1 and r["critical"] is False and r["node"] and r["duration_s"] >= 0
         assert r["cause"] == "exit" and r["status"] == ("failed" if i % 2 else "succeeded")
-    assert broker.count("jobs") == 0
+    assert broker.count(jobs) == 0
 
 
 def test_an_unreachable_broker_is_waited_for_and_the_batch_can_be_cancelled(daemon_factory):
@@ -209,7 +217,7 @@ def test_an_unreachable_broker_is_waited_for_and_the_batch_can_be_cancelled(daem
     assert status(node, batch)["state"] == "cancelled"
 
 
-def test_a_missing_queue_is_named(broker, daemon_factory):
+def test_a_missing_queue_is_named(broker, jobs, daemon_factory):
     node = daemon_factory().start()
     batch = submit(node, broker, "no-such-queue", command="true")
     wait_for(lambda: "does not exist" in (status(node, batch)["intake"]["detail"] or ""), timeout=30,
