@@ -953,6 +953,10 @@ class Daemon:
         if record is None:
             raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"no batch {batch_id!r}: see 'pmlmctl list'")
         submission, (uid, gid, groups), statuses = record
+        if isinstance(submission, dict) and submission.get("amqp") is not None:
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} took its tasks from queue "
+                                         f"{submission.get('queue')!r}: its failed tasks went to the dead-letter "
+                                         "exchange (or the queue's own); publish them to the queue again to retry")
         if peer[0] != 0:
             # The owner retries: they must still be allowed to submit (root may retry anyone's).
             self._may_submit(peer[0], peer[1], user_groups(peer[0], peer[1]))

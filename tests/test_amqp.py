@@ -224,6 +224,9 @@ def test_a_missing_queue_is_named(broker, jobs, daemon_factory):
              what="the intake to say the queue is missing")
     assert node.ctl("cancel", batch).returncode == 0
     wait_for(lambda: ended(node, batch), timeout=30, what="the cancelled batch to end")
+    # Its tasks are the queue's: retry says where they went instead of running them from here.
+    retried = node.ctl("retry", batch)
+    assert retried.returncode == 2 and "took its tasks from queue 'no-such-queue'" in retried.stderr
 
 
 @pytest.mark.parametrize("args, says", [
