@@ -969,7 +969,9 @@ class Engine:
                 self.on_event({"event": "intake", "batch": run.id, "state": event.state, "detail": event.detail})
             elif event.kind == "closed":
                 self.loop.unwatch(intake.fileno())
+                intake.release()
                 self._finish_if_done(run)
+                return
 
     def _delivered(self, run: BatchRun, d) -> None:
         intake = run.intake

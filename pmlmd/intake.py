@@ -126,7 +126,7 @@ class Delivery:
     tag: int  # the channel's delivery tag
     generation: int  # which connection it came on: settling one of a lost connection is dropped
     body: bytes
-    message_id: str | None
+    message_id: str  # the message's message_id, or a generated one (uuid4 hex) when it has none
     redelivered: bool  # the broker delivered it before (to this node or another) and got no ack
     terminations: int  # x-pmlm-terminations: the governor ended it that often before, on any node
     reply_to: str | None
@@ -253,6 +253,14 @@ class Intake:
         """Carry out what was asked so far, then disconnect; "closed" follows as an event."""
         self._post(("close",))
 
+    def release(self) -> None:
+        """After "closed": give back the eventfd, once the thread has written its last to it (the
+        event is queued just before the write that signals it)."""
+        self._thread.join(timeout=5.0)
+        if self._wake >= 0 and not self._thread.is_alive():
+            os.close(self._wake)
+            self._wake = -1
+
     def _post(self, command: tuple) -> None:
         with self._lock:
             self._commands.append(command)
@@ -290,6 +298,10 @@ class Intake:
                 try:
                     self._session(connection, generation)
                     backoff = BACKOFF_FIRST
+                except IntakeTrouble as e:
+                    self._waiting(str(e))
+                    self._pause(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
                 except Exception as e:
                     if self._stop:
                         break
@@ -346,15 +358,14 @@ class Intake:
         try:
             channel.queue_declare(self.queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as e:
-            raise IntakeTrouble(f"queue {self.queue!r} does not exist (code {e.reply_code}): declare it, or fill it "
-                                f"with pmlmctl enqueue") from None
+            raise IntakeTrouble(f"queue {self.queue!r} does not exist at {self.where} (code {e.reply_code}): "
+                                f"declare it, or fill it with pmlmctl enqueue") from None
         if self.exchange is not None:
             try:
                 channel.exchange_declare(self.exchange, passive=True)
             except pika.exceptions.ChannelClosedByBroker:
-                channel = connection.channel()
-                channel.confirm_delivery()
-                raise IntakeTrouble(f"dead-letter exchange {self.exchange!r} does not exist: declare it") from None
+                raise IntakeTrouble(f"dead-letter exchange {self.exchange!r} does not exist at {self.where}: declare "
+                                    "it (and bind a queue to it)") from None
         self._channel = channel
         self._consumer = None
         self._applied_credit = None
@@ -399,7 +410,8 @@ class Intake:
             terminations = 0
         self._emit(Event("delivery", delivery=Delivery(
             tag=method.delivery_tag, generation=self._gen, body=body,
-            message_id=_short(properties.message_id), redelivered=bool(method.redelivered),
+            # The task's id in the report: the message's own, or one made here for a message without.
+            message_id=_short(properties.message_id) or new_message_id(), redelivered=bool(method.redelivered),
             terminations=terminations, reply_to=_short(properties.reply_to),
             correlation_id=_short(properties.correlation_id), headers=headers, received=time.monotonic())))
 

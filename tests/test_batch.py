@@ -140,3 +140,55 @@ def test_series_keeps_values_outside_the_bins_in_min_and_max():
     for value in [150.0, -5.0] + [50.0] * (EXACT_SAMPLES + 1):
         series.add(value)
     assert series.summary() == {"min": -5.0, "median": 50.0, "max": 150.0, "samples": EXACT_SAMPLES + 3}
+
+
+# --- a queue batch (tasks from an AMQP queue, see pmlmd.intake): open-ended, its tasks go back ----------
+
+def make_queue_batch(retries=1, retry_failed=0):
+    from pmlmd.batch import IntakeSpec
+
+    spec = BatchSpec(batch_id="q1", command=["true"], tasks=[], limits=Limits(), retries=retries,
+                     retry_failed=retry_failed, intake=IntakeSpec(url="amqp://u:p@broker/", queue="jobs"))
+    return Batch(spec, now=1000.0)
+
+
+def test_a_queue_batch_takes_tasks_as_they_come_and_numbers_them_in_order():
+    batch = make_queue_batch()
+    assert batch.tasks == [] and batch.done() == 0
+    first = batch.add_task("a", {"message_id": "m1", "redelivered": False})
+    second = batch.add_task("b", {"message_id": "m2", "redelivered": True}, governor_ends=1)
+    assert (first.index, second.index, list(batch.queue)) == (0, 1, [first, second])
+    assert batch.status_counts[QUEUED] == 2 and second.governor_ends == 1
+    assert second.to_json()["message_id"] == "m2" and second.to_json()["redelivered"] is True
+
+
+@pytest.mark.parametrize("cause, exit_code, earlier_terminations, status", [
+    (CAUSE_EXIT, 0, 0, SUCCEEDED),
+    (CAUSE_EXIT, 3, 0, FAILED),
+    (CAUSE_GOVERNOR_MEMORY, None, 0, "returned"),  # to its queue, for any node; not run again here
+    (CAUSE_GOVERNOR_MEMORY, None, 1, GIVEN_UP),  # the budget counts terminations on every node
+    (CAUSE_CANCELLED, None, 0, "returned"),  # a cancelled queue batch gives its messages back
+])
+def test_a_queue_batch_task_ends_where_its_message_must_go(cause, exit_code, earlier_terminations, status):
+    batch = make_queue_batch(retries=1)
+    batch.add_task("x", governor_ends=earlier_terminations)
+    task = run_attempt(batch, cause, exit_code=exit_code)
+    assert task.status == status and not batch.queue
+    assert batch.exit_status() == (1 if status in (FAILED, GIVEN_UP) else 0)
+
+
+def test_a_cancelled_queue_batch_returns_what_it_held_and_fails_nothing():
+    batch = make_queue_batch()
+    for line in "abc":
+        batch.add_task(line)
+    batch.cancel_reason = "cancelled by uid 0"
+    batch.cancel_queued()
+    assert [t.status for t in batch.tasks] == ["returned"] * 3 and batch.exit_status() == 0
+    assert batch.error_message() == "cancelled: cancelled by uid 0"
+
+
+def test_a_message_that_is_no_task_line_fails_at_once_without_a_retry():
+    batch = make_queue_batch(retry_failed=5)
+    task = batch.add_task("a\0b")
+    attempt = batch.fail_unrunnable(task, 1001.0, "bad-message", "holds a NUL byte")
+    assert task.status == FAILED and not batch.queue and attempt.exit_code == 126 and attempt.end == 1001.0

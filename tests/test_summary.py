@@ -460,3 +460,30 @@ def test_every_state_name_fits_its_column():
     assert set(STATES) == set(LIVE_STATES) | set(ENDED_STATES)
     width = ctl.BATCH_HEADER.index("CREATED") - ctl.BATCH_HEADER.index("STATE") - 2
     assert max(map(len, STATES)) <= width
+
+
+def test_a_summary_stored_by_the_pmlmd_before_queue_batches_still_reads():
+    """summary_version 1: no ``returned`` count and no ``intake``."""
+    data = a_summary().to_json()
+    data["summary_version"] = 1
+    del data["intake"]
+    del data["counts"]["returned"]
+    old = BatchSummary.from_json(data)
+    assert old.counts == Counts(succeeded=1) and old.intake is None and old.tasks == 1
+
+
+def test_a_live_queue_batch_waiting_for_messages_is_live_with_nothing_pending():
+    from pmlmd.batch import IntakeSpec
+    from pmlmd.summary import IntakeStatus
+
+    spec = BatchSpec(batch_id="q", command=["true"], tasks=[], limits=Limits(),
+                     intake=IntakeSpec(url="amqp://u:p@b/", queue="jobs"))
+    batch = Batch(spec, now=T0)
+    intake = IntakeStatus(broker="b:5672/%2F", queue="jobs", state="consuming", detail=None, consumed=0, acked=0,
+                          returned=0, dead_lettered=0, in_flight=0, until_empty=False)
+    s = summarize(batch, now=T0 + 1, intake=intake)
+    assert s.state == "queued" and s.live and s.tasks == 0
+    assert BatchSummary.from_json(s.to_json()) == s
+    batch.cancel_reason = "cancelled by uid 0"
+    batch.finished = T0 + 2
+    assert summarize(batch, now=T0 + 2).state == "cancelled"
