@@ -193,17 +193,22 @@ class Daemon:
         self.pid = self.tree.pid
         from pmlmd.client import Client, Unreachable
         deadline = time.monotonic() + 30
-        while True:
-            if self.tree.proc.poll() is not None:
-                raise RuntimeError("pmlmd exited: " + (base / "pmlmd.log").read_text()[-2000:])
-            try:
-                self.client = Client(self.socket)
-                self.client.call("ping")
-                break
-            except Unreachable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        try:
+            while True:
+                if self.tree.proc.poll() is not None:
+                    raise RuntimeError("pmlmd exited: " + (base / "pmlmd.log").read_text()[-2000:])
+                try:
+                    self.client = Client(self.socket)
+                    self.client.call("ping")
+                    break
+                except Unreachable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        except BaseException:  # no __exit__ will run for a daemon that never answered: end it here
+            self.tree.kill()
+            self.log.close()
+            raise
 
     def ctl(self, *args, timeout=600) -> subprocess.CompletedProcess:
         return subprocess.run([*PMLMCTL, "--socket", self.socket, *args], capture_output=True, text=True,
