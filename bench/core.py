@@ -7,6 +7,7 @@ are capped (the memory scenario 500 MiB, goodput at most 1.5 GiB at once); every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -193,17 +194,22 @@ class Daemon:
         self.pid = self.tree.pid
         from pmlmd.client import Client, Unreachable
         deadline = time.monotonic() + 30
-        while True:
-            if self.tree.proc.poll() is not None:
-                raise RuntimeError("pmlmd exited: " + (base / "pmlmd.log").read_text()[-2000:])
-            try:
-                self.client = Client(self.socket)
-                self.client.call("ping")
-                break
-            except Unreachable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        try:
+            while True:
+                if self.tree.proc.poll() is not None:
+                    raise RuntimeError("pmlmd exited: " + (base / "pmlmd.log").read_text()[-2000:])
+                try:
+                    self.client = Client(self.socket)
+                    self.client.call("ping")
+                    break
+                except Unreachable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        except BaseException:  # no __exit__ will run for a daemon that never answered: end it here
+            self.tree.kill()
+            self.log.close()
+            raise
 
     def ctl(self, *args, timeout=600) -> subprocess.CompletedProcess:
         return subprocess.run([*PMLMCTL, "--socket", self.socket, *args], capture_output=True, text=True,
@@ -712,11 +718,180 @@ def scenario_reads(ctx) -> dict:
                       "the most tasks a batch may have is 100000 (bounds.MAX_TASKS)"]}
 
 
+# ---------------------------------------------------------------- scenario 8: tasks from a queue
+
+def load_test_broker():
+    """tests/broker.py, the private RabbitMQ the tests use, loaded from its file (not copied here;
+    the tests directory stays off sys.path)."""
+    import importlib.util
+    path = ROOT / "tests" / "broker.py"
+    spec = importlib.util.spec_from_file_location("pmlm_bench_test_broker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_run(cmd: list[str], stdin_text: str | None) -> float:
+    """Wall seconds of a whole command (raises if it fails)."""
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, input=stdin_text, stdin=None if stdin_text is not None else subprocess.DEVNULL,
+                       capture_output=True, text=True, env=ENV, timeout=900)
+    elapsed = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[:6]} failed ({r.returncode}): {r.stderr[-1000:]}")
+    return elapsed
+
+
+def queue_trial(nodes: list, url: str, queue: str, n: int, j: int, broker_pid: int | None) -> dict:
+    """One queue batch (``submit --amqp --until-empty``) on each of ``nodes`` taking the ``n`` tasks
+    already on ``queue``: wall from the first submit until the bench sees every batch ended."""
+    cpu0 = [cpu_seconds(d.pid) for d in nodes]
+    broker0 = cpu_seconds(broker_pid) if broker_pid else None
+    t0 = time.monotonic()
+    batches = [d.submit("--amqp", url, "--queue", queue, "--until-empty", "-j", str(j), "--", "/bin/true")
+               for d in nodes]
+    pending = dict(zip(range(len(nodes)), batches))
+    final: dict[int, dict] = {}
+    while pending:
+        for i, bid in list(pending.items()):
+            st = nodes[i].batch(bid)
+            if st.get("ended") is not None:
+                final[i] = st
+                del pending[i]
+        if not pending:
+            break
+        if time.monotonic() - t0 > 900:
+            raise RuntimeError(f"queue batches on {len(pending)} of {len(nodes)} nodes did not end in 900 s")
+        time.sleep(0.1)
+    elapsed = time.monotonic() - t0
+    cpu = sum(cpu_seconds(d.pid) - c for d, c in zip(nodes, cpu0))
+    intakes = [final[i].get("intake") or {} for i in range(len(nodes))]
+    acked = [it.get("acked", 0) for it in intakes]
+    problems = []
+    if sum(acked) != n:
+        problems.append(f"acked {sum(acked)} of {n}")
+    for i in range(len(nodes)):
+        it, st = intakes[i], final[i]
+        for k in ("returned", "dead_lettered"):
+            if it.get(k):
+                problems.append(f"node {i + 1}: {k} {it[k]}")
+        if st.get("state") != "finished" or st.get("exit_status") not in (0, None):
+            problems.append(f"node {i + 1}: batch {st.get('state')}, exit {st.get('exit_status')}")
+    return {"wall_s": elapsed, "cpu_s": cpu, "acked": acked, "problems": problems,
+            "broker_cpu_s": (cpu_seconds(broker_pid) - broker0) if broker_pid else None,
+            "consumed": [it.get("consumed", 0) for it in intakes]}
+
+
+def scenario_queue(ctx) -> dict:
+    title = "8. Many nodes: tasks from a queue"
+    brokerlib = load_test_broker()
+    if not brokerlib.available():
+        return {"title": title, "rows": [{"result": f"skipped: {brokerlib.RABBITMQ_SERVER} or {brokerlib.EPMD} is "
+                                                    "not installed (Debian package rabbitmq-server)"}], "notes": []}
+    try:
+        import pika  # noqa: F401  (the intake and `pmlmctl enqueue` need it)
+    except ImportError:
+        return {"title": title, "rows": [{"result": "skipped: pika is not installed (Debian package python3-pika)"}],
+                "notes": []}
+    need_parallel()
+    n = 100 if ctx.quick else 2000
+    j = 16
+    trials = 1 if ctx.quick else 3
+    seq = "\n".join(map(str, range(n))) + "\n"
+    config = DAEMON_RELAXED.format(max_workers=1100)
+    raw: dict[str, list[dict]] = {k: [] for k in ("enqueue", "queue1", "queue3", "request", "parallel", "xargs")}
+    broker = brokerlib.Broker()
+    t_broker = time.monotonic()
+    try:
+        broker.start()
+        broker_start_s = time.monotonic() - t_broker
+        beam = broker.beam_pid()
+        with contextlib.ExitStack() as stack:
+            nodes = [stack.enter_context(Daemon(ctx.tmp / f"node-{i + 1}", config)) for i in range(3)]
+            time.sleep(0.5)
+            for trial in range(trials):  # interleaved, so drifts of the machine hit every way alike
+                for key, used in (("queue1", nodes[:1]), ("queue3", nodes)):
+                    queue = f"bench-{trial}-{key}"
+                    enq = timed_run([*PMLMCTL, "enqueue", "--amqp", broker.url, "--queue", queue, "--tasks-file", "-"],
+                                    seq)
+                    raw["enqueue"].append({"wall_s": enq})
+                    r = queue_trial(used, broker.url, queue, n, j, beam)
+                    left = broker.count(queue)
+                    if left:
+                        r["problems"].append(f"{left} messages left on the queue")
+                    raw[key].append(r)
+                    log(f"  queue: trial {trial + 1}, {len(used)} node(s): {r['wall_s']:.2f} s, acked {r['acked']}"
+                        + (f", PROBLEMS {r['problems']}" if r["problems"] else ""))
+                c0 = cpu_seconds(nodes[0].pid)
+                wall = timed_run([*PMLMCTL, "--socket", nodes[0].socket, "submit", "--wait", "-n", str(n), "-j", str(j),
+                                  "--", "/bin/true"], None)
+                raw["request"].append({"wall_s": wall, "cpu_s": cpu_seconds(nodes[0].pid) - c0})
+                raw["parallel"].append({"wall_s": timed_run(["parallel", "-j", str(j), "-N0", "/bin/true"], seq)})
+                raw["xargs"].append({"wall_s": timed_run(["xargs", "-P", str(j), "-n", "1", "/bin/true"], seq)})
+                log(f"  queue: trial {trial + 1} done")
+    finally:
+        broker.close()
+
+    def rate(key):
+        return stats([n / t["wall_s"] for t in raw[key]])
+
+    par, xa = rate("parallel")["median"], rate("xargs")["median"]
+    req = rate("request")["median"]
+    plain_cpu = [t["cpu_s"] / n * 1000 for t in raw["request"]]
+    labels = {"queue1": f"pmlmd, 1 node: queue (submit --amqp --until-empty -j {j})",
+              "queue3": f"pmlmd, 3 nodes: queue (each submit --amqp --until-empty -j {j})",
+              "request": f"pmlmd, 1 node: tasks in the request (submit --wait -n {n} -j {j})",
+              "parallel": f"GNU parallel -j {j}", "xargs": f"xargs -P {j}"}
+    rows = []
+    problems = []
+    for key, label in labels.items():
+        ts = raw[key]
+        s = rate(key)
+        row = {"way": label, "tasks": n, "trials": len(ts), "tasks/s median (min–max)": mmm(s, 0),
+               "wall s median (min–max)": mmm(stats([t["wall_s"] for t in ts]), 2),
+               "÷ tasks in the request": fmt(s["median"] / req, 2), "÷ GNU parallel": fmt(s["median"] / par, 2),
+               "÷ xargs": fmt(s["median"] / xa, 2)}
+        if key in ("queue1", "queue3", "request"):
+            cpu = [t["cpu_s"] / n * 1000 for t in ts]
+            row["daemon CPU ms/task (all nodes)"] = mmm(stats(cpu), 2)
+            if key != "request":
+                row["intake cost ms/task"] = mmm(stats([c - p for c, p in zip(cpu, plain_cpu)]), 2)
+                row["broker CPU ms/task"] = mmm(stats([t["broker_cpu_s"] / n * 1000 for t in ts
+                                                       if t["broker_cpu_s"] is not None]), 2)
+                row["acked per node, each trial"] = "; ".join("/".join(map(str, t["acked"])) for t in ts)
+                problems += [f"{label}, trial {i + 1}: {p}" for i, t in enumerate(ts) for p in t["problems"]]
+        row["_stats"] = s
+        row["_raw"] = ts
+        rows.append(row)
+    enq = stats([n / t["wall_s"] for t in raw["enqueue"]])
+    rows.append({"way": f"pmlmctl enqueue of the {n} tasks (timed apart, not in the figures above)", "tasks": n,
+                 "trials": len(raw["enqueue"]), "tasks/s median (min–max)": mmm(enq, 0),
+                 "wall s median (min–max)": mmm(stats([t["wall_s"] for t in raw["enqueue"]]), 2), "_stats": enq})
+    notes = [f"{n} x /bin/true, -j {j} on each node, {trials} trial(s) interleaved (1 node, 3 nodes, tasks in the "
+             "request, GNU parallel, xargs); each queue run has a queue of its own, filled first by `pmlmctl "
+             "enqueue` (timed apart)",
+             "a node is a pmlmd of its own (own socket and state dir; cpu_limit 100, cpu_margin 0, memfree_limit 5, "
+             f"max_workers 1100, scope_backend none); the 3 \"nodes\" share this machine's {os.cpu_count()} cores, so "
+             "the 3-node figure shows the protocol's overhead, not scale-out",
+             "queue wall: from the first `pmlmctl submit` (its Python start-up included) until the bench, polling "
+             "each batch's status every 0.1 s, sees every batch ended; tasks in the request: the wall time of "
+             "`pmlmctl submit --wait` (which polls every 0.25 s); GNU parallel and xargs: the whole command, "
+             "inputs on stdin",
+             "daemon CPU: utime+stime of the pmlmd processes (all threads, the intake's included) from /proc/PID/stat "
+             "across the run, summed over the nodes used, ÷ tasks; intake cost = that − the same daemon's per-task "
+             "CPU for the tasks-in-the-request batch of the same trial; broker CPU: the broker's Erlang VM "
+             "(beam.smp) over the consuming run",
+             f"a private RabbitMQ (tests/broker.py, started in {broker_start_s:.1f} s, closed at the end)"]
+    if problems:
+        notes.append("PROBLEMS: " + "; ".join(problems))
+    return {"title": title, "rows": rows, "notes": notes}
+
+
 # ---------------------------------------------------------------- driver
 
 SCENARIOS = {"memory": scenario_memory, "cpu": scenario_cpu, "overhead": scenario_overhead,
              "throughput": scenario_throughput, "goodput": scenario_goodput, "scale": scenario_scale,
-             "reads": scenario_reads}
+             "reads": scenario_reads, "queue": scenario_queue}
 
 
 def machine() -> dict:
