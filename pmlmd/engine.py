@@ -174,6 +174,7 @@ class Worker:
     measured_at: float | None = None
     paused_at: float | None = None
     cpu_at_pause: float | None = None
+    paused_by: str | None = None  # the governor rule that paused it (WorkerView.paused_by)
     kill_at: float | None = None
     end_cause: str | None = None
     stop_path: str | None = None  # how pmlmd is ending it: agent, sigterm, sigkill
@@ -209,7 +210,8 @@ class Worker:
     def view(self) -> WorkerView:
         return WorkerView(key=self.key, started=self.child.started, state=self.state, rss=self.rss,
                           rss_growth=self.rss_growth, cpu=self.cpu, paused_at=self.paused_at,
-                          cpu_at_pause=self.cpu_at_pause, priority=self.run.priority, batch=self.run.id)
+                          cpu_at_pause=self.cpu_at_pause, priority=self.run.priority, batch=self.run.id,
+                          paused_by=self.paused_by if self.state == PAUSED else None)
 
 
 def worker_argv(run: BatchRun, line: str | None) -> list[str]:
@@ -384,11 +386,12 @@ class Engine:
                        "running": self.count(RUNNING), "paused": self.count(PAUSED)})
         fastest = min([limits.window] + [run.limits.window for run in self.runs.values()])
         window = limits if fastest == limits.window else dataclasses.replace(limits, window=fastest)
+        watching = bool(self.workers)
         if self.previous_sample is None or sample.time - self.previous_sample.time >= 0.005:
-            interval = next_interval(self.previous_sample, sample, window)
+            interval = next_interval(self.previous_sample, sample, window, watching=watching)
             self.previous_sample = sample
         else:  # samples taken right after a worker exit carry no rate information
-            interval = next_interval(None, sample, window)
+            interval = next_interval(None, sample, window, watching=watching)
         self.last_sample = sample
         self.next_sample_at = sample.time + interval
 
@@ -538,7 +541,7 @@ class Engine:
             return
         if d.action == PAUSE:
             self._pause(w)
-            w.state, w.paused_at, w.cpu_at_pause = PAUSED, sample.time, w.cpu
+            w.state, w.paused_at, w.cpu_at_pause, w.paused_by = PAUSED, sample.time, w.cpu, d.rule
             w.attempt.pauses += 1
             w.stop_clock(time.monotonic())
         elif d.action == CONTINUE:

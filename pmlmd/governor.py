@@ -13,8 +13,10 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 grace) until projected free >= L; admit nothing.
 3. gap        free < L + G      admit nothing; pause every running worker whose
                                 memory is growing. If all are paused and nothing
-                                changes for a window: continue the last one, or make
-                                room by terminating the first victim among several.
+                                changes for a window: continue the last one if it was
+                                paused for CPU; terminate it if it was paused for
+                                growing (continued, it would only grow on); make room
+                                by terminating the first victim among several.
 4. cpu        cpu > C           admit nothing; pause running victims that use CPU
                                 until their share covers the excess. The last running
                                 worker is kept if it fits the limit alone (within half
@@ -49,6 +51,12 @@ TERMINATING = "terminating"  # SIGTERM sent, waiting for exit or the grace to pa
 KILLED = "killed"  # SIGKILL sent, waiting for the exit to be reaped
 HELD = "held"  # stopped because its batch was paused by a user: only memory rules touch it
 RELEASING = (TERMINATING, KILLED)
+
+# The fastest a node's free memory is taken to fall, in bytes per second: the sampling schedule
+# leaves no worker time to cross a threshold unseen at this rate. A process touching fresh pages
+# on one core fills about 1.5-2 GB/s here (bench/RESULTS.md, scenario 1); earlyoom assumes RAM
+# fills at up to 6000 MiB/s and sleeps accordingly, and so does pmlmd.
+FILL_RATE_MAX = 6000 * (1 << 20)
 
 SPAWN = "spawn"
 PAUSE = "pause"
@@ -104,6 +112,7 @@ class WorkerView:
     cpu_at_pause: float | None = None
     priority: int = 0  # higher runs first and pays last
     batch: Hashable = None  # the Workload (batch) it belongs to
+    paused_by: str | None = None  # the rule that paused it ("gap": its memory grew near the limit; "cpu")
 
 
 @dataclass(frozen=True)
@@ -200,9 +209,15 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         stuck = (not decisions and not running and not releasing and paused
                  and all(sample.time - w.paused_at >= limits.window for w in paused))
         if stuck and (cpu is None or cpu <= limits.cpu_limit):
-            if len(paused) == 1:
+            # A lone worker paused for growing here would only grow on if continued: it stays
+            # stopped until headroom returns (rule 5), or is terminated once it has stood a window.
+            if len(paused) == 1 and paused[0].paused_by != "gap":
                 decisions.append(Decision(CONTINUE, paused[0].key, rule="gap", reason=f"{seen}: every worker paused "
                                           "in the gap; continuing the last one so the batch makes progress"))
+            elif len(paused) == 1:
+                w = paused[0]
+                decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: the only worker was paused "
+                                          f"for growing ({_mib(w.rss)}) and headroom has not returned: terminating it"))
             else:
                 w = victim_order(paused, limits.victim, "rss")[0]
                 decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: every worker paused in the "
@@ -302,13 +317,17 @@ def _until_free(victims: list[WorkerView], projected: float, target: float, acti
     return decisions
 
 
-def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01) -> float:
-    """How long to wait before the next node sample.
+def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01,
+                  watching: bool = True) -> float:
+    """How long to wait before the next node sample, in seconds.
 
-    The base interval while far from the limits; when free memory falls, wait at
-    most half the time it needs at its current rate to reach the next threshold
-    (gap edge, limit, floor), down to ``floor`` seconds; near the CPU limit, sample
-    at least twice per base interval.
+    The base interval while far from the limits. While workers run (``watching``), never
+    longer than the time the fastest fill (FILL_RATE_MAX) needs to reach the next threshold
+    (gap edge, limit, floor): no worker can cross it between two samples, whatever the rate
+    the last two samples showed (two close samples may read the same MemAvailable: the kernel
+    folds its per-CPU counters in lazily). When free memory falls, at most half the time it
+    needs at its measured rate. Near the CPU limit at least twice per base interval. Never
+    below ``floor``.
     """
     base = limits.window
     free = free_bytes(sample, limits)
@@ -318,8 +337,10 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     if thresholds:
         next_threshold = max(thresholds)
         distance = free - next_threshold
+        if watching:
+            interval = min(interval, distance / FILL_RATE_MAX)
         if distance < limits.memory_gap:
-            interval = base / 5
+            interval = min(interval, base / 5)
         if previous is not None and sample.time > previous.time:
             falling = (free_bytes(previous, limits) - free) / (sample.time - previous.time)
             if falling > 0:

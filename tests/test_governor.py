@@ -22,9 +22,10 @@ def node(free=8 * GiB, cpu=20.0, t=NOW, mem_free=None):
 
 
 def worker(pid, started=None, state=RUNNING, rss=100 * MiB, growth=0.0, cpu=10.0, paused_at=None, cpu_at_pause=None,
-           priority=0):
+           priority=0, paused_by=None):
     return WorkerView(key=pid, started=float(pid) if started is None else started, state=state, rss=rss,
-                      rss_growth=growth, cpu=cpu, paused_at=paused_at, cpu_at_pause=cpu_at_pause, priority=priority)
+                      rss_growth=growth, cpu=cpu, paused_at=paused_at, cpu_at_pause=cpu_at_pause, priority=priority,
+                      paused_by=paused_by)
 
 
 def paused(pid, since=1.0, cpu_at_pause=40.0, **kw):
@@ -107,8 +108,18 @@ def test_gap_pauses_growing_workers_only_and_admits_nothing():
     assert out[0].rule == "gap"
 
 
-def test_gap_with_a_lone_paused_worker_continues_it_after_a_window():
-    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6)], WORK, LIMITS)
+def test_gap_with_a_lone_worker_paused_for_cpu_continues_it_after_a_window():
+    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6, paused_by="cpu")], WORK, LIMITS)
+    assert actions(out) == [(CONTINUE, 1)]
+
+
+def test_gap_keeps_a_lone_worker_paused_for_growing_stopped_then_terminates_it():
+    grower = paused(1, since=0.2, paused_by="gap")
+    assert decide(node(free=LIMIT + 100 * MiB), [grower], WORK, LIMITS) == []  # within its window: stays stopped
+    out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6, paused_by="gap")], WORK, LIMITS)
+    assert actions(out) == [(TERMINATE, 1)] and "paused for growing" in out[0].reason
+    # Headroom back: continued, not terminated.
+    out = decide(node(free=LIMIT + 400 * MiB), [paused(1, since=0.6, paused_by="gap")], WORK, LIMITS)
     assert actions(out) == [(CONTINUE, 1)]
 
 
@@ -280,6 +291,21 @@ def test_interval_shrinks_when_memory_falls_fast():
     assert next_interval(before, now, LIMITS) < 0.5
     fast_before, fast_now = node(free=LIMIT + 300 * MiB, t=0.0), node(free=LIMIT + 250 * MiB, t=0.01)
     assert next_interval(fast_before, fast_now, LIMITS) == pytest.approx(0.01)
+
+
+def test_interval_never_lets_the_fastest_fill_cross_the_next_threshold_unseen():
+    from pmlmd.governor import FILL_RATE_MAX
+
+    # Two samples that read the same free memory (no rate seen) 300 MiB above the gap edge.
+    before, now = node(free=LIMIT + 500 * MiB, t=0.0), node(free=LIMIT + 500 * MiB, t=0.02)
+    interval = next_interval(before, now, LIMITS)
+    assert interval <= 300 * MiB / FILL_RATE_MAX and interval * FILL_RATE_MAX <= 300 * MiB
+    # Inside the gap: the limit is the next threshold, 100 MiB away.
+    assert next_interval(None, node(free=LIMIT + 100 * MiB), LIMITS) <= 100 * MiB / FILL_RATE_MAX
+    # With no worker to watch there is nothing to fill it: the base (or its fifth near the gap).
+    assert next_interval(before, now, LIMITS, watching=False) == 0.5
+    # Far from every threshold the base interval holds.
+    assert next_interval(node(t=0), node(t=0.5), LIMITS) == 0.5
 
 
 def test_interval_shrinks_near_the_limits():
