@@ -34,6 +34,7 @@ CAUSE_SPAWN_FAILED = "spawn-failed"  # the command could not be executed
 CAUSE_CWD = "cwd"  # the working directory could not be entered as the worker's user
 CAUSE_DAEMON_RESTART = "daemon-restart"  # pmlmd restarted and the worker was gone, or ended unseen
 CAUSE_TIMEOUT = "timeout"  # it ran longer than --timeout: terminated, and a failure of the task
+CAUSE_BAD_MESSAGE = "bad-message"  # a queue message that cannot be a task line (a NUL, too long): failed unrun
 
 # --halt: when a batch stops once enough of its tasks have failed
 HALT_SOON = "soon"  # start no more tasks, let the running ones finish
@@ -414,7 +415,7 @@ class Batch:
     def error_message(self) -> str | None:
         if self.critical_reason:
             return f"critical finish: {self.critical_reason}"
-        if self.cancel_reason:
+        if self.cancel_reason and not self.spec.open_ended:  # a queue batch is cancelled to end it, as a rule
             return f"cancelled: {self.cancel_reason}"
         # While the batch runs, a task still queued or running has not failed (yet).
         ended = self.finished is not None
@@ -520,7 +521,7 @@ def describe_end(task: Task, spec: BatchSpec) -> str:
         return task.status
     if last.cause == CAUSE_TIMEOUT:
         return f"timed out after {spec.timeout:g}s" if spec.timeout is not None else "timed out"
-    if last.cause in (CAUSE_SPAWN_FAILED, CAUSE_CWD):
+    if last.cause in (CAUSE_SPAWN_FAILED, CAUSE_CWD, CAUSE_BAD_MESSAGE):
         return last.reason or "could not start"
     if last.signal is not None:
         return f"killed by signal {last.signal}"

@@ -1023,7 +1023,10 @@ def _batch_details(b: dict) -> list[str]:
         rows += [("queue", f"{intake['queue']} at {intake['broker']}" + (", until empty" if intake["until_empty"]
                                                                          else "")),
                  ("intake", f"{state}; {intake['consumed']} consumed, {intake['acked']} acked, {intake['returned']} "
-                            f"returned, {intake['dead_lettered']} dead-lettered, {intake['in_flight']} in flight")]
+                            f"returned, {intake['dead_lettered']} dead-lettered"
+                            + "".join(f", {intake[key]} {word}" for key, word in (
+                                ("rejected", "rejected"), ("lost", "lost with a connection")) if intake.get(key))
+                            + f", {intake['in_flight']} in flight")]
     return [_printable(f"{key:<9} {value}") for key, value in rows]
 
 
@@ -1102,6 +1105,14 @@ def describe_event(e: dict) -> str:
         return f"{when} {batch}: task {e['task']} worker {e['pid']} ran past its --timeout: terminating it"
     if kind == "halted":
         return f"{when} {batch}: {e['reason']}"
+    if kind == "intake":
+        return f"{when} {batch}: intake {e.get('state')}" + (f": {e['detail']}" if e.get("detail") else "")
+    if kind == "added":
+        return f"{when} {batch}: task {e['task']} taken from the queue"
+    if kind == "returned":
+        return f"{when} {batch}: task {e['task']} back to the queue: {e.get('reason')}"
+    if kind == "settled":
+        return f"{when} {batch}: task {e['task']} {e.get('settled')}: {e.get('reason')}"
     if kind == "dropped":  # the daemon could not keep up with this reader's pace (see pmlmd/outbox.py)
         return f"{when} events dropped: {e['count']} (the reader was too slow)"
     # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.

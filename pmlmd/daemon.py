@@ -320,8 +320,11 @@ class Daemon:
         if signum == signal.SIGHUP:
             self._reload()
         else:
-            log.info("%s: stopping; workers keep running and are adopted at the next start",
-                     signal.Signals(signum).name)
+            queues = sum(1 for run in self.engine.runs.values() if run.batch.spec.open_ended)
+            log.info("%s: stopping; workers keep running and are adopted at the next start%s",
+                     signal.Signals(signum).name,
+                     f" (those of the {queues} queue batches are ended then: the broker gives their messages out "
+                     "again when pmlmd's connection closes)" if queues else "")
             self.stopping = True
 
     def _shutdown(self) -> None:
@@ -536,6 +539,8 @@ class Daemon:
             procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
             self.engine.adopt(run, task, attempt, child, RUNNING)
         self._add(run)
+        if run.batch.spec.open_ended:
+            self.engine.end_adopted(run, "its message went back to its queue when pmlmd stopped")
         if stored.held:
             self.engine.hold(run)
         if stored.cancel_reason:
@@ -547,25 +552,16 @@ class Daemon:
         self.engine._finish_if_done(run)
 
     def _return_unsettled(self, stored: StoredBatch, run: BatchRun) -> None:
-        batch = run.batch
-        returned = list(batch.queue)
-        batch.cancel_queued()  # a queue batch's queued tasks end returned
-        reason = "its message went back to its queue when pmlmd stopped"
-        for task, attempt, start_ticks in stored.open_attempts:
-            child = procctl.adopt(attempt.pid, start_ticks) if attempt.pid and start_ticks else None
-            attempt.reason = reason
-            if child is not None:
-                procctl.signal_group(child.pid, signal.SIGTERM)
-                procctl.signal_group(child.pid, signal.SIGCONT)
-                os.close(child.pidfd)
-            batch.end_attempt(task, attempt, time.time(), CAUSE_DAEMON_RESTART)
-            self.store.attempt_ended(run.id, task, attempt)
-        stored.open_attempts = []
+        """A restored queue batch: its queued tasks end returned (their messages went back)."""
+        returned = list(run.batch.queue)
+        run.batch.cancel_queued()
         if returned:
             self.store.tasks_changed(run.id, returned)
-        if returned or batch.status_counts["returned"]:
-            log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped", run.id,
-                     batch.status_counts["returned"], batch.spec.intake.queue, extra={"BATCH_ID": run.id})
+        in_flight = len(returned) + len(stored.open_attempts)
+        if in_flight:
+            log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped; %d of their workers still run "
+                     "and are ended", run.id, in_flight, run.batch.spec.intake.queue, len(stored.open_attempts),
+                     extra={"BATCH_ID": run.id})
 
     def _run_from(self, stored: StoredBatch) -> BatchRun:
         """The batch of a stored record, held to the rules a submit is held to today; raises Unrestorable."""
@@ -686,6 +682,8 @@ class Daemon:
         run = self.engine.runs.get(event.get("batch"))
         if kind == "added" and run is not None:
             self.store.task_added(run.id, run.batch.tasks[event["task"]])
+        elif kind == "settled" and run is not None:
+            self.store.tasks_changed(run.id, [run.batch.tasks[event["task"]]])
         elif kind == "start" and run is not None:
             task = run.batch.tasks[event["task"]]
             self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
@@ -955,8 +953,9 @@ class Daemon:
         submission, (uid, gid, groups), statuses = record
         if isinstance(submission, dict) and submission.get("amqp") is not None:
             raise protocol.ProtocolError(protocol.BAD_FIELD, f"retry: batch {batch_id} took its tasks from queue "
-                                         f"{submission.get('queue')!r}: its failed tasks went to the dead-letter "
-                                         "exchange (or the queue's own); publish them to the queue again to retry")
+                                         f"{submission.get('queue')!r}, and they belong to the queue: a task that "
+                                         "failed went to the dead-letter exchange (or the queue's own); publish it "
+                                         "to the queue again to run it again")
         if peer[0] != 0:
             # The owner retries: they must still be allowed to submit (root may retry anyone's).
             self._may_submit(peer[0], peer[1], user_groups(peer[0], peer[1]))
@@ -1150,7 +1149,9 @@ class Daemon:
             index, offset = i + 1, 0
         if not more and stop is not None and index < stop:
             index, offset = stop, 0  # it has written nothing yet: wait at it
-        complete = not more and stop is None
+        # A live queue batch may take more tasks: its output is complete when the batch has ended.
+        open_ended = run is not None and run.batch.spec.open_ended and run.batch.finished is None
+        complete = not more and stop is None and not (open_ended and task is None)
         return protocol.encode_reply({"chunks": chunks, "from_task": index, "offset": offset, "more": more,
                                       "complete": complete}, request.request_id)
 
@@ -1333,18 +1334,31 @@ def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict
 
 
 def intake_status(run: BatchRun) -> IntakeStatus | None:
-    """What status shows of a queue batch's intake (summary.IntakeStatus); None for other batches."""
+    """What status shows of a queue batch's intake (summary.IntakeStatus); None for other batches.
+
+    The state is the connection's (intake: connecting, waiting for broker, refused by broker,
+    closed) or, while connected, what the batch does with it: consuming, paused (by its owner),
+    paused by a limit (the governor admits nothing now), closing (it takes no more)."""
     spec = run.batch.spec.intake
     if spec is None:
         return None
-    if run.intake is None:  # not handed to the engine (yet)
-        return IntakeStatus(broker=intake_where(spec.url), queue=spec.queue, state="closed", detail=None, consumed=0,
-                            acked=0, returned=0, dead_lettered=0, in_flight=0, until_empty=spec.until_empty)
+    counts = {"consumed": 0, "acked": 0, "returned": 0, "dead_lettered": 0, "rejected": 0, "lost": 0}
+    if run.intake is None:  # not handed to the engine
+        return IntakeStatus(broker=intake_where(spec.url), queue=spec.queue, state="closed", detail=None,
+                            in_flight=0, until_empty=spec.until_empty, **counts)
     d = run.intake.describe()
-    state = d["state"] if run.intake_done is None or d["state"] == "closed" else f"closing ({run.intake_done})"
-    return IntakeStatus(broker=d["broker"], queue=d["queue"], state=state, detail=d["detail"], consumed=d["consumed"],
-                        acked=d["acked"], returned=d["returned"], dead_lettered=d["dead_lettered"],
-                        in_flight=len(run.deliveries), until_empty=spec.until_empty)
+    state = d["state"]
+    if state == "connected":
+        b = run.batch
+        if run.intake_done or run.intake_closing or b.cancel_reason or b.halt_reason or b.critical_reason:
+            state = f"closing ({run.intake_done or b.cancel_reason or b.halt_reason or b.critical_reason})"
+        elif run.held:
+            state = "paused (pmlmctl pause)"
+        else:
+            state = "consuming" if d["credit"] else "paused by a limit"
+    return IntakeStatus(broker=d["broker"], queue=d["queue"], state=state, detail=d["detail"],
+                        in_flight=len(run.deliveries), until_empty=spec.until_empty,
+                        **{key: d[key] for key in counts})
 
 
 def user_name(uid: int | None) -> str | None:

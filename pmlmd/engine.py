@@ -24,9 +24,10 @@ from typing import Callable
 import zmq
 
 from . import lineage, procctl, tasklines
-from .batch import (FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
+from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT,
                     Attempt, Batch, Task, describe_end)
+from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
@@ -61,7 +62,6 @@ NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped with SIGSTOP"
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
 OPEN_DEMAND = 1 << 20
 GIVE_BACK_AFTER = 1.0  # seconds a delivery may wait for admission before it goes back to its queue
-CAUSE_BAD_MESSAGE = "bad-message"  # a message that cannot be a task line (a NUL byte): dead-lettered
 
 
 class Loop:
@@ -153,6 +153,7 @@ class BatchRun:
     deliveries: dict = field(default_factory=dict)  # task index -> intake.Delivery, until it is settled
     intake_done: str | None = None  # why the batch takes no more messages (--until-empty, a cancel)
     intake_closing: bool = False  # asked the intake to close
+    fit: object | None = None  # tasklines.Fit of a queue batch, made at its first message
 
     @property
     def id(self) -> str:
@@ -269,6 +270,7 @@ class Engine:
             from .intake import Intake  # pika: only for a queue batch
 
             run.intake = Intake(spec.url, spec.queue, dead_letter=spec.dead_letter, watch_depth=spec.until_empty)
+            _restored_counters(run)
             self.loop.watch(run.intake.fileno(), lambda: self._on_intake(run))
             run.intake.start()
         return run
@@ -286,13 +288,19 @@ class Engine:
             self._stop_workers(run, f"batch cancelled ({reason})")
         self._finish_if_done(run)
 
-    def _stop_workers(self, run: BatchRun, reason: str) -> None:
-        """Terminate every worker of the batch (as a cancel does); their attempts end cancelled."""
+    def _stop_workers(self, run: BatchRun, reason: str, cause: str = CAUSE_CANCELLED) -> None:
+        """Terminate every worker of the batch (SIGTERM, SIGKILL after the grace; as a cancel does);
+        their attempts end with ``cause``."""
         if run.held:
             self.release(run)  # a frozen or paused worker could act on no request to stop
         for w in self.workers_of(run):
             if w.state not in RELEASING:
-                self._terminate(w, CAUSE_CANCELLED, reason)
+                self._terminate(w, cause, reason)
+
+    def end_adopted(self, run: BatchRun, reason: str) -> None:
+        """A restored queue batch: terminate the workers adopted from the pmlmd before, whose
+        messages the broker has given out again; their tasks end returned."""
+        self._stop_workers(run, reason, CAUSE_DAEMON_RESTART)
 
     def kill_all(self, reason: str) -> None:
         for w in list(self.workers.values()):
@@ -970,6 +978,20 @@ class Engine:
                         extra={"BATCH_ID": run.id, "INTAKE_STATE": event.state, "INTAKE_QUEUE": spec.queue,
                                "INTAKE_CREDIT": str(intake.credit)})
                 self.on_event({"event": "intake", "batch": run.id, "state": event.state, "detail": event.detail})
+                if event.state == REFUSED and self.critical_finish and self._taking(run):
+                    # In the foreground (pmlmctl run) nobody is there to put the broker right: give up.
+                    run.batch.critical_reason = f"{REFUSED}: {event.detail}"
+                    run.batch.cancel_queued()
+                    self._settle(run)
+                    self._finish_if_done(run)
+            elif event.kind == "settled":
+                d = event.delivery
+                if d.task is not None and d.task < len(run.batch.tasks):
+                    task = run.batch.tasks[d.task]
+                    if task.message is not None:
+                        task.message["settled"] = event.state
+                    self.on_event({"event": "settled", "batch": run.id, "task": d.task, "settled": event.state,
+                                   "reason": event.detail})
             elif event.kind == "closed":
                 self.loop.unwatch(intake.fileno())
                 intake.release()
@@ -982,19 +1004,35 @@ class Engine:
             intake.give_back(d)
             return
         line = tasklines.text(d.body)
+        problem = "it holds a NUL byte" if "\0" in line else self._fit(run).problem(line)
+        if problem is not None and len(d.body) > SHOWN_BODY:
+            line = tasklines.text(d.body[:SHOWN_BODY]) + f"... ({len(d.body)} bytes)"  # kept: what it was, not all of it
         message = {"message_id": d.message_id, "redelivered": d.redelivered}
         task = run.batch.add_task(line, message, governor_ends=d.terminations)
+        d.task = task.index
         run.deliveries[task.index] = d
         self.on_event({"event": "added", "batch": run.id, "task": task.index})
-        if "\0" in line:  # exec could not take it: not a task line, whichever node tries
+        if problem is not None:  # exec could not take it: not a task line, whichever node tries
             attempt = run.batch.fail_unrunnable(task, time.time(), CAUSE_BAD_MESSAGE,
-                                                "the message body holds a NUL byte: it cannot be a task line")
+                                                f"the message cannot be a task line: {problem}")
             self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
                            "cause": CAUSE_BAD_MESSAGE, "status": task.status, "reason": attempt.reason})
             self._settle(run)
             self._finish_if_done(run)
             return
         self.next_sample_at = 0.0  # admit it now if there is room
+
+    @staticmethod
+    def _fit(run: BatchRun) -> tasklines.Fit:
+        """Whether a message can be a task line of the batch (made once per batch)."""
+        if run.fit is None:
+            spec = run.batch.spec
+            env = run.env if run.env is not None else tasklines.environment()
+            limit = None
+            if run.rlimits and resource.RLIMIT_STACK in run.rlimits:
+                limit = tasklines.arg_max(run.rlimits[resource.RLIMIT_STACK][0])
+            run.fit = tasklines.Fit(spec.command, spec.shell, env, limit, spec.append)
+        return run.fit
 
     def _credit(self, run: BatchRun, decisions: list[Decision], running: int) -> None:
         """A queue batch's credit after a governor step: the deliveries its ``running`` tasks held
@@ -1048,11 +1086,11 @@ class Engine:
                 settled = "given back"
             else:
                 cause = task.status if task.status != FAILED or last is None else last.cause
-                reason = describe_end(task, run.batch.spec) + (f": {last.reason}" if last and last.reason else "")
+                reason = _end_text(task, run.batch.spec)
                 intake.dead_letter(d, cause, reason, task.governor_ends)
-                settled = "dead-lettered"
+                settled = "dead-lettered" if intake.exchange is not None else "rejected"
             task.message["settled"] = settled
-            if settled in ("acked", "dead-lettered"):  # final: a task sent back runs again somewhere
+            if settled in ("acked", "dead-lettered", "rejected"):  # final: a task sent back runs again somewhere
                 intake.reply(d, self._outcome(run, task, settled))
 
     @staticmethod
@@ -1061,9 +1099,7 @@ class Engine:
         fields (task_id, error, critical, message) and what pmlmd knows of the task."""
         last = task.attempts[-1] if task.attempts else None
         ok = task.status == SUCCEEDED
-        message = "succeeded" if ok else describe_end(task, run.batch.spec)
-        if last is not None and last.reason and not ok:
-            message += f": {last.reason}"
+        message = "succeeded" if ok else _end_text(task, run.batch.spec)
         return {"task_id": task.message.get("message_id"), "error": not ok, "critical": False, "message": message,
                 "status": task.status, "settled": settled, "exit_status": last.exit_code if last else None,
                 "signal": last.signal if last else None, "attempts": len(task.attempts),
@@ -1116,6 +1152,36 @@ class Engine:
                        "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
                        "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
+
+
+SHOWN_BODY = 200  # bytes of a message that cannot be a task line kept as its line in the report
+
+
+def _end_text(task: Task, spec) -> str:
+    """How a task that did not succeed ended, with its last attempt's reason when that adds to it."""
+    text = describe_end(task, spec)
+    last = task.attempts[-1] if task.attempts else None
+    if last is not None and last.reason and last.reason not in text:
+        text += f": {last.reason}"
+    return text
+
+
+def _restored_counters(run: BatchRun) -> None:
+    """A restored queue batch's intake figures, from its tasks (Task.message["settled"])."""
+    c = run.intake.counters
+    for task in run.batch.tasks:
+        if task.message is None:
+            continue
+        c.consumed += 1
+        settled = task.message.get("settled")
+        if settled == "acked":
+            c.acked += 1
+        elif settled in ("given back", "sent back"):
+            c.returned += 1
+        elif settled == "dead-lettered":
+            c.dead_lettered += 1
+        elif settled == "rejected":
+            c.rejected += 1
 
 
 def _running_deliveries(run: BatchRun) -> int:

@@ -139,7 +139,7 @@ def task_bodies(data: bytes, null: bool = False, source: str = "the tasks file")
     return bodies
 
 
-def _reason(exc: BaseException) -> str:
+def connection_reason(exc: BaseException) -> str:
     """The innermost cause of a failed connection, in words (pika wraps the socket's error twice)."""
     seen = set()
     while id(exc) not in seen:
@@ -177,20 +177,20 @@ def connect(params):
     except pika.exceptions.ProbableAuthenticationError as e:
         user = getattr(params.credentials, "username", "?")
         raise Failed(EXIT_UNREACHABLE, f"the broker at {_host_port(params)} refused the login of user {user!r} "
-                                       f"({_reason(e)}); check the user and password in the URL") from None
+                                       f"({connection_reason(e)}); check the user and password in the URL") from None
     except pika.exceptions.ProbableAccessDeniedError as e:
         raise Failed(EXIT_UNREACHABLE, f"the broker at {_host_port(params)} refused access to vhost "
-                                       f"{params.virtual_host!r} ({_reason(e)})") from None
+                                       f"{params.virtual_host!r} ({connection_reason(e)})") from None
     except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as e:
         hint = "is the host name right?" if _is_name_error(e) else "is RabbitMQ running?"
-        raise Failed(EXIT_UNREACHABLE, f"cannot reach the broker at {_host_port(params)}: {_reason(e)}; {hint}") \
+        raise Failed(EXIT_UNREACHABLE, f"cannot reach the broker at {_host_port(params)}: {connection_reason(e)}; {hint}") \
             from None
 
 
 def _is_name_error(exc: BaseException) -> bool:
     import socket
 
-    return isinstance(exc, socket.gaierror) or "Name or service not known" in _reason(exc)
+    return isinstance(exc, socket.gaierror) or "Name or service not known" in connection_reason(exc)
 
 
 def open_queue(connection, queue: str):
@@ -278,10 +278,10 @@ def publish(params, queue: str, bodies: list[bytes], progress=None) -> int:
         raise Failed(EXIT_FAILED, f"the broker refused queue {queue!r}: ({e.reply_code}) {e.reply_text}; "
                                   f"{so_far()}") from None
     except (errors.AMQPConnectionError, OSError) as e:
-        raise Failed(EXIT_UNREACHABLE, f"lost the connection to the broker at {_host_port(params)}: {_reason(e)}; "
+        raise Failed(EXIT_UNREACHABLE, f"lost the connection to the broker at {_host_port(params)}: {connection_reason(e)}; "
                                        f"{so_far()} (task {done + 1} may or may not have arrived)") from None
     except errors.AMQPError as e:
-        raise Failed(EXIT_FAILED, f"the broker at {_host_port(params)}: {_reason(e)}; {so_far()}") from None
+        raise Failed(EXIT_FAILED, f"the broker at {_host_port(params)}: {connection_reason(e)}; {so_far()}") from None
     except KeyboardInterrupt:
         raise Failed(130, f"interrupted: {so_far()}") from None
     finally:

@@ -28,17 +28,25 @@ Settling, once a task's outcome is final (never before: at-least-once):
 ================  ===========================================================================
 
 Publishes use publisher confirms (RabbitMQ's confirm.select) and are mandatory, so a message
-is acked only once the broker has taken its replacement. If the connection drops, the broker
-redelivers every unacked message (to any node, with ``redelivered`` set); the thread reconnects
-with backoff (0.5 s doubling to 30 s), deliveries of the lost connection can no longer be
-settled here (their settlement is dropped: ``Delivery.generation``), and the state says
-"waiting for broker: ...". pika (Debian's python3-pika) is imported only here, only when a
-batch needs it.
+is acked only once the broker has taken its replacement. When the broker does not take the
+replacement (no queue bound to the exchange, a full queue that rejects publishes, a header it
+cannot carry), the original is settled another way and a "settled" event says how: a message
+sent back is given back unchanged, a dead-lettered one is rejected without requeue (the queue's
+own dead-lettering, if any). Counters count what the broker confirmed, not what was asked.
+
+If the connection drops, the broker redelivers every unacked message (to any node, with
+``redelivered`` set); the thread reconnects with backoff (0.5 s doubling to 30 s), settlements
+of the lost connection's deliveries are dropped (``Delivery.generation``; counted as lost), and
+the state is "waiting for broker". A broker that answers but refuses (the login, the vhost, a
+missing queue or dead-letter exchange, a consumer it cancelled) gives the state "refused by
+broker": the intake retries in case the broker is put right, and ``pmlmctl run`` gives up at
+once. pika (Debian's python3-pika) is imported only here, only when a batch needs it.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import socket
@@ -58,6 +66,7 @@ TERMINATIONS_HEADER = "x-pmlm-terminations"  # how often the governor ended this
 CAUSE_HEADER = "x-pmlm-cause"
 REASON_HEADER = "x-pmlm-reason"
 NODE_HEADER = "x-pmlm-node"
+MAX_TERMINATIONS = 1 << 20  # a larger count in a header reads as this (the budget is spent anyway)
 BACKOFF_FIRST = 0.5  # seconds before the first reconnect; doubled up to BACKOFF_MAX
 BACKOFF_MAX = 30.0
 EMPTY_POLL = 0.5  # seconds between looks at the queue's depth, for --until-empty
@@ -65,47 +74,64 @@ HEARTBEAT = 30  # seconds: AMQP heartbeat, so a dead broker is noticed
 MAX_URL = 2048
 MAX_NAME = 255  # AMQP short strings: queue and exchange names
 
-# Intake states, as status shows them
+# The thread's states (the loop shows more: see daemon.intake_status)
 CONNECTING = "connecting"
-CONSUMING = "consuming"
-HELD_BY_LIMIT = "paused by a limit"  # no credit: the governor admits nothing now
-WAITING = "waiting for broker"
+CONNECTED = "connected"
+WAITING = "waiting for broker"  # it cannot be reached, or the connection was lost
+REFUSED = "refused by broker"  # it answers but will not do what the batch needs
 CLOSED = "closed"
+
+# How a delivery was settled (Task.message["settled"])
+ACKED = "acked"
+GIVEN_BACK = "given back"
+SENT_BACK = "sent back"
+DEAD_LETTERED = "dead-lettered"
+REJECTED = "rejected"  # nack without requeue: to the queue's own dead-letter exchange, if it has one
+LOST = "lost with the connection"  # the broker redelivers it
 
 
 class URLError(ValueError):
-    """An --amqp URL that cannot be used; its text says why, without the password."""
+    """An --amqp URL that cannot be used; its text says why, without the user or password."""
 
 
 def where(url: str) -> str:
-    """host:port/vhost of an AMQP URL, for messages: never its user or password."""
+    """host:port/vhost of an AMQP URL that check_url accepted, for messages: never its user or
+    password."""
     parts = urlsplit(url)
-    try:
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    except ValueError:
-        port = "?"
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
     vhost = parts.path[1:] if parts.path not in ("", "/") else "%2F"
-    return f"{parts.hostname or '?'}:{port}/{vhost}"
+    return f"{parts.hostname}:{port}/{vhost}"
 
 
 def check_url(url: str):
     """The connection parameters of an AMQP URL (``amqp://user:password@host:port/vhost``), or
-    URLError naming what is wrong. The parameters carry a heartbeat and short timeouts, so a
-    dead broker is noticed (pika's own defaults wait much longer)."""
+    URLError naming what is wrong (never the user or the password). The parameters carry a
+    heartbeat and short timeouts, so a dead broker is noticed (pika's own defaults wait longer)."""
     import pika  # only a batch with --amqp needs it
 
     if not isinstance(url, str) or not url or len(url) > MAX_URL:
         raise URLError(f"an AMQP URL of at most {MAX_URL} characters is needed")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # a bad IPv6 literal ("Invalid IPv6 URL": it quotes nothing of the URL)
+        raise URLError(f"the URL cannot be used: {e}") from None
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        # A "/", "?" or "#" in the password ends the host part early; the rest would show the password.
+        raise URLError("the URL cannot be used: a character of its user or password (/ ? # @) must be "
+                       "%-encoded (%2F %3F %23 %40)")
+    try:
+        parts.port
+    except ValueError:  # its text would quote what stands where the port should be
+        raise URLError("the URL cannot be used: its port must be a number from 0 to 65535") from None
     if parts.scheme not in ("amqp", "amqps"):
-        raise URLError(f"the URL must start with amqp:// or amqps://, not {parts.scheme + '://' if parts.scheme else '(none)'}")
+        raise URLError(f"the URL must start with amqp:// or amqps://, not "
+                       f"{parts.scheme + '://' if parts.scheme else '(nothing)'}")
     if not parts.hostname:
         raise URLError("the URL names no host (amqp://USER:PASSWORD@HOST:PORT/VHOST)")
     try:
-        parts.port
         params = pika.URLParameters(url)
     except Exception as e:  # pika raises ValueError and others for what it cannot parse
-        raise URLError(f"the URL for {where(url)} cannot be used: {type(e).__name__}") from None
+        raise URLError(f"the URL for {where(url)} cannot be used ({type(e).__name__})") from None
     params.heartbeat = HEARTBEAT
     params.blocked_connection_timeout = 60
     params.socket_timeout = 5
@@ -131,15 +157,17 @@ class Delivery:
     terminations: int  # x-pmlm-terminations: the governor ended it that often before, on any node
     reply_to: str | None
     correlation_id: str | None
-    headers: dict = field(default_factory=dict)
-    received: float = 0.0  # monotonic, when the loop took it
+    properties: Any = None  # pika.BasicProperties as received: republished as they are
+    received: float = 0.0  # monotonic, when the thread took it
+    task: int | None = None  # the index of its task, once the loop made one
 
 
 @dataclass
 class Event:
     """What the intake thread tells the loop: ``kind`` is "delivery" (``delivery``), "state"
     (``state``, ``detail``), "depth" (``depth``: ready messages in the queue, after every delivery
-    before it was handed over), or "closed"."""
+    before it was handed over), "settled" (``delivery`` was settled otherwise than asked:
+    ``state`` says how, ``detail`` why), or "closed"."""
 
     kind: str
     delivery: Delivery | None = None
@@ -150,14 +178,20 @@ class Event:
 
 @dataclass
 class Counters:
-    """What the intake did so far (status shows them)."""
+    """What the broker confirmed so far (status shows them)."""
 
     consumed: int = 0  # deliveries taken
     acked: int = 0
     returned: int = 0  # given or sent back to the queue
-    dead_lettered: int = 0
+    dead_lettered: int = 0  # published to the dead-letter exchange
+    rejected: int = 0  # nacked without requeue: the queue's own dead-letter exchange, if any
     lost: int = 0  # settlements dropped: their connection was gone (the broker redelivers those)
     replies: int = 0  # results published to reply_to
+
+
+class IntakeTrouble(Exception):
+    """The broker is there but will not do what the batch needs (a missing queue, a cancelled
+    consumer): the state is REFUSED."""
 
 
 class Intake:
@@ -165,6 +199,7 @@ class Intake:
 
     Create, ``start()``, watch ``fileno()`` and call ``events()`` when it is readable. Every
     other method may be called from the loop at any time and never blocks on the network.
+    ``counters`` may be given a restored batch's figures before ``start``.
     """
 
     def __init__(self, url: str, queue: str, *, dead_letter: str | None = None, watch_depth: bool = False,
@@ -189,6 +224,8 @@ class Intake:
         self._credit = 0
         self._stop = False
         self._busy = False
+        self._cancelled_by_broker = False
+        self._gen = 0
         self._thread = threading.Thread(target=self._main, name=f"intake {queue}", daemon=True)
 
     # --- the loop's side ---------------------------------------------------------------------
@@ -202,7 +239,7 @@ class Intake:
         """What happened since the last call, in order; updates ``state`` and ``closed``."""
         try:
             os.eventfd_read(self._wake)
-        except BlockingIOError:
+        except (BlockingIOError, OSError):
             pass
         out = []
         while self._out:
@@ -211,8 +248,6 @@ class Intake:
                 self.state, self.detail = event.state, event.detail
             elif event.kind == "closed":
                 self.state, self.detail, self.closed = CLOSED, None, True
-            elif event.kind == "delivery":
-                self.counters.consumed += 1
             out.append(event)
         return out
 
@@ -228,25 +263,20 @@ class Intake:
         return self._credit
 
     def ack(self, d: Delivery) -> None:
-        self.counters.acked += 1
         self._post(("ack", d))
 
     def give_back(self, d: Delivery) -> None:
-        self.counters.returned += 1
         self._post(("give_back", d))
 
     def send_back(self, d: Delivery, terminations: int) -> None:
-        self.counters.returned += 1
         self._post(("send_back", d, terminations))
 
     def dead_letter(self, d: Delivery, cause: str, reason: str | None, terminations: int) -> None:
-        self.counters.dead_lettered += 1
         self._post(("dead_letter", d, cause, reason, terminations))
 
     def reply(self, d: Delivery, outcome: dict) -> None:
         """Publish ``outcome`` (JSON) to the message's reply_to, with its correlation_id."""
         if d.reply_to:
-            self.counters.replies += 1
             self._post(("reply", d, outcome))
 
     def close(self) -> None:
@@ -277,11 +307,16 @@ class Intake:
         self._out.append(event)
         os.eventfd_write(self._wake, 1)
 
+    def _state(self, state: str, detail: str | None = None) -> None:
+        if (state, detail) != self._shown:
+            self._shown = (state, detail)
+            self._emit(Event("state", state=state, detail=detail))
+
     def _main(self) -> None:
         import pika
 
+        self._shown = (CONNECTING, None)
         backoff = BACKOFF_FIRST
-        generation = 0
         try:
             while not self._stop:
                 self._drop_stale_commands()
@@ -290,22 +325,22 @@ class Intake:
                 try:
                     connection = pika.BlockingConnection(self.params)
                 except Exception as e:
-                    self._waiting(f"cannot connect to {self.where}: {_describe(e)}")
+                    self._state(*_connect_trouble(pika, e, self.where, self.params))
                     self._pause(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
-                generation += 1
+                self._gen += 1
                 try:
-                    self._session(connection, generation)
+                    self._session(connection)
                     backoff = BACKOFF_FIRST
                 except IntakeTrouble as e:
-                    self._waiting(str(e))
+                    self._state(REFUSED, str(e))
                     self._pause(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                 except Exception as e:
                     if self._stop:
                         break
-                    self._waiting(f"lost {self.where}: {_describe(e)}")
+                    self._state(WAITING, f"lost {self.where}: {_reason(e)}")
                     self._pause(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                 finally:
@@ -319,11 +354,8 @@ class Intake:
         finally:
             self._emit(Event("closed"))
 
-    def _waiting(self, detail: str) -> None:
-        self._emit(Event("state", state=WAITING, detail=detail))
-
     def _pause(self, seconds: float) -> None:
-        """Wait before reconnecting; a close (or any command) cuts it short only for close."""
+        """Wait before reconnecting; only a close cuts it short."""
         deadline = time.monotonic() + seconds
         while not self._stop:
             left = deadline - time.monotonic()
@@ -343,40 +375,44 @@ class Intake:
                 if command[0] == "close":
                     self._stop = True
                 elif command[0] in ("ack", "give_back", "send_back", "dead_letter"):
-                    self.counters.lost += 1
+                    self._settled_otherwise(command[1], LOST, "the connection to the broker was lost first")
                 elif command[0] == "reply":
                     keep.append(command)
             self._commands = keep
 
-    def _session(self, connection, generation: int) -> None:
+    def _session(self, connection) -> None:
         import pika
 
-        self._gen = generation
         self._pika = pika
         channel = connection.channel()
         channel.confirm_delivery()
         try:
             channel.queue_declare(self.queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as e:
-            raise IntakeTrouble(f"queue {self.queue!r} does not exist at {self.where} (code {e.reply_code}): "
-                                f"declare it, or fill it with pmlmctl enqueue") from None
+            raise IntakeTrouble(f"queue {self.queue!r} does not exist at {self.where} ({_reason(e)}): declare it, "
+                                f"or fill it with pmlmctl enqueue") from None
         if self.exchange is not None:
             try:
                 channel.exchange_declare(self.exchange, passive=True)
-            except pika.exceptions.ChannelClosedByBroker:
-                raise IntakeTrouble(f"dead-letter exchange {self.exchange!r} does not exist at {self.where}: declare "
-                                    "it (and bind a queue to it)") from None
+            except pika.exceptions.ChannelClosedByBroker as e:
+                raise IntakeTrouble(f"dead-letter exchange {self.exchange!r} does not exist at {self.where} "
+                                    f"({_reason(e)}): declare it and bind a queue to it") from None
+        channel.add_on_cancel_callback(self._on_broker_cancel)
         self._channel = channel
         self._consumer = None
+        self._cancelled_by_broker = False
         self._applied_credit = None
         with self._lock:
             self._connection = connection
-        self._emit(Event("state", state=CONSUMING if self._credit else HELD_BY_LIMIT))
+        self._state(CONNECTED)
         next_depth = 0.0
         while True:
             self._run_commands()
             if self._stop:
                 return
+            if self._cancelled_by_broker:
+                raise IntakeTrouble(f"the broker cancelled the consumer of queue {self.queue!r} (was the queue "
+                                    "deleted?)")
             self._apply_credit()
             now = time.monotonic()
             if self.watch_depth and now >= next_depth:
@@ -385,6 +421,10 @@ class Intake:
                 self._emit(Event("depth", depth=ok.method.message_count))
                 next_depth = now + EMPTY_POLL
             connection.process_data_events(time_limit=EMPTY_POLL if self.watch_depth else 1.0)
+
+    def _on_broker_cancel(self, method) -> None:
+        self._cancelled_by_broker = True
+        self._consumer = None
 
     def _apply_credit(self) -> None:
         credit = self._credit
@@ -395,25 +435,24 @@ class Intake:
             if self._consumer is not None:
                 channel.basic_cancel(self._consumer)  # pika requeues what it had not handed over yet
                 self._consumer = None
-            self._emit(Event("state", state=HELD_BY_LIMIT))
         else:
             channel.basic_qos(prefetch_count=credit, global_qos=True)
             if self._consumer is None:
                 self._consumer = channel.basic_consume(self.queue, self._on_message)
-            self._emit(Event("state", state=CONSUMING))
         self._applied_credit = credit
 
     def _on_message(self, channel, method, properties, body: bytes) -> None:
-        headers = dict(properties.headers or {})
+        headers = properties.headers if isinstance(properties.headers, dict) else {}
         terminations = headers.get(TERMINATIONS_HEADER)
         if not isinstance(terminations, int) or isinstance(terminations, bool) or terminations < 0:
             terminations = 0
+        self.counters.consumed += 1
         self._emit(Event("delivery", delivery=Delivery(
             tag=method.delivery_tag, generation=self._gen, body=body,
             # The task's id in the report: the message's own, or one made here for a message without.
-            message_id=_short(properties.message_id) or new_message_id(), redelivered=bool(method.redelivered),
-            terminations=terminations, reply_to=_short(properties.reply_to),
-            correlation_id=_short(properties.correlation_id), headers=headers, received=time.monotonic())))
+            message_id=_text(properties.message_id) or new_message_id(), redelivered=bool(method.redelivered),
+            terminations=min(terminations, MAX_TERMINATIONS), reply_to=_text(properties.reply_to),
+            correlation_id=_text(properties.correlation_id), properties=properties, received=time.monotonic())))
 
     def _run_commands(self) -> None:
         # pika may call this (add_callback_threadsafe) inside a blocking call of an earlier
@@ -441,82 +480,125 @@ class Intake:
                 continue
             d: Delivery = command[1]
             if kind != "reply" and d.generation != self._gen:
-                self.counters.lost += 1
+                self._settled_otherwise(d, LOST, "the connection it came on was lost first")
                 continue
             self._carry_out(kind, command)
 
     def _carry_out(self, kind: str, command: tuple) -> None:
-        pika, channel = self._pika, self._channel
+        """One settlement or reply. Trouble with the connection or channel goes up (reconnect);
+        a message the broker will not take is settled another way and said so."""
+        channel = self._channel
         d: Delivery = command[1]
+        c = self.counters
         if kind == "ack":
             channel.basic_ack(d.tag)
+            c.acked += 1
         elif kind == "give_back":
             channel.basic_reject(d.tag, requeue=True)
+            c.returned += 1
         elif kind == "send_back":
-            headers = {**d.headers, TERMINATIONS_HEADER: command[2], NODE_HEADER: self.node}
-            if self._publish("", self.queue, d, headers):
+            problem = self._publish("", self.queue, d, {TERMINATIONS_HEADER: command[2], NODE_HEADER: self.node})
+            if problem is None:
                 channel.basic_ack(d.tag)
-            else:  # the queue is gone: the original, where it is, is all there is
+            else:  # the original, unchanged, is what there is: its termination is not counted
                 channel.basic_reject(d.tag, requeue=True)
+                self._settled_otherwise(d, GIVEN_BACK, f"the queue did not take it back with its termination count "
+                                                       f"({problem}): given back unchanged")
+            c.returned += 1
         elif kind == "dead_letter":
             _, _, cause, reason, terminations = command
             if self.exchange is None:
                 channel.basic_nack(d.tag, requeue=False)
+                c.rejected += 1
                 return
-            headers = {**d.headers, CAUSE_HEADER: cause, REASON_HEADER: (reason or "")[:1000],
-                       NODE_HEADER: self.node, TERMINATIONS_HEADER: terminations}
-            if self._publish(self.exchange, self.queue, d, headers):
+            headers = {CAUSE_HEADER: cause, REASON_HEADER: (reason or "")[:1000], NODE_HEADER: self.node,
+                       TERMINATIONS_HEADER: terminations}
+            problem = self._publish(self.exchange, self.queue, d, headers)
+            if problem is None:
                 channel.basic_ack(d.tag)
-            else:  # routed nowhere: the queue's own dead-lettering (or none) rather than run it forever
+                c.dead_lettered += 1
+            else:  # not run forever: the queue's own dead-lettering (or none) takes it
                 channel.basic_nack(d.tag, requeue=False)
+                c.rejected += 1
+                self._settled_otherwise(d, REJECTED, f"dead-letter exchange {self.exchange!r} did not take it "
+                                                     f"({problem}): rejected without requeue")
         elif kind == "reply":
-            import json
-
             body = json.dumps(command[2]).encode()
-            props = pika.BasicProperties(content_type="application/json", correlation_id=d.correlation_id,
-                                         delivery_mode=2)
+            props = self._pika.BasicProperties(content_type="application/json", correlation_id=d.correlation_id,
+                                               delivery_mode=2)
             try:
                 channel.basic_publish("", d.reply_to, body, props, mandatory=True)
-            except pika.exceptions.UnroutableError:
-                log.warning("intake from queue %s: no queue %r for the result of message %s (reply_to)",
-                            self.queue, d.reply_to, d.message_id)
+                c.replies += 1
+            except (self._pika.exceptions.UnroutableError, self._pika.exceptions.NackError) as e:
+                log.warning("intake from queue %s: the result of message %s was not taken by reply_to queue %r "
+                            "(%s)", self.queue, d.message_id, d.reply_to, _reason(e))
 
-    def _publish(self, exchange: str, routing_key: str, d: Delivery, headers: dict) -> bool:
-        """The delivery's message again, with ``headers``, confirmed by the broker before it returns;
-        False if the exchange routed it to no queue."""
-        props = self._pika.BasicProperties(delivery_mode=2, message_id=d.message_id, reply_to=d.reply_to,
-                                           correlation_id=d.correlation_id, headers=headers,
-                                           content_type="text/plain")
-        try:
-            self._channel.basic_publish(exchange, routing_key, d.body, props, mandatory=True)
-        except self._pika.exceptions.UnroutableError:
-            log.warning("intake from queue %s: exchange %r routes message %s to no queue", self.queue,
-                        exchange or "(default)", d.message_id)
-            return False
-        return True
+    def _publish(self, exchange: str, routing_key: str, d: Delivery, headers: dict) -> str | None:
+        """The delivery's message again with ``headers`` added, confirmed by the broker before it
+        returns; None, or why the broker did not take it. Headers of the original that cannot be
+        encoded again (an integer past 64 bits) are left out rather than losing the message."""
+        pika = self._pika
+        original = d.properties
+        kept = original.headers if original is not None and isinstance(original.headers, dict) else {}
+        for attempt in ({**kept, **headers}, headers):
+            props = pika.BasicProperties(
+                content_type=getattr(original, "content_type", None) or "text/plain",
+                content_encoding=getattr(original, "content_encoding", None), headers=attempt, delivery_mode=2,
+                priority=getattr(original, "priority", None), correlation_id=getattr(original, "correlation_id", None),
+                reply_to=getattr(original, "reply_to", None), message_id=getattr(original, "message_id", None)
+                or d.message_id, timestamp=getattr(original, "timestamp", None), type=getattr(original, "type", None),
+                app_id=getattr(original, "app_id", None))
+            try:
+                self._channel.basic_publish(exchange, routing_key, d.body, props, mandatory=True)
+                return None
+            except pika.exceptions.UnroutableError:
+                return f"exchange {exchange or '(default)'!r} routes it to no queue"
+            except pika.exceptions.NackError:
+                return "the broker refused it (a full queue?)"
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+                raise
+            except Exception as e:  # encoding the headers: try once more with ours alone
+                problem = f"its headers cannot be sent again ({type(e).__name__})"
+        return problem
+
+    def _settled_otherwise(self, d: Delivery, how: str, why: str) -> None:
+        if how == LOST:
+            self.counters.lost += 1
+        log.warning("intake from queue %s: message %s: %s", self.queue, d.message_id, why)
+        self._emit(Event("settled", delivery=d, state=how, detail=why))
 
     def describe(self) -> dict[str, Any]:
-        """What status shows of the intake (see summary.IntakeStatus)."""
+        """The intake's figures for status (see summary.IntakeStatus)."""
         c = self.counters
         return {"broker": self.where, "queue": self.queue, "state": self.state, "detail": self.detail,
                 "consumed": c.consumed, "acked": c.acked, "returned": c.returned, "dead_lettered": c.dead_lettered,
-                "credit": self._credit}
+                "rejected": c.rejected, "lost": c.lost, "credit": self._credit}
 
 
-class IntakeTrouble(Exception):
-    """The broker is there but the intake cannot use it as asked (a missing queue)."""
+def _connect_trouble(pika, e: Exception, where_: str, params) -> tuple[str, str]:
+    """The state and its detail for a connection that could not be made."""
+    if isinstance(e, pika.exceptions.ProbableAuthenticationError):
+        user = getattr(params.credentials, "username", "?")
+        return REFUSED, f"{where_} refused the login of user {user!r} ({_reason(e)}): check the user and password"
+    if isinstance(e, pika.exceptions.ProbableAccessDeniedError):
+        return REFUSED, f"{where_} refused access to vhost {params.virtual_host!r} ({_reason(e)})"
+    return WAITING, f"cannot connect to {where_}: {_reason(e)}"
 
 
-def _describe(e: Exception) -> str:
-    text = str(e) or type(e).__name__
+def _reason(e: BaseException) -> str:
+    from .enqueue import connection_reason  # the same unwrapping of pika's nested errors
+
+    text = connection_reason(e)
     return text if len(text) < 300 else text[:300] + "..."
 
 
-def _short(value) -> str | None:
+def _text(value) -> str | None:
+    """A short-string property as text: AMQP does not promise UTF-8, and pika hands on bytes then."""
     if value is None:
         return None
-    text = str(value)
-    return text[:255]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    return str(value)[:255] or None
 
 
 def new_message_id() -> str:

@@ -574,8 +574,10 @@ class Store:
         def write():
             with self.db:
                 self.db.execute("BEGIN")
-                self.db.executemany("UPDATE tasks SET status=?, governor_ends=?, failures=? WHERE batch_id=? AND idx=?",
-                                    ((t.status, t.governor_ends, t.failures, batch_id, t.index) for t in tasks))
+                self.db.executemany("UPDATE tasks SET status=?, governor_ends=?, failures=?, message=? "
+                                    "WHERE batch_id=? AND idx=?",
+                                    ((t.status, t.governor_ends, t.failures, _message_json(t), batch_id, t.index)
+                                     for t in tasks))
         self._write(("tasks", batch_id, tuple(t.index for t in tasks)), write)
 
     def queue_cancelled(self, batch_id: str) -> None:
@@ -705,7 +707,8 @@ class Store:
             if isinstance(line, bytes):
                 line = tasklines.text(line)
             # A NUL would end the string exec gets: the line could not be handed on as it is.
-            _need(line is None or "\0" not in line, f"the line of task {idx}", line)
+            # (A queue batch's message that held one ended failed unrun: it never goes to exec.)
+            _need(line is None or "\0" not in line or status in FINISHED, f"the line of task {idx}", line)
             _need(status in TASK_STATES, f"the status of task {idx}", status)
             _need(_int(governor_ends, 0, MAX_INT64) and _int(failures, 0, MAX_INT64),
                   f"the termination and failure counts of task {idx}", (governor_ends, failures))

@@ -100,9 +100,11 @@ class IntakeStatus:
     state: str  # connecting, consuming, paused by a limit, waiting for broker, closed
     detail: str | None  # why it waits for the broker
     consumed: int  # messages taken
-    acked: int  # acknowledged: their task succeeded
+    acked: int  # acknowledged (the broker has the ack): their task succeeded
     returned: int  # given or sent back to the queue
-    dead_lettered: int  # failed or given up: to the dead-letter exchange
+    dead_lettered: int  # failed or given up: published to the dead-letter exchange
+    rejected: int  # failed or given up: nacked without requeue (the queue's own dead-letter exchange, if any)
+    lost: int  # settlements that never reached the broker (connection lost): the broker gave those out again
     in_flight: int  # held unacknowledged now: running or about to
     until_empty: bool
 
@@ -115,7 +117,7 @@ class IntakeStatus:
             return None
         names = tuple(cls.__dataclass_fields__)
         _check(isinstance(data, dict) and set(data) == set(names), "intake", data)
-        for key in ("consumed", "acked", "returned", "dead_lettered", "in_flight"):
+        for key in ("consumed", "acked", "returned", "dead_lettered", "rejected", "lost", "in_flight"):
             _check(_is_int(data[key]) and data[key] >= 0, f"intake {key}", data[key])
         for key in ("broker", "queue", "state"):
             _check(isinstance(data[key], str), f"intake {key}", data[key])

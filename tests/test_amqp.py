@@ -99,8 +99,8 @@ def test_a_node_killed_mid_run_loses_nothing(broker, jobs, daemon_factory, marks
     reports = [json.loads(node.ctl("report", batch).stdout) for node, batch in zip(others, batches)]
     redelivered = {t["task"] for r in reports for t in r["tasks"] if t["redelivered"]}
     twice = {task for task, n in ran.items() if n > 1}
-    # Only what the killed node held came again, and each such task says so.
-    assert 1 <= len(redelivered) <= max(in_flight, 4) + 4 and twice <= redelivered, (redelivered, twice, in_flight)
+    # What the killed node held came again, and each task that ran twice says so.
+    assert redelivered and twice <= redelivered, (redelivered, twice, in_flight)
     # The killed pmlmd comes back: it ends what it had (the broker gave those out again) and takes on.
     victim.start()
     # Connected again: consuming, or taking nothing for now if the node is busy (a limit).
@@ -111,6 +111,7 @@ def test_a_node_killed_mid_run_loses_nothing(broker, jobs, daemon_factory, marks
     # What it had taken before it was killed is in its state, message ids included.
     before = json.loads(victim.ctl("report", victim_batch).stdout)["tasks"]
     assert before and all(t["message_id"] for t in before)
+    assert twice <= {t["task"] for t in before}  # only what it had taken ran twice
     assert all(t["settled"] == "acked" for t in before if t["status"] == "succeeded")
     assert victim.ctl("cancel", victim_batch).returncode == 0
     wait_for(lambda: ended(victim, victim_batch), timeout=30, what="the cancelled batch to end")
@@ -244,3 +245,118 @@ def test_pmlmctl_refuses_a_queue_batch_that_cannot_work(pmlm, args, says):
     run = pmlm(*args, "--", "true")
     assert run.wait(timeout=30) == 2
     assert says in run.stderr and "Traceback" not in run.stderr and "secret" not in run.stderr
+
+
+# --- what a careless or hostile queue holds, and a broker that will not --------------------------------------
+
+def test_a_dead_letter_queue_that_refuses_gets_no_task_run_twice(broker, jobs, daemon_factory, marks_dir):
+    """The dead-letter exchange routes to a full queue that rejects publishes: the failed task's
+    message is rejected without requeue (not run again and again), and the other tasks go on."""
+    broker.declare_exchange(f"{jobs}-dlx")
+    broker.declare(f"{jobs}-full", **{"x-max-length": 1, "x-overflow": "reject-publish"})
+    broker.bind(f"{jobs}-full", f"{jobs}-dlx")
+    broker.publish(f"{jobs}-full", ["already there"])
+    broker.declare(f"{jobs}-nowhere-dlx-queue")  # an exchange with no queue bound: routes nowhere
+    broker.declare_exchange(f"{jobs}-empty")
+    node = daemon_factory().start()
+    for exchange in (f"{jobs}-dlx", f"{jobs}-empty"):
+        broker.declare(jobs)
+        broker.publish(jobs, ["fail-a", "ok-b", "ok-c"])
+        batch = submit(node, broker, jobs, "--until-empty", "-j", "1", "--dead-letter", exchange,
+                       command=MARK + '; case "$PMLM_TASK" in fail*) exit 1;; esac', env={"MARKS": str(marks_dir)})
+        wait_for(lambda: ended(node, batch), timeout=60, what="the batch to end")
+        s = status(node, batch)
+        assert s["intake"]["rejected"] == 1 and s["intake"]["dead_lettered"] == 0 and s["intake"]["acked"] == 2, s
+        tasks = {t["task"]: t for t in json.loads(node.ctl("report", batch).stdout)["tasks"]}
+        assert tasks["fail-a"]["settled"] == "rejected" and tasks["ok-b"]["settled"] == "acked"
+        assert marks(marks_dir)["fail-a"] == (1 if exchange.endswith("dlx") else 2)  # ran once per batch
+        assert broker.count(jobs) == 0
+    assert node.proc.poll() is None
+
+
+def test_messages_that_cannot_be_task_lines_fail_unrun_and_survive_a_restart(broker, jobs, daemon_factory):
+    broker.declare(jobs)
+    broker.publish(jobs, [b"has\x00nul", b"x" * (3 << 20), b"fine"])
+    node = daemon_factory().start()
+    batch = submit(node, broker, jobs, "-j", "1", "--dead-letter", "amq.fanout", command="true")
+    wait_for(lambda: status(node, batch)["intake"]["consumed"] == 3 and not status(node, batch)["intake"]["in_flight"],
+             timeout=60, what="the three messages to be settled")
+    tasks = json.loads(node.ctl("report", batch).stdout)["tasks"]
+    bad = [t for t in tasks if t["status"] == "failed"]
+    assert len(bad) == 2 and all(t["attempts"][0]["cause"] == "bad-message" and t["attempts"][0]["pid"] is None
+                                 for t in bad)
+    assert any("NUL" in t["attempts"][0]["reason"] for t in bad)
+    big = next(t for t in bad if t["task"].startswith("xxx"))
+    assert len(big["task"]) < 300 and f"({3 << 20} bytes)" in big["task"]  # not kept whole
+    node.stop()
+    node.start()
+    again = status(node, batch)
+    assert again["state"] in ("queued", "running") and again["counts"]["failed"] == 2, again
+    assert again["intake"]["consumed"] == 3  # its figures come back with it
+    assert node.ctl("cancel", batch).returncode == 0
+
+
+def test_a_deleted_queue_is_noticed(broker, jobs, daemon_factory):
+    broker.declare(jobs)
+    node = daemon_factory().start()
+    batch = submit(node, broker, jobs, command="true")
+    wait_for(lambda: status(node, batch)["intake"]["state"] == "consuming", timeout=30, what="the intake to consume")
+    with broker.connection() as conn:
+        conn.channel().queue_delete(jobs)
+    wait_for(lambda: status(node, batch)["intake"]["state"] == "refused by broker", timeout=30,
+             what="the intake to notice")
+    assert "cancelled the consumer" in status(node, batch)["intake"]["detail"] or \
+        "does not exist" in status(node, batch)["intake"]["detail"]
+    broker.declare(jobs)  # put right: it takes on
+    broker.publish(jobs, ["1"])
+    wait_for(lambda: status(node, batch)["intake"]["acked"] == 1, timeout=60, what="the queue to be consumed again")
+    assert node.ctl("cancel", batch).returncode == 0
+
+
+def test_wait_prints_a_running_queue_batch_s_output(broker, jobs, daemon_factory):
+    broker.declare(jobs)
+    broker.publish(jobs, [str(i) for i in range(5)])
+    node = daemon_factory().start()
+    taken = node.ctl("submit", "--wait", "--amqp", broker.url, "--queue", jobs, "--until-empty", "--", "sh", "-c",
+                     'echo "out $PMLM_TASK"')
+    assert taken.returncode == 0, taken.stderr
+    assert sorted(taken.stdout.split("\n")[:5]) == [f"out {i}" for i in range(5)], taken.stdout
+
+
+def test_a_restart_ends_a_worker_that_ignores_sigterm(broker, jobs, daemon_factory):
+    broker.declare(jobs)
+    broker.publish(jobs, ["stubborn"])
+    node = daemon_factory("[batches]\nterm_grace = 1\n").start()
+    batch = submit(node, broker, jobs, command="trap '' TERM; sleep 60")
+    wait_for(lambda: status(node, batch)["counts"]["running"] == 1, timeout=30, what="the worker to start")
+    [(pid, _)] = node.worker_pids()
+    node.stop(signal.SIGKILL)
+    node.start()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+             timeout=30, what="the old worker to be ended (SIGKILL after the grace)")
+    assert node.ctl("cancel", batch).returncode == 0
+
+
+def test_a_broker_that_refuses_the_login_ends_pmlmctl_run_and_is_shown_by_the_daemon(broker, jobs, pmlm,
+                                                                                      daemon_factory):
+    broker.declare(jobs)
+    wrong = broker.url.replace("guest:guest", "guest:wrong-secret")
+    run = pmlm("--amqp", wrong, "--queue", jobs, "--until-empty", "--", "true")
+    assert run.wait(timeout=60) == 3, run.stderr
+    assert "refused the login of user 'guest'" in run.stderr and "wrong-secret" not in run.stderr
+    node = daemon_factory().start()
+    batch = submit(node, type("B", (), {"url": wrong})(), jobs, command="true")
+    wait_for(lambda: status(node, batch)["intake"]["state"] == "refused by broker", timeout=30,
+             what="the daemon to say the broker refused")
+    assert "wrong-secret" not in node.ctl("status", batch).stdout + node.logs()
+    assert node.ctl("cancel", batch).returncode == 0
+
+
+@pytest.mark.parametrize("url, says", [
+    ("amqp://pmlm:se/cretXYZ@127.0.0.1:5672/%2F", "must be %-encoded"),
+    ("amqp://pmlm:x@[::1:5672/%2F", "Invalid IPv6 URL"),
+])
+def test_a_url_that_cannot_be_parsed_is_refused_without_its_secret(pmlm, url, says):
+    run = pmlm("--amqp", url, "--queue", "jobs", "--", "true")
+    assert run.wait(timeout=30) == 2
+    assert says in run.stderr and "cretXYZ" not in run.stderr and "Traceback" not in run.stderr

@@ -480,7 +480,7 @@ def test_a_live_queue_batch_waiting_for_messages_is_live_with_nothing_pending():
                      intake=IntakeSpec(url="amqp://u:p@b/", queue="jobs"))
     batch = Batch(spec, now=T0)
     intake = IntakeStatus(broker="b:5672/%2F", queue="jobs", state="consuming", detail=None, consumed=0, acked=0,
-                          returned=0, dead_lettered=0, in_flight=0, until_empty=False)
+                          returned=0, dead_lettered=0, rejected=0, lost=0, in_flight=0, until_empty=False)
     s = summarize(batch, now=T0 + 1, intake=intake)
     assert s.state == "queued" and s.live and s.tasks == 0
     assert BatchSummary.from_json(s.to_json()) == s
