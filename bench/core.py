@@ -795,6 +795,24 @@ LATENCY_J = 8  # the second batch's -j (queue or request)
 LATENCY_TINY_ARG = "0.01"
 
 
+# The daemon keeps only its last RECENT_EVENTS (2000) events for a request without follow: with a second
+# batch running they span a few seconds, so the decisions are followed live, by a client of their own.
+DECISIONS = """
+import sys, json
+from pmlmd.client import Client
+socket, batch, start, until = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+lat = []
+with Client(socket) as c:
+    for e in c.stream("events", batch=batch, follow=True):
+        t = e.get("time", 0)
+        if t > until:
+            break
+        if e.get("event") == "decision" and e.get("latency_ms") is not None and t >= start:
+            lat.append(float(e["latency_ms"]))
+print(json.dumps(lat))
+"""
+
+
 def node_cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole node, from the first line of /proc/stat."""
     with open("/proc/stat") as f:
@@ -824,29 +842,28 @@ def latency_window(d, seconds: float, warmup: float, second: list[str] | None, b
             batches.append(other)
         start = time.time() + warmup  # the streams of admissions are under way by then
         until = start + seconds
-        pinger = subprocess.Popen([PY, "-c", PINGER, d.socket, str(until), "0.05", str(start)], stdout=subprocess.PIPE,
-                                  text=True, env=ENV)
+        helpers = [subprocess.Popen([PY, "-c", code, d.socket, *args], stdout=subprocess.PIPE, text=True, env=ENV)
+                   for code, args in ((DECISIONS, (ref, str(start), str(until))),
+                                      (PINGER, (str(until), "0.05", str(start))))]
         try:
             time.sleep(max(0.0, start - time.time()))
             cpu0, node0 = cpu_seconds(d.pid), node_cpu_ticks()
             other0 = d.batch(other) if other else {}
-            pings = json.loads(pinger.communicate(timeout=seconds + warmup + 60)[0] or "[]")
+            latencies, pings = (json.loads(h.communicate(timeout=seconds + warmup + 60)[0] or "[]") for h in helpers)
         finally:
-            if pinger.poll() is None:
-                pinger.kill()
-                pinger.wait()
+            for h in helpers:
+                if h.poll() is None:
+                    h.kill()
+                    h.wait()
         cpu, node1 = cpu_seconds(d.pid) - cpu0, node_cpu_ticks()
-        late = time.time() - until  # how long after the window's end the pinger's end was seen
+        late = time.time() - until  # how long after the window's end the helpers' ends were seen
         other1 = d.batch(other) if other else {}
         intake0, intake1 = other0.get("intake") or {}, other1.get("intake") or {}
         left = broker.count(queue) if queue else None
-        events = list(d.client.stream("events", batch=ref, follow=False))
     finally:
         for b in batches:
             d.client.call("cancel", batch=b)
         wait_batches_ended(d, batches)
-    latencies = [float(e["latency_ms"]) for e in events if e.get("event") == "decision"
-                 and e.get("latency_ms") is not None and start <= e.get("time", 0) <= until]
     problems = []
     done = ((other1.get("counts") or {}).get("succeeded", 0) - (other0.get("counts") or {}).get("succeeded", 0)
             if other else None)
@@ -1051,7 +1068,9 @@ def scenario_queue(ctx) -> dict:
         f"the submits and ends with both batches cancelled and waited for; this part took {lat['took_s']:.0f} s "
         "(queue fills included)",
         "sample→signal: the latency_ms of each governor decision on the reference batch inside the window (from "
-        "the node sample to the signal/spawn it caused), pooled over the windows; p99 by nearest rank, the "
+        "the node sample to the signal/spawn it caused), followed live by a client of its own (`events --follow` "
+        "for that batch: the daemon keeps only its last 2000 events for a plain `events`, a few seconds' worth "
+        "here), pooled over the windows; p99 by nearest rank, the "
         "maximum when under 100; ping: a separate client, a `ping` every 50 ms; ÷ (a): this condition's figure "
         "÷ the reference batch alone's",
         f"queue batch: `submit --amqp URL --queue Q -j {LATENCY_J} -- sleep` (not --until-empty: cancelled), "
