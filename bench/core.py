@@ -662,12 +662,16 @@ print(n)
 PINGER = """
 import sys, time, json
 from pmlmd.client import Client
+# argv: socket, until [, period (default 0.01 s) [, start: wall time of the first ping]]
 lat = []
+period = float(sys.argv[3]) if len(sys.argv) > 3 else 0.01
 with Client(sys.argv[1]) as c:
+    if len(sys.argv) > 4:
+        time.sleep(max(0.0, float(sys.argv[4]) - time.time()))
     until = float(sys.argv[2])
     while time.time() < until:
         t = time.perf_counter(); c.call("ping"); lat.append((time.perf_counter() - t) * 1000)
-        time.sleep(0.01)
+        time.sleep(period)
 print(json.dumps(lat))
 """
 def reads_window(d, big: str, seconds: float, readers: int) -> dict:
@@ -782,6 +786,177 @@ def queue_trial(nodes: list, url: str, queue: str, n: int, j: int, broker_pid: i
             "consumed": [it.get("consumed", 0) for it in intakes]}
 
 
+LATENCY_REF = ["-n", "100000", "-j", "4", "--", "sleep", "0.05"]  # the reference batch, as in reads_window
+LATENCY_J = 8  # the second batch's -j (queue or request)
+# The second batch's tasks: `sleep 0.01` (from the queue: command `sleep`, each message "0.01"). Not
+# /bin/true: next to the reference batch the governor admits /bin/true one at a time (bound by cpu: a
+# task that ends within a few ms is measured at a large CPU share) and, once a node sample is high,
+# not at all, so the queue batch ran no task and the intake idled.
+LATENCY_TINY_ARG = "0.01"
+
+
+# The daemon keeps only its last RECENT_EVENTS (2000) events for a request without follow: with a second
+# batch running they span a few seconds, so the decisions are followed live, by a client of their own.
+DECISIONS = """
+import sys, json
+from pmlmd.client import Client
+socket, batch, start, until = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+lat = []
+with Client(socket) as c:
+    for e in c.stream("events", batch=batch, follow=True):
+        t = e.get("time", 0)
+        if t > until:
+            break
+        if e.get("event") == "decision" and e.get("latency_ms") is not None and t >= start:
+            lat.append(float(e["latency_ms"]))
+print(json.dumps(lat))
+"""
+
+
+def node_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole node, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)  # idle and iowait are not busy
+
+
+def wait_batches_ended(d, batches: list[str], timeout: float = 60.0) -> None:
+    """Until every batch has ended and the daemon has no child left (raises after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while any(d.batch(b).get("ended") is None for b in batches) or descendants(d.pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"batches {batches} not ended, or workers left, {timeout:g} s after cancel")
+        time.sleep(0.05)
+
+
+def latency_window(d, seconds: float, warmup: float, second: list[str] | None, broker=None,
+                   queue: str | None = None) -> dict:
+    """The governor's decision latencies on the reference batch over ``seconds``, with ``second``
+    (submit arguments) running next to it on the same daemon, or alone; pings every 50 ms from a
+    separate client. Both batches are cancelled at the end and waited for."""
+    ref = d.submit(*LATENCY_REF)
+    batches = [ref]
+    try:
+        other = d.submit(*second) if second else None
+        if other:
+            batches.append(other)
+        start = time.time() + warmup  # the streams of admissions are under way by then
+        until = start + seconds
+        helpers = [subprocess.Popen([PY, "-c", code, d.socket, *args], stdout=subprocess.PIPE, text=True, env=ENV)
+                   for code, args in ((DECISIONS, (ref, str(start), str(until))),
+                                      (PINGER, (str(until), "0.05", str(start))))]
+        try:
+            time.sleep(max(0.0, start - time.time()))
+            cpu0, node0 = cpu_seconds(d.pid), node_cpu_ticks()
+            other0 = d.batch(other) if other else {}
+            latencies, pings = (json.loads(h.communicate(timeout=seconds + warmup + 60)[0] or "[]") for h in helpers)
+        finally:
+            for h in helpers:
+                if h.poll() is None:
+                    h.kill()
+                    h.wait()
+        cpu, node1 = cpu_seconds(d.pid) - cpu0, node_cpu_ticks()
+        late = time.time() - until  # how long after the window's end the helpers' ends were seen
+        other1 = d.batch(other) if other else {}
+        intake0, intake1 = other0.get("intake") or {}, other1.get("intake") or {}
+        left = broker.count(queue) if queue else None
+    finally:
+        for b in batches:
+            d.client.call("cancel", batch=b)
+        wait_batches_ended(d, batches)
+    problems = []
+    done = ((other1.get("counts") or {}).get("succeeded", 0) - (other0.get("counts") or {}).get("succeeded", 0)
+            if other else None)
+    if left == 0:
+        problems.append("the queue ran dry before the window's end")
+    if other and not done:
+        problems.append("the second batch ran no task in the window")
+    for k in ("returned", "dead_lettered"):
+        if intake1.get(k):
+            problems.append(f"intake {k} {intake1[k]}")
+    return {"decisions": stats(latencies), "latencies": latencies, "pings": stats(pings), "ping_values": pings,
+            "daemon_cpu_pct": 100.0 * cpu / (seconds + late),
+            "node_cpu_pct": 100.0 * (node1[0] - node0[0]) / max(1, node1[1] - node0[1]),
+            "acked_in_window": intake1.get("acked", 0) - intake0.get("acked", 0) if queue else None,
+            "done_in_window": done, "queue_left": left, "problems": problems}
+
+
+def intake_latency(ctx, broker) -> dict:
+    """Reaction latency with an intake running: (a) the reference batch alone, (b) next to a queue
+    batch consuming tiny tasks, and (full runs only) (c) next to the same tiny tasks in the request,
+    which tells the intake's share from that of the extra spawning; interleaved."""
+    t_start = time.monotonic()
+    seconds, warmup = (2.0, 0.5) if ctx.quick else (10.0, 1.0)
+    trials = 1 if ctx.quick else 3
+    nmsg = 500 if ctx.quick else 5000
+    conds = ["alone", "queue"] + ([] if ctx.quick else ["request"])
+    queues = [f"bench-latency-{t}" for t in range(trials)]
+    lines = (LATENCY_TINY_ARG + "\n") * nmsg
+    for q in queues:  # every queue filled before the daemon starts, so no fill overlaps a window
+        timed_run([*PMLMCTL, "enqueue", "--amqp", broker.url, "--queue", q, "--tasks-file", "-"], lines)
+    raw: dict[str, list[dict]] = {c: [] for c in conds}
+    with Daemon(ctx.tmp / "latency-daemon", DAEMON_RELAXED.format(max_workers=64)) as d:
+        time.sleep(0.3)
+        for trial in range(trials):
+            for c in conds:
+                second = {"alone": None,
+                          "queue": ["--amqp", broker.url, "--queue", queues[trial], "-j", str(LATENCY_J), "--",
+                                    "sleep"],
+                          "request": ["-n", "100000", "-j", str(LATENCY_J), "--", "sleep", LATENCY_TINY_ARG]}[c]
+                r = latency_window(d, seconds, warmup, second, broker, queues[trial] if c == "queue" else None)
+                raw[c].append(r)
+                dec = r["decisions"]
+                log(f"  queue latency: trial {trial + 1}, {c}: {dec.get('n', 0)} decisions, median "
+                    f"{fmt(dec.get('median'), 2)} ms, max {fmt(dec.get('max'), 2)} ms, daemon CPU "
+                    f"{r['daemon_cpu_pct']:.0f} %, node CPU {r['node_cpu_pct']:.0f} %"
+                    + (f", tasks done {r['done_in_window']}" if second else "")
+                    + (f", acked {r['acked_in_window']}, {r['queue_left']} left" if c == "queue" else "")
+                    + (f", PROBLEMS {r['problems']}" if r["problems"] else ""))
+    labels = {"alone": "(a) reference batch alone",
+              "queue": f"(b) + a queue batch consuming (submit --amqp -j {LATENCY_J} -- sleep; "
+                       f"messages \"{LATENCY_TINY_ARG}\")",
+              "request": f"(c) + the same tasks in the request (-n 100000 -j {LATENCY_J} -- sleep {LATENCY_TINY_ARG})"}
+
+    def worst(s):  # p99 by nearest rank, or the maximum under 100 values
+        if not s.get("n"):
+            return None
+        return s["p99"] if s["n"] >= 100 else s["max"]
+
+    def ratio(a, b):
+        return fmt(a / b, 2) if a is not None and b else "–"
+
+    dec = {c: stats([x for r in raw[c] for x in r["latencies"]]) for c in conds}
+    ping = {c: stats([x for r in raw[c] for x in r["ping_values"]]) for c in conds}
+    rows, problems = [], []
+    for c in conds:
+        row = {"condition": labels[c], "windows": len(raw[c]),
+               "decisions (per window)": f"{dec[c].get('n', 0)} ("
+                                         + "; ".join(str(r["decisions"].get("n", 0)) for r in raw[c]) + ")",
+               "sample→signal median ms": fmt(dec[c].get("median"), 2),
+               "p99 ms (max under 100)": fmt(worst(dec[c]), 2), "max ms": fmt(dec[c].get("max"), 2),
+               "window medians ms": "; ".join(fmt(r["decisions"].get("median"), 2) for r in raw[c]),
+               "pings": ping[c].get("n", 0), "ping median ms": fmt(ping[c].get("median"), 2),
+               "ping p99 ms (max under 100)": fmt(worst(ping[c]), 2), "ping max ms": fmt(ping[c].get("max"), 1),
+               "daemon CPU % of a core (per window)": "; ".join(f"{r['daemon_cpu_pct']:.0f}" for r in raw[c]),
+               "node CPU % (per window)": "; ".join(f"{r['node_cpu_pct']:.0f}" for r in raw[c])}
+        if c != "alone":
+            row["÷ (a): median; p99"] = (f"{ratio(dec[c].get('median'), dec['alone'].get('median'))}; "
+                                         f"{ratio(worst(dec[c]), worst(dec['alone']))}")
+            row["÷ (a) ping: median; p99"] = (f"{ratio(ping[c].get('median'), ping['alone'].get('median'))}; "
+                                              f"{ratio(worst(ping[c]), worst(ping['alone']))}")
+            row["tasks done in window"] = "; ".join(str(r["done_in_window"]) for r in raw[c])
+        if c == "queue":
+            row["acked in window (left on queue)"] = "; ".join(f"{r['acked_in_window']} ({r['queue_left']})"
+                                                               for r in raw[c])
+        problems += [f"{labels[c]}, trial {i + 1}: {p}" for i, r in enumerate(raw[c]) for p in r["problems"]]
+        row["_decisions"] = dec[c]
+        row["_pings"] = ping[c]
+        row["_raw"] = [{k: v for k, v in r.items() if k not in ("latencies", "ping_values")} for r in raw[c]]
+        rows.append(row)
+    return {"rows": rows, "problems": problems, "seconds": seconds, "trials": trials, "nmsg": nmsg, "conds": conds,
+            "warmup": warmup, "took_s": time.monotonic() - t_start}
+
+
 def scenario_queue(ctx) -> dict:
     title = "8. Many nodes: tasks from a queue"
     brokerlib = load_test_broker()
@@ -829,6 +1004,7 @@ def scenario_queue(ctx) -> dict:
                 raw["parallel"].append({"wall_s": timed_run(["parallel", "-j", str(j), "-N0", "/bin/true"], seq)})
                 raw["xargs"].append({"wall_s": timed_run(["xargs", "-P", str(j), "-n", "1", "/bin/true"], seq)})
                 log(f"  queue: trial {trial + 1} done")
+        lat = intake_latency(ctx, broker)  # the three nodes are closed by now
     finally:
         broker.close()
 
@@ -884,7 +1060,35 @@ def scenario_queue(ctx) -> dict:
              f"a private RabbitMQ (tests/broker.py, started in {broker_start_s:.1f} s, closed at the end)"]
     if problems:
         notes.append("PROBLEMS: " + "; ".join(problems))
-    return {"title": title, "rows": rows, "notes": notes}
+    lat_notes = [
+        f"reaction latency with an intake running: one more daemon (max_workers 64, otherwise as the nodes), "
+        f"started after the three nodes were closed; a reference batch `submit {' '.join(LATENCY_REF)}` (as in "
+        f"7) so the governor admits workers all along; {lat['seconds']:g} s windows, {lat['trials']} trial(s), "
+        "conditions interleaved: " + ", ".join(lat["conds"]) + f"; each window starts {lat['warmup']:g} s after "
+        f"the submits and ends with both batches cancelled and waited for; this part took {lat['took_s']:.0f} s "
+        "(queue fills included)",
+        "sample→signal: the latency_ms of each governor decision on the reference batch inside the window (from "
+        "the node sample to the signal/spawn it caused), followed live by a client of its own (`events --follow` "
+        "for that batch: the daemon keeps only its last 2000 events for a plain `events`, a few seconds' worth "
+        "here), pooled over the windows; p99 by nearest rank, the "
+        "maximum when under 100; ping: a separate client, a `ping` every 50 ms; ÷ (a): this condition's figure "
+        "÷ the reference batch alone's",
+        f"queue batch: `submit --amqp URL --queue Q -j {LATENCY_J} -- sleep` (not --until-empty: cancelled), "
+        f"its queue (one per trial) filled beforehand with {lat['nmsg']} messages \"{LATENCY_TINY_ARG}\" (so "
+        f"each task is `sleep {LATENCY_TINY_ARG}`) by `pmlmctl enqueue`, before "
+        "the daemon started; acked in window from the batch's intake counters at the window's start and end; "
+        "left on queue: ready messages at the window's end (the queue must not run dry)"
+        + ("" if ctx.quick else "; (c), tasks in the request, has the same spawning without an intake"),
+        f"the second batch runs `sleep {LATENCY_TINY_ARG}`, not /bin/true: next to the reference batch the "
+        "governor admitted /bin/true one at a time (bound by cpu: a task that ends within milliseconds is "
+        "measured at a large CPU share) and, after a high node sample, not at all, so the intake idled",
+        "daemon CPU: utime+stime of pmlmd (all threads) over the window, % of one core; node CPU: busy share of "
+        "all cores over the window from /proc/stat (everything on the machine, the tasks and the broker included)"]
+    if lat["problems"]:
+        lat_notes.append("PROBLEMS: " + "; ".join(lat["problems"]))
+    return {"title": title, "rows": rows, "notes": notes,
+            "tables": [{"caption": "Reaction latency with an intake running", "rows": lat["rows"],
+                        "notes": lat_notes}]}
 
 
 # ---------------------------------------------------------------- driver
@@ -902,6 +1106,16 @@ def machine() -> dict:
             "xargs": subprocess.run(["xargs", "--version"], capture_output=True, text=True).stdout.splitlines()[0]}
 
 
+def md_table(rows: list[dict], notes: list[str]) -> list[str]:
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return out + [""] + [f"- {n}" for n in notes]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     out = [f"# pmlmd benchmarks, {result['date']}{' (--quick)' if result['quick'] else ''}", "",
@@ -913,17 +1127,9 @@ def markdown(result: dict) -> str:
         if "error" in sc:
             out += [f"FAILED: {sc['error']}", ""]
             continue
-        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in sc["rows"]]
-        cols = []
-        for r in rows:
-            cols += [k for k in r if k not in cols]
-        out.append("| " + " | ".join(cols) + " |")
-        out.append("|" + "---|" * len(cols))
-        for r in rows:
-            out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-        out.append("")
-        for n in sc.get("notes", []):
-            out.append(f"- {n}")
+        out += md_table(sc["rows"], sc.get("notes", []))
+        for t in sc.get("tables", []):  # further tables of the same scenario, each with its notes
+            out += ["", f"### {t['caption']}", ""] + md_table(t["rows"], t.get("notes", []))
         out.append(f"- took {sc['seconds']:.0f} s")
         out.append("")
     out.append(f"Total: {result['seconds']:.0f} s")
