@@ -559,9 +559,9 @@ class Daemon:
             self.store.tasks_changed(run.id, returned)
         in_flight = len(returned) + len(stored.open_attempts)
         if in_flight:
-            log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped; %d of their workers still run "
-                     "and are ended", run.id, in_flight, run.batch.spec.intake.queue, len(stored.open_attempts),
-                     extra={"BATCH_ID": run.id})
+            log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped (the broker gives them out again); "
+                     "those of their %d workers that still run are ended", run.id, in_flight,
+                     run.batch.spec.intake.queue, len(stored.open_attempts), extra={"BATCH_ID": run.id})
 
     def _run_from(self, stored: StoredBatch) -> BatchRun:
         """The batch of a stored record, held to the rules a submit is held to today; raises Unrestorable."""
