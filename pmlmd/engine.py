@@ -31,7 +31,7 @@ from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
-from .sampler import CLOCK_TICKS, NodeSampler, ProcReader, group_usage
+from .sampler import CLOCK_TICKS, PAGE_SIZE, GroupUsage, NodeSampler, ProcReader, group_usage
 from .scopes import GATE, NoScopes
 from .systemd import decision_fields
 from .workdir import DirectoryError
@@ -251,6 +251,8 @@ class Engine:
         self.resource_log_at = 0.0  # monotonic: when a shortage may be logged again
         # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
         self.subreaper = subreaper and lineage.become_subreaper()
+        # Workers' trees from /proc/PID/task/TID/children: O(workers' processes) per refresh.
+        self.walk_trees = self.proc.has_children_lists()
         self.last_sample: NodeSample | None = None
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
@@ -455,13 +457,15 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
-        # One pass over /proc serves the group sums and the look for escaped processes.
-        stats = {st.pid: st for st in self.proc.all_pid_stats()}
-        if self.subreaper:
-            self._adopt_orphans()
-            for w in self.workers.values():
-                self._find_escaped(w, stats)
-        usage = group_usage(stats.values(), set(self.workers))
+        if self.walk_trees:
+            usage = self._tree_usage()
+        else:  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN): every process of the node
+            stats = {st.pid: st for st in self.proc.all_pid_stats()}
+            if self.subreaper:
+                self._adopt_orphans()
+                for w in self.workers.values():
+                    self._find_escaped(w, stats, lineage.descendants(self.proc, w.child.pid))
+            usage = group_usage(stats.values(), set(self.workers))
         for pgid, w in self.workers.items():
             u = usage.get(pgid)
             if u is None:
@@ -479,11 +483,36 @@ class Engine:
                 self._verify_agent_pause(w)
         self.last_refresh = now
 
+    def _tree_usage(self) -> dict[int, GroupUsage]:
+        """What each worker uses: its leader and every descendant (lineage.descendants, from
+        /proc/PID/task/TID/children), whatever group or session they moved to, and the processes
+        re-parented to pmlmd that it left (Worker.escaped). The cost is that of the workers' own
+        processes: other processes of the node are never read."""
+        if self.subreaper:
+            self._adopt_orphans()
+        usage = {}
+        for pgid, w in self.workers.items():
+            tree = [pgid] + lineage.descendants(self.proc, pgid)
+            stats = {}
+            for pid in dict.fromkeys(tree + list(w.escaped)):
+                st = self.proc.pid_stat(pid)
+                if st is not None:
+                    stats[pid] = st
+            if self.subreaper:
+                self._find_escaped(w, stats, tree[1:])
+            live = [st for st in stats.values() if st.state != "Z"]
+            if stats:
+                usage[pgid] = GroupUsage(rss=sum(st.rss_pages for st in live) * PAGE_SIZE,
+                                         cpu_ticks=sum(st.cpu_ticks for st in stats.values()),
+                                         states="".join(st.state for st in stats.values()), processes=len(stats),
+                                         pids=tuple(st.pid for st in live))
+        return usage
+
     def _memory(self, w: Worker, u) -> int:
         """The worker's memory in bytes: its group's RSS, or, when several processes may share pages
         (children forked over the same memory, escaped members), the sum of their PSS, which
         counts a shared page once. RSS summed per process would count it once per process."""
-        pids = list(u.pids) + list(w.escaped)
+        pids = list(dict.fromkeys([*u.pids, *w.escaped]))
         if len(pids) < 2:
             return u.rss
         total = 0
@@ -569,12 +598,12 @@ class Engine:
         for pidfd in w.escaped.values():
             _pidfd_signal(pidfd, sig)
 
-    def _find_escaped(self, w: Worker, stats: dict) -> None:
-        """Walk the worker's process tree for descendants outside its process group.
+    def _find_escaped(self, w: Worker, stats: dict, descendants: list[int]) -> None:
+        """Hold the worker's ``descendants`` that are outside its process group by pidfds.
 
-        ``stats`` (pid -> ProcStat) is the refresh's snapshot of /proc; a process newer than it
-        is found at the next refresh."""
-        for pid in lineage.descendants(self.proc, w.child.pid):
+        ``stats`` (pid -> ProcStat) is the refresh's snapshot; a process newer than it is found
+        at the next refresh."""
+        for pid in descendants:
             stat = stats.get(pid)
             if pid in w.escaped or stat is None or stat.pgrp == w.child.pid or stat.state == "Z":
                 continue

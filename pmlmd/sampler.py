@@ -139,6 +139,11 @@ class ProcReader:
                 continue
         return found
 
+    def has_children_lists(self) -> bool:
+        """Whether the kernel keeps /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)."""
+        pid = os.getpid()
+        return os.path.exists(os.path.join(self.root, str(pid), "task", str(pid), "children"))
+
     def pss(self, pid: int) -> int | None:
         """The process's proportional set size in bytes (/proc/PID/smaps_rollup, proc(5)): each
         page it shares counts divided by the number of processes sharing it, so the members of a

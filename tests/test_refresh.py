@@ -1,0 +1,64 @@
+"""Measuring workers costs what the workers are, not what the node runs.
+
+The engine sums each worker from its own process tree (/proc/PID/task/TID/children), so the
+other processes of the node are never read: here 40 unrelated sleepers, started and ended by
+the test, are never looked at while two workers with a child each are measured.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from pmlmd.batch import Batch, BatchSpec
+from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.governor import Limits
+from pmlmd.sampler import ProcReader
+
+from support import wait_for
+
+
+class CountingProc(ProcReader):
+    """A ProcReader that remembers whose stat it read."""
+
+    def __init__(self):
+        super().__init__()
+        self.read: set[int] = set()
+
+    def pid_stat(self, pid: int):
+        self.read.add(pid)
+        return super().pid_stat(pid)
+
+
+def test_a_refresh_reads_the_workers_trees_only():
+    proc = CountingProc()
+    assert proc.has_children_lists()  # Debian's kernels keep them (CONFIG_PROC_CHILDREN)
+    unrelated = [subprocess.Popen(["sleep", "30"]) for _ in range(40)]
+    loop = Loop()
+    engine = Engine(Limits(), loop, proc=proc)
+    # Each worker: a leader with one child, 16 MiB of it in the child.
+    command = ["sh", "-c", "python3 -c 'b = bytearray(16 << 20); import time; time.sleep(20)' & exec sleep 20"]
+    spec = BatchSpec(batch_id="r", command=command, tasks=[None, None], limits=Limits())
+    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+    try:
+        def both_measured():
+            loop.poll(0.05)
+            engine.tick()
+            if len(engine.workers) < 2:
+                return False
+            proc.read.clear()
+            usage = engine._tree_usage()
+            return len(usage) == 2 and all(u.processes == 2 for u in usage.values())
+
+        wait_for(both_measured, timeout=30, what="two workers of two processes each")
+        assert not proc.read & {p.pid for p in unrelated}  # never read
+        assert proc.read <= {pid for u in engine._tree_usage().values() for pid in u.pids}
+        engine._refresh_workers(time.monotonic())
+        assert all(w.rss >= 16 << 20 for w in engine.workers.values())  # the child's memory is the worker's
+    finally:
+        engine.cancel(run, "the test ends")
+        engine.abandon()
+        loop.close()
+        for p in unrelated:
+            p.kill()
+            p.wait()
