@@ -176,6 +176,7 @@ class Worker:
     paused_at: float | None = None
     cpu_at_pause: float | None = None
     paused_by: str | None = None  # the governor rule that paused it (WorkerView.paused_by)
+    running_since: float | None = None  # monotonic: since it was started, continued or resumed
     kill_at: float | None = None
     end_cause: str | None = None
     stop_path: str | None = None  # how pmlmd is ending it: agent, sigterm, sigkill
@@ -212,7 +213,8 @@ class Worker:
         return WorkerView(key=self.key, started=self.child.started, state=self.state, rss=self.rss,
                           rss_growth=self.rss_growth, cpu=self.cpu, paused_at=self.paused_at,
                           cpu_at_pause=self.cpu_at_pause, priority=self.run.priority, batch=self.run.id,
-                          paused_by=self.paused_by if self.state == PAUSED else None)
+                          paused_by=self.paused_by if self.state == PAUSED else None,
+                          running_since=self.running_since if self.running_since is not None else self.child.started)
 
 
 def worker_argv(run: BatchRun, line: str | None) -> list[str]:
@@ -340,7 +342,7 @@ class Engine:
             if w.state == HELD:
                 self.continue_worker(w)
                 self._signal(w, signal.SIGCONT)  # also what a governor pause left stopped
-                w.state = RUNNING
+                w.state, w.running_since = RUNNING, now
                 w.start_clock(now)
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
@@ -583,7 +585,7 @@ class Engine:
             w.stop_clock(time.monotonic())
         elif d.action == CONTINUE:
             self.continue_worker(w)
-            w.state, w.paused_at = RUNNING, None
+            w.state, w.paused_at, w.running_since = RUNNING, None, sample.time
             w.start_clock(time.monotonic())
         elif d.action == TERMINATE:
             self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)

@@ -24,7 +24,9 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 without it is within the limit (pausing it would only
                                 start a pause/continue cycle).
 5. calm       otherwise         continue one paused worker (oldest first) per step if
-                                it fits the CPU headroom; with nothing paused, admit
+                                it fits the CPU headroom; else, when a burner has
+                                run a window, it and the worker paused longest
+                                take turns (rule "turn"); with nothing paused, admit
                                 new workers while usage + 2 x average + G fits.
 
 Several batches: workers carry their batch's priority (victims come from the lowest
@@ -113,6 +115,7 @@ class WorkerView:
     priority: int = 0  # higher runs first and pays last
     batch: Hashable = None  # the Workload (batch) it belongs to
     paused_by: str | None = None  # the rule that paused it ("gap": its memory grew near the limit; "cpu")
+    running_since: float | None = None  # monotonic seconds: since it last started or was continued
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,19 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                 why = "nothing else uses the CPU" if not busy else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
                 return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
                                  f"paused worker ({why})")]
+        # Turns: within the CPU limit but without room for one more, a burner that has run a window
+        # makes way for the worker paused longest, so equal workers share the CPU instead of the
+        # first ones keeping it. The one continued was paused for CPU (a grower waits for headroom).
+        waiting = sorted((w for w in ready if w.paused_by != "gap"), key=lambda w: (w.paused_at, repr(w.key)))
+        turned = sorted((w for w in busy if w.cpu is not None and w.running_since is not None
+                         and sample.time - w.running_since >= limits.window),
+                        key=lambda w: (w.running_since, repr(w.key)))
+        if waiting and turned and cpu_now <= limits.cpu_limit:
+            out, back = turned[0], waiting[0]
+            why = (f"{seen}, cpu {cpu_now:.0f}%: taking turns: worker paused {sample.time - back.paused_at:.1f}s "
+                   f"continues, worker running {sample.time - out.running_since:.1f}s")
+            return [Decision(PAUSE, out.key, rule="turn", reason=f"{why} pauses"),
+                    Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
         # Paused workers keep their claim on the headroom: admit nothing new.
         return []
 

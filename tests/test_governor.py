@@ -22,10 +22,10 @@ def node(free=8 * GiB, cpu=20.0, t=NOW, mem_free=None):
 
 
 def worker(pid, started=None, state=RUNNING, rss=100 * MiB, growth=0.0, cpu=10.0, paused_at=None, cpu_at_pause=None,
-           priority=0, paused_by=None):
+           priority=0, paused_by=None, running_since=None):
     return WorkerView(key=pid, started=float(pid) if started is None else started, state=state, rss=rss,
                       rss_growth=growth, cpu=cpu, paused_at=paused_at, cpu_at_pause=cpu_at_pause, priority=priority,
-                      paused_by=paused_by)
+                      paused_by=paused_by, running_since=running_since)
 
 
 def paused(pid, since=1.0, cpu_at_pause=40.0, **kw):
@@ -148,6 +148,40 @@ def test_cpu_pauses_several_when_one_is_not_enough():
     assert actions(out) == [(PAUSE, 4)]
     out = decide(node(cpu=100.0), workers, WORK, dataclasses.replace(LIMITS, cpu_limit=50.0))
     assert actions(out) == [(PAUSE, 4), (PAUSE, 3)]
+
+
+# --- 5. turns: equal burners share the CPU -------------------------------------------------------
+HALF = dataclasses.replace(LIMITS, cpu_limit=50.0)
+
+
+def burner(pid, running_for, cpu=50.0):
+    return worker(pid, cpu=cpu, started=NOW - 10, running_since=NOW - running_for)
+
+
+def waiting(pid, since, paused_by="cpu"):
+    return paused(pid, since=since, cpu_at_pause=50.0, paused_by=paused_by)
+
+
+def test_a_burner_that_has_run_a_window_makes_way_for_the_worker_paused_longest():
+    out = decide(node(cpu=50.0), [burner(1, running_for=0.6), waiting(2, since=1.2), waiting(3, since=0.7)], WORK,
+                 HALF)
+    assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)] and {d.rule for d in out} == {"turn"}
+
+
+@pytest.mark.parametrize("workers, cpu, why", [
+    ([burner(1, running_for=0.3), waiting(2, since=1.2)], 50.0, "it has not run a window yet"),
+    ([burner(1, running_for=0.6), waiting(2, since=0.3)], 50.0, "nobody has waited a window"),
+    ([burner(1, running_for=0.6), waiting(2, since=1.2, paused_by="gap")], 50.0, "a grower waits for memory"),
+    ([burner(1, running_for=0.6, cpu=0.1), waiting(2, since=1.2)], 50.0, "an idle worker is no burner"),
+])
+def test_no_turn_when_it_would_not_share_anything(workers, cpu, why):
+    assert [d for d in decide(node(cpu=cpu), workers, WORK, HALF) if d.rule == "turn"] == [], why
+
+
+def test_over_the_limit_pausing_comes_before_turns():
+    out = decide(node(cpu=95.0), [burner(1, running_for=5), burner(2, running_for=5), waiting(3, since=2)], WORK,
+                 HALF)
+    assert all(d.rule == "cpu" for d in out) and out
 
 
 def test_cpu_keeps_the_last_runner_when_it_fits_the_limit_alone():

@@ -128,7 +128,7 @@ def applied(workers, decisions, now):
         elif d.action == PAUSE:
             out.append(dataclasses.replace(w, state=PAUSED, paused_at=now, cpu_at_pause=w.cpu))
         elif d.action == CONTINUE:
-            out.append(dataclasses.replace(w, state=RUNNING, paused_at=None, cpu=None))
+            out.append(dataclasses.replace(w, state=RUNNING, paused_at=None, cpu=None, running_since=now))
         elif d.action == TERMINATE:
             out.append(dataclasses.replace(w, state=TERMINATING))
         elif d.action == KILL:

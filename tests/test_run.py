@@ -7,6 +7,7 @@ time; the ``pmlm`` fixture ends every process a test started, also on failure.
 
 import json
 import os
+from datetime import datetime
 import signal
 import sys
 
@@ -116,9 +117,30 @@ def test_cpu_burners_are_paused_and_the_batch_completes(pmlm):
     assert report["counts"]["succeeded"] == 4
     assert sum(a["pauses"] for a in attempts(report)) >= 1
     pauses = [r for r in run.trace() if r.get("decision") == "pause"]
-    assert pauses and all(r["rule"] == "cpu" for r in pauses)
+    assert pauses and all(r["rule"] in ("cpu", "turn") for r in pauses)
     # Node CPU kept near the limit: the median sample is not above it by more than noise.
     assert report["cpu_pct"]["median"] <= limit + 5
+
+
+@pytest.mark.slow
+def test_equal_burners_under_a_cpu_limit_take_turns(pmlm):
+    """Three burners, room for one: each is paused and continued again and again while the others
+    run, instead of the first keeping the CPU until it has finished."""
+    cpus = os.cpu_count()
+    if cpus < 2:
+        pytest.skip("needs two cores to exceed a one-core CPU limit")
+    limit = 100.0 / cpus
+    run = pmlm("-n", "3", "-j", "3", "--cpu-limit", str(limit), "--interval", "0.2", "--", PY, BURN, "1.5", "0.3",
+               "60")
+    assert run.wait(timeout=120) == 0, run.stderr
+    report = run.report()
+    assert report["counts"]["succeeded"] == 3
+    turns = [r for r in run.trace() if r.get("decision") in ("pause", "continue") and r.get("rule") == "turn"]
+    assert turns, "no turns taken"
+    # Every worker was continued by a turn at least once before the first of them ended.
+    first_end = min(datetime.fromisoformat(a["end"]).timestamp() for a in attempts(report))
+    continued = {r["pid"] for r in turns if r["decision"] == "continue" and r["t"] < first_end}
+    assert len(continued) >= 2, continued  # the two that were paused first got the CPU back early
 
 
 @pytest.mark.slow
