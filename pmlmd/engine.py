@@ -438,6 +438,7 @@ class Engine:
             return decisions
         by_worker = {d.worker: d for d in decisions if d.worker is not None}
         spawns = {d.batch: d for d in decisions if d.action == SPAWN}
+        node_turn = any(d.rule == "turn" for d in decisions)
         for run in stricter:
             own = decide(sample, [v for v in views if v.batch == run.id], [self._workload(run)], run.limits)
             own_workers = {d.worker: d for d in own if d.worker is not None}
@@ -446,10 +447,22 @@ class Engine:
                 own_d = own_workers.get(key)
                 if d.action == CONTINUE and key in mine and (own_d is None or own_d.action != CONTINUE):
                     del by_worker[key]  # the batch's own limits do not allow it yet
+            own_turn = [d for d in own if d.rule == "turn"]
             for key, d in own_workers.items():
                 node_d = by_worker.get(key)
+                if d.rule == "turn":
+                    continue  # a pair, taken whole below or not at all
                 if d.action != CONTINUE and SEVERITY[d.action] > (SEVERITY[node_d.action] if node_d else -1):
                     by_worker[key] = d  # the stricter of the two verdicts
+            # The batch's own turn: both halves, unless the node has its own verdict on either worker.
+            if own_turn and not node_turn and all(d.worker not in by_worker for d in own_turn):
+                by_worker.update((d.worker, d) for d in own_turn)
+        # A turn is a pair: the node's pause stands only with its continue.
+        turn = [d for d in decisions if d.rule == "turn"]
+        if turn and not all(by_worker.get(d.worker) is d for d in turn):
+            for d in turn:
+                if by_worker.get(d.worker) is d:
+                    del by_worker[d.worker]
             own_spawn = sum(d.count for d in own if d.action == SPAWN)
             if run.id in spawns:
                 allowed = min(spawns[run.id].count, own_spawn)

@@ -269,8 +269,8 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                         key=lambda w: (w.running_since, repr(w.key)))
         if waiting and turned and cpu_now <= limits.cpu_limit:
             out, back = turned[0], waiting[0]
-            why = (f"{seen}, cpu {cpu_now:.0f}%: taking turns: worker paused {sample.time - back.paused_at:.1f}s "
-                   f"continues, worker running {sample.time - out.running_since:.1f}s")
+            why = (f"{seen}, cpu {cpu_now:.0f}% of limit {limits.cpu_limit:.0f}%: taking turns: worker paused "
+                   f"{sample.time - back.paused_at:.1f}s continues, worker running {sample.time - out.running_since:.1f}s")
             return [Decision(PAUSE, out.key, rule="turn", reason=f"{why} pauses"),
                     Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
         # Paused workers keep their claim on the headroom: admit nothing new.

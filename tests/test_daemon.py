@@ -262,7 +262,7 @@ def test_a_batch_with_a_stricter_cpu_limit_is_held_to_it(daemon_factory):
     assert final["counts"]["succeeded"] == 2
     with daemon.client() as client:
         pauses = [e for e in client.stream("events", batch=batch, follow=False) if e.get("decision") == "pause"]
-    assert pauses and all(f"limit {one_core:.0f}%" in e["reason"] for e in pauses)
+    assert pauses and all(f"limit {one_core:.0f}%" in e["reason"] for e in pauses), [e["reason"] for e in pauses]
 
 
 def test_release_workers_continues_what_a_dead_daemon_left_stopped(daemon_factory):

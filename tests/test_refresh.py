@@ -37,7 +37,8 @@ def test_a_refresh_reads_the_workers_trees_only():
     loop = Loop()
     engine = Engine(Limits(), loop, proc=proc)
     # Each worker: a leader with one child, 16 MiB of it in the child.
-    command = ["sh", "-c", "python3 -c 'b = bytearray(16 << 20); import time; time.sleep(20)' & exec sleep 20"]
+    # (b"x" * N writes every page: a zeroed buffer could stay unbacked by memory.)
+    command = ["sh", "-c", "python3 -c 'b = b\"x\" * (16 << 20); import time; time.sleep(20)' & exec sleep 20"]
     spec = BatchSpec(batch_id="r", command=command, tasks=[None, None], limits=Limits())
     run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
     try:
@@ -53,8 +54,12 @@ def test_a_refresh_reads_the_workers_trees_only():
         wait_for(both_measured, timeout=30, what="two workers of two processes each")
         assert not proc.read & {p.pid for p in unrelated}  # never read
         assert proc.read <= {pid for u in engine._tree_usage().values() for pid in u.pids}
-        engine._refresh_workers(time.monotonic())
-        assert all(w.rss >= 16 << 20 for w in engine.workers.values())  # the child's memory is the worker's
+
+        def children_counted():  # once the children have filled their 16 MiB, it is their workers'
+            engine._refresh_workers(time.monotonic())
+            return all(w.rss >= 16 << 20 for w in engine.workers.values())
+
+        wait_for(children_counted, timeout=30, what="each worker to count its child's memory")
     finally:
         engine.cancel(run, "the test ends")
         engine.abandon()
