@@ -45,6 +45,8 @@ from .units import format_size
 log = logging.getLogger("pmlmd.daemon")
 
 HOUSEKEEPING = 1.0  # seconds between STATUS= updates and prune checks
+HOUSEKEEPING_IDLE = 5.0  # the same with nothing to govern (and at least twice per watchdog period)
+FRESH_SAMPLE = 1.0  # seconds: an idle daemon samples the node for status when its last sample is older
 GROUPS_TTL = 1.0  # seconds a user's groups, once read from the group database, are used before it is read again
 # Connections one user (not root) may hold to the control socket: each pmlmctl holds one while it
 # runs, `events --follow` and `submit --wait` for as long as they follow.
@@ -271,7 +273,9 @@ class Daemon:
                 self._run_jobs()
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
-                    self.next_housekeeping = time.monotonic() + min(HOUSEKEEPING, watchdog or HOUSEKEEPING)
+                    # Idle, pmlmd wakes once per HOUSEKEEPING_IDLE (or watchdog ping): it samples nothing.
+                    every = HOUSEKEEPING_IDLE if self.engine.idle() and not self.jobs else HOUSEKEEPING
+                    self.next_housekeeping = time.monotonic() + min(every, watchdog or every)
         finally:
             self._shutdown()
         return 0
@@ -377,8 +381,17 @@ class Daemon:
                      or DEFAULT_CONFIG_PATH, new.cpu_limit, new.memfree_limit)
         self.notifier.ready(self._status_line())
 
+    def _fresh_sample(self):
+        """The node's last sample; an idle engine takes none, so one is taken here when the last is
+        older than FRESH_SAMPLE (its CPU share then covers the time since that one)."""
+        engine = self.engine
+        sample = engine.last_sample
+        if engine.idle() and (sample is None or time.monotonic() - sample.time > FRESH_SAMPLE):
+            sample = engine.last_sample = engine.node.sample()
+        return sample
+
     def _status_line(self) -> str:
-        sample = self.engine.last_sample
+        sample = self._fresh_sample()
         node = ""
         if sample is not None:
             free = 100.0 * free_bytes(sample, self.engine.limits) / sample.mem_total
@@ -1028,7 +1041,7 @@ class Daemon:
                        "max_workers": limits.max_workers, "interval": limits.window}}, request.request_id)
 
     def _node(self) -> dict | None:
-        sample = self.engine.last_sample
+        sample = self._fresh_sample()
         if sample is None:
             return None
         free = free_bytes(sample, self.engine.limits)

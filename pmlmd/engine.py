@@ -280,7 +280,7 @@ class Engine:
         return run
 
     def busy(self) -> bool:
-        return bool(self.runs or self.workers or self.stragglers or self.strays)
+        return not self.idle()
 
     def cancel(self, run: BatchRun, reason: str, *, running: bool = True) -> None:
         """Start no more of the batch's tasks; with ``running`` also terminate its workers."""
@@ -351,8 +351,12 @@ class Engine:
         return [w for w in self.workers.values() if w.run is run]
 
     # --- time ---------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Nothing to govern: no batch and no process of one. An idle engine takes no samples."""
+        return not (self.runs or self.workers or self.stragglers or self.strays)
+
     def next_deadline(self) -> float:
-        deadline = self.next_sample_at
+        deadline = self.next_sample_at if not self.idle() else math.inf
         for w in self.workers.values():
             for at in (w.kill_at, w.escalate_at):
                 if at is not None:
@@ -371,7 +375,7 @@ class Engine:
         """Do whatever is due: grace deadlines, then a governor step."""
         now = time.monotonic()
         self._enforce_deadlines(now)
-        if now >= self.next_sample_at:
+        if now >= self.next_sample_at and not self.idle():
             self.step()
 
     # --- one governor step ----------------------------------------------------------------

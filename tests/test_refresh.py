@@ -67,3 +67,23 @@ def test_a_refresh_reads_the_workers_trees_only():
         for p in unrelated:
             p.kill()
             p.wait()
+
+
+def test_an_idle_engine_takes_no_samples_and_sets_no_deadline():
+    """With no batch and no process of one there is nothing to govern: the loop may sleep until a
+    request comes (the daemon then wakes for housekeeping only, every few seconds)."""
+    loop = Loop()
+    engine = Engine(Limits(), loop, proc=CountingProc())
+    try:
+        assert engine.idle() and engine.next_deadline() == float("inf")
+        engine.tick()
+        assert engine.last_sample is None
+        spec = BatchSpec(batch_id="i", command=["true"], tasks=[None], limits=Limits())
+        run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+        assert not engine.idle() and engine.next_deadline() <= time.monotonic()  # a batch: sample at once
+        wait_for(lambda: (loop.poll(0.05), engine.tick(), engine.idle())[2], timeout=30, what="the batch to end")
+        assert engine.last_sample is not None and engine.next_deadline() == float("inf")
+        del run
+    finally:
+        engine.abandon()
+        loop.close()
