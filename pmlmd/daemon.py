@@ -36,7 +36,6 @@ from .joblog import Joblog
 from .peerlimit import PeerLimit
 from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
-from .intake import where as intake_where
 from .summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
 from .systemd import Notifier, setup_logging
 from .outbox import Outboxes
@@ -867,7 +866,7 @@ class Daemon:
                        description=self._description(batch_id, args["name"], uid), umask=args["umask"],
                        rlimits=self._worker_rlimits(batch_id, owner), results=args["results"])
         self._add(run)
-        source = f"tasks from queue {spec.intake.queue} at {intake_where(spec.intake.url)}" if spec.intake else \
+        source = f"tasks from queue {spec.intake.queue} at {run.intake.where}" if spec.intake else \
             f"{len(lines)} tasks"
         log.info("batch %s %s by uid %d: %s of %s", batch_id, "submitted" if req == "submit" else
                  f"retried (tasks of batch {(extra or {}).get('of')})", peer[0], source, spec.command,
@@ -1355,11 +1354,7 @@ def intake_status(run: BatchRun) -> IntakeStatus | None:
     spec = run.batch.spec.intake
     if spec is None:
         return None
-    counts = {"consumed": 0, "acked": 0, "returned": 0, "dead_lettered": 0, "rejected": 0, "lost": 0}
-    if run.intake is None:  # not handed to the engine
-        return IntakeStatus(broker=intake_where(spec.url), queue=spec.queue, state="closed", detail=None,
-                            in_flight=0, until_empty=spec.until_empty, **counts)
-    d = run.intake.describe()
+    d = run.intake.describe()  # made by Engine.add, which every batch shown has been through
     state = d["state"]
     if state == "connected":
         b = run.batch
@@ -1371,7 +1366,7 @@ def intake_status(run: BatchRun) -> IntakeStatus | None:
             state = "consuming" if d["credit"] else "paused by a limit"
     return IntakeStatus(broker=d["broker"], queue=d["queue"], state=state, detail=d["detail"],
                         in_flight=len(run.deliveries), until_empty=spec.until_empty,
-                        **{key: d[key] for key in counts})
+                        **{key: d[key] for key in ("consumed", "acked", "returned", "dead_lettered", "rejected", "lost")})
 
 
 def user_name(uid: int | None) -> str | None:

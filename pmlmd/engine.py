@@ -31,7 +31,7 @@ from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
-from .sampler import CLOCK_TICKS, PAGE_SIZE, GroupUsage, NodeSampler, ProcReader, group_usage
+from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, group_usage, usage_of
 from .scopes import GATE, NoScopes
 from .systemd import decision_fields
 from .workdir import DirectoryError
@@ -519,12 +519,8 @@ class Engine:
                     stats[pid] = st
             if self.subreaper:
                 self._find_escaped(w, stats, tree[1:])
-            live = [st for st in stats.values() if st.state != "Z"]
             if stats:
-                usage[pgid] = GroupUsage(rss=sum(st.rss_pages for st in live) * PAGE_SIZE,
-                                         cpu_ticks=sum(st.cpu_ticks for st in stats.values()),
-                                         states="".join(st.state for st in stats.values()), processes=len(stats),
-                                         pids=tuple(st.pid for st in live))
+                usage[pgid] = usage_of(stats.values())
         return usage
 
     def _memory(self, w: Worker, u) -> int:

@@ -53,9 +53,12 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+# host:port/vhost of connection parameters (never the credentials); pika's nested errors, unwrapped
+from .enqueue import connection_reason, where
 
 log = logging.getLogger("pmlmd.intake")
 # pika logs every frame at DEBUG and each failed connect with a traceback at ERROR: the intake says
@@ -94,15 +97,6 @@ class URLError(ValueError):
     """An --amqp URL that cannot be used; its text says why, without the user or password."""
 
 
-def where(url: str) -> str:
-    """host:port/vhost of an AMQP URL that check_url accepted, for messages: never its user or
-    password."""
-    parts = urlsplit(url)
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    vhost = parts.path[1:] if parts.path not in ("", "/") else "%2F"
-    return f"{parts.hostname}:{port}/{vhost}"
-
-
 def check_url(url: str):
     """The connection parameters of an AMQP URL (``amqp://user:password@host:port/vhost``), or
     URLError naming what is wrong (never the user or the password). The parameters carry a
@@ -131,7 +125,7 @@ def check_url(url: str):
     try:
         params = pika.URLParameters(url)
     except Exception as e:  # pika raises ValueError and others for what it cannot parse
-        raise URLError(f"the URL for {where(url)} cannot be used ({type(e).__name__})") from None
+        raise URLError(f"the URL cannot be used ({type(e).__name__})") from None
     params.heartbeat = HEARTBEAT
     params.blocked_connection_timeout = 60
     params.socket_timeout = 5
@@ -209,7 +203,7 @@ class Intake:
         if dead_letter is not None:
             check_name(dead_letter, "dead-letter exchange")
         self.url, self.queue, self.exchange = url, queue, dead_letter
-        self.where = where(url)
+        self.where = where(self.params)  # host:port/vhost, for messages
         self.watch_depth = watch_depth
         self.node = node or socket.gethostname()
         self.state, self.detail = CONNECTING, None
@@ -586,8 +580,6 @@ def _connect_trouble(pika, e: Exception, where_: str, params) -> tuple[str, str]
 
 
 def _reason(e: BaseException) -> str:
-    from .enqueue import connection_reason  # the same unwrapping of pika's nested errors
-
     text = connection_reason(e)
     return text if len(text) < 300 else text[:300] + "..."
 

@@ -180,21 +180,24 @@ class GroupUsage:
     cpu_ticks: int
     states: str  # one letter per process, e.g. "TT"
     processes: int
-    pids: tuple[int, ...] = ()  # its members
+    pids: tuple[int, ...] = ()  # its members that are not zombies
+
+
+def usage_of(stats: Iterable[ProcStat]) -> GroupUsage:
+    """The sum of some processes; ``pids`` leaves out zombies, which hold no memory to measure."""
+    stats = list(stats)
+    return GroupUsage(rss=sum(st.rss_pages for st in stats) * PAGE_SIZE, cpu_ticks=sum(st.cpu_ticks for st in stats),
+                      states="".join(st.state for st in stats), processes=len(stats),
+                      pids=tuple(st.pid for st in stats if st.state != "Z"))
 
 
 def group_usage(stats: Iterable[ProcStat], pgids: set[int]) -> dict[int, GroupUsage]:
-    """Sum the members of each wanted process group (zombies hold no memory)."""
-    acc: dict[int, list] = {}
+    """Sum the members of each wanted process group."""
+    members: dict[int, list[ProcStat]] = {}
     for st in stats:
         if st.pgrp in pgids:
-            entry = acc.setdefault(st.pgrp, [0, 0, [], []])
-            entry[0] += st.rss_pages * PAGE_SIZE
-            entry[1] += st.cpu_ticks
-            entry[2].append(st.state)
-            entry[3].append(st.pid)
-    return {pgid: GroupUsage(rss, ticks, "".join(states), len(states), tuple(pids))
-            for pgid, (rss, ticks, states, pids) in acc.items()}
+            members.setdefault(st.pgrp, []).append(st)
+    return {pgid: usage_of(group) for pgid, group in members.items()}
 
 
 class NodeSampler:

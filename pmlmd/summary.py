@@ -252,8 +252,7 @@ def batch_state(counts: Counts, *, held: bool = False, stopping: bool = False, c
     if counts.pending == 0 and not intake_open:
         if critical or marked_failed or counts.failed or counts.given_up:
             return STATE_FAILED
-        # A queue batch's tasks go back to its queue when it is cancelled (see intake).
-        return STATE_CANCELLED if counts.cancelled or (stopping and counts.returned) else STATE_FINISHED
+        return STATE_CANCELLED if counts.cancelled else STATE_FINISHED
     if stopping or critical or counts.cancelled:
         return STATE_FINISHING
     if held:

@@ -50,6 +50,14 @@ def available() -> bool:
     return os.path.exists(RABBITMQ_SERVER) and os.path.exists(EPMD)
 
 
+def need() -> None:
+    """Skip the calling test unless this machine can run a private broker."""
+    import pytest
+
+    if not available():
+        pytest.skip(f"{RABBITMQ_SERVER} is not installed (Debian package rabbitmq-server)")
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports free on 127.0.0.1 just now (all held at once, so distinct)."""
     held = []

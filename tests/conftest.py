@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,8 +55,7 @@ def _broker_node():
     """One private RabbitMQ per test module (it takes seconds to start), always closed at its end."""
     import broker as brokerlib
 
-    if not os.path.exists(brokerlib.RABBITMQ_SERVER):
-        pytest.skip(f"{brokerlib.RABBITMQ_SERVER} is not installed (Debian package rabbitmq-server)")
+    brokerlib.need()
     node = brokerlib.Broker()
     try:
         node.start()

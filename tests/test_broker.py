@@ -61,8 +61,7 @@ def test_stop_and_start_keep_persistent_messages_of_a_durable_queue(broker):
 
 @pytest.mark.slow  # stops and starts a broker: seconds each
 def test_close_ends_every_process_it_caused_and_removes_the_data():
-    if not os.path.exists(brokerlib.RABBITMQ_SERVER):
-        pytest.skip(f"{brokerlib.RABBITMQ_SERVER} is not installed (Debian package rabbitmq-server)")
+    brokerlib.need()
     node = brokerlib.Broker()
     try:
         node.start()
