@@ -22,6 +22,8 @@ from typing import Mapping
 from . import workdir
 from .sampler import ProcReader
 
+# util-linux's setpriv(1): where it is missing, a worker of another user is started by a fork of pmlmd.
+SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
 # Python ignores SIGPIPE and SIGXFSZ for itself; workers get the default back.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -54,7 +56,7 @@ class Exit:
     known: bool = True  # False for an adopted worker: it ended, but how is unknown
 
 
-def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = None, stdin_fd: int | None = None,
+def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: int | None = None,
           stderr_fd: int | None = None, cwd: str | None = None, credentials: Credentials | None = None,
           umask: int | None = None, proc: ProcReader | None = None) -> Child:
     """Start ``argv`` in a new session and process group with stdin from ``stdin_fd`` (default /dev/null).
@@ -68,35 +70,65 @@ def spawn(argv: list[str], env: Mapping[str, str], *, stdout_fd: int | None = No
     workdir.DirectoryError when it cannot be entered. Raises OSError (FileNotFoundError,
     PermissionError, ...) when the command cannot be executed. No child is left behind
     when either is raised.
+
+    The child is started with posix_spawn(3), which glibc implements with a vfork-like clone:
+    pmlmd's memory is not copied, so a start costs the same for a 30 MiB daemon as for a
+    small program. posix_spawn cannot change credentials; a worker of another user starts
+    through setpriv(1), which takes them on and executes the command (exit status 126 or
+    127, like a shell's, when it cannot). The working directory and the umask are pmlmd's
+    own for the duration of the call, which the child inherits.
     """
-    popen = None
-    if cwd is None and credentials is None:
-        # posix_spawn is the cheapest way to start a process from Python.
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
-                   else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
-        if stdout_fd is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
-        if stderr_fd is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
+    if credentials is not None and credentials == own_credentials():
+        credentials = None  # nothing to take on (root's own batches)
+    if credentials is not None and SETPRIV is None:
+        return _fork_spawn(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
+                           credentials=credentials, umask=umask, proc=proc)
+    command = list(argv) if credentials is None else setpriv_argv(credentials) + list(argv)
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
+               else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
+    if stdout_fd is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
+    if stderr_fd is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
+    with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
         # posix_spawn has no umask attribute: the child inherits pmlmd's, set for this one call.
         previous = os.umask(umask) if umask is not None else None
         try:
-            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
+            pid = os.posix_spawnp(command[0], command, env, file_actions=actions, setsid=True,
                                   setsigdef=_RESET_SIGNALS, setsigmask=())
         finally:
             if previous is not None:
                 os.umask(previous)
-    else:
-        ids = {}
-        if credentials is not None:
-            ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
-        # Popen's own cwd= would chdir in the child while it is still root: the child inherits
-        # the directory pmlmd entered as the user instead.
-        with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
-            popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
-                                     stdout=stdout_fd, stderr=stderr_fd, umask=-1 if umask is None else umask,
-                                     start_new_session=True, close_fds=True, restore_signals=True, **ids)
-        pid = popen.pid
+    return _watched(pid, None, proc)
+
+
+def own_credentials() -> Credentials:
+    """pmlmd's effective uid, gid and supplementary groups (sorted, without duplicates)."""
+    return Credentials(uid=os.geteuid(), gid=os.getegid(), groups=tuple(sorted(set(os.getgroups()))))
+
+
+def setpriv_argv(credentials: Credentials) -> list[bytes]:
+    """The setpriv(1) words that run what follows as ``credentials``: real, effective and saved uid
+    and gid, and exactly those supplementary groups (util-linux setpriv: --reuid, --regid, --groups)."""
+    groups = ([b"--groups=" + ",".join(map(str, credentials.groups)).encode()] if credentials.groups
+              else [b"--clear-groups"])
+    return [SETPRIV, b"--reuid=%d" % credentials.uid, b"--regid=%d" % credentials.gid, *groups, b"--"]
+
+
+def _fork_spawn(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, umask, proc) -> Child:
+    """spawn where setpriv(1) is missing: a fork of pmlmd that takes on the credentials itself."""
+    ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
+    # Popen's own cwd= would chdir in the child while it is still root: the child inherits
+    # the directory pmlmd entered as the user instead.
+    with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
+        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+                                 stdout=stdout_fd, stderr=stderr_fd, umask=-1 if umask is None else umask,
+                                 start_new_session=True, close_fds=True, restore_signals=True, **ids)
+    return _watched(popen.pid, popen, proc)
+
+
+def _watched(pid: int, popen: subprocess.Popen | None, proc: ProcReader | None) -> Child:
+    """The Child of a process just started: its pidfd and start time."""
     started = time.monotonic()
     try:
         pidfd = os.pidfd_open(pid)
