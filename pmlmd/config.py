@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from .bounds import BOUNDS, Bound
+from .cgroup import BACKENDS as WORKER_BACKENDS
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .units import parse_size
 
@@ -57,6 +58,7 @@ class Config:
     agent_socket: str = "/run/pmlmd/agent.sock"  # the cooperative-stop channel (agent mode)
     stranded: str = "continue"
     scope_backend: str = "auto"
+    worker_backend: str = "auto"  # how workers are contained and measured: cgroup v2 where usable, or /proc
     # Kernel-enforced backstops on pmlm.slice (all batches) and each batch's scope (see scopes.CgroupLimits):
     # "infinity", a number (tasks, or bytes), or a percentage of the node's maximum tasks or its memory.
     slice_tasks_max: int | str = "50%"
@@ -317,6 +319,7 @@ _OPTIONS: dict[str, _Option] = {
     "agent_socket": _Option("daemon", _socket_path),
     "stranded": _Option("daemon", _choice(STRANDED_POLICIES)),
     "scope_backend": _Option("daemon", _choice(SCOPE_BACKENDS)),
+    "worker_backend": _Option("daemon", _choice(WORKER_BACKENDS)),
     "slice_tasks_max": _Option("daemon", _tasks_max),
     "slice_memory_max": _Option("daemon", _memory_max),
     "scope_tasks_max": _Option("daemon", _tasks_max),

@@ -17,9 +17,10 @@ import time
 from datetime import datetime
 from typing import Callable
 
-from . import __version__, output, protocol, tasklines
+from . import __version__, cgroup, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
+from .cgroup import BACKENDS as WORKER_BACKENDS
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .joblog import Joblog
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr, exit")
     out.add_argument("--task-id", metavar="ID", help="an id of your own, echoed as task_id in the report")
     out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
+    run.add_argument("--worker-backend", choices=WORKER_BACKENDS, default="auto",
+                     help="how workers are contained and measured: cgroup (each in a cgroup v2 of its own: "
+                          "frozen, killed and counted whole by the kernel), proc (process groups and trees from "
+                          "/proc), auto (cgroup where pmlmctl may make one; default)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run, subparser=run)
 
@@ -642,8 +647,11 @@ def cmd_run(parser, args) -> int:
             if args.results:
                 sinks.append(output.Results(args.results, task.index))
             return sinks
-    runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status,
-                    sinks_for=sinks_for, joblog=joblog)
+    try:
+        runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status,
+                        sinks_for=sinks_for, joblog=joblog, worker_backend=args.worker_backend)
+    except cgroup.Unusable as e:
+        parser.error(f"--worker-backend cgroup: {e}; use --worker-backend proc or auto")
     stopped = None
     try:
         batch = runner.run()
@@ -1043,6 +1051,8 @@ def cmd_status(parser, args) -> int:
         print(f"limits: cpu {limits['cpu_limit']:g}%, free memory {limits['memfree_limit']:g}% + gap "
               f"{format_size(limits['memory_gap'])}, floor {format_size(limits['min_free'])}, "
               f"up to {limits['max_workers']} workers")
+        if status.get("workers"):  # an older pmlmd does not say
+            print(f"workers: {status['workers']}")
         if status["batches"]:
             print(BATCH_HEADER)
             for b in status["batches"]:

@@ -25,7 +25,7 @@ import time
 
 import zmq
 
-from . import __version__, loginlimits, procctl, protocol, scopes, tasklines, workdir
+from . import __version__, cgroup, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch,
                     BatchSpec, IntakeSpec, iso)
@@ -204,11 +204,12 @@ class Daemon:
             raise DaemonError(f"{e}; set scope_backend = \"auto\" or \"none\" in pmlmd.toml") from e
         self.output = TaskFiles(os.path.join(self.config.state_dir, "output"), self.config.output_limit,
                                 forward=self._journal_forward())
+        self.cgroups = worker_cgroups(self.config, self.scopes)
         # Workers get the descriptor limit pmlmd was started with, not the one it raised for itself.
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
                              on_event=self._on_event, scopes=self.scopes,
                              worker_rlimits={resource.RLIMIT_NOFILE: self.fd_limits}, subreaper=True,
-                             output=self.output)
+                             output=self.output, cgroups=self.cgroups)
         self.joblogs: dict[str, Joblog] = {}  # batch id -> its --joblog, opened as its owner
         self.jobs: collections.deque = collections.deque()  # replies built over several turns (ReportJob...)
         # Batches that finished while the state could not be written: served from memory until it is.
@@ -258,8 +259,7 @@ class Daemon:
         self.loop.handle_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._on_signal)
         self._restore()
         log.info("pmlmd %s ready on %s (state %s, workers in %s, notify via %s)", __version__, self.config.socket,
-                 self.store.path, "systemd scopes" if self.scopes.name == "systemd" else "process groups",
-                 self.notifier.backend)
+                 self.store.path, self._containment(), self.notifier.backend)
         self.notifier.ready(self._status_line())
         watchdog = self.notifier.watchdog_interval()
         try:
@@ -345,6 +345,8 @@ class Daemon:
                 self.engine.continue_worker(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)
             os.close(w.child.pidfd)
+        if self.cgroups is not None:
+            self.cgroups.remove()  # the cgroups of workers that ended; those still running keep theirs
         self.loop.close()
         self.peers.close()
         self.sock.close()
@@ -1035,9 +1037,18 @@ class Daemon:
         limits = self.engine.limits
         return protocol.encode_reply({
             "status": self._status_line(), "node": self._node(), "batches": [self._summary(r) for r in self._ordered()],
+            "workers": self._containment(),
             "limits": {"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
                        "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
                        "max_workers": limits.max_workers, "interval": limits.window}}, request.request_id)
+
+    def _containment(self) -> str:
+        """How workers are held, for the ready line and status: one line."""
+        if self.cgroups is not None:
+            return f"a cgroup each, {self.cgroups.describe()}"
+        if self.scopes.name == "systemd":
+            return "systemd scopes, followed through /proc"
+        return "process groups, followed through /proc"
 
     def _node(self) -> dict | None:
         sample = self._fresh_sample()
@@ -1403,11 +1414,32 @@ def signal_pids(pids, signals) -> None:
                 break
 
 
+def worker_cgroups(config: Config, scope_backend) -> cgroup.Subtree | None:
+    """The subtree of the workers' cgroups (config ``worker_backend``), named by the state directory
+    so that a restarted pmlmd finds its workers' cgroups again; None for the /proc backend.
+
+    A batch in a systemd scope is moved into that scope, out of any cgroup of pmlmd's: with
+    systemd scopes the workers are followed through /proc. Raises DaemonError for
+    ``worker_backend = "cgroup"`` where that cannot be."""
+    if scope_backend.name == "systemd":
+        if config.worker_backend == "cgroup":
+            raise DaemonError('worker_backend = "cgroup" needs scope_backend = "none": systemd scopes hold the '
+                              "workers' processes; set one of them in pmlmd.toml")
+        return None
+    try:
+        return cgroup.choose(config.worker_backend,
+                             cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir)))
+    except cgroup.Unusable as e:
+        raise DaemonError(f'worker_backend = "cgroup": {e}; set worker_backend = "auto" or "proc" in pmlmd.toml') \
+            from None
+
+
 def release_workers(config: Config) -> int:
     """For ExecStopPost: while no pmlmd runs, no worker may stay stopped or frozen.
 
-    Thaws every pmlm scope and continues every process in it and every worker the
-    state database knows as running (or, with ``stranded = "terminate"``, ends them).
+    Thaws every pmlm scope and every worker cgroup and continues every process in them and
+    every worker the state database knows as running (or, with ``stranded = "terminate"``,
+    ends them).
     """
     signals = (signal.SIGTERM, signal.SIGCONT) if config.stranded == "terminate" else (signal.SIGCONT,)
     try:
@@ -1416,6 +1448,11 @@ def release_workers(config: Config) -> int:
         log.warning("%s: releasing workers by their process groups only", e)
         backend = scopes.NoScopes()
     in_scopes = known = 0
+    subtree = cgroup.existing(cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir)))
+    for w in subtree.workers() if subtree is not None else []:
+        w.thaw()
+        for sig in signals:
+            w.signal(sig)
     for batch_id in backend.scopes():
         backend.thaw(batch_id)
         pids = backend.scope_pids(batch_id)

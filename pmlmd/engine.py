@@ -9,6 +9,7 @@ as plain event dicts through ``on_event``; it writes no files and owns no socket
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -23,7 +24,7 @@ from typing import Callable
 
 import zmq
 
-from . import lineage, procctl, tasklines
+from . import cgroup as cgroups_module, lineage, procctl, tasklines
 from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT,
                     Attempt, Batch, Task, describe_end)
@@ -40,6 +41,7 @@ log = logging.getLogger("pmlmd.engine")
 
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
+ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
 STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
 # Admission keeps descriptors in hand: a worker holds one (its pidfd) for its life and a spawn
 # needs a few more for a moment (pipes); clients, the store and the log need the reserve.
@@ -57,7 +59,7 @@ SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
 AGENT_PAUSE_GRACE = 1.0
 AGENT_PAUSE_MAX_CPU = 10.0
 AGENT_PAUSE_MAX_GROWTH = 4 << 20
-NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped with SIGSTOP"
+NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGSTOP, or its cgroup frozen)"
 # A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
 OPEN_DEMAND = 1 << 20
@@ -186,6 +188,7 @@ class Worker:
     verify_pause_from: float | None = None  # monotonic: an acknowledged agent pause must show from then on
     noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
     escaped: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of its processes outside its group
+    cgroup: cgroups_module.Worker | None = None  # its own cgroup (cgroup backend); None: its process group and tree
     # --timeout: monotonic deadline of the attempt, pushed back by the time pmlmd holds it paused
     # (``stopped_at``: since when; the governor's pause or a user's pmlmctl pause), which is not the task's doing.
     timeout_at: float | None = None
@@ -228,12 +231,16 @@ class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
                  critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None,
                  worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False,
-                 output=None):
+                 output=None, cgroups: cgroups_module.Subtree | None = None):
         """``output`` (output.TaskFiles or output.Pipes) gives each worker its stdout and stderr;
         without it workers write to ``stdout_fd`` (default: the engine's own stdout) and stderr.
         ``worker_rlimits`` (resource.RLIMIT_* -> (soft, hard)) are set on every worker before its
         command runs, under what its batch sets (BatchRun.rlimits). With ``subreaper`` the calling
-        process becomes its workers' descendants' reaper (pmlmctl run, pmlmd; not a test)."""
+        process becomes its workers' descendants' reaper (pmlmctl run, pmlmd; not a test).
+        With ``cgroups`` (the cgroup backend, see cgroup) each worker runs in a cgroup of its own
+        below it: the kernel says which processes are the worker's, freezes them all to pause it
+        and kills them all to end it; there is no process tree to walk and nothing to reap
+        but the workers themselves, so pmlmd does not become a subreaper then."""
         self.limits = limits
         self.scopes = scopes or NoScopes()
         self.agent = None  # AgentChannels, for batches in agent mode
@@ -247,12 +254,14 @@ class Engine:
         self.on_event = on_event or (lambda event: None)
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
-        self.stragglers: dict[int, float] = {}  # pgid -> when to SIGKILL what is left of the group
+        self.cgroups = cgroups
+        # pgid or cgroup.Worker -> when to SIGKILL what an ended worker left of its group or cgroup
+        self.stragglers: dict[int | cgroups_module.Worker, float] = {}
         self.strays: dict[int, Stray] = {}  # pid -> a process that left its ended worker's group
         self.spawn_blocked_until = 0.0  # monotonic: no spawn before, after one failed for want of a resource
         self.resource_log_at = 0.0  # monotonic: when a shortage may be logged again
         # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
-        self.subreaper = subreaper and lineage.become_subreaper()
+        self.subreaper = subreaper and cgroups is None and lineage.become_subreaper()
         # Workers' trees from /proc/PID/task/TID/children: O(workers' processes) per refresh.
         self.walk_trees = self.proc.has_children_lists()
         self.last_sample: NodeSample | None = None
@@ -309,8 +318,8 @@ class Engine:
     def kill_all(self, reason: str) -> None:
         for w in list(self.workers.values()):
             self._kill(w, CAUSE_CANCELLED, reason)
-        for pgid in self.stragglers:
-            procctl.signal_group(pgid, signal.SIGKILL)
+        for rest in self.stragglers:
+            _kill_rest(rest)
         for stray in self.strays.values():
             _pidfd_signal(stray.pidfd, signal.SIGKILL)
 
@@ -476,15 +485,19 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
-        if self.walk_trees:
-            usage = self._tree_usage()
+        usage = self._cgroup_usage()
+        if len(usage) == len(self.workers):
+            pass  # every worker in a cgroup of its own
+        elif self.walk_trees:
+            usage.update(self._tree_usage())
         else:  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN): every process of the node
             stats = {st.pid: st for st in self.proc.all_pid_stats()}
             if self.subreaper:
                 self._adopt_orphans()
                 for w in self.workers.values():
                     self._find_escaped(w, stats, lineage.descendants(self.proc, w.child.pid))
-            usage = group_usage(stats.values(), set(self.workers))
+            usage.update((pgid, u) for pgid, u in group_usage(stats.values(), set(self.workers)).items()
+                         if self.workers[pgid].cgroup is None)
         for pgid, w in self.workers.items():
             u = usage.get(pgid)
             if u is None:
@@ -502,6 +515,23 @@ class Engine:
                 self._verify_agent_pause(w)
         self.last_refresh = now
 
+    def _cgroup_usage(self) -> dict[int, GroupUsage]:
+        """What each worker in a cgroup of its own uses: its members (cgroup.procs), with the CPU
+        time the kernel counted for the cgroup, which includes members that have exited."""
+        usage = {}
+        for pgid, w in self.workers.items():
+            if w.cgroup is None:
+                continue
+            stats = [st for st in map(self.proc.pid_stat, w.cgroup.pids()) if st is not None]
+            if not stats:
+                continue
+            u = usage_of(stats)
+            usec = w.cgroup.cpu_usec()
+            if usec is not None:
+                u = dataclasses.replace(u, cpu_ticks=usec * CLOCK_TICKS // 1_000_000)
+            usage[pgid] = u
+        return usage
+
     def _tree_usage(self) -> dict[int, GroupUsage]:
         """What each worker uses: its leader and every descendant (lineage.descendants, from
         /proc/PID/task/TID/children), whatever group or session they moved to, and the processes
@@ -511,6 +541,8 @@ class Engine:
             self._adopt_orphans()
         usage = {}
         for pgid, w in self.workers.items():
+            if w.cgroup is not None:
+                continue
             tree = [pgid] + lineage.descendants(self.proc, pgid)
             stats = {}
             for pid in dict.fromkeys(tree + list(w.escaped)):
@@ -608,7 +640,11 @@ class Engine:
 
     # --- processes that left their worker's process group ----------------------------------------
     def _signal(self, w: Worker, sig: int) -> None:
-        """Signal the worker: its process group and every process known to have left it."""
+        """Signal the worker: its process group and every process known to have left it; or, in a
+        cgroup of its own, every member of that (SIGSTOP freezes it, SIGCONT thaws it)."""
+        if w.cgroup is not None:
+            _signal_cgroup(w.cgroup, sig)
+            return
         procctl.signal_group(w.child.pid, sig)
         for pidfd in w.escaped.values():
             _pidfd_signal(pidfd, sig)
@@ -770,10 +806,15 @@ class Engine:
             command = [tasklines.raw(word) for word in argv]
             if gate_r is not None:
                 command, environ = gated(rlimits, command, environ)
-            child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
-                                  stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
-                                  credentials=credentials, umask=run.umask, proc=self.proc)
+            with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
+                  else contextlib.nullcontext()) as cgroup:
+                child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
+                                      stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
+                                      credentials=credentials, umask=run.umask, proc=self.proc)
         except (OSError, DirectoryError) as e:
+            if self.cgroups is not None:
+                with contextlib.suppress(OSError):
+                    self.cgroups.worker(f"{run.id}.{task.index}.{attempt_no}").remove()
             if self.output is not None:
                 self.output.failed(run, task)
             if gate_r is not None:
@@ -804,7 +845,7 @@ class Engine:
         attempt = run.batch.start_attempt(task, child.pid, time.time())
         if self.output is not None:
             self.output.spawned(run, task, attempt)
-        self._watch(Worker(child=child, run=run, task=task, attempt=attempt))
+        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, cgroup=cgroup))
 
     def _spawn_room(self) -> int:
         """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
@@ -843,6 +884,9 @@ class Engine:
         """Watch a worker that a previous daemon started (it is not our child)."""
         task.status = "running"
         worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
+        if self.cgroups is not None and self.cgroups.member_of(child.pid) == worker.worker_id:
+            worker.cgroup = self.cgroups.worker(worker.worker_id)
+            _signal_cgroup(worker.cgroup, signal.SIGCONT)  # never left frozen by the pmlmd before
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
@@ -907,12 +951,12 @@ class Engine:
                 log.info("worker %d still alive %gs after SIGTERM: SIGKILL", w.child.pid, grace)
                 self._kill(w, w.end_cause, w.attempt.reason)
                 w.attempt.reason = f"{w.attempt.reason or ''} (SIGKILL after {grace:g}s grace)".strip()
-        for pgid, deadline in list(self.stragglers.items()):
-            if not procctl.group_alive(pgid):
-                del self.stragglers[pgid]
+        for rest, deadline in list(self.stragglers.items()):
+            if _gone(rest):
+                del self.stragglers[rest]
             elif now >= deadline:
-                procctl.signal_group(pgid, signal.SIGKILL)
-                self.stragglers[pgid] = float("inf")
+                _kill_rest(rest)
+                self.stragglers[rest] = float("inf")
         for stray in self.strays.values():
             if now >= stray.kill_at:
                 _pidfd_signal(stray.pidfd, signal.SIGKILL)
@@ -944,6 +988,10 @@ class Engine:
         if w.escaped:
             a.reason = "; ".join(filter(None, [a.reason, f"left {len(w.escaped)} processes outside its process "
                                                          "group behind: ended with it"]))
+        left = w.cgroup.pids() if w.cgroup is not None else []
+        if left:
+            a.reason = "; ".join(filter(None, [a.reason, f"left {len(left)} processes behind in its cgroup: "
+                                                         "ended with it"]))
         cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
@@ -955,7 +1003,12 @@ class Engine:
                        "pid": w.child.pid, "exit_code": a.exit_code, "signal": a.signal, "cause": a.cause,
                        "status": w.task.status, "reason": a.reason})
         # Whatever the leader left behind in its group goes with it (like a scope's KillMode).
-        if procctl.group_alive(w.child.pid):
+        if w.cgroup is not None:
+            if left or not _gone(w.cgroup):
+                _signal_cgroup(w.cgroup, signal.SIGTERM)
+                _signal_cgroup(w.cgroup, signal.SIGCONT)
+                self.stragglers[w.cgroup] = time.monotonic() + run.batch.spec.term_grace
+        elif procctl.group_alive(w.child.pid):
             procctl.signal_group(w.child.pid, signal.SIGTERM)
             procctl.signal_group(w.child.pid, signal.SIGCONT)
             self.stragglers[w.child.pid] = time.monotonic() + run.batch.spec.term_grace
@@ -1163,10 +1216,13 @@ class Engine:
             self.loop.unwatch(w.child.pidfd)
             os.close(w.child.pidfd)
         self.workers.clear()
-        for pgid in self.stragglers:
-            procctl.signal_group(pgid, signal.SIGKILL)
-            procctl.signal_group(pgid, signal.SIGCONT)
+        for rest in self.stragglers:
+            _kill_rest(rest)
+            if isinstance(rest, int):
+                procctl.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
+        if self.cgroups is not None:
+            self.cgroups.remove(wait=ABANDON_WAIT)  # each worker's cgroup, once the kernel has emptied it
         self._adopt_orphans()
         for pid in list(self.strays):
             stray = self.strays.pop(pid)
@@ -1240,6 +1296,38 @@ class Stray:
 
     pidfd: int
     kill_at: float  # monotonic: SIGKILL if it is still there
+
+
+def _signal_cgroup(cgroup: cgroups_module.Worker, sig: int) -> None:
+    """A signal to a worker in a cgroup of its own: SIGSTOP freezes the cgroup, SIGCONT thaws it
+    (and continues what anyone else stopped), SIGKILL is cgroup.kill, any other goes to each member.
+    A cgroup already gone takes nothing."""
+    try:
+        if sig == signal.SIGSTOP:
+            cgroup.freeze()
+        elif sig == signal.SIGCONT:
+            cgroup.thaw()
+            cgroup.signal(signal.SIGCONT)
+        elif sig == signal.SIGKILL:
+            cgroup.kill()
+        else:
+            cgroup.signal(sig)
+    except FileNotFoundError:
+        pass
+
+
+def _gone(rest: int | cgroups_module.Worker) -> bool:
+    """Has an ended worker's rest (its process group, or its cgroup) gone? An empty cgroup is removed."""
+    if isinstance(rest, int):
+        return not procctl.group_alive(rest)
+    return rest.remove()
+
+
+def _kill_rest(rest: int | cgroups_module.Worker) -> None:
+    if isinstance(rest, int):
+        procctl.signal_group(rest, signal.SIGKILL)
+    else:
+        _signal_cgroup(rest, signal.SIGKILL)
 
 
 def _pidfd_signal(pidfd: int, sig: int) -> None:

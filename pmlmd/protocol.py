@@ -221,7 +221,8 @@ its counts, which add up to ``tasks``, and its ``state``: ``queued``, ``running`
 ``finishing``, ``finished``, ``cancelled`` or ``failed``). ``status`` with a batch answers
 with its summary plus ``node`` (the last sample: ``cpu_pct``, ``free_bytes``, ``total_bytes``,
 ``free_pct``; null before the first); without one, with ``status`` (one line), ``node``,
-``limits`` and ``batches``, the summaries of the live batches. ``list`` answers with
+``limits``, ``workers`` (one line: how workers are contained and measured, a cgroup v2 each or
+process groups followed through /proc) and ``batches``, the summaries of the live batches. ``list`` answers with
 ``batches``: the summaries of the finished batches, then of the live ones, each in submission
 order. A batch has ended when its summary's ``ended`` is not null.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -18,6 +19,7 @@ from typing import Callable, TextIO
 
 import zmq
 
+from . import cgroup
 from .agentchannel import AgentChannels
 from .batch import CANCELLED, FINISHED, Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
@@ -35,18 +37,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Runner:
     def __init__(self, spec: BatchSpec, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
                  trace: TextIO | None = None, on_progress: Callable[["Runner"], None] | None = None,
-                 sinks_for: Callable | None = None, joblog: Joblog | None = None):
+                 sinks_for: Callable | None = None, joblog: Joblog | None = None, worker_backend: str = "auto"):
         """With ``sinks_for(run, task, attempt_no) -> [output.Sink]`` workers write into pipes that
         pmlmctl reads and hands to those sinks; without, to ``stdout_fd`` (default pmlmctl's
         stdout) and pmlmctl's stderr, directly. ``joblog``: an open --joblog, written a line per
-        ended attempt (the caller closes it)."""
+        ended attempt (the caller closes it). ``worker_backend``: cgroup.BACKENDS; raises
+        cgroup.Unusable for "cgroup" where no cgroup2 subtree can be had."""
         self.trace = trace
         self.joblog = joblog
         self.on_progress = on_progress
         self.loop = Loop()
         self.pipes = Pipes(self.loop, sinks_for) if sinks_for is not None else None
+        # A subtree of its own for its workers' cgroups, removed on the way out (Engine.abandon).
+        self.cgroups = cgroup.choose(worker_backend, cgroup.subtree_name("pmlmctl", str(os.getpid())))
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._on_event,
-                             subreaper=True, output=self.pipes)
+                             subreaper=True, output=self.pipes, cgroups=self.cgroups)
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
         self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None

@@ -47,8 +47,31 @@ def read_trace(path: Path) -> list[dict]:
 
 
 def group_states(pgid: int) -> str:
-    """State letters of every live process in a process group."""
-    return "".join(st.state for st in ProcReader().all_pid_stats() if st.pgrp == pgid and st.state != "Z")
+    """State letters of every live process in a process group; T also for one frozen with its cgroup
+    (the cgroup backend pauses a worker with the cgroup freezer; a frozen process shows S or D)."""
+    return "".join("T" if frozen(st.pid) else st.state for st in ProcReader().all_pid_stats()
+                   if st.pgrp == pgid and st.state != "Z")
+
+
+def process_state(pid: int) -> str:
+    """The state letter of one process, T also when it is frozen with its cgroup (see group_states)."""
+    with open(f"/proc/{pid}/stat") as f:
+        letter = f.read().rsplit(")", 1)[1].split()[0]
+    return "T" if letter != "Z" and frozen(pid) else letter
+
+
+def frozen(pid: int) -> bool:
+    """Is the process in a cgroup v2 that is frozen (cgroup.events "frozen 1")?"""
+    from pmlmd import cgroup
+
+    relative, mount = cgroup.own_cgroup(str(pid)), cgroup.cgroup2_mount()
+    if not relative or relative == "/" or mount is None:
+        return False
+    try:
+        with open(os.path.join(mount, relative.lstrip("/"), "cgroup.events")) as f:
+            return "frozen 1" in f.read().splitlines()
+    except OSError:
+        return False
 
 
 class PmlmRun:
@@ -94,6 +117,23 @@ class PmlmRun:
                         os.killpg(start["pid"], sig)
                     except ProcessLookupError:
                         pass
+        remove_cgroups("pmlmctl", str(self.proc.pid))
+
+
+def remove_cgroups(kind: str, key: str) -> None:
+    """Teardown: kill what is left in the worker cgroups of a pmlmd or pmlmctl run (cgroup backend)
+    and remove them, so that no test leaves cgroups behind."""
+    from pmlmd import cgroup
+
+    subtree = cgroup.existing(cgroup.subtree_name(kind, key))
+    if subtree is None:
+        return
+    for w in subtree.workers():
+        try:
+            w.kill()
+        except OSError:
+            pass
+    subtree.remove(wait=5.0)
 
 
 class MemorySampler:
@@ -242,5 +282,6 @@ class Daemon:
                         os.killpg(pid, sig)
                     except ProcessLookupError:
                         pass
+        remove_cgroups("pmlmd", os.path.realpath(self.state_dir))
         self._reader = None
         self.notify.close()

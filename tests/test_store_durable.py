@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import wait_for
+from support import process_state, wait_for
 
 PY = sys.executable
 
@@ -163,11 +163,9 @@ def test_a_full_disk_keeps_the_daemon_running_and_the_state_catches_up(daemon_fa
         assert f"no space in STATE_DIR ({state}): free space, then submit again" in refused.stderr, refused.stderr
         # The worker is still governed: pause stops it, resume continues it (their writes wait for space).
         assert daemon.ctl("pause", batch).returncode == 0
-        wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T",
-                 what="the worker stopped")
+        wait_for(lambda: process_state(pid) == "T", what="the worker stopped")
         assert daemon.ctl("resume", batch).returncode == 0
-        wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T",
-                 what="the worker continued")
+        wait_for(lambda: process_state(pid) != "T", what="the worker continued")
         release(fifo)
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the worker reaped")
         assert ping(daemon)["pid"] == daemon.proc.pid

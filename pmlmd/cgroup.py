@@ -1,0 +1,327 @@
+"""Workers in cgroups of their own (cgroup v2): containment and accounting by the kernel.
+
+Each worker runs in a child cgroup of a subtree pmlmd owns. The kernel then answers what
+pmlmd would otherwise reconstruct from /proc (kernel doc: admin-guide/cgroup-v2.rst):
+
+- membership: ``cgroup.procs`` lists every process of the worker, whatever session or
+  process group it moved to and whoever its parent is now; a child is in its parent's
+  cgroup from the moment it is forked, so nothing escapes between two looks;
+- pause: ``cgroup.freeze`` 1 stops every member at once (``frozen 1`` in cgroup.events once
+  all are stopped), 0 lets them go on; new children of a frozen cgroup are frozen too;
+- end: ``cgroup.kill`` 1 sends SIGKILL to every member in one write (Linux 5.14);
+- CPU: ``cpu.stat`` usage_usec, which also counts members that have already exited.
+
+These work on any cgroup2 hierarchy, controllers or not: also on the unified hierarchy of
+a host that mounts its controllers as cgroup v1 (hybrid). A worker is put in its cgroup
+before it executes anything: pmlmd moves itself into the new cgroup, starts the worker
+(which inherits it) and moves itself back (``Subtree.starting``).
+
+Where pmlmd may not own a subtree (systemd as PID 1 manages the hierarchy and has not
+delegated pmlmd's cgroup to it, a read-only /sys/fs/cgroup, a kernel without cgroup.kill)
+``choose`` says why and pmlmd keeps its /proc backend (see engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import select
+import signal
+import time
+from typing import Iterator
+
+log = logging.getLogger("pmlmd.cgroup")
+
+BACKENDS = ("auto", "cgroup", "proc")  # the worker_backend setting: cgroup v2 where usable, or /proc
+MOUNTINFO = "/proc/self/mountinfo"
+SYSTEMD_RUNNING = "/run/systemd/system"  # exists when systemd is PID 1 (sd_booted(3))
+DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # set by systemd on a unit with Delegate=yes
+
+
+class Unusable(Exception):
+    """No cgroup2 subtree pmlmd may own here; str() says why, for the log and status."""
+
+
+def cgroup2_mount(mountinfo: str = MOUNTINFO) -> str | None:
+    """Where the cgroup2 hierarchy is mounted (proc(5), /proc/PID/mountinfo), or None."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "cgroup2":
+                    return fields[4].replace("\\040", " ")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def own_cgroup(pid: str = "self") -> str | None:
+    """The cgroup2 path of a process relative to the mount ("0::PATH" in /proc/PID/cgroup), or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        return None
+    return None
+
+
+def _delegated(path: str) -> bool:
+    for name in DELEGATE_XATTRS:
+        try:
+            if os.getxattr(path, name) in (b"1", b"1\n"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class Worker:
+    """One worker's cgroup: a directory of the cgroup2 hierarchy."""
+
+    def __init__(self, path: str, relative: str):
+        self.path = path  # the directory
+        self.relative = relative  # the path as /proc/PID/cgroup shows it
+
+    def __repr__(self) -> str:
+        return f"cgroup.Worker({self.path!r})"
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def _read(self, name: str) -> str:
+        with open(os.path.join(self.path, name)) as f:
+            return f.read()
+
+    def pids(self) -> list[int]:
+        """Every process in it (cgroup.procs); [] once it is gone."""
+        try:
+            return [int(word) for word in self._read("cgroup.procs").split()]
+        except OSError:
+            return []
+
+    def events(self) -> dict[str, int]:
+        """cgroup.events: populated (1 while any process is in it) and frozen."""
+        try:
+            return {key: int(value) for key, value in (line.split() for line in self._read("cgroup.events").splitlines())}
+        except (OSError, ValueError):
+            return {"populated": 0, "frozen": 0}
+
+    def populated(self) -> bool:
+        return bool(self.events().get("populated"))
+
+    def freeze(self) -> None:
+        """Stop every member, now and those it forks later (cgroup.freeze 1). The kernel reports
+        ``frozen 1`` in cgroup.events once the last member has stopped."""
+        self._write("cgroup.freeze", "1")
+
+    def thaw(self) -> None:
+        self._write("cgroup.freeze", "0")
+
+    def kill(self) -> None:
+        """SIGKILL to every member, in one write (cgroup.kill)."""
+        self._write("cgroup.kill", "1")
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` to every member; how many got it. Each is held by a pidfd and checked to be
+        in this cgroup still before it is signalled, so a pid reused meanwhile is left alone."""
+        sent = 0
+        for pid in self.pids():
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                # From here on the pidfd is that very process: is it (still) one of ours?
+                if own_cgroup(str(pid)) != self.relative:
+                    continue
+                signal.pidfd_send_signal(pidfd, sig)
+                sent += 1
+            except OSError:
+                continue
+            finally:
+                os.close(pidfd)
+        return sent
+
+    def cpu_usec(self) -> int | None:
+        """CPU time of every process that ever ran in it, in microseconds (cpu.stat usage_usec)."""
+        try:
+            for line in self._read("cpu.stat").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the last process to leave; True once none is in it.
+        The kernel wakes a poll of cgroup.events (POLLPRI) when "populated" changes."""
+        deadline = time.monotonic() + timeout
+        try:
+            fd = os.open(os.path.join(self.path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI)
+            while True:
+                os.lseek(fd, 0, os.SEEK_SET)
+                if b"populated 0" in os.read(fd, 4096):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                poller.poll(left * 1000)
+        finally:
+            os.close(fd)
+
+    def remove(self) -> bool:
+        """Remove the cgroup once it is empty; False while processes are still in it."""
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            # Not pmlmd's to fix (a read-only hierarchy, an outside change): no retry forever.
+            log.warning("cannot remove the worker cgroup %s: %s", self.path, e.strerror)
+        return True
+
+
+class Subtree:
+    """The cgroups pmlmd owns: ``root`` and one child per worker, named by the worker's id."""
+
+    def __init__(self, root: str, mount: str):
+        self.root = root
+        self.mount = mount
+
+    def __repr__(self) -> str:
+        return f"cgroup.Subtree({self.root!r})"
+
+    def worker(self, name: str) -> Worker:
+        path = os.path.join(self.root, name)
+        return Worker(path, "/" + os.path.relpath(path, self.mount))
+
+    def existing(self, name: str) -> Worker | None:
+        """The cgroup of a worker started by an earlier pmlmd, if it is still there."""
+        w = self.worker(name)
+        return w if os.path.isdir(w.path) else None
+
+    def member_of(self, pid: int) -> str | None:
+        """The name of the worker cgroup ``pid`` is in, or None when it is in none of ours."""
+        relative = own_cgroup(str(pid))
+        if relative is None:
+            return None
+        path = os.path.join(self.mount, relative.lstrip("/"))
+        parent, name = os.path.split(path)
+        return name if parent == self.root else None
+
+    @contextlib.contextmanager
+    def starting(self, name: str) -> Iterator[Worker]:
+        """Make the worker's cgroup and stand in it for the duration: a process started inside the
+        ``with`` is in it from its first instruction. Raises OSError when it cannot be made."""
+        w = self.worker(name)
+        try:
+            os.mkdir(w.path)
+        except FileExistsError:
+            pass  # left by a start that failed: reused
+        own = os.path.join(self.mount, (own_cgroup() or "/").lstrip("/"))
+        _move_self(w.path)
+        try:
+            yield w
+        finally:
+            try:
+                _move_self(own)
+            except OSError:
+                # Standing in a worker's cgroup, pmlmd would be frozen and killed with it.
+                log.critical("cannot move pmlmd back out of the worker cgroup %s: aborting", w.path, exc_info=True)
+                os.abort()
+
+    def workers(self) -> list[Worker]:
+        """Every worker cgroup in the subtree."""
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError:
+            return []
+        return [self.worker(name) for name in names if os.path.isdir(os.path.join(self.root, name))]
+
+    def remove(self, wait: float = 0.0) -> None:
+        """Remove the subtree's worker cgroups, each once it is empty (waiting up to ``wait``
+        seconds in all for processes that are being killed), then the subtree if it is empty."""
+        deadline = time.monotonic() + wait
+        for w in self.workers():
+            w.wait_empty(max(0.0, deadline - time.monotonic()))
+            w.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)
+
+    def describe(self) -> str:
+        return f"cgroup v2 ({self.root})"
+
+
+def _move_self(path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def choose(setting: str, name: str) -> Subtree | None:
+    """The subtree for ``setting`` (BACKENDS): ``name`` below pmlmd's own cgroup, made if needed.
+
+    "proc": None. "auto": a Subtree where it can be used, else None (the reason is logged at
+    debug level). "cgroup": a Subtree, or Unusable saying why not.
+    """
+    if setting == "proc":
+        return None
+    try:
+        return _usable(name)
+    except Unusable as e:
+        if setting == "cgroup":
+            raise
+        log.debug("workers are followed through /proc: %s", e)
+        return None
+
+
+def existing(name: str) -> Subtree | None:
+    """The subtree ``name`` below this process's cgroup if an earlier process made it, else None."""
+    mount, relative = cgroup2_mount(), own_cgroup()
+    if mount is None or relative is None:
+        return None
+    root = os.path.join(mount, relative.lstrip("/"), name)
+    return Subtree(root, mount) if os.path.isdir(root) else None
+
+
+def _usable(name: str) -> Subtree:
+    mount = cgroup2_mount()
+    if mount is None:
+        raise Unusable("no cgroup2 hierarchy is mounted")
+    relative = own_cgroup()
+    if relative is None:
+        raise Unusable("this process is in no cgroup2 cgroup")
+    parent = os.path.join(mount, relative.lstrip("/"))
+    if os.path.isdir(SYSTEMD_RUNNING) and not _delegated(parent):
+        raise Unusable(f"systemd manages the cgroup hierarchy and has not delegated {parent} (Delegate=yes)")
+    root = os.path.join(parent, name)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise Unusable(f"cannot make {root}: {e.strerror}") from None
+    for needed in ("cgroup.freeze", "cgroup.kill", "cgroup.procs"):
+        if not os.path.exists(os.path.join(root, needed)):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+            raise Unusable(f"{root} has no {needed} (Linux 5.14 or later is needed)")
+    return Subtree(root, mount)
+
+
+def subtree_name(kind: str, key: str) -> str:
+    """A subtree's name: ``kind`` (pmlmd, pmlmctl) and a short hash of ``key`` (a state directory,
+    a process id), so that daemons with different state directories never share one."""
+    return f"{kind}.{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -1,0 +1,156 @@
+"""The cgroup backend: each worker in a cgroup v2 of its own (pmlmd/cgroup.py).
+
+Against the real cgroup2 hierarchy of this host (on the hybrid test machines the unified
+hierarchy at /sys/fs/cgroup/unified, which has no controllers: membership, the freezer,
+cgroup.kill and cpu.stat need none). Where pmlmd could not own a subtree here the tests skip,
+saying why. Every process a test starts is in a cgroup the test made, and is killed with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pmlmd import cgroup
+from support import group_states, process_state, wait_for
+
+PY = sys.executable
+# A worker that leaves its process group and session, twice over, then reports every pid it made.
+ESCAPES = ('setsid sh -c "sleep 60 & echo \\$! >> $1; exec sleep 60" </dev/null >/dev/null 2>&1 & '
+           'echo $! >> "$1"; (setsid sleep 60 </dev/null >/dev/null 2>&1 & echo $! >> "$1"); exec sleep 60')
+
+
+@pytest.fixture
+def subtree():
+    try:
+        tree = cgroup.choose("cgroup", cgroup.subtree_name("pmlmt", f"{os.getpid()}-{id(object())}"))
+    except cgroup.Unusable as e:
+        pytest.skip(f"no cgroup backend here: {e}")
+    yield tree
+    for w in tree.workers():
+        w.kill()
+    tree.remove(wait=5.0)
+    assert not os.path.exists(tree.root)
+
+
+def start(tree: cgroup.Subtree, name: str, *argv: str) -> tuple[cgroup.Worker, subprocess.Popen]:
+    with tree.starting(name) as w:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
+    return w, proc
+
+
+def test_a_worker_is_in_its_cgroup_from_its_first_instruction_and_pmlmd_is_not(subtree):
+    w, proc = start(subtree, "1.0.1", "/bin/sh", "-c", "grep ^0:: /proc/self/cgroup")
+    out, _ = proc.communicate(timeout=30)
+    assert out.decode().strip() == f"0::{w.relative}"
+    assert cgroup.own_cgroup() != w.relative  # the starter stepped back out
+    assert subtree.member_of(os.getpid()) is None
+
+
+def test_nothing_leaves_the_cgroup_and_kill_ends_it_all(subtree, tmp_path):
+    pids_file = tmp_path / "pids"
+    w, proc = start(subtree, "1.1.1", "/bin/sh", "-c", ESCAPES, "sh", str(pids_file))
+    escaped = wait_for(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 3 and
+                       [int(p) for p in pids_file.read_text().split()], what="three escaped pids")
+    # Other sessions, other process groups, re-parented: all still the worker's.
+    assert {os.getsid(pid) for pid in escaped} - {proc.pid}
+    assert set(escaped) <= set(w.pids())
+    assert all(subtree.member_of(pid) == "1.1.1" for pid in escaped)
+    w.kill()
+    proc.wait(timeout=30)
+    assert w.wait_empty(10.0)
+    assert w.pids() == [] and w.remove()
+
+
+def test_freezing_stops_every_member_and_thawing_lets_them_go_on(subtree, tmp_path):
+    pids_file = tmp_path / "pids"
+    w, proc = start(subtree, "1.2.1", "/bin/sh", "-c", ESCAPES, "sh", str(pids_file))
+    escaped = wait_for(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 3 and
+                       [int(p) for p in pids_file.read_text().split()], what="three escaped pids")
+    w.freeze()
+    wait_for(lambda: w.events()["frozen"] == 1, what="frozen 1 in cgroup.events")
+    assert all(process_state(pid) == "T" for pid in escaped)  # tests' support counts frozen as stopped
+    w.thaw()
+    wait_for(lambda: w.events()["frozen"] == 0, what="frozen 0 in cgroup.events")
+    assert w.signal(signal.SIGTERM) == len(escaped) + 1  # the leader and every escaped process
+    proc.wait(timeout=30)
+    assert w.wait_empty(10.0)
+
+
+def test_cpu_time_counts_members_that_have_exited(subtree):
+    # A child burns a CPU-second's tenth and exits; the worker then sleeps.
+    burn = f"{PY} -c 'import time; t = time.process_time(); exec(\"while time.process_time() - t < 0.1: pass\")'"
+    w, proc = start(subtree, "1.3.1", "/bin/sh", "-c", f"{burn}; echo done; exec sleep 60")
+    assert proc.stdout.readline() == b"done\n"
+    assert w.cpu_usec() >= 100_000  # the exited child's 0.1 s included
+    w.kill()
+    proc.wait(timeout=30)
+
+
+def test_the_mount_is_read_from_mountinfo(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 0:21 / /sys rw - sysfs sysfs rw\n"
+                         "30 22 0:26 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    assert cgroup.cgroup2_mount(str(mountinfo)) == "/sys/fs/cgroup/unified"
+    mountinfo.write_text("22 1 0:21 / /sys rw - sysfs sysfs rw\n")
+    assert cgroup.cgroup2_mount(str(mountinfo)) is None
+
+
+def test_pmlmctl_run_refuses_a_cgroup_backend_it_cannot_have_and_names_the_way_out(monkeypatch):
+    from pmlmd import ctl
+
+    monkeypatch.setattr(cgroup, "cgroup2_mount", lambda mountinfo=None: None)  # as on a cgroup v1-only host
+    with pytest.raises(SystemExit) as e:
+        ctl.main(["run", "--worker-backend", "cgroup", "-n", "1", "--", "true"])
+    assert e.value.code == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes cgroups")
+def test_a_restarted_daemon_freezes_and_ends_the_workers_the_one_before_started(daemon_factory, subtree, tmp_path):
+    subtree.remove()
+    config = '[daemon]\nworker_backend = "cgroup"\n[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\n' \
+             'min_free = 0\n'
+    daemon = daemon_factory(config).start()
+    pids_file = tmp_path / "pids"
+    batch = daemon.ctl("submit", "--term-grace", "1", "--", "/bin/sh", "-c", ESCAPES, "sh",
+                       str(pids_file)).stdout.strip()
+    escaped = wait_for(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 3 and
+                       [int(p) for p in pids_file.read_text().split()], what="three escaped pids")
+    status = daemon.ctl("status").stdout
+    assert "workers: a cgroup each, cgroup v2 (" in status, status
+    # The governor's or a user's pause, then pmlmd stops: nothing may stay frozen while none runs.
+    assert daemon.ctl("pause", batch).returncode == 0
+    wait_for(lambda: all(process_state(pid) == "T" for pid in escaped), what="the worker's processes frozen")
+    assert daemon.stop() == 0
+    assert all(process_state(pid) != "T" for pid in escaped)
+    daemon.start()
+    assert daemon.ctl("pause", batch).returncode == 0
+    wait_for(lambda: all(process_state(pid) == "T" for pid in escaped), what="frozen again by the new pmlmd")
+    assert daemon.ctl("cancel", batch).returncode == 0
+    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["state"] == "cancelled",
+             what="the batch cancelled")
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in escaped), what="every process ended")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes cgroups")
+def test_release_workers_thaws_what_a_killed_daemon_left_frozen(daemon_factory, subtree, tmp_path):
+    subtree.remove()
+    daemon = daemon_factory('[daemon]\nworker_backend = "cgroup"\n').start()
+    batch = daemon.ctl("submit", "--", "sleep", "60").stdout.strip()
+    wait_for(lambda: len(daemon.worker_pids()) == 1, what="the worker recorded")
+    (pid, _), = daemon.worker_pids()
+    assert daemon.ctl("pause", batch).returncode == 0
+    wait_for(lambda: group_states(pid) == "T", what="the worker frozen")
+    daemon.stop(signal.SIGKILL)  # a crash: nobody thawed it
+    assert group_states(pid) == "T"
+    result = subprocess.run([PY, "-m", "pmlmd", "--release-workers", "--config", str(daemon.config_path),
+                             "--state-dir", daemon.state_dir, "--log-target", "console"],
+                            capture_output=True, text=True, timeout=30, cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr
+    assert group_states(pid) == "S"
