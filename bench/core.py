@@ -119,6 +119,15 @@ def count_named(pid: int, name: str) -> int:
     return n
 
 
+def discard_cgroups(kind: str, key: str) -> None:
+    """Kill what is left in the worker cgroups of a pmlmd or pmlmctl run that was killed, and remove them."""
+    from pmlmd import cgroup
+
+    subtree = cgroup.existing(cgroup.subtree_name(kind, key))
+    if subtree is not None:
+        subtree.discard()
+
+
 class Tree:
     """A started process whose whole tree is killed on exit (with SIGCONT, so nothing stays stopped)."""
 
@@ -165,6 +174,7 @@ class Tree:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        discard_cgroups("pmlmctl", str(self.pid))  # a pmlmctl run's workers' cgroups (cgroup backend)
 
     def __enter__(self):
         return self
@@ -230,6 +240,7 @@ class Daemon:
         except Exception:
             pass
         self.tree.kill()
+        discard_cgroups("pmlmd", os.path.realpath(self.base / "state"))
         self.log.close()
 
     def __enter__(self):

@@ -263,6 +263,27 @@ class Subtree:
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
 
+    def discard(self, wait: float = 5.0) -> None:
+        """Kill whatever is left in every worker cgroup and remove the subtree (a harness's teardown)."""
+        for w in self.workers():
+            with contextlib.suppress(OSError):
+                w.kill()
+        self.remove(wait=wait)
+
+    def remove_stale_siblings(self, kind: str) -> None:
+        """Remove what ``kind``.PID subtrees beside this one left behind whose process has gone (a
+        ``pmlmctl run`` that was killed): their empty worker cgroups, and each such subtree once empty.
+        A worker still running in one keeps its cgroup."""
+        parent = os.path.dirname(self.root)
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            return
+        for name in names:
+            prefix, _, pid = name.partition(".")
+            if prefix == kind and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                Subtree(os.path.join(parent, name), self.mount).remove()
+
     def describe(self) -> str:
         return f"cgroup v2 ({self.root})"
 
@@ -322,6 +343,7 @@ def _usable(name: str) -> Subtree:
 
 
 def subtree_name(kind: str, key: str) -> str:
-    """A subtree's name: ``kind`` (pmlmd, pmlmctl) and a short hash of ``key`` (a state directory,
-    a process id), so that daemons with different state directories never share one."""
-    return f"{kind}.{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    """A subtree's name: ``kind`` (pmlmd, pmlmctl) and ``key``: a process id as it is, anything else
+    (a state directory) as a short hash, so that daemons with different state directories never
+    share one and a run's subtree says whose it was."""
+    return f"{kind}.{key if key.isdigit() else hashlib.sha256(key.encode()).hexdigest()[:12]}"

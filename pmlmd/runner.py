@@ -50,6 +50,8 @@ class Runner:
         self.pipes = Pipes(self.loop, sinks_for) if sinks_for is not None else None
         # A subtree of its own for its workers' cgroups, removed on the way out (Engine.abandon).
         self.cgroups = cgroup.choose(worker_backend, cgroup.subtree_name("pmlmctl", str(os.getpid())))
+        if self.cgroups is not None:
+            self.cgroups.remove_stale_siblings("pmlmctl")  # what runs killed with SIGKILL left
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._on_event,
                              subreaper=True, output=self.pipes, cgroups=self.cgroups)
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))

@@ -126,14 +126,8 @@ def remove_cgroups(kind: str, key: str) -> None:
     from pmlmd import cgroup
 
     subtree = cgroup.existing(cgroup.subtree_name(kind, key))
-    if subtree is None:
-        return
-    for w in subtree.workers():
-        try:
-            w.kill()
-        except OSError:
-            pass
-    subtree.remove(wait=5.0)
+    if subtree is not None:
+        subtree.discard()
 
 
 class MemorySampler:

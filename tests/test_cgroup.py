@@ -33,9 +33,7 @@ def subtree():
     except cgroup.Unusable as e:
         pytest.skip(f"no cgroup backend here: {e}")
     yield tree
-    for w in tree.workers():
-        w.kill()
-    tree.remove(wait=5.0)
+    tree.discard()
     assert not os.path.exists(tree.root)
 
 
@@ -154,3 +152,20 @@ def test_release_workers_thaws_what_a_killed_daemon_left_frozen(daemon_factory, 
                             capture_output=True, text=True, timeout=30, cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stderr
     assert group_states(pid) == "S"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes cgroups")
+def test_a_run_removes_what_a_killed_run_left_in_the_cgroup_tree(pmlm, subtree):
+    subtree.remove()
+    killed = pmlm("--worker-backend", "cgroup", "--", "sleep", "60")
+    (start,) = wait_for(lambda: killed.started_workers(), what="the worker started")
+    left = cgroup.existing(cgroup.subtree_name("pmlmctl", str(killed.proc.pid)))
+    assert left is not None and [w.pids() for w in left.workers()] == [[start["pid"]]]
+    killed.proc.kill()  # SIGKILL: pmlmctl cannot clean up; its worker runs on, unsupervised
+    killed.proc.wait()
+    os.kill(start["pid"], signal.SIGKILL)
+    wait_for(lambda: all(w.events()["populated"] == 0 for w in left.workers()), what="the worker gone")
+    assert os.path.isdir(left.root)
+    after = pmlm("--worker-backend", "cgroup", "--", "true")
+    assert after.wait(timeout=60) == 0, after.stderr
+    assert not os.path.exists(left.root)
