@@ -284,6 +284,10 @@ class Subtree:
             if prefix == kind and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 Subtree(os.path.join(parent, name), self.mount).remove()
 
+    def cpu_usec(self) -> int | None:
+        """CPU time of every worker cgroup below, in microseconds (the subtree's cpu.stat)."""
+        return Worker(self.root, "").cpu_usec()
+
     def describe(self) -> str:
         return f"cgroup v2 ({self.root})"
 

@@ -255,6 +255,7 @@ class Engine:
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
         self.cgroups = cgroups
+        self.subtree_usec: int | None = None  # the cgroups subtree's CPU time at the last refresh
         # pgid or cgroup.Worker -> when to SIGKILL what an ended worker left of its group or cgroup
         self.stragglers: dict[int | cgroups_module.Worker, float] = {}
         self.strays: dict[int, Stray] = {}  # pid -> a process that left its ended worker's group
@@ -485,7 +486,7 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
-        usage = self._cgroup_usage()
+        usage: dict[int, GroupUsage | None] = self._cgroup_usage()
         if len(usage) == len(self.workers):
             pass  # every worker in a cgroup of its own
         elif self.walk_trees:
@@ -499,37 +500,53 @@ class Engine:
             usage.update((pgid, u) for pgid, u in group_usage(stats.values(), set(self.workers)).items()
                          if self.workers[pgid].cgroup is None)
         for pgid, w in self.workers.items():
-            u = usage.get(pgid)
-            if u is None:
+            if pgid not in usage:
                 continue
-            memory = self._memory(w, u)
+            u = usage[pgid]
+            # None: a cgroup that used no CPU since its last reading, so it cannot have grown either.
+            memory, ticks = (w.rss, w.ticks) if u is None else (self._memory(w, u), u.cpu_ticks)
             if w.ticks is not None and w.measured_at is not None and now > w.measured_at:
                 elapsed = now - w.measured_at
-                w.cpu = 100.0 * (u.cpu_ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
+                w.cpu = 100.0 * (ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
                 w.rss_growth = (memory - w.rss) / elapsed
             previous_measurement = w.measured_at
-            w.ticks, w.rss, w.measured_at = u.cpu_ticks, memory, now
+            w.ticks, w.rss, w.measured_at = ticks, memory, now
             w.peak_rss = max(w.peak_rss, memory)
             if (w.verify_pause_from is not None and previous_measurement is not None
                     and previous_measurement >= w.verify_pause_from):
                 self._verify_agent_pause(w)
         self.last_refresh = now
 
-    def _cgroup_usage(self) -> dict[int, GroupUsage]:
+    def _cgroup_usage(self) -> dict[int, GroupUsage | None]:
         """What each worker in a cgroup of its own uses: its members (cgroup.procs), with the CPU
-        time the kernel counted for the cgroup, which includes members that have exited."""
-        usage = {}
-        for pgid, w in self.workers.items():
-            if w.cgroup is None:
+        time the kernel counted for the cgroup, which includes members that have exited.
+
+        None for a worker whose cgroup used no CPU since it was last read: a process cannot
+        fault in a page, fork or exit without CPU time, so its memory and members are as they
+        were, and are not read again. The subtree's own cpu.stat counts every worker's CPU
+        time, so when it has not moved no worker's cgroup is read at all (idle workers cost
+        one read per refresh, whatever their number)."""
+        usage: dict[int, GroupUsage | None] = {}
+        contained = [(pgid, w) for pgid, w in self.workers.items() if w.cgroup is not None]
+        if not contained:
+            return usage
+        total = self.cgroups.cpu_usec()
+        all_still = total is not None and total == self.subtree_usec
+        self.subtree_usec = total
+        for pgid, w in contained:
+            if w.ticks is not None and all_still:
+                usage[pgid] = None
+                continue
+            usec = w.cgroup.cpu_usec()
+            ticks = usec * CLOCK_TICKS / 1_000_000 if usec is not None else None
+            if ticks is not None and ticks == w.ticks:
+                usage[pgid] = None
                 continue
             stats = [st for st in map(self.proc.pid_stat, w.cgroup.pids()) if st is not None]
             if not stats:
                 continue
             u = usage_of(stats)
-            usec = w.cgroup.cpu_usec()
-            if usec is not None:
-                u = dataclasses.replace(u, cpu_ticks=usec * CLOCK_TICKS // 1_000_000)
-            usage[pgid] = u
+            usage[pgid] = u if ticks is None else dataclasses.replace(u, cpu_ticks=ticks)
         return usage
 
     def _tree_usage(self) -> dict[int, GroupUsage]:

@@ -169,3 +169,55 @@ def test_a_run_removes_what_a_killed_run_left_in_the_cgroup_tree(pmlm, subtree):
     after = pmlm("--worker-backend", "cgroup", "--", "true")
     assert after.wait(timeout=60) == 0, after.stderr
     assert not os.path.exists(left.root)
+
+
+def test_idle_workers_cgroups_are_not_read_and_a_busy_one_is(subtree):
+    """A refresh reads the subtree's cpu.stat; only when it moved, each worker's, and only a worker
+    that used CPU has its members read. Idle workers keep what they last measured, CPU 0."""
+    import time
+
+    from pmlmd.batch import Batch, BatchSpec
+    from pmlmd.engine import BatchRun, Engine, Loop
+    from pmlmd.governor import Limits
+    from pmlmd.sampler import CLOCK_TICKS
+    from test_refresh import CountingProc
+
+    proc = CountingProc()
+    loop = Loop()
+    engine = Engine(Limits(), loop, proc=proc, cgroups=subtree)
+    # Task 0 sleeps; task 1 waits for a line on a FIFO, then burns a CPU for a moment and sleeps.
+    fifo = os.path.join(tempfile.mkdtemp(prefix="pmlmt-"), "go")
+    os.mkfifo(fifo)
+    burn = f"{PY} -c 'import time; t = time.process_time(); exec(\"while time.process_time() - t < 0.2: pass\")'"
+    command = ["sh", "-c", f'if [ "$PMLM_TASK_INDEX" = 1 ]; then read _ < {fifo}; {burn}; fi; exec sleep 30']
+    spec = BatchSpec(batch_id="c", command=command, tasks=[None, None], limits=Limits())
+    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+    try:
+        def both_measured():
+            loop.poll(0.05)
+            engine.tick()
+            return len(engine.workers) == 2 and all(w.measured_at is not None for w in engine.workers.values())
+
+        wait_for(both_measured, timeout=30, what="two workers measured")
+        engine._refresh_workers(time.monotonic())  # both idle now: what they started with is counted
+        sleeper, waiter = sorted(engine.workers.values(), key=lambda w: w.task.index)
+        before = {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()}
+        proc.read.clear()
+        engine._refresh_workers(time.monotonic())
+        assert proc.read == set()  # nothing moved in the subtree: no worker was read
+        assert {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()} == before
+        assert sleeper.cpu == 0.0 and waiter.cpu == 0.0
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        wait_for(lambda: waiter.cgroup.cpu_usec() * CLOCK_TICKS / 1e6 >= before[1][1] + 0.2 * CLOCK_TICKS,
+                 what="the burn")
+        proc.read.clear()
+        engine._refresh_workers(time.monotonic())
+        assert set(waiter.cgroup.pids()) <= proc.read and not set(sleeper.cgroup.pids()) & proc.read
+        assert waiter.cpu > 0 and sleeper.cpu == 0.0
+    finally:
+        engine.cancel(run, "the test ends")
+        engine.abandon()
+        loop.close()
+        os.unlink(fifo)
+        os.rmdir(os.path.dirname(fifo))
