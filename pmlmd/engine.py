@@ -39,6 +39,9 @@ from .workdir import DirectoryError
 
 log = logging.getLogger("pmlmd.engine")
 
+# A step starts workers for at most this many seconds, then lets the loop serve its sockets (a
+# status, a pause, an ack) and goes on in the next step: admitting 1,000 workers is not one stall.
+SPAWN_BUDGET = 0.02
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
@@ -268,6 +271,7 @@ class Engine:
         self.last_sample: NodeSample | None = None
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
+        self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
         self.last_refresh = float("-inf")
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
@@ -420,6 +424,8 @@ class Engine:
             interval = next_interval(None, sample, window, watching=watching)
         self.last_sample = sample
         self.next_sample_at = sample.time + interval
+        if self.spawn_cut:  # admission goes on at once, after the loop has looked at its sockets
+            self.spawn_cut, self.next_sample_at = False, sample.time
 
     def _admission_order(self) -> list[BatchRun]:
         runs = [r for r in self.runs.values()
@@ -620,6 +626,12 @@ class Engine:
             if run is not None:
                 for _ in range(min(d.count, self._spawn_room())):
                     if not run.batch.queue or time.monotonic() < self.spawn_blocked_until:
+                        break
+                    if spawned and time.monotonic() - sample.time > SPAWN_BUDGET:
+                        # The rest after the loop has served what waits (see step): admitted again then.
+                        self.spawn_cut = True
+                        d = dataclasses.replace(d, count=spawned, reason=f"{d.reason}; {spawned} started in this "
+                                                f"turn's {SPAWN_BUDGET * 1000:.0f} ms, more at the next")
                         break
                     self._spawn(run, run.batch.next_task())
                     spawned += 1

@@ -87,3 +87,33 @@ def test_an_idle_engine_takes_no_samples_and_sets_no_deadline():
     finally:
         engine.abandon()
         loop.close()
+
+
+def test_a_step_stops_starting_workers_when_its_time_is_up_and_the_next_goes_on_at_once(monkeypatch):
+    """Admitting many workers is spread over loop turns, so requests are served in between: with no
+    time at all per step, each step starts one worker and makes the next step due at once."""
+    from pmlmd import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SPAWN_BUDGET", 0.0)
+    loop = Loop()
+    events = []
+    engine = Engine(Limits(cpu_limit=100, max_workers=8), loop, on_event=events.append)
+    spec = BatchSpec(batch_id="b", command=["sleep", "30"], tasks=[None] * 8, limits=engine.limits)
+    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+    try:
+        started_per_step, cuts = [], 0
+        while len(engine.workers) < 8:
+            before, seen = len(engine.workers), len(events)
+            engine.step()
+            started_per_step.append(len(engine.workers) - before)
+            cut = [e for e in events[seen:] if e.get("decision") == "spawn" and "more at the next" in e["reason"]]
+            if cut:  # admitted more than it started: the next step is due at once
+                cuts += 1
+                assert cut[0]["count"] == 1 and engine.next_sample_at == engine.last_sample.time
+            assert len(started_per_step) < 100, started_per_step
+        assert set(started_per_step) <= {0, 1} and sum(started_per_step) == 8
+        assert cuts  # the ramp admitted 2, 4, ... at once: each time only one started per step
+    finally:
+        engine.cancel(run, "the test ends")
+        engine.abandon()
+        loop.close()
