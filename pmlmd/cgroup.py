@@ -39,6 +39,7 @@ BACKENDS = ("auto", "cgroup", "proc")  # the worker_backend setting: cgroup v2 w
 MOUNTINFO = "/proc/self/mountinfo"
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists when systemd is PID 1 (sd_booted(3))
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # set by systemd on a unit with Delegate=yes
+WARN_EVERY = 60.0  # seconds between two warnings that workers start outside their cgroups
 
 
 class Unusable(Exception):
@@ -202,6 +203,7 @@ class Subtree:
     def __init__(self, root: str, mount: str):
         self.root = root
         self.mount = mount
+        self.warn_at = 0.0  # monotonic: when a failure to make a worker's cgroup may be logged again
 
     def __repr__(self) -> str:
         return f"cgroup.Subtree({self.root!r})"
@@ -225,16 +227,29 @@ class Subtree:
         return name if parent == self.root else None
 
     @contextlib.contextmanager
-    def starting(self, name: str) -> Iterator[Worker]:
+    def starting(self, name: str) -> Iterator[Worker | None]:
         """Make the worker's cgroup and stand in it for the duration: a process started inside the
-        ``with`` is in it from its first instruction. Raises OSError when it cannot be made."""
+        ``with`` is in it from its first instruction. Where the cgroup cannot be made or entered
+        (cgroup.max.descendants reached, the hierarchy changed under pmlmd) this yields None, having
+        logged why: the worker then starts outside, followed through its process group."""
         w = self.worker(name)
         try:
             os.mkdir(w.path)
         except FileExistsError:
             pass  # left by a start that failed: reused
+        except OSError as e:
+            self._cannot(w, e)
+            yield None
+            return
         own = os.path.join(self.mount, (own_cgroup() or "/").lstrip("/"))
-        _move_self(w.path)
+        try:
+            _move_self(w.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.rmdir(w.path)
+            self._cannot(w, e)
+            yield None
+            return
         try:
             yield w
         finally:
@@ -244,6 +259,13 @@ class Subtree:
                 # Standing in a worker's cgroup, pmlmd would be frozen and killed with it.
                 log.critical("cannot move pmlmd back out of the worker cgroup %s: aborting", w.path, exc_info=True)
                 os.abort()
+
+    def _cannot(self, w: Worker, e: OSError) -> None:
+        now = time.monotonic()
+        if now >= self.warn_at:  # once per WARN_EVERY: a full hierarchy would refuse every start
+            self.warn_at = now + WARN_EVERY
+            log.warning("cannot start a worker in the cgroup %s (%s): it runs outside, followed through its "
+                        "process group", w.path, e.strerror)
 
     def workers(self) -> list[Worker]:
         """Every worker cgroup in the subtree."""

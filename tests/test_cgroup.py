@@ -221,3 +221,36 @@ def test_idle_workers_cgroups_are_not_read_and_a_busy_one_is(subtree):
         loop.close()
         os.unlink(fifo)
         os.rmdir(os.path.dirname(fifo))
+
+
+def test_a_worker_whose_cgroup_cannot_be_made_runs_outside_and_is_still_ended(subtree, caplog):
+    import time
+
+    from pmlmd.batch import Batch, BatchSpec
+    from pmlmd.engine import BatchRun, Engine, Loop
+    from pmlmd.governor import Limits
+
+    with open(os.path.join(subtree.root, "cgroup.max.descendants"), "w") as f:
+        f.write("1")  # room for one worker's cgroup: the second mkdir fails (EAGAIN)
+    loop = Loop()
+    engine = Engine(Limits(cpu_limit=100), loop, cgroups=subtree)
+    spec = BatchSpec(batch_id="m", command=["sleep", "30"], tasks=[None, None], limits=Limits(cpu_limit=100))
+    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+    try:
+        def both_started():
+            loop.poll(0.05)
+            engine.tick()
+            return len(engine.workers) == 2
+
+        wait_for(both_started, timeout=30, what="both workers started")
+        inside, outside = sorted(engine.workers.values(), key=lambda w: w.cgroup is None)
+        assert inside.cgroup is not None and inside.cgroup.pids() == [inside.child.pid]
+        assert outside.cgroup is None and subtree.member_of(outside.child.pid) is None
+        assert "it runs outside, followed through its process group" in caplog.text
+        engine.cancel(run, "the test ends")
+        wait_for(lambda: (loop.poll(0.05), engine.tick(), not engine.workers)[-1], timeout=30,
+                 what="both workers ended by the cancel")
+        assert [t.status for t in run.batch.tasks] == ["cancelled", "cancelled"]
+    finally:
+        engine.abandon()
+        loop.close()
