@@ -305,7 +305,7 @@ def mem_trial(tmp: Path, variant: dict, rate: float, headroom: int, trial: int) 
             probe.wait()
     r = json.loads(Path(out).read_text())
     reaction = min([t for t in (r["stop"], r["term"]) if t is not None], default=None)
-    how = None if reaction is None else ("stopped (T)" if reaction == r["stop"] else "SIGTERM")
+    how = None if reaction is None else ("stopped (T or frozen)" if reaction == r["stop"] else "SIGTERM")
     latency = (reaction - r["cross"]) * 1000 if reaction is not None and r["cross"] is not None else None
     wait_memory_back(kind, start_value - 50 * MIB)
     return {"latency_ms": latency, "how": how, "crossed": r["cross"] is not None, "reacted": reaction is not None}

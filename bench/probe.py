@@ -6,13 +6,29 @@
 metric "available" is MemAvailable (what pmlmd uses by default); "parallel" is what GNU parallel
 computes: MemFree + Buffers + Cached + SwapCached. Times are time.monotonic() (CLOCK_MONOTONIC).
 Writes JSON: cross (first sample below the threshold), stop (first sample seeing the watched pid
-in state T), term (the hog's SIGTERM-handler time), below_s (time spent below the threshold),
+in state T, or its cgroup v2 frozen: cgroup.events "frozen 1", as pmlmd's cgroup backend pauses), term (the hog's SIGTERM-handler time), below_s (time spent below the threshold),
 breaches (how often it went below), lowest (lowest value seen), samples.
 """
 import argparse
 import json
 import os
 import time
+
+
+def open_cgroup_events(pid: int) -> int | None:
+    """The cgroup.events of the pid's own cgroup v2 (not the root), or None."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        relative = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
+    if relative == "/":
+        return None
+    with open("/proc/self/mountinfo") as f:
+        mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
+    if mount is None:
+        return None
+    try:
+        return os.open(os.path.join(mount, relative.lstrip("/"), "cgroup.events"), os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def main() -> None:
@@ -30,7 +46,7 @@ def main() -> None:
     keys = (b"MemAvailable:",) if a.metric == "available" else (b"MemFree:", b"Buffers:", b"Cached:", b"SwapCached:")
     fd = os.open("/proc/meminfo", os.O_RDONLY)
     pid = None
-    stat_fd = None
+    stat_fd = events_fd = None
     cross = stop = term = None
     below_s = 0.0
     breaches = 0
@@ -61,12 +77,15 @@ def main() -> None:
             try:
                 pid = int(open(a.pidfile).read())
                 stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+                events_fd = open_cgroup_events(pid)
             except (ValueError, OSError):
                 pid = None
         if stat_fd is not None and stop is None:
             try:
                 s = os.pread(stat_fd, 512, 0)
                 if s and s[s.rindex(b")") + 2:s.rindex(b")") + 3] in (b"T", b"t"):
+                    stop = now
+                elif events_fd is not None and b"frozen 1" in os.pread(events_fd, 256, 0):
                     stop = now
             except (OSError, ValueError):
                 stat_fd = None
