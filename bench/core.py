@@ -294,8 +294,11 @@ def mem_trial(tmp: Path, variant: dict, rate: float, headroom: int, trial: int) 
                    "--memfree-limit", pct_of_total(action - gap), "--memory-gap", str(gap), "--min-free", "100M",
                    "--term-grace", "5", "--trace", str(d / "trace.jsonl"), "--", *hog]
         else:
-            # --memsuspend X suspends when parallel's free memory < 2X
-            cmd = ["parallel", "--memsuspend", str(action // 2), "-j", "1", "-N0", " ".join(hog), ":::", "1"]
+            # GNU parallel at its best (its source, suspend_young_if_not_enough_mem): below 2X free it
+            # stops every job and continues the oldest n+1 of them, n = int(1/(2 - free/X)); its only
+            # job is always continued, so a second, older job (a sleep) goes first, and the hog is held
+            # stopped once free < X: X is the level this trial sets.
+            cmd = ["parallel", "--memsuspend", str(action), "-j", "2", ":::", "sleep 60", " ".join(hog)]
         with Tree(cmd) as tree:
             probe.wait(timeout=60)
             tree.remember()
@@ -308,7 +311,8 @@ def mem_trial(tmp: Path, variant: dict, rate: float, headroom: int, trial: int) 
     how = None if reaction is None else ("stopped (T or frozen)" if reaction == r["stop"] else "SIGTERM")
     latency = (reaction - r["cross"]) * 1000 if reaction is not None and r["cross"] is not None else None
     wait_memory_back(kind, start_value - 50 * MIB)
-    return {"latency_ms": latency, "how": how, "crossed": r["cross"] is not None, "reacted": reaction is not None}
+    return {"latency_ms": latency, "how": how, "crossed": r["cross"] is not None, "reacted": reaction is not None,
+            "undone": r.get("undone", 0)}
 
 
 def scenario_memory(ctx) -> dict:
@@ -323,7 +327,7 @@ def scenario_memory(ctx) -> dict:
          "interval": 0.05, "gap": 200 * MIB, "metric": "available"},
         {"name": "pmlmd-term", "tool": "pmlmd", "label": "pmlmctl run, interval 0.5 s, --memory-gap 0: SIGTERM at L",
          "interval": 0.5, "gap": 0, "metric": "available"},
-        {"name": "parallel", "tool": "parallel", "label": "GNU parallel --memsuspend X: suspend at 2X",
+        {"name": "parallel", "tool": "parallel", "label": "GNU parallel --memsuspend X -j 2 (a sleep, then the hog)",
          "metric": "parallel"},
     ]
     raw = {}

@@ -6,13 +6,20 @@
 metric "available" is MemAvailable (what pmlmd uses by default); "parallel" is what GNU parallel
 computes: MemFree + Buffers + Cached + SwapCached. Times are time.monotonic() (CLOCK_MONOTONIC).
 Writes JSON: cross (first sample below the threshold), stop (first sample seeing the watched pid
-in state T, or its cgroup v2 frozen: cgroup.events "frozen 1", as pmlmd's cgroup backend pauses), term (the hog's SIGTERM-handler time), below_s (time spent below the threshold),
+in state T, or its cgroup v2 frozen: cgroup.events "frozen 1", as pmlmd's cgroup backend pauses, and
+not continued while memory still falls: a stop is containment only if, within HOLD seconds after it,
+the pid is not seen running again with the figure more than SLACK below its value at the stop; GNU
+parallel's --memsuspend stops every job and at once continues those it keeps running, a blink that
+is not scored), term (the hog's SIGTERM-handler time), below_s (time spent below the threshold),
 breaches (how often it went below), lowest (lowest value seen), samples.
 """
 import argparse
 import json
 import os
 import time
+
+HOLD = 0.3  # seconds a stop is watched before it counts (with --until-reaction)
+SLACK = 16 << 20  # bytes the figure may fall after a stop that was undone, and it still counts
 
 
 def open_cgroup_events(pid: int) -> int | None:
@@ -48,6 +55,8 @@ def main() -> None:
     pid = None
     stat_fd = events_fd = None
     cross = stop = term = None
+    at_stop = None  # the figure when the stop was seen
+    undone = 0  # stops seen and then undone while memory kept falling
     below_s = 0.0
     breaches = 0
     lowest = None
@@ -80,13 +89,15 @@ def main() -> None:
                 events_fd = open_cgroup_events(pid)
             except (ValueError, OSError):
                 pid = None
-        if stat_fd is not None and stop is None:
+        if stat_fd is not None:
             try:
                 s = os.pread(stat_fd, 512, 0)
-                if s and s[s.rindex(b")") + 2:s.rindex(b")") + 3] in (b"T", b"t"):
-                    stop = now
-                elif events_fd is not None and b"frozen 1" in os.pread(events_fd, 256, 0):
-                    stop = now
+                stopped = bool(s) and (s[s.rindex(b")") + 2:s.rindex(b")") + 3] in (b"T", b"t") or (
+                    events_fd is not None and b"frozen 1" in os.pread(events_fd, 256, 0)))
+                if stop is None and stopped:
+                    stop, at_stop = now, value
+                elif stop is not None and not stopped and now - stop < HOLD and value < at_stop - SLACK:
+                    stop, at_stop, undone = None, None, undone + 1  # continued while still growing
             except (OSError, ValueError):
                 stat_fd = None
         if term is None and a.termfile and os.path.exists(a.termfile):
@@ -94,14 +105,15 @@ def main() -> None:
                 term = float(open(a.termfile).read())
             except (ValueError, OSError):
                 pass
-        if a.until_reaction and (stop is not None or term is not None):
+        if a.until_reaction and ((stop is not None and now - stop >= HOLD) or term is not None):
             break
         if now > deadline or (a.stopfile and os.path.exists(a.stopfile)):
             break
         time.sleep(a.period)
     with open(a.out, "w") as f:
         json.dump({"cross": cross, "stop": stop, "term": term, "below_s": below_s, "breaches": breaches,
-                   "lowest": lowest, "samples": samples, "threshold": a.threshold, "metric": a.metric}, f)
+                   "lowest": lowest, "samples": samples, "threshold": a.threshold, "metric": a.metric,
+                   "undone": undone}, f)
 
 
 if __name__ == "__main__":
