@@ -236,7 +236,10 @@ class Subtree:
         try:
             os.mkdir(w.path)
         except FileExistsError:
-            pass  # left by a start that failed: reused
+            # Left by a start that failed, or an attempt the state lost: reused, but never frozen,
+            # or pmlmd would freeze itself stepping in. What is left in it goes with the new worker.
+            with contextlib.suppress(OSError):
+                w.thaw()
         except OSError as e:
             self._cannot(w, e)
             yield None
@@ -295,7 +298,8 @@ class Subtree:
     def remove_stale_siblings(self, kind: str) -> None:
         """Remove what ``kind``.PID subtrees beside this one left behind whose process has gone (a
         ``pmlmctl run`` that was killed): their empty worker cgroups, and each such subtree once empty.
-        A worker still running in one keeps its cgroup."""
+        A worker still running in one keeps its cgroup, thawed: nothing stays frozen that nobody
+        governs."""
         parent = os.path.dirname(self.root)
         try:
             names = os.listdir(parent)
@@ -304,7 +308,11 @@ class Subtree:
         for name in names:
             prefix, _, pid = name.partition(".")
             if prefix == kind and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                Subtree(os.path.join(parent, name), self.mount).remove()
+                stale = Subtree(os.path.join(parent, name), self.mount)
+                for w in stale.workers():
+                    with contextlib.suppress(OSError):
+                        w.thaw()
+                stale.remove()
 
     def cpu_usec(self) -> int | None:
         """CPU time of every worker cgroup below, in microseconds (the subtree's cpu.stat)."""

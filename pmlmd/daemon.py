@@ -182,8 +182,27 @@ def current_credentials(submitted: procctl.Credentials) -> procctl.Credentials:
     return procctl.Credentials(submitted.uid, gid, tuple(sorted(groups)))
 
 
+def keep_descriptors_from_workers() -> None:
+    """Mark every descriptor pmlmd was started with, but 0-2, close-on-exec.
+
+    Workers are started with posix_spawn, which closes only those: without this a worker would
+    inherit what pmlmd inherited, the control socket systemd passes in (LISTEN_FDS) first of all,
+    on which it could accept other users' requests."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = range(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # closed meanwhile (the directory's own descriptor)
+
+
 class Daemon:
     def __init__(self, config_path: str | None, overrides: dict):
+        keep_descriptors_from_workers()
         self.config_path = config_path
         self.overrides = overrides
         self.config = load_config(config_path, overrides)
@@ -477,6 +496,7 @@ class Daemon:
             except Exception as e:  # a value the checks let through: still this batch's problem only
                 self._withdraw(run)
                 self._unrestorable(stored, e)
+        self.engine.end_leftovers()
 
     def _unrestorable(self, stored: StoredBatch, error: Exception) -> None:
         """Mark a batch that cannot be restored failed, with the reason, and end its workers.
@@ -1450,7 +1470,10 @@ def release_workers(config: Config) -> int:
     in_scopes = known = 0
     subtree = cgroup.existing(cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir)))
     for w in subtree.workers() if subtree is not None else []:
-        w.thaw()
+        try:
+            w.thaw()
+        except OSError as e:  # gone meanwhile, or not ours to write: the others are released all the same
+            log.warning("cannot thaw %s: %s", w.path, e.strerror)
         for sig in signals:
             w.signal(sig)
     for batch_id in backend.scopes():

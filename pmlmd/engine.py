@@ -242,8 +242,9 @@ class Engine:
         process becomes its workers' descendants' reaper (pmlmctl run, pmlmd; not a test).
         With ``cgroups`` (the cgroup backend, see cgroup) each worker runs in a cgroup of its own
         below it: the kernel says which processes are the worker's, freezes them all to pause it
-        and kills them all to end it; there is no process tree to walk and nothing to reap
-        but the workers themselves, so pmlmd does not become a subreaper then."""
+        and kills them all to end it, with no process tree to walk; processes re-parented to the
+        subreaper from such a cgroup are only reaped. A worker that could not get a cgroup (or an
+        adopted one started without) is followed as without ``cgroups``."""
         self.limits = limits
         self.scopes = scopes or NoScopes()
         self.agent = None  # AgentChannels, for batches in agent mode
@@ -265,13 +266,14 @@ class Engine:
         self.spawn_blocked_until = 0.0  # monotonic: no spawn before, after one failed for want of a resource
         self.resource_log_at = 0.0  # monotonic: when a shortage may be logged again
         # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
-        self.subreaper = subreaper and cgroups is None and lineage.become_subreaper()
+        self.subreaper = subreaper and lineage.become_subreaper()
         # Workers' trees from /proc/PID/task/TID/children: O(workers' processes) per refresh.
         self.walk_trees = self.proc.has_children_lists()
         self.last_sample: NodeSample | None = None
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
+        self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
         self.last_refresh = float("-inf")
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
@@ -319,6 +321,24 @@ class Engine:
         """A restored queue batch: terminate the workers adopted from the pmlmd before, whose
         messages the broker has given out again; their tasks end returned."""
         self._stop_workers(run, reason, CAUSE_DAEMON_RESTART)
+
+    def end_leftovers(self) -> None:
+        """After adoption: the worker cgroups no adopted worker owns hold what ended workers left
+        (a pmlmd stopped within their grace) or nothing; the processes get SIGTERM now and SIGKILL
+        after STRAY_GRACE, as stragglers, and the empty cgroups are removed."""
+        if self.cgroups is None:
+            return
+        owned = {w.cgroup.path for w in self.workers.values() if w.cgroup is not None}
+        now, ended = time.monotonic(), 0
+        for cg in self.cgroups.workers():
+            if cg.path in owned or cg.remove():
+                continue
+            ended += len(cg.pids())
+            _signal_cgroup(cg, signal.SIGTERM)
+            _signal_cgroup(cg, signal.SIGCONT)  # thawed too: a frozen process cannot act on SIGTERM
+            self.stragglers[cg] = now + STRAY_GRACE
+        if ended:
+            log.warning("ending %d processes that ended workers left in their cgroups", ended)
 
     def kill_all(self, reason: str) -> None:
         for w in list(self.workers.values()):
@@ -404,6 +424,11 @@ class Engine:
         if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample)
+        if self.spawn_backlog:  # a follow-up of a step cut short: start no more than that one admitted
+            backlog, self.spawn_backlog = self.spawn_backlog, {}
+            decisions = [dataclasses.replace(d, count=min(d.count, backlog[d.batch]))
+                         if d.action == SPAWN and d.batch in backlog else d for d in decisions]
+            decisions = [d for d in decisions if d.action != SPAWN or d.count > 0]
         # Queue batches: the deliveries their running tasks hold before this step's spawns.
         holding = {run.id: _running_deliveries(run) for run in self.runs.values() if run.intake is not None}
         for decision in decisions:
@@ -494,7 +519,7 @@ class Engine:
     def _refresh_workers(self, now: float) -> None:
         usage: dict[int, GroupUsage | None] = self._cgroup_usage()
         if len(usage) == len(self.workers):
-            pass  # every worker in a cgroup of its own
+            self._adopt_orphans()  # every worker in a cgroup of its own: orphans are only reaped
         elif self.walk_trees:
             usage.update(self._tree_usage())
         else:  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN): every process of the node
@@ -628,8 +653,10 @@ class Engine:
                     if not run.batch.queue or time.monotonic() < self.spawn_blocked_until:
                         break
                     if spawned and time.monotonic() - sample.time > SPAWN_BUDGET:
-                        # The rest after the loop has served what waits (see step): admitted again then.
+                        # The rest after the loop has served what waits (see step), if the next decision
+                        # still admits them: never more than this one did (the ramp does not speed up).
                         self.spawn_cut = True
+                        self.spawn_backlog[run.id] = d.count - spawned
                         d = dataclasses.replace(d, count=spawned, reason=f"{d.reason}; {spawned} started in this "
                                                 f"turn's {SPAWN_BUDGET * 1000:.0f} ms, more at the next")
                         break
@@ -728,6 +755,8 @@ class Engine:
             if stat.state == "Z":
                 _reap_if_ours(pid)  # an orphan that ended before anyone looked
                 continue
+            if self.cgroups is not None and self.cgroups.member_of(pid) is not None:
+                continue  # its worker's cgroup holds it: it is paused, counted and ended with it
             pidfd = procctl.open_pidfd(pid, stat.start_ticks, self.proc)
             if pidfd is None:
                 continue
@@ -1342,7 +1371,10 @@ def _signal_cgroup(cgroup: cgroups_module.Worker, sig: int) -> None:
         else:
             cgroup.signal(sig)
     except FileNotFoundError:
-        pass
+        pass  # gone with its last process
+    except OSError as e:
+        log.warning("cannot %s the worker cgroup %s: %s", {signal.SIGSTOP: "freeze", signal.SIGCONT: "thaw",
+                    signal.SIGKILL: "kill"}.get(sig, "signal"), cgroup.path, e.strerror)
 
 
 def _gone(rest: int | cgroups_module.Worker) -> bool:
@@ -1395,10 +1427,7 @@ def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[byte
     prefix = [word.encode() for word in gate(rlimits)]
     if all(_SHELL_NAME.match(name) for name in env):
         return prefix + argv, env
-    # env(1) would take a first word with "=" for one more variable: a path keeps it a command.
-    first = argv[0] if b"=" not in argv[0] or b"/" in argv[0] else b"./" + argv[0]
-    return prefix + [b"/usr/bin/env", b"-i", *(name + b"=" + value for name, value in env.items()), first,
-                     *argv[1:]], {}
+    return prefix + procctl.env_argv(env, argv), {}
 
 
 def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:

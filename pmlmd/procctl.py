@@ -24,6 +24,7 @@ from .sampler import ProcReader
 
 # util-linux's setpriv(1): where it is missing, a worker of another user is started by a fork of pmlmd.
 SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
+ENV = b"/usr/bin/env"  # coreutils' env(1), Essential in Debian
 # Python ignores SIGPIPE and SIGXFSZ for itself; workers get the default back.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -83,7 +84,12 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     if credentials is not None and SETPRIV is None:
         return _fork_spawn(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
                            credentials=credentials, umask=umask, proc=proc)
-    command = list(argv) if credentials is None else setpriv_argv(credentials) + list(argv)
+    if credentials is not None:
+        # setpriv runs as root until it has taken on the credentials: it gets no environment at
+        # all (LD_PRELOAD, GCONV_PATH, ... of a submitter must never reach a root process), and
+        # env(1), already running as the user, gives the command its environment back.
+        argv, env = setpriv_argv(credentials) + env_argv(env, argv), {}
+    command = list(argv)
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
                else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
     if stdout_fd is not None:
@@ -109,10 +115,23 @@ def own_credentials() -> Credentials:
 
 def setpriv_argv(credentials: Credentials) -> list[bytes]:
     """The setpriv(1) words that run what follows as ``credentials``: real, effective and saved uid
-    and gid, and exactly those supplementary groups (util-linux setpriv: --reuid, --regid, --groups)."""
-    groups = ([b"--groups=" + ",".join(map(str, credentials.groups)).encode()] if credentials.groups
+    and gid, and exactly those supplementary groups (util-linux setpriv: --reuid, --regid, --groups).
+
+    Each id is written with a leading space: setpriv looks a word up as a user or group *name*
+    first and reads it as a number only if no such name exists, and no name has a space, so an
+    account named "1000" cannot stand in for uid 1000."""
+    groups = ([b"--groups=" + b",".join(b" %d" % g for g in credentials.groups)] if credentials.groups
               else [b"--clear-groups"])
-    return [SETPRIV, b"--reuid=%d" % credentials.uid, b"--regid=%d" % credentials.gid, *groups, b"--"]
+    return [SETPRIV, b"--reuid= %d" % credentials.uid, b"--regid= %d" % credentials.gid, *groups, b"--"]
+
+
+def env_argv(env: Mapping, argv: list) -> list[bytes]:
+    """The words that run ``argv`` through env(1) with exactly the environment ``env`` (bytes).
+
+    env takes a first word with "=" for one more variable: such a word gets a "./" in front
+    unless it has a "/" already, so it stays the command."""
+    first = argv[0] if b"=" not in argv[0] or b"/" in argv[0] else b"./" + argv[0]
+    return [ENV, b"-i", b"--", *(name + b"=" + value for name, value in env.items()), first, *argv[1:]]
 
 
 def _fork_spawn(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, umask, proc) -> Child:

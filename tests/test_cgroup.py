@@ -254,3 +254,22 @@ def test_a_worker_whose_cgroup_cannot_be_made_runs_outside_and_is_still_ended(su
     finally:
         engine.abandon()
         loop.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes cgroups")
+def test_what_an_ended_worker_left_when_pmlmd_stopped_is_ended_by_the_next(daemon_factory, subtree, tmp_path):
+    subtree.remove()
+    daemon = daemon_factory('[daemon]\nworker_backend = "cgroup"\n').start()
+    pidfile = tmp_path / "pid"
+    # The worker leaves a sleep that ignores SIGTERM behind and ends; pmlmd stops within the grace.
+    batch = daemon.ctl("submit", "--term-grace", "60", "--shell", "--",
+                       f"trap '' TERM; sleep 300 & echo $! > {pidfile}; exit 0").stdout.strip()
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the leftover's pid"))
+    wait_for(lambda: json.loads(daemon.ctl("status", "--json", batch).stdout)["ended"] is not None,
+             what="the batch ended")
+    assert daemon.stop() == 0
+    assert os.path.exists(f"/proc/{pid}")  # left running: nobody supervises it now
+    daemon.start()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or process_state(pid) == "Z", timeout=15,
+             what="the leftover ended (SIGKILL after the grace: it ignores SIGTERM)")
+    assert "ending 1 processes that ended workers left in their cgroups" in daemon.logs()

@@ -243,9 +243,12 @@ def test_socket_activation_uses_the_inherited_listening_socket(daemon_factory):
                                    pass_fds=[listener.fileno()], stdout=log, stderr=log, env=daemon.env)
     listener.close()
     daemon.wait_notify("READY=1")
-    result = daemon.ctl("submit", "--wait", "--", "true")
+    # The worker lists its own descriptors: the listening socket (fd 3 of pmlmd) is not among them.
+    result = daemon.ctl("submit", "--wait", "--", "sh", "-c", 'ls /proc/$$/fd')
     assert result.returncode == 0, result.stderr + daemon.logs()
     assert os.stat(daemon.socket).st_ino == inode  # served on the inherited socket, not a new one
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["0", "1", "2"] and lines[3].startswith("batch 1: "), result.stdout  # then the summary
 
 
 @pytest.mark.slow

@@ -91,7 +91,8 @@ def test_an_idle_engine_takes_no_samples_and_sets_no_deadline():
 
 def test_a_step_stops_starting_workers_when_its_time_is_up_and_the_next_goes_on_at_once(monkeypatch):
     """Admitting many workers is spread over loop turns, so requests are served in between: with no
-    time at all per step, each step starts one worker and makes the next step due at once."""
+    time at all per step, each step starts one worker and makes the next step due at once; the
+    steps that follow start what the cut one admitted, never more (the ramp keeps its pace)."""
     from pmlmd import engine as engine_module
 
     monkeypatch.setattr(engine_module, "SPAWN_BUDGET", 0.0)
@@ -103,9 +104,11 @@ def test_a_step_stops_starting_workers_when_its_time_is_up_and_the_next_goes_on_
     try:
         started_per_step, cuts = [], 0
         while len(engine.workers) < 8:
-            before, seen = len(engine.workers), len(events)
+            before, seen, backlog = len(engine.workers), len(events), dict(engine.spawn_backlog)
             engine.step()
             started_per_step.append(len(engine.workers) - before)
+            if backlog and engine.spawn_backlog:  # a follow-up admits no more than the cut step left
+                assert engine.spawn_backlog["b"] < backlog["b"], (backlog, engine.spawn_backlog)
             cut = [e for e in events[seen:] if e.get("decision") == "spawn" and "more at the next" in e["reason"]]
             if cut:  # admitted more than it started: the next step is due at once
                 cuts += 1

@@ -117,3 +117,29 @@ def test_pmlmds_own_identity_is_not_taken_on_again(monkeypatch):
         wait_exec(child, b"/bin/sleep")
     finally:
         end(child)
+
+
+@needs_root
+def test_no_variable_of_the_submitter_reaches_a_process_that_still_runs_as_root(nobody):
+    """The dynamic loader of a root process would act on LD_PRELOAD, LD_AUDIT, GCONV_PATH, ...:
+    whatever runs before the credentials are taken on gets no environment. LD_DEBUG_OUTPUT shows
+    who ran the loader: each process it traces writes a file of its own, owned by its user."""
+    import pathlib
+    import shutil
+
+    traces = pathlib.Path(tempfile.mkdtemp(prefix="pmlmt-ld-"))  # where nobody may write too
+    traces.chmod(0o1777)
+    env = {b"LD_DEBUG": b"files", b"LD_DEBUG_OUTPUT": str(traces / "ld").encode(), b"PMLM_MARK": b"a b\xff"}
+    child = procctl.spawn([b"/bin/sleep", b"30"], env, credentials=nobody)
+    try:
+        try:
+            wait_exec(child, b"/bin/sleep")
+            with open(f"/proc/{child.pid}/environ", "rb") as f:
+                environ = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if entry)
+        finally:
+            end(child)
+        owners = {path.stat().st_uid for path in traces.iterdir()}
+    finally:
+        shutil.rmtree(traces)
+    assert environ == env  # exactly what was submitted, bytes as they are
+    assert owners == {nobody.uid}, owners  # traced as the user only, never as root
