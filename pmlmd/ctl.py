@@ -25,7 +25,6 @@ from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_pat
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .joblog import Joblog
 from .progress import StartFinishClock, eta_seconds
-from .runner import Runner
 from .units import format_size, parse_size
 
 EXIT_STATUS_HELP = """\
@@ -531,7 +530,7 @@ class StatusLine:
                 columns = 0
         return columns if columns > 0 else 80
 
-    def __call__(self, runner: Runner) -> None:
+    def __call__(self, runner) -> None:  # runner.Runner
         now = time.monotonic()
         if now - self.last < 0.2:
             return
@@ -647,6 +646,10 @@ def cmd_run(parser, args) -> int:
             if args.results:
                 sinks.append(output.Results(args.results, task.index))
             return sinks
+    # Here, not at the top: the engine, the sampler and the process control are for run only;
+    # the commands that talk to the daemon load the protocol and the client.
+    from .runner import Runner
+
     try:
         runner = Runner(spec, stdout_fd=2 if args.json else None, trace=trace_file, on_progress=status,
                         sinks_for=sinks_for, joblog=joblog, worker_backend=args.worker_backend)

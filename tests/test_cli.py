@@ -59,3 +59,17 @@ def test_negative_numbers_stay_values_beside_the_short_null_option():
     result = pmlmctl("--socket", "/nonexistent/ctl.sock", "submit", "--priority", "-5", "-0", "--tasks-file", "-",
                      "--", "echo", "{}", stdin="a\0")
     assert result.returncode == 4, result.stderr  # parsed, read, checked: only the daemon is missing
+
+
+def test_the_commands_that_talk_to_the_daemon_load_no_engine_and_nothing_of_systemd(tmp_path):
+    """pmlmctl status (and every command but run) needs the protocol and the client: not the engine,
+    the sampler, process control, scopes, D-Bus or python-systemd, whose import costs time and
+    which a client node need not have."""
+    program = ("import sys, pmlmd.ctl\n"
+               "code = pmlmd.ctl.main(['--socket', sys.argv[1], 'status'])\n"
+               "heavy = ['pmlmd.engine', 'pmlmd.runner', 'pmlmd.sampler', 'pmlmd.procctl', 'pmlmd.scopes',\n"
+               "         'pmlmd.systemd', 'pmlmd.intake', 'jeepney', 'systemd', 'pika']\n"
+               "print(sorted(m for m in heavy if m in sys.modules), code)\n")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none.sock")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout == "[] 4\n", result.stdout + result.stderr
