@@ -192,6 +192,9 @@ class Worker:
     noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
     escaped: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of its processes outside its group
     cgroup: cgroups_module.Worker | None = None  # its own cgroup (cgroup backend); None: its process group and tree
+    # proc backend: the cpu.stat of the cgroup its leader is in (its batch's systemd scope), "" where
+    # that is pmlmd's own or the root; None until looked up (see Engine._idle_scopes)
+    scope_stat: str | None = None
     # --timeout: monotonic deadline of the attempt, pushed back by the time pmlmd holds it paused
     # (``stopped_at``: since when; the governor's pause or a user's pmlmctl pause), which is not the task's doing.
     timeout_at: float | None = None
@@ -260,6 +263,9 @@ class Engine:
         self.workers: dict[int, Worker] = {}
         self.cgroups = cgroups
         self.subtree_usec: int | None = None  # the cgroups subtree's CPU time at the last refresh
+        self.scope_usec: dict[str, int | None] = {}  # proc backend: cpu.stat path -> CPU time at the last refresh
+        self.cgroup_mount = cgroups_module.cgroup2_mount()
+        self.own_cgroup = cgroups_module.own_cgroup()
         # pgid or cgroup.Worker -> when to SIGKILL what an ended worker left of its group or cgroup
         self.stragglers: dict[int | cgroups_module.Worker, float] = {}
         self.strays: dict[int, Stray] = {}  # pid -> a process that left its ended worker's group
@@ -580,16 +586,52 @@ class Engine:
             usage[pgid] = u if ticks is None else dataclasses.replace(u, cpu_ticks=ticks)
         return usage
 
-    def _tree_usage(self) -> dict[int, GroupUsage]:
+    def _idle_scopes(self) -> set[str]:
+        """The cgroups (their cpu.stat paths) that workers followed through /proc live in and that
+        used no CPU since the last refresh: under systemd each batch's scope. A process there
+        cannot fork, exit or fault in a page without CPU time, so their trees need no new look.
+        Workers in pmlmd's own cgroup (or the root) have none and are always read."""
+        paths = set()
+        for w in self.workers.values():
+            if w.cgroup is not None:
+                continue
+            if w.scope_stat is None:
+                w.scope_stat = self._scope_stat(w.child.pid)
+            if w.scope_stat:
+                paths.add(w.scope_stat)
+        idle, seen = set(), {}
+        for path in paths:
+            try:
+                with open(path) as f:
+                    usec = next((int(line.split()[1]) for line in f if line.startswith("usage_usec ")), None)
+            except (OSError, ValueError):
+                usec = None
+            if usec is not None and self.scope_usec.get(path) == usec:
+                idle.add(path)
+            seen[path] = usec
+        self.scope_usec = seen
+        return idle
+
+    def _scope_stat(self, pid: int) -> str:
+        relative = cgroups_module.own_cgroup(str(pid))
+        if self.cgroup_mount is None or relative in (None, "/", self.own_cgroup):
+            return ""
+        return os.path.join(self.cgroup_mount, relative.lstrip("/"), "cpu.stat")
+
+    def _tree_usage(self) -> dict[int, GroupUsage | None]:
         """What each worker uses: its leader and every descendant (lineage.descendants, from
         /proc/PID/task/TID/children), whatever group or session they moved to, and the processes
         re-parented to pmlmd that it left (Worker.escaped). The cost is that of the workers' own
         processes: other processes of the node are never read."""
         if self.subreaper:
             self._adopt_orphans()
-        usage = {}
+        usage: dict[int, GroupUsage | None] = {}
+        idle = self._idle_scopes()
         for pgid, w in self.workers.items():
             if w.cgroup is not None:
+                continue
+            if w.ticks is not None and w.scope_stat in idle:
+                usage[pgid] = None  # nothing in its scope used CPU: its processes are as they were
                 continue
             tree = [pgid] + lineage.descendants(self.proc, pgid)
             stats = {}
