@@ -218,32 +218,44 @@ class Subtree:
         return w if os.path.isdir(w.path) else None
 
     def member_of(self, pid: int) -> str | None:
-        """The name of the worker cgroup ``pid`` is in, or None when it is in none of ours."""
+        """The name of the worker cgroup ``pid`` is in (without a "~N" that starting added), or None
+        when it is in none of ours."""
+        w = self.cgroup_of(pid)
+        return os.path.basename(w.path).partition("~")[0] if w is not None else None
+
+    def cgroup_of(self, pid: int) -> Worker | None:
+        """The worker cgroup ``pid`` is in, or None when it is in none of ours."""
         relative = own_cgroup(str(pid))
         if relative is None:
             return None
         path = os.path.join(self.mount, relative.lstrip("/"))
-        parent, name = os.path.split(path)
-        return name if parent == self.root else None
+        return Worker(path, relative) if os.path.dirname(path) == self.root else None
 
     @contextlib.contextmanager
     def starting(self, name: str) -> Iterator[Worker | None]:
         """Make the worker's cgroup and stand in it for the duration: a process started inside the
         ``with`` is in it from its first instruction. Where the cgroup cannot be made or entered
         (cgroup.max.descendants reached, the hierarchy changed under pmlmd) this yields None, having
-        logged why: the worker then starts outside, followed through its process group."""
+        logged why: the worker then starts outside, followed through its process group.
+
+        A cgroup of that name may exist: left empty by a start that failed (it is reused), or
+        holding what a worker of an attempt the state lost left behind (the name gets a "~N"; that
+        cgroup is ended as leftovers, see engine.end_leftovers). If the body raises, the cgroup
+        is removed again."""
         w = self.worker(name)
-        try:
-            os.mkdir(w.path)
-        except FileExistsError:
-            # Left by a start that failed, or an attempt the state lost: reused, but never frozen,
-            # or pmlmd would freeze itself stepping in. What is left in it goes with the new worker.
-            with contextlib.suppress(OSError):
-                w.thaw()
-        except OSError as e:
-            self._cannot(w, e)
-            yield None
-            return
+        for suffix in range(1, 100):
+            try:
+                os.mkdir(w.path)
+                break
+            except FileExistsError:
+                # Never a frozen one: pmlmd would freeze itself stepping in.
+                if not w.populated() and not w.events().get("frozen"):
+                    break
+                w = self.worker(f"{name}~{suffix}")
+            except OSError as e:
+                self._cannot(w, e)
+                yield None
+                return
         own = os.path.join(self.mount, (own_cgroup() or "/").lstrip("/"))
         try:
             _move_self(w.path)
@@ -255,13 +267,13 @@ class Subtree:
             return
         try:
             yield w
-        finally:
-            try:
-                _move_self(own)
-            except OSError:
-                # Standing in a worker's cgroup, pmlmd would be frozen and killed with it.
-                log.critical("cannot move pmlmd back out of the worker cgroup %s: aborting", w.path, exc_info=True)
-                os.abort()
+        except BaseException:
+            _move_self_back(own, w)
+            with contextlib.suppress(OSError):
+                os.rmdir(w.path)
+            raise
+        else:
+            _move_self_back(own, w)
 
     def _cannot(self, w: Worker, e: OSError) -> None:
         now = time.monotonic()
@@ -320,6 +332,15 @@ class Subtree:
 
     def describe(self) -> str:
         return f"cgroup v2 ({self.root})"
+
+
+def _move_self_back(own: str, w: Worker) -> None:
+    try:
+        _move_self(own)
+    except OSError:
+        # Standing in a worker's cgroup, pmlmd would be frozen and killed with it.
+        log.critical("cannot move pmlmd back out of the worker cgroup %s: aborting", w.path, exc_info=True)
+        os.abort()
 
 
 def _move_self(path: str) -> None:

@@ -430,10 +430,14 @@ class Engine:
         if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample)
-        if self.spawn_backlog:  # a follow-up of a step cut short: start no more than that one admitted
+        if self.spawn_backlog:
+            # A follow-up of a step cut short: no batch starts more than that step admitted and did
+            # not start (the others wait for a step of their own). Queue batches start what the
+            # broker delivers; their admission is their credit (_credit), not capped here.
             backlog, self.spawn_backlog = self.spawn_backlog, {}
-            decisions = [dataclasses.replace(d, count=min(d.count, backlog[d.batch]))
-                         if d.action == SPAWN and d.batch in backlog else d for d in decisions]
+            decisions = [dataclasses.replace(d, count=min(d.count, backlog.get(d.batch, 0)))
+                         if d.action == SPAWN and getattr(self.runs.get(d.batch), "intake", None) is None
+                         else d for d in decisions]
             decisions = [d for d in decisions if d.action != SPAWN or d.count > 0]
         # Queue batches: the deliveries their running tasks hold before this step's spawns.
         holding = {run.id: _running_deliveries(run) for run in self.runs.values() if run.intake is not None}
@@ -911,10 +915,7 @@ class Engine:
                 child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc)
-        except (OSError, DirectoryError) as e:
-            if self.cgroups is not None:
-                with contextlib.suppress(OSError):
-                    self.cgroups.worker(f"{run.id}.{task.index}.{attempt_no}").remove()
+        except (OSError, DirectoryError) as e:  # a cgroup made for it is gone again (cgroup.Subtree.starting)
             if self.output is not None:
                 self.output.failed(run, task)
             if gate_r is not None:
@@ -985,7 +986,7 @@ class Engine:
         task.status = "running"
         worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
         if self.cgroups is not None and self.cgroups.member_of(child.pid) == worker.worker_id:
-            worker.cgroup = self.cgroups.worker(worker.worker_id)
+            worker.cgroup = self.cgroups.cgroup_of(child.pid)
             _signal_cgroup(worker.cgroup, signal.SIGCONT)  # never left frozen by the pmlmd before
         if self.output is not None:
             self.output.adopted(run, task, attempt)

@@ -105,12 +105,17 @@ class TaskFiles:
         self.open_files: dict[tuple[str, int], list] = {}
         self.kept: dict[str, int] = {}  # batch -> bytes on disk of its ended tasks' output (see measure)
         self.failure_logged_at: dict[str, float] = {}
+        self.devnull: int | None = None  # where a worker writes whose files cannot be opened
 
     # --- the engine's port -------------------------------------------------------------------
     def open(self, run, task, attempt_no: int) -> tuple[int, int] | None:
         files = self._files(run.id, task.index, create=True)
         if files is None:
-            return None  # logged; the worker writes to pmlmd's stdout instead
+            # Logged. The worker's output is lost: never pmlmd's own stdout and stderr, which
+            # are its log (the journal), where a worker could write lines that look like pmlmd's.
+            if self.devnull is None:
+                self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            return self.devnull, self.devnull
         return files[0][0], files[1][0]
 
     def spawned(self, run, task, attempt) -> None:
@@ -251,7 +256,7 @@ class TaskFiles:
             for entry in files:
                 os.close(entry[0])
             self._failure("open", f"cannot open the output files of batch {batch_id} task {index} in "
-                                  f"{batch.directory}: {e.strerror}; its workers write to pmlmd's stdout")
+                                  f"{batch.directory}: {e.strerror}; what its workers write is lost")
             return None
         self.open_files[(batch_id, index)] = files
         return files

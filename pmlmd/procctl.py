@@ -22,9 +22,10 @@ from typing import Mapping
 from . import workdir
 from .sampler import ProcReader
 
-# util-linux's setpriv(1): where it is missing, a worker of another user is started by a fork of pmlmd.
-SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
 ENV = b"/usr/bin/env"  # coreutils' env(1), Essential in Debian
+PERL = b"/usr/bin/perl"  # perl-base, Essential in Debian
+# Execute argv as it is (the PATH is searched for a name without "/"); exit like a shell when it cannot.
+EXEC_ARGV = rb'exec {$ARGV[0]} @ARGV; print STDERR "$ARGV[0]: $!\n"; exit($!{ENOENT} ? 127 : 126)'
 # Python ignores SIGPIPE and SIGXFSZ for itself; workers get the default back.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -72,23 +73,19 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     PermissionError, ...) when the command cannot be executed. No child is left behind
     when either is raised.
 
-    The child is started with posix_spawn(3), which glibc implements with a vfork-like clone:
-    pmlmd's memory is not copied, so a start costs the same for a 30 MiB daemon as for a
-    small program. posix_spawn cannot change credentials; a worker of another user starts
-    through setpriv(1), which takes them on and executes the command (exit status 126 or
-    127, like a shell's, when it cannot). The working directory and the umask are pmlmd's
-    own for the duration of the call, which the child inherits.
+    A worker of pmlmd's own user is started with posix_spawn(3), which glibc implements with a
+    vfork-like clone: pmlmd's memory is not copied, so a start costs the same for a 30 MiB daemon
+    as for a small program. The working directory and the umask are pmlmd's own for the duration
+    of the call, which the child inherits. A worker of another user is started by a fork of
+    pmlmd that takes on the credentials before it executes anything (_spawn_as): the submitted
+    environment must reach no process that still runs as root (LD_PRELOAD, GCONV_PATH, ... would
+    act there), and no argv (/proc/PID/cmdline is readable by every user, the environment is not).
     """
     if credentials is not None and credentials == own_credentials():
         credentials = None  # nothing to take on (root's own batches)
-    if credentials is not None and SETPRIV is None:
-        return _fork_spawn(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
-                           credentials=credentials, umask=umask, proc=proc)
     if credentials is not None:
-        # setpriv runs as root until it has taken on the credentials: it gets no environment at
-        # all (LD_PRELOAD, GCONV_PATH, ... of a submitter must never reach a root process), and
-        # env(1), already running as the user, gives the command its environment back.
-        argv, env = setpriv_argv(credentials) + env_argv(env, argv), {}
+        return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
+                         credentials=credentials, umask=umask, proc=proc)
     command = list(argv)
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
                else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
@@ -113,29 +110,21 @@ def own_credentials() -> Credentials:
     return Credentials(uid=os.geteuid(), gid=os.getegid(), groups=tuple(sorted(set(os.getgroups()))))
 
 
-def setpriv_argv(credentials: Credentials) -> list[bytes]:
-    """The setpriv(1) words that run what follows as ``credentials``: real, effective and saved uid
-    and gid, and exactly those supplementary groups (util-linux setpriv: --reuid, --regid, --groups).
-
-    Each id is written with a leading space: setpriv looks a word up as a user or group *name*
-    first and reads it as a number only if no such name exists, and no name has a space, so an
-    account named "1000" cannot stand in for uid 1000."""
-    groups = ([b"--groups=" + b",".join(b" %d" % g for g in credentials.groups)] if credentials.groups
-              else [b"--clear-groups"])
-    return [SETPRIV, b"--reuid= %d" % credentials.uid, b"--regid= %d" % credentials.gid, *groups, b"--"]
-
-
 def env_argv(env: Mapping, argv: list) -> list[bytes]:
     """The words that run ``argv`` through env(1) with exactly the environment ``env`` (bytes).
 
-    env takes a first word with "=" for one more variable: such a word gets a "./" in front
-    unless it has a "/" already, so it stays the command."""
-    first = argv[0] if b"=" not in argv[0] or b"/" in argv[0] else b"./" + argv[0]
-    return [ENV, b"-i", b"--", *(name + b"=" + value for name, value in env.items()), first, *argv[1:]]
+    env takes every word with "=" before the command for a variable, a path too: a command word
+    with "=" is executed by perl (perl-base is Essential in Debian), which passes every variable on,
+    where a shell would drop the names it cannot hold. The values are in the argv of env for a
+    moment, readable in /proc/PID/cmdline: only for environments whose names the shell gate cannot
+    pass on (engine.gated)."""
+    command = list(argv) if b"=" not in argv[0] else [PERL, b"-e", EXEC_ARGV, *argv]
+    return [ENV, b"-i", b"--", *(name + b"=" + value for name, value in env.items()), *command]
 
 
-def _fork_spawn(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, umask, proc) -> Child:
-    """spawn where setpriv(1) is missing: a fork of pmlmd that takes on the credentials itself."""
+def _spawn_as(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, umask, proc) -> Child:
+    """spawn as another user: a fork of pmlmd (subprocess; no vfork, since the child changes its ids)
+    that takes on the credentials, then executes ``argv`` with ``env`` as its environment."""
     ids = dict(user=credentials.uid, group=credentials.gid, extra_groups=list(credentials.groups))
     # Popen's own cwd= would chdir in the child while it is still root: the child inherits
     # the directory pmlmd entered as the user instead.

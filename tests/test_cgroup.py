@@ -273,3 +273,36 @@ def test_what_an_ended_worker_left_when_pmlmd_stopped_is_ended_by_the_next(daemo
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or process_state(pid) == "Z", timeout=15,
              what="the leftover ended (SIGKILL after the grace: it ignores SIGTERM)")
     assert "ending 1 processes that ended workers left in their cgroups" in daemon.logs()
+
+
+def test_a_worker_never_joins_a_cgroup_that_holds_leftovers_and_the_leftovers_alone_are_ended(subtree):
+    """An attempt the state lost starts again under the same id: what its first worker left in
+    that cgroup is ended as leftovers (end_leftovers), and the new worker gets a cgroup of its own."""
+    import time
+
+    from pmlmd.batch import Batch, BatchSpec
+    from pmlmd.engine import BatchRun, Engine, Loop
+    from pmlmd.governor import Limits
+
+    old, leftover = start(subtree, "x.0.1", "sleep", "60")  # what the lost attempt left
+    loop = Loop()
+    engine = Engine(Limits(cpu_limit=100), loop, cgroups=subtree)
+    spec = BatchSpec(batch_id="x", command=["sleep", "60"], tasks=[None], limits=Limits(cpu_limit=100))
+    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+    try:
+        def started():
+            loop.poll(0.05)
+            engine.tick()
+            return len(engine.workers) == 1
+
+        wait_for(started, timeout=30, what="the worker started")
+        (w,) = engine.workers.values()
+        assert w.cgroup.path == old.path + "~1" and subtree.member_of(w.child.pid) == "x.0.1"
+        engine.end_leftovers()
+        assert leftover.wait(timeout=10) == -signal.SIGTERM
+        wait_for(lambda: (loop.poll(0.05), engine.tick(), not os.path.exists(old.path))[-1], what="its cgroup gone")
+        assert os.path.exists(f"/proc/{w.child.pid}") and w.cgroup.pids() == [w.child.pid]
+    finally:
+        engine.cancel(run, "the test ends")
+        engine.abandon()
+        loop.close()

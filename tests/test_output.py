@@ -345,3 +345,18 @@ def test_a_reader_that_goes_away_ends_pmlmctl_quietly(daemon_factory):
     reader.stdout.close()
     err = reader.stderr.read()
     assert reader.wait(timeout=60) == 141 and b"Traceback" not in err, err
+
+
+def test_a_worker_whose_output_files_cannot_be_made_never_writes_into_pmlmds_log(daemon_factory):
+    """pmlmd's own stdout and stderr are its log (the journal under systemd): a worker that wrote
+    there could forge lines that look like pmlmd's. Its output is lost instead, and that is logged."""
+    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
+    # The first batch's output directory cannot be made: a plain file holds its name.
+    Path(daemon.state_dir, "output", "1").write_text("")
+    result = daemon.ctl("submit", "--wait", "--", "sh", "-c",
+                        "echo 'CRITICAL pmlmd.daemon: FORGED'; echo FORGED-TOO >&2")
+    assert result.returncode == 0, result.stderr
+    lines = daemon.logs().splitlines()  # the submit's own line names the command, quoted
+    assert "CRITICAL pmlmd.daemon: FORGED" not in lines and "FORGED-TOO" not in lines, lines
+    assert "FORGED" not in result.stdout
+    assert any("what its workers write is lost" in line for line in lines)
