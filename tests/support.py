@@ -120,6 +120,43 @@ class PmlmRun:
         remove_cgroups("pmlmctl", str(self.proc.pid))
 
 
+class EngineRun:
+    """An engine on a loop of its own with one batch of ``tasks`` runs of ``command``, for tests
+    that drive the engine step by step; every worker ends with the ``with``."""
+
+    def __init__(self, command: list[str], tasks: int, limits=None, batch_id: str = "t", **engine_kw):
+        from pmlmd.batch import Batch, BatchSpec
+        from pmlmd.engine import BatchRun, Engine, Loop
+        from pmlmd.governor import Limits
+
+        limits = limits or Limits(cpu_limit=100)
+        self.loop = Loop()
+        self.engine = Engine(limits, self.loop, **engine_kw)
+        spec = BatchSpec(batch_id=batch_id, command=command, tasks=[None] * tasks, limits=limits)
+        self.run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
+
+    def turn(self) -> None:
+        self.loop.poll(0.05)
+        self.engine.tick()
+
+    def until(self, predicate, what: str, timeout: float = 30.0):
+        """Turn the loop until ``predicate()`` holds."""
+        return wait_for(lambda: (self.turn(), predicate())[1], timeout=timeout, what=what)
+
+    def workers(self, n: int) -> list:
+        """Turn the loop until ``n`` workers run; them, by task."""
+        self.until(lambda: len(self.engine.workers) >= n, what=f"{n} workers started")
+        return sorted(self.engine.workers.values(), key=lambda w: w.task.index)
+
+    def __enter__(self) -> "EngineRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.cancel(self.run, "the test ends")
+        self.engine.abandon()
+        self.loop.close()
+
+
 def remove_cgroups(kind: str, key: str) -> None:
     """Teardown: kill what is left in the worker cgroups of a pmlmd or pmlmctl run (cgroup backend)
     and remove them, so that no test leaves cgroups behind."""

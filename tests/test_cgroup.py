@@ -18,7 +18,7 @@ import tempfile
 import pytest
 
 from pmlmd import cgroup
-from support import group_states, process_state, wait_for
+from support import EngineRun, group_states, process_state, wait_for
 
 PY = sys.executable
 # A worker that leaves its process group and session, twice over, then reports every pid it made.
@@ -176,84 +176,54 @@ def test_idle_workers_cgroups_are_not_read_and_a_busy_one_is(subtree):
     that used CPU has its members read. Idle workers keep what they last measured, CPU 0."""
     import time
 
-    from pmlmd.batch import Batch, BatchSpec
-    from pmlmd.engine import BatchRun, Engine, Loop
     from pmlmd.governor import Limits
     from pmlmd.sampler import CLOCK_TICKS
     from test_refresh import CountingProc
 
     proc = CountingProc()
-    loop = Loop()
-    engine = Engine(Limits(), loop, proc=proc, cgroups=subtree)
     # Task 0 sleeps; task 1 waits for a line on a FIFO, then burns a CPU for a moment and sleeps.
     fifo = os.path.join(tempfile.mkdtemp(prefix="pmlmt-"), "go")
     os.mkfifo(fifo)
     burn = f"{PY} -c 'import time; t = time.process_time(); exec(\"while time.process_time() - t < 0.2: pass\")'"
     command = ["sh", "-c", f'if [ "$PMLM_TASK_INDEX" = 1 ]; then read _ < {fifo}; {burn}; fi; exec sleep 30']
-    spec = BatchSpec(batch_id="c", command=command, tasks=[None, None], limits=Limits())
-    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
     try:
-        def both_measured():
-            loop.poll(0.05)
-            engine.tick()
-            return len(engine.workers) == 2 and all(w.measured_at is not None for w in engine.workers.values())
-
-        wait_for(both_measured, timeout=30, what="two workers measured")
-        engine._refresh_workers(time.monotonic())  # both idle now: what they started with is counted
-        sleeper, waiter = sorted(engine.workers.values(), key=lambda w: w.task.index)
-        before = {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()}
-        proc.read.clear()
-        engine._refresh_workers(time.monotonic())
-        assert proc.read == set()  # nothing moved in the subtree: no worker was read
-        assert {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()} == before
-        assert sleeper.cpu == 0.0 and waiter.cpu == 0.0
-        with open(fifo, "w") as f:
-            f.write("go\n")
-        wait_for(lambda: waiter.cgroup.cpu_usec() * CLOCK_TICKS / 1e6 >= before[1][1] + 0.2 * CLOCK_TICKS,
-                 what="the burn")
-        proc.read.clear()
-        engine._refresh_workers(time.monotonic())
-        assert set(waiter.cgroup.pids()) <= proc.read and not set(sleeper.cgroup.pids()) & proc.read
-        assert waiter.cpu > 0 and sleeper.cpu == 0.0
+        with EngineRun(command, 2, Limits(), proc=proc, cgroups=subtree) as er:
+            engine = er.engine
+            er.until(lambda: len(engine.workers) == 2 and all(w.measured_at is not None
+                                                              for w in engine.workers.values()),
+                     what="two workers measured")
+            engine._refresh_workers(time.monotonic())  # both idle now: what they started with is counted
+            sleeper, waiter = er.workers(2)
+            before = {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()}
+            proc.read.clear()
+            engine._refresh_workers(time.monotonic())
+            assert proc.read == set()  # nothing moved in the subtree: no worker was read
+            assert {w.task.index: (w.rss, w.ticks) for w in engine.workers.values()} == before
+            assert sleeper.cpu == 0.0 and waiter.cpu == 0.0
+            with open(fifo, "w") as f:
+                f.write("go\n")
+            wait_for(lambda: waiter.cgroup.cpu_usec() * CLOCK_TICKS / 1e6 >= before[1][1] + 0.2 * CLOCK_TICKS,
+                     what="the burn")
+            proc.read.clear()
+            engine._refresh_workers(time.monotonic())
+            assert set(waiter.cgroup.pids()) <= proc.read and not set(sleeper.cgroup.pids()) & proc.read
+            assert waiter.cpu > 0 and sleeper.cpu == 0.0
     finally:
-        engine.cancel(run, "the test ends")
-        engine.abandon()
-        loop.close()
         os.unlink(fifo)
         os.rmdir(os.path.dirname(fifo))
 
 
 def test_a_worker_whose_cgroup_cannot_be_made_runs_outside_and_is_still_ended(subtree, caplog):
-    import time
-
-    from pmlmd.batch import Batch, BatchSpec
-    from pmlmd.engine import BatchRun, Engine, Loop
-    from pmlmd.governor import Limits
-
     with open(os.path.join(subtree.root, "cgroup.max.descendants"), "w") as f:
         f.write("1")  # room for one worker's cgroup: the second mkdir fails (EAGAIN)
-    loop = Loop()
-    engine = Engine(Limits(cpu_limit=100), loop, cgroups=subtree)
-    spec = BatchSpec(batch_id="m", command=["sleep", "30"], tasks=[None, None], limits=Limits(cpu_limit=100))
-    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
-    try:
-        def both_started():
-            loop.poll(0.05)
-            engine.tick()
-            return len(engine.workers) == 2
-
-        wait_for(both_started, timeout=30, what="both workers started")
-        inside, outside = sorted(engine.workers.values(), key=lambda w: w.cgroup is None)
+    with EngineRun(["sleep", "30"], 2, cgroups=subtree) as er:
+        inside, outside = sorted(er.workers(2), key=lambda w: w.cgroup is None)
         assert inside.cgroup is not None and inside.cgroup.pids() == [inside.child.pid]
         assert outside.cgroup is None and subtree.member_of(outside.child.pid) is None
         assert "it runs outside, followed through its process group" in caplog.text
-        engine.cancel(run, "the test ends")
-        wait_for(lambda: (loop.poll(0.05), engine.tick(), not engine.workers)[-1], timeout=30,
-                 what="both workers ended by the cancel")
-        assert [t.status for t in run.batch.tasks] == ["cancelled", "cancelled"]
-    finally:
-        engine.abandon()
-        loop.close()
+        er.engine.cancel(er.run, "the test ends")
+        er.until(lambda: not er.engine.workers, what="both workers ended by the cancel")
+        assert [t.status for t in er.run.batch.tasks] == ["cancelled", "cancelled"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes cgroups")
@@ -278,31 +248,11 @@ def test_what_an_ended_worker_left_when_pmlmd_stopped_is_ended_by_the_next(daemo
 def test_a_worker_never_joins_a_cgroup_that_holds_leftovers_and_the_leftovers_alone_are_ended(subtree):
     """An attempt the state lost starts again under the same id: what its first worker left in
     that cgroup is ended as leftovers (end_leftovers), and the new worker gets a cgroup of its own."""
-    import time
-
-    from pmlmd.batch import Batch, BatchSpec
-    from pmlmd.engine import BatchRun, Engine, Loop
-    from pmlmd.governor import Limits
-
     old, leftover = start(subtree, "x.0.1", "sleep", "60")  # what the lost attempt left
-    loop = Loop()
-    engine = Engine(Limits(cpu_limit=100), loop, cgroups=subtree)
-    spec = BatchSpec(batch_id="x", command=["sleep", "60"], tasks=[None], limits=Limits(cpu_limit=100))
-    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
-    try:
-        def started():
-            loop.poll(0.05)
-            engine.tick()
-            return len(engine.workers) == 1
-
-        wait_for(started, timeout=30, what="the worker started")
-        (w,) = engine.workers.values()
+    with EngineRun(["sleep", "60"], 1, batch_id="x", cgroups=subtree) as er:
+        (w,) = er.workers(1)
         assert w.cgroup.path == old.path + "~1" and subtree.member_of(w.child.pid) == "x.0.1"
-        engine.end_leftovers()
+        er.engine.end_leftovers()
         assert leftover.wait(timeout=10) == -signal.SIGTERM
-        wait_for(lambda: (loop.poll(0.05), engine.tick(), not os.path.exists(old.path))[-1], what="its cgroup gone")
+        er.until(lambda: not os.path.exists(old.path), what="its cgroup gone")
         assert os.path.exists(f"/proc/{w.child.pid}") and w.cgroup.pids() == [w.child.pid]
-    finally:
-        engine.cancel(run, "the test ends")
-        engine.abandon()
-        loop.close()

@@ -15,7 +15,7 @@ from pmlmd.engine import BatchRun, Engine, Loop
 from pmlmd.governor import Limits
 from pmlmd.sampler import ProcReader
 
-from support import wait_for
+from support import EngineRun, wait_for
 
 
 class CountingProc(ProcReader):
@@ -128,43 +128,31 @@ def test_workers_in_a_scope_that_used_no_cpu_are_not_read_again():
     cgroup the test makes on this host's cgroup2 hierarchy stands in for the scope."""
     import os
 
+    import pytest
+
     from pmlmd import cgroup
 
     try:
         scope = cgroup.choose("cgroup", cgroup.subtree_name("pmlmt-scope", str(os.getpid())))
     except cgroup.Unusable as e:
-        import pytest
         pytest.skip(f"no cgroup2 hierarchy pmlmd may write here: {e}")
     proc = CountingProc()
-    loop = Loop()
-    engine = Engine(Limits(), loop, proc=proc)  # no cgroups: the proc backend
-    spec = BatchSpec(batch_id="s", command=["sleep", "30"], tasks=[None], limits=Limits())
-    run = engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
     try:
-        def started():
-            loop.poll(0.05)
-            engine.tick()
-            return len(engine.workers) == 1
-
-        wait_for(started, timeout=30, what="the worker started")
-        (w,) = engine.workers.values()
-        with open(os.path.join(scope.root, "cgroup.procs"), "w") as f:
-            f.write(str(w.child.pid))  # as systemd's StartTransientUnit would place it
-        engine._refresh_workers(time.monotonic())  # first look: read, and the scope noted
-        assert w.scope_stat == os.path.join(scope.root, "cpu.stat")
-        proc.read.clear()
-        engine._refresh_workers(time.monotonic())
-        assert proc.read == set() and w.cpu == 0.0  # the scope used no CPU: nothing read
-        os.kill(w.child.pid, 0)  # still there
-        # Anything that runs in the scope (here a short process the test puts there) makes it read again.
-        burner = subprocess.Popen(["sh", "-c", f"echo $$ > {scope.root}/cgroup.procs; i=0; "
-                                   "while [ $i -lt 20000 ]; do i=$((i+1)); done"])
-        burner.wait(timeout=30)
-        proc.read.clear()
-        engine._refresh_workers(time.monotonic())
-        assert w.child.pid in proc.read
+        with EngineRun(["sleep", "30"], 1, Limits(), proc=proc) as er:  # no cgroups: the proc backend
+            (w,) = er.workers(1)
+            with open(os.path.join(scope.root, "cgroup.procs"), "w") as f:
+                f.write(str(w.child.pid))  # as systemd's StartTransientUnit would place it
+            er.engine._refresh_workers(time.monotonic())  # first look: read, and the scope noted
+            assert w.scope_stat == os.path.join(scope.root, "cpu.stat")
+            proc.read.clear()
+            er.engine._refresh_workers(time.monotonic())
+            assert proc.read == set() and w.cpu == 0.0  # the scope used no CPU: nothing read
+            # Anything that runs in the scope (a short process the test puts there) makes it read again.
+            burner = subprocess.Popen(["sh", "-c", f"echo $$ > {scope.root}/cgroup.procs; i=0; "
+                                       "while [ $i -lt 20000 ]; do i=$((i+1)); done"])
+            burner.wait(timeout=30)
+            proc.read.clear()
+            er.engine._refresh_workers(time.monotonic())
+            assert w.child.pid in proc.read
     finally:
-        engine.cancel(run, "the test ends")
-        engine.abandon()
-        loop.close()
         scope.discard()
