@@ -908,8 +908,9 @@ class Engine:
             # submitted, whatever encoding pmlmd's locale would have chosen (see tasklines).
             environ = {tasklines.raw(name): tasklines.raw(value) for name, value in env.items()}
             command = [tasklines.raw(word) for word in argv]
+            exports = b""
             if gate_r is not None:
-                command, environ = gated(rlimits, command, environ)
+                command, environ, exports = gated(rlimits, command, environ)
             with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
                   else contextlib.nullcontext()) as cgroup:
                 child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
@@ -941,7 +942,11 @@ class Engine:
             os.close(gate_r)
             if self.scopes.gated:
                 self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
-            os.write(gate_w, b"go\n")  # inside its scope now (or logged why not): let it run the command
+            try:
+                # Inside its scope now (or logged why not): go on, with the loader's variables if any.
+                os.write(gate_w, b"go+\n" + exports if exports else b"go\n")
+            except BrokenPipeError:
+                pass  # the gate is gone already: its exit is seen through its pidfd
             os.close(gate_w)
         attempt = run.batch.start_attempt(task, child.pid, time.time())
         if self.output is not None:
@@ -1460,8 +1465,14 @@ _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes]
-          ) -> tuple[list[bytes], dict[bytes, bytes]]:
-    """The command and environment that start ``argv`` through the gate.
+          ) -> tuple[list[bytes], dict[bytes, bytes], bytes]:
+    """The command, the environment and the lines after "go" that start ``argv`` through the gate.
+
+    The variables the dynamic loader acts on (LD_PRELOAD, GCONV_PATH, ...; see
+    _loader_variable) do not reach the gate shell: its code would otherwise run before the
+    gate has set the limits and before pmlmd has placed it in its scope, and could fork a
+    process that has neither. They come after "go" on its stdin, as export lines the gate
+    evaluates just before it becomes the command (a pipe: no other user can read them there).
 
     The shell drops, when it execs, every environment entry whose name is not a shell name
     (``A-B``, a non-UTF-8 byte): with such entries the worker's environment is handed on by
@@ -1469,8 +1480,25 @@ def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[byte
     """
     prefix = [word.encode() for word in gate(rlimits)]
     if all(_SHELL_NAME.match(name) for name in env):
-        return prefix + argv, env
-    return prefix + procctl.env_argv(env, argv), {}
+        loader = {name: value for name, value in env.items() if _loader_variable(name)}
+        exports = b"".join(b"export " + name + b"='" + value.replace(b"'", b"'\\''") + b"'\n"
+                           for name, value in loader.items())
+        if len(exports) <= GATE_EXPORTS_MAX:
+            return prefix + argv, {name: value for name, value in env.items() if name not in loader}, exports
+    return prefix + procctl.env_argv(env, argv), {}, b""
+
+
+# What glibc ignores for set-user-ID programs, because it changes what the loader or libc load
+# and run (glibc's sysdeps/generic/unsecvars.h), and everything named LD_*.
+LOADER_VARIABLES = frozenset({b"GCONV_PATH", b"GETCONF_DIR", b"GLIBC_TUNABLES", b"HOSTALIASES", b"LOCALDOMAIN",
+                              b"LOCPATH", b"MALLOC_TRACE", b"NIS_PATH", b"NLSPATH", b"RESOLV_HOST_CONF",
+                              b"RES_OPTIONS", b"TMPDIR", b"TZDIR", b"MALLOC_ARENA_MAX", b"MALLOC_PERTURB_"})
+# The export lines go through a pipe pmlmd writes before the gate reads: within one pipe buffer.
+GATE_EXPORTS_MAX = 32768
+
+
+def _loader_variable(name: bytes) -> bool:
+    return name.startswith(b"LD_") or name in LOADER_VARIABLES
 
 
 def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:

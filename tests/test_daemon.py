@@ -529,3 +529,13 @@ def test_a_slow_events_reader_gets_each_event_or_a_count_of_those_dropped_and_th
 def test_pmlmctl_says_how_many_events_were_dropped():
     line = ctl.describe_event({"event": "dropped", "count": 17, "time": 0})
     assert line.endswith("events dropped: 17 (the reader was too slow)")
+
+
+def test_a_worker_gets_the_loaders_variables_its_submitter_had(daemon_factory):
+    """They pass the gate shell by its stdin, not its environment (engine.gated): still the worker's."""
+    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
+    env = dict(os.environ, LD_LIBRARY_PATH="/nonexistent/lib:'quoted'", GCONV_PATH="$(echo not run)")
+    result = daemon.ctl("submit", "--wait", "--", "sh", "-c", 'printf "%s|%s\\n" "$LD_LIBRARY_PATH" "$GCONV_PATH"',
+                        env=env)
+    assert result.returncode == 0, result.stderr + daemon.logs()
+    assert result.stdout.splitlines()[0] == "/nonexistent/lib:'quoted'|$(echo not run)"

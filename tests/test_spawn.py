@@ -140,3 +140,39 @@ def test_a_command_word_with_an_equals_sign_stays_the_command_through_env(tmp_pa
     assert procctl.reap(child).exit_code == 0
     os.close(child.pidfd)
     assert said == f"ran {program} with X.Y=1 and arg\n".encode()
+
+
+def test_the_loaders_variables_skip_the_gate_and_reach_the_command():
+    """The gate (a shell that sets the worker's limits and waits for pmlmd's go) must not run a
+    submitter's LD_PRELOAD or GCONV_PATH: code loaded there would run before the limits and the
+    scope placement, and could fork a process that has neither. They reach the command, exactly.
+    LD_DEBUG (itself a loader variable) shows which programs the loader traced."""
+    import pathlib
+    import shutil
+
+    from pmlmd import engine
+
+    traces = pathlib.Path(tempfile.mkdtemp(prefix="pmlmt-ld-"))
+    env = {b"LD_DEBUG": b"libs", b"LD_DEBUG_OUTPUT": str(traces / "ld").encode(), b"PATH": b"/usr/bin:/bin",
+           b"GCONV_PATH": b"it's \"quoted\" $(not run)\n"}
+    command, environ, exports = engine.gated({}, [b"/bin/sleep", b"30"], env)
+    assert not any(engine._loader_variable(name) for name in environ)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = procctl.spawn(command, environ, stdin_fd=r)
+    finally:
+        os.close(r)
+    try:
+        try:
+            os.write(w, b"go+\n" + exports)
+            os.close(w)
+            wait_exec(child, b"/bin/sleep")
+            with open(f"/proc/{child.pid}/environ", "rb") as f:
+                environ = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if entry)
+        finally:
+            end(child)
+        traced = b"".join(path.read_bytes() for path in traces.iterdir())
+    finally:
+        shutil.rmtree(traces)
+    assert {name: environ.get(name) for name in env} == env  # exactly, quotes and all
+    assert b"/bin/sleep" in traced and b"/bin/sh" not in traced and b"dash" not in traced, traced[:2000]
