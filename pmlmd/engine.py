@@ -932,6 +932,11 @@ class Engine:
             else:
                 cause, attempt.exit_code = CAUSE_SPAWN_FAILED, 127 if isinstance(e, FileNotFoundError) else 126
                 attempt.reason = f"cannot execute {argv[0]!r}: {e.strerror}"
+                if e.errno == errno.E2BIG:
+                    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+                    room = "" if stack == resource.RLIM_INFINITY else f" ({stack // 4} bytes here)"
+                    attempt.reason += (": its arguments and environment together exceed what exec takes, a quarter "
+                                       f"of pmlmd's stack limit{room}; pass fewer or smaller arguments or variables")
             run.batch.end_attempt(task, attempt, attempt.start, cause)
             self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
                            "cause": cause, "status": task.status, "reason": attempt.reason})

@@ -539,3 +539,17 @@ def test_a_worker_gets_the_loaders_variables_its_submitter_had(daemon_factory):
                         env=env)
     assert result.returncode == 0, result.stderr + daemon.logs()
     assert result.stdout.splitlines()[0] == "/nonexistent/lib:'quoted'|$(echo not run)"
+
+
+def test_a_command_and_environment_too_long_for_exec_fail_the_task_and_say_why(daemon_factory):
+    """The submit is checked against the submitter's limits; the exec happens under pmlmd's, which
+    may be lower: then the task fails, naming the limit and what to do (E2BIG)."""
+    daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n")
+    daemon.start(prefix=("prlimit", "--stack=524288", "--"))  # pmlmd may exec 128 KiB of it
+    env = dict(os.environ, BIG1="x" * 100_000, BIG2="y" * 100_000)
+    result = daemon.ctl("submit", "--wait", "--json", "--", "true", env=env)
+    assert result.returncode == 1, result.stderr
+    (task,) = json.loads(result.stdout)["tasks"]
+    reason = task["attempts"][0]["reason"]
+    assert "Argument list too long" in reason and "a quarter of pmlmd's stack limit (131072 bytes here)" in reason
+    assert "pass fewer or smaller arguments or variables" in reason
