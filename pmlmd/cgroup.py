@@ -72,6 +72,20 @@ def own_cgroup(pid: str = "self") -> str | None:
     return None
 
 
+def usage_usec(cpu_stat: str) -> int | None:
+    """usage_usec of a cgroup's cpu.stat (its path): the CPU time of every process that ever ran in
+    the cgroup or below, in microseconds; None when it cannot be read."""
+    try:
+        with open(cpu_stat) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _delegated(path: str) -> bool:
     for name in DELEGATE_XATTRS:
         try:
@@ -91,6 +105,11 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"cgroup.Worker({self.path!r})"
+
+    @property
+    def worker_id(self) -> str:
+        """The id of the worker it was made for: its name without the "~N" Subtree.starting may add."""
+        return os.path.basename(self.path).partition("~")[0]
 
     def _write(self, name: str, value: str) -> None:
         with open(os.path.join(self.path, name), "w") as f:
@@ -151,15 +170,8 @@ class Worker:
         return sent
 
     def cpu_usec(self) -> int | None:
-        """CPU time of every process that ever ran in it, in microseconds (cpu.stat usage_usec)."""
-        try:
-            for line in self._read("cpu.stat").splitlines():
-                key, _, value = line.partition(" ")
-                if key == "usage_usec":
-                    return int(value)
-        except (OSError, ValueError):
-            return None
-        return None
+        """CPU time of every process that ever ran in it, in microseconds (see usage_usec)."""
+        return usage_usec(os.path.join(self.path, "cpu.stat"))
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the last process to leave; True once none is in it.
@@ -212,16 +224,11 @@ class Subtree:
         path = os.path.join(self.root, name)
         return Worker(path, "/" + os.path.relpath(path, self.mount))
 
-    def existing(self, name: str) -> Worker | None:
-        """The cgroup of a worker started by an earlier pmlmd, if it is still there."""
-        w = self.worker(name)
-        return w if os.path.isdir(w.path) else None
-
     def member_of(self, pid: int) -> str | None:
-        """The name of the worker cgroup ``pid`` is in (without a "~N" that starting added), or None
-        when it is in none of ours."""
+        """The worker id of the worker cgroup ``pid`` is in (Worker.worker_id), or None when it is in
+        none of ours."""
         w = self.cgroup_of(pid)
-        return os.path.basename(w.path).partition("~")[0] if w is not None else None
+        return w.worker_id if w is not None else None
 
     def cgroup_of(self, pid: int) -> Worker | None:
         """The worker cgroup ``pid`` is in, or None when it is in none of ours."""
@@ -256,7 +263,7 @@ class Subtree:
                 self._cannot(w, e)
                 yield None
                 return
-        own = os.path.join(self.mount, (own_cgroup() or "/").lstrip("/"))
+        own = os.path.dirname(self.root)  # pmlmd's own cgroup, where _usable made the subtree
         try:
             _move_self(w.path)
         except OSError as e:
@@ -328,7 +335,7 @@ class Subtree:
 
     def cpu_usec(self) -> int | None:
         """CPU time of every worker cgroup below, in microseconds (the subtree's cpu.stat)."""
-        return Worker(self.root, "").cpu_usec()
+        return usage_usec(os.path.join(self.root, "cpu.stat"))
 
     def describe(self) -> str:
         return f"cgroup v2 ({self.root})"

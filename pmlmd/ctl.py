@@ -20,7 +20,6 @@ from typing import Callable
 from . import __version__, cgroup, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
-from .cgroup import BACKENDS as WORKER_BACKENDS
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
 from .joblog import Joblog
@@ -239,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr, exit")
     out.add_argument("--task-id", metavar="ID", help="an id of your own, echoed as task_id in the report")
     out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
-    run.add_argument("--worker-backend", choices=WORKER_BACKENDS, default="auto",
+    run.add_argument("--worker-backend", choices=cgroup.BACKENDS, default="auto",
                      help="how workers are contained and measured: cgroup (each in a cgroup v2 of its own: "
                           "frozen, killed and counted whole by the kernel), proc (process groups and trees from "
                           "/proc), auto (cgroup where pmlmctl may make one; default)")

@@ -1434,9 +1434,15 @@ def signal_pids(pids, signals) -> None:
                 break
 
 
+def subtree_name(config: Config) -> str:
+    """The name of the workers' cgroup subtree: by the state directory, so that a restarted pmlmd
+    (and --release-workers) finds the cgroups of the workers it adopts."""
+    return cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir))
+
+
 def worker_cgroups(config: Config, scope_backend) -> cgroup.Subtree | None:
-    """The subtree of the workers' cgroups (config ``worker_backend``), named by the state directory
-    so that a restarted pmlmd finds its workers' cgroups again; None for the /proc backend.
+    """The subtree of the workers' cgroups (config ``worker_backend``, named by subtree_name); None
+    for the /proc backend.
 
     A batch in a systemd scope is moved into that scope, out of any cgroup of pmlmd's: with
     systemd scopes the workers are followed through /proc. Raises DaemonError for
@@ -1447,8 +1453,7 @@ def worker_cgroups(config: Config, scope_backend) -> cgroup.Subtree | None:
                               "workers' processes; set one of them in pmlmd.toml")
         return None
     try:
-        return cgroup.choose(config.worker_backend,
-                             cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir)))
+        return cgroup.choose(config.worker_backend, subtree_name(config))
     except cgroup.Unusable as e:
         raise DaemonError(f'worker_backend = "cgroup": {e}; set worker_backend = "auto" or "proc" in pmlmd.toml') \
             from None
@@ -1468,7 +1473,7 @@ def release_workers(config: Config) -> int:
         log.warning("%s: releasing workers by their process groups only", e)
         backend = scopes.NoScopes()
     in_scopes = known = 0
-    subtree = cgroup.existing(cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir)))
+    subtree = cgroup.existing(subtree_name(config))
     for w in subtree.workers() if subtree is not None else []:
         try:
             w.thaw()

@@ -605,11 +605,7 @@ class Engine:
                 paths.add(w.scope_stat)
         idle, seen = set(), {}
         for path in paths:
-            try:
-                with open(path) as f:
-                    usec = next((int(line.split()[1]) for line in f if line.startswith("usage_usec ")), None)
-            except (OSError, ValueError):
-                usec = None
+            usec = cgroups_module.usage_usec(path)
             if usec is not None and self.scope_usec.get(path) == usec:
                 idle.add(path)
             seen[path] = usec
@@ -995,9 +991,10 @@ class Engine:
         """Watch a worker that a previous daemon started (it is not our child)."""
         task.status = "running"
         worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
-        if self.cgroups is not None and self.cgroups.member_of(child.pid) == worker.worker_id:
-            worker.cgroup = self.cgroups.cgroup_of(child.pid)
-            _signal_cgroup(worker.cgroup, signal.SIGCONT)  # never left frozen by the pmlmd before
+        cgroup = self.cgroups.cgroup_of(child.pid) if self.cgroups is not None else None
+        if cgroup is not None and cgroup.worker_id == worker.worker_id:
+            worker.cgroup = cgroup
+            _signal_cgroup(cgroup, signal.SIGCONT)  # never left frozen by the pmlmd before
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)

@@ -86,18 +86,17 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     if credentials is not None:
         return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
                          credentials=credentials, umask=umask, proc=proc)
-    command = list(argv)
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
                else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
     if stdout_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
     if stderr_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
-    with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
+    with workdir.entered(cwd) if cwd is not None else contextlib.nullcontext():
         # posix_spawn has no umask attribute: the child inherits pmlmd's, set for this one call.
         previous = os.umask(umask) if umask is not None else None
         try:
-            pid = os.posix_spawnp(command[0], command, env, file_actions=actions, setsid=True,
+            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
                                   setsigdef=_RESET_SIGNALS, setsigmask=())
         finally:
             if previous is not None:
