@@ -200,9 +200,21 @@ def keep_descriptors_from_workers() -> None:
                 pass  # closed meanwhile (the directory's own descriptor)
 
 
+def take_login_groups() -> None:
+    """pmlmd's own user's supplementary groups, as a login gives them (its service manager starts
+    it with none): a batch of pmlmd's own user then has exactly pmlmd's credentials, and its
+    workers start without a change of ids (procctl.spawn)."""
+    if os.geteuid() == 0:
+        try:
+            os.setgroups(user_groups(0, os.getegid()))
+        except OSError as e:
+            log.warning("cannot take root's groups (%s): root's workers start through setpriv", e.strerror)
+
+
 class Daemon:
     def __init__(self, config_path: str | None, overrides: dict):
         keep_descriptors_from_workers()
+        take_login_groups()
         self.config_path = config_path
         self.overrides = overrides
         self.config = load_config(config_path, overrides)

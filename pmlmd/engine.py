@@ -891,13 +891,16 @@ class Engine:
             env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run)))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
+        # Another user's worker starts through setpriv, as root until it has taken on the ids: its
+        # variables then reach it through the gate (see gated).
+        carry = credentials is not None and credentials != procctl.own_credentials()
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         gate_r = gate_w = None
         outputs = None
         try:
             if self.output is not None:
                 outputs = self.output.open(run, task, attempt_no)
-            if self.scopes.gated or rlimits:
+            if self.scopes.gated or rlimits or carry:
                 # The worker waits at the gate until it is in its scope and has its limits.
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
             # As bytes, converted here and nowhere else: exec gets exactly the bytes that were
@@ -906,7 +909,7 @@ class Engine:
             command = [tasklines.raw(word) for word in argv]
             exports = b""
             if gate_r is not None:
-                command, environ, exports = gated(rlimits, command, environ)
+                command, environ, exports = gated(rlimits, command, environ, carry=carry)
             with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
                   else contextlib.nullcontext()) as cgroup:
                 child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
@@ -1076,8 +1079,10 @@ class Engine:
             return
         self.loop.unwatch(w.child.pidfd)
         os.close(w.child.pidfd)
-        # Its children were re-parented to pmlmd when it exited: attribute them while it is still known.
-        self._adopt_orphans(exited=w)
+        # Its children were re-parented to pmlmd when it exited: attribute them while it is still known
+        # (in its cgroup, if it had one: they are ended with it below).
+        if w.cgroup is None:
+            self._adopt_orphans(exited=w)
         del self.workers[w.child.pid]
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
@@ -1466,9 +1471,14 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
 _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes]
+def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes], *, carry: bool = False
           ) -> tuple[list[bytes], dict[bytes, bytes], bytes]:
     """The command, the environment and the lines after "go" that start ``argv`` through the gate.
+
+    ``carry``: every variable goes after "go" and the gate starts with no environment at all,
+    when that fits: for a gate started through setpriv(1), which runs as root until it has
+    taken on the worker's credentials (procctl.spawn starts it so only with an empty
+    environment, and forks pmlmd otherwise).
 
     The variables the dynamic loader acts on (LD_PRELOAD, GCONV_PATH, ...; see
     _loader_variable) do not reach the gate shell: its code would otherwise run before the
@@ -1482,12 +1492,20 @@ def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[byte
     """
     prefix = [word.encode() for word in gate(rlimits)]
     if all(_SHELL_NAME.match(name) for name in env):
+        if carry:
+            exports = _exports(env)
+            if len(exports) <= GATE_EXPORTS_MAX:
+                return prefix + argv, {}, exports
         loader = {name: value for name, value in env.items() if _loader_variable(name)}
-        exports = b"".join(b"export " + name + b"='" + value.replace(b"'", b"'\\''") + b"'\n"
-                           for name, value in loader.items())
+        exports = _exports(loader)
         if len(exports) <= GATE_EXPORTS_MAX:
             return prefix + argv, {name: value for name, value in env.items() if name not in loader}, exports
     return prefix + procctl.env_argv(env, argv), {}, b""
+
+
+def _exports(env: dict[bytes, bytes]) -> bytes:
+    """Shell lines that export ``env`` exactly (single quotes: nothing in a value is expanded)."""
+    return b"".join(b"export " + name + b"='" + value.replace(b"'", b"'\\''") + b"'\n" for name, value in env.items())
 
 
 # What glibc ignores for set-user-ID programs, because it changes what the loader or libc load

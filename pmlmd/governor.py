@@ -27,7 +27,8 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 it fits the CPU headroom; else, when a burner has
                                 run a window, it and the worker paused longest
                                 take turns (rule "turn"); with nothing paused, admit
-                                new workers while usage + 2 x average + G fits.
+                                new workers while usage + 2 x average + G fits and
+                                their average CPU fits under C (C = 100: no bound).
 
 Several batches: workers carry their batch's priority (victims come from the lowest
 priority first) and admissions go through the batches' workloads in the order given
@@ -302,7 +303,8 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
             bounds["ramp"] = max(1, len(running) + admitted)  # nothing measured yet: double per step
         if demand.avg_rss:
             bounds["memory"] = math.floor((free_projected - limit - gap) / demand.avg_rss) - 1
-        if demand.avg_cpu and demand.avg_cpu >= CPU_NEGLIGIBLE:
+        if demand.avg_cpu and demand.avg_cpu >= CPU_NEGLIGIBLE and limits.cpu_limit < 100:
+            # (A limit of 100 % is no limit: the node cannot use more, however many run.)
             bounds["cpu"] = math.floor((limits.cpu_limit - cpu_projected) / demand.avg_cpu)
         bound_by = min(bounds, key=bounds.get)
         count = bounds[bound_by]

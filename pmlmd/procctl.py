@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from . import workdir
-from .sampler import ProcReader
+from .sampler import CLOCK_TICKS, ProcReader
 
 ENV = b"/usr/bin/env"  # coreutils' env(1), Essential in Debian
+# util-linux's setpriv(1), Essential in Debian: where it is missing, a worker of another user is
+# started by a fork of pmlmd.
+SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
 PERL = b"/usr/bin/perl"  # perl-base, Essential in Debian
 # Execute argv as it is (the PATH is searched for a name without "/"); exit like a shell when it cannot.
 EXEC_ARGV = rb'exec {$ARGV[0]} @ARGV; print STDERR "$ARGV[0]: $!\n"; exit($!{ENOENT} ? 127 : 126)'
@@ -73,40 +76,59 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     PermissionError, ...) when the command cannot be executed. No child is left behind
     when either is raised.
 
-    A worker of pmlmd's own user is started with posix_spawn(3), which glibc implements with a
-    vfork-like clone: pmlmd's memory is not copied, so a start costs the same for a 30 MiB daemon
-    as for a small program. The working directory and the umask are pmlmd's own for the duration
-    of the call, which the child inherits. A worker of another user is started by a fork of
-    pmlmd that takes on the credentials before it executes anything (_spawn_as): the submitted
-    environment must reach no process that still runs as root (LD_PRELOAD, GCONV_PATH, ... would
-    act there), and no argv (/proc/PID/cmdline is readable by every user, the environment is not).
+    A worker is started with posix_spawn(3), which glibc implements with a vfork-like clone:
+    pmlmd's memory is not copied, so a start costs the same for a 30 MiB daemon as for a small
+    program. The working directory and the umask are pmlmd's own for the duration of the call,
+    which the child inherits. A worker of another user starts as setpriv(1), which takes on the
+    credentials and executes ``argv``: as setpriv still runs as root, that is done only with an
+    empty ``env`` (LD_PRELOAD, GCONV_PATH, ... of a submitter must never act in a root process;
+    the engine's gate hands the worker its variables through its stdin, see engine.gated). With
+    an environment, or without setpriv, a worker of another user is started by a fork of pmlmd
+    that takes on the credentials before it executes anything (_spawn_as), the environment as
+    envp only: /proc/PID/cmdline is readable by every user, /proc/PID/environ is not.
     """
     if credentials is not None and credentials == own_credentials():
         credentials = None  # nothing to take on (root's own batches)
     if credentials is not None:
-        return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
-                         credentials=credentials, umask=umask, proc=proc)
+        if env or SETPRIV is None:
+            return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
+                             credentials=credentials, umask=umask, proc=proc)
+        argv = setpriv_argv(credentials) + list(argv)
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin_fd is None
                else (os.POSIX_SPAWN_DUP2, stdin_fd, 0)]
     if stdout_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
     if stderr_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
-    with workdir.entered(cwd) if cwd is not None else contextlib.nullcontext():
+    # Entered as the user (pmlmd's own credentials are back before the call): the child inherits it.
+    with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
         # posix_spawn has no umask attribute: the child inherits pmlmd's, set for this one call.
         previous = os.umask(umask) if umask is not None else None
+        before = _boot_ticks()
         try:
             pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
                                   setsigdef=_RESET_SIGNALS, setsigmask=())
         finally:
             if previous is not None:
                 os.umask(previous)
-    return _watched(pid, None, proc)
+    return _watched(pid, None, proc, before)
 
 
 def own_credentials() -> Credentials:
     """pmlmd's effective uid, gid and supplementary groups (sorted, without duplicates)."""
     return Credentials(uid=os.geteuid(), gid=os.getegid(), groups=tuple(sorted(set(os.getgroups()))))
+
+
+def setpriv_argv(credentials: Credentials) -> list[bytes]:
+    """The setpriv(1) words that run what follows as ``credentials``: real, effective and saved uid
+    and gid, and exactly those supplementary groups (util-linux setpriv: --reuid, --regid, --groups).
+
+    Each id is written with a leading space: setpriv looks a word up as a user or group *name*
+    first and reads it as a number only if no such name exists, and no name has a space, so an
+    account named "1000" cannot stand in for uid 1000."""
+    groups = ([b"--groups=" + b",".join(b" %d" % g for g in credentials.groups)] if credentials.groups
+              else [b"--clear-groups"])
+    return [SETPRIV, b"--reuid= %d" % credentials.uid, b"--regid= %d" % credentials.gid, *groups, b"--"]
 
 
 def env_argv(env: Mapping, argv: list) -> list[bytes]:
@@ -128,14 +150,25 @@ def _spawn_as(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, um
     # Popen's own cwd= would chdir in the child while it is still root: the child inherits
     # the directory pmlmd entered as the user instead.
     with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
+        before = _boot_ticks()
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
                                  stdout=stdout_fd, stderr=stderr_fd, umask=-1 if umask is None else umask,
                                  start_new_session=True, close_fds=True, restore_signals=True, **ids)
-    return _watched(popen.pid, popen, proc)
+    return _watched(popen.pid, popen, proc, before)
 
 
-def _watched(pid: int, popen: subprocess.Popen | None, proc: ProcReader | None) -> Child:
-    """The Child of a process just started: its pidfd and start time."""
+def _boot_ticks() -> int:
+    """Now, in the unit of a process's start time in /proc/PID/stat: clock ticks (USER_HZ) of
+    CLOCK_BOOTTIME, the clock the kernel stamps a new process with (proc(5), field 22)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // (1_000_000_000 // CLOCK_TICKS)
+
+
+def _watched(pid: int, popen: subprocess.Popen | None, proc: ProcReader | None, before: int) -> Child:
+    """The Child of a process started since ``before`` (_boot_ticks): its pidfd and start time.
+
+    The start time is the tick the clock showed both before the start and after it, when it
+    did not move on meanwhile (nearly always: a tick is 10 ms, a start well under one): reading
+    /proc/PID/stat right after posix_spawn would wait for the child's exec to finish."""
     started = time.monotonic()
     try:
         pidfd = os.pidfd_open(pid)
@@ -146,9 +179,12 @@ def _watched(pid: int, popen: subprocess.Popen | None, proc: ProcReader | None) 
         if popen is not None:
             popen.returncode = -signal.SIGKILL
         raise
-    stat = (proc or ProcReader()).pid_stat(pid)
-    # The child is ours and not reaped, so its stat is readable even if it already exited.
-    return Child(pid=pid, start_ticks=stat.start_ticks if stat else 0, pidfd=pidfd, started=started, popen=popen)
+    start_ticks = _boot_ticks()
+    if start_ticks != before:
+        stat = (proc or ProcReader()).pid_stat(pid)
+        # The child is ours and not reaped, so its stat is readable even if it already exited.
+        start_ticks = stat.start_ticks if stat else 0
+    return Child(pid=pid, start_ticks=start_ticks, pidfd=pidfd, started=started, popen=popen)
 
 
 def signal_group(pgid: int, sig: int) -> bool:

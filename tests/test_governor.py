@@ -275,6 +275,16 @@ def test_admission_bounded_by_cpu_headroom():
     assert spawned(decide(node(cpu=30.0), [worker(1, cpu=20)], work, LIMITS)) == 2  # 30 + 2 x 20 <= 80
 
 
+def test_a_cpu_limit_of_100_percent_bounds_no_admission():
+    """Tiny tasks measure a high CPU share over their short lives: under a real limit that admits
+    them one or two at a time, but at 100 % the node cannot use more however many run."""
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=50.0)
+    off = dataclasses.replace(LIMITS, cpu_limit=100.0, cpu_margin=0.0)
+    assert spawned(decide(node(cpu=95.0), [worker(1, cpu=50)], work, off)) == 7  # the cap of 8
+    almost = dataclasses.replace(off, cpu_limit=99.0)
+    assert decide(node(cpu=95.0), [worker(1, cpu=50)], work, almost) == []
+
+
 def test_admission_counts_unmeasured_young_workers_at_the_average():
     work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=20.0)
     young = [worker(1, cpu=20), worker(2, cpu=None), worker(3, cpu=None)]

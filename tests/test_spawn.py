@@ -42,6 +42,38 @@ def wait_exec(child: procctl.Child, command: bytes) -> None:
     raise AssertionError(f"the child never ran {command!r}")
 
 
+def wait_asleep(child: procctl.Child) -> None:
+    """Until the child, a sleep(1), sleeps: its dynamic loader has done all it does (traces too)."""
+    for _ in range(2000):
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"S":
+                with open(f"/proc/{child.pid}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[0].endswith(b"sleep"):
+                        return
+        time.sleep(0.005)  # nothing to wait on for a process's state
+    raise AssertionError("the child never went to sleep")
+
+
+def through_gate(command: list, environ: dict, exports: bytes, credentials=None) -> tuple[dict, bytes, dict]:
+    """Start a gated sleep (engine.gated's words) as pmlmd does, say go, and return what the
+    sleeping command has: its environment, its cmdline and its /proc status. Ends it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = procctl.spawn(command, environ, stdin_fd=r, credentials=credentials)
+    finally:
+        os.close(r)
+    try:
+        os.write(w, b"go+\n" + exports)
+        os.close(w)
+        wait_asleep(child)
+        with open(f"/proc/{child.pid}/environ", "rb") as f:
+            got = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if entry)
+        with open(f"/proc/{child.pid}/cmdline", "rb") as f:
+            return got, f.read(), status(child.pid)
+    finally:
+        end(child)
+
+
 def end(child: procctl.Child) -> procctl.Exit:
     os.killpg(child.pid, signal.SIGKILL)
     os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOWAIT)
@@ -51,11 +83,15 @@ def end(child: procctl.Child) -> procctl.Exit:
 
 
 @needs_root
-def test_a_worker_runs_as_its_owner_with_exactly_its_groups_in_its_directory(nobody):
+@pytest.mark.parametrize("env", [{}, {b"PATH": b"/usr/bin:/bin"}], ids=["setpriv", "fork"])
+def test_a_worker_runs_as_its_owner_with_exactly_its_groups_in_its_directory(nobody, env, monkeypatch):
+    """Both ways a worker of another user starts: posix_spawn of setpriv (no environment to hand
+    over, as behind the gate) and a fork of pmlmd (an environment, which root must not see)."""
+    if not env:
+        monkeypatch.setattr(procctl, "_spawn_as", None)  # a fork would fail
     workdir = tempfile.mkdtemp(prefix="pmlmt-spawn-")
     os.chmod(workdir, 0o755)
-    child = procctl.spawn([b"/bin/sleep", b"30"], {b"PATH": b"/usr/bin:/bin"}, cwd=workdir, credentials=nobody,
-                          umask=0o027)
+    child = procctl.spawn([b"/bin/sleep", b"30"], env, cwd=workdir, credentials=nobody, umask=0o027)
     try:
         wait_exec(child, b"/bin/sleep")
         st = status(child.pid)
@@ -109,7 +145,7 @@ def test_no_variable_of_the_submitter_reaches_a_process_that_still_runs_as_root(
     child = procctl.spawn([b"/bin/sleep", b"30"], env, credentials=nobody)
     try:
         try:
-            wait_exec(child, b"/bin/sleep")
+            wait_asleep(child)
             with open(f"/proc/{child.pid}/environ", "rb") as f:
                 environ = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if entry)
             with open(f"/proc/{child.pid}/cmdline", "rb") as f:
@@ -157,22 +193,90 @@ def test_the_loaders_variables_skip_the_gate_and_reach_the_command():
            b"GCONV_PATH": b"it's \"quoted\" $(not run)\n"}
     command, environ, exports = engine.gated({}, [b"/bin/sleep", b"30"], env)
     assert not any(engine._loader_variable(name) for name in environ)
-    r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        child = procctl.spawn(command, environ, stdin_fd=r)
-    finally:
-        os.close(r)
-    try:
-        try:
-            os.write(w, b"go+\n" + exports)
-            os.close(w)
-            wait_exec(child, b"/bin/sleep")
-            with open(f"/proc/{child.pid}/environ", "rb") as f:
-                environ = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if entry)
-        finally:
-            end(child)
+        environ, _, _ = through_gate(command, environ, exports)
         traced = b"".join(path.read_bytes() for path in traces.iterdir())
     finally:
         shutil.rmtree(traces)
     assert {name: environ.get(name) for name in env} == env  # exactly, quotes and all
     assert b"/bin/sleep" in traced and b"/bin/sh" not in traced and b"dash" not in traced, traced[:2000]
+
+
+@needs_root
+def test_a_members_gate_starts_with_no_environment_and_hands_on_exactly_the_submitted_one(nobody, monkeypatch):
+    """A member's worker starts through setpriv, which runs as root until it has taken on the
+    ids: it gets no environment; every variable reaches the command through the gate's stdin
+    pipe, exactly as submitted (the shell's own PWD, PPID, IFS and OPTIND included), in no
+    argv, and no loader ran as root (LD_DEBUG_OUTPUT files are owned by whoever was traced)."""
+    import pathlib
+    import shutil
+
+    from pmlmd import engine
+
+    monkeypatch.setattr(procctl, "_spawn_as", None)  # no fork of pmlmd
+    traces = pathlib.Path(tempfile.mkdtemp(prefix="pmlmt-ld-"))
+    traces.chmod(0o1777)
+    env = {b"LD_DEBUG": b"libs", b"LD_DEBUG_OUTPUT": str(traces / "ld").encode(), b"PATH": b"/usr/bin:/bin",
+           b"PWD": b"/nowhere", b"PPID": b"1", b"IFS": b"x", b"OPTIND": b"5", b"MARK": b"it's \"quoted\" $(no)\n\xff"}
+    command, environ, exports = engine.gated({}, [b"sleep", b"30"], env, carry=True)
+    assert environ == {}
+    try:
+        got, cmdline, st = through_gate(command, environ, exports, nobody)
+        owners = {path.stat().st_uid for path in traces.iterdir()}
+        traced = b"".join(path.read_bytes() for path in traces.iterdir())
+    finally:
+        shutil.rmtree(traces)
+    assert got == env
+    assert cmdline == b"sleep\x0030\x00" and st["Uid"].split() == [str(nobody.uid)] * 4
+    assert owners == {nobody.uid}, owners
+    assert b"control: sleep" in traced and b"setpriv" not in traced and b"dash" not in traced, traced[:2000]
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["posix_spawn", "fork"])
+def test_a_workers_start_time_is_the_one_the_kernel_reports(as_nobody):
+    """The start time (with the pid, a worker's identity across a restart of pmlmd) is taken from
+    the clock around the start, not read from /proc: it must be exactly what /proc/PID/stat says."""
+    if as_nobody and os.geteuid() != 0:
+        pytest.skip("needs root: starts a worker as another user")
+    from pmlmd.sampler import ProcReader
+
+    entry = pwd.getpwnam("nobody")
+    credentials = procctl.Credentials(entry.pw_uid, entry.pw_gid, (entry.pw_gid,)) if as_nobody else None
+    for _ in range(50):
+        child = procctl.spawn([b"/bin/sleep", b"30"], {b"PATH": b"/bin"} if as_nobody else {},
+                              credentials=credentials)
+        try:
+            assert child.start_ticks == ProcReader().pid_stat(child.pid).start_ticks
+        finally:
+            end(child)
+
+
+@needs_root
+def test_a_root_daemon_takes_roots_login_groups_so_roots_batches_start_as_it_is():
+    """Started by a service manager, pmlmd as root has no supplementary groups, while root's
+    batches carry root's groups from the group database: without taking them on, every worker of
+    root would start through setpriv."""
+    from pmlmd import daemon
+
+    before = os.getgroups()
+    try:
+        os.setgroups([])
+        daemon.take_login_groups()
+        submitted = daemon.current_credentials(procctl.Credentials(0, os.getegid(), ()))
+        assert procctl.own_credentials() == submitted
+    finally:
+        os.setgroups(before)
+
+
+def test_a_gate_carries_the_environment_only_when_it_fits_its_pipe():
+    """Every variable rides the gate's pipe only within GATE_EXPORTS_MAX (pmlmd writes it before
+    the gate reads, so it must fit the pipe): a larger environment stays the gate's own (without
+    the loader's variables), which procctl.spawn then hands over by a fork, never to setpriv."""
+    from pmlmd import engine
+
+    small = {b"PATH": b"/bin", b"LD_PRELOAD": b"x.so"}
+    command, environ, exports = engine.gated({}, [b"true"], small, carry=True)
+    assert environ == {} and b"export PATH='/bin'\n" in exports and b"LD_PRELOAD" in exports
+    large = {b"PATH": b"/bin", b"BIG": b"x" * engine.GATE_EXPORTS_MAX, b"LD_PRELOAD": b"x.so"}
+    command, environ, exports = engine.gated({}, [b"true"], large, carry=True)
+    assert environ == {b"PATH": b"/bin", b"BIG": large[b"BIG"]} and exports == b"export LD_PRELOAD='x.so'\n"
