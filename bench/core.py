@@ -482,43 +482,68 @@ def scenario_overhead(ctx) -> dict:
 def scenario_throughput(ctx) -> dict:
     need_parallel()
     n = 100 if ctx.quick else 2000
-    j = 16
+    widths = (4,) if ctx.quick else (4, 16)
     trials = 1 if ctx.quick else 3
     seq = "\n".join(map(str, range(n))) + "\n"
-    results: dict[str, list[float]] = {}
+    results: dict[tuple[str, int], list[float]] = {}
+    daemon_cpu: dict[int, list[float]] = {}  # ms of pmlmd's CPU per task
     with Daemon(ctx.tmp / "throughput-daemon", DAEMON_RELAXED.format(max_workers=1100)) as d:
-        tools = {
-            "pmlmctl run --cpu-limit 100 --cpu-margin 0": lambda: [*PMLMCTL, "run", "-n", str(n), "-j", str(j),
-                                                                  "--cpu-limit", "100", "--cpu-margin", "0", "--", "/bin/true"],
-            "pmlmctl run (default limits)": lambda: [*PMLMCTL, "run", "-n", str(n), "-j", str(j), "--", "/bin/true"],
-            "pmlmd daemon (submit --wait)": lambda: [*PMLMCTL, "--socket", d.socket, "submit", "--wait", "-n", str(n),
-                                                     "-j", str(j), "--", "/bin/true"],
-            "GNU parallel": lambda: ["parallel", "-j", str(j), "-N0", "/bin/true"],
-            "xargs -P": lambda: ["xargs", "-P", str(j), "-n", "1", "/bin/true"],
-        }
+        def tools(j: int) -> dict:
+            return {
+                "pmlmctl run --cpu-limit 100 --cpu-margin 0": [*PMLMCTL, "run", "-n", str(n), "-j", str(j),
+                                                               "--cpu-limit", "100", "--cpu-margin", "0", "--", "/bin/true"],
+                "pmlmctl run (default limits)": [*PMLMCTL, "run", "-n", str(n), "-j", str(j), "--", "/bin/true"],
+                "pmlmd daemon (submit --wait)": [*PMLMCTL, "--socket", d.socket, "submit", "--wait", "-n", str(n),
+                                                 "-j", str(j), "--", "/bin/true"],
+                # -u: no output grouping (no temporary files per job); /bin/true writes nothing to group.
+                "GNU parallel -u": ["parallel", "-u", "-j", str(j), "-N0", "/bin/true"],
+                "xargs -P": ["xargs", "-P", str(j), "-n", "1", "/bin/true"],
+            }
         for trial in range(trials):
-            for name, cmd in tools.items():
-                uses_stdin = name in ("GNU parallel", "xargs -P")
-                t0 = time.monotonic()
-                r = subprocess.run(cmd(), input=seq if uses_stdin else None, stdin=None if uses_stdin else subprocess.DEVNULL,
-                                   capture_output=True, text=True, env=ENV, timeout=900)
-                elapsed = time.monotonic() - t0
-                if r.returncode != 0:
-                    raise RuntimeError(f"{name} failed ({r.returncode}): {r.stderr[-1000:]}")
-                results.setdefault(name, []).append(n / elapsed)
+            for j in widths:
+                for name, cmd in tools(j).items():
+                    uses_stdin = name.startswith(("GNU parallel", "xargs"))
+                    daemon_before = cpu_seconds(d.pid)
+                    t0 = time.monotonic()
+                    r = subprocess.run(cmd, input=seq if uses_stdin else None,
+                                       stdin=None if uses_stdin else subprocess.DEVNULL,
+                                       capture_output=True, text=True, env=ENV, timeout=900)
+                    elapsed = time.monotonic() - t0
+                    if r.returncode != 0:
+                        raise RuntimeError(f"{name} failed ({r.returncode}): {r.stderr[-1000:]}")
+                    results.setdefault((name, j), []).append(n / elapsed)
+                    if name.startswith("pmlmd daemon"):
+                        daemon_cpu.setdefault(j, []).append((cpu_seconds(d.pid) - daemon_before) / n * 1000)
     rows = []
-    par = stats(results["GNU parallel"])["median"]
-    xa = stats(results["xargs -P"])["median"]
-    for name, v in results.items():
-        s = stats(v)
-        rows.append({"tool": name, "tasks": n, "-j/-P": j, "trials": trials, "tasks/s median (min–max)": mmm(s, 0),
-                     "÷ GNU parallel": fmt(s["median"] / par, 2), "÷ xargs": fmt(s["median"] / xa, 2), "_stats": s})
+    for j in widths:
+        par = stats(results[("GNU parallel -u", j)])["median"]
+        xa = stats(results[("xargs -P", j)])["median"]
+        for (name, width), v in results.items():
+            if width != j:
+                continue
+            s = stats(v)
+            cpu = stats(daemon_cpu[j]) if name.startswith("pmlmd daemon") else None
+            rows.append({"tool": name, "tasks": n, "-j/-P": j, "trials": trials,
+                         "tasks/s median (min–max)": mmm(s, 0), "÷ GNU parallel": fmt(s["median"] / par, 2),
+                         "÷ xargs": fmt(s["median"] / xa, 2),
+                         "daemon CPU ms/task": mmm(cpu, 2) if cpu else "", "_stats": s})
     return {"title": "4. Tiny-task throughput (/bin/true)", "rows": rows,
             "notes": ["wall time of the whole command, Python start-up of pmlmctl included (~0.1-0.2 s)",
-                      "the daemon's limits: cpu_limit 100, cpu_margin 0, memfree_limit 5"]}
+                      "the daemon's limits: cpu_limit 100, cpu_margin 0, memfree_limit 5; root's batch",
+                      "daemon CPU per task: pmlmd's utime + stime over the submit, divided by the tasks"]}
 
 
 # ---------------------------------------------------------------- scenario 5: goodput
+
+def task_peak(job: list[str]) -> int:
+    """Bytes: the peak RSS of one task run alone (wait4's ru_maxrss)."""
+    proc = subprocess.Popen(job, env=ENV)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job} failed alone ({proc.returncode})")
+    return usage.ru_maxrss * 1024
+
 
 def goodput_trial(tmp: Path, tool: str, trial: int, ntasks: int, size_mb: int, hold_s: float, headroom: int, j: int) -> dict:
     d = tmp / f"goodput-{tool}-{trial}"
@@ -538,7 +563,7 @@ def goodput_trial(tmp: Path, tool: str, trial: int, ntasks: int, size_mb: int, h
         elif tool == "parallel":
             cmd = ["parallel", "--memfree", str(metric("parallel") - headroom), "-j", str(j), "-N0", " ".join(job)]
             stdin = subprocess.PIPE
-        else:
+        else:  # "xargs" with -P j (naive), "ideal" with -P k (as many as fit the headroom, see scenario_goodput)
             cmd = ["xargs", "-P", str(j), "-n", "1", "sh", "-c", " ".join(job)]
             stdin = subprocess.PIPE
         t0 = time.monotonic()
@@ -568,17 +593,25 @@ def scenario_goodput(ctx) -> dict:
     headroom = 400 * MIB
     ntasks, size_mb, hold_s, j = (4, 128, 0.3, 4) if ctx.quick else (12, 128, 1.0, 12)
     trials = 1 if ctx.quick else 3
+    # The ideal packing: as many at a time as fit the headroom at the peak one task reaches alone.
+    peak = task_peak([PY, WORKER, "hold", str(size_mb), "0"])
+    k = max(1, headroom // peak)
     tools = {"pmlmd": f"pmlmctl run -j {j} (default gap 200M)", "parallel": f"GNU parallel --memfree -j {j}",
+             "ideal": f"xargs -P {k} (ideal packing: {headroom // MIB} MiB / {peak / MIB:.0f} MiB a task)",
              "xargs": f"xargs -P {j} (naive)"}
     raw: dict[str, list[dict]] = {}
     for trial in range(trials):
         for tool in tools:
-            raw.setdefault(tool, []).append(goodput_trial(ctx.tmp, tool, trial, ntasks, size_mb, hold_s, headroom, j))
+            width = k if tool == "ideal" else j
+            raw.setdefault(tool, []).append(goodput_trial(ctx.tmp, tool, trial, ntasks, size_mb, hold_s, headroom,
+                                                          width))
     rows = []
+    ideal = stats([t["makespan_s"] for t in raw["ideal"]])["median"]
     for tool, label in tools.items():
         ts = raw[tool]
         mk = stats([t["makespan_s"] for t in ts])
         rows.append({"tool": label, "trials": trials, "makespan s": mmm(mk, 1),
+                     "÷ ideal": fmt(mk["median"] / ideal, 2),
                      "time below limit s": mmm(stats([t["below_s"] for t in ts]), 2),
                      "breaches": mmm(stats([t["breaches"] for t in ts]), 0),
                      "deepest below limit MiB": mmm(stats([t["deepest_mib"] for t in ts]), 0),

@@ -152,6 +152,7 @@ class BatchRun:
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
     results: str | None = None  # --results: an absolute directory, written as the owner (see output)
     finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
+    finished_peak: int = 0  # bytes: the highest peak RSS of its finished workers (its memory profile)
     finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
     halted: bool = False  # the engine has acted on the batch's --halt
     intake: object | None = None  # intake.Intake of a queue batch, made by Engine.add
@@ -481,12 +482,19 @@ class Engine:
         room = None if run.max_workers is None else max(0, run.max_workers - len(mine))
         queued = len(run.batch.queue) + (OPEN_DEMAND if self._taking(run) else 0)
         return Workload(queued=queued, avg_rss=rss_sum / rss_n if rss_n else None,
-                        avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room)
+                        avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room,
+                        peak_rss=run.finished_peak or None)
 
     def _decide(self, sample: NodeSample) -> list[Decision]:
         """The node-wide decision, narrowed by batches that asked for stricter limits."""
         views = [w.view() for w in self.workers.values()]
-        demands = [self._workload(run) for run in self._admission_order()]
+        admitting = self._admission_order()
+        demands = [self._workload(run) for run in admitting]
+        # The other batches' workers are measured against their batch's profile too (rule 3).
+        others = {w.run.id: w.run for w in self.workers.values()}
+        for run in admitting:
+            others.pop(run.id, None)
+        demands += [dataclasses.replace(self._workload(run), queued=0) for run in others.values()]
         decisions = decide(sample, views, demands, self.limits)
         stricter = [run for run in self.runs.values() if run.limits != self.limits]
         if not stricter:
@@ -1093,6 +1101,7 @@ class Engine:
         a.peak_rss = max(w.peak_rss, ended.max_rss)
         run.finished_rss[0] += a.peak_rss
         run.finished_rss[1] += 1
+        run.finished_peak = max(run.finished_peak, a.peak_rss)
         wall = max(now - a.start, 1e-3)
         run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
         run.finished_cpu[1] += 1

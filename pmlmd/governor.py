@@ -11,12 +11,13 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 with no worker left and tasks queued: critical.
 2. memory     free < L          terminate victims (SIGTERM, then SIGKILL after the
                                 grace) until projected free >= L; admit nothing.
-3. gap        free < L + G      admit nothing; pause every running worker whose
-                                memory is growing. If all are paused and nothing
-                                changes for a window: continue the last one if it was
-                                paused for CPU; terminate it if it was paused for
-                                growing (continued, it would only grow on); make room
-                                by terminating the first victim among several.
+3. gap        free < L + G      pause every running worker whose memory grows off
+                                course (see profiles below); admit nothing else. If all
+                                are paused and nothing changes for a window: continue
+                                the last one if it was paused for CPU; terminate it if
+                                it was paused for growing (continued, it would only
+                                grow on); make room by terminating the first victim
+                                among several.
 4. cpu        cpu > C           admit nothing; pause running victims that use CPU
                                 until their share covers the excess. The last running
                                 worker is kept if it fits the limit alone (within half
@@ -27,8 +28,19 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 it fits the CPU headroom; else, when a burner has
                                 run a window, it and the worker paused longest
                                 take turns (rule "turn"); with nothing paused, admit
-                                new workers while usage + 2 x average + G fits and
+                                new workers while their memory fits (below) and
                                 their average CPU fits under C (C = 100: no bound).
+
+Memory profiles: a batch of which a worker has finished has a profile, the highest peak P
+of its finished workers. A worker of it is on course while its memory is within P (plus
+PEAK_SLACK); each running worker may still take what it lacks to P (all of P within a
+window of its start: the node's reading lags). Such a batch is packed by P: admitted while
+free memory minus what running workers may still take minus P per new worker stays >= L,
+in the gap too. In the gap, an on-course grower runs on while that projection holds (else
+the newest pay first by pausing), and one paused on course goes on once its rest fits. A
+batch without a profile is admitted while usage + 2 x max(average, G) + G fits (a worker
+started within a window counts as at least G: it may allocate after it starts), never in
+the gap, and its growers there are paused.
 
 Several batches: workers carry their batch's priority (victims come from the lowest
 priority first) and admissions go through the batches' workloads in the order given
@@ -74,6 +86,9 @@ MEMORY_METRICS = ("available", "free")
 # A worker whose memory grows faster than this is "growing" (noise from page
 # cache and allocator churn stays well below it).
 GROWTH_THRESHOLD = 1 << 20  # bytes per second
+# A worker is on course while its memory stays within its batch's peak (the highest of its finished
+# workers) plus this share of it: equal tasks differ by a few pages from run to run.
+PEAK_SLACK = 1 / 16
 # A worker using less than this share of the node's CPU is not worth pausing for CPU.
 CPU_NEGLIGIBLE = 1.0  # percentage points
 
@@ -128,6 +143,9 @@ class Workload:
     avg_cpu: float | None = None  # node CPU share per worker measured so far
     key: Hashable = None  # the batch; spawn decisions name it
     room: int | None = None  # the batch's own cap on more workers, if it has one
+    # bytes: the highest peak of the batch's finished workers (its memory profile), None until
+    # one finished. A worker below it and growing is on course; admission packs workers by it.
+    peak_rss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,11 +223,50 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                            free + sum(w.rss for w in releasing), limit, TERMINATE, "memory",
                            f"{seen}: terminating {limits.victim} worker to get back above the limit")
 
-    # 3. Inside the gap above the limit: hold still, stop whatever is growing.
+    by_batch = {d.key: d for d in demands}
+
+    def rest(w: WorkerView) -> float | None:
+        """Bytes ``w`` may still take from free memory before it reaches its batch's peak; None
+        without a profile. One started within a window may take all of it: the node's figure lags
+        its growth (it is read before the workers are, and the kernel folds its counters lazily)."""
+        demand = by_batch.get(w.batch)
+        peak = demand.peak_rss if demand is not None else None
+        if peak is None:
+            return None
+        return peak if sample.time - w.started < limits.window else max(0.0, peak - w.rss)
+
+    def on_profile(w: WorkerView) -> bool:
+        """``w`` has not outgrown its batch's peak (within PEAK_SLACK)."""
+        return rest(w) is not None and w.rss <= by_batch[w.batch].peak_rss * (1 + PEAK_SLACK)
+
+    # 3. Inside the gap above the limit: admit nothing unmeasured, stop whatever grows off course.
     if free < limit + gap:
         growing = [w for w in running if (w.rss_growth or 0) > GROWTH_THRESHOLD]
+        # A worker growing toward the peak its batch's finished workers reached is on course: it
+        # runs on while what every running worker may still add leaves free memory above L.
+        on_course = [w for w in growing if on_profile(w)]
+        projected = free - sum(rest(w) or 0.0 for w in running)
+        stopped = [w for w in growing if w not in on_course]
+        for w in victim_order(on_course, limits.victim, "rss"):
+            if projected >= limit:
+                break
+            stopped.append(w)
+            projected += rest(w)
         decisions = [Decision(PAUSE, w.key, rule="gap", reason=f"{seen}, gap {_mib(gap)}: pausing worker whose "
-                              f"memory grows {_mib(w.rss_growth)}/s") for w in victim_order(growing, limits.victim, "rss")]
+                              f"memory grows {_mib(w.rss_growth)}/s" + ("" if w not in on_course else
+                              f" (its batch's peak would take free memory below the limit)"))
+                     for w in victim_order(stopped, limits.victim, "rss")]
+        if not decisions and (cpu is None or cpu <= limits.cpu_limit):
+            # One paused here on course whose rest now fits (others finished, or their readings
+            # caught up) goes on: it would otherwise wait for the whole gap to clear.
+            for w in sorted(paused, key=lambda w: (-w.priority, w.paused_at, repr(w.key))):
+                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.window and projected - rest(w) >= limit):
+                    return [Decision(CONTINUE, w.key, rule="gap", reason=f"{seen}: continuing worker paused in the "
+                                     f"gap: the {_mib(rest(w))} it may still add to its batch's peak fit")]
+        if not decisions and not paused and projected >= limit and (cpu is None or cpu <= limits.cpu_limit):
+            # The projection holds: batches with a profile are packed into the gap too.
+            return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen,
+                          profiled_only=True)
         stuck = (not decisions and not running and not releasing and paused
                  and all(sample.time - w.paused_at >= limits.window for w in paused))
         if stuck and (cpu is None or cpu <= limits.cpu_limit):
@@ -277,8 +334,18 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         # Paused workers keep their claim on the headroom: admit nothing new.
         return []
 
-    if queued <= 0:
+    return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen)
+
+
+def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list[WorkerView], now: float, free: int,
+           limit: int, gap: int, cpu: float | None, limits: Limits, rest, seen: str,
+           profiled_only: bool = False) -> list[Decision]:
+    """Spawn decisions: batches in order, each up to its bounds (rule 5; with ``profiled_only``,
+    in the gap band, only batches with a memory profile, packed by it)."""
+    if sum(d.queued for d in demands) <= 0:
         return []
+    cpu_now = cpu or 0.0
+    calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
     room = limits.max_workers - len(workers)
     if room <= 0 or (running and not calm):
         return []
@@ -290,33 +357,47 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
 
     young = [w for w in running if w.cpu is None]
     cpu_projected = cpu_now + sum(expected(w, "avg_cpu") for w in young)
-    free_projected = free - sum(max(0.0, expected(w, "avg_rss") - w.rss) for w in young)
+    # What running workers may still add: up to their batch's peak where it is known, else young
+    # (unmeasured) ones up to their batch's average.
+    free_projected = free - sum(rest(w) if rest(w) is not None else
+                                max(0.0, expected(w, "avg_rss") - w.rss) if w.cpu is None else 0.0 for w in running)
     decisions = []
     admitted = 0
     for demand in demands:
-        if demand.queued <= 0 or demand.room == 0:
+        if demand.queued <= 0 or demand.room == 0 or (profiled_only and demand.peak_rss is None):
             continue
         bounds = {"queued": demand.queued, "cap": room}
         if demand.room is not None:
             bounds["batch cap"] = demand.room
         if demand.avg_rss is None or demand.avg_cpu is None:
             bounds["ramp"] = max(1, len(running) + admitted)  # nothing measured yet: double per step
-        if demand.avg_rss:
-            bounds["memory"] = math.floor((free_projected - limit - gap) / demand.avg_rss) - 1
+        if demand.peak_rss:
+            # Packed by the profile: every one may reach the batch's peak and free memory stays
+            # above L (a worker growing past it is paused in the gap, rule 3).
+            bounds["memory"] = math.floor((free_projected - limit) / demand.peak_rss)
+        else:
+            # No worker of it has finished, so nobody knows how far its workers grow: they may
+            # allocate after they start, and steps follow each other within milliseconds while
+            # workers start. Each is taken to reach at least the gap G (the memory pmlmd has to
+            # react in) until it has run a window; the gap itself and one more stay in reserve.
+            size = max(demand.avg_rss or 0.0, float(gap), 1.0)
+            unsettled = sum(max(0.0, size - w.rss) for w in running
+                            if w.batch == demand.key and now - w.started < limits.window)
+            bounds["memory"] = math.floor((free_projected - unsettled - limit - gap) / size) - 1
         if demand.avg_cpu and demand.avg_cpu >= CPU_NEGLIGIBLE and limits.cpu_limit < 100:
             # (A limit of 100 % is no limit: the node cannot use more, however many run.)
             bounds["cpu"] = math.floor((limits.cpu_limit - cpu_projected) / demand.avg_cpu)
         bound_by = min(bounds, key=bounds.get)
         count = bounds[bound_by]
-        if count < 1 and not running and not admitted:
+        if count < 1 and not running and not admitted and not profiled_only:
             count, bound_by = 1, "liveness: nothing else runs"  # one worker may always try
         if count < 1:
             break  # strict priority: who comes later waits for this batch
-        decisions.append(Decision(SPAWN, count=count, batch=demand.key, rule="calm", reason=f"{seen}, cpu "
-                                  f"{cpu_now:.0f}%: admitting {count} (bound by {bound_by})"))
+        decisions.append(Decision(SPAWN, count=count, batch=demand.key, rule="gap" if profiled_only else "calm",
+                                  reason=f"{seen}, cpu {cpu_now:.0f}%: admitting {count} (bound by {bound_by})"))
         admitted += count
         room -= count
-        free_projected -= count * (demand.avg_rss or 0.0)
+        free_projected -= count * (demand.peak_rss or max(demand.avg_rss or 0.0, float(gap)))
         cpu_projected += count * (demand.avg_cpu or 0.0)
         if room <= 0:
             break

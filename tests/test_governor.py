@@ -264,21 +264,93 @@ def test_admission_ramps_up_while_nothing_is_measured():
 
 
 def test_admission_bounded_by_memory_usage_plus_two_averages_plus_gap():
+    """No worker of the batch has finished (no profile): the average so far, and the gap kept."""
     work = Workload(queued=50, avg_rss=1 * GiB, avg_cpu=1.0)
     # headroom above limit + gap is 3.5G: 3 averages fit, the rule keeps one in reserve.
     free = LIMIT + 200 * MiB + int(3.5 * GiB)
     assert spawned(decide(node(free=free), [worker(1, cpu=1.0)], work, LIMITS)) == 2
 
 
+def test_without_a_profile_a_new_worker_counts_as_at_least_the_gap_for_a_window():
+    """Workers may allocate after they start, and steps follow each other within milliseconds:
+    until a worker of the batch has finished, one started within a window is taken to reach at
+    least the gap G (200 MiB here), whatever it shows so far."""
+    work = Workload(queued=50, avg_rss=10 * MiB, avg_cpu=1.0)
+    free = LIMIT + 200 * MiB + 1000 * MiB  # five gaps above L + G
+    assert spawned(decide(node(free=free), [], work, LIMITS)) == 4  # one in reserve
+    just_started = [worker(pid, started=NOW - 0.1, rss=10 * MiB, cpu=None) for pid in (1, 2)]
+    assert spawned(decide(node(free=free), just_started, work, LIMITS)) == 2  # 2 x 190 MiB may still come
+    settled = [worker(pid, rss=10 * MiB, cpu=1.0) for pid in (1, 2)]
+    assert spawned(decide(node(free=free), settled, work, LIMITS)) == 4
+
+
 def test_admission_bounded_by_cpu_headroom():
-    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=20.0)
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=20.0, peak_rss=1 * MiB)
     assert spawned(decide(node(cpu=30.0), [worker(1, cpu=20)], work, LIMITS)) == 2  # 30 + 2 x 20 <= 80
+
+
+# --- memory profiles: packing by the peak of finished workers ----------------------------------
+PROFILED = Workload(queued=20, avg_rss=100 * MiB, avg_cpu=1.0, peak_rss=128 * MiB)
+
+
+def test_a_profiled_batch_is_packed_by_its_peak_down_to_the_limit():
+    """The peak of finished workers is what each new one may reach: 400 MiB above L fit three of
+    128 MiB (the gap is not held in reserve for them; growing past the peak is paused there)."""
+    assert spawned(decide(node(free=LIMIT + 400 * MiB, cpu=1.0), [], PROFILED, LIMITS)) == 3
+
+
+def test_what_running_workers_may_still_add_to_their_peak_is_counted():
+    young = [worker(1, rss=28 * MiB, cpu=1.0)]  # 100 MiB still to come
+    assert spawned(decide(node(free=LIMIT + 400 * MiB, cpu=1.0), young, PROFILED, LIMITS)) == 2
+
+
+def test_a_profiled_batch_is_admitted_inside_the_gap_when_its_peak_fits():
+    out = decide(node(free=LIMIT + 150 * MiB, cpu=1.0), [worker(1, rss=128 * MiB, cpu=1.0)], PROFILED, LIMITS)
+    assert spawned(out) == 1 and out[0].rule == "gap"
+
+
+def test_no_admission_inside_the_gap_without_a_profile():
+    unprofiled = dataclasses.replace(PROFILED, peak_rss=None)
+    assert decide(node(free=LIMIT + 150 * MiB, cpu=1.0), [worker(1, rss=128 * MiB, cpu=1.0)], unprofiled, LIMITS) == []
+
+
+def test_a_worker_growing_toward_its_batchs_peak_runs_on_in_the_gap():
+    growing = [worker(1, rss=64 * MiB, growth=200.0 * MiB), worker(2, rss=128 * MiB)]
+    # 64 MiB still to come, 150 MiB above L: on course, and nothing new fits beside it.
+    assert decide(node(free=LIMIT + 150 * MiB, cpu=1.0), growing, PROFILED, LIMITS) == []
+
+
+def test_growing_past_the_peak_or_without_a_profile_is_paused_in_the_gap():
+    past = [worker(1, rss=200 * MiB, growth=50.0 * MiB)]
+    assert actions(decide(node(free=LIMIT + 150 * MiB, cpu=1.0), past, PROFILED, LIMITS)) == [(PAUSE, 1)]
+    unprofiled = dataclasses.replace(PROFILED, peak_rss=None)
+    young = [worker(1, rss=64 * MiB, growth=50.0 * MiB)]
+    assert actions(decide(node(free=LIMIT + 150 * MiB, cpu=1.0), young, unprofiled, LIMITS)) == [(PAUSE, 1)]
+
+
+def test_on_course_workers_whose_peaks_would_cross_the_limit_are_paused_until_the_rest_fit():
+    growing = [worker(1, rss=28 * MiB, growth=50.0 * MiB), worker(2, rss=28 * MiB, growth=50.0 * MiB)]
+    # 2 x 100 MiB still to come against 150 MiB above L: the newest waits, the other goes on.
+    out = decide(node(free=LIMIT + 150 * MiB, cpu=1.0), growing, PROFILED, LIMITS)
+    assert actions(out) == [(PAUSE, 2)] and out[0].rule == "gap"
+
+
+def test_a_worker_paused_on_course_goes_on_in_the_gap_once_its_rest_fits():
+    waiting = paused(2, since=0.6, rss=28 * MiB, paused_by="gap")  # 100 MiB still to come
+    done = [waiting, worker(1, rss=128 * MiB)]
+    out = decide(node(free=LIMIT + 150 * MiB, cpu=1.0), done, PROFILED, LIMITS)
+    assert actions(out) == [(CONTINUE, 2)] and out[0].rule == "gap"
+    # Not while the running one may still add 100 MiB of its own, nor within the window it was paused in.
+    busy = [waiting, worker(1, rss=28 * MiB)]
+    assert decide(node(free=LIMIT + 150 * MiB, cpu=1.0), busy, PROFILED, LIMITS) == []
+    fresh = [dataclasses.replace(waiting, paused_at=NOW - 0.1), worker(1, rss=128 * MiB)]
+    assert decide(node(free=LIMIT + 150 * MiB, cpu=1.0), fresh, PROFILED, LIMITS) == []
 
 
 def test_a_cpu_limit_of_100_percent_bounds_no_admission():
     """Tiny tasks measure a high CPU share over their short lives: under a real limit that admits
     them one or two at a time, but at 100 % the node cannot use more however many run."""
-    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=50.0)
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=50.0, peak_rss=1 * MiB)
     off = dataclasses.replace(LIMITS, cpu_limit=100.0, cpu_margin=0.0)
     assert spawned(decide(node(cpu=95.0), [worker(1, cpu=50)], work, off)) == 7  # the cap of 8
     almost = dataclasses.replace(off, cpu_limit=99.0)
@@ -293,9 +365,9 @@ def test_admission_counts_unmeasured_young_workers_at_the_average():
 
 
 def test_admission_bounded_by_cap_and_queue():
-    work = Workload(queued=3, avg_rss=1 * MiB, avg_cpu=0.1)
+    work = Workload(queued=3, avg_rss=1 * MiB, avg_cpu=0.1, peak_rss=1 * MiB)
     assert spawned(decide(node(cpu=1.0), [worker(1, cpu=0.1)], work, LIMITS)) == 3
-    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=0.1)
+    work = Workload(queued=50, avg_rss=1 * MiB, avg_cpu=0.1, peak_rss=1 * MiB)
     assert spawned(decide(node(cpu=1.0), [worker(1, cpu=0.1)], work, LIMITS)) == 7  # cap 8
 
 
@@ -317,7 +389,7 @@ def test_memory_metric_free_reads_memfree():
     out = decide(node(free=8 * GiB, mem_free=LIMIT - 10 * MiB), [worker(1)], WORK, limits)
     assert actions(out) == [(TERMINATE, 1)]
     # MemAvailable below the limit does not matter when the metric is MemFree.
-    assert spawned(decide(node(free=LIMIT - 10 * MiB, mem_free=8 * GiB), [], WORK, limits)) == 5
+    assert spawned(decide(node(free=LIMIT - 10 * MiB, mem_free=8 * GiB), [], PROFILED, limits)) == 8  # the cap
 
 
 def test_decisions_carry_reasons():
@@ -359,8 +431,8 @@ def test_interval_shrinks_near_the_limits():
 
 # --- several batches --------------------------------------------------------------------------
 def test_admissions_go_to_the_first_batch_then_the_next():
-    high = Workload(queued=2, avg_rss=1 * MiB, avg_cpu=0.1, key="high")
-    low = Workload(queued=10, avg_rss=1 * MiB, avg_cpu=0.1, key="low")
+    high = Workload(queued=2, avg_rss=1 * MiB, avg_cpu=0.1, key="high", peak_rss=1 * MiB)
+    low = Workload(queued=10, avg_rss=1 * MiB, avg_cpu=0.1, key="low", peak_rss=1 * MiB)
     out = decide(node(cpu=1.0), [worker(1, cpu=0.1)], [high, low], LIMITS)
     assert [(d.batch, d.count) for d in out] == [("high", 2), ("low", 5)]  # cap 8 - 1 running
 

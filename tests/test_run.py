@@ -225,6 +225,28 @@ def test_memory_hogs_keep_free_memory_above_the_limit(pmlm):
 
 
 @pytest.mark.slow
+def test_equal_tasks_are_packed_by_the_peak_of_finished_ones_without_crossing_the_limit(pmlm):
+    """Six tasks of 100 MiB against 400 MiB of headroom and a 100 MiB gap: once one has
+    finished, its peak says three fit at a time (the rule for unknown workers, two averages
+    and the gap kept free, would run them one after another), and free memory stays above
+    the limit with nothing terminated."""
+    headroom = 400 * MiB
+    limit_pct = memfree_limit_for_headroom(headroom)
+    limit_bytes = meminfo()["MemTotal"] * limit_pct / 100
+    with MemorySampler() as sampler:
+        run = pmlm("-n", "6", "-j", "6", "--memfree-limit", f"{limit_pct:.4f}", "--memory-gap", "100M",
+                   "--min-free", "64M", "--", PY, HOG, "100", "100", "0", "0.8")
+        assert run.wait(timeout=180) == 0, run.stderr
+    report = run.report()
+    assert report["counts"]["succeeded"] == 6 and report["counts"]["terminated"] == 0
+    spans = [(datetime.fromisoformat(a["start"]), datetime.fromisoformat(a["end"])) for a in attempts(report)]
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most >= 2, spans
+    assert sampler.lowest >= limit_bytes, (
+        f"free memory fell to {sampler.lowest / MiB:.0f}MiB, below the limit {limit_bytes / MiB:.0f}MiB")
+
+
+@pytest.mark.slow
 def test_a_task_terminated_for_memory_is_requeued_and_succeeds(pmlm):
     limit_pct = memfree_limit_for_headroom(300 * MiB)
     # The first attempt jumps straight past the gap and the limit; the retry is small.
