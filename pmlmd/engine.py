@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RE
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, group_usage, usage_of
-from .scopes import GATE, NoScopes
+from .scopes import NoScopes
 from .systemd import decision_fields
 from .workdir import DirectoryError
 
@@ -903,7 +904,7 @@ class Engine:
         # variables then reach it through the gate (see gated).
         carry = credentials is not None and credentials != procctl.own_credentials()
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
-        gate_r = gate_w = None
+        gate_r = gate_w = env_fd = None
         outputs = None
         try:
             if self.output is not None:
@@ -915,20 +916,22 @@ class Engine:
             # submitted, whatever encoding pmlmd's locale would have chosen (see tasklines).
             environ = {tasklines.raw(name): tasklines.raw(value) for name, value in env.items()}
             command = [tasklines.raw(word) for word in argv]
-            exports = b""
             if gate_r is not None:
-                command, environ, exports = gated(rlimits, command, environ, carry=carry)
+                command, environ, variables = gated(rlimits, command, environ, carry=carry)
+                if variables:
+                    env_fd = _memfd("pmlm-env", variables)
             with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
                   else contextlib.nullcontext()) as cgroup:
                 child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
-                                      credentials=credentials, umask=run.umask, proc=self.proc)
+                                      credentials=credentials, umask=run.umask, proc=self.proc,
+                                      env_fd=env_fd)
         except (OSError, DirectoryError) as e:  # a cgroup made for it is gone again (cgroup.Subtree.starting)
             if self.output is not None:
                 self.output.failed(run, task)
-            if gate_r is not None:
-                os.close(gate_r)
-                os.close(gate_w)
+            for fd in (gate_r, gate_w, env_fd):
+                if fd is not None:
+                    os.close(fd)
             if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
                 self._defer(run, task, attempt_no, e)
                 return
@@ -952,11 +955,14 @@ class Engine:
             return
         if gate_r is not None:
             os.close(gate_r)
+            if env_fd is not None:
+                os.close(env_fd)
             if self.scopes.gated:
                 self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
             try:
-                # Inside its scope now (or logged why not): go on, with the loader's variables if any.
-                os.write(gate_w, b"go+\n" + exports if exports else b"go\n")
+                # Inside its scope now (or logged why not): go on. Three bytes into a pipe nobody else
+                # writes always fit, however small its owner made it: this never waits.
+                os.write(gate_w, b"go\n")
             except BrokenPipeError:
                 pass  # the gate is gone already: its exit is seen through its pidfd
             os.close(gate_w)
@@ -1478,38 +1484,53 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
 
 
 _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
+# dash refuses an OPTIND that is not a number, and the gate would end there.
+_SHELL_REFUSES = frozenset({b"OPTIND"})
 
 
 def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes], *, carry: bool = False
           ) -> tuple[list[bytes], dict[bytes, bytes], bytes]:
-    """The command, the environment and the lines after "go" that start ``argv`` through the gate.
+    """(command, environment, variables): what starts ``argv`` through the gate (see ``gate``).
 
-    ``carry``: every variable goes after "go" and the gate starts with no environment at all,
-    when that fits: for a gate started through setpriv(1), which runs as root until it has
-    taken on the worker's credentials (procctl.spawn starts it so only with an empty
-    environment, and forks pmlmd otherwise).
+    ``variables`` (empty: none) go to the gate on its descriptor ENV_FD, a memfd pmlmd writes
+    before the start (procctl.spawn's ``env_fd``): never in an argv, which every user may read
+    in /proc/PID/cmdline, and never through a pipe pmlmd would have to wait on. They are:
 
-    The variables the dynamic loader acts on (LD_PRELOAD, GCONV_PATH, ...; see
-    _loader_variable) do not reach the gate shell: its code would otherwise run before the
-    gate has set the limits and before pmlmd has placed it in its scope, and could fork a
-    process that has neither. They come after "go" on its stdin, as export lines the gate
-    evaluates just before it becomes the command (a pipe: no other user can read them there).
-
-    The shell drops, when it execs, every environment entry whose name is not a shell name
-    (``A-B``, a non-UTF-8 byte): with such entries the worker's environment is handed on by
-    env(1) instead, as arguments the shell passes through untouched.
+    - the variables the dynamic loader acts on (LD_PRELOAD, GCONV_PATH, ...; see
+      _loader_variable), as export lines the gate sources just before it becomes the command:
+      its own code runs before it has set the limits and before pmlmd has placed it in its scope,
+      and could fork a process that has neither;
+    - with ``carry``, every variable, and the gate starts with no environment at all: for a gate
+      started through setpriv(1), which runs as root until it has taken on the worker's
+      credentials (procctl.spawn starts it so only with an empty environment);
+    - where a name is one the shell cannot hold or refuses (``A-B``, a non-UTF-8 byte, a
+      non-numeric OPTIND), every variable as NAME=VALUE entries ending in NUL, which perl
+      (perl-base, Essential in Debian) reads, makes its whole environment and becomes the command.
     """
-    prefix = [word.encode() for word in gate(rlimits)]
-    if all(_SHELL_NAME.match(name) for name in env):
-        if carry:
-            exports = _exports(env)
-            if len(exports) <= GATE_EXPORTS_MAX:
-                return prefix + argv, {}, exports
-        loader = {name: value for name, value in env.items() if _loader_variable(name)}
-        exports = _exports(loader)
-        if len(exports) <= GATE_EXPORTS_MAX:
-            return prefix + argv, {name: value for name, value in env.items() if name not in loader}, exports
-    return prefix + procctl.env_argv(env, argv), {}, b""
+    if all(_SHELL_NAME.match(name) and name not in _SHELL_REFUSES for name in env):
+        carried = env if carry else {name: value for name, value in env.items() if _loader_variable(name)}
+        exports = _exports(carried)
+        if carry and b"PWD" not in env:
+            exports += b"unset PWD\n"  # the shell sets one of its own: the command gets exactly ``env``
+        return gate(rlimits, source=bool(exports)) + argv, {n: v for n, v in env.items() if n not in carried}, exports
+    entries = b"".join(name + b"=" + value + b"\0" for name, value in env.items())
+    return gate(rlimits, source=False) + [procctl.PERL, b"-e", ENV_FROM_FD, b"--", *argv], {}, entries
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """A close-on-exec memfd holding ``data``, sealed against change, at offset 0."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_WRITE)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _exports(env: dict[bytes, bytes]) -> bytes:
@@ -1517,25 +1538,31 @@ def _exports(env: dict[bytes, bytes]) -> bytes:
     return b"".join(b"export " + name + b"='" + value.replace(b"'", b"'\\''") + b"'\n" for name, value in env.items())
 
 
+ENV_FD = procctl.ENV_FD  # where the worker's variables reach the gate (gated)
+# perl: the environment exactly as the NAME=VALUE\0 entries on ENV_FD say (then closed), then argv.
+ENV_FROM_FD = (rb'open(my $f, "<&=", %d) or die "pmlm-gate: $!\n"; my $d = do { local $/; <$f> }; close $f; '
+               rb'%%ENV = (); for (split /\0/, $d) { my ($n, $v) = split /=/, $_, 2; $ENV{$n} = $v } '
+               % ENV_FD) + procctl.EXEC_ARGV
+
 # What glibc ignores for set-user-ID programs, because it changes what the loader or libc load
 # and run (glibc's sysdeps/generic/unsecvars.h), and everything named LD_*.
 LOADER_VARIABLES = frozenset({b"GCONV_PATH", b"GETCONF_DIR", b"GLIBC_TUNABLES", b"HOSTALIASES", b"LOCALDOMAIN",
                               b"LOCPATH", b"MALLOC_TRACE", b"NIS_PATH", b"NLSPATH", b"RESOLV_HOST_CONF",
                               b"RES_OPTIONS", b"TMPDIR", b"TZDIR", b"MALLOC_ARENA_MAX", b"MALLOC_PERTURB_"})
-# The export lines go through a pipe pmlmd writes before the gate reads: within one pipe buffer.
-GATE_EXPORTS_MAX = 32768
 
 
 def _loader_variable(name: bytes) -> bool:
     return name.startswith(b"LD_") or name in LOADER_VARIABLES
 
 
-def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:
-    """The command a worker starts through: set its limits, wait for "go" on stdin, exec the command.
+def gate(rlimits: dict[int, tuple[int, int]], source: bool = False) -> list[bytes]:
+    """The command a worker starts through: set its limits, wait for "go" on stdin, take on the
+    variables on ENV_FD with ``source``, exec the command (which with perl reads ENV_FD itself).
 
     The limits are set by the worker itself, as its user, after pmlmd's credentials are
     gone: lowering them needs no capability, and one that would have to be raised above
-    what pmlmd has stays as it is (the shell says so on the worker's stderr).
+    what pmlmd has stays as it is (the shell says so on the worker's stderr). No step forks:
+    under a process limit the gate still becomes the command.
     """
     steps = []
     for resource_id, (soft, hard) in sorted(rlimits.items()):
@@ -1543,8 +1570,11 @@ def gate(rlimits: dict[int, tuple[int, int]]) -> list[str]:
         values = ["unlimited" if v == resource.RLIM_INFINITY else str(v // unit) for v in (soft, hard)]
         # Soft first: a hard limit may not go below the soft one in force.
         steps.append(f"ulimit -S -{flag} {values[0]}; ulimit -H -{flag} {values[1]}; ")
-    script = "".join(steps) + GATE[2]
-    return [GATE[0], GATE[1], script, *GATE[3:]]
+    steps.append('read -r go || exit 125; [ "$go" = go ] || exit 125; ')
+    if source:
+        steps.append(f". /dev/fd/{ENV_FD} || exit 125; exec {ENV_FD}<&-; ")
+    steps.append('exec "$@" </dev/null')
+    return [b"/bin/sh", b"-c", "".join(steps).encode(), b"pmlm-gate"]
 
 
 def _owner_uid(run: BatchRun) -> int | None:

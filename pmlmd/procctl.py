@@ -12,6 +12,7 @@ the group id) cannot be reused while pmlmd may still signal it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -22,12 +23,13 @@ from typing import Mapping
 from . import workdir
 from .sampler import CLOCK_TICKS, ProcReader
 
-ENV = b"/usr/bin/env"  # coreutils' env(1), Essential in Debian
+# The descriptor on which a gated worker finds its variables (engine.gated).
+ENV_FD = 3
 # util-linux's setpriv(1), Essential in Debian: where it is missing, a worker of another user is
 # started by a fork of pmlmd.
 SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
 PERL = b"/usr/bin/perl"  # perl-base, Essential in Debian
-# Execute argv as it is (the PATH is searched for a name without "/"); exit like a shell when it cannot.
+# perl: execute @ARGV as it is (the PATH is searched for a name without "/"); exit like a shell when it cannot.
 EXEC_ARGV = rb'exec {$ARGV[0]} @ARGV; print STDERR "$ARGV[0]: $!\n"; exit($!{ENOENT} ? 127 : 126)'
 # Python ignores SIGPIPE and SIGXFSZ for itself; workers get the default back.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -63,8 +65,10 @@ class Exit:
 
 def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: int | None = None,
           stderr_fd: int | None = None, cwd: str | None = None, credentials: Credentials | None = None,
-          umask: int | None = None, proc: ProcReader | None = None) -> Child:
+          umask: int | None = None, proc: ProcReader | None = None, env_fd: int | None = None) -> Child:
     """Start ``argv`` in a new session and process group with stdin from ``stdin_fd`` (default /dev/null).
+
+    ``env_fd`` (a worker's variables for its gate, see engine.gated) becomes its descriptor ENV_FD.
 
     ``stdout_fd`` and ``stderr_fd`` (default: pmlmd's own) become its stdout and stderr,
     ``umask`` (default: pmlmd's) its file mode creation mask.
@@ -90,6 +94,8 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     if credentials is not None and credentials == own_credentials():
         credentials = None  # nothing to take on (root's own batches)
     if credentials is not None:
+        if env_fd is not None and (env or SETPRIV is None):
+            raise OSError(errno.ENOENT, "setpriv(1) of util-linux is missing: a worker of another user cannot start")
         if env or SETPRIV is None:
             return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
                              credentials=credentials, umask=umask, proc=proc)
@@ -100,6 +106,8 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
         actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
     if stderr_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, stderr_fd, 2))
+    if env_fd is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, env_fd, ENV_FD))
     # Entered as the user (pmlmd's own credentials are back before the call): the child inherits it.
     with workdir.entered(cwd, credentials) if cwd is not None else contextlib.nullcontext():
         # posix_spawn has no umask attribute: the child inherits pmlmd's, set for this one call.
@@ -129,18 +137,6 @@ def setpriv_argv(credentials: Credentials) -> list[bytes]:
     groups = ([b"--groups=" + b",".join(b" %d" % g for g in credentials.groups)] if credentials.groups
               else [b"--clear-groups"])
     return [SETPRIV, b"--reuid= %d" % credentials.uid, b"--regid= %d" % credentials.gid, *groups, b"--"]
-
-
-def env_argv(env: Mapping, argv: list) -> list[bytes]:
-    """The words that run ``argv`` through env(1) with exactly the environment ``env`` (bytes).
-
-    env takes every word with "=" before the command for a variable, a path too: a command word
-    with "=" is executed by perl (perl-base is Essential in Debian), which passes every variable on,
-    where a shell would drop the names it cannot hold. The values are in the argv of env for a
-    moment, readable in /proc/PID/cmdline: only for environments whose names the shell gate cannot
-    pass on (engine.gated)."""
-    command = list(argv) if b"=" not in argv[0] else [PERL, b"-e", EXEC_ARGV, *argv]
-    return [ENV, b"-i", b"--", *(name + b"=" + value for name, value in env.items()), *command]
 
 
 def _spawn_as(argv, env, *, stdout_fd, stdin_fd, stderr_fd, cwd, credentials, umask, proc) -> Child:

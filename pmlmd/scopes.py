@@ -38,12 +38,6 @@ UNIT = "org.freedesktop.systemd1.Unit"
 SCOPE = "org.freedesktop.systemd1.Scope"
 JOB_TIMEOUT = 5.0  # seconds to wait for systemd (the event loop waits with it; a scope starts in ms)
 
-# The gate: wait for pmlmd's go (one line on stdin); after "go+", take on the loader's variables
-# that follow (engine.gated; cat only then, since it costs a process); then become the command.
-GATE = ["/bin/sh", "-c", 'read -r go || exit 125; [ "$go" = go ] || eval "$(cat)"; exec "$@" </dev/null',
-        "pmlm-gate"]
-
-
 UINT64_MAX = (1 << 64) - 1  # systemd's "infinity" for TasksMax and MemoryMax on the bus
 
 

@@ -54,16 +54,21 @@ def wait_asleep(child: procctl.Child) -> None:
     raise AssertionError("the child never went to sleep")
 
 
-def through_gate(command: list, environ: dict, exports: bytes, credentials=None) -> tuple[dict, bytes, dict]:
+def through_gate(command: list, environ: dict, variables: bytes, credentials=None) -> tuple[dict, bytes, dict]:
     """Start a gated sleep (engine.gated's words) as pmlmd does, say go, and return what the
     sleeping command has: its environment, its cmdline and its /proc status. Ends it."""
+    from pmlmd import engine
+
     r, w = os.pipe2(os.O_CLOEXEC)
+    env_fd = engine._memfd("pmlm-env", variables) if variables else None
     try:
-        child = procctl.spawn(command, environ, stdin_fd=r, credentials=credentials)
+        child = procctl.spawn(command, environ, stdin_fd=r, credentials=credentials, env_fd=env_fd)
     finally:
         os.close(r)
+        if env_fd is not None:
+            os.close(env_fd)
     try:
-        os.write(w, b"go+\n" + exports)
+        os.write(w, b"go\n")
         os.close(w)
         wait_asleep(child)
         with open(f"/proc/{child.pid}/environ", "rb") as f:
@@ -159,23 +164,21 @@ def test_no_variable_of_the_submitter_reaches_a_process_that_still_runs_as_root(
     assert owners == {nobody.uid}, owners  # traced as the user only, never as root
 
 
-def test_a_command_word_with_an_equals_sign_stays_the_command_through_env(tmp_path):
-    """env(1) takes every word with "=" before the command for a variable, a path too: through
-    procctl.env_argv the command is still the one named, with exactly the environment given."""
-    program = tmp_path / "a=b"
-    # perl, not sh: a shell drops a variable whose name it cannot hold, such as X.Y.
-    program.write_text('#!/usr/bin/perl\nprint "ran $0 with X.Y=$ENV{\'X.Y\'} and @ARGV\\n";\n')
-    program.chmod(0o755)
-    r, w = os.pipe2(os.O_CLOEXEC)
-    env = {b"X.Y": b"1", b"PATH": b"/usr/bin:/bin"}
-    child = procctl.spawn(procctl.env_argv(env, [str(program).encode(), b"arg"]), {}, stdout_fd=w)
-    os.close(w)
-    with os.fdopen(r, "rb") as out:
-        said = out.read()
-    os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOWAIT)
-    assert procctl.reap(child).exit_code == 0
-    os.close(child.pidfd)
-    assert said == f"ran {program} with X.Y=1 and arg\n".encode()
+@needs_root
+def test_names_a_shell_cannot_hold_reach_the_command_exactly_and_in_no_argv(nobody, monkeypatch):
+    """A-B, X.Y, a name with a byte that is not UTF-8, an OPTIND the shell refuses, a command
+    word with "=": perl takes the variables from the gate's descriptor and becomes the command,
+    with exactly the environment submitted and nothing of it in any argv."""
+    from pmlmd import engine
+
+    monkeypatch.setattr(procctl, "_spawn_as", None)  # no fork of pmlmd
+    env = {b"A-B": b"1", b"X.Y": b"two words", b"N\xff": b"\xfe", b"OPTIND": b"abc", b"SECRET": b"hunter2",
+           b"PATH": b"/usr/bin:/bin", b"EMPTY": b""}
+    command, environ, variables = engine.gated({}, [b"/bin/sleep", b"30"], env, carry=True)
+    assert environ == {} and not any(b"hunter2" in word for word in command)
+    got, cmdline, st = through_gate(command, environ, variables, nobody)
+    assert got == env and b"hunter2" not in cmdline
+    assert st["Uid"].split() == [str(nobody.uid)] * 4
 
 
 def test_the_loaders_variables_skip_the_gate_and_reach_the_command():
@@ -268,15 +271,30 @@ def test_a_root_daemon_takes_roots_login_groups_so_roots_batches_start_as_it_is(
         os.setgroups(before)
 
 
-def test_a_gate_carries_the_environment_only_when_it_fits_its_pipe():
-    """Every variable rides the gate's pipe only within GATE_EXPORTS_MAX (pmlmd writes it before
-    the gate reads, so it must fit the pipe): a larger environment stays the gate's own (without
-    the loader's variables), which procctl.spawn then hands over by a fork, never to setpriv."""
+def test_a_carried_environment_has_no_size_limit_of_its_own_and_the_gate_none():
+    """With ``carry`` every variable goes by the gate's descriptor however large (a memfd, not a
+    pipe pmlmd would have to wait on); without, only the loader's variables do."""
     from pmlmd import engine
 
-    small = {b"PATH": b"/bin", b"LD_PRELOAD": b"x.so"}
-    command, environ, exports = engine.gated({}, [b"true"], small, carry=True)
-    assert environ == {} and b"export PATH='/bin'\n" in exports and b"LD_PRELOAD" in exports
-    large = {b"PATH": b"/bin", b"BIG": b"x" * engine.GATE_EXPORTS_MAX, b"LD_PRELOAD": b"x.so"}
-    command, environ, exports = engine.gated({}, [b"true"], large, carry=True)
-    assert environ == {b"PATH": b"/bin", b"BIG": large[b"BIG"]} and exports == b"export LD_PRELOAD='x.so'\n"
+    large = {b"PATH": b"/bin", b"BIG": b"x" * (1 << 20), b"LD_PRELOAD": b"x.so"}
+    command, environ, variables = engine.gated({}, [b"true"], large, carry=True)
+    assert environ == {} and b"export BIG='" + large[b"BIG"] + b"'\n" in variables
+    command, environ, variables = engine.gated({}, [b"true"], large)
+    assert environ == {b"PATH": b"/bin", b"BIG": large[b"BIG"]} and variables == b"export LD_PRELOAD='x.so'\n"
+    command, environ, variables = engine.gated({}, [b"true"], {b"PATH": b"/bin"})
+    assert variables == b"" and b"/dev/fd/" not in command[2]  # nothing to take on: the gate reads nothing
+
+
+@needs_root
+def test_the_gate_forks_nothing_so_a_process_limit_of_one_still_runs_the_command(nobody, monkeypatch):
+    """The gate takes on the variables with the shell's own '.': under a batch's process limit
+    (ulimit -u) a fork would fail and the task with it."""
+    import resource
+
+    from pmlmd import engine
+
+    monkeypatch.setattr(procctl, "_spawn_as", None)
+    env = {b"PATH": b"/usr/bin:/bin", b"LD_LIBRARY_PATH": b"/nowhere", b"MARK": b"1"}
+    command, environ, variables = engine.gated({resource.RLIMIT_NPROC: (1, 1)}, [b"sleep", b"30"], env, carry=True)
+    got, _, st = through_gate(command, environ, variables, nobody)
+    assert got == env
