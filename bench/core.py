@@ -409,6 +409,55 @@ def scenario_cpu(ctx) -> dict:
                       "burn-start timestamp (wall clock)"]}
 
 
+def fairness_trial(tmp: Path, trial: int, n: int, cpu_s: float, interval: float) -> dict:
+    d = tmp / f"fairness-{trial}"
+    d.mkdir(parents=True)
+    trace, report = d / "trace.jsonl", d / "report.json"
+    limit = 100.0 / (os.cpu_count() or 1)  # room for one burner
+    cmd = [*PMLMCTL, "run", "-n", str(n), "-j", str(n), "--cpu-limit", f"{limit:g}", "--interval", str(interval),
+           "--trace", str(trace), "--report", str(report), "--", PY, WORKER, "work", "1.5", str(cpu_s), str(cpu_s * n * 4)]
+    t0 = time.monotonic()
+    with Tree(cmd) as tree:
+        code = tree.proc.wait(timeout=cpu_s * n * 4 + 30)
+    makespan = time.monotonic() - t0
+    if code != 0:
+        raise RuntimeError(f"pmlmctl run exited {code}")
+    rows = read_trace(trace)
+    rep = json.loads(report.read_text())
+    ends = sorted(datetime.datetime.fromisoformat(a["end"]).timestamp() for t in rep["tasks"] for a in t["attempts"])
+    paused_since: dict[int, float] = {}
+    longest = 0.0
+    pids = set()
+    for r in rows:
+        if r.get("event") != "decision" or r.get("pid") is None:
+            continue
+        pids.add(r["pid"])
+        if r["decision"] == "pause":
+            paused_since.setdefault(r["pid"], r["t"])
+        elif r["decision"] == "continue" and r["pid"] in paused_since:
+            longest = max(longest, r["t"] - paused_since.pop(r["pid"]))
+    return {"makespan_s": makespan, "longest_pause_s": longest, "end_spread_s": ends[-1] - ends[0],
+            "workers_paused": len(pids)}
+
+
+def scenario_fairness(ctx) -> dict:
+    n, cpu_s, trials = (3, 0.6, 1) if ctx.quick else (4, 2.0, 3)
+    rows = []
+    for interval in ([0.2] if ctx.quick else [0.5, 0.2]):
+        ts = [fairness_trial(ctx.tmp / f"i{interval}", i, n, cpu_s, interval) for i in range(trials)]
+        rows.append({"tool": f"pmlmctl run, interval {interval:g} s", "trials": trials,
+                     "makespan s": mmm(stats([t["makespan_s"] for t in ts]), 1),
+                     "longest pause s": mmm(stats([t["longest_pause_s"] for t in ts]), 2),
+                     "÷ interval": fmt(stats([t["longest_pause_s"] for t in ts])["max"] / interval, 1),
+                     "first to last end s": mmm(stats([t["end_spread_s"] for t in ts]), 2), "_raw": ts})
+    return {"title": "2b. CPU fairness: equal burners, room for one", "rows": rows,
+            "notes": [f"{n} burners of {cpu_s:g} CPU-seconds each, admitted idle (they sleep 1.5 s first), -j {n}, "
+                      "--cpu-limit 100/cores (one core's worth); "
+                      "longest pause = longest time from a pause decision to the continue of the same worker "
+                      "(trace); first to last end: how far apart the equal workers finish; GNU parallel and xargs "
+                      "have no CPU limit to share"]}
+
+
 # ---------------------------------------------------------------- scenario 3: overhead
 
 def measure_window(pid: int, window: float) -> dict:
@@ -1141,8 +1190,9 @@ def scenario_queue(ctx) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-SCENARIOS = {"memory": scenario_memory, "cpu": scenario_cpu, "overhead": scenario_overhead,
-             "throughput": scenario_throughput, "goodput": scenario_goodput, "scale": scenario_scale,
+SCENARIOS = {"memory": scenario_memory, "cpu": scenario_cpu, "fairness": scenario_fairness,
+             "overhead": scenario_overhead, "throughput": scenario_throughput, "goodput": scenario_goodput,
+             "scale": scenario_scale,
              "reads": scenario_reads, "queue": scenario_queue}
 
 

@@ -11,6 +11,9 @@ Every mode is bounded in memory and in wall time, so a worker nobody stops still
   worker.py burn IDLE_S BURN_S STARTFILE
       sleeps IDLE_S, appends "pid wall-time" to STARTFILE, then burns one CPU until BURN_S of wall
       time have passed (a stopped burner does not extend its life).
+  worker.py work IDLE_S CPU_S MAX_S
+      sleeps IDLE_S (admitted idle), then burns one CPU until it has used CPU_S of CPU time (a fixed
+      amount of work, however often it is stopped), or MAX_S of wall time have passed.
 """
 import os
 import signal
@@ -73,10 +76,21 @@ def burn(idle_s: float, burn_s: float, startfile: str) -> None:
             x += 1
 
 
+def work(idle_s: float, cpu_s: float, max_s: float) -> None:
+    end = time.monotonic() + max_s
+    time.sleep(idle_s)
+    x = 0
+    while time.process_time() < cpu_s and time.monotonic() < end:
+        for _ in range(10000):
+            x += 1
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "hog":
         hog(float(args[0]), int(args[1]), float(args[2]), args[3], args[4])
+    elif mode == "work":
+        work(float(args[0]), float(args[1]), float(args[2]))
     elif mode == "hold":
         hold(int(args[0]), float(args[1]))
     elif mode == "burn":

@@ -429,7 +429,12 @@ class Engine:
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
         since_refresh = sample.time - self.last_refresh
         near_memory_limit = free < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
-        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)):
+        # Near the CPU limit with workers paused, turns are taken (governor rule 5): a continued
+        # worker is measured again within half a window.
+        taking_turns = (sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
+                        and any(w.state == PAUSED for w in self.workers.values()))
+        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)
+                             or (taking_turns and since_refresh >= limits.window / 4)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample)
         if self.spawn_backlog:

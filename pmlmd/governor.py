@@ -26,8 +26,10 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 start a pause/continue cycle).
 5. calm       otherwise         continue one paused worker (oldest first) per step if
                                 it fits the CPU headroom; else, when a burner has
-                                run a window, it and the worker paused longest
-                                take turns (rule "turn"); with nothing paused, admit
+                                run its turn (2 windows / number sharing its place),
+                                it and the worker paused longest take turns (rule
+                                "turn", also in rule 4 for a kept last runner within
+                                half the margin); with nothing paused, admit
                                 new workers while their memory fits (below) and
                                 their average CPU fits under C (C = 100: no bound).
 
@@ -89,6 +91,9 @@ GROWTH_THRESHOLD = 1 << 20  # bytes per second
 # A worker is on course while its memory stays within its batch's peak (the highest of its finished
 # workers) plus this share of it: equal tasks differ by a few pages from run to run.
 PEAK_SLACK = 1 / 16
+# Taking turns (rule 5), a burner runs TURN_SHARE windows divided by the number of workers that
+# share its place: with one waiting, a window each; with three, half a window each.
+TURN_SHARE = 2.0
 # A worker using less than this share of the node's CPU is not worth pausing for CPU.
 CPU_NEGLIGIBLE = 1.0  # percentage points
 
@@ -302,6 +307,9 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
             decisions.append(Decision(PAUSE, w.key, rule="cpu", reason=f"cpu {cpu:.0f}% > limit "
                                       f"{limits.cpu_limit:.0f}%: pausing {limits.victim} worker (cpu {w.cpu:.0f}%)"))
             covered += w.cpu
+        if not decisions and paused:
+            # The last runner was kept, within the limit but for tick noise: it may owe a turn.
+            return _turn(sample, running, paused, limits, f"free {_mib(free)}, limit {_mib(limit)}")
         return decisions
 
     # 5. Within the limits.
@@ -318,19 +326,9 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                 why = "nothing else uses the CPU" if not busy else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
                 return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
                                  f"paused worker ({why})")]
-        # Turns: within the CPU limit but without room for one more, a burner that has run a window
-        # makes way for the worker paused longest, so equal workers share the CPU instead of the
-        # first ones keeping it. The one continued was paused for CPU (a grower waits for headroom).
-        waiting = sorted((w for w in ready if w.paused_by != "gap"), key=lambda w: (w.paused_at, repr(w.key)))
-        turned = sorted((w for w in busy if w.cpu is not None and w.running_since is not None
-                         and sample.time - w.running_since >= limits.window),
-                        key=lambda w: (w.running_since, repr(w.key)))
-        if waiting and turned and cpu_now <= limits.cpu_limit:
-            out, back = turned[0], waiting[0]
-            why = (f"{seen}, cpu {cpu_now:.0f}% of limit {limits.cpu_limit:.0f}%: taking turns: worker paused "
-                   f"{sample.time - back.paused_at:.1f}s continues, worker running {sample.time - out.running_since:.1f}s")
-            return [Decision(PAUSE, out.key, rule="turn", reason=f"{why} pauses"),
-                    Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
+        turn = _turn(sample, running, paused, limits, seen)
+        if turn:
+            return turn
         # Paused workers keep their claim on the headroom: admit nothing new.
         return []
 
@@ -404,6 +402,30 @@ def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list
     return decisions
 
 
+def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView], limits: Limits,
+          seen: str) -> list[Decision]:
+    """Turns (rule 5): within the CPU limit (up to half the margin above it, tick noise) but without
+    room for one more, a burner that has run its turn makes way for the worker paused longest, so
+    equal workers share the CPU instead of the first ones keeping it. The one continued was paused
+    for CPU (a grower waits for headroom) at least a window ago. A turn is shorter the more wait
+    for one (TURN_SHARE), so that none waits much longer than two windows."""
+    cpu_now = sample.cpu_pct or 0.0
+    busy = [w for w in running if w.cpu is None or w.cpu >= CPU_NEGLIGIBLE]
+    waiting = sorted((w for w in paused if sample.time - w.paused_at >= limits.window and w.paused_by != "gap"),
+                     key=lambda w: (w.paused_at, repr(w.key)))
+    turn = limits.window * TURN_SHARE / (len(waiting) + 1)
+    turned = sorted((w for w in busy if w.cpu is not None and w.running_since is not None
+                     and sample.time - w.running_since >= turn),
+                    key=lambda w: (w.running_since, repr(w.key)))
+    if not waiting or not turned or cpu_now > limits.cpu_limit + limits.cpu_margin / 2:
+        return []
+    out, back = turned[0], waiting[0]
+    why = (f"{seen}, cpu {cpu_now:.0f}% of limit {limits.cpu_limit:.0f}%: taking turns: worker paused "
+           f"{sample.time - back.paused_at:.1f}s continues, worker running {sample.time - out.running_since:.1f}s")
+    return [Decision(PAUSE, out.key, rule="turn", reason=f"{why} pauses"),
+            Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
+
+
 def _until_free(victims: list[WorkerView], projected: float, target: float, action: str, rule: str,
                 why: str) -> list[Decision]:
     """Victims in order until the memory they release lifts ``projected`` free memory to ``target``."""
@@ -425,8 +447,8 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     (gap edge, limit, floor): no worker can cross it between two samples, whatever the rate
     the last two samples showed (two close samples may read the same MemAvailable: the kernel
     folds its per-CPU counters in lazily). When free memory falls, at most half the time it
-    needs at its measured rate. Near the CPU limit at least twice per base interval. Never
-    below ``floor``.
+    needs at its measured rate. Near the CPU limit at least four times per base interval (for
+    turns, rule 5). Never below ``floor``.
     """
     base = limits.window
     free = free_bytes(sample, limits)
@@ -447,7 +469,7 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     else:
         interval = base / 5  # already below the floor: watch closely
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
-        interval = min(interval, base / 2)
+        interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
     return max(floor, min(base, interval))
 
 

@@ -168,6 +168,24 @@ def test_a_burner_that_has_run_a_window_makes_way_for_the_worker_paused_longest(
     assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)] and {d.rule for d in out} == {"turn"}
 
 
+def test_the_more_wait_for_a_turn_the_shorter_each_turn():
+    """Three waiting for one place: a turn is half a window (TURN_SHARE / 4), so none waits much
+    longer than two windows in all."""
+    three = [waiting(2, since=1.2), waiting(3, since=0.9), waiting(4, since=0.6)]
+    out = decide(node(cpu=50.0), [burner(1, running_for=0.3), *three], WORK, HALF)
+    assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)]
+    assert decide(node(cpu=50.0), [burner(1, running_for=0.2), *three], WORK, HALF) == []
+
+
+def test_a_turn_is_taken_when_tick_noise_puts_the_node_just_over_the_limit():
+    """A lone burner reads a little over the limit now and then (pmlmd's own CPU, tick noise):
+    it is kept, and still owes its turn; well over the limit, nobody is continued."""
+    pair = [burner(1, running_for=0.6), waiting(2, since=1.2)]
+    out = decide(node(cpu=52.0), pair, WORK, HALF)
+    assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)] and {d.rule for d in out} == {"turn"}
+    assert decide(node(cpu=58.0), pair, WORK, HALF) == []
+
+
 @pytest.mark.parametrize("workers, cpu, why", [
     ([burner(1, running_for=0.3), waiting(2, since=1.2)], 50.0, "it has not run a window yet"),
     ([burner(1, running_for=0.6), waiting(2, since=0.3)], 50.0, "nobody has waited a window"),

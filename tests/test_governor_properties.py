@@ -48,6 +48,8 @@ def worker_st(draw, pid):
         paused_at=draw(st.floats(NOW - 10, NOW)) if state == PAUSED else None,
         cpu_at_pause=draw(st.none() | st.floats(0, 100)) if state == PAUSED else None,
         priority=draw(st.integers(-2, 2)),
+        paused_by=draw(st.sampled_from(["cpu", "gap"])) if state == PAUSED else None,
+        running_since=draw(st.none() | st.floats(NOW - 10, NOW)) if state == RUNNING else None,
     )
 
 
@@ -84,9 +86,16 @@ def test_never_admits_beyond_what_the_memory_limit_leaves(sample, workers, workl
 @settings(max_examples=300, deadline=None)
 @given(**situation)
 def test_never_admits_or_continues_over_the_cpu_limit(sample, workers, workload, limits):
-    for d in decide(sample, workers, workload, limits):
+    """Except a turn, which pauses a burner for each worker it continues: then within half the
+    margin above the limit (tick noise)."""
+    decisions = decide(sample, workers, workload, limits)
+    turn = any(d.rule == "turn" for d in decisions)
+    if turn:
+        assert sorted(d.action for d in decisions) == [CONTINUE, PAUSE]
+    for d in decisions:
         if d.action in (SPAWN, CONTINUE):
-            assert sample.cpu_pct is None or sample.cpu_pct <= limits.cpu_limit
+            slack = limits.cpu_margin / 2 if turn else 0.0
+            assert sample.cpu_pct is None or sample.cpu_pct <= limits.cpu_limit + slack
 
 
 @settings(max_examples=300, deadline=None)
