@@ -236,6 +236,7 @@ class Daemon:
         self.output = TaskFiles(os.path.join(self.config.state_dir, "output"), self.config.output_limit,
                                 forward=self._journal_forward())
         self.cgroups = worker_cgroups(self.config, self.scopes)
+        self.output_mark: int | None = None  # the workers' CPU when their output was last checked
         # Workers get the descriptor limit pmlmd was started with, not the one it raised for itself.
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
                              on_event=self._on_event, scopes=self.scopes,
@@ -314,7 +315,10 @@ class Daemon:
         self.notifier.status(self._status_line())
         self.notifier.watchdog()
         self.engine.agent.close_idle()
-        self.output.enforce()
+        mark = self.engine.cpu_mark()
+        if mark is None or mark != self.output_mark:  # output grows only while a worker runs
+            self.output.enforce()
+        self.output_mark = mark
         self.store.retry()  # what a full disk kept from the state, written once there is space
         if self.unmeasured or self.quota_check_due:
             self._prune_over_quota()

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import resource
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
+from .governor import quiet as governor_quiet
 from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, group_usage, usage_of
 from .scopes import NoScopes
 from .systemd import decision_fields
@@ -44,6 +46,7 @@ log = logging.getLogger("pmlmd.engine")
 # status, a pause, an ack) and goes on in the next step: admitting 1,000 workers is not one stall.
 SPAWN_BUDGET = 0.02
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
+ORPHAN_SCAN = 5.0  # seconds between looks for orphans to reap when every worker has a cgroup
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
 STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
@@ -71,27 +74,50 @@ GIVE_BACK_AFTER = 1.0  # seconds a delivery may wait for admission before it goe
 
 
 class Loop:
-    """One poller over ZeroMQ sockets and plain file descriptors, plus signal delivery."""
+    """One poller over ZeroMQ sockets and plain file descriptors, plus signal delivery.
+
+    Plain descriptors (a pidfd per worker, ...) are in an epoll set, which the ZeroMQ poller
+    watches as one descriptor: a turn of the loop costs the same with 1,000 workers as with one
+    (zmq.Poller builds its whole list of items on every call)."""
 
     def __init__(self, on_error: Callable[[Exception], None] | None = None):
         """With ``on_error``, an exception raised by a callback is handed to it (called inside the
         except block, so it can log the traceback) and the loop goes on; without, it propagates."""
         self.on_error = on_error
         self.poller = zmq.Poller()
+        self.epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
+        self.poller.register(self.epoll.fileno(), zmq.POLLIN)
         self.callbacks: dict = {}
         self._signals: list[int] = []
         self._restore: list[Callable[[], None]] = []
 
     def watch(self, source, callback: Callable[[], None]) -> None:
-        self.poller.register(source, zmq.POLLIN)
+        """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable."""
+        if isinstance(source, int):
+            if source in self.callbacks:
+                self.epoll.modify(source, select.EPOLLIN)
+            else:
+                self.epoll.register(source, select.EPOLLIN)
+        else:
+            self.poller.register(source, zmq.POLLIN)
         self.callbacks[source] = callback
 
     def unwatch(self, source) -> None:
-        self.poller.unregister(source)
+        if isinstance(source, int):
+            try:
+                self.epoll.unregister(source)
+            except OSError:
+                pass  # closed already: the kernel took it out of the set
+        else:
+            self.poller.unregister(source)
         del self.callbacks[source]
 
     def poll(self, timeout: float) -> None:
-        for source, _ in self.poller.poll(math.ceil(max(0.0, timeout) * 1000)):
+        ready = [source for source, _ in self.poller.poll(math.ceil(max(0.0, timeout) * 1000))]
+        if self.epoll.fileno() in ready:
+            ready.remove(self.epoll.fileno())
+            ready += [fd for fd, _ in self.epoll.poll(0)]
+        for source in ready:
             callback = self.callbacks.get(source)  # an earlier callback may have unwatched it
             if callback is None:
                 continue
@@ -283,6 +309,8 @@ class Engine:
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
         self.last_refresh = float("-inf")
+        self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
+        self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
 
@@ -389,6 +417,14 @@ class Engine:
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
 
+    def cpu_mark(self) -> int | None:
+        """The CPU time every worker process has used so far (microseconds: the cgroup subtree's
+        cpu.stat), or None where that cannot be told (a worker or a leftover outside a cgroup). Two
+        equal marks: no worker ran in between, so none wrote anything either."""
+        if self.cgroups is None or self.strays or any(w.cgroup is None for w in self.workers.values()):
+            return None
+        return self.cgroups.cpu_usec()
+
     def workers_of(self, run: BatchRun) -> list[Worker]:
         return [w for w in self.workers.values() if w.run is run]
 
@@ -493,8 +529,12 @@ class Engine:
 
     def _decide(self, sample: NodeSample) -> list[Decision]:
         """The node-wide decision, narrowed by batches that asked for stricter limits."""
-        views = [w.view() for w in self.workers.values()]
         admitting = self._admission_order()
+        paused = any(w.state == PAUSED for w in self.workers.values())
+        if all(governor_quiet(sample, limits, paused, bool(admitting))
+               for limits in {self.limits, *(run.limits for run in self.runs.values())}):
+            return []  # nothing to decide under any batch's limits: no table of every worker
+        views = [w.view() for w in self.workers.values()]
         demands = [self._workload(run) for run in admitting]
         # The other batches' workers are measured against their batch's profile too (rule 3).
         others = {w.run.id: w.run for w in self.workers.values()}
@@ -543,7 +583,11 @@ class Engine:
     def _refresh_workers(self, now: float) -> None:
         usage: dict[int, GroupUsage | None] = self._cgroup_usage()
         if len(usage) == len(self.workers):
-            self._adopt_orphans()  # every worker in a cgroup of its own: orphans are only reaped
+            # Every worker in a cgroup of its own: orphans are only reaped (they hold nothing but a
+            # pid meanwhile), at housekeeping's pace.
+            if now >= self.orphans_due:
+                self._adopt_orphans()
+                self.orphans_due = now + ORPHAN_SCAN
         elif self.walk_trees:
             usage.update(self._tree_usage())
         else:  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN): every process of the node
@@ -554,6 +598,13 @@ class Engine:
                     self._find_escaped(w, stats, lineage.descendants(self.proc, w.child.pid))
             usage.update((pgid, u) for pgid, u in group_usage(stats.values(), set(self.workers)).items()
                          if self.workers[pgid].cgroup is None)
+        if (self.settled == len(self.workers) == len(usage)
+                and not any(u is not None for u in usage.values())):
+            # Every worker stood still at the last refresh and has used no CPU since: their figures
+            # (no CPU, no growth) hold, and the next refresh measures over the longer span.
+            self.last_refresh = now
+            return
+        still = 0
         for pgid, w in self.workers.items():
             if pgid not in usage:
                 continue
@@ -570,6 +621,8 @@ class Engine:
             if (w.verify_pause_from is not None and previous_measurement is not None
                     and previous_measurement >= w.verify_pause_from):
                 self._verify_agent_pause(w)
+            still += w.cpu == 0 and w.rss_growth == 0 and w.verify_pause_from is None
+        self.settled = still if still == len(self.workers) else -1
         self.last_refresh = now
 
     def _cgroup_usage(self) -> dict[int, GroupUsage | None]:

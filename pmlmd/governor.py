@@ -426,6 +426,19 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
             Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
 
 
+def quiet(sample: NodeSample, limits: Limits, paused: bool, queued: bool) -> bool:
+    """True when ``decide`` would decide nothing, whatever the workers measure: no limit is near
+    (free memory at or above L + G and the floor, CPU within C), no worker is paused
+    (``paused``) and no batch waits for admission (``queued``). Lets a caller with many
+    workers skip building their table."""
+    if paused or queued:
+        return False
+    free = free_bytes(sample, limits)
+    limit = limits.memory_limit_bytes(sample.mem_total)
+    return (free >= limit + limits.memory_gap and free >= limits.min_free
+            and (sample.cpu_pct is None or sample.cpu_pct <= limits.cpu_limit))
+
+
 def _until_free(victims: list[WorkerView], projected: float, target: float, action: str, rule: str,
                 why: str) -> list[Decision]:
     """Victims in order until the memory they release lifts ``projected`` free memory to ``target``."""

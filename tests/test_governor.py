@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from pmlmd.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
-                            Limits, NodeSample, WorkerView, Workload, decide, next_interval)
+                            Limits, NodeSample, WorkerView, Workload, decide, next_interval, quiet)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -487,3 +487,11 @@ def test_a_batch_can_only_tighten_the_node_limits():
     assert out.memfree_limit == 30.0 and out.min_free == LIMITS.min_free
     assert out.victim == "largest" and out.window == 0.1
     assert tighten(LIMITS) is LIMITS
+
+
+def test_quiet_only_far_from_every_limit_with_nothing_paused_or_waiting():
+    assert quiet(node(cpu=20.0), LIMITS, paused=False, queued=False)
+    assert not quiet(node(cpu=20.0), LIMITS, paused=True, queued=False)
+    assert not quiet(node(cpu=20.0), LIMITS, paused=False, queued=True)
+    assert not quiet(node(free=LIMIT + 100 * MiB), LIMITS, paused=False, queued=False)  # in the gap
+    assert not quiet(node(cpu=85.0), LIMITS, paused=False, queued=False)  # over the CPU limit

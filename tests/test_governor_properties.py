@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pmlmd.governor import (CONTINUE, CRITICAL, KILL, KILLED, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE,
-                            TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes, next_interval)
+                            TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes, next_interval,
+                            quiet)
 
 MiB = 1 << 20
 TOTAL = 8 << 30
@@ -174,3 +175,11 @@ def test_interval_stays_between_the_floor_and_the_base(previous, sample, limits,
     previous = dataclasses.replace(previous, time=NOW - dt)
     interval = next_interval(previous, sample, limits)
     assert min(0.01, limits.window) <= interval <= max(0.01, limits.window)
+
+
+@settings(max_examples=500, deadline=None)
+@given(**situation)
+def test_quiet_means_decide_would_decide_nothing(sample, workers, workload, limits):
+    """The engine skips building the worker table when ``quiet`` holds: decide must agree."""
+    if quiet(sample, limits, any(w.state == PAUSED for w in workers), workload.queued > 0):
+        assert decide(sample, workers, workload, limits) == []
