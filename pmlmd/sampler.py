@@ -121,6 +121,15 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
 
+    def runtime(self, pid: int) -> int | None:
+        """Nanoseconds the process has spent on a CPU (/proc/PID/schedstat, first field: the
+        scheduler's exact sum, where /proc/PID/stat counts whole clock ticks, so a fork or a page
+        fault always moves it). None when gone or unreadable."""
+        try:
+            return int(self._read(f"{pid}/schedstat").split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def children(self, pid: int) -> list[int]:
         """The pids of the process's children, from /proc/PID/task/TID/children of each thread.
 

@@ -19,15 +19,31 @@ from support import EngineRun, wait_for
 
 
 class CountingProc(ProcReader):
-    """A ProcReader that remembers whose stat it read."""
+    """A ProcReader that remembers whose stat and CPU time it read, and whose children."""
 
     def __init__(self):
         super().__init__()
         self.read: set[int] = set()
+        self.listed: set[int] = set()
 
     def pid_stat(self, pid: int):
         self.read.add(pid)
         return super().pid_stat(pid)
+
+    def runtime(self, pid: int):
+        self.read.add(pid)
+        return super().runtime(pid)
+
+    def children(self, pid: int):
+        self.listed.add(pid)
+        return super().children(pid)
+
+
+def walk_afresh(engine: Engine) -> dict:
+    """What _tree_usage finds walking every tree (as if none had been walked before)."""
+    for w in engine.workers.values():
+        w.runtimes = {}
+    return engine._tree_usage()
 
 
 def test_a_refresh_reads_the_workers_trees_only():
@@ -48,12 +64,12 @@ def test_a_refresh_reads_the_workers_trees_only():
             if len(engine.workers) < 2:
                 return False
             proc.read.clear()
-            usage = engine._tree_usage()
+            usage = walk_afresh(engine)
             return len(usage) == 2 and all(u.processes == 2 for u in usage.values())
 
         wait_for(both_measured, timeout=30, what="two workers of two processes each")
         assert not proc.read & {p.pid for p in unrelated}  # never read
-        assert proc.read <= {pid for u in engine._tree_usage().values() for pid in u.pids}
+        assert proc.read <= {pid for u in walk_afresh(engine).values() for pid in u.pids}
 
         def children_counted():  # once the children have filled their 16 MiB, it is their workers'
             engine._refresh_workers(time.monotonic())
@@ -156,3 +172,28 @@ def test_workers_in_a_scope_that_used_no_cpu_are_not_read_again():
             assert w.child.pid in proc.read
     finally:
         scope.discard()
+
+
+def test_a_tree_that_did_not_run_is_not_walked_and_a_fork_is_seen_at_once(tmp_path):
+    """proc backend: a refresh reads the CPU time (/proc/PID/schedstat, exact to the nanosecond)
+    of each process of a worker's tree; when none moved, no children list and no stat is read.
+    A fork moves the parent's time, so the new child is found at the next refresh."""
+    import os
+
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    proc = CountingProc()
+    with EngineRun(["sh", "-c", f"read _ < {fifo}; sleep 30 & wait"], 1, Limits(), proc=proc) as er:
+        (w,) = er.workers(1)
+        engine = er.engine
+        er.until(lambda: w.measured_at is not None and engine._refresh_workers(time.monotonic()) is None
+                 and w.cpu == 0.0, what="the worker measured standing still")
+        proc.read.clear()
+        proc.listed.clear()
+        engine._refresh_workers(time.monotonic())
+        assert proc.listed == set() and proc.read == {w.child.pid}  # its CPU time, nothing else
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        er.until(lambda: len(w.runtimes) == 2 or engine._refresh_workers(time.monotonic()) is not None,
+                 what="the forked sleep found")
+        assert w.child.pid in proc.listed

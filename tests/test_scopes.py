@@ -30,8 +30,14 @@ class RecordingScopes(NoScopes):
     def place(self, batch_id, description, pid):
         # At this moment the worker must exist but must not have run the command yet.
         started_early = os.listdir(self.marker_dir)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
+        # posix_spawn returns once the exec is past its point of no return, a moment before the
+        # kernel has set up the new argv (an exec sends no event): read it once it is there.
+        for _ in range(1000):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            if cmdline[0]:
+                break
+            time.sleep(0.001)
         self.placed.append((batch_id, description, pid, started_early, cmdline[:1]))
         return True
 
