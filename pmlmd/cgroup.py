@@ -129,7 +129,8 @@ class Worker:
     def events(self) -> dict[str, int]:
         """cgroup.events: populated (1 while any process is in it) and frozen."""
         try:
-            return {key: int(value) for key, value in (line.split() for line in self._read("cgroup.events").splitlines())}
+            return {key: int(value)
+                    for key, value in (line.split() for line in self._read("cgroup.events").splitlines())}
         except (OSError, ValueError):
             return {"populated": 0, "frozen": 0}
 
@@ -339,6 +340,12 @@ class Subtree:
 
     def describe(self) -> str:
         return f"cgroup v2 ({self.root})"
+
+
+def containment(subtree: Subtree | None, held_by: str = "process groups") -> str:
+    """How workers are held, in one line (the ready line, status, run -v): ``subtree`` where the
+    cgroup backend holds them, else ``held_by`` and the /proc backend."""
+    return f"a cgroup each, {subtree.describe()}" if subtree is not None else f"{held_by}, followed through /proc"
 
 
 def _move_self_back(own: str, w: Worker) -> None:

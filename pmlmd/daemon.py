@@ -1080,11 +1080,7 @@ class Daemon:
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""
-        if self.cgroups is not None:
-            return f"a cgroup each, {self.cgroups.describe()}"
-        if self.scopes.name == "systemd":
-            return "systemd scopes, followed through /proc"
-        return "process groups, followed through /proc"
+        return cgroup.containment(self.cgroups, "systemd scopes" if self.scopes.name == "systemd" else "process groups")
 
     def _node(self) -> dict | None:
         sample = self._fresh_sample()

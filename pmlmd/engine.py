@@ -470,12 +470,12 @@ class Engine:
         near_memory_limit = free < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
         # Near the CPU limit with workers paused, turns are taken (governor rule 5): a continued
         # worker is measured again within half a window.
-        taking_turns = (sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
-                        and any(w.state == PAUSED for w in self.workers.values()))
+        paused = any(w.state == PAUSED for w in self.workers.values())
+        taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
         if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)
                              or (taking_turns and since_refresh >= limits.window / 4)):
             self._refresh_workers(sample.time)
-        decisions = self._decide(sample)
+        decisions = self._decide(sample, paused)
         if self.spawn_backlog:
             # A follow-up of a step cut short: no batch starts more than that step admitted and did
             # not start (the others wait for a step of their own). Queue batches start what the
@@ -530,10 +530,10 @@ class Engine:
                         avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room,
                         peak_rss=run.finished_peak or None)
 
-    def _decide(self, sample: NodeSample) -> list[Decision]:
-        """The node-wide decision, narrowed by batches that asked for stricter limits."""
+    def _decide(self, sample: NodeSample, paused: bool) -> list[Decision]:
+        """The node-wide decision, narrowed by batches that asked for stricter limits. ``paused``:
+        whether any worker stands paused."""
         admitting = self._admission_order()
-        paused = any(w.state == PAUSED for w in self.workers.values())
         if all(governor_quiet(sample, limits, paused, bool(admitting))
                for limits in {self.limits, *(run.limits for run in self.runs.values())}):
             return []  # nothing to decide under any batch's limits: no table of every worker
@@ -601,8 +601,7 @@ class Engine:
                     self._find_escaped(w, stats, lineage.descendants(self.proc, w.child.pid))
             usage.update((pgid, u) for pgid, u in group_usage(stats.values(), set(self.workers)).items()
                          if self.workers[pgid].cgroup is None)
-        if (self.settled == len(self.workers) == len(usage)
-                and not any(u is not None for u in usage.values())):
+        if self.settled == len(self.workers) == len(usage) and all(u is None for u in usage.values()):
             # Every worker stood still at the last refresh and has used no CPU since: their figures
             # (no CPU, no growth) hold, and the next refresh measures over the longer span.
             self.last_refresh = now
@@ -689,10 +688,12 @@ class Engine:
         return os.path.join(self.cgroup_mount, relative.lstrip("/"), "cpu.stat")
 
     def _tree_usage(self) -> dict[int, GroupUsage | None]:
-        """What each worker uses: its leader and every descendant (lineage.descendants, from
+        """What each worker uses: its leader and every descendant (lineage.tree_runtimes, from
         /proc/PID/task/TID/children), whatever group or session they moved to, and the processes
         re-parented to pmlmd that it left (Worker.escaped). The cost is that of the workers' own
-        processes: other processes of the node are never read."""
+        processes: other processes of the node are never read. None for a worker none of whose
+        processes ran since its tree was last walked (its scope's cpu.stat, or each process's
+        schedstat, says so): it is as it was."""
         if self.subreaper:
             self._adopt_orphans()
         usage: dict[int, GroupUsage | None] = {}
@@ -967,9 +968,11 @@ class Engine:
             env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run)))
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
+        if credentials == procctl.own_credentials():
+            credentials = None  # nothing to take on (root's own batches)
         # Another user's worker starts through setpriv, as root until it has taken on the ids: its
         # variables then reach it through the gate (see gated).
-        carry = credentials is not None and credentials != procctl.own_credentials()
+        carry = credentials is not None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         gate_r = gate_w = env_fd = None
         outputs = None

@@ -261,20 +261,22 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
                               f"memory grows {_mib(w.rss_growth)}/s" + ("" if w not in on_course else
                               f" (its batch's peak would take free memory below the limit)"))
                      for w in victim_order(stopped, limits.victim, "rss")]
-        if not decisions and (cpu is None or cpu <= limits.cpu_limit):
+        cpu_within = cpu is None or cpu <= limits.cpu_limit
+        if not decisions and cpu_within:
             # One paused here on course whose rest now fits (others finished, or their readings
             # caught up) goes on: it would otherwise wait for the whole gap to clear.
             for w in sorted(paused, key=lambda w: (-w.priority, w.paused_at, repr(w.key))):
-                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.window and projected - rest(w) >= limit):
+                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.window
+                        and projected - rest(w) >= limit):
                     return [Decision(CONTINUE, w.key, rule="gap", reason=f"{seen}: continuing worker paused in the "
                                      f"gap: the {_mib(rest(w))} it may still add to its batch's peak fit")]
-        if not decisions and not paused and projected >= limit and (cpu is None or cpu <= limits.cpu_limit):
+        if not decisions and not paused and projected >= limit and cpu_within:
             # The projection holds: batches with a profile are packed into the gap too.
             return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen,
                           profiled_only=True)
         stuck = (not decisions and not running and not releasing and paused
                  and all(sample.time - w.paused_at >= limits.window for w in paused))
-        if stuck and (cpu is None or cpu <= limits.cpu_limit):
+        if stuck and cpu_within:
             # A lone worker paused for growing here would only grow on if continued: it stays
             # stopped until headroom returns (rule 5), or is terminated once it has stood a window.
             if len(paused) == 1 and paused[0].paused_by != "gap":
@@ -309,7 +311,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
             covered += w.cpu
         if not decisions and paused:
             # The last runner was kept, within the limit but for tick noise: it may owe a turn.
-            return _turn(sample, running, paused, limits, f"free {_mib(free)}, limit {_mib(limit)}")
+            return _turn(sample, running, paused, limits, seen)
         return decisions
 
     # 5. Within the limits.
@@ -357,8 +359,13 @@ def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list
     cpu_projected = cpu_now + sum(expected(w, "avg_cpu") for w in young)
     # What running workers may still add: up to their batch's peak where it is known, else young
     # (unmeasured) ones up to their batch's average.
-    free_projected = free - sum(rest(w) if rest(w) is not None else
-                                max(0.0, expected(w, "avg_rss") - w.rss) if w.cpu is None else 0.0 for w in running)
+    def still_to_come(w: WorkerView) -> float:
+        to_peak = rest(w)
+        if to_peak is not None:
+            return to_peak
+        return max(0.0, expected(w, "avg_rss") - w.rss) if w.cpu is None else 0.0
+
+    free_projected = free - sum(map(still_to_come, running))
     decisions = []
     admitted = 0
     for demand in demands:

@@ -23,6 +23,8 @@ never signalled.
 from __future__ import annotations
 
 import ctypes
+import itertools
+from typing import Iterator
 
 from .sampler import ProcReader
 
@@ -44,21 +46,25 @@ def worker_id_of(environ: dict[bytes, bytes]) -> str | None:
     return ".".join(parts)
 
 
+def _walk(proc: ProcReader, pid: int) -> Iterator[int]:
+    """``pid``, then its descendants, parents before their children. A process's children are
+    read only when the caller asks for the next one after it: what the caller reads of a
+    process when it gets it is read before its children list."""
+    frontier = [pid]
+    while frontier:
+        nxt = []
+        for parent in frontier:
+            yield parent
+            nxt += proc.children(parent)
+        frontier = nxt
+
+
 def descendants(proc: ProcReader, pid: int, limit: int = 100_000) -> list[int]:
     """Every descendant of ``pid`` (not ``pid`` itself), parents before their children.
 
     ``limit`` bounds the walk so that a fork bomb inside a worker cannot stall pmlmd.
     """
-    found: list[int] = []
-    frontier = [pid]
-    while frontier and len(found) < limit:
-        nxt = []
-        for parent in frontier:
-            kids = proc.children(parent)
-            found += kids
-            nxt += kids
-        frontier = nxt
-    return found[:limit]
+    return list(itertools.islice(_walk(proc, pid), 1, limit + 1))
 
 
 def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000) -> dict[int, int | None]:
@@ -67,12 +73,4 @@ def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000) -> dict[int,
     after the list was read has moved its parent's figure. Equal figures later mean that no
     process of the tree has forked, exec'd, exited or touched a page since: the tree and what
     it uses are as they were."""
-    found: dict[int, int | None] = {}
-    frontier = [pid]
-    while frontier and len(found) < limit:
-        nxt = []
-        for parent in frontier:
-            found[parent] = proc.runtime(parent)
-            nxt += proc.children(parent)
-        frontier = nxt
-    return dict(list(found.items())[:limit])
+    return {member: proc.runtime(member) for member in itertools.islice(_walk(proc, pid), limit)}

@@ -25,8 +25,8 @@ from .sampler import CLOCK_TICKS, ProcReader
 
 # The descriptor on which a gated worker finds its variables (engine.gated).
 ENV_FD = 3
-# util-linux's setpriv(1), Essential in Debian: where it is missing, a worker of another user is
-# started by a fork of pmlmd.
+# util-linux's setpriv(1), Essential in Debian: where it is missing, a worker of another user can
+# be started only with its environment given as such (a fork of pmlmd, see spawn).
 SETPRIV = next((path for path in (b"/usr/bin/setpriv", b"/bin/setpriv") if os.access(path, os.X_OK)), None)
 PERL = b"/usr/bin/perl"  # perl-base, Essential in Debian
 # perl: execute @ARGV as it is (the PATH is searched for a name without "/"); exit like a shell when it cannot.
@@ -86,7 +86,7 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     which the child inherits. A worker of another user starts as setpriv(1), which takes on the
     credentials and executes ``argv``: as setpriv still runs as root, that is done only with an
     empty ``env`` (LD_PRELOAD, GCONV_PATH, ... of a submitter must never act in a root process;
-    the engine's gate hands the worker its variables through its stdin, see engine.gated). With
+    the engine's gate hands the worker its variables on ``env_fd``, see engine.gated). With
     an environment, or without setpriv, a worker of another user is started by a fork of pmlmd
     that takes on the credentials before it executes anything (_spawn_as), the environment as
     envp only: /proc/PID/cmdline is readable by every user, /proc/PID/environ is not.
@@ -94,9 +94,10 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     if credentials is not None and credentials == own_credentials():
         credentials = None  # nothing to take on (root's own batches)
     if credentials is not None:
-        if env_fd is not None and (env or SETPRIV is None):
-            raise OSError(errno.ENOENT, "setpriv(1) of util-linux is missing: a worker of another user cannot start")
         if env or SETPRIV is None:
+            if env_fd is not None:  # the fork cannot hand it over on ENV_FD
+                raise OSError(errno.ENOENT, "setpriv(1) of util-linux is missing: a worker of another user "
+                                            "cannot start")
             return _spawn_as(argv, env, stdout_fd=stdout_fd, stdin_fd=stdin_fd, stderr_fd=stderr_fd, cwd=cwd,
                              credentials=credentials, umask=umask, proc=proc)
         argv = setpriv_argv(credentials) + list(argv)

@@ -52,8 +52,7 @@ class Runner:
         self.cgroups = cgroup.choose(worker_backend, cgroup.subtree_name("pmlmctl", str(os.getpid())))
         if self.cgroups is not None:
             self.cgroups.remove_stale_siblings("pmlmctl")  # what runs killed with SIGKILL left
-        log.info("workers in %s", f"a cgroup each, {self.cgroups.describe()}" if self.cgroups is not None
-                 else "process groups, followed through /proc")
+        log.info("workers in %s", cgroup.containment(self.cgroups))
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._on_event,
                              subreaper=True, output=self.pipes, cgroups=self.cgroups)
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
