@@ -796,10 +796,12 @@ def reads_window(d, big: str, seconds: float, readers: int) -> dict:
 
 
 def scenario_reads(ctx) -> dict:
-    ntasks, seconds = (5000, 3.0) if ctx.quick else (100_000, 20.0)
+    ntasks, seconds = (5000, 3.0) if ctx.quick else (1_000_000, 20.0)
     rows = []
     with Daemon(ctx.tmp / "reads-daemon", DAEMON_RELAXED.format(max_workers=64)) as d:
+        rss0, t0 = rss_bytes(d.pid), time.monotonic()
         big = d.submit("-n", str(ntasks), "-j", "1", "--", "sleep", "600")
+        submit_s, grew = time.monotonic() - t0, rss_bytes(d.pid) - rss0
         for readers in (0, READERS):
             r = reads_window(d, big, seconds, readers)
             dec, ping = r["decisions"], r["pings"]
@@ -809,14 +811,23 @@ def scenario_reads(ctx) -> dict:
                          "sample→signal p50 ms": fmt(dec.get("p50"), 2), "sample→signal max ms": fmt(dec.get("max"), 2),
                          "ping p50 ms": fmt(ping.get("p50"), 2), "ping max ms": fmt(ping.get("max"), 1),
                          "_decisions": dec, "_pings": ping})
+        t0 = time.monotonic()
         d.client.call("cancel", batch=big)
-    return {"title": "7. Reads next to a big batch (daemon)", "rows": rows,
+        while d.batch(big).get("ended") is None:
+            if time.monotonic() - t0 > 300:
+                raise RuntimeError(f"the batch of {ntasks} tasks did not end within 300 s of its cancel")
+            time.sleep(0.05)
+        ended_s, after = time.monotonic() - t0, rss_bytes(d.pid) - rss0
+    cost = (f"the batch of {ntasks} tasks: submit (pmlmctl submit, start to exit) {submit_s:.2f} s, the daemon's RSS "
+            f"+{grew / 2**20:.1f} MiB after it; cancel to ended (its report of every task encoded and stored) "
+            f"{ended_s:.2f} s, RSS +{after / 2**20:.1f} MiB after that")
+    return {"title": "7. Reads next to a big batch (daemon)", "rows": rows, "_cost": {
+                "submit_s": submit_s, "rss_after_submit": grew, "cancel_to_ended_s": ended_s, "rss_after_end": after},
             "notes": [f"one batch of {ntasks} tasks (`sleep 600`, -j 1) in the daemon; a second batch of short tasks "
                       "(`sleep 0.05`, -j 4), so the governor admits workers all along; "
                       f"{seconds:g} s windows without and with {READERS} reader processes; sample→signal: the "
                       "latency_ms of each governor decision on the second batch (from the sample to the signal: "
-                      "here the spawns); ping: a seventh client every 10 ms",
-                      "the most tasks a batch may have is 100000 (bounds.MAX_TASKS)"]}
+                      "here the spawns); ping: a seventh client every 10 ms", cost]}
 
 
 # ---------------------------------------------------------------- scenario 8: tasks from a queue

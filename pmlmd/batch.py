@@ -5,6 +5,7 @@ No processes and no I/O here; the runner feeds attempts in and reads decisions o
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from array import array
@@ -75,7 +76,7 @@ class Task:
 
     Its batch counts its tasks by status as they change (``counts``, see Batch.status_counts),
     so that a summary of a batch of any size costs no walk over its tasks. A plain class with
-    slots: a batch holds up to 100000 of them, made in one go at submit.
+    slots, made as the batch takes its tasks (see TaskTable).
     """
 
     __slots__ = ("index", "line", "_status", "attempts", "governor_ends", "failures", "counts", "message")
@@ -122,6 +123,180 @@ class Task:
         return data
 
 
+class Blank:
+    """The task lines of a batch of N tasks without a line (``-n N``): N times None, in O(1) memory."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [None] * len(range(*index.indices(self.size)))
+        if not -self.size <= index < self.size:
+            raise IndexError(index)
+        return None
+
+    def __iter__(self):
+        return iter((None,) * self.size) if self.size <= 4096 else (None for _ in range(self.size))
+
+    def __eq__(self, other) -> bool:
+        return (len(other) == self.size and all(line is None for line in other)) if isinstance(other, (list, Blank)) \
+            else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Blank({self.size})"
+
+
+class TaskTable:
+    """A batch's tasks by index, in memory that grows with the tasks taken, not with all of them.
+
+    Tasks are taken in index order (a requeued one goes back to the front of the queue, see
+    TaskQueue), so those taken so far are the Task objects ``made`` (indices 0 .. len(made) - 1)
+    and every later one stands where ``rest`` says (queued at first; cancelled, say, once the
+    queue was cancelled) with its line from ``lines``. A later task read by index or iteration is
+    a fresh Task each time, not counted in its batch: only ``take`` makes one that is. A batch of
+    1,000,000 ``-n`` tasks thus costs a few objects until its tasks run.
+    """
+
+    __slots__ = ("lines", "made", "rest", "size", "counts")
+
+    def __init__(self, lines, counts: Counter, made: list[Task] | None = None, rest: str = QUEUED):
+        self.lines = lines  # a sequence of str | None (list, or Blank)
+        self.made: list[Task] = [] if made is None else made
+        self.rest = rest
+        self.size = max(len(lines), len(self.made))
+        self.counts = counts
+
+    @property
+    def untaken(self) -> int:
+        """How many tasks have no Task object yet (they all stand at ``rest``)."""
+        return self.size - len(self.made)
+
+    def take(self) -> Task:
+        """The first untaken task, as a Task of its batch from now on (IndexError: none left)."""
+        index = len(self.made)
+        if index >= self.size:
+            raise IndexError("no untaken task")
+        task = Task(index, self.lines[index], self.rest)
+        task.counts = self.counts
+        self.made.append(task)
+        return task
+
+    def add(self, task: Task) -> None:
+        """A queue batch's new task, numbered after the last (it has no untaken ones)."""
+        if self.untaken:
+            raise ValueError("a batch with untaken tasks takes no new ones")
+        self.made.append(task)
+        self.size += 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
+        made = self.made
+        if index < 0:
+            index += self.size
+        if 0 <= index < len(made):
+            return made[index]
+        if not len(made) <= index < self.size:
+            raise IndexError(index)
+        return Task(index, self.lines[index], self.rest)
+
+    def __iter__(self):
+        yield from self.made
+        lines, rest = self.lines, self.rest
+        for index in range(len(self.made), self.size):
+            yield Task(index, lines[index], rest)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, TaskTable)) else NotImplemented
+
+    def encode(self, start: int, end: int) -> str:
+        """Tasks ``start`` .. ``end`` - 1 as their report entries: ``json.dumps(task.to_json())``
+        of each, joined by ", " (ASCII). Untaken tasks differ only in index and line, so theirs
+        are filled into one template (a million in about a second, not a Task object each)."""
+        made = self.made
+        parts = [json.dumps(t.to_json()) for t in made[start:min(end, len(made))]]
+        first = max(start, len(made))
+        if first < end:
+            status, lines = json.dumps(self.rest), self.lines
+            if isinstance(lines, Blank):
+                tail = f', "task": null, "status": {status}, "attempts": []}}'
+                parts.extend(f'{{"index": {i}{tail}' for i in range(first, end))
+            else:
+                tail = f', "status": {status}, "attempts": []}}'
+                parts.extend(f'{{"index": {i}, "task": {json.dumps(lines[i])}{tail}' for i in range(first, end))
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"TaskTable({len(self.made)} taken of {self.size}, rest {self.rest})"
+
+
+class TaskQueue:
+    """A batch's queued tasks in the order they start: ``front`` (requeued and deferred tasks,
+    then a queue batch's new ones), then the untaken tasks while they stand queued.
+
+    Has what the batch and the engine use of a deque: len, truth, popleft, appendleft, append,
+    remove, iteration, and [0] (which takes the first untaken task when the front is empty).
+    """
+
+    __slots__ = ("table", "front")
+
+    def __init__(self, table: TaskTable, front=()):
+        self.table = table
+        self.front: deque[Task] = deque(front)
+
+    def _fresh(self) -> int:
+        table = self.table
+        return table.size - len(table.made) if table.rest == QUEUED else 0
+
+    def __len__(self) -> int:
+        return len(self.front) + self._fresh()
+
+    def __bool__(self) -> bool:
+        return bool(self.front) or self._fresh() > 0
+
+    def popleft(self) -> Task:
+        if self.front:
+            return self.front.popleft()
+        if self._fresh():
+            return self.table.take()
+        raise IndexError("pop from an empty queue")
+
+    def appendleft(self, task: Task) -> None:
+        self.front.appendleft(task)
+
+    def append(self, task: Task) -> None:
+        if self._fresh():
+            raise ValueError("a batch with untaken tasks takes no new ones")
+        self.front.append(task)
+
+    def remove(self, task: Task) -> None:
+        self.front.remove(task)
+
+    def __getitem__(self, index: int) -> Task:
+        if index != 0:
+            raise IndexError("only the first queued task can be looked at")
+        if not self.front:
+            self.front.append(self.popleft())
+        return self.front[0]
+
+    def __iter__(self):
+        yield from self.front
+        if self._fresh():
+            yield from self.table[len(self.table.made):]
+
+    def __repr__(self) -> str:
+        return f"TaskQueue({len(self.front)} in front, {self._fresh()} untaken)"
+
+
 @dataclass(frozen=True)
 class IntakeSpec:
     """Where a queue batch takes its tasks from (see intake): each message body is a task line."""
@@ -142,7 +317,7 @@ class BatchSpec:
 
     batch_id: str
     command: list[str]
-    tasks: list[str | None]
+    tasks: list[str | None] | Blank  # each task's line (None: no line), by index
     limits: Limits
     shell: bool = False
     term_grace: float = 10.0
@@ -243,30 +418,39 @@ class Series:
 class Batch:
     """The batch's bookkeeping: which task runs next and how each attempt's end counts."""
 
-    def __init__(self, spec: BatchSpec, now: float, tasks: list[Task] | None = None):
-        """A new batch, or with ``tasks`` one restored from the state database."""
+    def __init__(self, spec: BatchSpec, now: float, tasks: list[Task] | None = None, rest: str = QUEUED):
+        """A new batch, or with ``tasks`` one restored from the state database: those of its tasks
+        that were taken (by index, with gaps; every one past the last of them and every gap
+        stands at ``rest``, with its line from ``spec.tasks``)."""
         self.spec = spec
         self.started = now
         self.finished: float | None = None
         # Kept up to date as tasks change (Task.status) and attempts end: read in O(1).
         self.status_counts: Counter[str] = Counter()
         if tasks is None:  # new: every task queued, nothing to add up
-            self.tasks = [Task(i, line) for i, line in enumerate(spec.tasks)]
-            self.queue: deque[Task] = deque(self.tasks)
+            self.tasks = TaskTable(spec.tasks, self.status_counts)
+            self.queue = TaskQueue(self.tasks)
             self.status_counts[QUEUED] = len(self.tasks)
             self.requeued, self.terminated, self.first_start, self.failed_tasks = 0, 0, None, 0
         else:
-            self.tasks = tasks
-            self.queue = deque(t for t in tasks if t.status == QUEUED)
-            self.status_counts.update(t.status for t in tasks)
+            made: list[Task] = []
+            for task in tasks:
+                while len(made) < task.index:  # a gap: a task taken and put back, or never written
+                    made.append(Task(len(made), spec.tasks[len(made)], rest))
+                made.append(task)
+            self.tasks = TaskTable(spec.tasks, self.status_counts, made, rest)
+            self.queue = TaskQueue(self.tasks, (t for t in made if t.status == QUEUED))
+            self.status_counts.update(t.status for t in made)
+            self.status_counts[rest] += self.tasks.untaken
             # Every attempt but a finished or running task's last one ended in a requeue.
             self.requeued = sum(len(t.attempts) - (bool(t.attempts) and (t.status in FINISHED or t.status == RUNNING))
-                                for t in tasks)
-            self.terminated = sum(1 for t in tasks for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY)
-            self.first_start: float | None = min((a.start for t in tasks for a in t.attempts), default=None)
+                                for t in made)
+            self.terminated = sum(1 for t in made for a in t.attempts if a.cause == CAUSE_GOVERNOR_MEMORY)
+            self.first_start: float | None = min((a.start for t in made for a in t.attempts), default=None)
             # Tasks that ended failed or given up; once --halt's count is reached, halt_reason says so.
-            self.failed_tasks = sum(1 for t in tasks if t.status in (FAILED, GIVEN_UP))
-        for task in self.tasks:
+            self.failed_tasks = sum(1 for t in made if t.status in (FAILED, GIVEN_UP)) + \
+                (self.tasks.untaken if rest in (FAILED, GIVEN_UP) else 0)
+        for task in self.tasks.made:
             task.counts = self.status_counts
         self.critical_reason: str | None = None
         self.cancel_reason: str | None = None
@@ -358,8 +542,14 @@ class Batch:
     def cancel_queued(self) -> None:
         """No queued task starts: cancelled, or for a queue batch, returned to its queue."""
         status = RETURNED if self.spec.open_ended else CANCELLED
-        while self.queue:
-            self.queue.popleft().status = status
+        queue = self.queue
+        while queue.front:
+            queue.front.popleft().status = status
+        table = self.tasks
+        if table.rest == QUEUED and table.untaken:  # the untaken ones, in one go
+            self.status_counts[QUEUED] -= table.untaken
+            self.status_counts[status] += table.untaken
+            table.rest = status
 
     def fail_unrunnable(self, task: Task, now: float, cause: str, reason: str) -> Attempt:
         """A queued task that no attempt could run (a queue message that is no task line): failed
@@ -374,10 +564,10 @@ class Batch:
     def add_task(self, line: str | None, message: dict | None = None, governor_ends: int = 0) -> Task:
         """A queue batch's new task, queued: numbered after the ones it has."""
         task = Task(len(self.tasks), line, governor_ends=governor_ends, message=message)
+        self.tasks.add(task)
+        self.queue.append(task)
         task.counts = self.status_counts
         self.status_counts[QUEUED] += 1
-        self.tasks.append(task)
-        self.queue.append(task)
         return task
 
     # --- samples -------------------------------------------------------------------
@@ -410,7 +600,8 @@ class Batch:
         if self.critical_reason:
             return 3
         # A queue batch's returned tasks are its queue's again: not a failure of this batch.
-        return 0 if all(t.status in (SUCCEEDED, RETURNED) for t in self.tasks) else 1
+        fine = self.status_counts[SUCCEEDED] + self.status_counts[RETURNED]
+        return 0 if fine == len(self.tasks) else 1
 
     def error_message(self) -> str | None:
         if self.critical_reason:

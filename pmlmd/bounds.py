@@ -26,9 +26,10 @@ DURATION = "duration"  # seconds, as NUMBER; the config file also takes s, m, h 
 # 1 EiB: more memory than any Linux machine can address (x86-64 with 5-level paging: 4 PiB),
 # and 2**60 keeps memory_limit + memory_gap + min_free below 2**62, exact as floats and ints alike.
 MAX_SIZE = 1 << 60
-# A batch's tasks live in the daemon's memory and its report lists each one: 100000 tasks
-# take about 70 MB and a report about a second to build, which the daemon's loop can afford.
-MAX_TASKS = 100_000
+# A batch's tasks cost the daemon memory and state rows only once they are taken (batch.TaskTable),
+# but its report lists each one: 1,000,000 tasks that never ran make a report of about 70 MB,
+# encoded in about 0.2 s (500 tasks between two turns of the loop).
+MAX_TASKS = 1_000_000
 
 
 @dataclass(frozen=True)

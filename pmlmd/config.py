@@ -89,7 +89,7 @@ class Config:
     # (submit, retry). A batch's tasks live in the daemon's memory until they end, and a batch's
     # interval sets how often the daemon samples the node, so these keep one user from
     # slowing the daemon down for everybody.
-    tasks_queued: int = 100_000  # tasks not yet finished, over the user's active batches
+    tasks_queued: int = 1_000_000  # tasks not yet finished, over the user's active batches
     batches_active: int = 100
     min_interval: float = 0.1  # the shortest interval a batch may ask for (seconds)
     root_exempt: bool = True  # requests root makes (also for another user) are not held to quotas

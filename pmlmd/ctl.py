@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Callable
 
 from . import __version__, cgroup, output, protocol, tasklines
-from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, IntakeSpec
+from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
@@ -448,8 +448,8 @@ def intake_from_args(parser, args) -> IntakeSpec | None:
 def spec_from_args(parser, args) -> BatchSpec:
     argv = _command(parser, args)
     intake = intake_from_args(parser, args)
-    tasks: list[str | None] = [] if intake else \
-        _read_tasks(parser, args, argv, tasklines.environment()) or [None] * (args.tasks or 1)
+    tasks: list[str | None] | Blank = [] if intake else \
+        _read_tasks(parser, args, argv, tasklines.environment()) or Blank(args.tasks or 1)
     cpus = os.cpu_count() or 1
     limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
                     memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
@@ -665,7 +665,7 @@ def cmd_run(parser, args) -> int:
         batch.cancel_reason = batch.cancel_reason or stopped
         batch.cancel_queued()
         batch.finished = time.time()
-        for task in batch.tasks:  # the attempts the fault left open end as cancelled
+        for task in batch.tasks.made:  # the attempts the fault left open end as cancelled (only taken tasks have any)
             if task.attempts and task.attempts[-1].end is None:
                 task.attempts[-1].reason = stopped
                 batch.end_attempt(task, task.attempts[-1], batch.finished, CAUSE_CANCELLED)

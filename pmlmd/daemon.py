@@ -27,8 +27,8 @@ import zmq
 
 from . import __version__, cgroup, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
-from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, SUCCEEDED, Batch,
-                    BatchSpec, IntakeSpec, iso)
+from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
+                    Batch, BatchSpec, Blank, IntakeSpec, iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
 from .output import TaskFiles
@@ -53,6 +53,9 @@ CONNECTIONS_PER_USER = 64
 # Requests taken from the control socket per loop turn, so that a flood of them never holds up
 # the governor; the socket queues the rest fairly (round-robin per connection).
 REQUESTS_PER_TURN = 32
+# ... and at most this long (seconds), and none once the governor's next sample or deadline is
+# due: a burst of cheap reads waits for the next turn rather than delay a pause or a kill.
+REQUEST_BUDGET = 0.005
 RECENT_EVENTS = 2000  # events kept for ``pmlmctl events`` without --follow
 # Bytes of task output one ``log`` reply carries at most: a reply is built within the loop's
 # turn and a big log is read in several requests, so no reader holds up the governor.
@@ -471,13 +474,12 @@ class Daemon:
             except KeyError:
                 name = f"uid {owner.uid}"
             reason = f"owner {name} is no longer a member of group {self.config.group}"
-            queued = list(run.batch.queue)
             log.warning("batch %s: %s: its %d queued tasks are cancelled, its running workers go on", run.id,
-                        reason, len(queued), extra={"BATCH_ID": run.id})
+                        reason, len(run.batch.queue), extra={"BATCH_ID": run.id})
             # Not stored as the batch's cancel reason: a restart would take that for a user's cancel
             # and end the running workers. The next pmlmd finds the owner's groups for itself.
             self.engine.cancel(run, reason, running=False)
-            self.store.tasks_changed(run.id, queued)
+            self.store.queue_cancelled(run.id)
 
     # --- restart -----------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -603,11 +605,11 @@ class Daemon:
 
     def _return_unsettled(self, stored: StoredBatch, run: BatchRun) -> None:
         """A restored queue batch: its queued tasks end returned (their messages went back)."""
-        returned = list(run.batch.queue)
+        returned = len(run.batch.queue)
         run.batch.cancel_queued()
         if returned:
-            self.store.tasks_changed(run.id, returned)
-        in_flight = len(returned) + len(stored.open_attempts)
+            self.store.queue_cancelled(run.id, RETURNED)
+        in_flight = returned + len(stored.open_attempts)
         if in_flight:
             log.info("batch %s: %d tasks went back to queue %s when pmlmd stopped (the broker gives them out again); "
                      "those of their %d workers that still run are ended", run.id, in_flight,
@@ -621,8 +623,11 @@ class Daemon:
             args = protocol.check_args("submit", stored.submission)
         except protocol.ProtocolError as e:
             raise Unrestorable(f"its submission breaks today's rules: {e.message}") from None
-        spec = self._spec(stored.id, args, [t.line for t in stored.tasks])
-        batch = Batch(spec, stored.created, tasks=stored.tasks)
+        lines = [t.line for t in stored.tasks] if args.get("amqp") else submitted_lines(args)
+        if len(lines) != stored.task_count:
+            raise Unrestorable(f"it has {stored.task_count} tasks, its submission {len(lines)}")
+        spec = self._spec(stored.id, args, lines)
+        batch = Batch(spec, stored.created, tasks=stored.tasks, rest=stored.rest)
         batch.cancel_reason = stored.cancel_reason
         self.asked[stored.id] = self._asked(args)
         submitted = procctl.Credentials(stored.owner_uid, stored.owner_gid, tuple(stored.owner_groups))
@@ -770,7 +775,10 @@ class Daemon:
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
-        for _ in range(REQUESTS_PER_TURN):
+        until = min(time.monotonic() + REQUEST_BUDGET, self.engine.next_deadline())
+        for served in range(REQUESTS_PER_TURN):
+            if served and time.monotonic() >= until:
+                return  # the socket stays readable: the rest are served after the governor's turn
             try:
                 client, frame = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -882,13 +890,11 @@ class Daemon:
         try:
             seq = self.store.next_seq()
             batch_id = str(seq)
-            lines = [] if args.get("amqp") else \
-                args["task_lines"] if args["task_lines"] is not None else [None] * args["tasks"]
-            spec = self._spec(batch_id, args, lines)
+            spec = self._spec(batch_id, args, submitted_lines(args))
             now = time.time()
             batch = Batch(spec, now)
             self.store.add_batch(batch_id, seq, args["name"], (uid, gid, groups), args["priority"], args, now,
-                                 batch.tasks)
+                                 None if spec.open_ended else len(batch.tasks))
         except BaseException:
             if joblog is not None:
                 joblog.close()
@@ -905,7 +911,7 @@ class Daemon:
                        rlimits=self._worker_rlimits(batch_id, owner), results=args["results"])
         self._add(run)
         source = f"tasks from queue {spec.intake.queue} at {run.intake.where}" if spec.intake else \
-            f"{len(lines)} tasks"
+            f"{len(spec.tasks)} tasks"
         log.info("batch %s %s by uid %d: %s of %s", batch_id, "submitted" if req == "submit" else
                  f"retried (tasks of batch {(extra or {}).get('of')})", peer[0], source, spec.command,
                  extra={"BATCH_ID": batch_id})
@@ -1251,7 +1257,7 @@ class ReportJob:
             end = min(self.next + self.SLICE, len(tasks))
             # ASCII JSON (surrogates carrying bytes as escapes), a slice in one piece.
             lead = b"" if self.next == 0 else b", "
-            self.parts.append(lead + ", ".join(json.dumps(t.to_json()) for t in tasks[self.next:end]).encode("ascii"))
+            self.parts.append(lead + tasks.encode(self.next, end).encode("ascii"))
             self.next = end
         # running: how long so far, nothing failed that has not; the state and counts status shows
         self.summary = self.daemon._batch_summary(self.run)
@@ -1362,6 +1368,14 @@ def lowered_rlimits(carried: dict[int, tuple[int, int]] | None, given: dict[int,
         if sent is not None and got is not None and got != sent:
             lowered[name] = [protocol.UNLIMITED if value == resource.RLIM_INFINITY else value for value in got]
     return lowered
+
+
+def submitted_lines(args: dict) -> list[str | None] | Blank:
+    """A checked submit's task lines: those it gave, N blank ones for ``tasks`` N (kept as a
+    count, see batch.Blank), none for a queue batch (its tasks come as messages)."""
+    if args.get("amqp"):
+        return []
+    return args["task_lines"] if args["task_lines"] is not None else Blank(args["tasks"])
 
 
 def unrestorable_report(batch_id: str, reason: str, statuses: list[str]) -> dict:

@@ -83,9 +83,9 @@ argument           type                                                default
 =================  ==================================================  =====================
 ``command``        list of 1 to 4096 strings, the first (the program)  required
                    non-empty; bytes (see "Bytes")
-``tasks``          integer 1 to 100000: run the command that often     1 if ``task_lines``
+``tasks``          integer 1 to 1000000: run the command that often    1 if ``task_lines``
                                                                        is null
-``task_lines``     list of 1 to 100000 strings, one task each; bytes   null
+``task_lines``     list of 1 to 1000000 strings, one task each; bytes  null
                    (see "Bytes")
 ``shell``          boolean: run the command words as one ``sh -c``     false
                    script
@@ -118,7 +118,7 @@ argument           type                                                default
                    or been given up, start no more (queued ones end
                    cancelled); ``now`` also terminates the running
                    ones. Needs exactly one of the two below
-``halt_fail``      integer 1 to 100000: a count of failed tasks        null
+``halt_fail``      integer 1 to 1000000: a count of failed tasks       null
 ``halt_fail_pct``  number 1 to 100 (percent of the batch's tasks)      null
 ``append``         boolean: with ``task_lines`` and no ``{}`` in the   false
                    command, the line is the command's last argument

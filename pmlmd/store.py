@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tasklines
-from .batch import CANCELLED, FINISHED, QUEUED, RUNNING, Attempt, Task
+from .batch import CANCELLED, FINISHED, QUEUED, RETURNED, RUNNING, Attempt, Task
 from .bounds import BOUNDS
 from .summary import BatchSummary, from_record
 
 log = logging.getLogger("pmlmd.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MARKER = "last-batch-id"  # the highest batch id that may have been handed out; written atomically
 BACKUP = "state.db.backup"
 START_EMPTY = "start-empty"  # asks a start to go on with an empty state over a lost one
@@ -72,8 +72,12 @@ CREATE TABLE IF NOT EXISTS batches (
     cancel_reason TEXT,
     critical_reason TEXT,
     report TEXT,                     -- JSON execution report, once finished
-    summary TEXT                     -- JSON batch summary (summary.BatchSummary), once finished
+    summary TEXT,                    -- JSON batch summary (summary.BatchSummary), once finished
+    task_count INTEGER,              -- its number of tasks (NULL: a queue batch, or schema 3: count the rows)
+    rest TEXT                        -- the status of each of its tasks that has no row (NULL: queued)
 );
+-- A task has a row once it was taken (its first attempt, a deferral, a queue batch's message),
+-- not before: a batch of 1,000,000 tasks costs no row until its tasks run (see batch.TaskTable).
 CREATE TABLE IF NOT EXISTS tasks (
     batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -107,9 +111,11 @@ CREATE INDEX IF NOT EXISTS batches_state ON batches(state, finished);
 
 # What takes a database of each older schema version to the next one. Version 1 had no summary
 # column: its finished batches are summarized from their reports (summary.from_record). Version 2
-# had no queue batches (see intake), so no task message.
+# had no queue batches (see intake), so no task message. Version 3 wrote a row for every task at
+# submit: its batches have no task_count (their rows are counted) and no rest (nothing lacks a row).
 MIGRATIONS = {1: ("ALTER TABLE batches ADD COLUMN summary TEXT",),
-              2: ("ALTER TABLE tasks ADD COLUMN message TEXT",)}
+              2: ("ALTER TABLE tasks ADD COLUMN message TEXT",),
+              3: ("ALTER TABLE batches ADD COLUMN task_count INTEGER", "ALTER TABLE batches ADD COLUMN rest TEXT")}
 
 
 class StoreError(Exception):
@@ -217,8 +223,10 @@ class StoredBatch:
     held: bool
     created: float
     cancel_reason: str | None
-    tasks: list[Task]
+    tasks: list[Task]  # those with a row, by index (there may be gaps)
     open_attempts: list[tuple[Task, Attempt, int | None]]  # attempts with no end: (task, attempt, start ticks)
+    task_count: int = 0  # all its tasks, with a row or not
+    rest: str = QUEUED  # the status of each task without a row
     # Set when the record cannot be used: why. Then only ``id`` and ``rowid`` mean anything.
     problem: str | None = None
     rowid: int | None = field(default=None, compare=False)
@@ -500,25 +508,24 @@ class Store:
 
     # --- writes ---------------------------------------------------------------------
     def add_batch(self, batch_id: str, seq: int, name: str | None, owner: tuple[int, int, list[int]], priority: int,
-                  submission: dict, created: float, tasks: list[Task]) -> None:
+                  submission: dict, created: float, task_count: int | None) -> None:
+        """A new batch of ``task_count`` tasks (None: a queue batch, whose tasks are added as they
+        come); its tasks get their rows as they are taken."""
         uid, gid, groups = owner
         self.check_writable()
         try:
-            self._add_batch(batch_id, seq, name, uid, gid, groups, priority, submission, created, tasks)
+            self._add_batch(batch_id, seq, name, uid, gid, groups, priority, submission, created, task_count)
         except sqlite3.OperationalError as e:
             self._fail_write(e)
             raise Unwritable(self.unwritable) from None
         self.changed = True
 
-    def _add_batch(self, batch_id, seq, name, uid, gid, groups, priority, submission, created, tasks) -> None:
+    def _add_batch(self, batch_id, seq, name, uid, gid, groups, priority, submission, created, task_count) -> None:
         with self.db:
-            self.db.execute("BEGIN")
             self.db.execute("INSERT INTO batches (id, seq, name, owner_uid, owner_gid, owner_groups, priority, "
-                            "submission, state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active', ?)",
+                            "submission, state, created, task_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?)",
                             (batch_id, seq, name, uid, gid, json.dumps(groups), priority, json.dumps(submission),
-                             created))
-            self.db.executemany("INSERT INTO tasks (batch_id, idx, line, status) VALUES (?, ?, ?, ?)",
-                                ((batch_id, t.index, _line_value(t.line), t.status) for t in tasks))
+                             created, task_count))
 
     def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
         self._write(("attempt", batch_id, task.index, attempt.number),
@@ -552,18 +559,14 @@ class Store:
             self._task_row(batch_id, task)
 
     def _task_row(self, batch_id: str, task: Task) -> None:
-        self.db.execute("UPDATE tasks SET status=?, governor_ends=?, failures=?, message=? WHERE batch_id=? AND idx=?",
-                        (task.status, task.governor_ends, task.failures, _message_json(task), batch_id, task.index))
+        self.db.execute(TASK_ROW, _task_values(batch_id, task))
 
     def task_added(self, batch_id: str, task: Task) -> None:
         """A queue batch's new task (see intake), queued."""
         def write():
             with self.db:
                 self.db.execute("BEGIN")
-                self.db.execute("INSERT OR REPLACE INTO tasks (batch_id, idx, line, status, governor_ends, message) "
-                                "VALUES (?, ?, ?, ?, ?, ?)",
-                                (batch_id, task.index, _line_value(task.line), task.status, task.governor_ends,
-                                 _message_json(task)))
+                self.db.execute(TASK_ROW, _task_values(batch_id, task))
 
         self._write(("task", batch_id, task.index), write)
 
@@ -574,17 +577,18 @@ class Store:
         def write():
             with self.db:
                 self.db.execute("BEGIN")
-                self.db.executemany("UPDATE tasks SET status=?, governor_ends=?, failures=?, message=? "
-                                    "WHERE batch_id=? AND idx=?",
-                                    ((t.status, t.governor_ends, t.failures, _message_json(t), batch_id, t.index)
-                                     for t in tasks))
+                self.db.executemany(TASK_ROW, (_task_values(batch_id, t) for t in tasks))
         self._write(("tasks", batch_id, tuple(t.index for t in tasks)), write)
 
-    def queue_cancelled(self, batch_id: str) -> None:
-        """Record that the batch's queued tasks were cancelled (one statement, whatever their number)."""
+    def queue_cancelled(self, batch_id: str, status: str = CANCELLED) -> None:
+        """Record that the batch's queued tasks were cancelled, or ``status`` (a queue batch's are
+        returned): two statements, whatever their number."""
         def write():
             with self.db:
-                self.db.execute("UPDATE tasks SET status=? WHERE batch_id=? AND status=?", (CANCELLED, batch_id, QUEUED))
+                self.db.execute("BEGIN")
+                self.db.execute("UPDATE tasks SET status=? WHERE batch_id=? AND status=?", (status, batch_id, QUEUED))
+                self.db.execute("UPDATE batches SET rest=? WHERE id=? AND IFNULL(rest, ?)=?",
+                                (status, batch_id, QUEUED, QUEUED))
         self._write(("queue-cancelled", batch_id), write)
 
     def set_held(self, batch_id: str, held: bool) -> None:
@@ -678,9 +682,10 @@ class Store:
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else f"(row {rowid})"
 
     def _active_batch(self, rowid: int) -> StoredBatch:
-        (bid, seq, name, uid, gid, groups, priority, submission, held, created, cancel_reason) = self.db.execute(
+        (bid, seq, name, uid, gid, groups, priority, submission, held, created, cancel_reason, task_count,
+         rest) = self.db.execute(
             "SELECT id, seq, name, owner_uid, owner_gid, owner_groups, priority, submission, held, created, "
-            "cancel_reason FROM batches WHERE rowid=?", (rowid,)).fetchone()
+            "cancel_reason, task_count, IFNULL(rest, ?) FROM batches WHERE rowid=?", (QUEUED, rowid)).fetchone()
         _need(isinstance(bid, str) and 0 < len(bid) <= 200 and "\0" not in bid, "its id", bid)
         _need(_int(seq, 1, MAX_INT64), "its sequence number", seq)
         _need(_text(name), "its name", name)
@@ -697,12 +702,18 @@ class Store:
         _need(held in (0, 1) and not isinstance(held, float), "its held flag", held)
         _need(_real(created, 0, MAX_TIMESTAMP), "its creation time", created)
         _need(_text(cancel_reason), "its cancel reason", cancel_reason)
+        # A queue batch's tasks all have rows; so have every batch's of schema 3 (no task_count).
+        _need(task_count is None or _int(task_count, 1, BOUNDS["tasks"].high), "its number of tasks", task_count)
+        _need(rest in (QUEUED, CANCELLED, RETURNED), "the status of its tasks not yet taken", rest)
 
-        tasks = []
+        tasks: list[Task] = []
+        by_index: dict[int, Task] = {}
         for idx, line, status, governor_ends, failures, message in self.db.execute(
                 "SELECT idx, line, status, governor_ends, failures, message FROM tasks WHERE batch_id=? ORDER BY idx",
                 (bid,)):
-            _need(idx == len(tasks) and _int(idx, 0, MAX_INT64), f"the index of its task number {len(tasks)}", idx)
+            after = tasks[-1].index + 1 if tasks else 0
+            _need(_int(idx, after, MAX_INT64) and (task_count is not None or idx == after),
+                  f"the index of its task after {after - 1}" if tasks else "the index of its first task", idx)
             _need(_text(line) or isinstance(line, bytes), f"the line of task {idx}", line)
             if isinstance(line, bytes):
                 line = tasklines.text(line)
@@ -719,17 +730,22 @@ class Store:
                       message)
             tasks.append(Task(index=idx, line=line, status=status, governor_ends=governor_ends, failures=failures,
                               message=message))
+            by_index[idx] = tasks[-1]
+        if task_count is None:
+            task_count = len(tasks)
+        _need(not tasks or tasks[-1].index < task_count, f"the index of task {tasks[-1].index if tasks else 0} "
+              f"(the batch has {task_count})", tasks[-1].index if tasks else 0)
         # A queue batch takes its tasks as messages come: none at first, and no cap over its life.
         if submission.get("amqp") is None:
-            _need(0 < len(tasks) <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})",
-                  len(tasks))
+            _need(0 < task_count <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})",
+                  task_count)
 
         open_attempts = []
         for (idx, number, pid, start_ticks, start, end, exit_code, sig, cause, reason, peak_rss, cpu_seconds,
              pauses, stop_path) in self.db.execute(
                 "SELECT idx, number, pid, start_ticks, start, end, exit_code, signal, cause, reason, peak_rss, "
                 "cpu_seconds, pauses, stop_path FROM attempts WHERE batch_id=? ORDER BY idx, number", (bid,)):
-            _need(_int(idx, 0, len(tasks) - 1), "the task of an attempt", idx)
+            _need(idx in by_index, "the task of an attempt", idx)
             where = f"attempt {number!r} of task {idx}"
             _need(_int(number, 1, MAX_INT64), f"the number of an attempt of task {idx}", number)
             _need(pid is None or _int(pid, 1, MAX_PID), f"the pid of {where}", pid)
@@ -746,9 +762,9 @@ class Store:
             attempt = Attempt(number=number, pid=pid, start=start, end=end, exit_code=exit_code, signal=sig,
                               cause=cause, reason=reason, peak_rss=peak_rss, cpu_seconds=cpu_seconds,
                               pauses=pauses, stop_path=stop_path)
-            tasks[idx].attempts.append(attempt)
+            by_index[idx].attempts.append(attempt)
             if end is None:
-                open_attempts.append((tasks[idx], attempt, start_ticks))
+                open_attempts.append((by_index[idx], attempt, start_ticks))
         for task in tasks:
             # A running task has exactly one attempt without an end, its last; any other task none. Otherwise
             # a task could run twice at once, or stand "running" with no worker and keep its batch open forever.
@@ -758,7 +774,8 @@ class Store:
             _need(consistent, f"task {task.index}, {task.status} with unfinished attempts", len(unended))
         return StoredBatch(id=bid, seq=seq, name=name, owner_uid=uid, owner_gid=gid, owner_groups=groups,
                            priority=priority, submission=submission, held=bool(held), created=float(created),
-                           cancel_reason=cancel_reason, tasks=tasks, open_attempts=open_attempts, rowid=rowid)
+                           cancel_reason=cancel_reason, tasks=tasks, open_attempts=open_attempts, rowid=rowid,
+                           task_count=task_count, rest=rest)
 
     def recorded_workers(self, rowid: int) -> list[tuple[int, int]]:
         """(pid, start ticks) of the unfinished attempts of a batch, whatever else its record holds."""
@@ -768,9 +785,28 @@ class Store:
 
     def task_statuses(self, rowid: int) -> list[str]:
         """The statuses of a batch's tasks, whatever its record holds (shown as well as they can be)."""
-        rows = self.db.execute("SELECT CAST(status AS BLOB) FROM tasks WHERE batch_id IN "
-                               "(SELECT id FROM batches WHERE rowid=?) ORDER BY idx", (rowid,)).fetchall()
-        return [raw.decode("utf-8", "replace") if isinstance(raw, bytes) else repr(raw) for (raw,) in rows]
+        return self._statuses("rowid", rowid, lambda raw: raw.decode("utf-8", "replace") if isinstance(raw, bytes)
+                              else repr(raw))
+
+    def _statuses(self, key: str, value, shown) -> list[str]:
+        """Every task's status by index (``key`` = ``value`` picks the batch): those with a row
+        as written, the others its ``rest``, each through ``shown`` (it gets the stored bytes)."""
+        row = self.db.execute(f"SELECT id, task_count, CAST(IFNULL(rest, ?) AS BLOB) FROM batches WHERE {key}=?",
+                              (QUEUED, value)).fetchone()
+        if row is None:
+            return []
+        bid, count, rest = row
+        rows = self.db.execute("SELECT idx, CAST(status AS BLOB) FROM tasks WHERE batch_id=? ORDER BY idx",
+                               (bid,)).fetchall()
+        if not _int(count, 0, BOUNDS["tasks"].high):
+            count = len(rows)
+        statuses = [shown(rest)] * count
+        for idx, raw in rows:
+            if _int(idx, 0, MAX_INT64):
+                if idx >= len(statuses):
+                    statuses.extend([shown(rest)] * (idx + 1 - len(statuses)))
+                statuses[idx] = shown(raw)
+        return statuses
 
     def fail_batch(self, rowid: int, finished: float, report: dict) -> None:
         """Mark an active batch that cannot run again finished, with ``report``; its unfinished tasks failed."""
@@ -779,6 +815,8 @@ class Store:
                 self.db.execute("BEGIN")
                 self.db.execute(f"UPDATE tasks SET status='failed' WHERE batch_id IN (SELECT id FROM batches WHERE "
                                 f"rowid=?) AND status NOT IN ({', '.join('?' * len(FINISHED))})", (rowid, *FINISHED))
+                self.db.execute(f"UPDATE batches SET rest='failed' WHERE rowid=? AND IFNULL(rest, ?) NOT IN "
+                                f"({', '.join('?' * len(FINISHED))})", (rowid, QUEUED, *FINISHED))
                 self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=NULL "
                                 "WHERE rowid=?", (finished, json.dumps(report), rowid))
         self._write(("fail", rowid), write)
@@ -810,7 +848,8 @@ class Store:
         return {row[0] for row in self.db.execute("SELECT id FROM batches")}
 
     def task_count(self, batch_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM tasks WHERE batch_id=?", (batch_id,)).fetchone()[0]
+        return self.db.execute("SELECT IFNULL((SELECT task_count FROM batches WHERE id=?), "
+                               "(SELECT COUNT(*) FROM tasks WHERE batch_id=?))", (batch_id, batch_id)).fetchone()[0]
 
     def submission(self, batch_id: str) -> tuple[Any, tuple[int, int, list[int]], list[str]] | None:
         """What a batch was submitted with (for a retry): its submission as stored (checked by the
@@ -830,9 +869,7 @@ class Store:
             raise Unusable(f"its record cannot be read ({type(e).__name__})") from None
         _need(isinstance(groups, list) and len(groups) <= MAX_GROUPS and all(_int(g, 0, MAX_ID) for g in groups),
               "its owner's group list", groups)
-        statuses = [_shown(raw) or "" for (raw,) in self.db.execute(
-            "SELECT CAST(status AS BLOB) FROM tasks WHERE batch_id=? ORDER BY idx", (batch_id,))]
-        return submission, (uid, gid, groups), statuses
+        return submission, (uid, gid, groups), self._statuses("id", batch_id, lambda raw: _shown(raw) or "")
 
     def batch_owner(self, batch_id: str) -> int | None:
         row = self.db.execute("SELECT owner_uid FROM batches WHERE id=?", (batch_id,)).fetchone()
@@ -894,6 +931,17 @@ class Store:
 
 
 MESSAGE_KEYS = {"message_id", "redelivered", "settled"}
+
+
+# A task's row, made the first time it is written (with its line) and brought up to date after.
+TASK_ROW = ("INSERT INTO tasks (batch_id, idx, line, status, governor_ends, failures, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id, idx) DO UPDATE SET status=excluded.status, "
+            "governor_ends=excluded.governor_ends, failures=excluded.failures, message=excluded.message")
+
+
+def _task_values(batch_id: str, task: Task) -> tuple:
+    return (batch_id, task.index, _line_value(task.line), task.status, task.governor_ends, task.failures,
+            _message_json(task))
 
 
 def _message_json(task: Task) -> str | None:

@@ -225,7 +225,7 @@ ERROR_CASES = [
     (submit(halt="soon"), BAD_FIELD, ["'halt' needs exactly one of 'halt_fail'", "'halt_fail_pct'", "neither"]),
     (submit(halt="now", halt_fail=1, halt_fail_pct=5), BAD_FIELD, ["'halt' needs exactly one", "'halt_fail' and"]),
     (submit(halt_fail=2), BAD_FIELD, ["'halt_fail' is given without 'halt'"]),
-    (submit(halt="soon", halt_fail=0), BAD_FIELD, ["'halt_fail'", "1 to 100000"]),
+    (submit(halt="soon", halt_fail=0), BAD_FIELD, ["'halt_fail'", "1 to 1000000"]),
     (submit(halt="soon", halt_fail_pct=0.5), BAD_FIELD, ["'halt_fail_pct'", "percent"]),
     (submit(append="yes"), BAD_FIELD, ["'append'", "true or false"]),
     (submit(joblog="log.tsv"), BAD_FIELD, ["'joblog'", "absolute", "'log.tsv'"]),

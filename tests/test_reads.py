@@ -12,7 +12,7 @@ from pmlmd import protocol
 
 from support import wait_for
 
-BIG = 100_000  # the most tasks a batch may have: its report is about 7 MB
+BIG = 100_000  # lines that fit a 1 MiB request: a report of about 7 MB
 
 
 def _dealer(ctx, daemon):

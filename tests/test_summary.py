@@ -373,7 +373,7 @@ def test_a_state_db_of_schema_1_opens_migrated_and_its_batches_read_as_summaries
     store = Store(state)
     try:
         version = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 3
+        assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION == 4
         # Each migration ran: version 2's summary column, version 3's task message.
         assert store.db.execute("SELECT count(message) FROM tasks").fetchone() == (0,)
         (old,) = store.finished_batches()
@@ -384,6 +384,7 @@ def test_a_state_db_of_schema_1_opens_migrated_and_its_batches_read_as_summaries
             "2023-11-14T22:13:20.000+00:00", "2023-11-14T22:13:21.000+00:00", "2023-11-14T22:13:26.000+00:00", 6.0)
         (active,) = store.active_batches()  # the active batch is restored as before
         assert active.problem is None and [t.status for t in active.tasks] == ["succeeded", "queued"]
+        assert active.task_count == 2  # version 4's count: the rows of an older batch, one per task
     finally:
         store.close()
     Store(state).close()  # and opens again, migrated once
@@ -402,7 +403,7 @@ def test_the_stored_summary_is_read_back_as_it_was_and_a_damaged_one_falls_back_
     store = Store(str(tmp_path))
     try:
         summary = a_summary()
-        store.add_batch("7", store.next_seq(), None, (0, 0, [0]), 0, {}, T0, [Task(0, None)])
+        store.add_batch("7", store.next_seq(), None, (0, 0, [0]), 0, {}, T0, 1)
         store.finish("7", T0 + 2, make_batch(n=1).report(), summary.to_json())
         assert store.finished_summary("7") == summary and store.finished_batches() == [summary]
         store.db.execute("UPDATE batches SET summary = '{\"state\": \"finished\"}'")
@@ -416,9 +417,8 @@ def test_the_stored_summary_is_read_back_as_it_was_and_a_damaged_one_falls_back_
 def test_a_batch_marked_failed_lists_as_failed(tmp_path):
     store = Store(str(tmp_path))
     try:
-        store.add_batch("3", store.next_seq(), "broken", (1000, 1000, [1000]), 0, {}, T0,
-                        [Task(0, None), Task(1, None)])
-        store.db.execute("UPDATE tasks SET status='succeeded' WHERE idx=0")
+        store.add_batch("3", store.next_seq(), "broken", (1000, 1000, [1000]), 0, {}, T0, 2)
+        store.tasks_changed("3", [Task(0, None, "succeeded")])
         (stored,) = store.active_batches()
         store.fail_batch(stored.rowid, T0 + 1, unrestorable_report("3", "its priority is 'high'",
                                                                    store.task_statuses(stored.rowid)))

@@ -309,8 +309,8 @@ def test_the_store_keeps_lines_that_are_not_utf8(tmp_path):
     store = Store(str(tmp_path))
     lines = [text(line) for line in LINES] + [None]
     submission = {**SUBMIT, "task_lines": lines[:-1]}
-    store.add_batch("1", 1, None, (os.geteuid(), os.getegid(), []), 0, submission, time.time(),
-                    [Task(i, line) for i, line in enumerate(lines)])
+    store.add_batch("1", 1, None, (os.geteuid(), os.getegid(), []), 0, submission, time.time(), len(lines))
+    store.tasks_changed("1", [Task(i, line) for i, line in enumerate(lines)])  # as taken: each gets its row
     store.close()
     (restored,) = Store(str(tmp_path)).active_batches()
     assert restored.problem is None, restored.problem
