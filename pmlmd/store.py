@@ -603,23 +603,34 @@ class Store:
                 self.db.execute("UPDATE batches SET cancel_reason=? WHERE id=?", (reason, batch_id))
         self._write(("cancelled", batch_id), write)
 
-    def finish(self, batch_id: str, finished: float, report: dict | bytes, summary: dict | None = None,
+    def finish(self, batch_id: str, finished: float, report: dict | bytes | list, summary: dict | None = None,
                critical_reason: str | None = None) -> None:
         """Mark a batch finished with its report and its summary (BatchSummary.to_json()), as it ended.
 
-        ``report``: the report, or its ASCII JSON already encoded (then ``critical_reason`` is
-        given apart, when the batch had a critical finish)."""
+        ``report``: the report, or its ASCII JSON already encoded, whole or as pieces to be joined
+        (then ``critical_reason`` is given apart, when the batch had a critical finish)."""
         if isinstance(report, dict):
             critical_reason = report.get("error_message") if report.get("critical_error") else None
             report = json.dumps(report).encode("ascii")
-        self._write(("finish", batch_id), lambda: self._finish(batch_id, finished, report, summary, critical_reason))
+        pieces = report if isinstance(report, list) else [report]
+        self._write(("finish", batch_id), lambda: self._finish(batch_id, finished, pieces, summary, critical_reason))
 
-    def _finish(self, batch_id: str, finished: float, report: bytes, summary: dict | None,
+    def _finish(self, batch_id: str, finished: float, pieces: list, summary: dict | None,
                 critical_reason: str | None) -> None:
+        # The report is written into a blob of its size through incremental BLOB I/O, piece by
+        # piece: bound as a parameter, SQLite would keep a copy of it (70 MB for a million tasks)
+        # in the cached statement until that statement runs again.
+        size = sum(len(piece) for piece in pieces)
         with self.db:
-            self.db.execute("UPDATE batches SET state='finished', finished=?, report=?, critical_reason=?, summary=? "
-                            "WHERE id=?", (finished, report, critical_reason,
-                                           None if summary is None else json.dumps(summary), batch_id))
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE batches SET state='finished', finished=?, report=zeroblob(?), critical_reason=?, "
+                            "summary=? WHERE id=?", (finished, size, critical_reason,
+                                                     None if summary is None else json.dumps(summary), batch_id))
+            row = self.db.execute("SELECT rowid FROM batches WHERE id=?", (batch_id,)).fetchone()
+            if row is not None and size:
+                with self.db.blobopen("batches", "report", row[0]) as blob:
+                    for piece in pieces:
+                        blob.write(piece)
 
     def prune(self, finished_before: float) -> int:
         """Delete the batches that finished before then; how many went."""

@@ -135,6 +135,7 @@ def test_a_daemon_takes_a_million_tasks_keeps_them_over_a_restart_and_cancels_th
 
     daemon.stop(signal.SIGKILL)
     daemon.start()
+    rss = _rss_kib(daemon.proc.pid)
     status = json.loads(daemon.ctl("status", "--json", batch).stdout)
     assert status["tasks"] == MILLION and status["counts"]["queued"] == MILLION - 2
     assert status["counts"]["running"] + status["counts"]["paused"] == 2
@@ -144,3 +145,13 @@ def test_a_daemon_takes_a_million_tasks_keeps_them_over_a_restart_and_cancels_th
              what="the batch to end")
     status = json.loads(daemon.ctl("status", "--json", batch).stdout)
     assert status["state"] == "cancelled" and status["counts"]["cancelled"] == MILLION
+
+    def stored() -> bool:
+        with sqlite3.connect(os.path.join(daemon.state_dir, "state.db")) as db:
+            row = db.execute("SELECT length(report) FROM batches WHERE id=? AND state='finished'", (batch,)).fetchone()
+        db.close()
+        return row is not None and row[0] is not None
+
+    wait_for(stored, timeout=60, what="the report of a million tasks stored")
+    # Its report (about 70 MB, every task listed) went to the state without staying in the daemon.
+    assert _rss_kib(daemon.proc.pid) - rss < 24 << 10, "the daemon kept more than 24 MiB after storing the report"
