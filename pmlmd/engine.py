@@ -223,9 +223,9 @@ class Worker:
     # proc backend: the cpu.stat of the cgroup its leader is in (its batch's systemd scope), "" where
     # that is pmlmd's own or the root; None until looked up (see Engine._idle_scopes)
     scope_stat: str | None = None
-    # proc backend: the processes of its tree at the last walk, each with its CPU time then (ns,
-    # lineage.tree_runtimes); {} when unknown
-    runtimes: dict[int, int] = field(default_factory=dict)
+    # proc backend: the processes of its tree at the last walk, each with the CPU time of each of
+    # its threads then (pid -> tid -> ns, lineage.tree_runtimes); {} when unknown
+    runtimes: dict[int, dict[int, int]] = field(default_factory=dict)
     # --timeout: monotonic deadline of the attempt, pushed back by the time pmlmd holds it paused
     # (``stopped_at``: since when; the governor's pause or a user's pmlmctl pause), which is not the task's doing.
     timeout_at: float | None = None
@@ -705,7 +705,8 @@ class Engine:
                 usage[pgid] = None  # nothing in its scope used CPU: its processes are as they were
                 continue
             if (w.ticks is not None and w.runtimes and not w.escaped
-                    and all(self.proc.runtime(pid) == ran for pid, ran in w.runtimes.items())):
+                    and all(self.proc.thread_runtime(pid, tid) == ran
+                            for pid, threads in w.runtimes.items() for tid, ran in threads.items())):
                 usage[pgid] = None  # no process of its tree ran since the walk: nothing changed
                 continue
             runtimes = lineage.tree_runtimes(self.proc, pgid)

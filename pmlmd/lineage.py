@@ -10,8 +10,8 @@ process trees, never of every process on the node:
   escaped process is still pmlmd's to find, signal and reap;
 - /proc/PID/task/TID/children (proc(5)) lists a process's children, so a worker's tree is
   walked from its leader without reading every /proc/PID/stat of the node.
-- /proc/PID/schedstat gives each process's exact CPU time: a tree none of whose processes
-  ran since it was walked has not changed (tree_runtimes), and is not walked again.
+- /proc/PID/task/TID/schedstat gives each thread's exact CPU time: a tree none of whose
+  threads ran since it was walked has not changed (tree_runtimes), and is not walked again.
 
 A process re-parented to pmlmd has lost its link to the worker's tree; it is attributed to
 its worker by the identity pmlmd put in every worker's environment (PMLM_BATCH_ID,
@@ -67,10 +67,10 @@ def descendants(proc: ProcReader, pid: int, limit: int = 100_000) -> list[int]:
     return list(itertools.islice(_walk(proc, pid), 1, limit + 1))
 
 
-def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000) -> dict[int, int | None]:
-    """``pid`` and every descendant (parents before their children), each with the CPU time it
-    had used (ProcReader.runtime) when its children were read: read before, so a child forked
-    after the list was read has moved its parent's figure. Equal figures later mean that no
-    process of the tree has forked, exec'd, exited or touched a page since: the tree and what
-    it uses are as they were."""
-    return {member: proc.runtime(member) for member in itertools.islice(_walk(proc, pid), limit)}
+def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000) -> dict[int, dict[int, int] | None]:
+    """``pid`` and every descendant (parents before their children), each with the CPU time each
+    of its threads had used (ProcReader.runtimes) when its children were read: read before, so
+    a child forked after the list was read has moved its parent's figure. Equal figures later
+    mean that no thread of the tree has forked, exec'd, exited or touched a page since: the
+    tree and what it uses are as they were."""
+    return {member: proc.runtimes(member) for member in itertools.islice(_walk(proc, pid), limit)}

@@ -121,14 +121,35 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
 
-    def runtime(self, pid: int) -> int | None:
-        """Nanoseconds the process has spent on a CPU (/proc/PID/schedstat, first field: the
-        scheduler's exact sum, where /proc/PID/stat counts whole clock ticks, so a fork or a page
-        fault always moves it). None when gone or unreadable."""
+    def thread_runtime(self, pid: int, tid: int) -> int | None:
+        """Nanoseconds one thread of the process has spent on a CPU (/proc/PID/task/TID/schedstat,
+        first field: the scheduler's exact sum, where /proc/PID/stat counts whole clock ticks, so
+        a fork or a page fault always moves it). Per thread: /proc/PID/schedstat is the thread
+        group leader's alone, and stands still while other threads of the process run. None when
+        gone or unreadable."""
         try:
-            return int(self._read(f"{pid}/schedstat").split()[0])
+            return int(self._read(f"{pid}/task/{tid}/schedstat").split()[0])
         except (OSError, ValueError, IndexError):
             return None
+
+    def runtimes(self, pid: int) -> dict[int, int] | None:
+        """``thread_runtime`` of each thread of the process, by thread id; None when the process
+        or one of its threads could not be read (gone, or a thread that ended meanwhile).
+
+        A thread is made by a thread of the same process, which ran to make it: when none of the
+        threads listed here moved, the process has no new thread, child or page either."""
+        try:
+            tids = os.listdir(os.path.join(self.root, str(pid), "task"))
+        except OSError:
+            return None
+        found = {}
+        for name in tids:
+            tid = int(name)
+            ran = self.thread_runtime(pid, tid)
+            if ran is None:
+                return None
+            found[tid] = ran
+        return found
 
     def children(self, pid: int) -> list[int]:
         """The pids of the process's children, from /proc/PID/task/TID/children of each thread.

@@ -30,9 +30,9 @@ class CountingProc(ProcReader):
         self.read.add(pid)
         return super().pid_stat(pid)
 
-    def runtime(self, pid: int):
+    def thread_runtime(self, pid: int, tid: int):
         self.read.add(pid)
-        return super().runtime(pid)
+        return super().thread_runtime(pid, tid)
 
     def children(self, pid: int):
         self.listed.add(pid)
@@ -197,3 +197,33 @@ def test_a_tree_that_did_not_run_is_not_walked_and_a_fork_is_seen_at_once(tmp_pa
         er.until(lambda: len(w.runtimes) == 2 or engine._refresh_workers(time.monotonic()) is not None,
                  what="the forked sleep found")
         assert w.child.pid in proc.listed
+
+
+def test_a_fork_from_a_thread_of_a_process_whose_main_thread_sleeps_is_found(tmp_path):
+    """proc backend: /proc/PID/schedstat is the main thread's alone. A worker whose main thread
+    waits while another thread forks (a thread pool, a JVM, a Go program) must still be walked
+    again: each thread's time is read (/proc/PID/task/TID/schedstat)."""
+    import os
+    import sys
+
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    script = ("import subprocess, sys, threading\n"
+              "def work():\n"
+              f"    open({fifo!r}).read()\n"
+              "    subprocess.Popen(['sleep', '30']).wait()\n"
+              "t = threading.Thread(target=work)\n"
+              "t.start()\n"
+              "t.join()\n")
+    proc = CountingProc()
+    with EngineRun([sys.executable, "-c", script], 1, Limits(), proc=proc) as er:
+        (w,) = er.workers(1)
+        engine = er.engine
+        er.until(lambda: w.measured_at is not None and engine._refresh_workers(time.monotonic()) is None
+                 and len(w.runtimes.get(w.child.pid, {})) == 2, what="the worker and its thread measured")
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        er.until(lambda: len(w.runtimes) == 2 or engine._refresh_workers(time.monotonic()) is not None,
+                 what="the sleep forked by the second thread found")
+        (child,) = [pid for pid in w.runtimes if pid != w.child.pid]
+        assert open(f"/proc/{child}/cmdline", "rb").read().split(b"\0")[0] == b"sleep"
