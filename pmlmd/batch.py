@@ -5,6 +5,7 @@ No processes and no I/O here; the runner feeds attempts in and reads decisions o
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -142,7 +143,7 @@ class Blank:
         return None
 
     def __iter__(self):
-        return iter((None,) * self.size) if self.size <= 4096 else (None for _ in range(self.size))
+        return itertools.repeat(None, self.size)
 
     def __eq__(self, other) -> bool:
         return (len(other) == self.size and all(line is None for line in other)) if isinstance(other, (list, Blank)) \
@@ -254,8 +255,7 @@ class TaskQueue:
         self.front: deque[Task] = deque(front)
 
     def _fresh(self) -> int:
-        table = self.table
-        return table.size - len(table.made) if table.rest == QUEUED else 0
+        return self.table.untaken if self.table.rest == QUEUED else 0
 
     def __len__(self) -> int:
         return len(self.front) + self._fresh()
@@ -291,7 +291,7 @@ class TaskQueue:
     def __iter__(self):
         yield from self.front
         if self._fresh():
-            yield from self.table[len(self.table.made):]
+            yield from itertools.islice(self.table, len(self.table.made), None)
 
     def __repr__(self) -> str:
         return f"TaskQueue({len(self.front)} in front, {self._fresh()} untaken)"

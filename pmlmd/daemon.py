@@ -14,6 +14,7 @@ import errno
 import grp
 import json
 import logging
+import math
 import os
 import pwd
 import resource
@@ -240,6 +241,7 @@ class Daemon:
                                 forward=self._journal_forward())
         self.cgroups = worker_cgroups(self.config, self.scopes)
         self.output_mark: int | None = None  # the workers' CPU when their output was last checked
+        self.governor_due = math.inf  # the engine's next sample or deadline, as of this loop turn
         # Workers get the descriptor limit pmlmd was started with, not the one it raised for itself.
         self.engine = Engine(self.config.limits(self.cpus), self.loop, critical_finish=False,
                              on_event=self._on_event, scopes=self.scopes,
@@ -299,7 +301,8 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         try:
             while not self.stopping:
-                deadline = min(self.engine.next_deadline(), self.next_housekeeping, self.outboxes.next_retry())
+                self.governor_due = self.engine.next_deadline()  # requests are served up to it (_on_request)
+                deadline = min(self.governor_due, self.next_housekeeping, self.outboxes.next_retry())
                 self.loop.poll(0 if self.jobs else deadline - time.monotonic())
                 self.outboxes.flush()
                 self._refresh_owners()  # workers start only in tick(), with what this finds
@@ -775,7 +778,7 @@ class Daemon:
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
-        until = min(time.monotonic() + REQUEST_BUDGET, self.engine.next_deadline())
+        until = min(time.monotonic() + REQUEST_BUDGET, self.governor_due)
         for served in range(REQUESTS_PER_TURN):
             if served and time.monotonic() >= until:
                 return  # the socket stays readable: the rest are served after the governor's turn

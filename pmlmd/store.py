@@ -744,8 +744,9 @@ class Store:
             by_index[idx] = tasks[-1]
         if task_count is None:
             task_count = len(tasks)
-        _need(not tasks or tasks[-1].index < task_count, f"the index of task {tasks[-1].index if tasks else 0} "
-              f"(the batch has {task_count})", tasks[-1].index if tasks else 0)
+        if tasks:
+            last = tasks[-1].index
+            _need(last < task_count, f"the index of task {last} (the batch has {task_count})", last)
         # A queue batch takes its tasks as messages come: none at first, and no cap over its life.
         if submission.get("amqp") is None:
             _need(0 < task_count <= BOUNDS["tasks"].high, f"its number of tasks ({BOUNDS['tasks'].span()})",
@@ -809,13 +810,11 @@ class Store:
         bid, count, rest = row
         rows = self.db.execute("SELECT idx, CAST(status AS BLOB) FROM tasks WHERE batch_id=? ORDER BY idx",
                                (bid,)).fetchall()
-        if not _int(count, 0, BOUNDS["tasks"].high):
-            count = len(rows)
+        if not _int(count, 1, BOUNDS["tasks"].high):  # a row per task (schema 3, a queue batch), or damage
+            return [shown(raw) for _, raw in rows]
         statuses = [shown(rest)] * count
         for idx, raw in rows:
-            if _int(idx, 0, MAX_INT64):
-                if idx >= len(statuses):
-                    statuses.extend([shown(rest)] * (idx + 1 - len(statuses)))
+            if _int(idx, 0, count - 1):  # an index outside the batch is damage: its row says nothing here
                 statuses[idx] = shown(raw)
         return statuses
 
