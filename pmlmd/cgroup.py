@@ -9,7 +9,12 @@ pmlmd would otherwise reconstruct from /proc (kernel doc: admin-guide/cgroup-v2.
 - pause: ``cgroup.freeze`` 1 stops every member at once (``frozen 1`` in cgroup.events once
   all are stopped), 0 lets them go on; new children of a frozen cgroup are frozen too;
 - end: ``cgroup.kill`` 1 sends SIGKILL to every member in one write (Linux 5.14);
-- CPU: ``cpu.stat`` usage_usec, which also counts members that have already exited.
+- CPU: ``cpu.stat`` usage_usec, which also counts members that have already exited;
+- memory, where the memory controller is on the cgroup2 hierarchy (a pure cgroup2 host, not
+  a hybrid one that binds it to v1): ``memory.current`` of a worker counts a page once however
+  many of its processes map it, and counts its page cache, tmpfs and kernel memory too;
+  ``memory.high`` of the subtree is the guard line (see ``MemoryGuard``), ``memory.events``
+  says when it was reached and whether the OOM killer ended a member.
 
 These work on any cgroup2 hierarchy, controllers or not: also on the unified hierarchy of
 a host that mounts its controllers as cgroup v1 (hybrid). A worker is put in its cgroup
@@ -28,6 +33,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import select
 import signal
 import time
@@ -86,6 +92,32 @@ def usage_usec(cpu_stat: str) -> int | None:
     return None
 
 
+def read_int(path: str) -> int | None:
+    """A cgroup file holding one number (memory.current, memory.peak); None when it cannot be read
+    or holds "max"."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def counts(text: str) -> dict[str, int]:
+    """A flat keyed file ("KEY VALUE" lines: cgroup.events, memory.events) as a dict; ValueError
+    when it is not one."""
+    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+
+def memory_events(path: str) -> dict[str, int]:
+    """A memory.events file as {key: count} (low, high, max, oom, oom_kill, ...); {} when unreadable.
+    Every count only grows (kernel doc admin-guide/cgroup-v2.rst, "memory.events")."""
+    try:
+        with open(path) as f:
+            return counts(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
 def _delegated(path: str) -> bool:
     for name in DELEGATE_XATTRS:
         try:
@@ -129,8 +161,7 @@ class Worker:
     def events(self) -> dict[str, int]:
         """cgroup.events: populated (1 while any process is in it) and frozen."""
         try:
-            return {key: int(value)
-                    for key, value in (line.split() for line in self._read("cgroup.events").splitlines())}
+            return counts(self._read("cgroup.events"))
         except (OSError, ValueError):
             return {"populated": 0, "frozen": 0}
 
@@ -173,6 +204,16 @@ class Worker:
     def cpu_usec(self) -> int | None:
         """CPU time of every process that ever ran in it, in microseconds (see usage_usec)."""
         return usage_usec(os.path.join(self.path, "cpu.stat"))
+
+    def memory_bytes(self) -> int | None:
+        """memory.current: every page charged to its processes (anonymous, page cache, tmpfs,
+        kernel), a shared page once, in bytes; None without the memory controller."""
+        return read_int(os.path.join(self.path, "memory.current"))
+
+    def oom_kills(self) -> int:
+        """How many of its processes the kernel's OOM killer ended (memory.events oom_kill); 0
+        without the memory controller."""
+        return memory_events(os.path.join(self.path, "memory.events")).get("oom_kill", 0)
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the last process to leave; True once none is in it.
@@ -217,6 +258,7 @@ class Subtree:
         self.root = root
         self.mount = mount
         self.warn_at = 0.0  # monotonic: when a failure to make a worker's cgroup may be logged again
+        self.memory = False  # the memory controller is on for the worker cgroups (MemoryGuard.enable)
 
     def __repr__(self) -> str:
         return f"cgroup.Subtree({self.root!r})"
@@ -264,6 +306,11 @@ class Subtree:
                 self._cannot(w, e)
                 yield None
                 return
+        if self.memory:
+            # The OOM killer, when memory.max is reached, ends a whole worker rather than one of
+            # its processes, so no worker goes on without the child it depended on.
+            with contextlib.suppress(OSError):
+                w._write("memory.oom.group", "1")
         own = os.path.dirname(self.root)  # pmlmd's own cgroup, where _usable made the subtree
         try:
             _move_self(w.path)
@@ -339,7 +386,124 @@ class Subtree:
         return usage_usec(os.path.join(self.root, "cpu.stat"))
 
     def describe(self) -> str:
-        return f"cgroup v2 ({self.root})"
+        guard = ", memory.high guard" if self.memory else ""
+        return f"cgroup v2 ({self.root}{guard})"
+
+
+class MemoryGuard:
+    """The kernel's part in keeping the memory limit: memory.high and memory.max of the subtree.
+
+    pmlmd samples the node and decides by policy, but between two samples a worker may allocate
+    at several GB/s. The guard keeps ``memory.high`` of the subtree at what its workers use now
+    plus what the node may still give before free memory reaches the limit L: past that line the
+    kernel throttles their allocations (reclaim, then sleep), so they stand at the line while
+    pmlmd decides instead of running past L. ``memory.max`` sits at what they may use before free
+    memory reaches the floor F: past it the OOM killer ends a worker inside the subtree (the
+    whole worker: ``memory.oom.group`` of its cgroup is 1), never another process of the node.
+    The lines are recomputed from every sample (``update``).
+
+    Reaching either line counts in the subtree's memory.events ("high", "max"), and the kernel
+    signals a change of that file as POLLPRI on a descriptor open on it (``fileno``): the loop
+    samples at once and the governor pauses or terminates by policy. Kernel doc:
+    admin-guide/cgroup-v2.rst, "Memory Interface Files" and "Core Interface Files" (file modified
+    events).
+
+    Needs the memory controller on the cgroup2 hierarchy, enabled down to the subtree
+    (``enable``): the kernel allows that only where pmlmd's own cgroup holds no other process
+    ("no internal processes" rule), or is the hierarchy's root.
+    """
+
+    QUANTUM = 1 << 20  # bytes: a line is rewritten when it moved at least this far
+
+    def __init__(self, subtree: Subtree):
+        self.subtree = subtree
+        self.high: int | None = None  # bytes, as last written; None: "max"
+        self.max: int | None = None
+        self.fd = os.open(os.path.join(subtree.root, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
+
+    @classmethod
+    def enable(cls, subtree: Subtree) -> MemoryGuard:
+        """Turn the memory controller on for the subtree and its worker cgroups; Unusable says why
+        it cannot be (not on the cgroup2 hierarchy, pmlmd's cgroup shares it with other processes)."""
+        parent = os.path.dirname(subtree.root)
+        try:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                available = f.read().split()
+        except OSError as e:
+            raise Unusable(f"cannot read {parent}/cgroup.controllers: {e.strerror}") from None
+        if "memory" not in available:
+            raise Unusable("the memory controller is not on the cgroup2 hierarchy (the host binds it to cgroup v1)")
+        for path in (parent, subtree.root):
+            control = os.path.join(path, "cgroup.subtree_control")
+            try:
+                with open(control) as f:
+                    if "memory" in f.read().split():
+                        continue
+                with open(control, "w") as f:
+                    f.write("+memory")
+            except OSError as e:
+                why = (f"{path} holds processes besides pmlmd's subtree: run pmlmd in a cgroup of its own"
+                       if e.errno == errno.EBUSY else e.strerror)
+                raise Unusable(f"cannot enable the memory controller below {path}: {why}") from None
+        subtree.memory = True
+        return cls(subtree)
+
+    def fileno(self) -> int:
+        """memory.events of the subtree: readable as POLLPRI (only) when a count changed."""
+        return self.fd
+
+    def events(self) -> dict[str, int]:
+        """The subtree's memory.events counts; reading them also clears the descriptor's POLLPRI."""
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        try:
+            return counts(os.read(self.fd, 4096).decode())
+        except (OSError, ValueError):
+            return {}
+
+    def used(self) -> int | None:
+        """memory.current of the subtree: what every worker uses, in bytes."""
+        return read_int(os.path.join(self.subtree.root, "memory.current"))
+
+    def update(self, free: int, limit: int, floor: int) -> tuple[int, int] | None:
+        """Move the lines for a node with ``free`` bytes free, limit L = ``limit`` and floor F =
+        ``floor`` (bytes): high = used + max(0, free - L), max = used + max(0, free - F). Neither
+        is set below what the workers use now: writing a line below the usage makes the writer
+        reclaim (and at memory.max, OOM-kill) in its own time. Returns (high, max) as set, or None
+        when memory.current cannot be read."""
+        used = self.used()
+        if used is None:
+            return None
+        high = used + max(0, free - limit)
+        hard = used + max(0, free - floor, high - used)
+        # Raising: the hard line first, so high never stands above max; lowering: high first.
+        order = (("memory.max", hard), ("memory.high", high)) if self.max is None or hard >= self.max else \
+            (("memory.high", high), ("memory.max", hard))
+        for name, value in order:
+            last = self.max if name == "memory.max" else self.high
+            if last is not None and abs(value - last) < self.QUANTUM:
+                continue
+            try:
+                with open(os.path.join(self.subtree.root, name), "w") as f:
+                    f.write(str(value))
+            except OSError as e:
+                log.warning("cannot set %s of %s: %s", name, self.subtree.root, e.strerror)
+                continue
+            if name == "memory.max":
+                self.max = value
+            else:
+                self.high = value
+        return high, hard
+
+    def release(self) -> None:
+        """Lift both lines ("max") and close the descriptor: workers left running while pmlmd is
+        away (a restart) are not throttled by a line nobody moves."""
+        for name in ("memory.high", "memory.max"):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(self.subtree.root, name), "w") as f:
+                    f.write("max")
+        self.high = self.max = None
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def containment(subtree: Subtree | None, held_by: str = "process groups") -> str:
@@ -388,7 +552,8 @@ def existing(name: str) -> Subtree | None:
     return Subtree(root, mount) if os.path.isdir(root) else None
 
 
-def _usable(name: str) -> Subtree:
+def _parent() -> tuple[str, str]:
+    """(the cgroup2 mount, this process's cgroup) where a subtree may be made; Unusable otherwise."""
     mount = cgroup2_mount()
     if mount is None:
         raise Unusable("no cgroup2 hierarchy is mounted")
@@ -398,6 +563,35 @@ def _usable(name: str) -> Subtree:
     parent = os.path.join(mount, relative.lstrip("/"))
     if os.path.isdir(SYSTEMD_RUNNING) and not _delegated(parent):
         raise Unusable(f"systemd manages the cgroup hierarchy and has not delegated {parent} (Delegate=yes)")
+    return mount, parent
+
+
+def explain(setting: str = "auto") -> str:
+    """Where ``choose(setting)`` would put workers of this process, and whether the memory guard
+    could be had, in one line (``pmlmd --version``); nothing is made or changed."""
+    if setting == "proc":
+        return containment(None)
+    try:
+        _, parent = _parent()
+        parent = os.path.normpath(parent)
+        if not os.access(parent, os.W_OK):
+            raise Unusable(f"{parent} is not writable")
+        release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+        if release is None or (int(release[1]), int(release[2])) < (5, 14):
+            raise Unusable("Linux 5.14 or later is needed (cgroup.kill)")
+    except Unusable as e:
+        return f"{containment(None)} ({e})"
+    try:
+        with open(os.path.join(parent, "cgroup.controllers")) as f:
+            memory = "memory" in f.read().split()
+    except OSError:
+        memory = False
+    guard = "memory.high guard" if memory else "no memory guard: the memory controller is not on the cgroup2 hierarchy"
+    return f"a cgroup each, cgroup v2 (below {parent}; {guard})"
+
+
+def _usable(name: str) -> Subtree:
+    mount, parent = _parent()
     root = os.path.join(parent, name)
     try:
         os.makedirs(root, exist_ok=True)

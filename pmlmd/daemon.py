@@ -386,6 +386,7 @@ class Daemon:
                 self.engine.continue_worker(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)
             os.close(w.child.pidfd)
+        self.engine.close_guard()  # and no worker throttled by a memory line nobody moves
         if self.cgroups is not None:
             self.cgroups.remove()  # the cgroups of workers that ended; those still running keep theirs
         self.loop.close()
@@ -1534,11 +1535,23 @@ def release_workers(config: Config) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """--version: the version, and the worker backend as probed when asked (cgroup.explain)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"pmlmd {__version__}\nworkers: {cgroup.explain()}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmlmd", description="The Process & Load Manager daemon: runs batches of "
                                 "workers submitted with pmlmctl and keeps the node within its CPU and "
                                 "free-memory limits.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action=_Version, help="show the version and where workers would run here "
+                   "(the worker backend that worker_backend = auto picks for this process), then exit")
     p.add_argument("--config", metavar="PATH", help=f"configuration file (default {DEFAULT_CONFIG_PATH}; a "
                    "missing default file means built-in defaults)")
     p.add_argument("--socket", metavar="PATH", help="control socket path (default /run/pmlmd/control.sock)")

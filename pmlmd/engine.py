@@ -91,13 +91,15 @@ class Loop:
         self._signals: list[int] = []
         self._restore: list[Callable[[], None]] = []
 
-    def watch(self, source, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable."""
+    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
+        """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable, or
+        for a descriptor, has one of ``events`` (select.EPOLL*: EPOLLPRI alone for a cgroup file
+        whose change the kernel signals, which always polls readable)."""
         if isinstance(source, int):
             if source in self.callbacks:
-                self.epoll.modify(source, select.EPOLLIN)
+                self.epoll.modify(source, events)
             else:
-                self.epoll.register(source, select.EPOLLIN)
+                self.epoll.register(source, events)
         else:
             self.poller.register(source, zmq.POLLIN)
         self.callbacks[source] = callback
@@ -293,6 +295,15 @@ class Engine:
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
         self.cgroups = cgroups
+        # The kernel's line under the memory limit, where the memory controller allows one.
+        self.memory_guard: cgroups_module.MemoryGuard | None = None
+        if cgroups is not None:
+            try:
+                self.memory_guard = cgroups_module.MemoryGuard.enable(cgroups)
+            except cgroups_module.Unusable as e:
+                log.info("no memory.high guard under the memory limit: %s", e)
+            else:
+                loop.watch(self.memory_guard.fileno(), self._memory_event, select.EPOLLPRI)
         self.subtree_usec: int | None = None  # the cgroups subtree's CPU time at the last refresh
         self.scope_usec: dict[str, int | None] = {}  # proc backend: cpu.stat path -> CPU time at the last refresh
         self.cgroup_mount = cgroups_module.cgroup2_mount()
@@ -464,6 +475,8 @@ class Engine:
         sample = self.node.sample()
         limits = self.limits
         free = free_bytes(sample, limits)
+        if self.memory_guard is not None:
+            self.memory_guard.update(free, limits.memory_limit_bytes(sample.mem_total), limits.min_free)
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
         since_refresh = sample.time - self.last_refresh
@@ -507,6 +520,19 @@ class Engine:
         self.next_sample_at = sample.time + interval
         if self.spawn_cut:  # admission goes on at once, after the loop has looked at its sockets
             self.spawn_cut, self.next_sample_at = False, sample.time
+
+    def _memory_event(self) -> None:
+        """The workers reached a guard line (memory.high, memory.max) or lost a process to the OOM
+        killer: sample now, so the governor acts on it by policy (MemoryGuard)."""
+        self.memory_guard.events()  # reading clears the descriptor's POLLPRI
+        self.next_sample_at = 0.0
+
+    def close_guard(self) -> None:
+        """Lift the guard's lines (MemoryGuard.release): pmlmd stops governing."""
+        if self.memory_guard is not None:
+            self.loop.unwatch(self.memory_guard.fileno())
+            self.memory_guard.release()
+            self.memory_guard = None
 
     def _admission_order(self) -> list[BatchRun]:
         runs = [r for r in self.runs.values()
@@ -656,7 +682,13 @@ class Engine:
             if not stats:
                 continue
             u = usage_of(stats)
-            usage[pgid] = u if ticks is None else dataclasses.replace(u, cpu_ticks=ticks)
+            if ticks is not None:
+                u = dataclasses.replace(u, cpu_ticks=ticks)
+            if self.cgroups.memory:  # the kernel's count: a shared page once, page cache and tmpfs too
+                charged = w.cgroup.memory_bytes()
+                if charged is not None:
+                    u = dataclasses.replace(u, rss=charged)
+            usage[pgid] = u
         return usage
 
     def _idle_scopes(self) -> set[str]:
@@ -726,9 +758,10 @@ class Engine:
     def _memory(self, w: Worker, u) -> int:
         """The worker's memory in bytes: its group's RSS, or, when several processes may share pages
         (children forked over the same memory, escaped members), the sum of their PSS, which
-        counts a shared page once. RSS summed per process would count it once per process."""
+        counts a shared page once. RSS summed per process would count it once per process.
+        A worker cgroup with the memory controller has the kernel's count already (memory.current)."""
         pids = list(dict.fromkeys([*u.pids, *w.escaped]))
-        if len(pids) < 2:
+        if len(pids) < 2 or (w.cgroup is not None and self.cgroups.memory):
             return u.rss
         total = 0
         for pid in pids:
@@ -1191,6 +1224,12 @@ class Engine:
         if left:
             a.reason = "; ".join(filter(None, [a.reason, f"left {len(left)} processes behind in its cgroup: "
                                                          "ended with it"]))
+        if w.end_cause is None and w.cgroup is not None and self.memory_guard is not None and w.cgroup.oom_kills():
+            # The kernel ended it at the guard's memory.max (free memory at the floor): a memory
+            # termination like the governor's, requeued by the same rule.
+            w.end_cause = CAUSE_GOVERNOR_MEMORY
+            a.reason = "; ".join(filter(None, [a.reason, "ended by the kernel's OOM killer at pmlmd's memory.max "
+                                                         "line (free memory at the floor)"]))
         cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
         if not ended.known and w.end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
@@ -1420,6 +1459,7 @@ class Engine:
             if isinstance(rest, int):
                 procctl.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
+        self.close_guard()
         if self.cgroups is not None:
             self.cgroups.remove(wait=ABANDON_WAIT)  # each worker's cgroup, once the kernel has emptied it
         self._adopt_orphans()

@@ -52,9 +52,9 @@ class Runner:
         self.cgroups = cgroup.choose(worker_backend, cgroup.subtree_name("pmlmctl", str(os.getpid())))
         if self.cgroups is not None:
             self.cgroups.remove_stale_siblings("pmlmctl")  # what runs killed with SIGKILL left
-        log.info("workers in %s", cgroup.containment(self.cgroups))
         self.engine = Engine(spec.limits, self.loop, proc=proc, stdout_fd=stdout_fd, on_event=self._on_event,
                              subreaper=True, output=self.pipes, cgroups=self.cgroups)
+        log.info("workers in %s", cgroup.containment(self.cgroups))
         self.batch_run = self.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=spec.limits))
         self.batch = self.batch_run.batch
         self.interrupted_by: int | None = None

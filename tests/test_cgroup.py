@@ -256,3 +256,56 @@ def test_a_worker_never_joins_a_cgroup_that_holds_leftovers_and_the_leftovers_al
         assert leftover.wait(timeout=10) == -signal.SIGTERM
         er.until(lambda: not os.path.exists(old.path), what="its cgroup gone")
         assert os.path.exists(f"/proc/{w.child.pid}") and w.cgroup.pids() == [w.child.pid]
+
+
+def test_pmlmd_version_says_where_workers_would_run_and_makes_nothing(subtree):
+    # The fixture shows this process may own a subtree; --version must say so without making one.
+    parent = os.path.dirname(subtree.root)
+    before = set(os.listdir(parent))
+    result = subprocess.run([PY, "-m", "pmlmd", "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    version, workers = result.stdout.splitlines()
+    assert version.startswith("pmlmd ")
+    assert workers.startswith(f"workers: a cgroup each, cgroup v2 (below {os.path.normpath(parent)};"), workers
+    with open(os.path.join(parent, "cgroup.controllers")) as f:
+        memory = "memory" in f.read().split()
+    assert ("memory.high guard" in workers) == memory, workers
+    assert set(os.listdir(parent)) == before
+
+
+def test_without_the_memory_controller_the_backend_runs_without_a_guard(subtree):
+    with open(os.path.join(os.path.dirname(subtree.root), "cgroup.controllers")) as f:
+        if "memory" in f.read().split():
+            pytest.skip("the memory controller is on this cgroup2 hierarchy (the VM tier tests the guard)")
+    with EngineRun(["sleep", "30"], 1, cgroups=subtree) as er:
+        (w,) = er.workers(1)
+        assert er.engine.memory_guard is None and not subtree.memory
+        er.until(lambda: w.rss > 0, what="the worker measured from its processes")
+
+
+def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floor(tmp_path):
+    # The memory controller is not on this host's cgroup2 hierarchy: a plain directory stands in for
+    # the subtree's memory files here (the VM tier, tests/vm, runs the guard on the kernel's).
+    (tmp_path / "memory.events").write_text("high 0\nmax 0\noom 0\noom_kill 0\n")
+    (tmp_path / "memory.current").write_text(f"{100 << 20}\n")
+    guard = cgroup.MemoryGuard(cgroup.Subtree(str(tmp_path), str(tmp_path.parent)))
+
+    def lines():
+        return int((tmp_path / "memory.high").read_text()), int((tmp_path / "memory.max").read_text())
+
+    mib = 1 << 20
+    # 100 MiB used, 1000 MiB free, L = 600 MiB, F = 300 MiB: 400 MiB more to L, 700 to F.
+    assert guard.update(1000 * mib, 600 * mib, 300 * mib) == (500 * mib, 800 * mib)
+    assert lines() == (500 * mib, 800 * mib)
+    # Below L: the line is what they use now, never under it (a write under the usage would make
+    # pmlmd reclaim, or at memory.max OOM-kill, in its own time).
+    assert guard.update(500 * mib, 600 * mib, 300 * mib) == (100 * mib, 300 * mib)
+    assert guard.update(200 * mib, 600 * mib, 300 * mib) == (100 * mib, 100 * mib)
+    assert lines() == (100 * mib, 100 * mib)
+    # A move smaller than the quantum is not written.
+    (tmp_path / "memory.current").write_text(f"{100 * mib + 512 * 1024}\n")
+    assert guard.update(200 * mib, 600 * mib, 300 * mib) == (100 * mib + 512 * 1024,) * 2
+    assert lines() == (100 * mib, 100 * mib)
+    assert guard.events() == {"high": 0, "max": 0, "oom": 0, "oom_kill": 0}
+    guard.release()
+    assert (tmp_path / "memory.high").read_text() == (tmp_path / "memory.max").read_text() == "max"
