@@ -9,6 +9,7 @@ as plain event dicts through ``on_event``; it writes no files and owns no socket
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -35,7 +36,7 @@ from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RE
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .governor import quiet as governor_quiet
-from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, group_usage, usage_of
+from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, ThreadClocks, group_usage, usage_of
 from .scopes import NoScopes
 from .systemd import decision_fields
 from .workdir import DirectoryError
@@ -46,12 +47,17 @@ log = logging.getLogger("pmlmd.engine")
 # status, a pause, an ack) and goes on in the next step: admitting 1,000 workers is not one stall.
 SPAWN_BUDGET = 0.02
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
+# Windows between two refreshes while every worker stood still at the last one and the node is
+# within its limits: a worker that wakes shows first in the node's sample (CPU over the limit,
+# free memory near it), which brings the refresh back to every window at once.
+SETTLED_REFRESH = 4
 ORPHAN_SCAN = 5.0  # seconds between looks for orphans to reap when every worker has a cgroup
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
 STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose worker is not known
 # Admission keeps descriptors in hand: a worker holds one (its pidfd) for its life and a spawn
 # needs a few more for a moment (pipes); clients, the store and the log need the reserve.
+CLOCKS_MAX = 4096  # descriptors kept open on workers' threads' schedstat at most (sampler.ThreadClocks)
 FDS_PER_WORKER = 1  # its pidfd; 2 more where pmlmd holds its stdout and stderr (files or pipes, see output)
 FD_RESERVE = 24
 # A spawn that failed for want of fds, processes or memory is retried after this many seconds.
@@ -317,6 +323,8 @@ class Engine:
         self.subreaper = subreaper and lineage.become_subreaper()
         # Workers' trees from /proc/PID/task/TID/children: O(workers' processes) per refresh.
         self.walk_trees = self.proc.has_children_lists()
+        # Their threads' CPU times through kept descriptors, an eighth of the descriptors at most.
+        self.clocks = ThreadClocks(self.proc, min(CLOCKS_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
         self.last_sample: NodeSample | None = None
         self.previous_sample: NodeSample | None = None
         self.next_sample_at = 0.0
@@ -325,6 +333,7 @@ class Engine:
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
         self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
+        self.workers_due = -math.inf  # monotonic: the workers' first deadline, as next_deadline saw it
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
 
@@ -432,12 +441,25 @@ class Engine:
         self.on_event({"event": "released", "batch": run.id})
 
     def cpu_mark(self) -> int | None:
-        """The CPU time every worker process has used so far (microseconds: the cgroup subtree's
-        cpu.stat), or None where that cannot be told (a worker or a leftover outside a cgroup). Two
-        equal marks: no worker ran in between, so none wrote anything either."""
-        if self.cgroups is None or self.strays or any(w.cgroup is None for w in self.workers.values()):
+        """The CPU time the workers' processes have used, in microseconds: the cgroup subtree's
+        cpu.stat, plus, for each worker followed through /proc, its threads' CPU times at the last
+        refresh (Worker.runtimes). None where that cannot be told (a tree not walked whole, a
+        process that left its worker). Two equal marks: no worker ran between the refreshes
+        before them, so none wrote anything either."""
+        if self.strays:
             return None
-        return self.cgroups.cpu_usec()
+        total = 0
+        if any(w.cgroup is not None for w in self.workers.values()):
+            usec = self.cgroups.cpu_usec()
+            if usec is None:
+                return None
+            total += usec
+        for w in self.workers.values():
+            if w.cgroup is None:
+                if not w.runtimes or w.escaped:
+                    return None
+                total += sum(ns for threads in w.runtimes.values() for ns in threads.values()) // 1000
+        return total
 
     def workers_of(self, run: BatchRun) -> list[Worker]:
         return [w for w in self.workers.values() if w.run is run]
@@ -448,13 +470,18 @@ class Engine:
         return not (self.runs or self.workers or self.stragglers or self.strays)
 
     def next_deadline(self) -> float:
-        deadline = self.next_sample_at if not self.idle() else math.inf
+        """When ``tick`` has something to do (monotonic seconds; inf: nothing but events)."""
+        workers_due = math.inf
         for w in self.workers.values():
             for at in (w.kill_at, w.escalate_at):
                 if at is not None:
-                    deadline = min(deadline, at)
+                    workers_due = min(workers_due, at)
             if w.timeout_at is not None and w.state == RUNNING and w.stopped_at is None:
-                deadline = min(deadline, w.timeout_at)
+                workers_due = min(workers_due, w.timeout_at)
+        # The next tick looks at the workers only from then on: a deadline set meanwhile (by a
+        # callback of this loop turn) lies after the moment it was set, so after that tick.
+        self.workers_due = workers_due
+        deadline = min(workers_due, self.next_sample_at if not self.idle() else math.inf)
         if self.agent is not None:
             deadline = min(deadline, self.agent.next_deadline())
         if self.stragglers:
@@ -476,7 +503,8 @@ class Engine:
         limits = self.limits
         free = free_bytes(sample, limits)
         if self.memory_guard is not None:
-            self.memory_guard.update(free, limits.memory_limit_bytes(sample.mem_total), limits.min_free)
+            self.memory_guard.update(free, limits.memory_limit_bytes(sample.mem_total), limits.memory_gap,
+                                     limits.min_free)
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
         since_refresh = sample.time - self.last_refresh
@@ -485,7 +513,10 @@ class Engine:
         # worker is measured again within half a window.
         paused = any(w.state == PAUSED for w in self.workers.values())
         taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
-        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)
+        calm = (self.settled == len(self.workers) and not near_memory_limit
+                and (sample.cpu_pct is None or sample.cpu_pct <= limits.cpu_limit - limits.cpu_margin))
+        every = limits.window * (SETTLED_REFRESH if calm else 1)
+        if self.workers and (since_refresh >= every or (near_memory_limit and since_refresh >= FAST_REFRESH)
                              or (taking_turns and since_refresh >= limits.window / 4)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
@@ -505,9 +536,10 @@ class Engine:
         for run in list(self.runs.values()):
             if run.id in holding:
                 self._credit(run, decisions, holding[run.id])
+        states = collections.Counter(w.state for w in self.workers.values())
         self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
-                       "running": self.count(RUNNING), "paused": self.count(PAUSED)})
+                       "running": states[RUNNING], "paused": states[PAUSED]})
         fastest = min([limits.window] + [run.limits.window for run in self.runs.values()])
         window = limits if fastest == limits.window else dataclasses.replace(limits, window=fastest)
         watching = bool(self.workers)
@@ -737,12 +769,14 @@ class Engine:
                 usage[pgid] = None  # nothing in its scope used CPU: its processes are as they were
                 continue
             if (w.ticks is not None and w.runtimes and not w.escaped
-                    and all(self.proc.thread_runtime(pid, tid) == ran
+                    and all(self.clocks.runtime(pid, tid) == ran
                             for pid, threads in w.runtimes.items() for tid, ran in threads.items())):
                 usage[pgid] = None  # no process of its tree ran since the walk: nothing changed
                 continue
-            runtimes = lineage.tree_runtimes(self.proc, pgid)
+            runtimes = lineage.tree_runtimes(self.proc, pgid, runtimes=self.clocks.runtimes)
+            before = _threads(w.runtimes)
             w.runtimes = runtimes if None not in runtimes.values() else {}
+            self.clocks.forget(before - _threads(w.runtimes))
             tree = list(runtimes)
             stats = {}
             for pid in dict.fromkeys(tree + list(w.escaped)):
@@ -1164,7 +1198,8 @@ class Engine:
     def _enforce_deadlines(self, now: float) -> None:
         if self.agent is not None:
             self._agent_expired(now)
-        for w in list(self.workers.values()):
+        due, self.workers_due = self.workers_due, -math.inf  # a tick without next_deadline looks at all
+        for w in list(self.workers.values()) if now >= due else ():
             if w.state == RUNNING and w.timeout_at is not None and w.stopped_at is None and now >= w.timeout_at:
                 timeout = w.run.batch.spec.timeout
                 log.info("worker %d ran longer than its timeout of %gs: terminating it", w.child.pid, timeout)
@@ -1202,6 +1237,7 @@ class Engine:
         if w.cgroup is None:
             self._adopt_orphans(exited=w)
         del self.workers[w.child.pid]
+        self.clocks.forget(_threads(w.runtimes))
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
         now = time.time()
@@ -1459,6 +1495,7 @@ class Engine:
             if isinstance(rest, int):
                 procctl.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
+        self.clocks.close()
         self.close_guard()
         if self.cgroups is not None:
             self.cgroups.remove(wait=ABANDON_WAIT)  # each worker's cgroup, once the kernel has emptied it
@@ -1535,6 +1572,11 @@ class Stray:
 
     pidfd: int
     kill_at: float  # monotonic: SIGKILL if it is still there
+
+
+def _threads(runtimes: dict[int, dict[int, int]]) -> set[tuple[int, int]]:
+    """The (pid, tid) pairs of a Worker.runtimes."""
+    return {(pid, tid) for pid, threads in runtimes.items() for tid in threads}
 
 
 def _signal_cgroup(cgroup: cgroups_module.Worker, sig: int) -> None:

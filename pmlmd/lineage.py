@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .sampler import ProcReader
 
@@ -67,10 +67,12 @@ def descendants(proc: ProcReader, pid: int, limit: int = 100_000) -> list[int]:
     return list(itertools.islice(_walk(proc, pid), 1, limit + 1))
 
 
-def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000) -> dict[int, dict[int, int] | None]:
+def tree_runtimes(proc: ProcReader, pid: int, limit: int = 100_000,
+                  runtimes: Callable[[int], dict[int, int] | None] | None = None) -> dict[int, dict[int, int] | None]:
     """``pid`` and every descendant (parents before their children), each with the CPU time each
-    of its threads had used (ProcReader.runtimes) when its children were read: read before, so
-    a child forked after the list was read has moved its parent's figure. Equal figures later
-    mean that no thread of the tree has forked, exec'd, exited or touched a page since: the
-    tree and what it uses are as they were."""
-    return {member: proc.runtimes(member) for member in itertools.islice(_walk(proc, pid), limit)}
+    of its threads had used (``runtimes``, default ProcReader.runtimes) when its children were
+    read: read before, so a child forked after the list was read has moved its parent's figure.
+    Equal figures later mean that no thread of the tree has forked, exec'd, exited or touched a
+    page since: the tree and what it uses are as they were."""
+    read = runtimes or proc.runtimes
+    return {member: read(member) for member in itertools.islice(_walk(proc, pid), limit)}

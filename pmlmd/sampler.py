@@ -95,6 +95,53 @@ def parse_pid_stat(text: str) -> ProcStat:
     )
 
 
+class ThreadClocks:
+    """Threads' CPU times (ProcReader.thread_runtime) read through descriptors kept open, at the
+    cost of one pread(2) each instead of an open, a read and a close: the /proc backend checks
+    every thread of every worker at each refresh, most of them asleep.
+
+    A kept descriptor stays bound to the thread it was opened for: once that thread has exited,
+    reading it fails (ESRCH) instead of reading a new thread that got the same id, and the
+    descriptor is closed. At most ``limit`` are kept (they count against RLIMIT_NOFILE, as the
+    workers' own descriptors do); past that a thread is read the plain way."""
+
+    def __init__(self, proc: "ProcReader", limit: int):
+        self.proc = proc
+        self.limit = limit
+        self.fds: dict[tuple[int, int], int] = {}  # (pid, tid) -> descriptor of its schedstat
+
+    def runtime(self, pid: int, tid: int) -> int | None:
+        """Nanoseconds the thread has run (ProcReader.thread_runtime); None when gone or unreadable."""
+        fd = self.fds.get((pid, tid))
+        if fd is None:
+            if len(self.fds) >= self.limit:
+                return self.proc.thread_runtime(pid, tid)
+            try:
+                fd = os.open(os.path.join(self.proc.root, str(pid), "task", str(tid), "schedstat"),
+                             os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self.fds[(pid, tid)] = fd
+        ran = self.proc.thread_runtime(pid, tid, fd)
+        if ran is None:
+            self.forget([(pid, tid)])
+        return ran
+
+    def runtimes(self, pid: int) -> dict[int, int] | None:
+        """ProcReader.runtimes through the kept descriptors."""
+        return self.proc.runtimes(pid, self.runtime)
+
+    def forget(self, threads) -> None:
+        """Close the descriptors of ``threads`` ((pid, tid) pairs): they ended, or left the watch."""
+        for key in threads:
+            fd = self.fds.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.forget(list(self.fds))
+
+
 class ProcReader:
     """Reads /proc (or a fake tree laid out like it)."""
 
@@ -121,20 +168,24 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
 
-    def thread_runtime(self, pid: int, tid: int) -> int | None:
+    def thread_runtime(self, pid: int, tid: int, fd: int | None = None) -> int | None:
         """Nanoseconds one thread of the process has spent on a CPU (/proc/PID/task/TID/schedstat,
         first field: the scheduler's exact sum, where /proc/PID/stat counts whole clock ticks, so
         a fork or a page fault always moves it). Per thread: /proc/PID/schedstat is the thread
         group leader's alone, and stands still while other threads of the process run. None when
-        gone or unreadable."""
+        gone or unreadable. ``fd``: a descriptor open on that file (ThreadClocks), read with
+        pread(2) instead of opening it."""
         try:
+            if fd is not None:
+                return int(os.pread(fd, 128, 0).split()[0])
             return int(self._read(f"{pid}/task/{tid}/schedstat").split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
-    def runtimes(self, pid: int) -> dict[int, int] | None:
-        """``thread_runtime`` of each thread of the process, by thread id; None when the process
-        or one of its threads could not be read (gone, or a thread that ended meanwhile).
+    def runtimes(self, pid: int, read: Callable[[int, int], int | None] | None = None) -> dict[int, int] | None:
+        """``thread_runtime`` of each thread of the process (or ``read(pid, tid)``: ThreadClocks), by
+        thread id; None when the process or one of its threads could not be read (gone, or a
+        thread that ended meanwhile).
 
         A thread is made by a thread of the same process, which ran to make it: when none of the
         threads listed here moved, the process has no new thread, child or page either."""
@@ -142,10 +193,11 @@ class ProcReader:
             tids = os.listdir(os.path.join(self.root, str(pid), "task"))
         except OSError:
             return None
+        read = read or self.thread_runtime
         found = {}
         for name in tids:
             tid = int(name)
-            ran = self.thread_runtime(pid, tid)
+            ran = read(pid, tid)
             if ran is None:
                 return None
             found[tid] = ran

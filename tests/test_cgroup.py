@@ -294,17 +294,22 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
         return int((tmp_path / "memory.high").read_text()), int((tmp_path / "memory.max").read_text())
 
     mib = 1 << 20
-    # 100 MiB used, 1000 MiB free, L = 600 MiB, F = 300 MiB: 400 MiB more to L, 700 to F.
-    assert guard.update(1000 * mib, 600 * mib, 300 * mib) == (500 * mib, 800 * mib)
-    assert lines() == (500 * mib, 800 * mib)
+    # 100 MiB used, 1000 MiB free, L = 600 MiB, G = 200 MiB, F = 300 MiB: 400 MiB more to L, 700
+    # to F. The soft line stands 1/16 inside (the kernel lets a fast allocator past it by a few
+    # percent), here 31.25 MiB ...
+    high = 500 * mib - 500 * mib // 16
+    assert guard.update(1000 * mib, 600 * mib, 200 * mib, 300 * mib) == (high, 800 * mib)
+    assert lines() == (high, 800 * mib)
+    # ... but never more than G/2: with G = 40 MiB, 20 MiB inside.
+    assert guard.update(1000 * mib, 600 * mib, 40 * mib, 300 * mib) == (480 * mib, 800 * mib)
     # Below L: the line is what they use now, never under it (a write under the usage would make
     # pmlmd reclaim, or at memory.max OOM-kill, in its own time).
-    assert guard.update(500 * mib, 600 * mib, 300 * mib) == (100 * mib, 300 * mib)
-    assert guard.update(200 * mib, 600 * mib, 300 * mib) == (100 * mib, 100 * mib)
+    assert guard.update(500 * mib, 600 * mib, 200 * mib, 300 * mib) == (100 * mib, 300 * mib)
+    assert guard.update(200 * mib, 600 * mib, 200 * mib, 300 * mib) == (100 * mib, 100 * mib)
     assert lines() == (100 * mib, 100 * mib)
     # A move smaller than the quantum is not written.
     (tmp_path / "memory.current").write_text(f"{100 * mib + 512 * 1024}\n")
-    assert guard.update(200 * mib, 600 * mib, 300 * mib) == (100 * mib + 512 * 1024,) * 2
+    assert guard.update(200 * mib, 600 * mib, 200 * mib, 300 * mib) == (100 * mib + 512 * 1024,) * 2
     assert lines() == (100 * mib, 100 * mib)
     assert guard.events() == {"high": 0, "max": 0, "oom": 0, "oom_kill": 0}
     guard.release()

@@ -7,8 +7,12 @@ the test, are never looked at while two workers with a child each are measured.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
+
+import pytest
 
 from pmlmd.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
@@ -30,9 +34,9 @@ class CountingProc(ProcReader):
         self.read.add(pid)
         return super().pid_stat(pid)
 
-    def thread_runtime(self, pid: int, tid: int):
+    def thread_runtime(self, pid: int, tid: int, fd: int | None = None):
         self.read.add(pid)
-        return super().thread_runtime(pid, tid)
+        return super().thread_runtime(pid, tid, fd)
 
     def children(self, pid: int):
         self.listed.add(pid)
@@ -227,3 +231,37 @@ def test_a_fork_from_a_thread_of_a_process_whose_main_thread_sleeps_is_found(tmp
                  what="the sleep forked by the second thread found")
         (child,) = [pid for pid in w.runtimes if pid != w.child.pid]
         assert open(f"/proc/{child}/cmdline", "rb").read().split(b"\0")[0] == b"sleep"
+
+
+def test_thread_clocks_keep_a_descriptor_per_thread_and_drop_it_once_the_thread_is_gone():
+    from pmlmd.sampler import ThreadClocks
+
+    clocks = ThreadClocks(ProcReader(), limit=8)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        first = clocks.runtime(child.pid, child.pid)
+        assert first is not None and list(clocks.fds) == [(child.pid, child.pid)]
+        fd = clocks.fds[(child.pid, child.pid)]
+        assert clocks.runtime(child.pid, child.pid) == first  # read again through the same descriptor
+        assert clocks.fds[(child.pid, child.pid)] == fd
+    finally:
+        child.kill()
+        child.wait()
+    # Reaped: its pid may be anyone's now, but the descriptor stays the old thread's and reads fail.
+    assert clocks.runtime(child.pid, child.pid) is None
+    assert clocks.fds == {}
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_the_engine_closes_the_clock_descriptors_of_workers_that_ended():
+    with EngineRun(["sleep", "30"], 2) as er:
+        workers = er.workers(2)
+        er.until(lambda: all(w.runtimes for w in workers), what="both workers walked")
+        pids = {w.child.pid for w in workers}
+        er.engine.last_refresh = float("-inf")
+        er.until(lambda: {pid for pid, _ in er.engine.clocks.fds} == pids, what="their threads' descriptors kept")
+        for w in workers:
+            os.kill(w.child.pid, signal.SIGKILL)
+        er.until(lambda: not er.engine.workers, what="both workers reaped")
+        assert er.engine.clocks.fds == {}
