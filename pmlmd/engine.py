@@ -36,7 +36,8 @@ from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RE
                        TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .governor import quiet as governor_quiet
-from .sampler import CLOCK_TICKS, GroupUsage, NodeSampler, ProcReader, ThreadClocks, group_usage, usage_of
+from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
+                      usage_of)
 from .scopes import NoScopes
 from .systemd import decision_fields
 from .workdir import DirectoryError
@@ -94,14 +95,22 @@ class Loop:
         self.epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
         self.poller.register(self.epoll.fileno(), zmq.POLLIN)
         self.callbacks: dict = {}
+        self.direct: set[int] = set()  # descriptors in the ZeroMQ poller itself (watch's ``direct``)
         self._signals: list[int] = []
         self._restore: list[Callable[[], None]] = []
 
-    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
+    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN, direct: bool = False) -> None:
         """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable, or
         for a descriptor, has one of ``events`` (select.EPOLL*: EPOLLPRI alone for a cgroup file
-        whose change the kernel signals, which always polls readable)."""
-        if isinstance(source, int):
+        whose change the kernel signals, which always polls readable).
+
+        ``direct``: the descriptor is polled by the ZeroMQ poller itself, not through the epoll
+        set, for files whose poll consumes the event it reports (a PSI trigger): polled once by
+        the epoll set's own readiness check, such an event would be gone when the set is read."""
+        if direct:
+            self.poller.register(source, zmq.POLLPRI if events & select.EPOLLPRI else zmq.POLLIN)
+            self.direct.add(source)
+        elif isinstance(source, int):
             if source in self.callbacks:
                 self.epoll.modify(source, events)
             else:
@@ -111,7 +120,10 @@ class Loop:
         self.callbacks[source] = callback
 
     def unwatch(self, source) -> None:
-        if isinstance(source, int):
+        if source in self.direct:
+            self.direct.discard(source)
+            self.poller.unregister(source)
+        elif isinstance(source, int):
             try:
                 self.epoll.unregister(source)
             except OSError:
@@ -301,6 +313,14 @@ class Engine:
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
         self.cgroups = cgroups
+        # The node stalling on memory wakes the loop for a sample (a PSI trigger), where PSI exists.
+        self.pressure: PressureTrigger | None = None
+        try:
+            self.pressure = PressureTrigger()
+        except OSError as e:
+            log.info("memory pressure (PSI) does not wake pmlmd: /proc/pressure/memory: %s", e.strerror)
+        else:
+            loop.watch(self.pressure.fileno(), self._memory_event, select.EPOLLPRI, direct=True)
         # The kernel's line under the memory limit, where the memory controller allows one.
         self.memory_guard: cgroups_module.MemoryGuard | None = None
         if cgroups is not None:
@@ -554,13 +574,20 @@ class Engine:
             self.spawn_cut, self.next_sample_at = False, sample.time
 
     def _memory_event(self) -> None:
-        """The workers reached a guard line (memory.high, memory.max) or lost a process to the OOM
-        killer: sample now, so the governor acts on it by policy (MemoryGuard)."""
-        self.memory_guard.events()  # reading clears the descriptor's POLLPRI
+        """The node stalled on memory (PressureTrigger), or the workers reached a guard line
+        (memory.high, memory.max) or lost a process to the OOM killer (MemoryGuard): sample now,
+        so the governor acts on it by policy."""
+        if self.memory_guard is not None:
+            self.memory_guard.events()  # reading clears the descriptor's POLLPRI
         self.next_sample_at = 0.0
 
-    def close_guard(self) -> None:
-        """Lift the guard's lines (MemoryGuard.release): pmlmd stops governing."""
+    def close_watches(self) -> None:
+        """Stop the kernel's wake-ups and lift the guard's lines (MemoryGuard.release): pmlmd
+        stops governing."""
+        if self.pressure is not None:
+            self.loop.unwatch(self.pressure.fileno())
+            self.pressure.close()
+            self.pressure = None
         if self.memory_guard is not None:
             self.loop.unwatch(self.memory_guard.fileno())
             self.memory_guard.release()
@@ -1496,7 +1523,7 @@ class Engine:
                 procctl.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
         self.clocks.close()
-        self.close_guard()
+        self.close_watches()
         if self.cgroups is not None:
             self.cgroups.remove(wait=ABANDON_WAIT)  # each worker's cgroup, once the kernel has emptied it
         self._adopt_orphans()

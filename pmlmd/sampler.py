@@ -6,6 +6,7 @@ can be tested against fake /proc trees. Parsing is kept in small pure functions.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -280,6 +281,45 @@ def group_usage(stats: Iterable[ProcStat], pgids: set[int]) -> dict[int, GroupUs
         if st.pgrp in pgids:
             members.setdefault(st.pgrp, []).append(st)
     return {pgid: usage_of(group) for pgid, group in members.items()}
+
+
+class PressureTrigger:
+    """A PSI trigger on the node's memory pressure (kernel doc accounting/psi.rst): the kernel
+    signals POLLPRI on the descriptor when tasks stalled on memory (reclaim, throttling, waiting
+    for a page to be read back) for more than ``stall_us`` within ``window_us``. pmlmd samples
+    at once then, whenever its next sample was due: a node short of memory stalls before its
+    free memory is read again.
+
+    The kernel resets the event when the descriptor is polled, and fires at most once per
+    window, so a level-triggered watch does not spin.
+
+    The first of ``triggers`` ((stall_us, window_us) pairs) the kernel accepts is used: without
+    CAP_SYS_RESOURCE (an unprivileged user, or root in a sandbox without it) Linux 6.5 and later
+    accept only windows that are whole multiples of 2 s, and check them at that pace. Raises
+    OSError where none can be had: no /proc/pressure (a kernel without CONFIG_PSI, or booted
+    with psi=0), or an unprivileged user on a kernel before 6.5."""
+
+    TRIGGERS = ((20_000, 500_000), (100_000, 2_000_000))  # 20 ms stalled in 0.5 s; 100 ms in 2 s
+
+    def __init__(self, path: str = "/proc/pressure/memory", triggers: tuple = TRIGGERS):
+        self.path = path
+        for stall_us, window_us in triggers:
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.write(self.fd, f"some {stall_us} {window_us}".encode() + b"\0")
+            except OSError as e:
+                os.close(self.fd)
+                if e.errno not in (errno.EINVAL, errno.EPERM) or (stall_us, window_us) == triggers[-1]:
+                    raise
+                continue
+            self.stall_us, self.window_us = stall_us, window_us
+            return
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class NodeSampler:

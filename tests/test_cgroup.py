@@ -314,3 +314,35 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
     assert guard.events() == {"high": 0, "max": 0, "oom": 0, "oom_kill": 0}
     guard.release()
     assert (tmp_path / "memory.high").read_text() == (tmp_path / "memory.max").read_text() == "max"
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_the_loop_wakes_on_a_cgroup_file_change_through_epoll_or_polled_directly(subtree, direct):
+    # cgroup.events polls readable always and signals a change as POLLPRI (kernfs): the loop must
+    # watch for EPOLLPRI alone, through its epoll set or (direct, for a PSI trigger, whose poll
+    # consumes its event) in the ZeroMQ poller itself.
+    from pmlmd.engine import Loop
+    import select
+
+    w = subtree.worker("watched")
+    os.mkdir(w.path)
+    fd = os.open(os.path.join(w.path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+    loop = Loop()
+    woken = []
+    loop.watch(fd, lambda: (woken.append(os.pread(fd, 4096, 0)), os.lseek(fd, 0, os.SEEK_SET)), select.EPOLLPRI,
+               direct=direct)
+    os.pread(fd, 4096, 0)  # read once: from here on only a change polls as POLLPRI
+    try:
+        loop.poll(0.05)
+        assert woken == [], "woken with no change"
+        proc = subprocess.Popen(["sh", "-c", f"echo $$ > {w.path}/cgroup.procs; exec sleep 30"])
+        try:
+            wait_for(lambda: (loop.poll(0.05), woken)[1], what="the loop woken by 'populated 1'")
+            assert b"populated 1" in woken[-1]
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        loop.unwatch(fd)
+        os.close(fd)
+        loop.close()

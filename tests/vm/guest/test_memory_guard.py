@@ -189,3 +189,24 @@ def test_a_fast_grower_at_default_settings_never_takes_free_memory_below_the_lim
     print(out)
     print(f"L={limit / MIB:.0f} MiB, lowest free {lowest / MIB:.0f} MiB ({(lowest - limit) / MIB:+.1f} MiB from L)")
     assert lowest >= limit, f"free memory fell {(limit - lowest) / MIB:.0f} MiB below the limit"
+
+
+def test_memory_pressure_on_the_node_wakes_pmlmd_for_a_sample(scratch_cgroup):
+    """Any task of the node stalling on memory (here one throttled far past memory.high of a cgroup
+    that is not pmlmd's) fires the PSI trigger on /proc/pressure/memory: pmlmd samples at once,
+    though no sample was due."""
+    with EngineRun(["sleep", "60"], 1) as er:  # the /proc backend: no memory.events of its own
+        er.workers(1)
+        assert er.engine.pressure is not None, "no PSI trigger on /proc/pressure/memory"
+        assert er.engine.pressure.window_us == 500_000  # root with CAP_SYS_RESOURCE: the fast one
+        er.engine.next_sample_at = float("inf")
+        before = er.engine.last_sample.time
+        (scratch_cgroup / "memory.high").write_text(str(16 * MIB))
+        # No swap in the guest: the kernel cannot reclaim the allocator's pages and throttles it.
+        hog = subprocess.Popen(["sh", "-c", f"echo $$ > {scratch_cgroup}/cgroup.procs && "
+                                            "exec perl -e '$x = \"a\" x (64 * 1048576); sleep 60'"])
+        try:
+            er.until(lambda: er.engine.last_sample.time > before, what="a sample woken by memory pressure")
+        finally:
+            hog.kill()
+            hog.wait()
