@@ -299,14 +299,19 @@ class Daemon:
                  self.store.path, self._containment(), self.notifier.backend)
         self.notifier.ready(self._status_line())
         watchdog = self.notifier.watchdog_interval()
+        self.store.grouping = True  # flushed at the points of the loop below
         try:
             while not self.stopping:
                 self.governor_due = self.engine.next_deadline()  # requests are served up to it (_on_request)
                 deadline = min(self.governor_due, self.next_housekeeping, self.outboxes.next_retry())
                 self.loop.poll(0 if self.jobs else deadline - time.monotonic())
+                # The turn's attempts are written in one transaction (Store.grouping), and before
+                # the events about them reach any client.
+                self.store.flush()
                 self.outboxes.flush()
                 self._refresh_owners()  # workers start only in tick(), with what this finds
                 self.engine.tick()
+                self.store.flush()
                 self._run_jobs()
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
@@ -746,10 +751,12 @@ class Daemon:
             self.store.tasks_changed(run.id, [run.batch.tasks[event["task"]]])
         elif kind == "start" and run is not None:
             task = run.batch.tasks[event["task"]]
-            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
+            # A queue batch's attempts are written at once: its deliveries are settled with the broker
+            # from the intake's thread, not after this loop turn's flush.
+            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"], group=run.intake is None)
         elif kind == "end" and run is not None:
             task = run.batch.tasks[event["task"]]
-            self.store.attempt_ended(run.id, task, task.attempts[-1])
+            self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
             if run.id in self.joblogs:
                 self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event["attempt"] - 1])
         elif kind == "halted" and run is not None:
@@ -775,11 +782,13 @@ class Daemon:
                 self.outboxes.event(client, request_id, event)
             if kind == "finished" and only == event.get("batch") and (client, request_id) in self.followers:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
+                self.store.flush()
                 del self.followers[(client, request_id)]
                 self._send(client, protocol.encode_reply({"events": "end"}, request_id), request_id)
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
+        self.store.flush()  # a request reads the state as the events it may have seen left it
         until = min(time.monotonic() + REQUEST_BUDGET, self.governor_due)
         for served in range(REQUESTS_PER_TURN):
             if served and time.monotonic() >= until:

@@ -48,10 +48,6 @@ log = logging.getLogger("pmlmd.engine")
 # status, a pause, an ack) and goes on in the next step: admitting 1,000 workers is not one stall.
 SPAWN_BUDGET = 0.02
 FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
-# Windows between two refreshes while every worker stood still at the last one and the node is
-# within its limits: a worker that wakes shows first in the node's sample (CPU over the limit,
-# free memory near it), which brings the refresh back to every window at once.
-SETTLED_REFRESH = 4
 ORPHAN_SCAN = 5.0  # seconds between looks for orphans to reap when every worker has a cgroup
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
@@ -493,6 +489,8 @@ class Engine:
         """When ``tick`` has something to do (monotonic seconds; inf: nothing but events)."""
         workers_due = math.inf
         for w in self.workers.values():
+            if w.kill_at is None and w.escalate_at is None and w.timeout_at is None:
+                continue  # most workers, most of the time: a quarter of the cost of the full look
             for at in (w.kill_at, w.escalate_at):
                 if at is not None:
                     workers_due = min(workers_due, at)
@@ -533,10 +531,7 @@ class Engine:
         # worker is measured again within half a window.
         paused = any(w.state == PAUSED for w in self.workers.values())
         taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
-        calm = (self.settled == len(self.workers) and not near_memory_limit
-                and (sample.cpu_pct is None or sample.cpu_pct <= limits.cpu_limit - limits.cpu_margin))
-        every = limits.window * (SETTLED_REFRESH if calm else 1)
-        if self.workers and (since_refresh >= every or (near_memory_limit and since_refresh >= FAST_REFRESH)
+        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)
                              or (taking_turns and since_refresh >= limits.window / 4)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)

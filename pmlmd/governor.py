@@ -105,6 +105,10 @@ class NodeSample:
     mem_total: int  # bytes
     mem_available: int  # bytes (MemAvailable)
     mem_free: int  # bytes (MemFree)
+    # monotonic seconds: the span cpu_pct was measured over (/proc/stat read at both ends); None
+    # where unknown (then no paused worker's share is taken out of it, see node_cpu)
+    cpu_from: float | None = None
+    cpu_to: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,21 @@ class Decision:
     reason: str = ""
 
 
+def node_cpu(sample: NodeSample, paused: Iterable[WorkerView]) -> float | None:
+    """The node's CPU use now, in percent: the sample's figure less what workers paused during the
+    span it was measured over (``cpu_from`` .. ``cpu_to``) added to it while they still ran, each
+    at its share when paused. Without that, the figure taken right after a pause still holds the
+    paused worker's CPU and a second worker would be paused for the first one's."""
+    cpu = sample.cpu_pct
+    if cpu is None or sample.cpu_from is None or sample.cpu_to is None or sample.cpu_to <= sample.cpu_from:
+        return cpu
+    span = sample.cpu_to - sample.cpu_from
+    for w in paused:
+        if w.paused_at is not None and w.paused_at > sample.cpu_from and w.cpu_at_pause:
+            cpu -= w.cpu_at_pause * (min(w.paused_at, sample.cpu_to) - sample.cpu_from) / span
+    return max(0.0, cpu)
+
+
 def free_bytes(sample: NodeSample, limits: Limits) -> int:
     return sample.mem_available if limits.memory_metric == "available" else sample.mem_free
 
@@ -202,9 +221,9 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     free = free_bytes(sample, limits)
     limit = limits.memory_limit_bytes(sample.mem_total)
     gap = limits.memory_gap
-    cpu = sample.cpu_pct
     running = [w for w in workers if w.state == RUNNING]
     paused = [w for w in workers if w.state == PAUSED]
+    cpu = node_cpu(sample, paused)
     releasing = [w for w in workers if w.state in RELEASING]
     held = [w for w in workers if w.state == HELD]
     seen = f"free {_mib(free)}, limit {_mib(limit)}"

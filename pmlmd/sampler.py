@@ -337,6 +337,7 @@ class NodeSampler:
         self.cpu_count = self.proc.cpu_count()
         self._mark: tuple[float, int, int] | None = None
         self._cpu_pct: float | None = None
+        self._cpu_span: tuple[float | None, float | None] = (None, None)  # what _cpu_pct was measured over
 
     def sample(self) -> NodeSample:
         now = self.clock()
@@ -345,6 +346,7 @@ class NodeSampler:
             busy, total = self.proc.cpu_times()
             if self._mark is not None and total > self._mark[2]:
                 self._cpu_pct = 100.0 * (busy - self._mark[1]) / (total - self._mark[2])
+                self._cpu_span = (self._mark[0], now)
             self._mark = (now, busy, total)
         return NodeSample(
             time=now,
@@ -352,4 +354,6 @@ class NodeSampler:
             mem_total=info["MemTotal"],
             mem_available=info.get("MemAvailable", info["MemFree"]),
             mem_free=info["MemFree"],
+            cpu_from=self._cpu_span[0],
+            cpu_to=self._cpu_span[1],
         )

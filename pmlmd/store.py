@@ -237,6 +237,11 @@ class Store:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "state.db")
         self.pending: dict[object, Any] = {}  # writes that failed, to try again (in order; see the docstring)
+        # With ``grouping`` on, the writes of attempts wait here (key -> the statements, without a
+        # transaction) for ``flush``, which makes them one transaction: once per loop turn in the
+        # daemon, not once per worker start and end. Off: each is written at once.
+        self.grouping = False
+        self.grouped: dict[object, Any] = {}
         self.unwritable: str | None = None  # why the state cannot be written now, or None
         self.read_only = False  # opened read-only (a start on a full disk): writes wait for retry()
         self.floor = 0  # after a recovery: batch ids go on above this
@@ -431,7 +436,9 @@ class Store:
 
         ``action`` reads the daemon's objects when it runs, so a later write of the same ``key``
         replaces an earlier one in its place, and the list stays as long as the things written.
+        What waits in the group (``flush``) is written first, so writes keep their order.
         """
+        self.flush()
         if self.pending or self.read_only:
             self.pending[key] = action
             return
@@ -442,6 +449,38 @@ class Store:
             self._fail_write(e)
             log.error("%s; pmlmd goes on, refuses submits and writes the state again once it can",
                       self.unwritable)
+        else:
+            self.changed = True
+
+    def _write_grouped(self, key: object, statements, group: bool) -> None:
+        """``statements`` (a callable that executes them, in no transaction of its own) at the next
+        ``flush`` with ``grouping`` on and ``group``, else at once in a transaction of their own
+        (``_write``)."""
+        if group and self.grouping and not self.pending and not self.read_only:
+            self.grouped[key] = statements
+            return
+        self._write(key, lambda: self._transaction([statements]))
+
+    def _transaction(self, bodies) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            for body in bodies:
+                body()
+
+    def flush(self) -> None:
+        """Write what waits in the group, in one transaction. The daemon calls it once its loop
+        turn's callbacks have run: before the turn's events reach any client, before requests
+        read the state, and before anything else is written."""
+        if not self.grouped:
+            return
+        grouped, self.grouped = self.grouped, {}
+        try:
+            self._transaction(grouped.values())
+        except sqlite3.OperationalError as e:
+            for key, body in grouped.items():  # each kept to try again, as a write of its own
+                self.pending[key] = lambda body=body: self._transaction([body])
+            self._fail_write(e)
+            log.error("%s; pmlmd goes on, refuses submits and writes the state again once it can", self.unwritable)
         else:
             self.changed = True
 
@@ -501,6 +540,7 @@ class Store:
         return version
 
     def close(self) -> None:
+        self.flush()
         if self.pending:
             log.error("%d writes to the state could not be made (%s): the next pmlmd finds the state as it was "
                       "before them", len(self.pending), self.unwritable)
@@ -512,6 +552,7 @@ class Store:
         """A new batch of ``task_count`` tasks (None: a queue batch, whose tasks are added as they
         come); its tasks get their rows as they are taken."""
         uid, gid, groups = owner
+        self.flush()
         self.check_writable()
         try:
             self._add_batch(batch_id, seq, name, uid, gid, groups, priority, submission, created, task_count)
@@ -527,36 +568,35 @@ class Store:
                             (batch_id, seq, name, uid, gid, json.dumps(groups), priority, json.dumps(submission),
                              created, task_count))
 
-    def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
-        self._write(("attempt", batch_id, task.index, attempt.number),
-                    lambda: self._attempt_started(batch_id, task, attempt, start_ticks))
+    def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None,
+                        group: bool = True) -> None:
+        """An attempt's start; ``group``: it may wait for ``flush`` (see ``grouping``)."""
+        self._write_grouped(("attempt", batch_id, task.index, attempt.number),
+                            lambda: self._attempt_started(batch_id, task, attempt, start_ticks), group)
 
     def _attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
-            self._task_row(batch_id, task)
+        self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
+        self._task_row(batch_id, task)
 
-    def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt) -> None:
+    def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt, group: bool = True) -> None:
+        """An attempt's end; ``group``: it may wait for ``flush`` (see ``grouping``)."""
         # Of the same key as its start: written late, the end carries the start too.
-        self._write(("attempt", batch_id, task.index, attempt.number),
-                    lambda: self._attempt_ended(batch_id, task, attempt))
+        self._write_grouped(("attempt", batch_id, task.index, attempt.number),
+                            lambda: self._attempt_ended(batch_id, task, attempt), group)
 
     def _attempt_ended(self, batch_id: str, task: Task, attempt: Attempt) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute(
-                "INSERT INTO attempts (batch_id, idx, number, pid, start, end, exit_code, signal, cause, reason, "
-                "peak_rss, cpu_seconds, pauses, stop_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (batch_id, idx, number) DO UPDATE SET end=excluded.end, exit_code=excluded.exit_code, "
-                "signal=excluded.signal, cause=excluded.cause, reason=excluded.reason, peak_rss=excluded.peak_rss, "
-                "cpu_seconds=excluded.cpu_seconds, pauses=excluded.pauses, stop_path=excluded.stop_path",
-                (batch_id, task.index, attempt.number, attempt.pid, attempt.start, attempt.end, attempt.exit_code,
-                 attempt.signal, attempt.cause, _message(attempt.reason), attempt.peak_rss, attempt.cpu_seconds,
-                 attempt.pauses, attempt.stop_path))
-            self._task_row(batch_id, task)
+        self.db.execute(
+            "INSERT INTO attempts (batch_id, idx, number, pid, start, end, exit_code, signal, cause, reason, "
+            "peak_rss, cpu_seconds, pauses, stop_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (batch_id, idx, number) DO UPDATE SET end=excluded.end, exit_code=excluded.exit_code, "
+            "signal=excluded.signal, cause=excluded.cause, reason=excluded.reason, peak_rss=excluded.peak_rss, "
+            "cpu_seconds=excluded.cpu_seconds, pauses=excluded.pauses, stop_path=excluded.stop_path",
+            (batch_id, task.index, attempt.number, attempt.pid, attempt.start, attempt.end, attempt.exit_code,
+             attempt.signal, attempt.cause, _message(attempt.reason), attempt.peak_rss, attempt.cpu_seconds,
+             attempt.pauses, attempt.stop_path))
+        self._task_row(batch_id, task)
 
     def _task_row(self, batch_id: str, task: Task) -> None:
         self.db.execute(TASK_ROW, _task_values(batch_id, task))
@@ -643,6 +683,7 @@ class Store:
         return self._delete_finished(f"id IN ({', '.join('?' * len(batch_ids))})", tuple(batch_ids))
 
     def _delete_finished(self, where: str, params: tuple) -> int:
+        self.flush()
         if self.unwritable is not None:
             return 0  # tried again once the state is written again
         try:
@@ -920,6 +961,7 @@ class Store:
         """A new batch number, never handed out before, even after pruning or a lost state: above the
         database's last one and, after a recovery, above last-batch-id's mark, which is moved a block on
         before an id beyond it is handed out. Raises Unwritable when the state cannot be written."""
+        self.flush()
         self.check_writable()
         try:
             with self.db:

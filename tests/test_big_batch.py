@@ -155,3 +155,39 @@ def test_a_daemon_takes_a_million_tasks_keeps_them_over_a_restart_and_cancels_th
     wait_for(stored, timeout=60, what="the report of a million tasks stored")
     # Its report (about 70 MB, every task listed) went to the state without staying in the daemon.
     assert _rss_kib(daemon.proc.pid) - rss < 24 << 10, "the daemon kept more than 24 MiB after storing the report"
+
+
+def test_grouped_attempt_writes_wait_for_the_flush_and_land_in_one_transaction(tmp_path):
+    store = Store(str(tmp_path))
+    other = sqlite3.connect(str(tmp_path / "state.db"))  # another reader: sees committed rows only
+    try:
+        store.add_batch("1", store.next_seq(), None, (0, 0, [0]), 0, {"command": ["true"], "tasks": 3}, 1000.0, 3)
+        store.grouping = True
+        batch = Batch(_spec(Blank(3)), now=1000.0)
+        first, second = batch.next_task(), batch.next_task()
+        store.attempt_started("1", first, batch.start_attempt(first, 4242, 1001.0), 1)
+        store.attempt_started("1", second, batch.start_attempt(second, 4243, 1001.0), 2)
+        batch.end_attempt(first, first.attempts[-1], 1002.0, CAUSE_EXIT)
+        store.attempt_ended("1", first, first.attempts[-1])
+        assert other.execute("SELECT COUNT(*) FROM attempts").fetchone() == (0,)
+        # The end of the first replaced its start in the group: two attempts, one write each.
+        assert len(store.grouped) == 2
+        changes = store.db.total_changes
+        store.flush()
+        assert other.execute("SELECT idx, pid, end FROM attempts ORDER BY idx").fetchall() == \
+            [(0, 4242, 1002.0), (1, 4243, None)]
+        assert store.db.total_changes - changes == 4  # two attempt rows, two task rows
+        # Any other write first writes what waits, so writes keep their order.
+        batch.end_attempt(second, second.attempts[-1], 1003.0, CAUSE_EXIT)
+        store.attempt_ended("1", second, second.attempts[-1])
+        assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (1,)
+        store.queue_cancelled("1")
+        assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (0,)
+        assert store.grouped == {}
+        # Not grouping (a queue batch's attempts, or a store outside the daemon's loop): at once.
+        third = batch.next_task()
+        store.attempt_started("1", third, batch.start_attempt(third, 4244, 1003.0), 3, group=False)
+        assert other.execute("SELECT COUNT(*) FROM attempts WHERE pid=4244").fetchone() == (1,)
+    finally:
+        other.close()
+        store.close()

@@ -199,7 +199,8 @@ def test_low_priority_batch_pays_first_under_a_low_cpu_limit(daemon_factory):
     pauses = [e for e in events if e.get("decision") == "pause"]
     assert pauses, "no worker was paused"
     assert pauses[0]["batch"] == low
-    assert all(e["batch"] == low for e in pauses if e["time"] <= pauses[0]["time"] + 0.5)
+    assert all(e["batch"] == low for e in pauses if e["time"] <= pauses[0]["time"] + 0.5), \
+        "\n".join(f"{e['time']} batch {e['batch']} {e['decision']}: {e.get('reason')}" for e in events if e.get("decision"))
 
 
 def test_state_survives_in_sqlite(daemon):

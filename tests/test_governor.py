@@ -217,6 +217,21 @@ def test_cpu_pauses_the_last_runner_when_it_alone_exceeds_the_limit():
     assert actions(out) == [(PAUSE, 1)]
 
 
+def test_cpu_a_figure_that_still_holds_a_just_paused_worker_pauses_no_second_one():
+    # The node's CPU was measured over the last 0.4 s; worker 1 (40 %) was paused 0.1 s ago, so
+    # three quarters of its share are still in the 92 %: the node uses about 62 % now, and
+    # worker 2 (40 %) is the rest of it, 22 % without it: it is kept under a 50 % limit.
+    limits = dataclasses.replace(LIMITS, cpu_limit=50.0)
+    sample = dataclasses.replace(node(cpu=92.0), cpu_from=NOW - 0.4, cpu_to=NOW)
+    workers = [paused(1, since=0.1, cpu_at_pause=40.0), worker(2, cpu=40.0)]
+    assert decide(sample, workers, WORK, limits) == []
+    # Without the span the figure is taken as it is: worker 2 pays for worker 1's CPU.
+    assert actions(decide(node(cpu=92.0), workers, WORK, limits)) == [(PAUSE, 2)]
+    # A worker paused before the span began is not in the figure at all: nothing is taken out.
+    sample = dataclasses.replace(node(cpu=92.0), cpu_from=NOW - 0.05, cpu_to=NOW)
+    assert actions(decide(sample, workers, WORK, limits)) == [(PAUSE, 2)]
+
+
 def test_cpu_over_limit_admits_nothing():
     assert decide(node(cpu=90.0), [], WORK, LIMITS) == []
 
