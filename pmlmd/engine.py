@@ -780,10 +780,9 @@ class Engine:
         processes: other processes of the node are never read. None for a worker none of whose
         processes ran since its tree was last walked (its scope's cpu.stat, or each process's
         schedstat, says so): it is as it was."""
-        if self.subreaper:
-            self._adopt_orphans()
         usage: dict[int, GroupUsage | None] = {}
         idle = self._idle_scopes()
+        walked = False
         for pgid, w in self.workers.items():
             if w.cgroup is not None:
                 continue
@@ -795,6 +794,7 @@ class Engine:
                             for pid, threads in w.runtimes.items() for tid, ran in threads.items())):
                 usage[pgid] = None  # no process of its tree ran since the walk: nothing changed
                 continue
+            walked = True
             runtimes = lineage.tree_runtimes(self.proc, pgid, runtimes=self.clocks.runtimes)
             before = _threads(w.runtimes)
             w.runtimes = runtimes if None not in runtimes.values() else {}
@@ -809,6 +809,12 @@ class Engine:
                 self._find_escaped(w, stats, tree[1:])
             if stats:
                 usage[pgid] = usage_of(stats.values())
+        # A process is re-parented to pmlmd when its parent exits, which takes a thread of a tree
+        # that ran: with no tree walked there are no new orphans to look for, but at ORPHAN_SCAN.
+        now = time.monotonic()
+        if self.subreaper and (walked or now >= self.orphans_due):
+            self._adopt_orphans()
+            self.orphans_due = now + ORPHAN_SCAN
         return usage
 
     def _memory(self, w: Worker, u) -> int:
