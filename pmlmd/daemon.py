@@ -305,8 +305,8 @@ class Daemon:
                 self.governor_due = self.engine.next_deadline()  # requests are served up to it (_on_request)
                 deadline = min(self.governor_due, self.next_housekeeping, self.outboxes.next_retry())
                 self.loop.poll(0 if self.jobs else deadline - time.monotonic())
-                # The turn's attempts are written in one transaction (Store.grouping), and before
-                # the events about them reach any client.
+                # The turn's ended attempts are written in one transaction (Store.grouping), and
+                # before the events about them reach any client.
                 self.store.flush()
                 self.outboxes.flush()
                 self._refresh_owners()  # workers start only in tick(), with what this finds
@@ -751,11 +751,11 @@ class Daemon:
             self.store.tasks_changed(run.id, [run.batch.tasks[event["task"]]])
         elif kind == "start" and run is not None:
             task = run.batch.tasks[event["task"]]
-            # A queue batch's attempts are written at once: its deliveries are settled with the broker
-            # from the intake's thread, not after this loop turn's flush.
-            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"], group=run.intake is None)
+            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
         elif kind == "end" and run is not None:
             task = run.batch.tasks[event["task"]]
+            # A queue batch's ends are written at once: its deliveries are settled with the broker
+            # from the intake's thread, not after this loop turn's flush.
             self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
             if run.id in self.joblogs:
                 self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event["attempt"] - 1])

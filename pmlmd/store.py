@@ -237,9 +237,9 @@ class Store:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "state.db")
         self.pending: dict[object, Any] = {}  # writes that failed, to try again (in order; see the docstring)
-        # With ``grouping`` on, the writes of attempts wait here (key -> the statements, without a
-        # transaction) for ``flush``, which makes them one transaction: once per loop turn in the
-        # daemon, not once per worker start and end. Off: each is written at once.
+        # With ``grouping`` on, the writes of attempts' ends wait here (key -> the statements, without
+        # a transaction) for ``flush``, which makes them one transaction: once per loop turn in the
+        # daemon, not once per worker end. Off: each is written at once.
         self.grouping = False
         self.grouped: dict[object, Any] = {}
         self.unwritable: str | None = None  # why the state cannot be written now, or None
@@ -568,11 +568,11 @@ class Store:
                             (batch_id, seq, name, uid, gid, json.dumps(groups), priority, json.dumps(submission),
                              created, task_count))
 
-    def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None,
-                        group: bool = True) -> None:
-        """An attempt's start; ``group``: it may wait for ``flush`` (see ``grouping``)."""
-        self._write_grouped(("attempt", batch_id, task.index, attempt.number),
-                            lambda: self._attempt_started(batch_id, task, attempt, start_ticks), group)
+    def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
+        """An attempt's start, written at once (what waits in the group first): a restarted pmlmd
+        adopts a running worker by its start row, so none may run whose row could be lost."""
+        self._write(("attempt", batch_id, task.index, attempt.number),
+                    lambda: self._transaction([lambda: self._attempt_started(batch_id, task, attempt, start_ticks)]))
 
     def _attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
         self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
@@ -581,7 +581,9 @@ class Store:
         self._task_row(batch_id, task)
 
     def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt, group: bool = True) -> None:
-        """An attempt's end; ``group``: it may wait for ``flush`` (see ``grouping``)."""
+        """An attempt's end; ``group``: it may wait for ``flush`` (see ``grouping``). Lost in a
+        crash before the flush, the end is found again: the restarted pmlmd finds the worker gone
+        and runs the task again, as for any worker that ended while pmlmd was away."""
         # Of the same key as its start: written late, the end carries the start too.
         self._write_grouped(("attempt", batch_id, task.index, attempt.number),
                             lambda: self._attempt_ended(batch_id, task, attempt), group)

@@ -157,37 +157,43 @@ def test_a_daemon_takes_a_million_tasks_keeps_them_over_a_restart_and_cancels_th
     assert _rss_kib(daemon.proc.pid) - rss < 24 << 10, "the daemon kept more than 24 MiB after storing the report"
 
 
-def test_grouped_attempt_writes_wait_for_the_flush_and_land_in_one_transaction(tmp_path):
+def test_grouped_attempt_ends_wait_for_the_flush_and_land_in_one_transaction(tmp_path):
     store = Store(str(tmp_path))
     other = sqlite3.connect(str(tmp_path / "state.db"))  # another reader: sees committed rows only
     try:
-        store.add_batch("1", store.next_seq(), None, (0, 0, [0]), 0, {"command": ["true"], "tasks": 3}, 1000.0, 3)
+        store.add_batch("1", store.next_seq(), None, (0, 0, [0]), 0, {"command": ["true"], "tasks": 5}, 1000.0, 5)
         store.grouping = True
-        batch = Batch(_spec(Blank(3)), now=1000.0)
+        batch = Batch(_spec(Blank(5)), now=1000.0)
         first, second = batch.next_task(), batch.next_task()
+        # Starts are written at once: a restarted pmlmd adopts a running worker by its row.
         store.attempt_started("1", first, batch.start_attempt(first, 4242, 1001.0), 1)
         store.attempt_started("1", second, batch.start_attempt(second, 4243, 1001.0), 2)
-        batch.end_attempt(first, first.attempts[-1], 1002.0, CAUSE_EXIT)
-        store.attempt_ended("1", first, first.attempts[-1])
-        assert other.execute("SELECT COUNT(*) FROM attempts").fetchone() == (0,)
-        # The end of the first replaced its start in the group: two attempts, one write each.
+        assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (2,)
+        for task, end in ((first, 1002.0), (second, 1003.0)):
+            batch.end_attempt(task, task.attempts[-1], end, CAUSE_EXIT)
+            store.attempt_ended("1", task, task.attempts[-1])
+        assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (2,)
         assert len(store.grouped) == 2
         changes = store.db.total_changes
         store.flush()
         assert other.execute("SELECT idx, pid, end FROM attempts ORDER BY idx").fetchall() == \
-            [(0, 4242, 1002.0), (1, 4243, None)]
+            [(0, 4242, 1002.0), (1, 4243, 1003.0)]
         assert store.db.total_changes - changes == 4  # two attempt rows, two task rows
         # Any other write first writes what waits, so writes keep their order.
-        batch.end_attempt(second, second.attempts[-1], 1003.0, CAUSE_EXIT)
-        store.attempt_ended("1", second, second.attempts[-1])
+        third = batch.next_task()
+        store.attempt_started("1", third, batch.start_attempt(third, 4244, 1004.0), 3)
+        batch.end_attempt(third, third.attempts[-1], 1005.0, CAUSE_EXIT)
+        store.attempt_ended("1", third, third.attempts[-1])
         assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (1,)
         store.queue_cancelled("1")
         assert other.execute("SELECT COUNT(*) FROM attempts WHERE end IS NULL").fetchone() == (0,)
         assert store.grouped == {}
-        # Not grouping (a queue batch's attempts, or a store outside the daemon's loop): at once.
-        third = batch.next_task()
-        store.attempt_started("1", third, batch.start_attempt(third, 4244, 1003.0), 3, group=False)
-        assert other.execute("SELECT COUNT(*) FROM attempts WHERE pid=4244").fetchone() == (1,)
+        # Not grouped (a queue batch's ends): at once.
+        fourth = batch.next_task()
+        store.attempt_started("1", fourth, batch.start_attempt(fourth, 4245, 1006.0), 4)
+        batch.end_attempt(fourth, fourth.attempts[-1], 1007.0, CAUSE_EXIT)
+        store.attempt_ended("1", fourth, fourth.attempts[-1], group=False)
+        assert other.execute("SELECT end FROM attempts WHERE pid=4245").fetchone() == (1007.0,)
     finally:
         other.close()
         store.close()
