@@ -317,6 +317,8 @@ class Engine:
             log.info("memory pressure (PSI) does not wake pmlmd: /proc/pressure/memory: %s", e.strerror)
         else:
             loop.watch(self.pressure.fileno(), self._memory_event, select.EPOLLPRI, direct=True)
+            log.info("memory pressure (PSI) wakes pmlmd: %g ms of stall within %g s", self.pressure.stall_us / 1000,
+                     self.pressure.window_us / 1e6)
         # The kernel's line under the memory limit, where the memory controller allows one.
         self.memory_guard: cgroups_module.MemoryGuard | None = None
         if cgroups is not None:

@@ -78,6 +78,13 @@ def test_the_sandbox_is_in_force(pmlmd):
     assert bounding == (1 << 19) | 0b11100001, hex(bounding)
 
 
+def test_memory_pressure_wakes_pmlmd_under_the_sandbox(pmlmd):
+    # No CAP_SYS_RESOURCE in the unit: the kernel takes only a trigger with a 2 s window.
+    journal = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
+    assert "memory pressure (PSI) wakes pmlmd: 100 ms of stall within 2 s" in journal, journal[-3000:]
+    assert "memory pressure (PSI) does not wake pmlmd" not in journal
+
+
 def test_slice_and_scopes_have_the_shipped_backstops(pmlmd):
     # pmlmd.toml as shipped: the defaults, which pmlmd also sets on the slice at start.
     slice_limits = limits_of(pmlmd, "pmlm.slice")
