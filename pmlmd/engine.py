@@ -352,6 +352,8 @@ class Engine:
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
         self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
         self.workers_due = -math.inf  # monotonic: the workers' first deadline, as next_deadline saw it
+        self.contained = 0  # how many workers have a cgroup of their own
+        self.still_at = -math.inf  # monotonic: the last refresh that found every worker standing still
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
 
@@ -666,6 +668,16 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
+        if self.workers and self.settled == len(self.workers) == self.contained:
+            # Every worker in a cgroup of its own stood still at the last refresh: when the subtree
+            # used no CPU since, none of them moved, and none is looked at (one read in all).
+            total = self.cgroups.cpu_usec()
+            if total is not None and total == self.subtree_usec:
+                self.last_refresh = self.still_at = now
+                if now >= self.orphans_due:
+                    self._adopt_orphans()
+                    self.orphans_due = now + ORPHAN_SCAN
+                return
         usage: dict[int, GroupUsage | None] = self._cgroup_usage()
         if len(usage) == len(self.workers):
             # Every worker in a cgroup of its own: orphans are only reaped (they hold nothing but a
@@ -685,8 +697,8 @@ class Engine:
                          if self.workers[pgid].cgroup is None)
         if self.settled == len(self.workers) == len(usage) and all(u is None for u in usage.values()):
             # Every worker stood still at the last refresh and has used no CPU since: their figures
-            # (no CPU, no growth) hold, and the next refresh measures over the longer span.
-            self.last_refresh = now
+            # (no CPU, no growth) hold.
+            self.last_refresh = self.still_at = now
             return
         still = 0
         for pgid, w in self.workers.items():
@@ -696,7 +708,9 @@ class Engine:
             # None: a cgroup that used no CPU since its last reading, so it cannot have grown either.
             memory, ticks = (w.rss, w.ticks) if u is None else (self._memory(w, u), u.cpu_ticks)
             if w.ticks is not None and w.measured_at is not None and now > w.measured_at:
-                elapsed = now - w.measured_at
+                # What it used since it was measured, it used after the last refresh that found every
+                # worker standing still (still_at): a rate over the whole span would read low.
+                elapsed = now - max(w.measured_at, self.still_at)
                 w.cpu = 100.0 * (ticks - w.ticks) / CLOCK_TICKS / elapsed / self.node.cpu_count
                 w.rss_growth = (memory - w.rss) / elapsed
             previous_measurement = w.measured_at
@@ -1194,6 +1208,7 @@ class Engine:
             # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
             worker.timeout_at = time.monotonic() + timeout - max(0.0, time.time() - worker.attempt.start)
         self.workers[worker.child.pid] = worker
+        self.contained += worker.cgroup is not None
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
                        "attempt": worker.attempt.number, "pid": worker.child.pid,
@@ -1267,6 +1282,7 @@ class Engine:
         if w.cgroup is None:
             self._adopt_orphans(exited=w)
         del self.workers[w.child.pid]
+        self.contained -= w.cgroup is not None
         self.clocks.forget(_threads(w.runtimes))
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
@@ -1520,6 +1536,7 @@ class Engine:
             self.loop.unwatch(w.child.pidfd)
             os.close(w.child.pidfd)
         self.workers.clear()
+        self.contained = 0
         for rest in self.stragglers:
             _kill_rest(rest)
             if isinstance(rest, int):

@@ -153,8 +153,10 @@ def test_a_daemon_takes_a_million_tasks_keeps_them_over_a_restart_and_cancels_th
         return row is not None and row[0] is not None
 
     wait_for(stored, timeout=60, what="the report of a million tasks stored")
-    # Its report (about 70 MB, every task listed) went to the state without staying in the daemon.
-    assert _rss_kib(daemon.proc.pid) - rss < 24 << 10, "the daemon kept more than 24 MiB after storing the report"
+    # Its report (about 70 MB, every task listed) went to the state without staying in the daemon
+    # (the row is visible a moment before the daemon has let its pieces go).
+    wait_for(lambda: _rss_kib(daemon.proc.pid) - rss < 24 << 10, timeout=10,
+             what="the daemon back within 24 MiB of its size before, the report stored")
 
 
 def test_grouped_attempt_ends_wait_for_the_flush_and_land_in_one_transaction(tmp_path):

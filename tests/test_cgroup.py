@@ -346,3 +346,22 @@ def test_the_loop_wakes_on_a_cgroup_file_change_through_epoll_or_polled_directly
         loop.unwatch(fd)
         os.close(fd)
         loop.close()
+
+
+def test_a_worker_that_starts_to_burn_after_standing_still_is_measured_at_its_rate(subtree, tmp_path):
+    # Refreshes that find every worker still read one file; the CPU a worker then uses was used
+    # after the last of them, and its rate is taken over that span, not since its last reading
+    # seconds ago (which read a burner as a quarter of what it used and paused too many).
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    burner = os.path.join(os.path.dirname(__file__), "helpers", "burn.py")
+    with EngineRun(["sh", "-c", f'read _ < {go}; exec "$0" "$1" 3 0 20', PY, burner], 1, cgroups=subtree) as er:
+        (w,) = er.workers(1)
+        er.until(lambda: w.measured_at is not None and er.engine.settled == 1, what="the worker measured standing still")
+        measured = w.measured_at
+        er.until(lambda: er.engine.still_at >= measured + 2.0, what="two seconds of refreshes finding it still")
+        with open(go, "w") as f:
+            f.write("go\n")
+        er.until(lambda: (w.cpu or 0.0) > 0.0, what="the burner measured")
+        one_core = 100.0 / er.engine.node.cpu_count
+        assert w.cpu > 0.5 * one_core, f"a burner of one core measured at {w.cpu:.1f} % of the node"
