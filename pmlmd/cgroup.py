@@ -118,6 +118,12 @@ def memory_events(path: str) -> dict[str, int]:
         return {}
 
 
+def controllers(path: str) -> list[str]:
+    """The controllers a cgroup's children may have (its cgroup.controllers); OSError when unreadable."""
+    with open(os.path.join(path, "cgroup.controllers")) as f:
+        return f.read().split()
+
+
 def _delegated(path: str) -> bool:
     for name in DELEGATE_XATTRS:
         try:
@@ -423,8 +429,7 @@ class MemoryGuard:
 
     def __init__(self, subtree: Subtree):
         self.subtree = subtree
-        self.high: int | None = None  # bytes, as last written; None: "max"
-        self.max: int | None = None
+        self.lines: dict[str, int | None] = {"memory.high": None, "memory.max": None}  # bytes as written; None: "max"
         self.fd = os.open(os.path.join(subtree.root, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
 
     @classmethod
@@ -433,8 +438,7 @@ class MemoryGuard:
         it cannot be (not on the cgroup2 hierarchy, pmlmd's cgroup shares it with other processes)."""
         parent = os.path.dirname(subtree.root)
         try:
-            with open(os.path.join(parent, "cgroup.controllers")) as f:
-                available = f.read().split()
+            available = controllers(parent)
         except OSError as e:
             raise Unusable(f"cannot read {parent}/cgroup.controllers: {e.strerror}") from None
         if "memory" not in available:
@@ -483,33 +487,32 @@ class MemoryGuard:
         line = used + max(0, free - limit)
         high = max(used, line - min(line // self.OVERSHOOT, gap // 2))
         hard = used + max(0, free - floor, high - used)
-        # Raising: the hard line first, so high never stands above max; lowering: high first.
-        order = (("memory.max", hard), ("memory.high", high)) if self.max is None or hard >= self.max else \
-            (("memory.high", high), ("memory.max", hard))
+        order = [("memory.max", hard), ("memory.high", high)]
+        if self.lines["memory.max"] is not None and hard < self.lines["memory.max"]:
+            order.reverse()  # raising: the hard line first, so high never stands above max; lowering: high first
         for name, value in order:
-            last = self.max if name == "memory.max" else self.high
+            last = self.lines[name]
             if last is not None and abs(value - last) < self.QUANTUM:
                 continue
             try:
-                with open(os.path.join(self.subtree.root, name), "w") as f:
-                    f.write(str(value))
+                self._set(name, value)
             except OSError as e:
                 log.warning("cannot set %s of %s: %s", name, self.subtree.root, e.strerror)
-                continue
-            if name == "memory.max":
-                self.max = value
             else:
-                self.high = value
+                self.lines[name] = value
         return high, hard
+
+    def _set(self, name: str, value: int | str) -> None:
+        with open(os.path.join(self.subtree.root, name), "w") as f:
+            f.write(str(value))
 
     def release(self) -> None:
         """Lift both lines ("max") and close the descriptor: workers left running while pmlmd is
         away (a restart) are not throttled by a line nobody moves."""
-        for name in ("memory.high", "memory.max"):
+        for name in self.lines:
             with contextlib.suppress(OSError):
-                with open(os.path.join(self.subtree.root, name), "w") as f:
-                    f.write("max")
-        self.high = self.max = None
+                self._set(name, "max")
+            self.lines[name] = None
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -574,11 +577,9 @@ def _parent() -> tuple[str, str]:
     return mount, parent
 
 
-def explain(setting: str = "auto") -> str:
-    """Where ``choose(setting)`` would put workers of this process, and whether the memory guard
+def explain() -> str:
+    """Where ``choose("auto")`` would put workers of this process, and whether the memory guard
     could be had, in one line (``pmlmd --version``); nothing is made or changed."""
-    if setting == "proc":
-        return containment(None)
     try:
         _, parent = _parent()
         parent = os.path.normpath(parent)
@@ -590,8 +591,7 @@ def explain(setting: str = "auto") -> str:
     except Unusable as e:
         return f"{containment(None)} ({e})"
     try:
-        with open(os.path.join(parent, "cgroup.controllers")) as f:
-            memory = "memory" in f.read().split()
+        memory = "memory" in controllers(parent)
     except OSError:
         memory = False
     guard = "memory.high guard" if memory else "no memory guard: the memory controller is not on the cgroup2 hierarchy"

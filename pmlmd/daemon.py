@@ -391,8 +391,7 @@ class Daemon:
                 self.engine.continue_worker(w)
                 procctl.signal_group(w.child.pid, signal.SIGCONT)
             os.close(w.child.pidfd)
-        self.engine.close_watches()  # and no worker throttled by a memory line nobody moves
-        self.engine.clocks.close()
+        self.engine.close()  # and no worker throttled by a memory line nobody moves
         if self.cgroups is not None:
             self.cgroups.remove()  # the cgroups of workers that ended; those still running keep theirs
         self.loop.close()

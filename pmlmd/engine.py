@@ -352,7 +352,6 @@ class Engine:
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
         self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
         self.workers_due = -math.inf  # monotonic: the workers' first deadline, as next_deadline saw it
-        self.contained = 0  # how many workers have a cgroup of their own
         self.still_at = -math.inf  # monotonic: the last refresh that found every worker standing still
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
         self._seq = 0
@@ -468,17 +467,19 @@ class Engine:
         before them, so none wrote anything either."""
         if self.strays:
             return None
-        total = 0
-        if any(w.cgroup is not None for w in self.workers.values()):
+        total, contained = 0, False
+        for w in self.workers.values():
+            if w.cgroup is not None:
+                contained = True
+            elif not w.runtimes or w.escaped:
+                return None
+            else:
+                total += sum(ns for threads in w.runtimes.values() for ns in threads.values()) // 1000
+        if contained:
             usec = self.cgroups.cpu_usec()
             if usec is None:
                 return None
             total += usec
-        for w in self.workers.values():
-            if w.cgroup is None:
-                if not w.runtimes or w.escaped:
-                    return None
-                total += sum(ns for threads in w.runtimes.values() for ns in threads.values()) // 1000
         return total
 
     def workers_of(self, run: BatchRun) -> list[Worker]:
@@ -580,9 +581,10 @@ class Engine:
             self.memory_guard.events()  # reading clears the descriptor's POLLPRI
         self.next_sample_at = 0.0
 
-    def close_watches(self) -> None:
-        """Stop the kernel's wake-ups and lift the guard's lines (MemoryGuard.release): pmlmd
-        stops governing."""
+    def close(self) -> None:
+        """Stop the kernel's wake-ups, lift the guard's lines (MemoryGuard.release) and close the
+        kept schedstat descriptors: pmlmd stops governing. Workers are left as they are."""
+        self.clocks.close()
         if self.pressure is not None:
             self.loop.unwatch(self.pressure.fileno())
             self.pressure.close()
@@ -668,23 +670,11 @@ class Engine:
         return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
     def _refresh_workers(self, now: float) -> None:
-        if self.workers and self.settled == len(self.workers) == self.contained:
-            # Every worker in a cgroup of its own stood still at the last refresh: when the subtree
-            # used no CPU since, none of them moved, and none is looked at (one read in all).
-            total = self.cgroups.cpu_usec()
-            if total is not None and total == self.subtree_usec:
-                self.last_refresh = self.still_at = now
-                if now >= self.orphans_due:
-                    self._adopt_orphans()
-                    self.orphans_due = now + ORPHAN_SCAN
-                return
         usage: dict[int, GroupUsage | None] = self._cgroup_usage()
         if len(usage) == len(self.workers):
             # Every worker in a cgroup of its own: orphans are only reaped (they hold nothing but a
             # pid meanwhile), at housekeeping's pace.
-            if now >= self.orphans_due:
-                self._adopt_orphans()
-                self.orphans_due = now + ORPHAN_SCAN
+            self._adopt_orphans_due(now)
         elif self.walk_trees:
             usage.update(self._tree_usage())
         else:  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN): every process of the node
@@ -827,11 +817,16 @@ class Engine:
                 usage[pgid] = usage_of(stats.values())
         # A process is re-parented to pmlmd when its parent exits, which takes a thread of a tree
         # that ran: with no tree walked there are no new orphans to look for, but at ORPHAN_SCAN.
-        now = time.monotonic()
-        if self.subreaper and (walked or now >= self.orphans_due):
-            self._adopt_orphans()
-            self.orphans_due = now + ORPHAN_SCAN
+        if self.subreaper:
+            self._adopt_orphans_due(time.monotonic(), force=walked)
         return usage
+
+    def _adopt_orphans_due(self, at: float, force: bool = False) -> None:
+        """Look for orphans (``_adopt_orphans``) with ``force``, or once ORPHAN_SCAN has passed
+        since the last look (``at``: monotonic seconds, now)."""
+        if force or at >= self.orphans_due:
+            self._adopt_orphans()
+            self.orphans_due = at + ORPHAN_SCAN
 
     def _memory(self, w: Worker, u) -> int:
         """The worker's memory in bytes: its group's RSS, or, when several processes may share pages
@@ -1208,7 +1203,6 @@ class Engine:
             # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
             worker.timeout_at = time.monotonic() + timeout - max(0.0, time.time() - worker.attempt.start)
         self.workers[worker.child.pid] = worker
-        self.contained += worker.cgroup is not None
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
                        "attempt": worker.attempt.number, "pid": worker.child.pid,
@@ -1282,7 +1276,6 @@ class Engine:
         if w.cgroup is None:
             self._adopt_orphans(exited=w)
         del self.workers[w.child.pid]
-        self.contained -= w.cgroup is not None
         self.clocks.forget(_threads(w.runtimes))
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
@@ -1536,14 +1529,12 @@ class Engine:
             self.loop.unwatch(w.child.pidfd)
             os.close(w.child.pidfd)
         self.workers.clear()
-        self.contained = 0
         for rest in self.stragglers:
             _kill_rest(rest)
             if isinstance(rest, int):
                 procctl.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
-        self.clocks.close()
-        self.close_watches()
+        self.close()
         if self.cgroups is not None:
             self.cgroups.remove(wait=ABANDON_WAIT)  # each worker's cgroup, once the kernel has emptied it
         self._adopt_orphans()

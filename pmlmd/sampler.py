@@ -96,6 +96,11 @@ def parse_pid_stat(text: str) -> ProcStat:
     )
 
 
+def schedstat(pid: int, tid: int) -> str:
+    """A thread's schedstat, relative to the /proc root."""
+    return f"{pid}/task/{tid}/schedstat"
+
+
 class ThreadClocks:
     """Threads' CPU times (ProcReader.thread_runtime) read through descriptors kept open, at the
     cost of one pread(2) each instead of an open, a read and a close: the /proc backend checks
@@ -118,8 +123,7 @@ class ThreadClocks:
             if len(self.fds) >= self.limit:
                 return self.proc.thread_runtime(pid, tid)
             try:
-                fd = os.open(os.path.join(self.proc.root, str(pid), "task", str(tid), "schedstat"),
-                             os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(os.path.join(self.proc.root, schedstat(pid, tid)), os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return None
             self.fds[(pid, tid)] = fd
@@ -179,7 +183,7 @@ class ProcReader:
         try:
             if fd is not None:
                 return int(os.pread(fd, 128, 0).split()[0])
-            return int(self._read(f"{pid}/task/{tid}/schedstat").split()[0])
+            return int(self._read(schedstat(pid, tid)).split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
@@ -302,18 +306,20 @@ class PressureTrigger:
     TRIGGERS = ((20_000, 500_000), (100_000, 2_000_000))  # 20 ms stalled in 0.5 s; 100 ms in 2 s
 
     def __init__(self, path: str = "/proc/pressure/memory", triggers: tuple = TRIGGERS):
-        self.path = path
+        refused = None
         for stall_us, window_us in triggers:
-            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                os.write(self.fd, f"some {stall_us} {window_us}".encode() + b"\0")
+                os.write(fd, f"some {stall_us} {window_us}".encode() + b"\0")
             except OSError as e:
-                os.close(self.fd)
-                if e.errno not in (errno.EINVAL, errno.EPERM) or (stall_us, window_us) == triggers[-1]:
+                os.close(fd)
+                if e.errno not in (errno.EINVAL, errno.EPERM):
                     raise
+                refused = e
                 continue
-            self.stall_us, self.window_us = stall_us, window_us
+            self.fd, self.stall_us, self.window_us = fd, stall_us, window_us
             return
+        raise refused
 
     def fileno(self) -> int:
         return self.fd

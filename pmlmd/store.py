@@ -572,13 +572,15 @@ class Store:
         """An attempt's start, written at once (what waits in the group first): a restarted pmlmd
         adopts a running worker by its start row, so none may run whose row could be lost."""
         self._write(("attempt", batch_id, task.index, attempt.number),
-                    lambda: self._transaction([lambda: self._attempt_started(batch_id, task, attempt, start_ticks)]))
+                    lambda: self._attempt_started(batch_id, task, attempt, start_ticks))
 
     def _attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
-        self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
-        self._task_row(batch_id, task)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
+            self._task_row(batch_id, task)
 
     def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt, group: bool = True) -> None:
         """An attempt's end; ``group``: it may wait for ``flush`` (see ``grouping``). Lost in a
