@@ -387,9 +387,7 @@ class Daemon:
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():
-            if w.state in (PAUSED, HELD):
-                self.engine.continue_worker(w)
-                procctl.signal_group(w.child.pid, signal.SIGCONT)
+            self.engine.let_go(w)
             os.close(w.child.pidfd)
         self.engine.close()  # and no worker throttled by a memory line nobody moves
         if self.cgroups is not None:
@@ -598,7 +596,7 @@ class Daemon:
             if self.config.stranded == "terminate":
                 procctl.signal_group(child.pid, signal.SIGTERM)
             procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
-            self.engine.adopt(run, task, attempt, child, RUNNING)
+            self.engine.adopt(run, task, attempt, child)
         self._add(run)
         if run.batch.spec.open_ended:
             self.engine.end_adopted(run, "its message went back to its queue when pmlmd stopped")

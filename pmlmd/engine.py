@@ -27,13 +27,12 @@ from typing import Callable
 
 import zmq
 
-from . import cgroup as cgroups_module, lineage, procctl, tasklines
+from . import cgroup as cgroups_module, lifecycle, lineage, procctl, tasklines
 from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
-                    CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED, CAUSE_TIMEOUT,
+                    CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
-from .governor import (CONTINUE, CRITICAL, HELD, KILL, KILLED, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE,
-                       TERMINATING, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
+from .governor import (CONTINUE, CRITICAL, KILL, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                        next_interval)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
@@ -63,12 +62,6 @@ RESOURCE_BACKOFF = 0.2
 RESOURCE_LOG_EVERY = 10.0
 CAUSE_RESOURCE = "resource"  # in "deferred" events: a task that could not start yet, and waits
 SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
-# An acknowledged agent pause is checked from this many seconds after the ack on: a worker that
-# still uses more than AGENT_PAUSE_MAX_CPU percent of one CPU or grows by more than
-# AGENT_PAUSE_MAX_GROWTH bytes/s over a whole measurement interval did not comply.
-AGENT_PAUSE_GRACE = 1.0
-AGENT_PAUSE_MAX_CPU = 10.0
-AGENT_PAUSE_MAX_GROWTH = 4 << 20
 NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGSTOP, or its cgroup frozen)"
 # A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
@@ -215,25 +208,13 @@ class Worker:
     run: BatchRun
     task: Task
     attempt: Attempt
-    state: str = RUNNING
+    life: lifecycle.Life  # running, paused, held, terminating or killed, with what each carries (lifecycle)
     rss: int = 0
     peak_rss: int = 0
     rss_growth: float | None = None
     cpu: float | None = None
     ticks: int | None = None
     measured_at: float | None = None
-    paused_at: float | None = None
-    cpu_at_pause: float | None = None
-    paused_by: str | None = None  # the governor rule that paused it (WorkerView.paused_by)
-    running_since: float | None = None  # monotonic: since it was started, continued or resumed
-    kill_at: float | None = None
-    end_cause: str | None = None
-    stop_path: str | None = None  # how pmlmd is ending it: agent, sigterm, sigkill
-    escalate_at: float | None = None  # agent mode: it acknowledged a terminate; SIGTERM if alive by then
-    agent_paused: bool = False  # asked to pause through the agent channel
-    signal_stopped: bool = False  # SIGSTOP sent (a pause in signal mode, or an agent pause nobody acknowledged)
-    verify_pause_from: float | None = None  # monotonic: an acknowledged agent pause must show from then on
-    noncompliant: bool = False  # acknowledged an agent pause and kept working: stopped by signal instead
     escaped: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of its processes outside its group
     cgroup: cgroups_module.Worker | None = None  # its own cgroup (cgroup backend); None: its process group and tree
     # proc backend: the cpu.stat of the cgroup its leader is in (its batch's systemd scope), "" where
@@ -242,20 +223,11 @@ class Worker:
     # proc backend: the processes of its tree at the last walk, each with the CPU time of each of
     # its threads then (pid -> tid -> ns, lineage.tree_runtimes); {} when unknown
     runtimes: dict[int, dict[int, int]] = field(default_factory=dict)
-    # --timeout: monotonic deadline of the attempt, pushed back by the time pmlmd holds it paused
-    # (``stopped_at``: since when; the governor's pause or a user's pmlmctl pause), which is not the task's doing.
-    timeout_at: float | None = None
-    stopped_at: float | None = None
 
-    def stop_clock(self, now: float) -> None:
-        """pmlmd pauses it: its --timeout stands still until ``start_clock``."""
-        if self.timeout_at is not None and self.stopped_at is None:
-            self.stopped_at = now
-
-    def start_clock(self, now: float) -> None:
-        if self.stopped_at is not None:
-            self.timeout_at += max(0.0, now - self.stopped_at)
-            self.stopped_at = None
+    @property
+    def state(self) -> str:
+        """governor.RUNNING, PAUSED, HELD, TERMINATING or KILLED."""
+        return self.life.phase.STATE
 
     @property
     def worker_id(self) -> str:
@@ -266,11 +238,9 @@ class Worker:
         return (self.child.pid, self.child.start_ticks)
 
     def view(self) -> WorkerView:
-        return WorkerView(key=self.key, started=self.child.started, state=self.state, rss=self.rss,
-                          rss_growth=self.rss_growth, cpu=self.cpu, paused_at=self.paused_at,
-                          cpu_at_pause=self.cpu_at_pause, priority=self.run.priority, batch=self.run.id,
-                          paused_by=self.paused_by if self.state == PAUSED else None,
-                          running_since=self.running_since if self.running_since is not None else self.child.started)
+        return WorkerView(key=self.key, started=self.child.started, rss=self.rss, rss_growth=self.rss_growth,
+                          cpu=self.cpu, priority=self.run.priority, batch=self.run.id,
+                          **lifecycle.governor_fields(self.life))
 
 
 def worker_argv(run: BatchRun, line: str | None) -> list[str]:
@@ -429,19 +399,11 @@ class Engine:
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until released."""
         run.held = True
-        cooperative = run.batch.spec.pause_mode == "agent" and self.agent is not None
         # The freezer stops the whole scope at once, children the workers forked included.
-        run.frozen = not cooperative and self.scopes.freeze(run.id)
+        run.frozen = not self._modes(run).pause_by_agent and self.scopes.freeze(run.id)
         now = time.monotonic()
         for w in self.workers_of(run):
-            if w.state in (RUNNING, PAUSED):
-                if cooperative:
-                    self._pause(w)
-                elif not run.frozen:
-                    self._signal(w, signal.SIGSTOP)
-                    w.signal_stopped = True
-                w.state = HELD
-                w.stop_clock(now)
+            self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
         self.on_event({"event": "held", "batch": run.id})
 
     def release(self, run: BatchRun) -> None:
@@ -451,11 +413,7 @@ class Engine:
             run.frozen = False
         now = time.monotonic()
         for w in self.workers_of(run):
-            if w.state == HELD:
-                self.continue_worker(w)
-                self._signal(w, signal.SIGCONT)  # also what a governor pause left stopped
-                w.state, w.running_since = RUNNING, now
-                w.start_clock(now)
+            self._carry(w, lifecycle.Release(), now)
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
 
@@ -494,13 +452,9 @@ class Engine:
         """When ``tick`` has something to do (monotonic seconds; inf: nothing but events)."""
         workers_due = math.inf
         for w in self.workers.values():
-            if w.kill_at is None and w.escalate_at is None and w.timeout_at is None:
-                continue  # most workers, most of the time: a quarter of the cost of the full look
-            for at in (w.kill_at, w.escalate_at):
-                if at is not None:
-                    workers_due = min(workers_due, at)
-            if w.timeout_at is not None and w.state == RUNNING and w.stopped_at is None:
-                workers_due = min(workers_due, w.timeout_at)
+            due = w.life.due
+            if due is not None and due < workers_due:
+                workers_due = due
         # The next tick looks at the workers only from then on: a deadline set meanwhile (by a
         # callback of this loop turn) lies after the moment it was set, so after that tick.
         self.workers_due = workers_due
@@ -706,10 +660,10 @@ class Engine:
             previous_measurement = w.measured_at
             w.ticks, w.rss, w.measured_at = ticks, memory, now
             w.peak_rss = max(w.peak_rss, memory)
-            if (w.verify_pause_from is not None and previous_measurement is not None
-                    and previous_measurement >= w.verify_pause_from):
-                self._verify_agent_pause(w)
-            still += w.cpu == 0 and w.rss_growth == 0 and w.verify_pause_from is None
+            if w.life.verifying and previous_measurement is not None:
+                self._carry(w, lifecycle.Measured(previous_measurement, (w.cpu or 0.0) * self.node.cpu_count,
+                                                  w.rss_growth or 0.0), now)
+            still += w.cpu == 0 and w.rss_growth == 0 and not w.life.verifying
         self.settled = still if still == len(self.workers) else -1
         self.last_refresh = now
 
@@ -847,28 +801,6 @@ class Engine:
             total += pss
         return total
 
-    def _verify_agent_pause(self, w: Worker) -> None:
-        """An agent-paused worker measured over a whole interval after its grace: is it standing still?
-
-        A worker that acknowledged the pause but goes on using CPU (more than
-        AGENT_PAUSE_MAX_CPU percent of one CPU) or growing (more than AGENT_PAUSE_MAX_GROWTH
-        bytes per second) would keep the node over its limit while counted as paused: it is
-        stopped with SIGSTOP like a signal-mode worker, and its attempt says so.
-        """
-        one_cpu = (w.cpu or 0.0) * self.node.cpu_count
-        growth = w.rss_growth or 0.0
-        if one_cpu <= AGENT_PAUSE_MAX_CPU and growth <= AGENT_PAUSE_MAX_GROWTH:
-            return
-        log.warning("worker %d acknowledged an agent pause but kept working (%.0f%% of a CPU, %+.1f MiB/s): "
-                    "SIGSTOP", w.child.pid, one_cpu, growth / (1 << 20),
-                    extra=decision_fields(batch_id=w.run.id, task_index=w.task.index, worker_pid=w.child.pid,
-                                          decision=PAUSE, rule="agent-noncompliant", reason="kept working while "
-                                          "paused through the agent channel"))
-        self._signal(w, signal.SIGSTOP)
-        w.signal_stopped, w.noncompliant, w.verify_pause_from = True, True, None
-        self.on_event({"event": "noncompliant", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid,
-                       "cpu_pct": round(one_cpu, 1)})
-
     # --- carrying decisions out --------------------------------------------------------------
     def _apply(self, d: Decision, sample: NodeSample) -> None:
         if d.action == SPAWN:
@@ -905,19 +837,9 @@ class Engine:
         w = self.workers.get(pid)
         if w is None or w.child.start_ticks != start_ticks:
             return
+        self._carry(w, lifecycle.decided(d, w.cpu), sample.time)
         if d.action == PAUSE:
-            self._pause(w)
-            w.state, w.paused_at, w.cpu_at_pause, w.paused_by = PAUSED, sample.time, w.cpu, d.rule
             w.attempt.pauses += 1
-            w.stop_clock(time.monotonic())
-        elif d.action == CONTINUE:
-            self.continue_worker(w)
-            w.state, w.paused_at, w.running_since = RUNNING, None, sample.time
-            w.start_clock(time.monotonic())
-        elif d.action == TERMINATE:
-            self._terminate(w, CAUSE_GOVERNOR_MEMORY, d.reason)
-        elif d.action == KILL:
-            self._kill(w, CAUSE_GOVERNOR_MEMORY, d.reason)
         self._record(d, sample, w, w.run)
 
     # --- processes that left their worker's process group ----------------------------------------
@@ -949,7 +871,7 @@ class Engine:
         self.loop.watch(pidfd, lambda: self._escaped_exited(w, pid))
         log.info("worker %d (batch %s, task %d): process %d left its process group; it is paused, continued and "
                  "ended with the worker", w.child.pid, w.run.id, w.task.index, pid)
-        if w.signal_stopped:
+        if w.life.signal_stopped:
             _pidfd_signal(pidfd, signal.SIGSTOP)  # it belongs to a stopped worker
 
     def _escaped_exited(self, w: Worker, pid: int) -> None:
@@ -1012,31 +934,42 @@ class Engine:
             _reap_if_ours(pid)
             os.close(stray.pidfd)
 
-    @staticmethod
-    def _measure_afresh(w: Worker) -> None:
-        # Its last reading covers the time it stood still.
-        w.cpu, w.ticks, w.measured_at = None, None, None
+    def _modes(self, run: BatchRun) -> lifecycle.Modes:
+        spec, agent = run.batch.spec, self.agent is not None
+        return lifecycle.Modes(pause_by_agent=agent and spec.pause_mode == "agent",
+                               terminate_by_agent=agent and spec.term_mode == "agent", grace=spec.term_grace,
+                               agent_timeout=spec.agent_timeout, timeout=spec.timeout)
 
-    def _uses_agent(self, w: Worker, mode: str) -> bool:
-        return self.agent is not None and getattr(w.run.batch.spec, mode) == "agent"
+    def _carry(self, w: Worker, event: lifecycle.Event, now: float) -> None:
+        """Hand ``event`` to the worker's lifecycle (lifecycle.handle) and carry out what it says."""
+        w.life, effects = lifecycle.handle(w.life, event, now)
+        for effect in effects:
+            match effect:
+                case lifecycle.Signal(sig):
+                    self._signal(w, sig)
+                case lifecycle.Ask(command):
+                    self.agent.request(w.worker_id, w.child.pid, command, w.run.batch.spec.agent_timeout, _uid(w), w)
+                case lifecycle.Remeasure():  # its last reading covers the time it stood still
+                    w.cpu, w.ticks, w.measured_at = None, None, None
+                case lifecycle.Reason(text, append):
+                    w.attempt.reason = f"{w.attempt.reason or ''} {text}".strip() if append else text
+                case lifecycle.Log(text):
+                    log.info("worker %d %s", w.child.pid, text)
+                case lifecycle.TimedOut():
+                    self.on_event({"event": "timeout", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid})
+                case lifecycle.Disobeyed(one_cpu, growth):
+                    log.warning("worker %d acknowledged an agent pause but kept working (%.0f%% of a CPU, %+.1f MiB/s): "
+                                "SIGSTOP", w.child.pid, one_cpu, growth / (1 << 20),
+                                extra=decision_fields(batch_id=w.run.id, task_index=w.task.index,
+                                                      worker_pid=w.child.pid, decision=PAUSE,
+                                                      rule="agent-noncompliant",
+                                                      reason="kept working while paused through the agent channel"))
+                    self.on_event({"event": "noncompliant", "batch": w.run.id, "task": w.task.index,
+                                   "pid": w.child.pid, "cpu_pct": round(one_cpu, 1)})
 
-    def _pause(self, w: Worker) -> None:
-        if self._uses_agent(w, "pause_mode"):
-            self.agent.request(w.worker_id, w.child.pid, "pause", w.run.batch.spec.agent_timeout, _uid(w), w)
-            w.agent_paused = True
-        else:
-            self._signal(w, signal.SIGSTOP)
-            w.signal_stopped = True
-
-    def continue_worker(self, w: Worker) -> None:
-        if w.agent_paused:
-            self.agent.request(w.worker_id, w.child.pid, "continue", w.run.batch.spec.agent_timeout, _uid(w), w)
-            w.agent_paused = False
-            w.verify_pause_from = None
-        if w.signal_stopped:
-            self._signal(w, signal.SIGCONT)
-            w.signal_stopped = False
-        self._measure_afresh(w)
+    def let_go(self, w: Worker) -> None:
+        """pmlmd stops watching: a paused or held worker is continued (and told so in agent mode)."""
+        self._carry(w, lifecycle.Release(), time.monotonic())
 
     def on_agent_ack(self, req) -> None:
         """A worker acknowledged a request of the agent channel."""
@@ -1044,26 +977,13 @@ class Engine:
         if self.workers.get(w.child.pid) is not w:
             return  # it has gone meanwhile
         log.debug("worker %d acknowledged %s", w.child.pid, req.command)
-        if req.command == "terminate" and w.state == TERMINATING:
-            w.escalate_at = time.monotonic() + w.run.batch.spec.term_grace
-        elif req.command == "pause" and w.agent_paused and not w.signal_stopped:
-            # Trust, but verify: from a short grace on, it must stand still (see _verify_agent_pause).
-            w.verify_pause_from = time.monotonic() + AGENT_PAUSE_GRACE
+        self._carry(w, lifecycle.AgentAck(req.command), time.monotonic())
 
     def _agent_expired(self, now: float) -> None:
         for req in self.agent.expired(now):
             w = req.context
-            if self.workers.get(w.child.pid) is not w:
-                continue
-            timeout = w.run.batch.spec.agent_timeout
-            if req.command == "terminate" and w.state == TERMINATING:
-                log.info("worker %d did not acknowledge terminate within %gs: SIGTERM", w.child.pid, timeout)
-                w.attempt.reason = f"{w.attempt.reason or ''} (no agent acknowledgement within {timeout:g}s)".strip()
-                self._signal_terminate(w, now)
-            elif req.command == "pause" and w.agent_paused:
-                log.info("worker %d did not acknowledge pause within %gs: SIGSTOP", w.child.pid, timeout)
-                self._signal(w, signal.SIGSTOP)
-                w.signal_stopped = True
+            if self.workers.get(w.child.pid) is w:
+                self._carry(w, lifecycle.AgentExpired(req.command), now)
 
     def _spawn(self, run: BatchRun, task: Task) -> None:
         attempt_no = len(task.attempts) + 1
@@ -1146,7 +1066,8 @@ class Engine:
         attempt = run.batch.start_attempt(task, child.pid, time.time())
         if self.output is not None:
             self.output.spawned(run, task, attempt)
-        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, cgroup=cgroup))
+        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child),
+                           cgroup=cgroup))
 
     def _spawn_room(self) -> int:
         """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
@@ -1181,10 +1102,10 @@ class Engine:
             log.warning("admitting no more workers for now: %s (tasks wait in their queue)", what)
             self.resource_log_at = now + RESOURCE_LOG_EVERY
 
-    def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child, state: str) -> None:
-        """Watch a worker that a previous daemon started (it is not our child)."""
+    def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child) -> None:
+        """Watch a worker that a previous daemon started (it is not our child), as running."""
         task.status = "running"
-        worker = Worker(child=child, run=run, task=task, attempt=attempt, state=state)
+        worker = Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child))
         cgroup = self.cgroups.cgroup_of(child.pid) if self.cgroups is not None else None
         if cgroup is not None and cgroup.worker_id == worker.worker_id:
             worker.cgroup = cgroup
@@ -1192,16 +1113,20 @@ class Engine:
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
-        if self._uses_agent(worker, "pause_mode"):
+        if worker.life.modes.pause_by_agent:
             # It may stand in checkpoint(), paused by the pmlmd that is gone: tell it to go on.
-            worker.agent_paused = True
-            self.continue_worker(worker)
+            self.agent.request(worker.worker_id, child.pid, "continue", run.batch.spec.agent_timeout, _uid(worker),
+                               worker)
+
+    def _born(self, run: BatchRun, attempt: Attempt, child: procctl.Child) -> lifecycle.Life:
+        modes = self._modes(run)
+        timeout_at = None
+        if modes.timeout is not None:
+            # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
+            timeout_at = time.monotonic() + modes.timeout - max(0.0, time.time() - attempt.start)
+        return lifecycle.born(modes, child.started, timeout_at)
 
     def _watch(self, worker: Worker) -> None:
-        timeout = worker.run.batch.spec.timeout
-        if timeout is not None:
-            # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
-            worker.timeout_at = time.monotonic() + timeout - max(0.0, time.time() - worker.attempt.start)
         self.workers[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
@@ -1209,51 +1134,18 @@ class Engine:
                        "start_ticks": worker.child.start_ticks})
 
     def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
-        w.state, w.end_cause = TERMINATING, cause
-        w.attempt.reason = reason
-        if self._uses_agent(w, "term_mode"):
-            # Ask first; SIGTERM follows if it does not acknowledge in time, or is alive a grace after.
-            self.agent.request(w.worker_id, w.child.pid, "terminate", w.run.batch.spec.agent_timeout, _uid(w), w)
-            w.stop_path = "agent"
-            if w.signal_stopped:
-                self._signal(w, signal.SIGCONT)  # it must run to hear the request
-                w.signal_stopped = False
-            return
-        self._signal_terminate(w, time.monotonic())
-
-    def _signal_terminate(self, w: Worker, now: float) -> None:
-        self._signal(w, signal.SIGTERM)
-        # A stopped process cannot act on SIGTERM; it may be paused by us or stopped by anyone.
-        self._signal(w, signal.SIGCONT)
-        w.kill_at, w.escalate_at, w.stop_path = now + w.run.batch.spec.term_grace, None, "sigterm"
+        self._carry(w, lifecycle.Terminate(cause, reason), time.monotonic())
 
     def _kill(self, w: Worker, cause: str, reason: str | None) -> None:
-        self._signal(w, signal.SIGKILL)
-        self._signal(w, signal.SIGCONT)
-        w.state, w.kill_at, w.escalate_at, w.stop_path = KILLED, None, None, "sigkill"
-        if w.end_cause is None:
-            w.end_cause, w.attempt.reason = cause, reason
+        self._carry(w, lifecycle.Kill(cause, reason), time.monotonic())
 
     def _enforce_deadlines(self, now: float) -> None:
         if self.agent is not None:
             self._agent_expired(now)
         due, self.workers_due = self.workers_due, -math.inf  # a tick without next_deadline looks at all
         for w in list(self.workers.values()) if now >= due else ():
-            if w.state == RUNNING and w.timeout_at is not None and w.stopped_at is None and now >= w.timeout_at:
-                timeout = w.run.batch.spec.timeout
-                log.info("worker %d ran longer than its timeout of %gs: terminating it", w.child.pid, timeout)
-                self._terminate(w, CAUSE_TIMEOUT, f"ran longer than --timeout {timeout:g}s")
-                self.on_event({"event": "timeout", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid})
-            if w.escalate_at is not None and now >= w.escalate_at:
-                grace = w.run.batch.spec.term_grace
-                log.info("worker %d still alive %gs after acknowledging terminate: SIGTERM", w.child.pid, grace)
-                w.attempt.reason = f"{w.attempt.reason or ''} (alive {grace:g}s after its acknowledgement)".strip()
-                self._signal_terminate(w, now)
-            if w.state == TERMINATING and w.kill_at is not None and now >= w.kill_at:
-                grace = w.run.batch.spec.term_grace
-                log.info("worker %d still alive %gs after SIGTERM: SIGKILL", w.child.pid, grace)
-                self._kill(w, w.end_cause, w.attempt.reason)
-                w.attempt.reason = f"{w.attempt.reason or ''} (SIGKILL after {grace:g}s grace)".strip()
+            if w.life.due is not None and now >= w.life.due:
+                self._carry(w, lifecycle.Tick(), now)
         for rest, deadline in list(self.stragglers.items()):
             if _gone(rest):
                 del self.stragglers[rest]
@@ -1281,7 +1173,8 @@ class Engine:
             self.agent.worker_gone(w.worker_id, _uid(w))
         now = time.time()
         run, a = w.run, w.attempt
-        a.stop_path = w.stop_path if w.end_cause else None
+        end_cause = w.life.cause
+        a.stop_path = w.life.stop_path if end_cause else None
         a.exit_code, a.signal, a.cpu_seconds = ended.exit_code, ended.signal, ended.cpu_seconds
         a.peak_rss = max(w.peak_rss, ended.max_rss)
         run.finished_rss[0] += a.peak_rss
@@ -1290,7 +1183,7 @@ class Engine:
         wall = max(now - a.start, 1e-3)
         run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
         run.finished_cpu[1] += 1
-        if w.noncompliant:
+        if w.life.noncompliant:
             a.reason = "; ".join(filter(None, [NONCOMPLIANT_NOTE, a.reason]))
         if w.escaped:
             a.reason = "; ".join(filter(None, [a.reason, f"left {len(w.escaped)} processes outside its process "
@@ -1299,14 +1192,14 @@ class Engine:
         if left:
             a.reason = "; ".join(filter(None, [a.reason, f"left {len(left)} processes behind in its cgroup: "
                                                          "ended with it"]))
-        if w.end_cause is None and w.cgroup is not None and self.memory_guard is not None and w.cgroup.oom_kills():
+        if end_cause is None and w.cgroup is not None and self.memory_guard is not None and w.cgroup.oom_kills():
             # The kernel ended it at the guard's memory.max (free memory at the floor): a memory
             # termination like the governor's, requeued by the same rule.
-            w.end_cause = CAUSE_GOVERNOR_MEMORY
+            end_cause = CAUSE_GOVERNOR_MEMORY
             a.reason = "; ".join(filter(None, [a.reason, "ended by the kernel's OOM killer at pmlmd's memory.max "
                                                          "line (free memory at the floor)"]))
-        cause = w.end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
-        if not ended.known and w.end_cause is None:
+        cause = end_cause or (CAUSE_EXIT if ended.known else CAUSE_DAEMON_RESTART)
+        if not ended.known and end_cause is None:
             a.reason = "adopted after a daemon restart: its exit status could not be read"
         run.batch.end_attempt(w.task, a, now, cause)
         self._settle(run)

@@ -5,6 +5,8 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pmlmd import lifecycle as lc
+from pmlmd.batch import CAUSE_GOVERNOR_MEMORY
 from pmlmd.governor import (CONTINUE, CRITICAL, KILL, KILLED, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE,
                             TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes, next_interval,
                             quiet)
@@ -137,22 +139,33 @@ def test_decisions_name_known_workers_once_and_respect_cap_and_queue(sample, wor
             assert states[d.worker] in (RUNNING, PAUSED, TERMINATING)
 
 
+def life_of(w):
+    """The lifecycle state a WorkerView shows (a paused one stopped by SIGSTOP)."""
+    if w.state == RUNNING:
+        phase = lc.Running(since=w.running_since if w.running_since is not None else w.started)
+    elif w.state == PAUSED:
+        phase = lc.Paused(at=w.paused_at, rule=w.paused_by, cpu_at_pause=w.cpu_at_pause, stop=lc.Stop(signal=True),
+                          clock_from=w.paused_at)
+    elif w.state == TERMINATING:
+        phase = lc.Terminating(CAUSE_GOVERNOR_MEMORY, lc.SIGTERM_PATH, kill_at=NOW + 10)
+    else:
+        phase = lc.Killed(CAUSE_GOVERNOR_MEMORY)
+    return lc.Life(phase, lc.Modes())
+
+
 def applied(workers, decisions, now):
-    """The worker table as the runner leaves it after carrying the decisions out."""
+    """The worker table after the decisions are carried out by the engine's own transitions
+    (lifecycle.decided, lifecycle.handle; a Remeasure forgets the CPU reading)."""
     by_key = {d.worker: d for d in decisions if d.worker is not None}
     out = []
     for w in workers:
         d = by_key.get(w.key)
         if d is None:
             out.append(w)
-        elif d.action == PAUSE:
-            out.append(dataclasses.replace(w, state=PAUSED, paused_at=now, cpu_at_pause=w.cpu))
-        elif d.action == CONTINUE:
-            out.append(dataclasses.replace(w, state=RUNNING, paused_at=None, cpu=None, running_since=now))
-        elif d.action == TERMINATE:
-            out.append(dataclasses.replace(w, state=TERMINATING))
-        elif d.action == KILL:
-            out.append(dataclasses.replace(w, state=KILLED))
+            continue
+        life, effects = lc.handle(life_of(w), lc.decided(d, w.cpu), now)
+        cpu = None if lc.Remeasure() in effects else w.cpu
+        out.append(dataclasses.replace(w, cpu=cpu, **lc.governor_fields(life)))
     return out
 
 
