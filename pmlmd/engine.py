@@ -32,8 +32,8 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
-from .governor import (CONTINUE, CRITICAL, KILL, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, TERMINATE, Decision, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
-                       next_interval)
+from .governor import (CRITICAL, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, Decision, Limits, NodeSample, WorkerView,
+                       Workload, decide_batches, free_bytes, next_interval)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -61,7 +61,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENO
 RESOURCE_BACKOFF = 0.2
 RESOURCE_LOG_EVERY = 10.0
 CAUSE_RESOURCE = "resource"  # in "deferred" events: a task that could not start yet, and waits
-SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}
 NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGSTOP, or its cgroup frozen)"
 # A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
@@ -584,44 +583,8 @@ class Engine:
         for run in admitting:
             others.pop(run.id, None)
         demands += [dataclasses.replace(self._workload(run), queued=0) for run in others.values()]
-        decisions = decide(sample, views, demands, self.limits)
-        stricter = [run for run in self.runs.values() if run.limits != self.limits]
-        if not stricter:
-            return decisions
-        by_worker = {d.worker: d for d in decisions if d.worker is not None}
-        spawns = {d.batch: d for d in decisions if d.action == SPAWN}
-        node_turn = any(d.rule == "turn" for d in decisions)
-        for run in stricter:
-            own = decide(sample, [v for v in views if v.batch == run.id], [self._workload(run)], run.limits)
-            own_workers = {d.worker: d for d in own if d.worker is not None}
-            mine = {w.key for w in self.workers_of(run)}
-            for key, d in list(by_worker.items()):
-                own_d = own_workers.get(key)
-                if d.action == CONTINUE and key in mine and (own_d is None or own_d.action != CONTINUE):
-                    del by_worker[key]  # the batch's own limits do not allow it yet
-            own_turn = [d for d in own if d.rule == "turn"]
-            for key, d in own_workers.items():
-                node_d = by_worker.get(key)
-                if d.rule == "turn":
-                    continue  # a pair, taken whole below or not at all
-                if d.action != CONTINUE and SEVERITY[d.action] > (SEVERITY[node_d.action] if node_d else -1):
-                    by_worker[key] = d  # the stricter of the two verdicts
-            # The batch's own turn: both halves, unless the node has its own verdict on either worker.
-            if own_turn and not node_turn and all(d.worker not in by_worker for d in own_turn):
-                by_worker.update((d.worker, d) for d in own_turn)
-        # A turn is a pair: the node's pause stands only with its continue.
-        turn = [d for d in decisions if d.rule == "turn"]
-        if turn and not all(by_worker.get(d.worker) is d for d in turn):
-            for d in turn:
-                if by_worker.get(d.worker) is d:
-                    del by_worker[d.worker]
-            own_spawn = sum(d.count for d in own if d.action == SPAWN)
-            if run.id in spawns:
-                allowed = min(spawns[run.id].count, own_spawn)
-                spawns[run.id] = Decision(SPAWN, count=allowed, batch=run.id, rule=spawns[run.id].rule,
-                                          reason=spawns[run.id].reason + f"; batch limits allow {own_spawn}")
-        others = [d for d in decisions if d.worker is None and d.action != SPAWN]
-        return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
+        stricter = {run.id: (run.limits, self._workload(run)) for run in self.runs.values() if run.limits != self.limits}
+        return decide_batches(sample, views, demands, self.limits, stricter)
 
     def _refresh_workers(self, now: float) -> None:
         usage: dict[int, GroupUsage | None] = self._cgroup_usage()

@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Mapping, Sequence
 
 RUNNING = "running"
 PAUSED = "paused"
@@ -354,6 +354,64 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         return []
 
     return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen)
+
+
+SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}  # which of two verdicts on a worker is the stricter
+
+
+def decide_batches(sample: NodeSample, workers: Sequence[WorkerView], demands: Sequence[Workload], limits: Limits,
+                   stricter: Mapping[Hashable, tuple[Limits, Workload]]) -> list[Decision]:
+    """``decide`` for the node (``limits``), narrowed by the batches that asked for stricter
+    limits: ``stricter`` maps such a batch (WorkerView.batch, Workload.key) to its own limits and
+    its Workload. Each such batch is decided on its own workers under its own limits as well:
+
+    - a worker of it is continued only if both verdicts continue it;
+    - of two verdicts on a worker, the stricter stands (continue < pause < terminate < kill);
+    - it is admitted no more workers than its own limits admit;
+    - a turn (rule "turn": one worker paused for one continued) is a pair, taken whole or not at
+      all: the node's turn is dropped when a batch's verdicts break it, a batch's own turn is
+      taken when the node has no turn and no verdict on either of its two workers.
+
+    Decisions in the order ``decide`` gives them: node-wide ones (critical), then the verdicts
+    on workers, then spawns."""
+    decisions = decide(sample, workers, demands, limits)
+    if not stricter:
+        return decisions
+    by_worker = {d.worker: d for d in decisions if d.worker is not None}
+    spawns = {d.batch: d for d in decisions if d.action == SPAWN}
+    node_turn = any(d.rule == "turn" for d in decisions)
+    for batch, (own_limits, workload) in stricter.items():
+        views = [w for w in workers if w.batch == batch]
+        own = decide(sample, views, [workload], own_limits)
+        own_workers = {d.worker: d for d in own if d.worker is not None}
+        mine = {w.key for w in views}
+        for key, d in list(by_worker.items()):
+            own_d = own_workers.get(key)
+            if d.action == CONTINUE and key in mine and (own_d is None or own_d.action != CONTINUE):
+                del by_worker[key]  # the batch's own limits do not allow it yet
+        own_turn = [d for d in own if d.rule == "turn"]
+        for key, d in own_workers.items():
+            node_d = by_worker.get(key)
+            if d.rule == "turn":
+                continue  # a pair, taken whole below or not at all
+            if d.action != CONTINUE and SEVERITY[d.action] > (SEVERITY[node_d.action] if node_d else -1):
+                by_worker[key] = d
+        if own_turn and not node_turn and all(d.worker not in by_worker for d in own_turn):
+            by_worker.update((d.worker, d) for d in own_turn)
+        if batch in spawns:
+            own_spawn = sum(d.count for d in own if d.action == SPAWN)
+            node_spawn = spawns[batch]
+            if own_spawn < node_spawn.count:
+                spawns[batch] = dataclasses.replace(node_spawn, count=own_spawn,
+                                                    reason=f"{node_spawn.reason}; batch limits allow {own_spawn}")
+    # The node's pause in a turn stands only with its continue.
+    turn = [d for d in decisions if d.rule == "turn"]
+    if turn and not all(by_worker.get(d.worker) is d for d in turn):
+        for d in turn:
+            if by_worker.get(d.worker) is d:
+                del by_worker[d.worker]
+    others = [d for d in decisions if d.worker is None and d.action != SPAWN]
+    return others + list(by_worker.values()) + [d for d in spawns.values() if d.count > 0]
 
 
 def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list[WorkerView], now: float, free: int,

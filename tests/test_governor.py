@@ -510,3 +510,37 @@ def test_quiet_only_far_from_every_limit_with_nothing_paused_or_waiting():
     assert not quiet(node(cpu=20.0), LIMITS, paused=False, queued=True)
     assert not quiet(node(free=LIMIT + 100 * MiB), LIMITS, paused=False, queued=False)  # in the gap
     assert not quiet(node(cpu=85.0), LIMITS, paused=False, queued=False)  # over the CPU limit
+
+
+# --- batches with stricter limits (decide_batches) ------------------------------------------------
+def test_a_batch_with_a_stricter_cpu_limit_is_admitted_no_more_than_its_own_limit_allows():
+    from pmlmd.governor import decide_batches
+    strict = dataclasses.replace(LIMITS, cpu_limit=30.0)
+    work = dataclasses.replace(WORK, key="b")
+    sample = node(cpu=50.0)  # within the node's 80 %, over the batch's 30 %
+    assert [d.count for d in decide(sample, [], work, LIMITS) if d.action == SPAWN] != []  # the node alone admits
+    assert decide_batches(sample, [], [work], LIMITS, {"b": (strict, work)}) == []
+    # Other batches keep what the node admits them.
+    other = Workload(queued=3, avg_rss=100 * MiB, avg_cpu=10.0, key="a")
+    out = decide_batches(sample, [], [other, work], LIMITS, {"b": (strict, work)})
+    assert {d.batch for d in out if d.action == SPAWN} == {"a"}
+
+
+def test_of_two_verdicts_on_a_worker_the_stricter_stands_and_a_continue_needs_both():
+    from pmlmd.governor import decide_batches
+    strict = dataclasses.replace(LIMITS, cpu_limit=30.0)
+    mine = dataclasses.replace(worker(1, cpu=45.0), batch="b")
+    waiting = dataclasses.replace(paused(2, since=2.0, cpu_at_pause=5.0), batch="b")
+    work = Workload(queued=0, key="b")
+    sample = node(cpu=50.0)
+    node_only = decide(sample, [mine, waiting], [work], LIMITS)
+    assert (PAUSE, 1) not in actions(node_only)  # the node's limit is not reached
+    out = decide_batches(sample, [mine, waiting], [work], LIMITS, {"b": (strict, work)})
+    assert (PAUSE, 1) in actions(out)  # the batch's own 30 % is
+    assert (CONTINUE, 2) not in actions(out)
+
+
+def test_without_stricter_batches_decide_batches_is_decide():
+    from pmlmd.governor import decide_batches
+    workers = [worker(1), paused(2)]
+    assert decide_batches(node(), workers, [WORK], LIMITS, {}) == decide(node(), workers, [WORK], LIMITS)
