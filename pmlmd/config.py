@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Callable
 
-from .bounds import BOUNDS, Bound
+from .bounds import BOUNDS, SIZE, Bound
 from .cgroup import BACKENDS as WORKER_BACKENDS
-from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .governor import Limits
+from .options import LIMIT_OPTIONS, LimitOption, limits_from
 from .units import parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/pmlmd/pmlmd.toml"
@@ -71,15 +72,15 @@ class Config:
     # stderr are kept with the batch; output_journal also sends each line to the journal.
     output_limit: int = 1 << 20
     output_journal: bool = False
-    # [limits]
-    cpu_limit: float = 90.0
-    cpu_margin: float = 10.0
-    memfree_limit: float = 20.0
-    memory_metric: str = "available"
-    memory_gap: int = 200 << 20
-    min_free: int = 300 << 20
-    victim: str = "newest"
-    interval: float = 0.5
+    # [limits]: one per options.LIMIT_OPTIONS, with its default (checked by tests/test_options.py)
+    cpu_limit: float = Limits.cpu_limit
+    cpu_margin: float = Limits.cpu_margin
+    memfree_limit: float = Limits.memfree_limit
+    memory_metric: str = Limits.memory_metric
+    memory_gap: int = Limits.memory_gap
+    min_free: int = Limits.min_free
+    victim: str = Limits.victim
+    interval: float = Limits.window
     max_workers: int | None = None  # None: the governor decides, up to 8 x CPUs
     # [batches]
     retries: int = 3
@@ -101,10 +102,7 @@ class Config:
 
     def limits(self, cpus: int) -> Limits:
         """The governor's limits on a node with ``cpus`` CPUs."""
-        return Limits(cpu_limit=self.cpu_limit, memfree_limit=self.memfree_limit, memory_metric=self.memory_metric,
-                      memory_gap=self.memory_gap, min_free=self.min_free, victim=self.victim,
-                      max_workers=self.max_workers or 8 * max(cpus, 1), cpu_margin=self.cpu_margin,
-                      window=self.interval)
+        return limits_from(self, self.max_workers or 8 * max(cpus, 1))
 
 
 # --- value parsers: TOML value -> typed value, or ValueError with the reason and the fix ---
@@ -299,6 +297,12 @@ def _memory_max(value: Any) -> int | str:
 # --- the file's layout ---
 
 
+def _limit_parser(option: LimitOption) -> Callable[[Any], Any]:
+    if option.choices is not None:
+        return _choice(option.choices)
+    return _size(option.name) if option.bound.kind == SIZE else _number(option.name)
+
+
 @dataclass(frozen=True)
 class _Option:
     table: str
@@ -327,14 +331,7 @@ _OPTIONS: dict[str, _Option] = {
     "limits_conf_dir": _Option("daemon", _path),
     "output_limit": _Option("daemon", _size("output_limit")),
     "output_journal": _Option("daemon", _switch),
-    "cpu_limit": _Option("limits", _number("cpu_limit")),
-    "cpu_margin": _Option("limits", _number("cpu_margin")),
-    "memfree_limit": _Option("limits", _number("memfree_limit")),
-    "memory_metric": _Option("limits", _choice(MEMORY_METRICS)),
-    "memory_gap": _Option("limits", _size("memory_gap")),
-    "min_free": _Option("limits", _size("min_free")),
-    "victim": _Option("limits", _choice(VICTIM_POLICIES)),
-    "interval": _Option("limits", _number("interval")),
+    **{o.name: _Option("limits", _limit_parser(o)) for o in LIMIT_OPTIONS},
     "max_workers": _Option("limits", _max_workers),
     "retries": _Option("batches", _whole("retries")),
     "retry_failed": _Option("batches", _whole("retry_failed")),

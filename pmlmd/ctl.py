@@ -21,7 +21,7 @@ from . import __version__, cgroup, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
-from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .options import LIMIT_OPTIONS, limits_from
 from .joblog import Joblog
 from .progress import StartFinishClock, eta_seconds
 from .units import format_size, parse_size
@@ -169,28 +169,11 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     limits = p.add_argument_group("limits")
     limits.add_argument("-j", "--max-workers", type=_max_workers, default=None, metavar="N|auto",
                         help="cap on concurrent workers; auto (default) lets the governor decide, up to 8 x CPUs")
-    value, shown = default(90.0, 90)
-    limits.add_argument("--cpu-limit", type=_ranged("cpu_limit"), default=value, metavar="PCT",
-                        help="node-wide CPU utilisation over all cores to stay under" + shown)
-    value, shown = default(10.0, 10)
-    limits.add_argument("--cpu-margin", type=_ranged("cpu_margin"), default=value, metavar="PCT",
-                        help="CPU must fall this many points below the limit before workers are continued or "
-                             "admitted while others run" + shown)
-    value, shown = default(20.0, 20)
-    limits.add_argument("--memfree-limit", type=_ranged("memfree_limit"), default=value,
-                        metavar="PCT", help="share of total memory that must stay free" + shown)
-    value, shown = default("available")
-    limits.add_argument("--memory-metric", choices=MEMORY_METRICS, default=value,
-                        help="what counts as free: MemAvailable (includes reclaimable cache) or MemFree" + shown)
-    value, shown = default(200 << 20, "200M")
-    limits.add_argument("--memory-gap", type=_ranged("memory_gap"), default=value, metavar="SIZE",
-                        help="band above the memory limit where workers are paused, not terminated; also the "
-                             "headroom a new worker needs" + shown)
-    value, shown = default(300 << 20, "300M")
-    limits.add_argument("--min-free", type=_ranged("min_free"), default=value, metavar="SIZE",
-                        help="critical floor: below it workers are killed at once" + shown)
-    value, shown = default("newest")
-    limits.add_argument("--victim", choices=VICTIM_POLICIES, default=value, help="which worker pays first" + shown)
+    for option in LIMIT_OPTIONS:
+        value, shown = default(option.default, option.shown)
+        kind = dict(choices=option.choices) if option.choices else dict(type=_ranged(option.name),
+                                                                        metavar=option.metavar)
+        limits.add_argument(option.flag, default=value, help=option.help + shown, **kind)
     value, shown = default(10.0, 10)
     limits.add_argument("--term-grace", type=_ranged("term_grace"), default=value,
                         metavar="SECONDS", help="SIGTERM, then SIGKILL after this grace" + shown)
@@ -203,9 +186,6 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     agent.add_argument("--agent-timeout", type=_ranged("agent_timeout"),
                        default=None if for_daemon else 5.0, metavar="SECONDS",
                        help="how long a request may go unacknowledged before signals take over (default 5)")
-    value, shown = default(0.5)
-    limits.add_argument("--interval", type=_ranged("interval"), default=value, metavar="SECONDS",
-                        help="base sampling interval; pmlmd samples faster near a limit" + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,9 +431,7 @@ def spec_from_args(parser, args) -> BatchSpec:
     tasks: list[str | None] | Blank = [] if intake else \
         _read_tasks(parser, args, argv, tasklines.environment()) or Blank(args.tasks or 1)
     cpus = os.cpu_count() or 1
-    limits = Limits(cpu_limit=args.cpu_limit, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
-                    memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
-                    max_workers=args.max_workers or 8 * cpus, cpu_margin=args.cpu_margin, window=args.interval)
+    limits = limits_from(args, args.max_workers or 8 * cpus)
     halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
     return BatchSpec(batch_id=secrets.token_hex(6), command=argv, tasks=tasks, limits=limits, shell=args.shell,
                      term_grace=args.term_grace, retries=args.retries, retry_failed=args.retry_failed,
@@ -741,10 +719,8 @@ def cmd_submit(parser, args) -> int:
     halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
     request = dict(command=argv, shell=args.shell, name=args.name, priority=args.priority, user=args.user,
                    cwd=tasklines.text(os.getcwdb()), env=tasklines.environment(),
-                   max_workers=args.max_workers, cpu_limit=args.cpu_limit,
-                   cpu_margin=args.cpu_margin, memfree_limit=args.memfree_limit, memory_metric=args.memory_metric,
-                   memory_gap=args.memory_gap, min_free=args.min_free, victim=args.victim,
-                   term_grace=args.term_grace, interval=args.interval, retries=args.retries,
+                   max_workers=args.max_workers, **{o.name: getattr(args, o.name) for o in LIMIT_OPTIONS},
+                   term_grace=args.term_grace, retries=args.retries,
                    retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
                    agent_timeout=args.agent_timeout, timeout=args.timeout, halt=halt, halt_fail=halt_fail,
                    halt_fail_pct=halt_fail_pct, append=args.append, joblog=_absolute(args.joblog),

@@ -35,7 +35,8 @@ from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
 from .output import TaskFiles
 from .joblog import Joblog
 from .peerlimit import PeerLimit
-from .governor import HELD, PAUSED, RUNNING, free_bytes, tighten
+from .governor import HELD, PAUSED, RUNNING, free_bytes
+from .options import LIMIT_OPTIONS, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
 from .summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
 from .systemd import Notifier, setup_logging
@@ -64,18 +65,6 @@ LOG_REPLY_BYTES = 256 << 10
 # Seconds per loop turn spent on replies built a slice at a time (a big batch's report).
 JOB_BUDGET = 0.005
 SD_LISTEN_FDS_START = 3
-# Tighter limits a batch may ask for: submit argument -> governor Limits field.
-ASKED_LIMITS = {"cpu_limit": "cpu_limit", "cpu_margin": "cpu_margin", "memfree_limit": "memfree_limit",
-                "memory_metric": "memory_metric", "memory_gap": "memory_gap", "min_free": "min_free",
-                "victim": "victim", "interval": "window"}
-
-
-# Submit options that set a limit, their Limits field, and when an asked value is looser than the node's.
-LOOSER = {"cpu_limit": ("cpu_limit", lambda asked, node: asked > node),
-          "cpu_margin": ("cpu_margin", lambda asked, node: asked < node),
-          "memfree_limit": ("memfree_limit", lambda asked, node: asked < node),
-          "memory_gap": ("memory_gap", lambda asked, node: asked < node),
-          "min_free": ("min_free", lambda asked, node: asked < node)}
 
 
 class DaemonError(Exception):
@@ -684,19 +673,20 @@ class Daemon:
         """A batch may make the node's limits stricter, never looser: say so rather than run it
         with other limits than it asked for."""
         node = self.engine.limits
-        for option, (field, looser) in LOOSER.items():
-            asked = args.get(option)
-            if asked is None or not looser(asked, getattr(node, field)):
+        for limit in LIMIT_OPTIONS:
+            asked = args.get(limit.name)
+            if not limit.refuse_looser or asked is None or not limit.looser(asked, getattr(node, limit.field)):
                 continue
-            shown = {"memory_gap": format_size, "min_free": format_size}.get(option, lambda v: f"{v:g}")
+            option, ours = limit.name, getattr(node, limit.field)
+            shown = format_size if limit.metavar == "SIZE" else (lambda v: f"{v:g}")
             raise protocol.ProtocolError(protocol.BAD_FIELD, (
-                f"submit: {option} {shown(asked)} is looser than this node's {shown(getattr(node, field))}: a batch "
-                f"can only make the node's limits stricter; ask for {shown(getattr(node, field))} or stricter, or "
+                f"submit: {option} {shown(asked)} is looser than this node's {shown(ours)}: a batch "
+                f"can only make the node's limits stricter; ask for {shown(ours)} or stricter, or "
                 f"have the administrator change {option} in [limits] of {self.config_path or DEFAULT_CONFIG_PATH}"))
 
     @staticmethod
     def _asked(args: dict) -> dict:
-        return {field: args[name] for name, field in ASKED_LIMITS.items() if args.get(name) is not None}
+        return {o.field: args[o.name] for o in LIMIT_OPTIONS if args.get(o.name) is not None}
 
     def _spec(self, batch_id: str, args: dict, lines: list) -> BatchSpec:
         c = self.config

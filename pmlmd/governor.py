@@ -568,24 +568,3 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
         interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
     return max(floor, min(base, interval))
-
-
-def tighten(node: Limits, **asked) -> Limits:
-    """A batch's limits: the node's, made stricter where the batch asks (never looser).
-
-    ``asked`` takes Limits field names; None means "as the node". A looser ask is
-    silently held to the node's value.
-    """
-    stricter = {"cpu_limit": min, "cpu_margin": max, "memfree_limit": max, "memory_gap": max, "min_free": max,
-                "window": min}
-    changes = {}
-    for name, value in asked.items():
-        if value is None:
-            continue
-        if name in stricter:
-            changes[name] = stricter[name](getattr(node, name), value)
-        elif name in ("victim", "memory_metric"):
-            changes[name] = value
-        else:
-            raise TypeError(f"tighten: unknown limit {name!r}")
-    return dataclasses.replace(node, **changes) if changes else node

@@ -430,8 +430,9 @@ def _measured(life: Life, event: Measured, now: float):
     if event.one_cpu <= AGENT_PAUSE_MAX_CPU and event.growth <= AGENT_PAUSE_MAX_GROWTH:
         return life, []
     stopped = replace(life.phase, stop=replace(stop, signal=True, verify_from=None))
-    return replace(life, phase=stopped, noncompliant=True), [Signal(signal.SIGSTOP),
-                                                             Disobeyed(event.one_cpu, event.growth)]
+    # Said before it is done: whoever sees the worker stopped finds the reason logged.
+    return replace(life, phase=stopped, noncompliant=True), [Disobeyed(event.one_cpu, event.growth),
+                                                             Signal(signal.SIGSTOP)]
 
 
 def _tick(life: Life, event: Tick, now: float):

@@ -292,6 +292,7 @@ from typing import Any, Callable
 from . import tasklines
 from .batch import HALT_WHEN
 from .bounds import BOUNDS, DURATION, MAX_RLIMIT, MAX_TASKS, NUMBER
+from .options import LIMIT_OPTIONS
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_OFFSET = 1 << 62  # a position in a task's output: more than any file system holds
@@ -458,15 +459,8 @@ _SCHEMAS: dict[str, _Schema] = {
             "name": _opt(_STR, max_chars=200),
             "priority": _bounded("priority", nullable=False, default=0),
             "max_workers": _bounded("max_workers"),
-            "cpu_limit": _bounded("cpu_limit"),
-            "cpu_margin": _bounded("cpu_margin"),
-            "memfree_limit": _bounded("memfree_limit"),
-            "memory_metric": _opt(_CHOICE, choices=("available", "free")),
-            "memory_gap": _bounded("memory_gap"),
-            "min_free": _bounded("min_free"),
-            "victim": _opt(_CHOICE, choices=("newest", "oldest", "largest")),
+            **{o.name: _opt(_CHOICE, choices=o.choices) if o.choices else _bounded(o.name) for o in LIMIT_OPTIONS},
             "term_grace": _bounded("term_grace"),
-            "interval": _bounded("interval"),
             "retries": _bounded("retries"),
             "retry_failed": _bounded("retry_failed"),
             "term_mode": _opt(_CHOICE, choices=("signal", "agent")),

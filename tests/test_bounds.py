@@ -36,7 +36,8 @@ from pmlmd.bounds import BOUNDS, INTEGER, MAX_SIZE, SIZE
 from pmlmd.config import Config, ConfigError, load_config
 from pmlmd.ctl import build_parser
 from pmlmd.governor import (PAUSED, RELEASING, RUNNING, Limits, NodeSample, WorkerView, Workload, decide,
-                            next_interval, tighten)
+                            next_interval)
+from pmlmd.options import tighten
 from pmlmd.sampler import ProcReader
 from pmlmd.store import SCHEMA, SCHEMA_VERSION
 

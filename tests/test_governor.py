@@ -496,7 +496,7 @@ def test_held_workers_are_still_memory_victims():
 
 
 def test_a_batch_can_only_tighten_the_node_limits():
-    from pmlmd.governor import tighten
+    from pmlmd.options import tighten
     out = tighten(LIMITS, cpu_limit=95.0, memfree_limit=30.0, min_free=None, victim="largest", window=0.1)
     assert out.cpu_limit == 80.0  # looser ask held to the node's
     assert out.memfree_limit == 30.0 and out.min_free == LIMITS.min_free

@@ -72,7 +72,7 @@ def test_an_acknowledged_agent_pause_is_verified_after_a_grace():
     assert lc.handle(life, lc.Measured(2.5, lc.AGENT_PAUSE_MAX_CPU, lc.AGENT_PAUSE_MAX_GROWTH), 3.0) == (life, [])
     # ... working on is not: SIGSTOP, and the attempt will say so.
     stopped, effects = lc.handle(life, lc.Measured(2.5, 60.0, 0.0), 3.0)
-    assert effects == [STOP, lc.Disobeyed(60.0, 0.0)]
+    assert effects == [lc.Disobeyed(60.0, 0.0), STOP]  # logged first: whoever sees it stopped finds why
     assert stopped.noncompliant and stopped.signal_stopped and not stopped.verifying
 
 
