@@ -678,7 +678,7 @@ class Batch:
                 "victim": limits.victim,
                 "max_workers": limits.max_workers,
                 "cpu_margin_pct": limits.cpu_margin,
-                "interval_s": limits.window,
+                "interval_s": limits.interval,
                 "term_grace_s": spec.term_grace,
                 "retries": spec.retries,
                 "retry_failed": spec.retry_failed,

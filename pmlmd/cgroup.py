@@ -506,7 +506,7 @@ class MemoryGuard:
         with open(os.path.join(self.subtree.root, name), "w") as f:
             f.write(str(value))
 
-    def release(self) -> None:
+    def lift(self) -> None:
         """Lift both lines ("max") and close the descriptor: workers left running while pmlmd is
         away (a restart) are not throttled by a line nobody moves."""
         for name in self.lines:

@@ -80,7 +80,7 @@ class Config:
     memory_gap: int = Limits.memory_gap
     min_free: int = Limits.min_free
     victim: str = Limits.victim
-    interval: float = Limits.window
+    interval: float = Limits.interval
     max_workers: int | None = None  # None: the governor decides, up to 8 x CPUs
     # [batches]
     retries: int = 3

@@ -675,9 +675,9 @@ class Daemon:
         node = self.engine.limits
         for limit in LIMIT_OPTIONS:
             asked = args.get(limit.name)
-            if not limit.refuse_looser or asked is None or not limit.looser(asked, getattr(node, limit.field)):
+            if not limit.refuse_looser or asked is None or not limit.looser(asked, getattr(node, limit.name)):
                 continue
-            option, ours = limit.name, getattr(node, limit.field)
+            option, ours = limit.name, getattr(node, limit.name)
             shown = format_size if limit.metavar == "SIZE" else (lambda v: f"{v:g}")
             raise protocol.ProtocolError(protocol.BAD_FIELD, (
                 f"submit: {option} {shown(asked)} is looser than this node's {shown(ours)}: a batch "
@@ -686,7 +686,7 @@ class Daemon:
 
     @staticmethod
     def _asked(args: dict) -> dict:
-        return {o.field: args[o.name] for o in LIMIT_OPTIONS if args.get(o.name) is not None}
+        return {o.name: args[o.name] for o in LIMIT_OPTIONS if args.get(o.name) is not None}
 
     def _spec(self, batch_id: str, args: dict, lines: list) -> BatchSpec:
         c = self.config
@@ -1083,7 +1083,7 @@ class Daemon:
             "workers": self._containment(),
             "limits": {"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
                        "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
-                       "max_workers": limits.max_workers, "interval": limits.window}}, request.request_id)
+                       "max_workers": limits.max_workers, "interval": limits.interval}}, request.request_id)
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""
@@ -1132,7 +1132,7 @@ class Daemon:
                                          f"there is nothing to {action}")
         if run.held != held:
             self.store.set_held(run.id, held)
-            (self.engine.hold if held else self.engine.release)(run)
+            (self.engine.hold if held else self.engine.resume)(run)
         return protocol.encode_reply({"batch": run.id, "state": "held" if held else "active"}, request.request_id)
 
     def _do_report(self, client, request, peer) -> bytes | None:

@@ -32,7 +32,7 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
-from .governor import (CRITICAL, PAUSE, PAUSED, RELEASING, RUNNING, SPAWN, Decision, Limits, NodeSample, WorkerView,
+from .governor import (CRITICAL, PAUSE, PAUSED, ENDING, RUNNING, SPAWN, Decision, Limits, NodeSample, WorkerView,
                        Workload, decide_batches, free_bytes, next_interval)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
@@ -359,9 +359,9 @@ class Engine:
         """Terminate every worker of the batch (SIGTERM, SIGKILL after the grace; as a cancel does);
         their attempts end with ``cause``."""
         if run.held:
-            self.release(run)  # a frozen or paused worker could act on no request to stop
+            self.resume(run)  # a frozen or paused worker could act on no request to stop
         for w in self.workers_of(run):
-            if w.state not in RELEASING:
+            if w.state not in ENDING:
                 self._terminate(w, cause, reason)
 
     def end_adopted(self, run: BatchRun, reason: str) -> None:
@@ -396,7 +396,7 @@ class Engine:
             _pidfd_signal(stray.pidfd, signal.SIGKILL)
 
     def hold(self, run: BatchRun) -> None:
-        """A user's pause: stop every worker of the batch and admit none until released."""
+        """A user's pause: stop every worker of the batch and admit none until it is resumed."""
         run.held = True
         # The freezer stops the whole scope at once, children the workers forked included.
         run.frozen = not self._modes(run).pause_by_agent and self.scopes.freeze(run.id)
@@ -405,14 +405,14 @@ class Engine:
             self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
         self.on_event({"event": "held", "batch": run.id})
 
-    def release(self, run: BatchRun) -> None:
+    def resume(self, run: BatchRun) -> None:
         run.held = False
         if run.frozen:
             self.scopes.thaw(run.id)
             run.frozen = False
         now = time.monotonic()
         for w in self.workers_of(run):
-            self._carry(w, lifecycle.Release(), now)
+            self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
         self.on_event({"event": "released", "batch": run.id})
 
@@ -486,11 +486,11 @@ class Engine:
         since_refresh = sample.time - self.last_refresh
         near_memory_limit = free < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
         # Near the CPU limit with workers paused, turns are taken (governor rule 5): a continued
-        # worker is measured again within half a window.
+        # worker is measured again within half an interval.
         paused = any(w.state == PAUSED for w in self.workers.values())
         taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
-        if self.workers and (since_refresh >= limits.window or (near_memory_limit and since_refresh >= FAST_REFRESH)
-                             or (taking_turns and since_refresh >= limits.window / 4)):
+        if self.workers and (since_refresh >= limits.interval or (near_memory_limit and since_refresh >= FAST_REFRESH)
+                             or (taking_turns and since_refresh >= limits.interval / 4)):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
         if self.spawn_backlog:
@@ -513,14 +513,14 @@ class Engine:
         self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
                        "running": states[RUNNING], "paused": states[PAUSED]})
-        fastest = min([limits.window] + [run.limits.window for run in self.runs.values()])
-        window = limits if fastest == limits.window else dataclasses.replace(limits, window=fastest)
+        fastest = min([limits.interval] + [run.limits.interval for run in self.runs.values()])
+        pace = limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
         watching = bool(self.workers)
         if self.previous_sample is None or sample.time - self.previous_sample.time >= 0.005:
-            interval = next_interval(self.previous_sample, sample, window, watching=watching)
+            interval = next_interval(self.previous_sample, sample, pace, watching=watching)
             self.previous_sample = sample
         else:  # samples taken right after a worker exit carry no rate information
-            interval = next_interval(None, sample, window, watching=watching)
+            interval = next_interval(None, sample, pace, watching=watching)
         self.last_sample = sample
         self.next_sample_at = sample.time + interval
         if self.spawn_cut:  # admission goes on at once, after the loop has looked at its sockets
@@ -535,7 +535,7 @@ class Engine:
         self.next_sample_at = 0.0
 
     def close(self) -> None:
-        """Stop the kernel's wake-ups, lift the guard's lines (MemoryGuard.release) and close the
+        """Stop the kernel's wake-ups, lift the guard's lines (MemoryGuard.lift) and close the
         kept schedstat descriptors: pmlmd stops governing. Workers are left as they are."""
         self.clocks.close()
         if self.pressure is not None:
@@ -544,7 +544,7 @@ class Engine:
             self.pressure = None
         if self.memory_guard is not None:
             self.loop.unwatch(self.memory_guard.fileno())
-            self.memory_guard.release()
+            self.memory_guard.lift()
             self.memory_guard = None
 
     def _admission_order(self) -> list[BatchRun]:
@@ -932,7 +932,7 @@ class Engine:
 
     def let_go(self, w: Worker) -> None:
         """pmlmd stops watching: a paused or held worker is continued (and told so in agent mode)."""
-        self._carry(w, lifecycle.Release(), time.monotonic())
+        self._carry(w, lifecycle.Resume(), time.monotonic())
 
     def on_agent_ack(self, req) -> None:
         """A worker acknowledged a request of the agent channel."""

@@ -13,7 +13,7 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 grace) until projected free >= L; admit nothing.
 3. gap        free < L + G      pause every running worker whose memory grows off
                                 course (see profiles below); admit nothing else. If all
-                                are paused and nothing changes for a window: continue
+                                are paused and nothing changes for an interval: continue
                                 the last one if it was paused for CPU; terminate it if
                                 it was paused for growing (continued, it would only
                                 grow on); make room by terminating the first victim
@@ -26,7 +26,7 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
                                 start a pause/continue cycle).
 5. calm       otherwise         continue one paused worker (oldest first) per step if
                                 it fits the CPU headroom; else, when a burner has
-                                run its turn (2 windows / number sharing its place),
+                                run its turn (2 intervals / number sharing its place),
                                 it and the worker paused longest take turns (rule
                                 "turn", also in rule 4 for a kept last runner within
                                 half the margin); with nothing paused, admit
@@ -35,13 +35,13 @@ Rules, first match wins (L = memory limit, G = memory gap, F = floor, C = CPU li
 
 Memory profiles: a batch of which a worker has finished has a profile, the highest peak P
 of its finished workers. A worker of it is on course while its memory is within P (plus
-PEAK_SLACK); each running worker may still take what it lacks to P (all of P within a
-window of its start: the node's reading lags). Such a batch is packed by P: admitted while
+PEAK_SLACK); each running worker may still take what it lacks to P (all of P within an
+interval of its start: the node's reading lags). Such a batch is packed by P: admitted while
 free memory minus what running workers may still take minus P per new worker stays >= L,
 in the gap too. In the gap, an on-course grower runs on while that projection holds (else
 the newest pay first by pausing), and one paused on course goes on once its rest fits. A
 batch without a profile is admitted while usage + 2 x max(average, G) + G fits (a worker
-started within a window counts as at least G: it may allocate after it starts), never in
+started within an interval counts as at least G: it may allocate after it starts), never in
 the gap, and its growers there are paused.
 
 Several batches: workers carry their batch's priority (victims come from the lowest
@@ -51,7 +51,7 @@ are HELD: never continued or counted as paused, but still victims of the memory 
 
 Hysteresis: continue and admit need cpu <= C - margin while any worker runs (the
 memory rules already hold the gap G in reserve). A worker is never continued in the
-window it was paused in. Liveness: when no worker runs, one may be continued or
+interval it was paused in. Liveness: when no worker runs, one may be continued or
 admitted as soon as no limit is breached, so a batch always makes progress.
 """
 
@@ -67,7 +67,7 @@ PAUSED = "paused"
 TERMINATING = "terminating"  # SIGTERM sent, waiting for exit or the grace to pass
 KILLED = "killed"  # SIGKILL sent, waiting for the exit to be reaped
 HELD = "held"  # stopped because its batch was paused by a user: only memory rules touch it
-RELEASING = (TERMINATING, KILLED)
+ENDING = (TERMINATING, KILLED)  # being ended by pmlmd
 
 # The fastest a node's free memory is taken to fall, in bytes per second: the sampling schedule
 # leaves no worker time to cross a threshold unseen at this rate. A process touching fresh pages
@@ -91,8 +91,8 @@ GROWTH_THRESHOLD = 1 << 20  # bytes per second
 # A worker is on course while its memory stays within its batch's peak (the highest of its finished
 # workers) plus this share of it: equal tasks differ by a few pages from run to run.
 PEAK_SLACK = 1 / 16
-# Taking turns (rule 5), a burner runs TURN_SHARE windows divided by the number of workers that
-# share its place: with one waiting, a window each; with three, half a window each.
+# Taking turns (rule 5), a burner runs TURN_SHARE intervals divided by the number of workers that
+# share its place: with one waiting, an interval each; with three, half an interval each.
 TURN_SHARE = 2.0
 # A worker using less than this share of the node's CPU is not worth pausing for CPU.
 CPU_NEGLIGIBLE = 1.0  # percentage points
@@ -101,7 +101,7 @@ CPU_NEGLIGIBLE = 1.0  # percentage points
 @dataclass(frozen=True)
 class NodeSample:
     time: float  # monotonic seconds
-    cpu_pct: float | None  # node-wide utilisation over all cores, 0-100; None until a window has passed
+    cpu_pct: float | None  # node-wide utilisation over all cores, 0-100; None until an interval has passed
     mem_total: int  # bytes
     mem_available: int  # bytes (MemAvailable)
     mem_free: int  # bytes (MemFree)
@@ -121,7 +121,7 @@ class Limits:
     victim: str = "newest"
     max_workers: int = 16
     cpu_margin: float = 10.0  # hysteresis for continue/admit, in percentage points
-    window: float = 0.5  # base sampling interval; also the pause cool-down
+    interval: float = 0.5  # seconds: the base sampling interval (--interval); also the pause cool-down
 
     def memory_limit_bytes(self, total: int) -> int:
         return int(total * self.memfree_limit / 100)
@@ -224,7 +224,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     running = [w for w in workers if w.state == RUNNING]
     paused = [w for w in workers if w.state == PAUSED]
     cpu = node_cpu(sample, paused)
-    releasing = [w for w in workers if w.state in RELEASING]
+    ending = [w for w in workers if w.state in ENDING]
     held = [w for w in workers if w.state == HELD]
     seen = f"free {_mib(free)}, limit {_mib(limit)}"
 
@@ -233,9 +233,9 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
         below = f"{seen}, below floor {_mib(limits.min_free)}"
         decisions = [Decision(KILL, w.key, rule="floor", reason=f"{below}: killing worker already told to stop "
                               f"({_mib(w.rss)})")
-                     for w in victim_order([w for w in releasing if w.state == TERMINATING], limits.victim, "rss")]
+                     for w in victim_order([w for w in ending if w.state == TERMINATING], limits.victim, "rss")]
         decisions += _until_free(victim_order(running + paused + held, limits.victim, "rss"),
-                                 free + sum(w.rss for w in releasing), max(limit, limits.min_free), KILL, "floor",
+                                 free + sum(w.rss for w in ending), max(limit, limits.min_free), KILL, "floor",
                                  f"{below}: killing {limits.victim} worker")
         if not workers and queued:
             decisions.append(Decision(CRITICAL, rule="floor", reason=f"{below} with no worker left to terminate"))
@@ -244,20 +244,20 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     # 2. Below the memory limit: terminate until the projection clears the limit.
     if free < limit:
         return _until_free(victim_order(running + paused + held, limits.victim, "rss"),
-                           free + sum(w.rss for w in releasing), limit, TERMINATE, "memory",
+                           free + sum(w.rss for w in ending), limit, TERMINATE, "memory",
                            f"{seen}: terminating {limits.victim} worker to get back above the limit")
 
     by_batch = {d.key: d for d in demands}
 
     def rest(w: WorkerView) -> float | None:
         """Bytes ``w`` may still take from free memory before it reaches its batch's peak; None
-        without a profile. One started within a window may take all of it: the node's figure lags
+        without a profile. One started within an interval may take all of it: the node's figure lags
         its growth (it is read before the workers are, and the kernel folds its counters lazily)."""
         demand = by_batch.get(w.batch)
         peak = demand.peak_rss if demand is not None else None
         if peak is None:
             return None
-        return peak if sample.time - w.started < limits.window else max(0.0, peak - w.rss)
+        return peak if sample.time - w.started < limits.interval else max(0.0, peak - w.rss)
 
     def on_profile(w: WorkerView) -> bool:
         """``w`` has not outgrown its batch's peak (within PEAK_SLACK)."""
@@ -285,7 +285,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
             # One paused here on course whose rest now fits (others finished, or their readings
             # caught up) goes on: it would otherwise wait for the whole gap to clear.
             for w in sorted(paused, key=lambda w: (-w.priority, w.paused_at, repr(w.key))):
-                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.window
+                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.interval
                         and projected - rest(w) >= limit):
                     return [Decision(CONTINUE, w.key, rule="gap", reason=f"{seen}: continuing worker paused in the "
                                      f"gap: the {_mib(rest(w))} it may still add to its batch's peak fit")]
@@ -293,11 +293,11 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
             # The projection holds: batches with a profile are packed into the gap too.
             return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen,
                           profiled_only=True)
-        stuck = (not decisions and not running and not releasing and paused
-                 and all(sample.time - w.paused_at >= limits.window for w in paused))
+        stuck = (not decisions and not running and not ending and paused
+                 and all(sample.time - w.paused_at >= limits.interval for w in paused))
         if stuck and cpu_within:
             # A lone worker paused for growing here would only grow on if continued: it stays
-            # stopped until headroom returns (rule 5), or is terminated once it has stood a window.
+            # stopped until headroom returns (rule 5), or is terminated once it has stood an interval.
             if len(paused) == 1 and paused[0].paused_by != "gap":
                 decisions.append(Decision(CONTINUE, paused[0].key, rule="gap", reason=f"{seen}: every worker paused "
                                           "in the gap; continuing the last one so the batch makes progress"))
@@ -337,7 +337,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     cpu_now = cpu or 0.0
     calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
     if paused:
-        ready = [w for w in paused if sample.time - w.paused_at >= limits.window]
+        ready = [w for w in paused if sample.time - w.paused_at >= limits.interval]
         ready.sort(key=lambda w: (-w.priority, w.started, repr(w.key)))
         # Workers that run but sit idle (a sleep, a blocked read) use none of the headroom: they
         # must not keep a paused worker stopped. One measured as negligible does not count.
@@ -461,10 +461,10 @@ def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list
             # No worker of it has finished, so nobody knows how far its workers grow: they may
             # allocate after they start, and steps follow each other within milliseconds while
             # workers start. Each is taken to reach at least the gap G (the memory pmlmd has to
-            # react in) until it has run a window; the gap itself and one more stay in reserve.
+            # react in) until it has run an interval; the gap itself and one more stay in reserve.
             size = max(demand.avg_rss or 0.0, float(gap), 1.0)
             unsettled = sum(max(0.0, size - w.rss) for w in running
-                            if w.batch == demand.key and now - w.started < limits.window)
+                            if w.batch == demand.key and now - w.started < limits.interval)
             bounds["memory"] = math.floor((free_projected - unsettled - limit - gap) / size) - 1
         if demand.avg_cpu and demand.avg_cpu >= CPU_NEGLIGIBLE and limits.cpu_limit < 100:
             # (A limit of 100 % is no limit: the node cannot use more, however many run.)
@@ -491,13 +491,13 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
     """Turns (rule 5): within the CPU limit (up to half the margin above it, tick noise) but without
     room for one more, a burner that has run its turn makes way for the worker paused longest, so
     equal workers share the CPU instead of the first ones keeping it. The one continued was paused
-    for CPU (a grower waits for headroom) at least a window ago. A turn is shorter the more wait
-    for one (TURN_SHARE), so that none waits much longer than two windows."""
+    for CPU (a grower waits for headroom) at least an interval ago. A turn is shorter the more wait
+    for one (TURN_SHARE), so that none waits much longer than two intervals."""
     cpu_now = sample.cpu_pct or 0.0
     busy = [w for w in running if w.cpu is None or w.cpu >= CPU_NEGLIGIBLE]
-    waiting = sorted((w for w in paused if sample.time - w.paused_at >= limits.window and w.paused_by != "gap"),
+    waiting = sorted((w for w in paused if sample.time - w.paused_at >= limits.interval and w.paused_by != "gap"),
                      key=lambda w: (w.paused_at, repr(w.key)))
-    turn = limits.window * TURN_SHARE / (len(waiting) + 1)
+    turn = limits.interval * TURN_SHARE / (len(waiting) + 1)
     turned = sorted((w for w in busy if w.cpu is not None and w.running_since is not None
                      and sample.time - w.running_since >= turn),
                     key=lambda w: (w.running_since, repr(w.key)))
@@ -547,7 +547,7 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     needs at its measured rate. Near the CPU limit at least four times per base interval (for
     turns, rule 5). Never below ``floor``.
     """
-    base = limits.window
+    base = limits.interval
     free = free_bytes(sample, limits)
     limit = limits.memory_limit_bytes(sample.mem_total)
     thresholds = [t for t in (limit + limits.memory_gap, limit, limits.min_free) if t < free]

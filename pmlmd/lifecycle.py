@@ -6,7 +6,7 @@ The state is one value, ``Life``, whose ``phase`` is one of five variants, each 
 data (the way pueue's TaskStatus does)::
 
     Running ──Pause──> Paused ──Continue──> Running
-       │  └────Hold──> Held <──Hold── Paused        Held ──Release──> Running
+       │  └────Hold──> Held <──Hold── Paused        Held ──Resume──> Running
        │
        └─(any of the three)──Terminate──> Terminating ──Kill / grace over──> Killed
                                           (agent: Ask terminate; signal: SIGTERM, SIGCONT)
@@ -197,7 +197,7 @@ class Hold:
 
 
 @dataclass(frozen=True)
-class Release:
+class Resume:
     """A user resumed its batch; also how pmlmd leaves a worker when it stops watching it."""
 
 
@@ -237,7 +237,7 @@ class Tick:
     """Time passed: deadlines (--timeout, the grace, an acknowledged terminate) that are due act."""
 
 
-Event = Union[Pause, Continue, Hold, Release, Terminate, Kill, AgentAck, AgentExpired, Measured, Tick]
+Event = Union[Pause, Continue, Hold, Resume, Terminate, Kill, AgentAck, AgentExpired, Measured, Tick]
 
 
 def decided(decision: Decision, cpu: float | None) -> Event:
@@ -324,7 +324,7 @@ def _pause(life: Life, event: Pause, now: float):
     return replace(life, phase=Paused(now, event.rule, event.cpu, stop, clock_from=now)), effects
 
 
-def _resume(life: Life, now: float, always_sigcont: bool):
+def _run_again(life: Life, now: float, always_sigcont: bool):
     stop, clock_from = life.phase.stop, life.phase.clock_from
     effects: list[Effect] = []
     if stop.agent:
@@ -341,7 +341,7 @@ def _resume(life: Life, now: float, always_sigcont: bool):
 def _continue(life: Life, event: Continue, now: float):
     if not isinstance(life.phase, Paused):
         return life, []
-    return _resume(life, now, always_sigcont=False)
+    return _run_again(life, now, always_sigcont=False)
 
 
 def _hold(life: Life, event: Hold, now: float):
@@ -356,13 +356,13 @@ def _hold(life: Life, event: Hold, now: float):
     return replace(life, phase=Held(stop, clock_from=now)), effects
 
 
-def _release(life: Life, event: Release, now: float):
+def _resume(life: Life, event: Resume, now: float):
     if isinstance(life.phase, Held):
         # SIGCONT whatever it holds: a thaw of its batch's scope, a pause of the governor's before
         # the hold, or a stop by anyone else all end here.
-        return _resume(life, now, always_sigcont=True)
+        return _run_again(life, now, always_sigcont=True)
     if isinstance(life.phase, Paused):
-        return _resume(life, now, always_sigcont=True)
+        return _run_again(life, now, always_sigcont=True)
     return life, []
 
 
@@ -452,5 +452,5 @@ def _tick(life: Life, event: Tick, now: float):
         Reason(f"(SIGKILL after {grace:g}s grace)", append=True)]
 
 
-_HANDLERS = {Pause: _pause, Continue: _continue, Hold: _hold, Release: _release, Terminate: _terminate,
+_HANDLERS = {Pause: _pause, Continue: _continue, Hold: _hold, Resume: _resume, Terminate: _terminate,
              Kill: _kill, AgentAck: _agent_ack, AgentExpired: _agent_expired, Measured: _measured, Tick: _tick}

@@ -24,8 +24,7 @@ class LimitOption:
     """One limit. Its range is ``bounds.BOUNDS[name]`` (or ``choices``), its default the
     Limits field's, its unit the Bound's."""
 
-    name: str  # the submit field and the [limits] key; the option is --NAME with dashes
-    field: str  # the governor.Limits field it sets
+    name: str  # the governor.Limits field, the submit field and the [limits] key; the option is --NAME with dashes
     help: str  # for --help, without the default
     metavar: str | None = None  # None for a choice
     choices: tuple[str, ...] | None = None
@@ -41,7 +40,7 @@ class LimitOption:
 
     @property
     def default(self) -> Any:
-        return Limits.__dataclass_fields__[self.field].default
+        return Limits.__dataclass_fields__[self.name].default
 
     @property
     def bound(self) -> Bound | None:
@@ -53,32 +52,31 @@ class LimitOption:
 
 
 LIMIT_OPTIONS: tuple[LimitOption, ...] = (
-    LimitOption("cpu_limit", "cpu_limit", "node-wide CPU utilisation over all cores to stay under", "PCT",
+    LimitOption("cpu_limit", "node-wide CPU utilisation over all cores to stay under", "PCT",
                 stricter=min, refuse_looser=True, shown="90"),
-    LimitOption("cpu_margin", "cpu_margin", "CPU must fall this many points below the limit before workers are "
+    LimitOption("cpu_margin", "CPU must fall this many points below the limit before workers are "
                 "continued or admitted while others run", "PCT", stricter=max, refuse_looser=True, shown="10"),
-    LimitOption("memfree_limit", "memfree_limit", "share of total memory that must stay free", "PCT",
+    LimitOption("memfree_limit", "share of total memory that must stay free", "PCT",
                 stricter=max, refuse_looser=True, shown="20"),
-    LimitOption("memory_metric", "memory_metric", "what counts as free: MemAvailable (includes reclaimable cache) "
+    LimitOption("memory_metric", "what counts as free: MemAvailable (includes reclaimable cache) "
                 "or MemFree", choices=MEMORY_METRICS),
-    LimitOption("memory_gap", "memory_gap", "band above the memory limit where workers are paused, not terminated; "
+    LimitOption("memory_gap", "band above the memory limit where workers are paused, not terminated; "
                 "also the headroom a new worker needs", "SIZE", stricter=max, refuse_looser=True, shown="200M"),
-    LimitOption("min_free", "min_free", "critical floor: below it workers are killed at once", "SIZE", stricter=max,
+    LimitOption("min_free", "critical floor: below it workers are killed at once", "SIZE", stricter=max,
                 refuse_looser=True, shown="300M"),
-    LimitOption("victim", "victim", "which worker pays first", choices=VICTIM_POLICIES),
+    LimitOption("victim", "which worker pays first", choices=VICTIM_POLICIES),
     # A batch may sample more often than the node, within [quotas] min_interval; a longer interval
     # than the node's is held to the node's.
-    LimitOption("interval", "window", "base sampling interval; pmlmd samples faster near a limit", "SECONDS",
+    LimitOption("interval", "base sampling interval; pmlmd samples faster near a limit", "SECONDS",
                 stricter=min, shown="0.5"),
 )
 BY_NAME = {option.name: option for option in LIMIT_OPTIONS}
-BY_FIELD = {option.field: option for option in LIMIT_OPTIONS}
 
 
 def tighten(node: Limits, **asked) -> Limits:
     """A batch's limits: the node's, made stricter where the batch asks (never looser).
 
-    ``asked`` takes Limits field names; None means "as the node". A looser ask is held to the
+    ``asked`` takes option names (Limits fields); None means "as the node". A looser ask is held to the
     node's value (the daemon refuses those of ``refuse_looser`` options before, with the reason).
     TypeError for a field that is no limit option.
     """
@@ -86,7 +84,7 @@ def tighten(node: Limits, **asked) -> Limits:
     for name, value in asked.items():
         if value is None:
             continue
-        option = BY_FIELD.get(name)
+        option = BY_NAME.get(name)
         if option is None:
             raise TypeError(f"tighten: unknown limit {name!r}")
         changes[name] = value if option.stricter is None else option.stricter(getattr(node, name), value)
@@ -96,4 +94,4 @@ def tighten(node: Limits, **asked) -> Limits:
 def limits_from(values: Any, max_workers: int) -> Limits:
     """The Limits named by ``values``' attributes (argparse's Namespace, the daemon's Config: one
     attribute per option name), with ``max_workers``."""
-    return Limits(max_workers=max_workers, **{o.field: getattr(values, o.name) for o in LIMIT_OPTIONS})
+    return Limits(max_workers=max_workers, **{o.name: getattr(values, o.name) for o in LIMIT_OPTIONS})

@@ -35,7 +35,7 @@ from pmlmd import protocol
 from pmlmd.bounds import BOUNDS, INTEGER, MAX_SIZE, SIZE
 from pmlmd.config import Config, ConfigError, load_config
 from pmlmd.ctl import build_parser
-from pmlmd.governor import (PAUSED, RELEASING, RUNNING, Limits, NodeSample, WorkerView, Workload, decide,
+from pmlmd.governor import (PAUSED, ENDING, RUNNING, Limits, NodeSample, WorkerView, Workload, decide,
                             next_interval)
 from pmlmd.options import tighten
 from pmlmd.sampler import ProcReader
@@ -381,7 +381,7 @@ limits_st = st.builds(Limits, cpu_limit=bounded("cpu_limit"), memfree_limit=boun
                       memory_metric=st.sampled_from(["available", "free"]), memory_gap=bounded("memory_gap"),
                       min_free=bounded("min_free"), victim=st.sampled_from(["newest", "oldest", "largest"]),
                       max_workers=bounded("max_workers"), cpu_margin=bounded("cpu_margin"),
-                      window=bounded("interval"))
+                      interval=bounded("interval"))
 MEMORY = st.integers(0, MAX_SIZE)  # a /proc reading; no node has more
 
 
@@ -397,7 +397,7 @@ def situations(draw):
     sample = draw(samples())
     workers = []
     for key in range(draw(st.integers(0, 8))):
-        state = draw(st.sampled_from([RUNNING, PAUSED, *RELEASING]))
+        state = draw(st.sampled_from([RUNNING, PAUSED, *ENDING]))
         paused_at = draw(st.floats(0, sample.time)) if state == PAUSED else None
         workers.append(WorkerView(key=key, started=draw(st.floats(0, sample.time)), state=state, rss=draw(MEMORY),
                                   rss_growth=draw(st.none() | st.floats(-1e15, 1e15)),
@@ -416,13 +416,13 @@ def situations(draw):
 @given(situation=situations(), node=limits_st, asked=st.fixed_dictionaries(
     {}, optional={"cpu_limit": bounded("cpu_limit"), "cpu_margin": bounded("cpu_margin"),
                   "memfree_limit": bounded("memfree_limit"), "memory_gap": bounded("memory_gap"),
-                  "min_free": bounded("min_free"), "window": bounded("interval")}))
+                  "min_free": bounded("min_free"), "interval": bounded("interval")}))
 def test_decide_tighten_and_next_interval_never_raise_within_the_ranges(situation, node, asked):
     sample, workers, demands = situation
     limits = tighten(node, **asked)
     # A batch's limits stay inside the ranges, so everything downstream can rely on them.
     for field, name in (("cpu_limit", "cpu_limit"), ("cpu_margin", "cpu_margin"), ("memfree_limit", "memfree_limit"),
-                        ("memory_gap", "memory_gap"), ("min_free", "min_free"), ("window", "interval")):
+                        ("memory_gap", "memory_gap"), ("min_free", "min_free"), ("interval", "interval")):
         assert BOUNDS[name].admits(getattr(limits, field)), field
     decisions = decide(sample, workers, demands, limits)
     for d in decisions:
@@ -431,7 +431,7 @@ def test_decide_tighten_and_next_interval_never_raise_within_the_ranges(situatio
                        mem_available=sample.mem_available // 2, mem_free=sample.mem_free // 3)
     for previous, now in ((None, sample), (sample, later), (later, sample)):
         interval = next_interval(previous, now, limits)
-        assert math.isfinite(interval) and 0.01 <= interval <= limits.window
+        assert math.isfinite(interval) and 0.01 <= interval <= limits.interval
 
 
 # --- state that would poison every restart ----------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
     assert guard.update(200 * mib, 600 * mib, 200 * mib, 300 * mib) == (100 * mib + 512 * 1024,) * 2
     assert lines() == (100 * mib, 100 * mib)
     assert guard.events() == {"high": 0, "max": 0, "oom": 0, "oom_kill": 0}
-    guard.release()
+    guard.lift()
     assert (tmp_path / "memory.high").read_text() == (tmp_path / "memory.max").read_text() == "max"
 
 

@@ -351,7 +351,7 @@ def test_limits_carry_every_limit():
                  min_free=1 << 29, victim="largest", interval=0.2, max_workers=3)
     assert cfg.limits(cpus=64) == Limits(cpu_limit=50.0, memfree_limit=30.0, memory_metric="free",
                                          memory_gap=1 << 30, min_free=1 << 29, victim="largest", max_workers=3,
-                                         cpu_margin=5.0, window=0.2)
+                                         cpu_margin=5.0, interval=0.2)
 
 
 def test_config_is_immutable():

@@ -11,7 +11,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 TOTAL = 16 * GiB
 LIMITS = Limits(cpu_limit=80.0, memfree_limit=20.0, memory_gap=200 * MiB, min_free=300 * MiB, max_workers=8,
-                cpu_margin=10.0, window=0.5)
+                cpu_margin=10.0, interval=0.5)
 LIMIT = LIMITS.memory_limit_bytes(TOTAL)  # 3.2 GiB
 NOW = 100.0
 
@@ -108,14 +108,14 @@ def test_gap_pauses_growing_workers_only_and_admits_nothing():
     assert out[0].rule == "gap"
 
 
-def test_gap_with_a_lone_worker_paused_for_cpu_continues_it_after_a_window():
+def test_gap_with_a_lone_worker_paused_for_cpu_continues_it_after_an_interval():
     out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6, paused_by="cpu")], WORK, LIMITS)
     assert actions(out) == [(CONTINUE, 1)]
 
 
 def test_gap_keeps_a_lone_worker_paused_for_growing_stopped_then_terminates_it():
     grower = paused(1, since=0.2, paused_by="gap")
-    assert decide(node(free=LIMIT + 100 * MiB), [grower], WORK, LIMITS) == []  # within its window: stays stopped
+    assert decide(node(free=LIMIT + 100 * MiB), [grower], WORK, LIMITS) == []  # within its interval: stays stopped
     out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=0.6, paused_by="gap")], WORK, LIMITS)
     assert actions(out) == [(TERMINATE, 1)] and "paused for growing" in out[0].reason
     # Headroom back: continued, not terminated.
@@ -128,7 +128,7 @@ def test_gap_with_several_paused_workers_makes_room_by_terminating_the_first_vic
     assert actions(out) == [(TERMINATE, 2)]
 
 
-def test_gap_waits_while_a_pause_is_younger_than_a_window():
+def test_gap_waits_while_a_pause_is_younger_than_an_interval():
     out = decide(node(free=LIMIT + 100 * MiB), [paused(1, since=2), paused(2, since=0.1)], WORK, LIMITS)
     assert out == []
 
@@ -162,15 +162,15 @@ def waiting(pid, since, paused_by="cpu"):
     return paused(pid, since=since, cpu_at_pause=50.0, paused_by=paused_by)
 
 
-def test_a_burner_that_has_run_a_window_makes_way_for_the_worker_paused_longest():
+def test_a_burner_that_has_run_an_interval_makes_way_for_the_worker_paused_longest():
     out = decide(node(cpu=50.0), [burner(1, running_for=0.6), waiting(2, since=1.2), waiting(3, since=0.7)], WORK,
                  HALF)
     assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)] and {d.rule for d in out} == {"turn"}
 
 
 def test_the_more_wait_for_a_turn_the_shorter_each_turn():
-    """Three waiting for one place: a turn is half a window (TURN_SHARE / 4), so none waits much
-    longer than two windows in all."""
+    """Three waiting for one place: a turn is half an interval (TURN_SHARE / 4), so none waits much
+    longer than two intervals in all."""
     three = [waiting(2, since=1.2), waiting(3, since=0.9), waiting(4, since=0.6)]
     out = decide(node(cpu=50.0), [burner(1, running_for=0.3), *three], WORK, HALF)
     assert actions(out) == [(PAUSE, 1), (CONTINUE, 2)]
@@ -187,8 +187,8 @@ def test_a_turn_is_taken_when_tick_noise_puts_the_node_just_over_the_limit():
 
 
 @pytest.mark.parametrize("workers, cpu, why", [
-    ([burner(1, running_for=0.3), waiting(2, since=1.2)], 50.0, "it has not run a window yet"),
-    ([burner(1, running_for=0.6), waiting(2, since=0.3)], 50.0, "nobody has waited a window"),
+    ([burner(1, running_for=0.3), waiting(2, since=1.2)], 50.0, "it has not run an interval yet"),
+    ([burner(1, running_for=0.6), waiting(2, since=0.3)], 50.0, "nobody has waited an interval"),
     ([burner(1, running_for=0.6), waiting(2, since=1.2, paused_by="gap")], 50.0, "a grower waits for memory"),
     ([burner(1, running_for=0.6, cpu=0.1), waiting(2, since=1.2)], 50.0, "an idle worker is no burner"),
 ])
@@ -243,7 +243,7 @@ def test_continue_oldest_paused_first_one_per_step():
     assert actions(out) == [(CONTINUE, 1)]
 
 
-def test_no_continue_in_the_window_of_the_pause():
+def test_no_continue_in_the_interval_of_the_pause():
     workers = [worker(5), paused(1, since=0.2, cpu_at_pause=10)]
     assert decide(node(cpu=10.0), workers, WORK, LIMITS) == []
 
@@ -304,9 +304,9 @@ def test_admission_bounded_by_memory_usage_plus_two_averages_plus_gap():
     assert spawned(decide(node(free=free), [worker(1, cpu=1.0)], work, LIMITS)) == 2
 
 
-def test_without_a_profile_a_new_worker_counts_as_at_least_the_gap_for_a_window():
+def test_without_a_profile_a_new_worker_counts_as_at_least_the_gap_for_an_interval():
     """Workers may allocate after they start, and steps follow each other within milliseconds:
-    until a worker of the batch has finished, one started within a window is taken to reach at
+    until a worker of the batch has finished, one started within an interval is taken to reach at
     least the gap G (200 MiB here), whatever it shows so far."""
     work = Workload(queued=50, avg_rss=10 * MiB, avg_cpu=1.0)
     free = LIMIT + 200 * MiB + 1000 * MiB  # five gaps above L + G
@@ -373,7 +373,7 @@ def test_a_worker_paused_on_course_goes_on_in_the_gap_once_its_rest_fits():
     done = [waiting, worker(1, rss=128 * MiB)]
     out = decide(node(free=LIMIT + 150 * MiB, cpu=1.0), done, PROFILED, LIMITS)
     assert actions(out) == [(CONTINUE, 2)] and out[0].rule == "gap"
-    # Not while the running one may still add 100 MiB of its own, nor within the window it was paused in.
+    # Not while the running one may still add 100 MiB of its own, nor within the interval it was paused in.
     busy = [waiting, worker(1, rss=28 * MiB)]
     assert decide(node(free=LIMIT + 150 * MiB, cpu=1.0), busy, PROFILED, LIMITS) == []
     fresh = [dataclasses.replace(waiting, paused_at=NOW - 0.1), worker(1, rss=128 * MiB)]
@@ -497,10 +497,10 @@ def test_held_workers_are_still_memory_victims():
 
 def test_a_batch_can_only_tighten_the_node_limits():
     from pmlmd.options import tighten
-    out = tighten(LIMITS, cpu_limit=95.0, memfree_limit=30.0, min_free=None, victim="largest", window=0.1)
+    out = tighten(LIMITS, cpu_limit=95.0, memfree_limit=30.0, min_free=None, victim="largest", interval=0.1)
     assert out.cpu_limit == 80.0  # looser ask held to the node's
     assert out.memfree_limit == 30.0 and out.min_free == LIMITS.min_free
-    assert out.victim == "largest" and out.window == 0.1
+    assert out.victim == "largest" and out.interval == 0.1
     assert tighten(LIMITS) is LIMITS
 
 

@@ -25,7 +25,7 @@ limits_st = st.builds(
     victim=st.sampled_from(["newest", "oldest", "largest"]),
     max_workers=st.integers(1, 64),
     cpu_margin=st.floats(0, 30),
-    window=st.floats(0.01, 5),
+    interval=st.floats(0.01, 5),
 )
 
 sample_st = st.builds(
@@ -187,7 +187,7 @@ def test_a_steady_sample_gives_a_steady_decision(sample, workers, workload, limi
 def test_interval_stays_between_the_floor_and_the_base(previous, sample, limits, dt):
     previous = dataclasses.replace(previous, time=NOW - dt)
     interval = next_interval(previous, sample, limits)
-    assert min(0.01, limits.window) <= interval <= max(0.01, limits.window)
+    assert min(0.01, limits.interval) <= interval <= max(0.01, limits.interval)
 
 
 @settings(max_examples=500, deadline=None)

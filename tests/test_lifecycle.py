@@ -47,7 +47,7 @@ def test_an_agent_mode_pause_asks_and_a_continue_asks_again():
     assert effects == [lc.Ask("continue"), lc.Remeasure()]
 
 
-@pytest.mark.parametrize("event", [lc.Continue(), lc.Release(), lc.AgentAck("pause"), lc.AgentAck("terminate"),
+@pytest.mark.parametrize("event", [lc.Continue(), lc.Resume(), lc.AgentAck("pause"), lc.AgentAck("terminate"),
                                    lc.AgentExpired("pause"), lc.AgentExpired("terminate"), lc.Tick(),
                                    lc.Measured(0.0, 100.0, 1e9)])
 def test_an_event_that_does_not_apply_to_a_running_worker_does_nothing(event):
@@ -96,16 +96,16 @@ def test_a_hold_stops_a_running_worker_by_its_batch_mode(modes, frozen, expected
     assert effects == expected and life.state == HELD
 
 
-def test_a_hold_of_a_paused_worker_keeps_it_as_it_is_and_a_release_continues_it():
+def test_a_hold_of_a_paused_worker_keeps_it_as_it_is_and_a_resume_continues_it():
     life, _ = run(lc.born(SIGNAL, 0.0), (1.0, lc.Pause("cpu", 20.0)))
     held, effects = run(life, (2.0, lc.Hold()))
     assert effects == [] and held.phase == lc.Held(stop=lc.Stop(signal=True), clock_from=1.0)
-    released, effects = run(held, (4.0, lc.Release()))
-    assert effects == [CONT, lc.Remeasure()] and released.phase == lc.Running(since=4.0)
+    resumed, effects = run(held, (4.0, lc.Resume()))
+    assert effects == [CONT, lc.Remeasure()] and resumed.phase == lc.Running(since=4.0)
 
 
-def test_a_release_sends_sigcont_even_to_a_worker_held_by_the_freezer():
-    life, effects = run(lc.born(SIGNAL, 0.0), (1.0, lc.Hold(frozen=True)), (2.0, lc.Release()))
+def test_a_resume_sends_sigcont_even_to_a_worker_held_by_the_freezer():
+    life, effects = run(lc.born(SIGNAL, 0.0), (1.0, lc.Hold(frozen=True)), (2.0, lc.Resume()))
     assert effects == [CONT, lc.Remeasure()]
 
 
@@ -158,7 +158,7 @@ def test_a_kill_keeps_the_cause_and_reason_it_was_being_ended_for():
 
 def test_a_worker_being_ended_is_not_paused_held_or_terminated_again():
     life, _ = run(lc.born(SIGNAL, 0.0), (1.0, lc.Terminate(CAUSE_CANCELLED, None)))
-    for event in (lc.Pause("cpu", 1.0), lc.Hold(), lc.Terminate(CAUSE_TIMEOUT, "x"), lc.Release()):
+    for event in (lc.Pause("cpu", 1.0), lc.Hold(), lc.Terminate(CAUSE_TIMEOUT, "x"), lc.Resume()):
         assert lc.handle(life, event, 2.0) == (life, [])
 
 
@@ -167,7 +167,7 @@ def test_the_timeout_clock_stands_still_while_pmlmd_keeps_the_worker_stopped():
     life = lc.born(lc.Modes(timeout=10.0, grace=5.0), 0.0, timeout_at=10.0)
     life, _ = run(life, (3.0, lc.Pause("cpu", 50.0)), (8.0, lc.Continue()))  # 5 s paused
     assert life.due == 15.0
-    life, _ = run(life, (9.0, lc.Hold()), (12.0, lc.Release()))  # 3 s held
+    life, _ = run(life, (9.0, lc.Hold()), (12.0, lc.Resume()))  # 3 s held
     assert life.due == 18.0
     assert lc.handle(life, lc.Tick(), 17.9) == (life, [])
     life, effects = run(life, (18.0, lc.Tick()))
@@ -206,7 +206,7 @@ modes_st = st.builds(lc.Modes, pause_by_agent=st.booleans(), terminate_by_agent=
                      timeout=st.none() | st.floats(0.01, 100))
 event_st = st.one_of(
     st.builds(lc.Pause, rule=st.sampled_from(["cpu", "gap", "turn"]), cpu=st.none() | st.floats(0, 100)),
-    st.just(lc.Continue()), st.builds(lc.Hold, frozen=st.booleans()), st.just(lc.Release()),
+    st.just(lc.Continue()), st.builds(lc.Hold, frozen=st.booleans()), st.just(lc.Resume()),
     st.builds(lc.Terminate, cause=st.sampled_from([CAUSE_CANCELLED, CAUSE_GOVERNOR_MEMORY]), reason=st.none()),
     st.builds(lc.Kill, cause=st.just(CAUSE_GOVERNOR_MEMORY), reason=st.none()),
     st.builds(lc.AgentAck, command=st.sampled_from(["pause", "terminate"])),

@@ -48,11 +48,11 @@ def test_pmlmctl_takes_each_limit_with_its_range_and_default(command, option):
 @pytest.mark.parametrize("option", LIMIT_OPTIONS, ids=NAMES)
 def test_the_config_file_takes_each_limit_with_the_same_default(tmp_path, option):
     assert getattr(Config(), option.name) == option.default
-    assert getattr(Config().limits(2), option.field) == option.default
+    assert getattr(Config().limits(2), option.name) == option.default
     value = option.choices[-1] if option.choices else option.bound.low
     path = tmp_path / "pmlmd.toml"
     path.write_text(f"[limits]\n{option.name} = {value!r}\n".replace("'", '"'))
-    assert getattr(load_config(str(path)).limits(2), option.field) == value
+    assert getattr(load_config(str(path)).limits(2), option.name) == value
     if not option.choices:
         path.write_text(f"[limits]\n{option.name} = {option.bound.high * 2 + 1}\n")
         with pytest.raises(ConfigError, match=option.name):
@@ -82,7 +82,7 @@ def test_the_man_pages_and_the_shipped_config_describe_each_limit(option):
     shown = option.shown or option.default
     pmlmctl = (ROOT / "packaging/man/pmlmctl.1").read_text()
     entry = _entry(pmlmctl, troff(option.flag))
-    assert f"default {shown}" in entry or f"(the default)" in entry, entry
+    assert f"default {shown}" in entry or "(the default)" in entry, entry
     toml5 = (ROOT / "packaging/man/pmlmd.toml.5").read_text()
     limits = toml5[toml5.index(".SH [limits]"):]
     entry = _entry(limits, f".B {option.name}\n")
@@ -93,7 +93,7 @@ def test_the_man_pages_and_the_shipped_config_describe_each_limit(option):
 
 
 def test_every_limit_of_the_governor_is_an_option():
-    asked = {o.field for o in LIMIT_OPTIONS}
+    asked = {o.name for o in LIMIT_OPTIONS}
     assert asked == set(Limits.__dataclass_fields__) - {"max_workers"}  # the cap is a batch's, not a limit
 
 
@@ -104,12 +104,12 @@ def test_a_batch_can_only_tighten_each_limit(data):
     asked = {}
     for option in LIMIT_OPTIONS:
         if option.choices:
-            asked[option.field] = data.draw(st.sampled_from(option.choices))
+            asked[option.name] = data.draw(st.sampled_from(option.choices))
         else:
-            asked[option.field] = data.draw(st.floats(option.bound.low, option.bound.high) if option.metavar != "SIZE"
+            asked[option.name] = data.draw(st.floats(option.bound.low, option.bound.high) if option.metavar != "SIZE"
                                             else st.integers(option.bound.low, option.bound.high))
     limits = tighten(node, **asked)
     for option in LIMIT_OPTIONS:
-        ours, theirs = getattr(node, option.field), getattr(limits, option.field)
+        ours, theirs = getattr(node, option.name), getattr(limits, option.name)
         assert not option.looser(theirs, ours)
-        assert option.looser(asked[option.field], ours) == (theirs != asked[option.field])
+        assert option.looser(asked[option.name], ours) == (theirs != asked[option.name])
