@@ -209,151 +209,195 @@ def victim_order(workers: Iterable[WorkerView], policy: str, resource: str) -> l
     return sorted(workers, key=key)
 
 
+@dataclass(frozen=True)
+class _Situation:
+    """One sample's inputs, sorted once for the rules (decide)."""
+
+    sample: NodeSample
+    workers: Sequence[WorkerView]
+    demands: list[Workload]  # in admission order
+    limits: Limits
+    free: int  # bytes, by limits.memory_metric
+    limit: int  # bytes: L
+    cpu: float | None  # percent of the node, less what workers paused within the sample's span used (node_cpu)
+    running: list[WorkerView]
+    paused: list[WorkerView]
+    ending: list[WorkerView]
+    held: list[WorkerView]
+    seen: str  # "free ..., limit ...": how reasons start
+    by_batch: dict  # Workload.key -> Workload (of equal keys, the last)
+
+    @property
+    def queued(self) -> int:
+        return sum(d.queued for d in self.demands)
+
+    @property
+    def victims(self) -> list[WorkerView]:
+        """Workers not yet being ended, in the order they pay for memory."""
+        return victim_order(self.running + self.paused + self.held, self.limits.victim, "rss")
+
+    def rest(self, w: WorkerView) -> float | None:
+        """Bytes ``w`` may still take from free memory before it reaches its batch's peak; None
+        without a profile. One started within an interval may take all of it: the node's figure lags
+        its growth (it is read before the workers are, and the kernel folds its counters lazily)."""
+        demand = self.by_batch.get(w.batch)
+        peak = demand.peak_rss if demand is not None else None
+        if peak is None:
+            return None
+        return peak if self.sample.time - w.started < self.limits.interval else max(0.0, peak - w.rss)
+
+    def on_profile(self, w: WorkerView) -> bool:
+        """``w`` has not outgrown its batch's peak (within PEAK_SLACK)."""
+        if self.rest(w) is None:
+            return False
+        return w.rss <= self.by_batch[w.batch].peak_rss * (1 + PEAK_SLACK)
+
+    def admit(self, profiled_only: bool = False) -> list[Decision]:
+        return _admit(self.demands, self.workers, self.running, self.sample.time, self.free, self.limit,
+                      self.limits.memory_gap, self.cpu, self.limits, self.rest, self.seen, profiled_only=profiled_only)
+
+
 def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload | Sequence[Workload],
            limits: Limits) -> list[Decision]:
-    """Return the decisions for one sample. Pure: no I/O, no clock, no randomness.
+    """Return the decisions for one sample: those of the first rule whose condition holds (see the
+    module's table). Pure: no I/O, no clock, no randomness.
 
     ``workload`` is one batch's, or several in admission order (highest priority
     first, FIFO within a priority): a batch is admitted only after those before it.
     """
+    paused = [w for w in workers if w.state == PAUSED]
     demands = [workload] if isinstance(workload, Workload) else list(workload)
-    queued = sum(d.queued for d in demands)
     free = free_bytes(sample, limits)
     limit = limits.memory_limit_bytes(sample.mem_total)
-    gap = limits.memory_gap
-    running = [w for w in workers if w.state == RUNNING]
-    paused = [w for w in workers if w.state == PAUSED]
-    cpu = node_cpu(sample, paused)
-    ending = [w for w in workers if w.state in ENDING]
-    held = [w for w in workers if w.state == HELD]
-    seen = f"free {_mib(free)}, limit {_mib(limit)}"
-
-    # 1. Critical floor: kill at once, the grace is a luxury we no longer have.
+    s = _Situation(sample=sample, workers=workers, limits=limits, free=free, limit=limit,
+                   demands=demands, by_batch={d.key: d for d in demands},
+                   cpu=node_cpu(sample, paused), running=[w for w in workers if w.state == RUNNING], paused=paused,
+                   ending=[w for w in workers if w.state in ENDING], held=[w for w in workers if w.state == HELD],
+                   seen=f"free {_mib(free)}, limit {_mib(limit)}")
     if free < limits.min_free:
-        below = f"{seen}, below floor {_mib(limits.min_free)}"
-        decisions = [Decision(KILL, w.key, rule="floor", reason=f"{below}: killing worker already told to stop "
-                              f"({_mib(w.rss)})")
-                     for w in victim_order([w for w in ending if w.state == TERMINATING], limits.victim, "rss")]
-        decisions += _until_free(victim_order(running + paused + held, limits.victim, "rss"),
-                                 free + sum(w.rss for w in ending), max(limit, limits.min_free), KILL, "floor",
-                                 f"{below}: killing {limits.victim} worker")
-        if not workers and queued:
-            decisions.append(Decision(CRITICAL, rule="floor", reason=f"{below} with no worker left to terminate"))
-        return decisions
-
-    # 2. Below the memory limit: terminate until the projection clears the limit.
+        return floor_rule(s)
     if free < limit:
-        return _until_free(victim_order(running + paused + held, limits.victim, "rss"),
-                           free + sum(w.rss for w in ending), limit, TERMINATE, "memory",
-                           f"{seen}: terminating {limits.victim} worker to get back above the limit")
+        return memory_rule(s)
+    if free < limit + limits.memory_gap:
+        return gap_rule(s)
+    if s.cpu is not None and s.cpu > limits.cpu_limit:
+        return cpu_rule(s)
+    return calm_rule(s)
 
-    by_batch = {d.key: d for d in demands}
 
-    def rest(w: WorkerView) -> float | None:
-        """Bytes ``w`` may still take from free memory before it reaches its batch's peak; None
-        without a profile. One started within an interval may take all of it: the node's figure lags
-        its growth (it is read before the workers are, and the kernel folds its counters lazily)."""
-        demand = by_batch.get(w.batch)
-        peak = demand.peak_rss if demand is not None else None
-        if peak is None:
-            return None
-        return peak if sample.time - w.started < limits.interval else max(0.0, peak - w.rss)
+def floor_rule(s: _Situation) -> list[Decision]:
+    """1. Below the critical floor F: kill at once, the grace is a luxury no longer there."""
+    limits = s.limits
+    below = f"{s.seen}, below floor {_mib(limits.min_free)}"
+    decisions = [Decision(KILL, w.key, rule="floor", reason=f"{below}: killing worker already told to stop "
+                          f"({_mib(w.rss)})")
+                 for w in victim_order([w for w in s.ending if w.state == TERMINATING], limits.victim, "rss")]
+    decisions += _until_free(s.victims, s.free + sum(w.rss for w in s.ending), max(s.limit, limits.min_free), KILL,
+                             "floor", f"{below}: killing {limits.victim} worker")
+    if not s.workers and s.queued:
+        decisions.append(Decision(CRITICAL, rule="floor", reason=f"{below} with no worker left to terminate"))
+    return decisions
 
-    def on_profile(w: WorkerView) -> bool:
-        """``w`` has not outgrown its batch's peak (within PEAK_SLACK)."""
-        return rest(w) is not None and w.rss <= by_batch[w.batch].peak_rss * (1 + PEAK_SLACK)
 
-    # 3. Inside the gap above the limit: admit nothing unmeasured, stop whatever grows off course.
-    if free < limit + gap:
-        growing = [w for w in running if (w.rss_growth or 0) > GROWTH_THRESHOLD]
-        # A worker growing toward the peak its batch's finished workers reached is on course: it
-        # runs on while what every running worker may still add leaves free memory above L.
-        on_course = [w for w in growing if on_profile(w)]
-        projected = free - sum(rest(w) or 0.0 for w in running)
-        stopped = [w for w in growing if w not in on_course]
-        for w in victim_order(on_course, limits.victim, "rss"):
-            if projected >= limit:
-                break
-            stopped.append(w)
-            projected += rest(w)
-        decisions = [Decision(PAUSE, w.key, rule="gap", reason=f"{seen}, gap {_mib(gap)}: pausing worker whose "
-                              f"memory grows {_mib(w.rss_growth)}/s" + ("" if w not in on_course else
-                              f" (its batch's peak would take free memory below the limit)"))
-                     for w in victim_order(stopped, limits.victim, "rss")]
-        cpu_within = cpu is None or cpu <= limits.cpu_limit
-        if not decisions and cpu_within:
-            # One paused here on course whose rest now fits (others finished, or their readings
-            # caught up) goes on: it would otherwise wait for the whole gap to clear.
-            for w in sorted(paused, key=lambda w: (-w.priority, w.paused_at, repr(w.key))):
-                if (w.paused_by == "gap" and on_profile(w) and sample.time - w.paused_at >= limits.interval
-                        and projected - rest(w) >= limit):
-                    return [Decision(CONTINUE, w.key, rule="gap", reason=f"{seen}: continuing worker paused in the "
-                                     f"gap: the {_mib(rest(w))} it may still add to its batch's peak fit")]
-        if not decisions and not paused and projected >= limit and cpu_within:
-            # The projection holds: batches with a profile are packed into the gap too.
-            return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen,
-                          profiled_only=True)
-        stuck = (not decisions and not running and not ending and paused
-                 and all(sample.time - w.paused_at >= limits.interval for w in paused))
-        if stuck and cpu_within:
-            # A lone worker paused for growing here would only grow on if continued: it stays
-            # stopped until headroom returns (rule 5), or is terminated once it has stood an interval.
-            if len(paused) == 1 and paused[0].paused_by != "gap":
-                decisions.append(Decision(CONTINUE, paused[0].key, rule="gap", reason=f"{seen}: every worker paused "
-                                          "in the gap; continuing the last one so the batch makes progress"))
-            elif len(paused) == 1:
-                w = paused[0]
-                decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: the only worker was paused "
-                                          f"for growing ({_mib(w.rss)}) and headroom has not returned: terminating it"))
-            else:
-                w = victim_order(paused, limits.victim, "rss")[0]
-                decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: every worker paused in the "
-                                          f"gap; terminating the {limits.victim} ({_mib(w.rss)}) to make room"))
-        return decisions
+def memory_rule(s: _Situation) -> list[Decision]:
+    """2. Below the memory limit L: terminate until the projection clears it."""
+    return _until_free(s.victims, s.free + sum(w.rss for w in s.ending), s.limit, TERMINATE, "memory",
+                       f"{s.seen}: terminating {s.limits.victim} worker to get back above the limit")
 
-    # 4. Over the CPU limit: pause the victims that actually burn CPU.
-    if cpu is not None and cpu > limits.cpu_limit:
-        excess = cpu - limits.cpu_limit
-        decisions = []
-        covered = 0.0
-        burners = [w for w in running if (w.cpu or 0.0) >= CPU_NEGLIGIBLE]
-        left_running = len(running)
-        for w in victim_order(burners, limits.victim, "cpu"):
-            if covered >= excess:
-                break
-            alone_fits = w.cpu <= limits.cpu_limit + limits.cpu_margin / 2  # half the margin absorbs tick noise
-            if left_running == 1 and alone_fits and cpu - covered - w.cpu <= limits.cpu_limit:
-                break  # the last runner fits the limit alone and the rest of the node is within it: keep it
-            left_running -= 1
-            decisions.append(Decision(PAUSE, w.key, rule="cpu", reason=f"cpu {cpu:.0f}% > limit "
-                                      f"{limits.cpu_limit:.0f}%: pausing {limits.victim} worker (cpu {w.cpu:.0f}%)"))
-            covered += w.cpu
-        if not decisions and paused:
-            # The last runner was kept, within the limit but for tick noise: it may owe a turn.
-            return _turn(sample, running, paused, limits, seen)
-        return decisions
 
-    # 5. Within the limits.
-    cpu_now = cpu or 0.0
+def gap_rule(s: _Situation) -> list[Decision]:
+    """3. Inside the gap above the limit: admit nothing unmeasured, stop whatever grows off course."""
+    limits, limit, seen, running, paused, rest = s.limits, s.limit, s.seen, s.running, s.paused, s.rest
+    growing = [w for w in running if (w.rss_growth or 0) > GROWTH_THRESHOLD]
+    # A worker growing toward the peak its batch's finished workers reached is on course: it
+    # runs on while what every running worker may still add leaves free memory above L.
+    on_course = [w for w in growing if s.on_profile(w)]
+    projected = s.free - sum(rest(w) or 0.0 for w in running)
+    stopped = [w for w in growing if w not in on_course]
+    for w in victim_order(on_course, limits.victim, "rss"):
+        if projected >= limit:
+            break
+        stopped.append(w)
+        projected += rest(w)
+    decisions = [Decision(PAUSE, w.key, rule="gap", reason=f"{seen}, gap {_mib(limits.memory_gap)}: pausing worker "
+                          f"whose memory grows {_mib(w.rss_growth)}/s" + ("" if w not in on_course else
+                          " (its batch's peak would take free memory below the limit)"))
+                 for w in victim_order(stopped, limits.victim, "rss")]
+    cpu_within = s.cpu is None or s.cpu <= limits.cpu_limit
+    now = s.sample.time
+    if not decisions and cpu_within:
+        # One paused here on course whose rest now fits (others finished, or their readings
+        # caught up) goes on: it would otherwise wait for the whole gap to clear.
+        for w in sorted(paused, key=lambda w: (-w.priority, w.paused_at, repr(w.key))):
+            if (w.paused_by == "gap" and s.on_profile(w) and now - w.paused_at >= limits.interval
+                    and projected - rest(w) >= limit):
+                return [Decision(CONTINUE, w.key, rule="gap", reason=f"{seen}: continuing worker paused in the "
+                                 f"gap: the {_mib(rest(w))} it may still add to its batch's peak fit")]
+    if not decisions and not paused and projected >= limit and cpu_within:
+        # The projection holds: batches with a profile are packed into the gap too.
+        return s.admit(profiled_only=True)
+    stuck = (not decisions and not running and not s.ending and paused
+             and all(now - w.paused_at >= limits.interval for w in paused))
+    if stuck and cpu_within:
+        # A lone worker paused for growing here would only grow on if continued: it stays
+        # stopped until headroom returns (rule 5), or is terminated once it has stood an interval.
+        if len(paused) == 1 and paused[0].paused_by != "gap":
+            decisions.append(Decision(CONTINUE, paused[0].key, rule="gap", reason=f"{seen}: every worker paused "
+                                      "in the gap; continuing the last one so the batch makes progress"))
+        elif len(paused) == 1:
+            w = paused[0]
+            decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: the only worker was paused "
+                                      f"for growing ({_mib(w.rss)}) and headroom has not returned: terminating it"))
+        else:
+            w = victim_order(paused, limits.victim, "rss")[0]
+            decisions.append(Decision(TERMINATE, w.key, rule="gap", reason=f"{seen}: every worker paused in the "
+                                      f"gap; terminating the {limits.victim} ({_mib(w.rss)}) to make room"))
+    return decisions
+
+
+def cpu_rule(s: _Situation) -> list[Decision]:
+    """4. Over the CPU limit C: pause the victims that actually burn CPU."""
+    limits, cpu = s.limits, s.cpu
+    excess = cpu - limits.cpu_limit
+    decisions = []
+    covered = 0.0
+    burners = [w for w in s.running if (w.cpu or 0.0) >= CPU_NEGLIGIBLE]
+    left_running = len(s.running)
+    for w in victim_order(burners, limits.victim, "cpu"):
+        if covered >= excess:
+            break
+        alone_fits = w.cpu <= limits.cpu_limit + limits.cpu_margin / 2  # half the margin absorbs tick noise
+        if left_running == 1 and alone_fits and cpu - covered - w.cpu <= limits.cpu_limit:
+            break  # the last runner fits the limit alone and the rest of the node is within it: keep it
+        left_running -= 1
+        decisions.append(Decision(PAUSE, w.key, rule="cpu", reason=f"cpu {cpu:.0f}% > limit "
+                                  f"{limits.cpu_limit:.0f}%: pausing {limits.victim} worker (cpu {w.cpu:.0f}%)"))
+        covered += w.cpu
+    if not decisions and s.paused:
+        # The last runner was kept, within the limit but for tick noise: it may owe a turn.
+        return _turn(s.sample, s.running, s.paused, limits, s.seen)
+    return decisions
+
+
+def calm_rule(s: _Situation) -> list[Decision]:
+    """5. Within the limits: continue a paused worker, take turns, or admit."""
+    limits, seen = s.limits, s.seen
+    cpu_now = s.cpu or 0.0
     calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
-    if paused:
-        ready = [w for w in paused if sample.time - w.paused_at >= limits.interval]
-        ready.sort(key=lambda w: (-w.priority, w.started, repr(w.key)))
-        # Workers that run but sit idle (a sleep, a blocked read) use none of the headroom: they
-        # must not keep a paused worker stopped. One measured as negligible does not count.
-        busy = [w for w in running if w.cpu is None or w.cpu >= CPU_NEGLIGIBLE]
-        for w in ready[:1]:
-            if not busy or (calm and cpu_now + (w.cpu_at_pause or 0.0) <= limits.cpu_limit):
-                why = "nothing else uses the CPU" if not busy else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
-                return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
-                                 f"paused worker ({why})")]
-        turn = _turn(sample, running, paused, limits, seen)
-        if turn:
-            return turn
-        # Paused workers keep their claim on the headroom: admit nothing new.
-        return []
-
-    return _admit(demands, workers, running, sample.time, free, limit, gap, cpu, limits, rest, seen)
+    if not s.paused:
+        return s.admit()
+    ready = [w for w in s.paused if s.sample.time - w.paused_at >= limits.interval]
+    ready.sort(key=lambda w: (-w.priority, w.started, repr(w.key)))
+    # Workers that run but sit idle (a sleep, a blocked read) use none of the headroom: they
+    # must not keep a paused worker stopped. One measured as negligible does not count.
+    busy = [w for w in s.running if w.cpu is None or w.cpu >= CPU_NEGLIGIBLE]
+    for w in ready[:1]:
+        if not busy or (calm and cpu_now + (w.cpu_at_pause or 0.0) <= limits.cpu_limit):
+            why = "nothing else uses the CPU" if not busy else f"cpu {cpu_now:.0f}% leaves room for its {w.cpu_at_pause or 0:.0f}%"
+            return [Decision(CONTINUE, w.key, rule="calm", reason=f"{seen}, cpu {cpu_now:.0f}%: continuing oldest "
+                             f"paused worker ({why})")]
+    # Else turns; paused workers keep their claim on the headroom: admit nothing new.
+    return _turn(s.sample, s.running, s.paused, limits, seen)
 
 
 SEVERITY = {CONTINUE: 0, PAUSE: 1, TERMINATE: 2, KILL: 3}  # which of two verdicts on a worker is the stricter
