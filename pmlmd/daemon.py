@@ -582,10 +582,7 @@ class Daemon:
                 if run.id in self.joblogs:
                     self.joblogs[run.id].attempt_ended(run.batch.spec, task, attempt)
                 continue
-            if self.config.stranded == "terminate":
-                procctl.signal_group(child.pid, signal.SIGTERM)
-            procctl.signal_group(child.pid, signal.SIGCONT)  # never leave it stopped
-            self.engine.adopt(run, task, attempt, child)
+            self.engine.adopt(run, task, attempt, child, terminate=self.config.stranded == "terminate")
         self._add(run)
         if run.batch.spec.open_ended:
             self.engine.end_adopted(run, "its message went back to its queue when pmlmd stopped")

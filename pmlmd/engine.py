@@ -906,6 +906,10 @@ class Engine:
     def _carry(self, w: Worker, event: lifecycle.Event, now: float) -> None:
         """Hand ``event`` to the worker's lifecycle (lifecycle.handle) and carry out what it says."""
         w.life, effects = lifecycle.handle(w.life, event, now)
+        self._do(w, effects)
+
+    def _do(self, w: Worker, effects: list[lifecycle.Effect]) -> None:
+        """Carry out what the worker's lifecycle said, in order."""
         for effect in effects:
             match effect:
                 case lifecycle.Signal(sig):
@@ -1065,21 +1069,20 @@ class Engine:
             log.warning("admitting no more workers for now: %s (tasks wait in their queue)", what)
             self.resource_log_at = now + RESOURCE_LOG_EVERY
 
-    def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child) -> None:
-        """Watch a worker that a previous daemon started (it is not our child), as running."""
+    def adopt(self, run: BatchRun, task: Task, attempt: Attempt, child: procctl.Child, terminate: bool = False) -> None:
+        """Watch a worker that a previous daemon started (it is not our child): running, whatever
+        that daemon left it in (lifecycle.adopted); with ``terminate`` (stranded = "terminate")
+        ended as pmlmd ends a worker, its attempt with cause daemon-restart."""
         task.status = "running"
         worker = Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child))
         cgroup = self.cgroups.cgroup_of(child.pid) if self.cgroups is not None else None
         if cgroup is not None and cgroup.worker_id == worker.worker_id:
             worker.cgroup = cgroup
-            _signal_cgroup(cgroup, signal.SIGCONT)  # never left frozen by the pmlmd before
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
-        if worker.life.modes.pause_by_agent:
-            # It may stand in checkpoint(), paused by the pmlmd that is gone: tell it to go on.
-            self.agent.request(worker.worker_id, child.pid, "continue", run.batch.spec.agent_timeout, _uid(worker),
-                               worker)
+        worker.life, effects = lifecycle.adopted(worker.life, time.monotonic(), terminate)
+        self._do(worker, effects)
 
     def _born(self, run: BatchRun, attempt: Attempt, child: procctl.Child) -> lifecycle.Life:
         modes = self._modes(run)

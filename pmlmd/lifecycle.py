@@ -22,7 +22,7 @@ import signal
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Union
 
-from .batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
+from .batch import CAUSE_DAEMON_RESTART, CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
 from .governor import CONTINUE, HELD, KILL, KILLED, PAUSE, PAUSED, RUNNING, TERMINATE, TERMINATING, Decision
 
 # An acknowledged agent pause is checked from this many seconds after the ack on: a worker that
@@ -162,6 +162,22 @@ class Life:
 def born(modes: Modes, now: float, timeout_at: float | None = None) -> Life:
     """A worker that was just started (or adopted) at ``now``."""
     return Life(Running(since=now), modes, timeout_at=timeout_at)
+
+
+def adopted(life: Life, now: float, terminate: bool = False) -> tuple[Life, list[Effect]]:
+    """A worker that a previous pmlmd started, found alive at a restart (``life``: as born).
+    Whatever that pmlmd left it in, it runs from now on: SIGCONT (which thaws a frozen cgroup),
+    and in agent pause mode the agent's continue, for it may stand in checkpoint(). With
+    ``terminate`` (pmlmd.toml stranded = "terminate") it is then ended as any worker is (SIGTERM,
+    SIGKILL after the grace; or the agent's terminate), its attempt with cause daemon-restart."""
+    effects: list[Effect] = [Signal(signal.SIGCONT)]
+    if life.modes.pause_by_agent:
+        effects.append(Ask("continue"))
+    if terminate:
+        life, more = handle(life, Terminate(CAUSE_DAEMON_RESTART, 'left running by the pmlmd before a restart '
+                                            '(stranded = "terminate")'), now)
+        effects += more
+    return life, effects
 
 
 def governor_fields(life: Life) -> dict:

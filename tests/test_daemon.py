@@ -182,6 +182,28 @@ def test_restart_after_sigkill_finishes_the_batch_and_strands_nothing(daemon_fac
     assert stranded["reason"].startswith("adopted after a daemon restart")
 
 
+def test_stranded_terminate_ends_a_worker_that_ignores_sigterm_and_runs_its_task_again(daemon_factory, tmp_path):
+    """With stranded = "terminate", a worker the pmlmd before left running is ended as any worker
+    is: SIGTERM, then SIGKILL after the grace; its task runs again."""
+    daemon = daemon_factory('[daemon]\nstranded = "terminate"\n').start()
+    marker = tmp_path / "first"
+    # The first attempt ignores SIGTERM and would sleep on for a minute; the second ends at once.
+    script = f"trap '' TERM; if [ -e {marker} ]; then exit 0; fi; touch {marker}; sleep 60"
+    batch = daemon.ctl("submit", "--term-grace", "1", "--", "sh", "-c", script).stdout.strip()
+    wait_for(marker.exists, what="the first attempt started")
+    (pid, _), = daemon.worker_pids()
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    final = wait_finished(daemon, batch, timeout=30)  # not the minute the first attempt would sleep
+    assert final["counts"]["succeeded"] == 1
+    report = json.loads(daemon.ctl("report", batch).stdout)
+    first, second = report["tasks"][0]["attempts"]
+    assert first["pid"] == pid and first["cause"] == "daemon-restart" and "stranded" in first["reason"]
+    assert first["stop_path"] == "sigterm" or "SIGKILL" in first["reason"]
+    assert second["cause"] == "exit" and second["exit_code"] == 0
+    assert group_states(pid) == ""  # nothing of it lives on (its sleep neither)
+
+
 @pytest.mark.slow
 def test_low_priority_batch_pays_first_under_a_low_cpu_limit(daemon_factory):
     cpus = os.cpu_count()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pmlmd import lifecycle as lc
-from pmlmd.batch import CAUSE_CANCELLED, CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
+from pmlmd.batch import CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
 from pmlmd.governor import CONTINUE, HELD, KILL, KILLED, PAUSE, PAUSED, RUNNING, TERMINATE, TERMINATING, Decision
 
 SIGNAL = lc.Modes(grace=10.0, agent_timeout=5.0)
@@ -281,3 +281,22 @@ def test_any_sequence_of_events_keeps_the_lifecycle_consistent(modes, steps):
     assert order in (["running"], ["running", "ended"])
     if ended_cause is not None:
         assert ended_cause == CAUSE_TIMEOUT
+
+
+# --- a restart: workers a previous pmlmd left --------------------------------------------------
+@pytest.mark.parametrize("modes, expected", [
+    (SIGNAL, [CONT]),
+    (AGENT, [CONT, lc.Ask("continue")]),  # it may stand in checkpoint(), paused by the pmlmd that is gone
+])
+def test_an_adopted_worker_runs_whatever_it_was_left_in(modes, expected):
+    life, effects = lc.adopted(lc.born(modes, 5.0), 5.0)
+    assert effects == expected and life.phase == lc.Running(since=5.0)
+
+
+def test_an_adopted_worker_is_ended_like_any_other_when_stranded_workers_are_terminated():
+    life, effects = lc.adopted(lc.born(SIGNAL, 5.0), 5.0, terminate=True)
+    assert signals(effects) == [signal.SIGCONT, signal.SIGTERM, signal.SIGCONT]
+    assert life.cause == CAUSE_DAEMON_RESTART and life.due == 15.0  # and SIGKILL after the grace
+    assert any(isinstance(e, lc.Reason) and "stranded" in e.text for e in effects)
+    life, effects = lc.adopted(lc.born(AGENT, 5.0), 5.0, terminate=True)
+    assert lc.Ask("terminate") in effects and life.stop_path == lc.AGENT
