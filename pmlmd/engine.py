@@ -168,6 +168,14 @@ class Loop:
             self._restore.pop()()
 
 
+class Clock:
+    """Time as the engine reads it (a port: tests hand in a fake): ``monotonic`` seconds for
+    deadlines, rates and samples; ``wall`` seconds since the epoch for what is recorded."""
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+
 @dataclass
 class BatchRun:
     """A batch inside the engine, with what the engine needs beyond the bookkeeping."""
@@ -253,7 +261,8 @@ class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
                  critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None,
                  worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False,
-                 output=None, cgroups: cgroups_module.Subtree | None = None):
+                 output=None, cgroups: cgroups_module.Subtree | None = None, clock: "Clock | None" = None,
+                 processes: procctl.Processes | None = None):
         """``output`` (output.TaskFiles or output.Pipes) gives each worker its stdout and stderr;
         without it workers write to ``stdout_fd`` (default: the engine's own stdout) and stderr.
         ``worker_rlimits`` (resource.RLIMIT_* -> (soft, hard)) are set on every worker before its
@@ -263,13 +272,19 @@ class Engine:
         below it: the kernel says which processes are the worker's, freezes them all to pause it
         and kills them all to end it, with no process tree to walk; processes re-parented to the
         subreaper from such a cgroup are only reaped. A worker that could not get a cgroup (or an
-        adopted one started without) is followed as without ``cgroups``."""
+        adopted one started without) is followed as without ``cgroups``.
+
+        Ports, for tests to replace: ``clock`` (Clock: every time the engine reads), ``processes``
+        (procctl.Processes: spawn, reap and signal calls), ``proc`` (ProcReader: /proc, also under
+        another root), ``scopes``."""
+        self.clock = clock or Clock()
+        self.processes = processes or procctl.Processes()
         self.limits = limits
         self.scopes = scopes or NoScopes()
         self.agent = None  # AgentChannels, for batches in agent mode
         self.loop = loop
         self.proc = proc or ProcReader()
-        self.node = NodeSampler(self.proc)
+        self.node = NodeSampler(self.proc, clock=self.clock.monotonic)
         self.stdout_fd = stdout_fd
         self.output = output
         self.worker_rlimits = worker_rlimits or {}
@@ -376,13 +391,13 @@ class Engine:
         if self.cgroups is None:
             return
         owned = {w.cgroup.path for w in self.workers.values() if w.cgroup is not None}
-        now, ended = time.monotonic(), 0
+        now, ended = self.clock.monotonic(), 0
         for cg in self.cgroups.workers():
             if cg.path in owned or cg.remove():
                 continue
             ended += len(cg.pids())
-            _signal_cgroup(cg, signal.SIGTERM)
-            _signal_cgroup(cg, signal.SIGCONT)  # thawed too: a frozen process cannot act on SIGTERM
+            self.processes.signal_cgroup(cg, signal.SIGTERM)
+            self.processes.signal_cgroup(cg, signal.SIGCONT)  # thawed too: a frozen process cannot act on SIGTERM
             self.stragglers[cg] = now + STRAY_GRACE
         if ended:
             log.warning("ending %d processes that ended workers left in their cgroups", ended)
@@ -391,16 +406,16 @@ class Engine:
         for w in list(self.workers.values()):
             self._kill(w, CAUSE_CANCELLED, reason)
         for rest in self.stragglers:
-            _kill_rest(rest)
+            self._kill_rest(rest)
         for stray in self.strays.values():
-            _pidfd_signal(stray.pidfd, signal.SIGKILL)
+            self.processes.pidfd_signal(stray.pidfd, signal.SIGKILL)
 
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until it is resumed."""
         run.held = True
         # The freezer stops the whole scope at once, children the workers forked included.
         run.frozen = not self._modes(run).pause_by_agent and self.scopes.freeze(run.id)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
         self.on_event({"event": "held", "batch": run.id})
@@ -410,7 +425,7 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
             run.frozen = False
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
@@ -461,14 +476,14 @@ class Engine:
         if self.agent is not None:
             deadline = min(deadline, self.agent.next_deadline())
         if self.stragglers:
-            deadline = min(deadline, time.monotonic() + STRAGGLER_POLL)
+            deadline = min(deadline, self.clock.monotonic() + STRAGGLER_POLL)
         for stray in self.strays.values():
             deadline = min(deadline, stray.kill_at)
         return deadline
 
     def tick(self) -> None:
         """Do whatever is due: grace deadlines, then a governor step."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self._enforce_deadlines(now)
         if now >= self.next_sample_at and not self.idle():
             self.step()
@@ -735,7 +750,7 @@ class Engine:
         # A process is re-parented to pmlmd when its parent exits, which takes a thread of a tree
         # that ran: with no tree walked there are no new orphans to look for, but at ORPHAN_SCAN.
         if self.subreaper:
-            self._adopt_orphans_due(time.monotonic(), force=walked)
+            self._adopt_orphans_due(self.clock.monotonic(), force=walked)
         return usage
 
     def _adopt_orphans_due(self, at: float, force: bool = False) -> None:
@@ -771,9 +786,9 @@ class Engine:
             spawned = 0
             if run is not None:
                 for _ in range(min(d.count, self._spawn_room())):
-                    if not run.batch.queue or time.monotonic() < self.spawn_blocked_until:
+                    if not run.batch.queue or self.clock.monotonic() < self.spawn_blocked_until:
                         break
-                    if spawned and time.monotonic() - sample.time > SPAWN_BUDGET:
+                    if spawned and self.clock.monotonic() - sample.time > SPAWN_BUDGET:
                         # The rest after the loop has served what waits (see step), if the next decision
                         # still admits them: never more than this one did (the ramp does not speed up).
                         self.spawn_cut = True
@@ -810,11 +825,11 @@ class Engine:
         """Signal the worker: its process group and every process known to have left it; or, in a
         cgroup of its own, every member of that (SIGSTOP freezes it, SIGCONT thaws it)."""
         if w.cgroup is not None:
-            _signal_cgroup(w.cgroup, sig)
+            self.processes.signal_cgroup(w.cgroup, sig)
             return
-        procctl.signal_group(w.child.pid, sig)
+        self.processes.signal_group(w.child.pid, sig)
         for pidfd in w.escaped.values():
-            _pidfd_signal(pidfd, sig)
+            self.processes.pidfd_signal(pidfd, sig)
 
     def _find_escaped(self, w: Worker, stats: dict, descendants: list[int]) -> None:
         """Hold the worker's ``descendants`` that are outside its process group by pidfds.
@@ -825,7 +840,7 @@ class Engine:
             stat = stats.get(pid)
             if pid in w.escaped or stat is None or stat.pgrp == w.child.pid or stat.state == "Z":
                 continue
-            pidfd = procctl.open_pidfd(pid, stat.start_ticks, self.proc)
+            pidfd = self.processes.open_pidfd(pid, stat.start_ticks, self.proc)
             if pidfd is not None:
                 self._hold_escaped(w, pid, pidfd)
 
@@ -835,13 +850,13 @@ class Engine:
         log.info("worker %d (batch %s, task %d): process %d left its process group; it is paused, continued and "
                  "ended with the worker", w.child.pid, w.run.id, w.task.index, pid)
         if w.life.signal_stopped:
-            _pidfd_signal(pidfd, signal.SIGSTOP)  # it belongs to a stopped worker
+            self.processes.pidfd_signal(pidfd, signal.SIGSTOP)  # it belongs to a stopped worker
 
     def _escaped_exited(self, w: Worker, pid: int) -> None:
         pidfd = w.escaped.pop(pid, None)
         if pidfd is not None:
             self.loop.unwatch(pidfd)
-            _reap_if_ours(pid)
+            self.processes.reap_if_ours(pid)
             os.close(pidfd)
 
     def _adopt_orphans(self, exited: Worker | None = None) -> None:
@@ -864,11 +879,11 @@ class Engine:
             if stat is None:
                 continue
             if stat.state == "Z":
-                _reap_if_ours(pid)  # an orphan that ended before anyone looked
+                self.processes.reap_if_ours(pid)  # an orphan that ended before anyone looked
                 continue
             if self.cgroups is not None and self.cgroups.member_of(pid) is not None:
                 continue  # its worker's cgroup holds it: it is paused, counted and ended with it
-            pidfd = procctl.open_pidfd(pid, stat.start_ticks, self.proc)
+            pidfd = self.processes.open_pidfd(pid, stat.start_ticks, self.proc)
             if pidfd is None:
                 continue
             if by_id is None:
@@ -885,16 +900,16 @@ class Engine:
         """End a process its worker left behind: SIGTERM now, SIGKILL after ``grace`` seconds."""
         if pidfd in self.loop.callbacks:
             self.loop.unwatch(pidfd)  # it was watched as an escaped process of a live worker
-        self.strays[pid] = Stray(pidfd=pidfd, kill_at=time.monotonic() + grace)
+        self.strays[pid] = Stray(pidfd=pidfd, kill_at=self.clock.monotonic() + grace)
         self.loop.watch(pidfd, lambda: self._stray_exited(pid))
-        _pidfd_signal(pidfd, signal.SIGTERM)
-        _pidfd_signal(pidfd, signal.SIGCONT)
+        self.processes.pidfd_signal(pidfd, signal.SIGTERM)
+        self.processes.pidfd_signal(pidfd, signal.SIGCONT)
 
     def _stray_exited(self, pid: int) -> None:
         stray = self.strays.pop(pid, None)
         if stray is not None:
             self.loop.unwatch(stray.pidfd)
-            _reap_if_ours(pid)
+            self.processes.reap_if_ours(pid)
             os.close(stray.pidfd)
 
     def _modes(self, run: BatchRun) -> lifecycle.Modes:
@@ -936,7 +951,7 @@ class Engine:
 
     def let_go(self, w: Worker) -> None:
         """pmlmd stops watching: a paused or held worker is continued (and told so in agent mode)."""
-        self._carry(w, lifecycle.Resume(), time.monotonic())
+        self._carry(w, lifecycle.Resume(), self.clock.monotonic())
 
     def on_agent_ack(self, req) -> None:
         """A worker acknowledged a request of the agent channel."""
@@ -944,7 +959,7 @@ class Engine:
         if self.workers.get(w.child.pid) is not w:
             return  # it has gone meanwhile
         log.debug("worker %d acknowledged %s", w.child.pid, req.command)
-        self._carry(w, lifecycle.AgentAck(req.command), time.monotonic())
+        self._carry(w, lifecycle.AgentAck(req.command), self.clock.monotonic())
 
     def _agent_expired(self, now: float) -> None:
         for req in self.agent.expired(now):
@@ -986,7 +1001,7 @@ class Engine:
                     env_fd = _memfd("pmlm-env", variables)
             with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
                   else contextlib.nullcontext()) as cgroup:
-                child = procctl.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
+                child = self.processes.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc,
                                       env_fd=env_fd)
@@ -999,7 +1014,7 @@ class Engine:
             if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
                 self._defer(run, task, attempt_no, e)
                 return
-            attempt = run.batch.start_attempt(task, None, time.time())
+            attempt = run.batch.start_attempt(task, None, self.clock.wall())
             # Either fails the attempt like an exit status would: the task counts it against --retry-failed.
             if isinstance(e, DirectoryError):
                 cause, attempt.exit_code, attempt.reason = CAUSE_CWD, 126, str(e)
@@ -1030,7 +1045,7 @@ class Engine:
             except BrokenPipeError:
                 pass  # the gate is gone already: its exit is seen through its pidfd
             os.close(gate_w)
-        attempt = run.batch.start_attempt(task, child.pid, time.time())
+        attempt = run.batch.start_attempt(task, child.pid, self.clock.wall())
         if self.output is not None:
             self.output.spawned(run, task, attempt)
         self._watch(Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child),
@@ -1038,7 +1053,7 @@ class Engine:
 
     def _spawn_room(self) -> int:
         """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
-        if time.monotonic() < self.spawn_blocked_until:
+        if self.clock.monotonic() < self.spawn_blocked_until:
             return 0
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         try:
@@ -1058,13 +1073,13 @@ class Engine:
         run.batch.queue.appendleft(task)
         if self.agent is not None:
             self.agent.worker_gone(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run))
-        self.spawn_blocked_until = time.monotonic() + RESOURCE_BACKOFF
+        self.spawn_blocked_until = self.clock.monotonic() + RESOURCE_BACKOFF
         self._log_shortage(f"cannot start a worker for task {task.index} of batch {run.id}: {error.strerror}")
         self.on_event({"event": "deferred", "batch": run.id, "task": task.index, "cause": CAUSE_RESOURCE,
                        "reason": error.strerror})
 
     def _log_shortage(self, what: str) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now >= self.resource_log_at:
             log.warning("admitting no more workers for now: %s (tasks wait in their queue)", what)
             self.resource_log_at = now + RESOURCE_LOG_EVERY
@@ -1081,7 +1096,7 @@ class Engine:
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
-        worker.life, effects = lifecycle.adopted(worker.life, time.monotonic(), terminate)
+        worker.life, effects = lifecycle.adopted(worker.life, self.clock.monotonic(), terminate)
         self._do(worker, effects)
 
     def _born(self, run: BatchRun, attempt: Attempt, child: procctl.Child) -> lifecycle.Life:
@@ -1089,7 +1104,7 @@ class Engine:
         timeout_at = None
         if modes.timeout is not None:
             # From the attempt's start: an adopted worker's time before the restart counts (its pauses too).
-            timeout_at = time.monotonic() + modes.timeout - max(0.0, time.time() - attempt.start)
+            timeout_at = self.clock.monotonic() + modes.timeout - max(0.0, self.clock.wall() - attempt.start)
         return lifecycle.born(modes, child.started, timeout_at)
 
     def _watch(self, worker: Worker) -> None:
@@ -1100,10 +1115,10 @@ class Engine:
                        "start_ticks": worker.child.start_ticks})
 
     def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
-        self._carry(w, lifecycle.Terminate(cause, reason), time.monotonic())
+        self._carry(w, lifecycle.Terminate(cause, reason), self.clock.monotonic())
 
     def _kill(self, w: Worker, cause: str, reason: str | None) -> None:
-        self._carry(w, lifecycle.Kill(cause, reason), time.monotonic())
+        self._carry(w, lifecycle.Kill(cause, reason), self.clock.monotonic())
 
     def _enforce_deadlines(self, now: float) -> None:
         if self.agent is not None:
@@ -1113,18 +1128,18 @@ class Engine:
             if w.life.due is not None and now >= w.life.due:
                 self._carry(w, lifecycle.Tick(), now)
         for rest, deadline in list(self.stragglers.items()):
-            if _gone(rest):
+            if self._gone(rest):
                 del self.stragglers[rest]
             elif now >= deadline:
-                _kill_rest(rest)
+                self._kill_rest(rest)
                 self.stragglers[rest] = float("inf")
         for stray in self.strays.values():
             if now >= stray.kill_at:
-                _pidfd_signal(stray.pidfd, signal.SIGKILL)
+                self.processes.pidfd_signal(stray.pidfd, signal.SIGKILL)
                 stray.kill_at = float("inf")
 
     def _reap(self, w: Worker) -> None:
-        ended = procctl.reap(w.child)
+        ended = self.processes.reap(w.child)
         if ended is None:
             return
         self.loop.unwatch(w.child.pidfd)
@@ -1137,7 +1152,7 @@ class Engine:
         self.clocks.forget(_threads(w.runtimes))
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
-        now = time.time()
+        now = self.clock.wall()
         run, a = w.run, w.attempt
         end_cause = w.life.cause
         a.stop_path = w.life.stop_path if end_cause else None
@@ -1176,14 +1191,14 @@ class Engine:
                        "status": w.task.status, "reason": a.reason})
         # Whatever the leader left behind in its group goes with it (like a scope's KillMode).
         if w.cgroup is not None:
-            if left or not _gone(w.cgroup):
-                _signal_cgroup(w.cgroup, signal.SIGTERM)
-                _signal_cgroup(w.cgroup, signal.SIGCONT)
-                self.stragglers[w.cgroup] = time.monotonic() + run.batch.spec.term_grace
-        elif procctl.group_alive(w.child.pid):
-            procctl.signal_group(w.child.pid, signal.SIGTERM)
-            procctl.signal_group(w.child.pid, signal.SIGCONT)
-            self.stragglers[w.child.pid] = time.monotonic() + run.batch.spec.term_grace
+            if left or not self._gone(w.cgroup):
+                self.processes.signal_cgroup(w.cgroup, signal.SIGTERM)
+                self.processes.signal_cgroup(w.cgroup, signal.SIGCONT)
+                self.stragglers[w.cgroup] = self.clock.monotonic() + run.batch.spec.term_grace
+        elif self.processes.group_alive(w.child.pid):
+            self.processes.signal_group(w.child.pid, signal.SIGTERM)
+            self.processes.signal_group(w.child.pid, signal.SIGCONT)
+            self.stragglers[w.child.pid] = self.clock.monotonic() + run.batch.spec.term_grace
         # And so does what left the group.
         for pid, pidfd in w.escaped.items():
             self._add_stray(pid, pidfd, run.batch.spec.term_grace)
@@ -1200,7 +1215,7 @@ class Engine:
                 run.intake_closing = True
                 run.intake.close()
             return
-        run.batch.finished = time.time()
+        run.batch.finished = self.clock.wall()
         self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
                        "summary": run.batch.summary_line()})
         del self.runs[run.id]
@@ -1282,7 +1297,7 @@ class Engine:
         run.deliveries[task.index] = d
         self.on_event({"event": "added", "batch": run.id, "task": task.index})
         if problem is not None:  # exec could not take it: not a task line, whichever node tries
-            attempt = run.batch.fail_unrunnable(task, time.time(), CAUSE_BAD_MESSAGE,
+            attempt = run.batch.fail_unrunnable(task, self.clock.wall(), CAUSE_BAD_MESSAGE,
                                                 f"the message cannot be a task line: {problem}")
             self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
                            "cause": CAUSE_BAD_MESSAGE, "status": task.status, "reason": attempt.reason})
@@ -1322,7 +1337,7 @@ class Engine:
         excess = len(run.deliveries) - credit
         if excess <= 0:
             return
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for task in reversed(list(run.batch.queue)):
             if excess <= 0:
                 break
@@ -1377,6 +1392,18 @@ class Engine:
                 "duration_s": round(last.end - last.start, 3) if last and last.end is not None else None}
 
     # --- stopping ------------------------------------------------------------------------
+    def _gone(self, rest: int | cgroups_module.Worker) -> bool:
+        """Has an ended worker's rest (its process group, or its cgroup) gone? An empty cgroup is removed."""
+        if isinstance(rest, int):
+            return not self.processes.group_alive(rest)
+        return rest.remove()
+
+    def _kill_rest(self, rest: int | cgroups_module.Worker) -> None:
+        if isinstance(rest, int):
+            self.processes.signal_group(rest, signal.SIGKILL)
+        else:
+            self.processes.signal_cgroup(rest, signal.SIGKILL)
+
     def abandon(self) -> None:
         """On the way out for any reason, leave nothing running and nothing stopped."""
         for w in list(self.workers.values()):
@@ -1389,9 +1416,9 @@ class Engine:
             os.close(w.child.pidfd)
         self.workers.clear()
         for rest in self.stragglers:
-            _kill_rest(rest)
+            self._kill_rest(rest)
             if isinstance(rest, int):
-                procctl.signal_group(rest, signal.SIGCONT)
+                self.processes.signal_group(rest, signal.SIGCONT)
         self.stragglers.clear()
         self.close()
         if self.cgroups is not None:
@@ -1399,10 +1426,10 @@ class Engine:
         self._adopt_orphans()
         for pid in list(self.strays):
             stray = self.strays.pop(pid)
-            _pidfd_signal(stray.pidfd, signal.SIGKILL)
-            _pidfd_signal(stray.pidfd, signal.SIGCONT)
+            self.processes.pidfd_signal(stray.pidfd, signal.SIGKILL)
+            self.processes.pidfd_signal(stray.pidfd, signal.SIGCONT)
             self.loop.unwatch(stray.pidfd)
-            _reap_if_ours(pid)
+            self.processes.reap_if_ours(pid)
             os.close(stray.pidfd)
 
     # --- reporting -------------------------------------------------------------------------
@@ -1410,7 +1437,7 @@ class Engine:
         return sum(1 for w in self.workers.values() if w.state == state and (run is None or w.run is run))
 
     def _record(self, d: Decision, sample: NodeSample, w: Worker | None, run: BatchRun | None) -> None:
-        latency_ms = (time.monotonic() - sample.time) * 1000
+        latency_ms = (self.clock.monotonic() - sample.time) * 1000
         target = f" worker {w.child.pid} (batch {run.id}, task {w.task.index})" if w else ""
         count = f" {d.count} for batch {d.batch}" if d.action == SPAWN else ""
         free = free_bytes(sample, self.limits)
@@ -1474,56 +1501,6 @@ class Stray:
 def _threads(runtimes: dict[int, dict[int, int]]) -> set[tuple[int, int]]:
     """The (pid, tid) pairs of a Worker.runtimes."""
     return {(pid, tid) for pid, threads in runtimes.items() for tid in threads}
-
-
-def _signal_cgroup(cgroup: cgroups_module.Worker, sig: int) -> None:
-    """A signal to a worker in a cgroup of its own: SIGSTOP freezes the cgroup, SIGCONT thaws it
-    (and continues what anyone else stopped), SIGKILL is cgroup.kill, any other goes to each member.
-    A cgroup already gone takes nothing."""
-    try:
-        if sig == signal.SIGSTOP:
-            cgroup.freeze()
-        elif sig == signal.SIGCONT:
-            cgroup.thaw()
-            cgroup.signal(signal.SIGCONT)
-        elif sig == signal.SIGKILL:
-            cgroup.kill()
-        else:
-            cgroup.signal(sig)
-    except FileNotFoundError:
-        pass  # gone with its last process
-    except OSError as e:
-        log.warning("cannot %s the worker cgroup %s: %s", {signal.SIGSTOP: "freeze", signal.SIGCONT: "thaw",
-                    signal.SIGKILL: "kill"}.get(sig, "signal"), cgroup.path, e.strerror)
-
-
-def _gone(rest: int | cgroups_module.Worker) -> bool:
-    """Has an ended worker's rest (its process group, or its cgroup) gone? An empty cgroup is removed."""
-    if isinstance(rest, int):
-        return not procctl.group_alive(rest)
-    return rest.remove()
-
-
-def _kill_rest(rest: int | cgroups_module.Worker) -> None:
-    if isinstance(rest, int):
-        procctl.signal_group(rest, signal.SIGKILL)
-    else:
-        _signal_cgroup(rest, signal.SIGKILL)
-
-
-def _pidfd_signal(pidfd: int, sig: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        pass  # it has exited (not yet reaped)
-
-
-def _reap_if_ours(pid: int) -> None:
-    """Reap the process if it is pmlmd's child (re-parented to it) and has exited."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child: its own parent reaps it
 
 
 # How dash's ulimit builtin names each limit and the unit it counts in (bytes per unit, or 1).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from typing import Mapping
 
 from . import workdir
 from .sampler import CLOCK_TICKS, ProcReader
+
+log = logging.getLogger("pmlmd.procctl")
 
 # The descriptor on which a gated worker finds its variables (engine.gated).
 ENV_FD = 3
@@ -198,6 +201,43 @@ def group_alive(pgid: int) -> bool:
     return signal_group(pgid, 0)
 
 
+def pidfd_signal(pidfd: int, sig: int) -> None:
+    """Send ``sig`` to the process of the pidfd (pidfd_send_signal(2)); nothing once it has exited."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass  # it has exited (not yet reaped)
+
+
+def reap_if_ours(pid: int) -> None:
+    """Reap the process if it is our child (re-parented to us) and has exited."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: its own parent reaps it
+
+
+def signal_cgroup(cgroup, sig: int) -> None:
+    """A signal to a worker in a cgroup of its own (cgroup.Worker): SIGSTOP freezes the cgroup,
+    SIGCONT thaws it (and continues what anyone else stopped), SIGKILL is cgroup.kill, any other
+    goes to each member. A cgroup already gone takes nothing; another failure is logged."""
+    try:
+        if sig == signal.SIGSTOP:
+            cgroup.freeze()
+        elif sig == signal.SIGCONT:
+            cgroup.thaw()
+            cgroup.signal(signal.SIGCONT)
+        elif sig == signal.SIGKILL:
+            cgroup.kill()
+        else:
+            cgroup.signal(sig)
+    except FileNotFoundError:
+        pass  # gone with its last process
+    except OSError as e:
+        log.warning("cannot %s the worker cgroup %s: %s", {signal.SIGSTOP: "freeze", signal.SIGCONT: "thaw",
+                    signal.SIGKILL: "kill"}.get(sig, "signal"), cgroup.path, e.strerror)
+
+
 def reap(child: Child) -> Exit | None:
     """Reap the child if it has exited (its pidfd is readable); None if it still runs.
 
@@ -239,3 +279,18 @@ def adopt(pid: int, start_ticks: int, proc: ProcReader | None = None) -> Child |
     if pidfd is None:
         return None
     return Child(pid=pid, start_ticks=start_ticks, pidfd=pidfd, started=time.monotonic(), adopted=True)
+
+
+class Processes:
+    """Process control as the engine uses it: one method per kind of call it makes on workers'
+    processes. The real one calls this module's functions; a test overrides them (a fake that
+    records signals and hands out exits), as oomd puts its kill calls behind overridable methods."""
+
+    spawn = staticmethod(spawn)
+    reap = staticmethod(reap)
+    signal_group = staticmethod(signal_group)
+    group_alive = staticmethod(group_alive)
+    pidfd_signal = staticmethod(pidfd_signal)
+    reap_if_ours = staticmethod(reap_if_ours)
+    signal_cgroup = staticmethod(signal_cgroup)
+    open_pidfd = staticmethod(open_pidfd)

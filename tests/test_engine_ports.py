@@ -1,0 +1,211 @@
+"""The engine driven through its ports only: a fake clock (engine.Clock), fake process control
+(procctl.Processes: spawn hands out pids and eventfds for pidfds, signals are recorded, exits are
+handed in) and a /proc laid out in a directory (sampler.ProcReader's root). No worker process
+runs and no signal is sent: what a sample becomes is checked signal by signal, at the times the
+fake clock says.
+
+Mocked here, and why: process control and the clock, which the other engine tests exercise for
+real; the point is to pin the sequence and timing of signals, which real processes and real time
+make loose."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from pmlmd import procctl
+from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
+from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.governor import Limits
+from pmlmd.sampler import PAGE_SIZE, ProcReader
+
+MiB = 1 << 20
+GiB = 1 << 30
+TOTAL = 16 * GiB
+LIMITS = Limits(cpu_limit=80.0, memfree_limit=20.0, memory_gap=200 * MiB, min_free=300 * MiB, max_workers=2,
+                cpu_margin=10.0, interval=0.5)
+LIMIT = LIMITS.memory_limit_bytes(TOTAL)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1.7e9 + self.now
+
+
+class FakeProc:
+    """A /proc tree in a directory: the node's meminfo and stat, and each fake worker's stat,
+    schedstat and children (written in place, so descriptors pmlmd keeps read what is new)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.busy = self.total = 0
+        self.available = 8 * GiB
+        me = root / str(os.getpid()) / "task" / str(os.getpid())
+        me.mkdir(parents=True)
+        (me / "children").write_text("")  # the kernel keeps children lists (walk trees)
+        self.node(cpu=10.0, seconds=0.0)
+
+    def _write(self, relpath: str, text: str) -> None:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+    def node(self, cpu: float, seconds: float, available: int | None = None) -> None:
+        """``seconds`` more of the node at ``cpu`` percent busy; free memory ``available``."""
+        ticks = round(seconds * 100 * 2)  # two CPUs at 100 ticks a second
+        self.busy += round(ticks * cpu / 100)
+        self.total += ticks
+        if available is not None:
+            self.available = available
+        idle = self.total - self.busy
+        self._write("stat", f"cpu  {self.busy} 0 0 {idle} 0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\n")
+        kib = self.available // 1024
+        self._write("meminfo", f"MemTotal: {TOTAL // 1024} kB\nMemFree: {kib} kB\nMemAvailable: {kib} kB\n")
+
+    def worker(self, pid: int, rss: int, ran_ns: int, state: str = "S") -> None:
+        fields = [state, "1", str(pid)] + ["0"] * 8 + [str(ran_ns // 10_000_000), "0", "0", "0"] + ["0"] * 4 + \
+                 ["4242", "0", str(rss // PAGE_SIZE)] + ["0"] * 20
+        self._write(f"{pid}/stat", f"{pid} (work) " + " ".join(fields) + "\n")
+        self._write(f"{pid}/task/{pid}/schedstat", f"{ran_ns} 0 0\n")
+        self._write(f"{pid}/task/{pid}/children", "")
+
+
+class FakeProcesses(procctl.Processes):
+    """Workers that are pids and eventfds: spawn records the command, signals are recorded, an
+    exit is handed in with ``exit`` and read by ``reap``."""
+
+    def __init__(self, clock: FakeClock, proc: FakeProc):
+        self.clock, self.proc = clock, proc
+        self.next_pid = 40000
+        self.spawned: list[int] = []
+        self.signals: list[tuple[int, int]] = []  # (pgid, signal), in order
+        self.exits: dict[int, procctl.Exit] = {}
+        self.pidfds: dict[int, int] = {}
+
+    def spawn(self, argv, env, **kw):
+        pid, self.next_pid = self.next_pid, self.next_pid + 1
+        self.proc.worker(pid, rss=50 * MiB, ran_ns=0)
+        self.pidfds[pid] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.spawned.append(pid)
+        return procctl.Child(pid=pid, start_ticks=4242, pidfd=self.pidfds[pid], started=self.clock.monotonic())
+
+    def signal_group(self, pgid, sig):
+        self.signals.append((pgid, sig))
+        return pgid not in self.exits
+
+    def group_alive(self, pgid):
+        return False  # nothing of an ended worker is left
+
+    def reap(self, child):
+        return self.exits.pop(child.pid, None)
+
+    def exit(self, pid: int, exit_code: int | None = None, sig: int | None = None) -> None:
+        self.exits[pid] = procctl.Exit(exit_code=exit_code, signal=sig, cpu_seconds=0.0, max_rss=0)
+        os.eventfd_write(self.pidfds[pid], 1)
+
+    def of(self, pid: int) -> list[int]:
+        return [sig for p, sig in self.signals if p == pid]
+
+
+@pytest.fixture
+def rig(tmp_path):
+    clock = FakeClock()
+    proc = FakeProc(tmp_path)
+    processes = FakeProcesses(clock, proc)
+    loop = Loop()
+    events: list[dict] = []
+    engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
+                    on_event=events.append)
+    yield engine, clock, proc, processes, loop, events
+    engine.close()
+    loop.close()
+    for fd in processes.pidfds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed by the engine when it reaped the worker
+
+
+def submit(engine, tasks=2, **spec):
+    spec = BatchSpec(batch_id="b", command=["work"], tasks=[None] * tasks, limits=engine.limits, **spec)
+    return engine.add(BatchRun(batch=Batch(spec, 0.0), limits=spec.limits))
+
+
+def advance(engine, clock, proc, seconds, cpu=10.0, available=None, steps=1):
+    """Let ``seconds`` pass in ``steps`` ticks, the node at ``cpu`` percent and ``available`` bytes free."""
+    for _ in range(steps):
+        clock.now += seconds / steps
+        proc.node(cpu=cpu, seconds=seconds / steps, available=available)
+        engine.tick()
+
+
+def test_a_worker_is_terminated_below_the_limit_and_killed_after_the_grace(rig):
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=2, term_grace=5.0)
+    advance(engine, clock, proc, 0.3, steps=3)
+    advance(engine, clock, proc, 1.0, steps=4)  # the ramp admits a second worker once the first was seen
+    assert len(processes.spawned) == 2 and processes.signals == []
+    first, second = processes.spawned
+    proc.worker(second, rss=3 * GiB, ran_ns=10**9)  # the newest grows ...
+    advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)  # ... and takes free memory below L
+    assert processes.of(second) == [signal.SIGTERM, signal.SIGCONT] and processes.of(first) == []
+    terminated_at = clock.now
+    advance(engine, clock, proc, 4.9, available=LIMIT - 500 * MiB + 3 * GiB, steps=10)  # it ignores SIGTERM
+    assert processes.of(second) == [signal.SIGTERM, signal.SIGCONT]
+    advance(engine, clock, proc, 0.2)
+    assert processes.of(second)[2:] == [signal.SIGKILL, signal.SIGCONT]
+    assert clock.now - terminated_at >= 5.0  # not before the grace
+    processes.exit(second, sig=signal.SIGKILL)
+    loop.poll(0)
+    (end,) = [e for e in events if e["event"] == "end"]
+    assert end["cause"] == CAUSE_GOVERNOR_MEMORY and "SIGKILL after 5s grace" in end["reason"]
+    assert run.batch.tasks[1].status == QUEUED  # requeued (--retries)
+
+
+def test_a_burner_is_paused_over_the_cpu_limit_and_continued_when_the_node_is_calm(rig):
+    engine, clock, proc, processes, loop, events = rig
+    submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    ran = 0
+    for _ in range(4):  # it uses a third of a core (16 % of the node), and the node is at 100 %
+        ran += 80_000_000
+        proc.worker(pid, rss=50 * MiB, ran_ns=ran, state="R")
+        advance(engine, clock, proc, 0.25, cpu=100.0)
+    assert processes.of(pid) == [signal.SIGSTOP]
+    paused_at = clock.now
+    proc.worker(pid, rss=50 * MiB, ran_ns=ran, state="T")
+    advance(engine, clock, proc, 0.3, cpu=5.0, steps=3)
+    assert processes.of(pid) == [signal.SIGSTOP]  # not within the interval it was paused in
+    advance(engine, clock, proc, 0.5, cpu=5.0, steps=5)
+    assert processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]
+    assert clock.now - paused_at >= LIMITS.interval
+
+
+def test_the_timeout_counts_running_time_only(rig):
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=1, timeout=2.0, term_grace=1.0)
+    advance(engine, clock, proc, 0.1)
+    (pid,) = processes.spawned
+    engine.hold(run)
+    assert processes.of(pid) == [signal.SIGSTOP]
+    advance(engine, clock, proc, 10.0, steps=5)  # held far longer than the timeout
+    engine.resume(run)
+    assert processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]
+    advance(engine, clock, proc, 1.8, steps=6)
+    assert processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]  # 1.9 s of running time
+    advance(engine, clock, proc, 0.3, steps=3)
+    assert processes.of(pid)[2:] == [signal.SIGTERM, signal.SIGCONT]
+    assert any(e["event"] == "timeout" for e in events)
+    processes.exit(pid, sig=signal.SIGTERM)
+    loop.poll(0)
+    (end,) = [e for e in events if e["event"] == "end"]
+    assert end["cause"] == CAUSE_TIMEOUT
