@@ -1073,6 +1073,25 @@ def cmd_report(parser, args) -> int:
 ENGINE_WORDS = {"held": "paused", "released": "resumed", "noncompliant": "a worker did not comply with an agent pause"}
 
 
+# How each event that is one line of its fields reads (pmlmctl events, submit --wait).
+EVENT_TEXTS = {
+    "start": "task {task} attempt {attempt} started as pid {pid}",
+    "finished": "finished: {summary}",
+    "timeout": "task {task} worker {pid} ran past its --timeout: terminating it",
+    "halted": "{reason}",
+    "added": "task {task} taken from the queue",
+    "returned": "task {task} back to the queue: {reason}",
+    "settled": "task {task} {settled}: {reason}",
+}
+
+
+class _Fields(dict):
+    """An event's fields for str.format_map: one it lacks reads None."""
+
+    def __missing__(self, key):
+        return None
+
+
 def describe_event(e: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
     batch = f"batch {e['batch']}" if e.get("batch") else "node"
@@ -1085,22 +1104,10 @@ def describe_event(e: dict) -> str:
         how = f"signal {e['signal']}" if e.get("signal") else (
             f"exit {e['exit_code']}" if e.get("exit_code") is not None else "exit status unknown")
         return f"{when} {batch}: task {e['task']} attempt {e['attempt']} ended ({how}, {e['cause']}): {e['status']}"
-    if kind == "start":
-        return f"{when} {batch}: task {e['task']} attempt {e['attempt']} started as pid {e['pid']}"
-    if kind == "finished":
-        return f"{when} {batch}: finished: {e['summary']}"
-    if kind == "timeout":
-        return f"{when} {batch}: task {e['task']} worker {e['pid']} ran past its --timeout: terminating it"
-    if kind == "halted":
-        return f"{when} {batch}: {e['reason']}"
+    if kind in EVENT_TEXTS:
+        return f"{when} {batch}: " + EVENT_TEXTS[kind].format_map(_Fields(e))
     if kind == "intake":
         return f"{when} {batch}: intake {e.get('state')}" + (f": {e['detail']}" if e.get("detail") else "")
-    if kind == "added":
-        return f"{when} {batch}: task {e['task']} taken from the queue"
-    if kind == "returned":
-        return f"{when} {batch}: task {e['task']} back to the queue: {e.get('reason')}"
-    if kind == "settled":
-        return f"{when} {batch}: task {e['task']} {e.get('settled')}: {e.get('reason')}"
     if kind == "dropped":  # the daemon could not keep up with this reader's pace (see pmlmd/outbox.py)
         return f"{when} events dropped: {e['count']} (the reader was too slow)"
     # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.

@@ -32,8 +32,8 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
-from .governor import (CRITICAL, PAUSE, PAUSED, ENDING, RUNNING, SPAWN, Decision, Limits, NodeSample, WorkerView,
-                       Workload, decide_batches, free_bytes, next_interval)
+from .governor import (CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits, NodeSample,
+                       WorkerView, Workload, decide_batches, free_bytes, next_interval, refresh_due, workload)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -46,7 +46,6 @@ log = logging.getLogger("pmlmd.engine")
 # A step starts workers for at most this many seconds, then lets the loop serve its sockets (a
 # status, a pause, an ack) and goes on in the next step: admitting 1,000 workers is not one stall.
 SPAWN_BUDGET = 0.02
-FAST_REFRESH = 0.05  # near the memory limit, worker sizes are refreshed at least this often
 ORPHAN_SCAN = 5.0  # seconds between looks for orphans to reap when every worker has a cgroup
 STRAGGLER_POLL = 0.05  # how often to look whether leftover group members are gone
 ABANDON_WAIT = 2.0  # seconds the way out waits for killed workers' cgroups to empty
@@ -194,9 +193,7 @@ class BatchRun:
     umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
     results: str | None = None  # --results: an absolute directory, written as the owner (see output)
-    finished_rss: list = field(default_factory=lambda: [0, 0])  # sum of peak RSS, count
-    finished_peak: int = 0  # bytes: the highest peak RSS of its finished workers (its memory profile)
-    finished_cpu: list = field(default_factory=lambda: [0.0, 0])  # sum of lifetime CPU share, count
+    finished: Finished = field(default_factory=Finished)  # what its ended workers measured (its profile)
     halted: bool = False  # the engine has acted on the batch's --halt
     intake: object | None = None  # intake.Intake of a queue batch, made by Engine.add
     deliveries: dict = field(default_factory=dict)  # task index -> intake.Delivery, until it is settled
@@ -498,14 +495,8 @@ class Engine:
                                      limits.min_free)
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
-        since_refresh = sample.time - self.last_refresh
-        near_memory_limit = free < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
-        # Near the CPU limit with workers paused, turns are taken (governor rule 5): a continued
-        # worker is measured again within half an interval.
         paused = any(w.state == PAUSED for w in self.workers.values())
-        taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
-        if self.workers and (since_refresh >= limits.interval or (near_memory_limit and since_refresh >= FAST_REFRESH)
-                             or (taking_turns and since_refresh >= limits.interval / 4)):
+        if self.workers and refresh_due(sample, limits, sample.time - self.last_refresh, paused):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
         if self.spawn_backlog:
@@ -568,21 +559,11 @@ class Engine:
         return sorted(runs, key=lambda r: (-r.priority, r.seq))
 
     def _workload(self, run: BatchRun) -> Workload:
-        rss_sum, rss_n = run.finished_rss
-        cpu_sum, cpu_n = run.finished_cpu
         mine = self.workers_of(run)
-        for w in mine:
-            if w.measured_at is not None:
-                rss_sum += w.peak_rss
-                rss_n += 1
-            if w.state == RUNNING and w.cpu is not None:
-                cpu_sum += w.cpu
-                cpu_n += 1
         room = None if run.max_workers is None else max(0, run.max_workers - len(mine))
         queued = len(run.batch.queue) + (OPEN_DEMAND if self._taking(run) else 0)
-        return Workload(queued=queued, avg_rss=rss_sum / rss_n if rss_n else None,
-                        avg_cpu=cpu_sum / cpu_n if cpu_n else None, key=run.id, room=room,
-                        peak_rss=run.finished_peak or None)
+        return workload(run.id, queued, room, run.finished, (w.peak_rss for w in mine if w.measured_at is not None),
+                        (w.cpu for w in mine if w.state == RUNNING and w.cpu is not None))
 
     def _decide(self, sample: NodeSample, paused: bool) -> list[Decision]:
         """The node-wide decision, narrowed by batches that asked for stricter limits. ``paused``:
@@ -1158,12 +1139,7 @@ class Engine:
         a.stop_path = w.life.stop_path if end_cause else None
         a.exit_code, a.signal, a.cpu_seconds = ended.exit_code, ended.signal, ended.cpu_seconds
         a.peak_rss = max(w.peak_rss, ended.max_rss)
-        run.finished_rss[0] += a.peak_rss
-        run.finished_rss[1] += 1
-        run.finished_peak = max(run.finished_peak, a.peak_rss)
-        wall = max(now - a.start, 1e-3)
-        run.finished_cpu[0] += 100.0 * ended.cpu_seconds / wall / self.node.cpu_count
-        run.finished_cpu[1] += 1
+        run.finished.add(a.peak_rss, 100.0 * ended.cpu_seconds / max(now - a.start, 1e-3) / self.node.cpu_count)
         if w.life.noncompliant:
             a.reason = "; ".join(filter(None, [NONCOMPLIANT_NOTE, a.reason]))
         if w.escaped:

@@ -83,6 +83,7 @@ KILL = "kill"
 CRITICAL = "critical"
 
 VICTIM_POLICIES = ("newest", "oldest", "largest")
+FAST_REFRESH = 0.05  # seconds: near the memory limit, workers are measured at least this often (refresh_due)
 MEMORY_METRICS = ("available", "free")
 
 # A worker whose memory grows faster than this is "growing" (noise from page
@@ -143,6 +144,23 @@ class WorkerView:
     running_since: float | None = None  # monotonic seconds: since it last started or was continued
 
 
+@dataclass
+class Finished:
+    """What a batch's finished workers measured: the part of its profile that no longer changes."""
+
+    count: int = 0
+    rss_sum: float = 0.0  # bytes: the sum of their peak RSS
+    peak: int = 0  # bytes: the highest of them
+    cpu_sum: float = 0.0  # percent of the node: the sum of their lifetime CPU shares
+
+    def add(self, peak_rss: int, cpu: float) -> None:
+        """One more ended worker: ``peak_rss`` bytes at most, ``cpu`` percent of the node over its life."""
+        self.count += 1
+        self.rss_sum += peak_rss
+        self.peak = max(self.peak, peak_rss)
+        self.cpu_sum += cpu
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one batch still wants to run; the caller lists batches in admission order."""
@@ -165,6 +183,32 @@ class Decision:
     batch: Hashable = None  # for spawn: which Workload gets the workers
     rule: str = ""
     reason: str = ""
+
+
+def workload(key: Hashable, queued: int, room: int | None, finished: Finished, peaks: Iterable[float],
+             cpus: Iterable[float]) -> Workload:
+    """A batch's Workload: its averages over its finished workers and its live ones, ``peaks`` the
+    peak RSS (bytes) of each live worker measured so far, ``cpus`` the CPU share (percent of the
+    node) of each running worker measured so far; its profile is the peak of the finished."""
+    peaks, cpus = list(peaks), list(cpus)
+    rss_n, cpu_n = finished.count + len(peaks), finished.count + len(cpus)
+    return Workload(queued=queued, key=key, room=room, peak_rss=finished.peak or None,
+                    avg_rss=(finished.rss_sum + sum(peaks)) / rss_n if rss_n else None,
+                    avg_cpu=(finished.cpu_sum + sum(cpus)) / cpu_n if cpu_n else None)
+
+
+def refresh_due(sample: NodeSample, limits: Limits, since_refresh: float, paused: bool) -> bool:
+    """Whether the workers are measured again at this sample, ``since_refresh`` seconds after the
+    last time: every interval; near the memory limit (below L + G) every FAST_REFRESH, for a
+    grower's size; near the CPU limit with workers paused every quarter interval, for turns
+    (rule 5) are taken by what a continued worker uses."""
+    if since_refresh >= limits.interval:
+        return True
+    near_memory = free_bytes(sample, limits) < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
+    if near_memory and since_refresh >= FAST_REFRESH:
+        return True
+    taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
+    return taking_turns and since_refresh >= limits.interval / 4
 
 
 def node_cpu(sample: NodeSample, paused: Iterable[WorkerView]) -> float | None:

@@ -544,3 +544,28 @@ def test_without_stricter_batches_decide_batches_is_decide():
     from pmlmd.governor import decide_batches
     workers = [worker(1), paused(2)]
     assert decide_batches(node(), workers, [WORK], LIMITS, {}) == decide(node(), workers, [WORK], LIMITS)
+
+
+# --- when workers are measured, and what a batch's profile is ---------------------------------------
+@pytest.mark.parametrize("free, cpu, paused, since, due", [
+    (8 * GiB, 20.0, False, 0.5, True),  # every interval
+    (8 * GiB, 20.0, False, 0.4, False),
+    (LIMIT + 100 * MiB, 20.0, False, 0.05, True),  # in the gap: every FAST_REFRESH
+    (LIMIT + 100 * MiB, 20.0, False, 0.04, False),
+    (8 * GiB, 75.0, True, 0.125, True),  # turns near the CPU limit: every quarter interval
+    (8 * GiB, 75.0, False, 0.125, False),  # nobody paused: no turns to take
+    (8 * GiB, 60.0, True, 0.125, False),  # below the limit less its margin: no turns either
+])
+def test_workers_are_measured_more_often_near_a_limit(free, cpu, paused, since, due):
+    from pmlmd.governor import refresh_due
+    assert refresh_due(node(free=free, cpu=cpu), LIMITS, since, paused) is due
+
+
+def test_a_batch_profile_averages_finished_and_live_workers_and_peaks_over_the_finished():
+    from pmlmd.governor import Finished, workload
+    finished = Finished()
+    assert workload("b", 3, None, finished, [], []) == Workload(queued=3, key="b")  # nothing measured yet
+    finished.add(100 * MiB, 30.0)
+    finished.add(300 * MiB, 10.0)
+    w = workload("b", 3, 2, finished, [200 * MiB], [50.0])
+    assert (w.avg_rss, w.avg_cpu, w.peak_rss, w.room) == (200 * MiB, 30.0, 300 * MiB, 2)
