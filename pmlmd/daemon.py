@@ -558,11 +558,7 @@ class Daemon:
         """Take a batch that failed half-way through ``_resume`` back out of the engine."""
         if run.frozen:
             self.scopes.thaw(run.id)
-        for w in self.engine.workers_of(run):
-            self.loop.unwatch(w.child.pidfd)
-            os.close(w.child.pidfd)
-            del self.engine.workers[w.child.pid]
-        self.engine.runs.pop(run.id, None)
+        self.engine.withdraw(run)
 
     def _resume(self, stored: StoredBatch, run: BatchRun) -> None:
         """Adopt a restored batch's workers that still run and hand the batch to the engine.

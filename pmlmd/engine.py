@@ -289,6 +289,9 @@ class Engine:
         self.on_event = on_event or (lambda event: None)
         self.runs: dict[str, BatchRun] = {}
         self.workers: dict[int, Worker] = {}
+        # Kept as workers come, change and go, so that a step costs nothing per idle worker:
+        self.tally: collections.Counter = collections.Counter()  # how many workers are in each state
+        self.timed: dict[int, Worker] = {}  # the workers with a deadline (Life.due), by pid
         self.cgroups = cgroups
         # The node stalling on memory wakes the loop for a sample (a PSI trigger), where PSI exists.
         self.pressure: PressureTrigger | None = None
@@ -462,10 +465,9 @@ class Engine:
     def next_deadline(self) -> float:
         """When ``tick`` has something to do (monotonic seconds; inf: nothing but events)."""
         workers_due = math.inf
-        for w in self.workers.values():
-            due = w.life.due
-            if due is not None and due < workers_due:
-                workers_due = due
+        for w in self.timed.values():
+            if w.life.due < workers_due:
+                workers_due = w.life.due
         # The next tick looks at the workers only from then on: a deadline set meanwhile (by a
         # callback of this loop turn) lies after the moment it was set, so after that tick.
         self.workers_due = workers_due
@@ -495,7 +497,7 @@ class Engine:
                                      limits.min_free)
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
-        paused = any(w.state == PAUSED for w in self.workers.values())
+        paused = self.tally[PAUSED] > 0
         if self.workers and refresh_due(sample, limits, sample.time - self.last_refresh, paused):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
@@ -515,10 +517,9 @@ class Engine:
         for run in list(self.runs.values()):
             if run.id in holding:
                 self._credit(run, decisions, holding[run.id])
-        states = collections.Counter(w.state for w in self.workers.values())
         self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
                        "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
-                       "running": states[RUNNING], "paused": states[PAUSED]})
+                       "running": self.tally[RUNNING], "paused": self.tally[PAUSED]})
         fastest = min([limits.interval] + [run.limits.interval for run in self.runs.values()])
         pace = limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
         watching = bool(self.workers)
@@ -901,8 +902,20 @@ class Engine:
 
     def _carry(self, w: Worker, event: lifecycle.Event, now: float) -> None:
         """Hand ``event`` to the worker's lifecycle (lifecycle.handle) and carry out what it says."""
-        w.life, effects = lifecycle.handle(w.life, event, now)
+        life, effects = lifecycle.handle(w.life, event, now)
+        self._relife(w, life)
         self._do(w, effects)
+
+    def _relife(self, w: Worker, life: lifecycle.Life) -> None:
+        """The worker's lifecycle state is now ``life``: the tally and the deadlines follow."""
+        before, w.life = w.life, life
+        if before.phase.STATE != life.phase.STATE:
+            self.tally[before.phase.STATE] -= 1
+            self.tally[life.phase.STATE] += 1
+        if life.due is not None:
+            self.timed[w.child.pid] = w
+        else:
+            self.timed.pop(w.child.pid, None)
 
     def _do(self, w: Worker, effects: list[lifecycle.Effect]) -> None:
         """Carry out what the worker's lifecycle said, in order."""
@@ -1077,7 +1090,8 @@ class Engine:
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
-        worker.life, effects = lifecycle.adopted(worker.life, self.clock.monotonic(), terminate)
+        life, effects = lifecycle.adopted(worker.life, self.clock.monotonic(), terminate)
+        self._relife(worker, life)
         self._do(worker, effects)
 
     def _born(self, run: BatchRun, attempt: Attempt, child: procctl.Child) -> lifecycle.Life:
@@ -1090,6 +1104,9 @@ class Engine:
 
     def _watch(self, worker: Worker) -> None:
         self.workers[worker.child.pid] = worker
+        self.tally[worker.state] += 1
+        if worker.life.due is not None:
+            self.timed[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
                        "attempt": worker.attempt.number, "pid": worker.child.pid,
@@ -1105,8 +1122,8 @@ class Engine:
         if self.agent is not None:
             self._agent_expired(now)
         due, self.workers_due = self.workers_due, -math.inf  # a tick without next_deadline looks at all
-        for w in list(self.workers.values()) if now >= due else ():
-            if w.life.due is not None and now >= w.life.due:
+        for w in list(self.timed.values()) if now >= due else ():
+            if now >= w.life.due:
                 self._carry(w, lifecycle.Tick(), now)
         for rest, deadline in list(self.stragglers.items()):
             if self._gone(rest):
@@ -1129,7 +1146,7 @@ class Engine:
         # (in its cgroup, if it had one: they are ended with it below).
         if w.cgroup is None:
             self._adopt_orphans(exited=w)
-        del self.workers[w.child.pid]
+        self._forget(w)
         self.clocks.forget(_threads(w.runtimes))
         if self.agent is not None:
             self.agent.worker_gone(w.worker_id, _uid(w))
@@ -1410,7 +1427,23 @@ class Engine:
 
     # --- reporting -------------------------------------------------------------------------
     def count(self, state: str, run: BatchRun | None = None) -> int:
-        return sum(1 for w in self.workers.values() if w.state == state and (run is None or w.run is run))
+        """How many workers (of ``run``) are in ``state``."""
+        if run is None:
+            return self.tally[state]
+        return sum(1 for w in self.workers.values() if w.state == state and w.run is run)
+
+    def _forget(self, w: Worker) -> None:
+        del self.workers[w.child.pid]
+        self.tally[w.state] -= 1
+        self.timed.pop(w.child.pid, None)
+
+    def withdraw(self, run: BatchRun) -> None:
+        """Stop watching the batch's workers, leaving them as they are, and drop the batch."""
+        for w in self.workers_of(run):
+            self.loop.unwatch(w.child.pidfd)
+            os.close(w.child.pidfd)
+            self._forget(w)
+        self.runs.pop(run.id, None)
 
     def _record(self, d: Decision, sample: NodeSample, w: Worker | None, run: BatchRun | None) -> None:
         latency_ms = (self.clock.monotonic() - sample.time) * 1000
