@@ -66,10 +66,11 @@ def cgroup2_mount(mountinfo: str = MOUNTINFO) -> str | None:
     return None
 
 
-def own_cgroup(pid: str = "self") -> str | None:
-    """The cgroup2 path of a process relative to the mount ("0::PATH" in /proc/PID/cgroup), or None."""
+def own_cgroup(pid: str = "self", proc_root: str = "/proc") -> str | None:
+    """The cgroup2 path of a process relative to the mount ("0::PATH" in /proc/PID/cgroup, read
+    under ``proc_root``), or None."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
+        with open(f"{proc_root}/{pid}/cgroup") as f:
             for line in f:
                 if line.startswith("0::"):
                     return line[3:].rstrip("\n")

@@ -32,8 +32,9 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
-from .governor import (CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits, NodeSample,
-                       WorkerView, Workload, decide_batches, free_bytes, next_interval, refresh_due, workload)
+from .governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
+                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, next_interval, refresh_due,
+                       workload)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -413,10 +414,13 @@ class Engine:
     def hold(self, run: BatchRun) -> None:
         """A user's pause: stop every worker of the batch and admit none until it is resumed."""
         run.held = True
-        # The freezer stops the whole scope at once, children the workers forked included.
-        run.frozen = not self._modes(run).pause_by_agent and self.scopes.freeze(run.id)
+        # The freezer stops the whole scope at once, children the workers forked included; not
+        # where a worker is being ended: frozen, it could not act on its SIGTERM in its grace.
+        mine = self.workers_of(run)
+        run.frozen = (not self._modes(run).pause_by_agent and not any(w.state in ENDING for w in mine)
+                      and self.scopes.freeze(run.id))
         now = self.clock.monotonic()
-        for w in self.workers_of(run):
+        for w in mine:
             self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
         self.on_event({"event": "held", "batch": run.id})
 
@@ -688,7 +692,7 @@ class Engine:
         return idle
 
     def _scope_stat(self, pid: int) -> str:
-        relative = cgroups_module.own_cgroup(str(pid))
+        relative = cgroups_module.own_cgroup(str(pid), self.proc.root)
         if self.cgroup_mount is None or relative in (None, "/", self.own_cgroup):
             return ""
         return os.path.join(self.cgroup_mount, relative.lstrip("/"), "cpu.stat")
@@ -797,7 +801,10 @@ class Engine:
         w = self.workers.get(pid)
         if w is None or w.child.start_ticks != start_ticks:
             return
-        self._carry(w, lifecycle.decided(d, w.cpu), sample.time)
+        # A pause or continue is the sample's (the governor counts its interval from it); a grace
+        # runs from when its signal goes out.
+        self._carry(w, lifecycle.decided(d, w.cpu), sample.time if d.action in (PAUSE, CONTINUE) else
+                    self.clock.monotonic())
         if d.action == PAUSE:
             w.attempt.pauses += 1
         self._record(d, sample, w, w.run)
@@ -1408,6 +1415,8 @@ class Engine:
             self.loop.unwatch(w.child.pidfd)
             os.close(w.child.pidfd)
         self.workers.clear()
+        self.tally.clear()
+        self.timed.clear()
         for rest in self.stragglers:
             self._kill_rest(rest)
             if isinstance(rest, int):

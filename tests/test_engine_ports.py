@@ -19,6 +19,7 @@ from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, Bat
 from pmlmd.engine import BatchRun, Engine, Loop
 from pmlmd.governor import Limits
 from pmlmd.sampler import PAGE_SIZE, ProcReader
+from pmlmd.scopes import NoScopes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -115,6 +116,20 @@ class FakeProcesses(procctl.Processes):
         return [sig for p, sig in self.signals if p == pid]
 
 
+class FakeScopes(NoScopes):
+    """A scope backend whose freezer works: which batches it froze and thawed."""
+
+    def __init__(self):
+        self.frozen: list[str] = []
+
+    def freeze(self, batch_id):
+        self.frozen.append(batch_id)
+        return True
+
+    def thaw(self, batch_id):
+        return True
+
+
 @pytest.fixture
 def rig(tmp_path):
     clock = FakeClock()
@@ -123,7 +138,7 @@ def rig(tmp_path):
     loop = Loop()
     events: list[dict] = []
     engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
-                    on_event=events.append)
+                    on_event=events.append, scopes=FakeScopes())
     yield engine, clock, proc, processes, loop, events
     engine.close()
     loop.close()
@@ -196,16 +211,42 @@ def test_the_timeout_counts_running_time_only(rig):
     advance(engine, clock, proc, 0.1)
     (pid,) = processes.spawned
     engine.hold(run)
-    assert processes.of(pid) == [signal.SIGSTOP]
+    assert run.frozen and processes.of(pid) == []  # its batch's scope is frozen
     advance(engine, clock, proc, 10.0, steps=5)  # held far longer than the timeout
     engine.resume(run)
-    assert processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]
+    assert processes.of(pid) == [signal.SIGCONT]
     advance(engine, clock, proc, 1.8, steps=6)
-    assert processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]  # 1.9 s of running time
+    assert processes.of(pid) == [signal.SIGCONT]  # 1.9 s of running time
     advance(engine, clock, proc, 0.3, steps=3)
-    assert processes.of(pid)[2:] == [signal.SIGTERM, signal.SIGCONT]
+    assert processes.of(pid)[1:] == [signal.SIGTERM, signal.SIGCONT]
     assert any(e["event"] == "timeout" for e in events)
     processes.exit(pid, sig=signal.SIGTERM)
     loop.poll(0)
     (end,) = [e for e in events if e["event"] == "end"]
     assert end["cause"] == CAUSE_TIMEOUT
+
+
+def test_a_hold_does_not_freeze_a_batch_whose_worker_is_in_its_grace(rig):
+    """Frozen, a worker sent SIGTERM could not act on it before its SIGKILL: the batch's other
+    workers are stopped by signal instead, and the ending one ends as it would have."""
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=2, term_grace=5.0)
+    advance(engine, clock, proc, 1.3, steps=7)
+    first, second = processes.spawned
+    proc.worker(second, rss=3 * GiB, ran_ns=10**9)
+    advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)
+    assert processes.of(second) == [signal.SIGTERM, signal.SIGCONT]
+    engine.hold(run)
+    assert engine.scopes.frozen == [] and not run.frozen
+    assert processes.of(first) == [signal.SIGSTOP] and processes.of(second) == [signal.SIGTERM, signal.SIGCONT]
+    engine.resume(run)
+    assert processes.of(first) == [signal.SIGSTOP, signal.SIGCONT]
+
+
+def test_a_hold_freezes_the_batch_when_no_worker_is_being_ended(rig):
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    engine.hold(run)
+    assert engine.scopes.frozen == ["b"] and run.frozen and processes.of(pid) == []  # the freezer holds it
