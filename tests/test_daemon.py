@@ -182,6 +182,27 @@ def test_restart_after_sigkill_finishes_the_batch_and_strands_nothing(daemon_fac
     assert stranded["reason"].startswith("adopted after a daemon restart")
 
 
+def test_submit_wait_outlives_a_restart_of_the_daemon(daemon_factory, tmp_path):
+    """submit --wait follows its batch through pushed events; a restarted pmlmd does not know that
+    follower, so the wait asks how the batch stands after a quiet spell and ends with the batch."""
+    daemon = daemon_factory().start()
+    go = tmp_path / "go"
+    waiter = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "submit", "--wait",
+                               "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; echo done"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(daemon.worker_pids()) == 1, what="the worker recorded")
+        assert daemon.stop() == 0
+        daemon.start()
+        go.touch()
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        waiter.kill()
+        waiter.wait()
+    assert waiter.returncode == 0, err
+    assert "done" in out and "1 succeeded" in out
+
+
 def test_stranded_terminate_ends_a_worker_that_ignores_sigterm_and_runs_its_task_again(daemon_factory, tmp_path):
     """With stranded = "terminate", a worker the pmlmd before left running is ended as any worker
     is: SIGTERM, then SIGKILL after the grace; its task runs again."""
