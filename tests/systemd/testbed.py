@@ -57,12 +57,13 @@ from pathlib import Path
 SUITE = "bookworm"
 
 # Everything the tier needs inside, so that nothing has to be fetched after the build: with pmlmd's
-# .deb in mind, every package it Depends on (python3, python3-systemd, python3-zmq, python3-psutil,
-# python3-jeepney, python3-pika, adduser) and Recommends (bash-completion), and man-db for its man pages.
+# .deb in mind, every package it Depends on (python3, python3-systemd, python3-zmq, python3-jeepney,
+# python3-pika, adduser; not python3-psutil, which pmlmd does not use: the tier shows the .deb runs
+# without it) and Recommends (bash-completion), and man-db for its man pages.
 # (Changing this list changes the cache key: a new rootfs is built next time.)
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus",
-    "python3", "python3-systemd", "python3-zmq", "python3-psutil", "python3-jeepney", "python3-pika",
+    "python3", "python3-systemd", "python3-zmq", "python3-jeepney", "python3-pika",
     "procps", "adduser", "bash-completion", "man-db", "less",
 )
 
