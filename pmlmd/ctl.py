@@ -170,7 +170,7 @@ def add_batch_options(p: argparse.ArgumentParser, for_daemon: bool = False) -> N
     limits.add_argument("-j", "--max-workers", type=_max_workers, default=None, metavar="N|auto",
                         help="cap on concurrent workers; auto (default) lets the governor decide, up to 8 x CPUs")
     for option in LIMIT_OPTIONS:
-        value, shown = default(option.default, option.shown)
+        value, shown = default(option.default, option.text(option.default))
         kind = dict(choices=option.choices) if option.choices else dict(type=_ranged(option.name),
                                                                         metavar=option.metavar)
         limits.add_argument(option.flag, default=value, help=option.help + shown, **kind)

@@ -41,7 +41,6 @@ from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
 from .summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
 from .systemd import Notifier, setup_logging
 from .outbox import Outboxes
-from .units import format_size
 
 log = logging.getLogger("pmlmd.daemon")
 
@@ -670,8 +669,7 @@ class Daemon:
             asked = args.get(limit.name)
             if not limit.refuse_looser or asked is None or not limit.looser(asked, getattr(node, limit.name)):
                 continue
-            option, ours = limit.name, getattr(node, limit.name)
-            shown = format_size if limit.metavar == "SIZE" else (lambda v: f"{v:g}")
+            option, ours, shown = limit.name, getattr(node, limit.name), limit.text
             raise protocol.ProtocolError(protocol.BAD_FIELD, (
                 f"submit: {option} {shown(asked)} is looser than this node's {shown(ours)}: a batch "
                 f"can only make the node's limits stricter; ask for {shown(ours)} or stricter, or "

@@ -578,13 +578,14 @@ class Engine:
                for limits in {self.limits, *(run.limits for run in self.runs.values())}):
             return []  # nothing to decide under any batch's limits: no table of every worker
         views = [w.view() for w in self.workers.values()]
-        demands = [self._workload(run) for run in admitting]
+        loads = {run.id: self._workload(run) for run in self.runs.values()}
+        demands = [loads[run.id] for run in admitting]
         # The other batches' workers are measured against their batch's profile too (rule 3).
-        others = {w.run.id: w.run for w in self.workers.values()}
+        others = dict.fromkeys(w.run.id for w in self.workers.values())
         for run in admitting:
             others.pop(run.id, None)
-        demands += [dataclasses.replace(self._workload(run), queued=0) for run in others.values()]
-        stricter = {run.id: (run.limits, self._workload(run)) for run in self.runs.values() if run.limits != self.limits}
+        demands += [dataclasses.replace(loads[batch], queued=0) for batch in others]
+        stricter = {run.id: (run.limits, loads[run.id]) for run in self.runs.values() if run.limits != self.limits}
         return decide_batches(sample, views, demands, self.limits, stricter)
 
     def _refresh_workers(self, now: float) -> None:

@@ -147,6 +147,18 @@ class Life:
         return stop is not None and stop.verify_from is not None
 
     @property
+    def awaiting_pause_ack(self) -> bool:
+        """Asked to pause through the agent, not acknowledged yet (and not stopped by signal)."""
+        stop = self.stop
+        return stop is not None and stop.agent and not stop.signal
+
+    @property
+    def awaiting_terminate_ack(self) -> bool:
+        """Asked to terminate through the agent, not acknowledged yet."""
+        phase = self.phase
+        return isinstance(phase, Terminating) and phase.path == AGENT and phase.escalate_at is None
+
+    @property
     def cause(self) -> str | None:
         """Why pmlmd is ending it (batch.CAUSE_*); None while it is not being ended."""
         return self.phase.cause if isinstance(self.phase, (Terminating, Killed)) else None
@@ -327,7 +339,7 @@ def handle(life: Life, event: Event, now: float) -> tuple[Life, list[Effect]]:
     return _HANDLERS[type(event)](life, event, now)
 
 
-def _stopping(life: Life, by_agent: bool) -> tuple[Stop, list[Effect]]:
+def _stopping(by_agent: bool) -> tuple[Stop, list[Effect]]:
     if by_agent:
         return Stop(agent=True), [Ask("pause")]
     return Stop(signal=True), [Signal(signal.SIGSTOP)]
@@ -336,7 +348,7 @@ def _stopping(life: Life, by_agent: bool) -> tuple[Stop, list[Effect]]:
 def _pause(life: Life, event: Pause, now: float):
     if not isinstance(life.phase, Running):
         return life, []
-    stop, effects = _stopping(life, life.modes.pause_by_agent)
+    stop, effects = _stopping(life.modes.pause_by_agent)
     return replace(life, phase=Paused(now, event.rule, event.cpu, stop, clock_from=now)), effects
 
 
@@ -368,16 +380,14 @@ def _hold(life: Life, event: Hold, now: float):
         return life, []
     if event.frozen and not life.modes.pause_by_agent:
         return replace(life, phase=Held(Stop(), clock_from=now)), []
-    stop, effects = _stopping(life, life.modes.pause_by_agent)
+    stop, effects = _stopping(life.modes.pause_by_agent)
     return replace(life, phase=Held(stop, clock_from=now)), effects
 
 
 def _resume(life: Life, event: Resume, now: float):
-    if isinstance(life.phase, Held):
+    if isinstance(life.phase, (Held, Paused)):
         # SIGCONT whatever it holds: a thaw of its batch's scope, a pause of the governor's before
         # the hold, or a stop by anyone else all end here.
-        return _run_again(life, now, always_sigcont=True)
-    if isinstance(life.phase, Paused):
         return _run_again(life, now, always_sigcont=True)
     return life, []
 
@@ -412,30 +422,25 @@ def _kill(life: Life, event: Kill, now: float):
 
 def _agent_ack(life: Life, event: AgentAck, now: float):
     phase = life.phase
-    if event.command == "terminate":
-        if isinstance(phase, Terminating) and phase.path == AGENT and phase.escalate_at is None:
-            return replace(life, phase=replace(phase, escalate_at=now + life.modes.grace)), []
-    elif event.command == "pause":
-        stop = life.stop
-        if stop is not None and stop.agent and not stop.signal:
-            # Trust, but verify: from a short grace on, it must stand still (Measured).
-            return replace(life, phase=replace(phase, stop=replace(stop, verify_from=now + AGENT_PAUSE_GRACE))), []
+    if event.command == "terminate" and life.awaiting_terminate_ack:
+        return replace(life, phase=replace(phase, escalate_at=now + life.modes.grace)), []
+    if event.command == "pause" and life.awaiting_pause_ack:
+        # Trust, but verify: from a short grace on, it must stand still (Measured).
+        verified = replace(phase.stop, verify_from=now + AGENT_PAUSE_GRACE)
+        return replace(life, phase=replace(phase, stop=verified)), []
     return life, []
 
 
 def _agent_expired(life: Life, event: AgentExpired, now: float):
     phase, timeout = life.phase, life.modes.agent_timeout
-    if event.command == "terminate":
-        if isinstance(phase, Terminating) and phase.path == AGENT and phase.escalate_at is None:
-            life, effects = _signal_terminate(life, phase.cause, now)
-            return life, [Log(f"did not acknowledge terminate within {timeout:g}s: SIGTERM"),
-                          Reason(f"(no agent acknowledgement within {timeout:g}s)", append=True)] + effects
-    elif event.command == "pause":
-        stop = life.stop
-        if stop is not None and stop.agent and not stop.signal:
-            stopped = replace(phase, stop=replace(stop, signal=True, verify_from=None))
-            return replace(life, phase=stopped), [Log(f"did not acknowledge pause within {timeout:g}s: SIGSTOP"),
-                                                  Signal(signal.SIGSTOP)]
+    if event.command == "terminate" and life.awaiting_terminate_ack:
+        life, effects = _signal_terminate(life, phase.cause, now)
+        return life, [Log(f"did not acknowledge terminate within {timeout:g}s: SIGTERM"),
+                      Reason(f"(no agent acknowledgement within {timeout:g}s)", append=True)] + effects
+    if event.command == "pause" and life.awaiting_pause_ack:
+        stopped = replace(phase, stop=replace(phase.stop, signal=True, verify_from=None))
+        return replace(life, phase=stopped), [Log(f"did not acknowledge pause within {timeout:g}s: SIGSTOP"),
+                                              Signal(signal.SIGSTOP)]
     return life, []
 
 

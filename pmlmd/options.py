@@ -15,8 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .bounds import BOUNDS, Bound
+from .bounds import BOUNDS, SIZE, Bound
 from .governor import MEMORY_METRICS, VICTIM_POLICIES, Limits
+from .units import format_size
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ class LimitOption:
     stricter: Callable[[Any, Any], Any] | None = None
     # A looser ask is refused with the node's value (else it is held to the node's value).
     refuse_looser: bool = False
-    shown: str | None = None  # the default as --help shows it (None: as Python prints it)
 
     @property
     def flag(self) -> str:
@@ -46,6 +46,13 @@ class LimitOption:
     def bound(self) -> Bound | None:
         return BOUNDS.get(self.name)
 
+    def text(self, value: Any) -> str:
+        """``value`` as pmlmctl's help and pmlmd's messages show it: a size with its suffix
+        (200M), a number as written (0.5), a choice as it is."""
+        if self.choices:
+            return str(value)
+        return format_size(value) if self.bound.kind == SIZE else f"{value:g}"
+
     def looser(self, asked: Any, node: Any) -> bool:
         """Would ``asked`` loosen the node's ``node``?"""
         return self.stricter is not None and asked != node and self.stricter(asked, node) == node
@@ -53,22 +60,22 @@ class LimitOption:
 
 LIMIT_OPTIONS: tuple[LimitOption, ...] = (
     LimitOption("cpu_limit", "node-wide CPU utilisation over all cores to stay under", "PCT",
-                stricter=min, refuse_looser=True, shown="90"),
+                stricter=min, refuse_looser=True),
     LimitOption("cpu_margin", "CPU must fall this many points below the limit before workers are "
-                "continued or admitted while others run", "PCT", stricter=max, refuse_looser=True, shown="10"),
+                "continued or admitted while others run", "PCT", stricter=max, refuse_looser=True),
     LimitOption("memfree_limit", "share of total memory that must stay free", "PCT",
-                stricter=max, refuse_looser=True, shown="20"),
+                stricter=max, refuse_looser=True),
     LimitOption("memory_metric", "what counts as free: MemAvailable (includes reclaimable cache) "
                 "or MemFree", choices=MEMORY_METRICS),
     LimitOption("memory_gap", "band above the memory limit where workers are paused, not terminated; "
-                "also the headroom a new worker needs", "SIZE", stricter=max, refuse_looser=True, shown="200M"),
+                "also the headroom a new worker needs", "SIZE", stricter=max, refuse_looser=True),
     LimitOption("min_free", "critical floor: below it workers are killed at once", "SIZE", stricter=max,
-                refuse_looser=True, shown="300M"),
+                refuse_looser=True),
     LimitOption("victim", "which worker pays first", choices=VICTIM_POLICIES),
     # A batch may sample more often than the node, within [quotas] min_interval; a longer interval
     # than the node's is held to the node's.
     LimitOption("interval", "base sampling interval; pmlmd samples faster near a limit", "SECONDS",
-                stricter=min, shown="0.5"),
+                stricter=min),
 )
 BY_NAME = {option.name: option for option in LIMIT_OPTIONS}
 

@@ -571,16 +571,14 @@ class Store:
     def attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
         """An attempt's start, written at once (what waits in the group first): a restarted pmlmd
         adopts a running worker by its start row, so none may run whose row could be lost."""
-        self._write(("attempt", batch_id, task.index, attempt.number),
-                    lambda: self._attempt_started(batch_id, task, attempt, start_ticks))
+        self._write_grouped(("attempt", batch_id, task.index, attempt.number),
+                            lambda: self._attempt_started(batch_id, task, attempt, start_ticks), group=False)
 
     def _attempt_started(self, batch_id: str, task: Task, attempt: Attempt, start_ticks: int | None) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
-            self._task_row(batch_id, task)
+        self.db.execute("INSERT OR REPLACE INTO attempts (batch_id, idx, number, pid, start_ticks, start) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (batch_id, task.index, attempt.number, attempt.pid, start_ticks, attempt.start))
+        self._task_row(batch_id, task)
 
     def attempt_ended(self, batch_id: str, task: Task, attempt: Attempt, group: bool = True) -> None:
         """An attempt's end; ``group``: it may wait for ``flush`` (see ``grouping``). Lost in a

@@ -79,7 +79,7 @@ def _entry(text: str, start: str) -> str:
 
 @pytest.mark.parametrize("option", LIMIT_OPTIONS, ids=NAMES)
 def test_the_man_pages_and_the_shipped_config_describe_each_limit(option):
-    shown = option.shown or option.default
+    shown = option.text(option.default)
     pmlmctl = (ROOT / "packaging/man/pmlmctl.1").read_text()
     entry = _entry(pmlmctl, troff(option.flag))
     assert f"default {shown}" in entry or "(the default)" in entry, entry
