@@ -228,6 +228,8 @@ class Worker:
     # proc backend: the processes of its tree at the last walk, each with the CPU time of each of
     # its threads then (pid -> tid -> ns, lineage.tree_runtimes); {} when unknown
     runtimes: dict[int, dict[int, int]] = field(default_factory=dict)
+    marks: tuple = ()  # proc backend: its threads' clocks at the walk (ThreadClocks.marks)
+    runtime_usec: int = 0  # proc backend: the sum of ``runtimes``, in microseconds
 
     @property
     def state(self) -> str:
@@ -336,6 +338,7 @@ class Engine:
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
         self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
+        self.uncontained = 0  # how many workers have no cgroup of their own (followed through /proc)
         self.workers_due = -math.inf  # monotonic: the workers' first deadline, as next_deadline saw it
         self.still_at = -math.inf  # monotonic: the last refresh that found every worker standing still
         self.base_env = tasklines.environment()  # as pmlmd carries bytes, like a submitted env
@@ -443,15 +446,15 @@ class Engine:
         before them, so none wrote anything either."""
         if self.strays:
             return None
-        total, contained = 0, False
-        for w in self.workers.values():
-            if w.cgroup is not None:
-                contained = True
-            elif not w.runtimes or w.escaped:
-                return None
-            else:
-                total += sum(ns for threads in w.runtimes.values() for ns in threads.values()) // 1000
-        if contained:
+        total = 0
+        if self.uncontained:
+            for w in self.workers.values():
+                if w.cgroup is not None:
+                    continue
+                if not w.runtimes or w.escaped:
+                    return None
+                total += w.runtime_usec
+        if self.uncontained < len(self.workers):
             usec = self.cgroups.cpu_usec()
             if usec is None:
                 return None
@@ -589,7 +592,15 @@ class Engine:
         return decide_batches(sample, views, demands, self.limits, stricter)
 
     def _refresh_workers(self, now: float) -> None:
-        usage: dict[int, GroupUsage | None] = self._cgroup_usage()
+        total = self.cgroups.cpu_usec() if self.cgroups is not None and self.uncontained < len(self.workers) else None
+        if (total is not None and total == self.subtree_usec and not self.uncontained
+                and self.settled == len(self.workers)):
+            # Every worker in a cgroup of its own stood still at the last refresh, and the subtree
+            # has used no CPU since (one read, whatever their number): their figures hold.
+            self._adopt_orphans_due(now)
+            self.last_refresh = self.still_at = now
+            return
+        usage: dict[int, GroupUsage | None] = self._cgroup_usage(total)
         if len(usage) == len(self.workers):
             # Every worker in a cgroup of its own: orphans are only reaped (they hold nothing but a
             # pid meanwhile), at housekeeping's pace.
@@ -632,7 +643,7 @@ class Engine:
         self.settled = still if still == len(self.workers) else -1
         self.last_refresh = now
 
-    def _cgroup_usage(self) -> dict[int, GroupUsage | None]:
+    def _cgroup_usage(self, total: int | None) -> dict[int, GroupUsage | None]:
         """What each worker in a cgroup of its own uses: its members (cgroup.procs), with the CPU
         time the kernel counted for the cgroup, which includes members that have exited.
 
@@ -640,12 +651,12 @@ class Engine:
         fault in a page, fork or exit without CPU time, so its memory and members are as they
         were, and are not read again. The subtree's own cpu.stat counts every worker's CPU
         time, so when it has not moved no worker's cgroup is read at all (idle workers cost
-        one read per refresh, whatever their number)."""
+        one read per refresh, whatever their number). ``total``: that cpu.stat's usage_usec, as
+        just read."""
         usage: dict[int, GroupUsage | None] = {}
-        contained = [(pgid, w) for pgid, w in self.workers.items() if w.cgroup is not None]
-        if not contained:
+        if self.cgroups is None or self.uncontained == len(self.workers):
             return usage
-        total = self.cgroups.cpu_usec()
+        contained = [(pgid, w) for pgid, w in self.workers.items() if w.cgroup is not None]
         all_still = total is not None and total == self.subtree_usec
         self.subtree_usec = total
         for pgid, w in contained:
@@ -714,9 +725,7 @@ class Engine:
             if w.ticks is not None and w.scope_stat in idle:
                 usage[pgid] = None  # nothing in its scope used CPU: its processes are as they were
                 continue
-            if (w.ticks is not None and w.runtimes and not w.escaped
-                    and all(self.clocks.runtime(pid, tid) == ran
-                            for pid, threads in w.runtimes.items() for tid, ran in threads.items())):
+            if w.ticks is not None and w.runtimes and not w.escaped and self.clocks.unmoved(w.marks):
                 usage[pgid] = None  # no process of its tree ran since the walk: nothing changed
                 continue
             walked = True
@@ -724,6 +733,8 @@ class Engine:
             before = _threads(w.runtimes)
             w.runtimes = runtimes if None not in runtimes.values() else {}
             self.clocks.forget(before - _threads(w.runtimes))
+            w.marks = self.clocks.marks(w.runtimes)
+            w.runtime_usec = sum(ns for threads in w.runtimes.values() for ns in threads.values()) // 1000
             tree = list(runtimes)
             stats = {}
             for pid in dict.fromkeys(tree + list(w.escaped)):
@@ -1113,6 +1124,7 @@ class Engine:
     def _watch(self, worker: Worker) -> None:
         self.workers[worker.child.pid] = worker
         self.tally[worker.state] += 1
+        self.uncontained += worker.cgroup is None
         if worker.life.due is not None:
             self.timed[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
@@ -1445,6 +1457,7 @@ class Engine:
     def _forget(self, w: Worker) -> None:
         del self.workers[w.child.pid]
         self.tally[w.state] -= 1
+        self.uncontained -= w.cgroup is None
         self.timed.pop(w.child.pid, None)
 
     def withdraw(self, run: BatchRun) -> None:

@@ -60,6 +60,26 @@ def parse_pss(text: str) -> int | None:
     return None
 
 
+MEMORY_FIELDS = (b"MemTotal", b"MemFree", b"MemAvailable")
+
+
+def parse_memory(raw: bytes) -> tuple[int, int, int]:
+    """(MemTotal, MemFree, MemAvailable) in bytes from /proc/meminfo's text (proc(5): kB);
+    MemAvailable is MemFree on a kernel that has none (before Linux 3.14). The lines after those
+    three, which come first, are not parsed: this runs at every sample. Raises ValueError when
+    MemTotal or MemFree is missing."""
+    found: dict[bytes, int] = {}
+    for line in raw.split(b"\n"):
+        name, _, rest = line.partition(b":")
+        if name in MEMORY_FIELDS:
+            found[name] = int(rest.split()[0]) * 1024
+            if len(found) == 3:
+                break
+    if b"MemTotal" not in found or b"MemFree" not in found:
+        raise ValueError("no MemTotal or MemFree line in /proc/meminfo")
+    return found[b"MemTotal"], found[b"MemFree"], found.get(b"MemAvailable", found[b"MemFree"])
+
+
 def parse_cpu_line(text: str) -> tuple[int, int]:
     """From /proc/stat, return (busy, total) jiffies of the aggregate "cpu" line.
 
@@ -115,6 +135,7 @@ class ThreadClocks:
         self.proc = proc
         self.limit = limit
         self.fds: dict[tuple[int, int], int] = {}  # (pid, tid) -> descriptor of its schedstat
+        self.read: dict[int, bytes] = {}  # descriptor -> what its last runtime() read
 
     def runtime(self, pid: int, tid: int) -> int | None:
         """Nanoseconds the thread has run (ProcReader.thread_runtime); None when gone or unreadable."""
@@ -127,10 +148,40 @@ class ThreadClocks:
             except OSError:
                 return None
             self.fds[(pid, tid)] = fd
-        ran = self.proc.thread_runtime(pid, tid, fd)
-        if ran is None:
+        try:
+            raw = self.proc.thread_schedstat(pid, fd)
+            ran = int(raw.split()[0])
+        except (OSError, ValueError, IndexError):
             self.forget([(pid, tid)])
+            return None
+        self.read[fd] = raw
         return ran
+
+    def marks(self, runtimes: dict[int, dict[int, int]]) -> tuple[tuple[int, int, int, bytes | int], ...]:
+        """What ``unmoved`` compares a tree's threads against later: for each thread of
+        ``runtimes`` (pid -> thread id -> nanoseconds, as ``runtimes`` returned them) its pid, its
+        thread id, its kept descriptor and the bytes read through it, or -1 and its nanoseconds
+        for a thread read the plain way (past ``limit``)."""
+        marks = []
+        for pid, threads in runtimes.items():
+            for tid, ran in threads.items():
+                fd = self.fds.get((pid, tid))
+                raw = self.read.get(fd) if fd is not None else None
+                marks.append((pid, tid, fd, raw) if raw is not None else (pid, tid, -1, ran))
+        return tuple(marks)
+
+    def unmoved(self, marks: tuple[tuple[int, int, int, bytes | int], ...]) -> bool:
+        """Whether no thread of ``marks`` has run since they were taken: each reads as it did.
+        The check every refresh makes of every sleeping worker, so it compares the bytes read
+        (all three fields of schedstat move when a thread runs) and parses nothing."""
+        read = self.proc.thread_schedstat
+        try:
+            for pid, tid, fd, then in marks:
+                if (read(pid, fd) if fd >= 0 else self.proc.thread_runtime(pid, tid)) != then:
+                    return False
+        except OSError:
+            return False
+        return True
 
     def runtimes(self, pid: int) -> dict[int, int] | None:
         """ProcReader.runtimes through the kept descriptors."""
@@ -141,6 +192,7 @@ class ThreadClocks:
         for key in threads:
             fd = self.fds.pop(key, None)
             if fd is not None:
+                self.read.pop(fd, None)
                 os.close(fd)
 
     def close(self) -> None:
@@ -152,16 +204,36 @@ class ProcReader:
 
     def __init__(self, root: str = "/proc"):
         self.root = root
+        self.kept: dict[str, int] = {}  # relative path -> descriptor, for the files read at each sample
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "kept", {}).values():
+            os.close(fd)
+        self.kept = {}
 
     def _read(self, relpath: str) -> str:
         with open(os.path.join(self.root, relpath), "rb", buffering=0) as f:
             return f.read().decode("utf-8", "replace")
 
+    def _pread(self, relpath: str, size: int) -> bytes:
+        """The first ``size`` bytes of a file read at every sample, through a descriptor kept open
+        (pread(2) at offset 0 makes the kernel produce the file afresh)."""
+        fd = self.kept.get(relpath)
+        if fd is None:
+            fd = os.open(os.path.join(self.root, relpath), os.O_RDONLY | os.O_CLOEXEC)
+            self.kept[relpath] = fd
+        return os.pread(fd, size, 0)
+
     def meminfo(self) -> dict[str, int]:
         return parse_meminfo(self._read("meminfo"))
 
+    def memory(self) -> tuple[int, int, int]:
+        """(MemTotal, MemFree, MemAvailable) in bytes (parse_memory)."""
+        return parse_memory(self._pread("meminfo", 16384))
+
     def cpu_times(self) -> tuple[int, int]:
-        return parse_cpu_line(self._read("stat"))
+        # The aggregate "cpu" line comes first and holds at most 10 numbers of 20 digits.
+        return parse_cpu_line(self._pread("stat", 512).decode("ascii", "replace"))
 
     def cpu_count(self) -> int:
         return count_cpus(self._read("stat"))
@@ -173,19 +245,21 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
 
-    def thread_runtime(self, pid: int, tid: int, fd: int | None = None) -> int | None:
+    def thread_runtime(self, pid: int, tid: int) -> int | None:
         """Nanoseconds one thread of the process has spent on a CPU (/proc/PID/task/TID/schedstat,
         first field: the scheduler's exact sum, where /proc/PID/stat counts whole clock ticks, so
         a fork or a page fault always moves it). Per thread: /proc/PID/schedstat is the thread
         group leader's alone, and stands still while other threads of the process run. None when
-        gone or unreadable. ``fd``: a descriptor open on that file (ThreadClocks), read with
-        pread(2) instead of opening it."""
+        gone or unreadable."""
         try:
-            if fd is not None:
-                return int(os.pread(fd, 128, 0).split()[0])
             return int(self._read(schedstat(pid, tid)).split()[0])
         except (OSError, ValueError, IndexError):
             return None
+
+    def thread_schedstat(self, pid: int, fd: int) -> bytes:
+        """A thread's schedstat as bytes, through ``fd``, a descriptor open on it (ThreadClocks),
+        read with pread(2). Raises OSError (ESRCH once the thread is gone)."""
+        return os.pread(fd, 128, 0)
 
     def runtimes(self, pid: int, read: Callable[[int, int], int | None] | None = None) -> dict[int, int] | None:
         """``thread_runtime`` of each thread of the process (or ``read(pid, tid)``: ThreadClocks), by
@@ -347,7 +421,7 @@ class NodeSampler:
 
     def sample(self) -> NodeSample:
         now = self.clock()
-        info = self.proc.meminfo()
+        mem_total, mem_free, mem_available = self.proc.memory()
         if self._mark is None or now - self._mark[0] >= self.cpu_window:
             busy, total = self.proc.cpu_times()
             if self._mark is not None and total > self._mark[2]:
@@ -357,9 +431,9 @@ class NodeSampler:
         return NodeSample(
             time=now,
             cpu_pct=self._cpu_pct,
-            mem_total=info["MemTotal"],
-            mem_available=info.get("MemAvailable", info["MemFree"]),
-            mem_free=info["MemFree"],
+            mem_total=mem_total,
+            mem_available=mem_available,
+            mem_free=mem_free,
             cpu_from=self._cpu_span[0],
             cpu_to=self._cpu_span[1],
         )

@@ -34,9 +34,13 @@ class CountingProc(ProcReader):
         self.read.add(pid)
         return super().pid_stat(pid)
 
-    def thread_runtime(self, pid: int, tid: int, fd: int | None = None):
+    def thread_runtime(self, pid: int, tid: int):
         self.read.add(pid)
-        return super().thread_runtime(pid, tid, fd)
+        return super().thread_runtime(pid, tid)
+
+    def thread_schedstat(self, pid: int, fd: int):
+        self.read.add(pid)
+        return super().thread_schedstat(pid, fd)
 
     def children(self, pid: int):
         self.listed.add(pid)

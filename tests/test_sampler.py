@@ -5,7 +5,7 @@ import os
 import pytest
 
 from pmlmd.sampler import (PAGE_SIZE, NodeSampler, ProcReader, count_cpus, group_usage, parse_cpu_line,
-                           parse_meminfo, parse_pid_stat)
+                           parse_meminfo, parse_memory, parse_pid_stat)
 
 MEMINFO = """\
 MemTotal:       16000000 kB
@@ -49,6 +49,22 @@ def test_meminfo_fields_in_bytes():
     assert info["MemTotal"] == 16000000 * 1024
     assert info["MemAvailable"] == 6000000 * 1024
     assert info["HugePages_Total"] == 0  # unitless fields stay as they are
+
+
+def test_memory_reads_the_three_fields_a_sample_needs_in_bytes():
+    assert parse_memory(MEMINFO.encode()) == (16000000 * 1024, 1000000 * 1024, 6000000 * 1024)
+    # Before Linux 3.14 there is no MemAvailable: MemFree stands for it.
+    assert parse_memory(b"MemTotal: 1000 kB\nMemFree: 300 kB\nBuffers: 5 kB\n") == (1000 * 1024, 300 * 1024, 300 * 1024)
+    with pytest.raises(ValueError, match="MemTotal"):
+        parse_memory(b"MemFree: 300 kB\n")
+
+
+def test_a_sample_reads_the_files_again_through_its_kept_descriptors(tmp_path):
+    proc = fake_proc(tmp_path)
+    assert proc.memory()[1] == 1000000 * 1024
+    (tmp_path / "meminfo").write_text(MEMINFO.replace("MemFree:         1000000", "MemFree: 5"))  # in place
+    assert proc.memory()[1] == 5 * 1024
+    assert set(proc.kept) == {"meminfo"}
 
 
 def test_cpu_line_counts_idle_and_iowait_as_not_busy():
