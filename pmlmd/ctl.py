@@ -1070,12 +1070,15 @@ def cmd_report(parser, args) -> int:
     return 0
 
 
-ENGINE_WORDS = {"held": "paused", "released": "resumed", "noncompliant": "a worker did not comply with an agent pause"}
+ENGINE_WORDS = {"held": "paused", "released": "resumed"}
 
 
 # How each event that is one line of its fields reads (pmlmctl events, submit --wait).
 EVENT_TEXTS = {
     "start": "task {task} attempt {attempt} started as pid {pid}",
+    "deferred": "task {task} cannot start yet ({cause}: {reason}): it waits",
+    "noncompliant": "task {task} worker {pid} did not comply with an agent pause ({cpu_pct}% of a CPU after it): "
+                    "SIGSTOP",
     "finished": "finished: {summary}",
     "timeout": "task {task} worker {pid} ran past its --timeout: terminating it",
     "halted": "{reason}",
@@ -1103,7 +1106,9 @@ def describe_event(e: dict) -> str:
     if kind == "end":
         how = f"signal {e['signal']}" if e.get("signal") else (
             f"exit {e['exit_code']}" if e.get("exit_code") is not None else "exit status unknown")
-        return f"{when} {batch}: task {e['task']} attempt {e['attempt']} ended ({how}, {e['cause']}): {e['status']}"
+        why = f" ({e['reason']})" if e.get("reason") else ""
+        return (f"{when} {batch}: task {e['task']} attempt {e['attempt']} ended ({how}, {e['cause']}): "
+                f"{e['status']}{why}")
     if kind in EVENT_TEXTS:
         return f"{when} {batch}: " + EVENT_TEXTS[kind].format_map(_Fields(e))
     if kind == "intake":

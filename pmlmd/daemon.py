@@ -26,7 +26,7 @@ import time
 
 import zmq
 
-from . import __version__, cgroup, loginlimits, procctl, protocol, scopes, tasklines, workdir
+from . import __version__, cgroup, events, loginlimits, procctl, protocol, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
                     Batch, BatchSpec, Blank, IntakeSpec, iso)
@@ -718,47 +718,47 @@ class Daemon:
         self.engine.add(run)
 
     # --- events ------------------------------------------------------------------------------
-    def _on_event(self, event: dict) -> None:
-        kind = event["event"]
-        if kind == "sample":
+    def _on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Sample):
             return
-        run = self.engine.runs.get(event.get("batch"))
-        if kind == "added" and run is not None:
-            self.store.task_added(run.id, run.batch.tasks[event["task"]])
-        elif kind == "settled" and run is not None:
-            self.store.tasks_changed(run.id, [run.batch.tasks[event["task"]]])
-        elif kind == "start" and run is not None:
-            task = run.batch.tasks[event["task"]]
-            self.store.attempt_started(run.id, task, task.attempts[-1], event["start_ticks"])
-        elif kind == "end" and run is not None:
-            task = run.batch.tasks[event["task"]]
-            # A queue batch's ends are written at once: its deliveries are settled with the broker
-            # from the intake's thread, not after this loop turn's flush.
-            self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
-            if run.id in self.joblogs:
-                self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event["attempt"] - 1])
-        elif kind == "halted" and run is not None:
-            # Its queue was cancelled: a restarted pmlmd must not run those tasks.
-            self.store.queue_cancelled(run.id)
-            log.info("batch %s: %s", run.id, event["reason"], extra={"BATCH_ID": run.id})
-        elif kind == "finished" and run is not None:
-            # Every task ended: what is still queued in the state was cancelled from the queue.
-            self.store.queue_cancelled(run.id)
-            # Its report is encoded a slice at a time, then stored with its summary (FinishJob);
-            # until then status, list and report read the batch here.
-            self.unsaved[run.id] = run
-            self.finishing.add(run.id)
-            self.jobs.append(FinishJob(self, run))
-            self._drop_batch_state(run.id)
-            log.info("batch %s finished: %s", run.id, event["summary"], extra={"BATCH_ID": run.id})
-        event = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
-        self.recent.append(event)
+        run = self.engine.runs.get(getattr(event, "batch", None))
+        match event:
+            case events.Added() if run is not None:
+                self.store.task_added(run.id, run.batch.tasks[event.task])
+            case events.Settled() if run is not None:
+                self.store.tasks_changed(run.id, [run.batch.tasks[event.task]])
+            case events.Start() if run is not None:
+                task = run.batch.tasks[event.task]
+                self.store.attempt_started(run.id, task, task.attempts[-1], event.start_ticks)
+            case events.End() if run is not None:
+                task = run.batch.tasks[event.task]
+                # A queue batch's ends are written at once: its deliveries are settled with the broker
+                # from the intake's thread, not after this loop turn's flush.
+                self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
+                if run.id in self.joblogs:
+                    self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event.attempt - 1])
+            case events.Halted() if run is not None:
+                # Its queue was cancelled: a restarted pmlmd must not run those tasks.
+                self.store.queue_cancelled(run.id)
+                log.info("batch %s: %s", run.id, event.reason, extra={"BATCH_ID": run.id})
+            case events.Finished() if run is not None:
+                # Every task ended: what is still queued in the state was cancelled from the queue.
+                self.store.queue_cancelled(run.id)
+                # Its report is encoded a slice at a time, then stored with its summary (FinishJob);
+                # until then status, list and report read the batch here.
+                self.unsaved[run.id] = run
+                self.finishing.add(run.id)
+                self.jobs.append(FinishJob(self, run))
+                self._drop_batch_state(run.id)
+                log.info("batch %s finished: %s", run.id, event.summary, extra={"BATCH_ID": run.id})
+        wire = {"time": round(time.time(), 3), **{k: v for k, v in event.wire().items() if v is not None}}
+        self.recent.append(wire)
         for (client, request_id), only in list(self.followers.items()):
             if (client, request_id) not in self.followers:
                 continue  # its client went away while this event was handed out
-            if only is None or only == event.get("batch"):
-                self.outboxes.event(client, request_id, event)
-            if kind == "finished" and only == event.get("batch") and (client, request_id) in self.followers:
+            if only is None or only == wire.get("batch"):
+                self.outboxes.event(client, request_id, wire)
+            if isinstance(event, events.Finished) and only == event.batch and (client, request_id) in self.followers:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
                 self.store.flush()
                 del self.followers[(client, request_id)]

@@ -4,7 +4,7 @@ The engine owns every worker process. Each step it samples the node, refreshes t
 worker table from /proc, asks the governor and carries the decisions out; exits
 arrive through pidfds. It is shared by the foreground runner (``pmlmctl run``, one
 batch) and the daemon (many batches, priorities, users). It reports what happens
-as plain event dicts through ``on_event``; it writes no files and owns no sockets.
+as typed events (pmlmd.events) through ``on_event``; it writes no files and owns no sockets.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable
 
 import zmq
 
-from . import cgroup as cgroups_module, lifecycle, lineage, procctl, tasklines
+from . import cgroup as cgroups_module, events, lifecycle, lineage, procctl, tasklines
 from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
@@ -259,7 +259,7 @@ def worker_argv(run: BatchRun, line: str | None) -> list[str]:
 
 class Engine:
     def __init__(self, limits: Limits, loop: Loop, *, proc: ProcReader | None = None, stdout_fd: int | None = None,
-                 critical_finish: bool = True, on_event: Callable[[dict], None] | None = None, scopes=None,
+                 critical_finish: bool = True, on_event: Callable[[events.Event], None] | None = None, scopes=None,
                  worker_rlimits: dict[int, tuple[int, int]] | None = None, subreaper: bool = False,
                  output=None, cgroups: cgroups_module.Subtree | None = None, clock: "Clock | None" = None,
                  processes: procctl.Processes | None = None):
@@ -425,7 +425,7 @@ class Engine:
         now = self.clock.monotonic()
         for w in mine:
             self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
-        self.on_event({"event": "held", "batch": run.id})
+        self.on_event(events.Held(run.id))
 
     def resume(self, run: BatchRun) -> None:
         run.held = False
@@ -436,7 +436,7 @@ class Engine:
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
-        self.on_event({"event": "released", "batch": run.id})
+        self.on_event(events.Released(run.id))
 
     def cpu_mark(self) -> int | None:
         """The CPU time the workers' processes have used, in microseconds: the cgroup subtree's
@@ -524,9 +524,9 @@ class Engine:
         for run in list(self.runs.values()):
             if run.id in holding:
                 self._credit(run, decisions, holding[run.id])
-        self.on_event({"event": "sample", "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
-                       "free": free, "free_pct": round(100.0 * free / sample.mem_total, 2),
-                       "running": self.tally[RUNNING], "paused": self.tally[PAUSED]})
+        self.on_event(events.Sample(cpu_pct=None if sample.cpu_pct is None else round(sample.cpu_pct, 2), free=free,
+                                    free_pct=round(100.0 * free / sample.mem_total, 2), running=self.tally[RUNNING],
+                                    paused=self.tally[PAUSED]))
         fastest = min([limits.interval] + [run.limits.interval for run in self.runs.values()])
         pace = limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
         watching = bool(self.workers)
@@ -951,7 +951,7 @@ class Engine:
                 case lifecycle.Log(text):
                     log.info("worker %d %s", w.child.pid, text)
                 case lifecycle.TimedOut():
-                    self.on_event({"event": "timeout", "batch": w.run.id, "task": w.task.index, "pid": w.child.pid})
+                    self.on_event(events.Timeout(w.run.id, w.task.index, w.child.pid))
                 case lifecycle.Disobeyed(one_cpu, growth):
                     log.warning("worker %d acknowledged an agent pause but kept working (%.0f%% of a CPU, %+.1f MiB/s): "
                                 "SIGSTOP", w.child.pid, one_cpu, growth / (1 << 20),
@@ -959,8 +959,7 @@ class Engine:
                                                       worker_pid=w.child.pid, decision=PAUSE,
                                                       rule="agent-noncompliant",
                                                       reason="kept working while paused through the agent channel"))
-                    self.on_event({"event": "noncompliant", "batch": w.run.id, "task": w.task.index,
-                                   "pid": w.child.pid, "cpu_pct": round(one_cpu, 1)})
+                    self.on_event(events.Noncompliant(w.run.id, w.task.index, w.child.pid, round(one_cpu, 1)))
 
     def let_go(self, w: Worker) -> None:
         """pmlmd stops watching: a paused or held worker is continued (and told so in agent mode)."""
@@ -1040,8 +1039,8 @@ class Engine:
                     attempt.reason += (": its arguments and environment together exceed what exec takes, a quarter "
                                        f"of pmlmd's stack limit{room}; pass fewer or smaller arguments or variables")
             run.batch.end_attempt(task, attempt, attempt.start, cause)
-            self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
-                           "cause": cause, "status": task.status, "reason": attempt.reason})
+            self.on_event(events.End(run.id, task.index, attempt.number, pid=None, exit_code=None, signal=None,
+                                     cause=cause, status=task.status, reason=attempt.reason))
             self._settle(run)
             self._finish_if_done(run)
             return
@@ -1088,8 +1087,7 @@ class Engine:
             self.agent.worker_gone(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run))
         self.spawn_blocked_until = self.clock.monotonic() + RESOURCE_BACKOFF
         self._log_shortage(f"cannot start a worker for task {task.index} of batch {run.id}: {error.strerror}")
-        self.on_event({"event": "deferred", "batch": run.id, "task": task.index, "cause": CAUSE_RESOURCE,
-                       "reason": error.strerror})
+        self.on_event(events.Deferred(run.id, task.index, CAUSE_RESOURCE, error.strerror))
 
     def _log_shortage(self, what: str) -> None:
         now = self.clock.monotonic()
@@ -1128,9 +1126,8 @@ class Engine:
         if worker.life.due is not None:
             self.timed[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
-        self.on_event({"event": "start", "batch": worker.run.id, "task": worker.task.index,
-                       "attempt": worker.attempt.number, "pid": worker.child.pid,
-                       "start_ticks": worker.child.start_ticks})
+        self.on_event(events.Start(worker.run.id, worker.task.index, worker.attempt.number, worker.child.pid,
+                                   worker.child.start_ticks))
 
     def _terminate(self, w: Worker, cause: str, reason: str | None) -> None:
         self._carry(w, lifecycle.Terminate(cause, reason), self.clock.monotonic())
@@ -1199,9 +1196,8 @@ class Engine:
         self._settle(run)
         if self.output is not None:
             self.output.ended(run, w.task, a)
-        self.on_event({"event": "end", "batch": run.id, "task": w.task.index, "attempt": a.number,
-                       "pid": w.child.pid, "exit_code": a.exit_code, "signal": a.signal, "cause": a.cause,
-                       "status": w.task.status, "reason": a.reason})
+        self.on_event(events.End(run.id, w.task.index, a.number, pid=w.child.pid, exit_code=a.exit_code,
+                                 signal=a.signal, cause=a.cause, status=w.task.status, reason=a.reason))
         # Whatever the leader left behind in its group goes with it (like a scope's KillMode).
         if w.cgroup is not None:
             if left or not self._gone(w.cgroup):
@@ -1229,8 +1225,7 @@ class Engine:
                 run.intake.close()
             return
         run.batch.finished = self.clock.wall()
-        self.on_event({"event": "finished", "batch": run.id, "exit_status": run.batch.exit_status(),
-                       "summary": run.batch.summary_line()})
+        self.on_event(events.Finished(run.id, run.batch.exit_status(), run.batch.summary_line()))
         del self.runs[run.id]
         if run.frozen:
             self.scopes.thaw(run.id)
@@ -1244,7 +1239,7 @@ class Engine:
             return
         run.halted = True
         log.info("batch %s: %s", run.id, reason)
-        self.on_event({"event": "halted", "batch": run.id, "reason": reason})
+        self.on_event(events.Halted(run.id, reason))
         if run.batch.spec.halt == HALT_NOW:
             self._stop_workers(run, f"batch {reason}")
 
@@ -1274,7 +1269,7 @@ class Engine:
                         run.id, spec.queue, event.state, f" ({event.detail})" if event.detail else "",
                         extra={"BATCH_ID": run.id, "INTAKE_STATE": event.state, "INTAKE_QUEUE": spec.queue,
                                "INTAKE_CREDIT": str(intake.credit)})
-                self.on_event({"event": "intake", "batch": run.id, "state": event.state, "detail": event.detail})
+                self.on_event(events.Intake(run.id, event.state, event.detail))
                 if event.state == REFUSED and self.critical_finish and self._taking(run):
                     # In the foreground (pmlmctl run) nobody is there to put the broker right: give up.
                     run.batch.critical_reason = f"{REFUSED}: {event.detail}"
@@ -1287,8 +1282,7 @@ class Engine:
                     task = run.batch.tasks[d.task]
                     if task.message is not None:
                         task.message["settled"] = event.state
-                    self.on_event({"event": "settled", "batch": run.id, "task": d.task, "settled": event.state,
-                                   "reason": event.detail})
+                    self.on_event(events.Settled(run.id, d.task, event.state, event.detail))
             elif event.kind == "closed":
                 self.loop.unwatch(intake.fileno())
                 intake.release()
@@ -1308,12 +1302,12 @@ class Engine:
         task = run.batch.add_task(line, message, governor_ends=d.terminations)
         d.task = task.index
         run.deliveries[task.index] = d
-        self.on_event({"event": "added", "batch": run.id, "task": task.index})
+        self.on_event(events.Added(run.id, task.index))
         if problem is not None:  # exec could not take it: not a task line, whichever node tries
             attempt = run.batch.fail_unrunnable(task, self.clock.wall(), CAUSE_BAD_MESSAGE,
                                                 f"the message cannot be a task line: {problem}")
-            self.on_event({"event": "end", "batch": run.id, "task": task.index, "attempt": attempt.number,
-                           "cause": CAUSE_BAD_MESSAGE, "status": task.status, "reason": attempt.reason})
+            self.on_event(events.End(run.id, task.index, attempt.number, pid=None, exit_code=None, signal=None,
+                                     cause=CAUSE_BAD_MESSAGE, status=task.status, reason=attempt.reason))
             self._settle(run)
             self._finish_if_done(run)
             return
@@ -1359,8 +1353,7 @@ class Engine:
                 run.batch.queue.remove(task)
                 task.status = RETURNED
                 excess -= 1
-                self.on_event({"event": "returned", "batch": run.id, "task": task.index,
-                               "reason": "waited for admission: back to its queue"})
+                self.on_event(events.Returned(run.id, task.index, "waited for admission: back to its queue"))
         self._settle(run)
         self._finish_if_done(run)
 
@@ -1479,11 +1472,10 @@ class Engine:
                                  mem_free_pct=f"{100.0 * free / sample.mem_total:.1f}", latency_ms=f"{latency_ms:.3f}")
         log.log(logging.WARNING if d.rule == "floor" else logging.INFO, "%s%s%s [%s]: %s", d.action, count, target,
                 d.rule, d.reason, extra=fields)
-        self.on_event({"event": "decision", "decision": d.action, "count": d.count or None,
-                       "batch": run.id if run else None, "pid": w.child.pid if w else None,
-                       "task": w.task.index if w else None, "rule": d.rule, "reason": d.reason,
-                       "cpu_pct": None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
-                       "free_pct": round(100.0 * free / sample.mem_total, 2), "latency_ms": round(latency_ms, 3)})
+        self.on_event(events.Decision(
+            d.action, d.count or None, run.id if run else None, w.child.pid if w else None,
+            w.task.index if w else None, d.rule, d.reason, None if sample.cpu_pct is None else round(sample.cpu_pct, 2),
+            round(100.0 * free / sample.mem_total, 2), round(latency_ms, 3)))
 
 
 SHOWN_BODY = 200  # bytes of a message that cannot be a task line kept as its line in the report

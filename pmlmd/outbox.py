@@ -26,7 +26,7 @@ from typing import Callable
 
 import zmq
 
-from . import protocol
+from . import events, protocol
 
 log = logging.getLogger("pmlmd.outbox")
 
@@ -74,7 +74,7 @@ class Outboxes:
     def _missed(self, client: bytes, request_id) -> None:
         missed = self.dropped.pop((client, request_id), 0)
         if missed:
-            marker = {"time": round(time.time(), 3), "event": "dropped", "count": missed}
+            marker = {"time": round(time.time(), 3), **events.Dropped(missed).wire()}
             self._put(client, protocol.encode_event(marker, request_id), True)
 
     def _put(self, client: bytes, frame: bytes, is_event: bool) -> None:

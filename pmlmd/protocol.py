@@ -237,6 +237,30 @@ request's ``request_id``, ended by one reply (result or error) as above::
 With ``follow`` false the stream holds the events recorded so far; with ``follow`` true
 it stays open for new events.
 
+An event is ``{"event": KIND, "time": T, ...}``: ``time`` in seconds since the epoch, then
+the fields of its kind below, each left out when it is null. Their types and units are in
+pmlmd/events.py, where each kind is declared once (a test checks this table against it):
+
+================  ==============================================================================
+event             fields
+================  ==============================================================================
+``decision``      decision, count, batch, pid, task, rule, reason, cpu_pct, free_pct, latency_ms
+``start``         batch, task, attempt, pid, start_ticks
+``end``           batch, task, attempt, pid, exit_code, signal, cause, status, reason
+``deferred``      batch, task, cause, reason
+``timeout``       batch, task, pid
+``noncompliant``  batch, task, pid, cpu_pct
+``held``          batch
+``released``      batch
+``finished``      batch, exit_status, summary
+``halted``        batch, reason
+``intake``        batch, state, detail
+``settled``       batch, task, settled, reason
+``added``         batch, task
+``returned``      batch, task, reason
+``dropped``       count
+================  ==============================================================================
+
 A reader that does not keep up gets every reply, and every event or in their place
 ``{"event": "dropped", "count": N}``: N events of this stream were left out there, before
 the next message of the stream (see pmlmd/outbox.py). Replies are never left out while

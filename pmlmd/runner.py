@@ -19,7 +19,7 @@ from typing import Callable, TextIO
 
 import zmq
 
-from . import cgroup
+from . import cgroup, events
 from .agentchannel import AgentChannels
 from .batch import CANCELLED, FINISHED, Batch, BatchSpec
 from .engine import BatchRun, Engine, Loop
@@ -111,20 +111,21 @@ class Runner:
                 "cpu_pct": sample.cpu_pct if sample else None, "free_pct": free_pct,
                 "eta_s": eta_seconds(self.task_times, total - done, len(starts), youngest_age)}
 
-    def _on_event(self, event: dict) -> None:
-        if event.get("event") == "end" and event.get("status") in FINISHED and event["status"] != CANCELLED:
+    def _on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.End) and event.status in FINISHED and event.status != CANCELLED:
             # A cancelled task was cut short: its time says nothing about the others'.
-            attempt = self.batch.tasks[event["task"]].attempts[-1]
+            attempt = self.batch.tasks[event.task].attempts[-1]
             if attempt.end is not None:
                 bisect.insort(self.task_times, attempt.end - attempt.start)  # kept sorted: the median stays cheap
         self._trace(event)
 
-    def _trace(self, event: dict) -> None:
-        if self.joblog is not None and event["event"] == "end" and event.get("batch") == self.batch_run.id:
-            task = self.batch_run.batch.tasks[event["task"]]
-            self.joblog.attempt_ended(self.batch_run.batch.spec, task, task.attempts[event["attempt"] - 1])
+    def _trace(self, event: events.Event) -> None:
+        if self.joblog is not None and isinstance(event, events.End) and event.batch == self.batch_run.id:
+            task = self.batch_run.batch.tasks[event.task]
+            self.joblog.attempt_ended(self.batch_run.batch.spec, task, task.attempts[event.attempt - 1])
         if self.trace is None:
             return
-        record = {"t": round(time.time(), 4), **{k: v for k, v in event.items() if v is not None and k != "batch"}}
+        fields = event.wire().items()
+        record = {"t": round(time.time(), 4), **{k: v for k, v in fields if v is not None and k != "batch"}}
         self.trace.write(json.dumps(record) + "\n")
         self.trace.flush()

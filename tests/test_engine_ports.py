@@ -17,6 +17,7 @@ import pytest
 from pmlmd import procctl
 from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.events import End, Event, Timeout
 from pmlmd.governor import Limits
 from pmlmd.sampler import PAGE_SIZE, ProcReader
 from pmlmd.scopes import NoScopes
@@ -136,7 +137,7 @@ def rig(tmp_path):
     proc = FakeProc(tmp_path)
     processes = FakeProcesses(clock, proc)
     loop = Loop()
-    events: list[dict] = []
+    events: list[Event] = []
     engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
                     on_event=events.append, scopes=FakeScopes())
     yield engine, clock, proc, processes, loop, events
@@ -180,8 +181,8 @@ def test_a_worker_is_terminated_below_the_limit_and_killed_after_the_grace(rig):
     assert clock.now - terminated_at >= 5.0  # not before the grace
     processes.exit(second, sig=signal.SIGKILL)
     loop.poll(0)
-    (end,) = [e for e in events if e["event"] == "end"]
-    assert end["cause"] == CAUSE_GOVERNOR_MEMORY and "SIGKILL after 5s grace" in end["reason"]
+    (end,) = [e for e in events if isinstance(e, End)]
+    assert end.cause == CAUSE_GOVERNOR_MEMORY and "SIGKILL after 5s grace" in end.reason
     assert run.batch.tasks[1].status == QUEUED  # requeued (--retries)
 
 
@@ -219,11 +220,11 @@ def test_the_timeout_counts_running_time_only(rig):
     assert processes.of(pid) == [signal.SIGCONT]  # 1.9 s of running time
     advance(engine, clock, proc, 0.3, steps=3)
     assert processes.of(pid)[1:] == [signal.SIGTERM, signal.SIGCONT]
-    assert any(e["event"] == "timeout" for e in events)
+    assert any(isinstance(e, Timeout) for e in events)
     processes.exit(pid, sig=signal.SIGTERM)
     loop.poll(0)
-    (end,) = [e for e in events if e["event"] == "end"]
-    assert end["cause"] == CAUSE_TIMEOUT
+    (end,) = [e for e in events if isinstance(e, End)]
+    assert end.cause == CAUSE_TIMEOUT
 
 
 def test_a_hold_does_not_freeze_a_batch_whose_worker_is_in_its_grace(rig):

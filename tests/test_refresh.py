@@ -16,6 +16,7 @@ import pytest
 
 from pmlmd.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.events import Decision
 from pmlmd.governor import Limits
 from pmlmd.sampler import ProcReader
 
@@ -133,10 +134,11 @@ def test_a_step_stops_starting_workers_when_its_time_is_up_and_the_next_goes_on_
             started_per_step.append(len(engine.workers) - before)
             if backlog and engine.spawn_backlog:  # a follow-up admits no more than the cut step left
                 assert engine.spawn_backlog["b"] < backlog["b"], (backlog, engine.spawn_backlog)
-            cut = [e for e in events[seen:] if e.get("decision") == "spawn" and "more at the next" in e["reason"]]
+            cut = [e for e in events[seen:] if isinstance(e, Decision) and e.decision == "spawn"
+                   and "more at the next" in e.reason]
             if cut:  # admitted more than it started: the next step is due at once
                 cuts += 1
-                assert cut[0]["count"] == 1 and engine.next_sample_at == engine.last_sample.time
+                assert cut[0].count == 1 and engine.next_sample_at == engine.last_sample.time
             assert len(started_per_step) < 100, started_per_step
         assert set(started_per_step) <= {0, 1} and sum(started_per_step) == 8
         assert cuts  # the ramp admitted 2, 4, ... at once: each time only one started per step

@@ -1,0 +1,67 @@
+"""The events pmlmd streams: each kind declared once (pmlmd/events.py), documented in the
+protocol, described by pmlmctl events, and sent with its declared fields and no others."""
+
+import dataclasses
+import re
+import typing
+
+import pytest
+
+from pmlmd import events, protocol
+from pmlmd.ctl import describe_event
+
+SENT = [kind for kind in events.KINDS if kind != "sample"]  # samples stay inside pmlmd
+
+
+def example(cls: type[events.Event]) -> events.Event:
+    """An event of ``cls`` with a value of its type in every field, each value a different one."""
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for i, f in enumerate(dataclasses.fields(cls)):
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        fields[f.name] = f"<{f.name}>" if str in kinds else 100 + i if int in kinds else 1000.5 + i
+    return cls(**fields)
+
+
+# What a line of pmlmctl events shows of an event; the figures (CPU, memory, latency, start
+# ticks) are for programs (--json). An ended attempt shows its exit status or its signal.
+SHOWN = {"batch", "task", "attempt", "reason", "summary", "detail", "settled", "count", "state", "decision", "rule",
+         "cause", "status"}
+
+
+@pytest.mark.parametrize("kind", SENT)
+def test_the_protocol_documents_each_event_with_its_fields(kind):
+    rows = re.findall(rf"^``{kind}``\s+(.*)$", protocol.__doc__, re.M)
+    assert rows, f"the protocol's event table lacks {kind}"
+    assert rows[-1].split(", ") == [f.name for f in dataclasses.fields(events.KINDS[kind])]
+
+
+@pytest.mark.parametrize("kind", SENT)
+def test_pmlmctl_describes_each_event_with_what_it_says(kind):
+    event = example(events.KINDS[kind])
+    line = describe_event({"time": 0.0, **event.wire()})
+    missing = [name for name, value in vars(event).items() if name in SHOWN and str(value) not in line]
+    assert not missing, f"{line!r} leaves out {missing}"
+    assert "{" not in line and "None" not in line
+
+
+def test_the_wire_form_is_the_kind_then_the_fields_in_their_order():
+    end = events.End("3", 1, 2, pid=None, exit_code=0, signal=None, cause="exit", status="succeeded", reason=None)
+    assert list(end.wire()) == ["event", "batch", "task", "attempt", "pid", "exit_code", "signal", "cause", "status",
+                                "reason"]
+    assert end.wire()["event"] == "end"
+
+
+def test_a_daemon_sends_each_event_with_its_declared_fields_only(daemon):
+    batch = daemon.ctl("submit", "-n", "3", "--", "sh", "-c", "exit $PMLM_TASK_INDEX").stdout.strip()
+    with daemon.client() as client:
+        seen = []
+        for event in client.stream("events", batch=batch, follow=True):
+            seen.append(event)
+    kinds = {e["event"] for e in seen}
+    assert {"decision", "start", "end", "finished"} <= kinds
+    for e in seen:
+        declared = {f.name for f in dataclasses.fields(events.KINDS[e["event"]])}
+        assert set(e) - {"event", "time"} <= declared, e
+    ends = sorted((e["task"], e["exit_code"], e["status"]) for e in seen if e["event"] == "end")
+    assert ends == [(0, 0, "succeeded"), (1, 1, "failed"), (2, 2, "failed")]
