@@ -69,62 +69,63 @@ GIVE_BACK_AFTER = 1.0  # seconds a delivery may wait for admission before it goe
 
 
 class Loop:
-    """One poller over ZeroMQ sockets and plain file descriptors, plus signal delivery.
+    """One epoll set over file descriptors and ZeroMQ sockets, plus signal delivery.
 
-    Plain descriptors (a pidfd per worker, ...) are in an epoll set, which the ZeroMQ poller
-    watches as one descriptor: a turn of the loop costs the same with 1,000 workers as with one
-    (zmq.Poller builds its whole list of items on every call)."""
+    A ZeroMQ socket is in the set by its notification descriptor (ZMQ_FD, zmq_getsockopt(3)),
+    which becomes readable when the socket's state may have changed, not when a message waits:
+    each turn asks every socket's ZMQ_EVENTS, before blocking (a socket that still holds
+    messages a callback left makes the turn not wait) and after. So a turn costs one
+    epoll_wait and a getsockopt per socket, with 1,000 workers as with one; zmq.Poller would
+    build and poll its whole list of items on every call.
+
+    A file whose poll consumes the event it reports (a PSI trigger, kernel doc
+    accounting/psi.rst) is polled once per report here, as epoll_wait checks a ready item once."""
 
     def __init__(self, on_error: Callable[[Exception], None] | None = None):
         """With ``on_error``, an exception raised by a callback is handed to it (called inside the
         except block, so it can log the traceback) and the loop goes on; without, it propagates."""
         self.on_error = on_error
-        self.poller = zmq.Poller()
         self.epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
-        self.poller.register(self.epoll.fileno(), zmq.POLLIN)
         self.callbacks: dict = {}
-        self.direct: set[int] = set()  # descriptors in the ZeroMQ poller itself (watch's ``direct``)
+        self.sockets: dict[int, object] = {}  # ZMQ_FD -> its ZeroMQ socket
         self._signals: list[int] = []
         self._restore: list[Callable[[], None]] = []
 
-    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN, direct: bool = False) -> None:
+    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
         """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable, or
         for a descriptor, has one of ``events`` (select.EPOLL*: EPOLLPRI alone for a cgroup file
-        whose change the kernel signals, which always polls readable).
-
-        ``direct``: the descriptor is polled by the ZeroMQ poller itself, not through the epoll
-        set, for files whose poll consumes the event it reports (a PSI trigger): polled once by
-        the epoll set's own readiness check, such an event would be gone when the set is read."""
-        if direct:
-            self.poller.register(source, zmq.POLLPRI if events & select.EPOLLPRI else zmq.POLLIN)
-            self.direct.add(source)
-        elif isinstance(source, int):
-            if source in self.callbacks:
-                self.epoll.modify(source, events)
-            else:
-                self.epoll.register(source, events)
+        whose change the kernel signals, which always polls readable)."""
+        if not isinstance(source, int):
+            fd = source.getsockopt(zmq.FD)
+            self.sockets[fd] = source
+            source, events = fd, select.EPOLLIN
+        if source in self.callbacks:
+            self.epoll.modify(source, events)
         else:
-            self.poller.register(source, zmq.POLLIN)
+            self.epoll.register(source, events)
         self.callbacks[source] = callback
 
     def unwatch(self, source) -> None:
-        if source in self.direct:
-            self.direct.discard(source)
-            self.poller.unregister(source)
-        elif isinstance(source, int):
-            try:
-                self.epoll.unregister(source)
-            except OSError:
-                pass  # closed already: the kernel took it out of the set
-        else:
-            self.poller.unregister(source)
+        if not isinstance(source, int):  # found by identity: it may be closed by now
+            source = next(fd for fd, sock in self.sockets.items() if sock is source)
+            del self.sockets[source]
+        try:
+            self.epoll.unregister(source)
+        except OSError:
+            pass  # closed already: the kernel took it out of the set
         del self.callbacks[source]
 
+    def _readable_sockets(self) -> list[int]:
+        return [fd for fd, sock in self.sockets.items() if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN]
+
     def poll(self, timeout: float) -> None:
-        ready = [source for source, _ in self.poller.poll(math.ceil(max(0.0, timeout) * 1000))]
-        if self.epoll.fileno() in ready:
-            ready.remove(self.epoll.fileno())
-            ready += [fd for fd, _ in self.epoll.poll(0)]
+        """Wait up to ``timeout`` seconds (inf: until something happens) and call back what is ready."""
+        ready = self._readable_sockets()
+        wait = 0 if ready else -1 if timeout == math.inf else max(0.0, timeout)
+        fired = [fd for fd, _ in self.epoll.poll(wait)]
+        if self.sockets:
+            ready = self._readable_sockets()
+        ready += [fd for fd in fired if fd not in self.sockets]
         for source in ready:
             callback = self.callbacks.get(source)  # an earlier callback may have unwatched it
             if callback is None:
@@ -303,7 +304,7 @@ class Engine:
         except OSError as e:
             log.info("memory pressure (PSI) does not wake pmlmd: /proc/pressure/memory: %s", e.strerror)
         else:
-            loop.watch(self.pressure.fileno(), self._memory_event, select.EPOLLPRI, direct=True)
+            loop.watch(self.pressure.fileno(), self._memory_event, select.EPOLLPRI)
             log.info("memory pressure (PSI) wakes pmlmd: %g ms of stall within %g s", self.pressure.stall_us / 1000,
                      self.pressure.window_us / 1e6)
         # The kernel's line under the memory limit, where the memory controller allows one.

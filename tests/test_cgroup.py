@@ -316,11 +316,9 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
     assert (tmp_path / "memory.high").read_text() == (tmp_path / "memory.max").read_text() == "max"
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_the_loop_wakes_on_a_cgroup_file_change_through_epoll_or_polled_directly(subtree, direct):
+def test_the_loop_wakes_on_a_cgroup_file_change(subtree):
     # cgroup.events polls readable always and signals a change as POLLPRI (kernfs): the loop must
-    # watch for EPOLLPRI alone, through its epoll set or (direct, for a PSI trigger, whose poll
-    # consumes its event) in the ZeroMQ poller itself.
+    # watch for EPOLLPRI alone.
     from pmlmd.engine import Loop
     import select
 
@@ -329,8 +327,7 @@ def test_the_loop_wakes_on_a_cgroup_file_change_through_epoll_or_polled_directly
     fd = os.open(os.path.join(w.path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
     loop = Loop()
     woken = []
-    loop.watch(fd, lambda: (woken.append(os.pread(fd, 4096, 0)), os.lseek(fd, 0, os.SEEK_SET)), select.EPOLLPRI,
-               direct=direct)
+    loop.watch(fd, lambda: (woken.append(os.pread(fd, 4096, 0)), os.lseek(fd, 0, os.SEEK_SET)), select.EPOLLPRI)
     os.pread(fd, 4096, 0)  # read once: from here on only a change polls as POLLPRI
     try:
         loop.poll(0.05)
