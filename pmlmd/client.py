@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
 import socket
+import time
 from typing import Iterator
 
 import zmq
@@ -17,6 +19,14 @@ DEFAULT_SOCKET = "/run/pmlmd/control.sock"
 
 class Unreachable(Exception):
     """pmlmd cannot be reached; the message says why and what to do."""
+
+
+class StreamEnded(Exception):
+    """A stream's closing reply came; ``result`` is its result."""
+
+    def __init__(self, result: dict):
+        super().__init__("the stream ended")
+        self.result = result
 
 
 class RemoteError(Exception):
@@ -40,6 +50,9 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect("ipc://" + path)
         self._ids = itertools.count(1)
+        # Messages of open streams (request id -> those not read yet): a stream's events may come
+        # in while the client waits for the reply to another request on the same connection.
+        self._held: dict[int, collections.deque] = {}
 
     def _check_reachable(self) -> None:
         # ZeroMQ connects in the background and would just wait; a plain connect says at once what is wrong.
@@ -76,15 +89,28 @@ class Client:
         return request_id
 
     def _receive(self, request_id: int, timeout: float | None) -> dict:
+        reply = self._next(request_id, timeout)
+        if reply is None:
+            raise Unreachable(f"pmlmd did not answer on {self.path} within {timeout:g}s; see 'journalctl -u pmlmd'")
+        return reply
+
+    def _next(self, request_id: int, timeout: float | None) -> dict | None:
+        """The next message answering ``request_id``; None when none came within ``timeout`` seconds."""
+        held = self._held.get(request_id)
+        if held:
+            return held.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if not self.sock.poll(None if timeout is None else int(timeout * 1000)):
-                raise Unreachable(f"pmlmd did not answer on {self.path} within {timeout:g}s; see "
-                                  "'journalctl -u pmlmd'")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(None if left is None else int(left * 1000)):
+                return None
             reply = protocol.decode_reply(self.sock.recv())
             # An error pmlmd found before it could read the request's id (too large, not JSON)
             # comes without one: it answers the one request this client has in flight.
             if reply.get("request_id") == request_id or (reply.get("request_id") is None and not reply.get("ok")):
                 return reply
+            if reply.get("request_id") in self._held:
+                self._held[reply["request_id"]].append(reply)
 
     def call(self, name: str, /, **args) -> dict:
         """Send one request and return its result; raises RemoteError for an error reply."""
@@ -93,6 +119,29 @@ class Client:
             error = reply.get("error") or {}
             raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
         return reply.get("result", {})
+
+    def open_stream(self, name: str, /, **args) -> int:
+        """Send a streaming request whose messages are read with ``take`` (other requests may be
+        made meanwhile); its request id."""
+        request_id = self._send(name, args)
+        self._held[request_id] = collections.deque()
+        return request_id
+
+    def take(self, request_id: int, timeout: float | None) -> dict | None:
+        """The next event of a stream opened with ``open_stream``; None when none came within
+        ``timeout`` seconds. Raises StreamEnded with the closing reply's result, RemoteError for an
+        error reply."""
+        reply = self._next(request_id, timeout)
+        if reply is None:
+            return None
+        if not reply.get("ok"):
+            self._held.pop(request_id, None)
+            error = reply.get("error") or {}
+            raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
+        if "event" not in reply:
+            self._held.pop(request_id, None)
+            raise StreamEnded(reply.get("result", {}))
+        return reply["event"]
 
     def stream(self, name: str, /, **args) -> Iterator[dict]:
         """Yield the events of a streaming request until its closing reply (or for ever)."""

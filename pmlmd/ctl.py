@@ -20,7 +20,7 @@ from typing import Callable
 from . import __version__, cgroup, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
-from .client import DEFAULT_SOCKET, Client, RemoteError, Unreachable, socket_path
+from .client import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
 from .options import LIMIT_OPTIONS, limits_from
 from .joblog import Joblog
 from .progress import StartFinishClock, eta_seconds
@@ -763,35 +763,58 @@ def cmd_retry(parser, args) -> int:
         return _wait(client, batch_id, args.json)
 
 
+WAIT_ROUND = 0.1  # seconds at least between two rounds of reading output: task ends in between are read at once
+WAIT_DRAW = 1.0  # seconds between redraws of the status line while no task ends (node figures, ETA)
+WAIT_CHECK = 2.0  # seconds without an event before pmlmctl asks whether pmlmd restarted (its stream is then gone)
+
+
 def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     """Progress and the tasks' output as they finish (in task order), then the summary; exits like run.
 
+    pmlmd pushes each task's end (an ``events`` stream of the batch's end and finished events):
+    the output is read when a task has ended, at most every WAIT_ROUND, and nothing is asked
+    while no task ends. A restarted pmlmd has no stream for this client: after WAIT_CHECK of
+    silence pmlmctl asks for its pid and start, and follows the batch anew on the new one.
+
     The status reply has counts, not task times: the ETA's task times are inferred from how the
-    counts move between polls (progress.StartFinishClock), not asked of the daemon."""
+    counts move between draws (progress.StartFinishClock), not asked of the daemon."""
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
     clock = StartFinishClock()
     # Line by line only where a status line is drawn: elsewhere the bytes go out as they are.
     printer = TaskPrinter(_emit_to(status_line, stdout_to_stderr=as_json), lines=status_line is not None)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
+        stream, daemon = _follow_ends(client, batch_id), _instance(client)
+        ended, ends_came, quiet_since = False, True, time.monotonic()
         while True:
-            status = client.call("status", batch=batch_id)
-            following = [reader for reader in following if reader.poll()]
-            if status.get("ended") is not None:
+            if ends_came or ended:
+                following = [reader for reader in following if reader.poll()]
+            if ended:
                 while following:  # what the last tasks wrote
                     following = [reader for reader in following if reader.poll()]
                 printer.flush()
                 break
             if status_line:
-                now = time.monotonic()
-                node = status.get("node") or {}
-                counts, total = status["counts"], status["tasks"]
-                done = total - counts["running"] - counts["paused"] - counts["queued"]
-                clock.observe(now, done, total - counts["queued"])
-                eta = eta_seconds(clock.durations, total - done, counts["running"], clock.youngest_age(now))
-                status_line.draw({**counts, "done": done, "total": total, "cpu_pct": node.get("cpu_pct"),
-                                  "free_pct": node.get("free_pct"), "eta_s": eta})
-            time.sleep(0.25)  # a person watching; the daemon answers in microseconds
+                _draw(status_line, clock, client.call("status", batch=batch_id))
+            round_at, ends_came = time.monotonic(), False
+            try:
+                event = client.take(stream, WAIT_DRAW if status_line else WAIT_CHECK)
+                if event is None:
+                    if time.monotonic() - quiet_since >= WAIT_CHECK:
+                        quiet_since = time.monotonic()
+                        answering = _instance(client)
+                        if answering[0] != daemon[0] or abs(answering[1] - daemon[1]) > 1.0:
+                            # pmlmd restarted: the stream went with the one before
+                            stream, daemon = _follow_ends(client, batch_id), answering
+                            ends_came = True  # tasks may have ended meanwhile
+                    continue
+                # A task ended: take every end that comes until the round is due, for one read.
+                quiet_since, ends_came = time.monotonic(), True
+                time.sleep(max(0.0, round_at + WAIT_ROUND - time.monotonic()))
+                while event is not None:
+                    event = client.take(stream, 0)
+            except StreamEnded:
+                ended = True
     except KeyboardInterrupt:
         if status_line:
             status_line.clear()
@@ -807,6 +830,29 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     if report["error_message"]:
         print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
     return report["exit_status"]
+
+
+def _follow_ends(client: Client, batch_id: str) -> int:
+    """Open the stream of the batch's task ends (and its end): what _wait waits on."""
+    return client.open_stream("events", batch=batch_id, follow=True, kinds=["end", "finished"])
+
+
+def _instance(client: Client) -> tuple[int, float]:
+    """Which pmlmd answers: its pid and when it started, in seconds on this host's monotonic clock
+    (two readings of one pmlmd differ by about a request's time)."""
+    ping = client.call("ping")
+    return ping["pid"], time.monotonic() - ping["uptime_s"]
+
+
+def _draw(status_line, clock: StartFinishClock, status: dict) -> None:
+    now = time.monotonic()
+    node = status.get("node") or {}
+    counts, total = status["counts"], status["tasks"]
+    done = total - counts["running"] - counts["paused"] - counts["queued"]
+    clock.observe(now, done, total - counts["queued"])
+    eta = eta_seconds(clock.durations, total - done, counts["running"], clock.youngest_age(now))
+    status_line.draw({**counts, "done": done, "total": total, "cpu_pct": node.get("cpu_pct"),
+                      "free_pct": node.get("free_pct"), "eta_s": eta})
 
 
 class LogReader:

@@ -1,6 +1,6 @@
 """pmlmd: the long-running service.
 
-One event loop (a ZeroMQ poller) serves the control socket, watches every worker's
+One event loop (an epoll set, engine.Loop) serves the control socket, watches every worker's
 pidfd and runs the node-wide governor; no thread per worker. Batches are durable in
 SQLite before a submit is answered, and a restarted daemon adopts the workers an
 earlier one left running.
@@ -256,7 +256,9 @@ class Daemon:
         except OSError as e:
             raise DaemonError(f"cannot set up the agent channel: {e}") from e
         self.recent = collections.deque(maxlen=RECENT_EVENTS)
-        self.followers: dict[tuple[bytes, object], str | None] = {}  # (client, request id) -> batch filter
+        # (client, request id) -> what it follows: a batch id or None (every batch), and the kinds of
+        # event it asked for or None (every kind)
+        self.followers: dict[tuple[bytes, object], tuple[str | None, frozenset[str] | None]] = {}
         # What a client does not read at once waits for it there (events bounded, replies kept).
         self.outboxes = Outboxes(self.sock, on_gone=self._client_gone)
         self.asked: dict[str, dict] = {}  # batch id -> the limits it asked for, to re-apply on reload
@@ -753,10 +755,10 @@ class Daemon:
                 log.info("batch %s finished: %s", run.id, event.summary, extra={"BATCH_ID": run.id})
         wire = {"time": round(time.time(), 3), **{k: v for k, v in event.wire().items() if v is not None}}
         self.recent.append(wire)
-        for (client, request_id), only in list(self.followers.items()):
+        for (client, request_id), (only, kinds) in list(self.followers.items()):
             if (client, request_id) not in self.followers:
                 continue  # its client went away while this event was handed out
-            if only is None or only == wire.get("batch"):
+            if (only is None or only == wire.get("batch")) and (kinds is None or event.KIND in kinds):
                 self.outboxes.event(client, request_id, wire)
             if isinstance(event, events.Finished) and only == event.batch and (client, request_id) in self.followers:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
@@ -1209,14 +1211,15 @@ class Daemon:
                                       "complete": complete}, request.request_id)
 
     def _do_events(self, client, request, peer) -> bytes | None:
-        only = request.args["batch"]
+        only, kinds = request.args["batch"], request.args["kinds"]
+        kinds = None if kinds is None else frozenset(kinds)
         # A batch that has ended (also one still being stored) has no more events to follow.
         live = only is None or (self._batch(only, peer, None) is not None and only in self.engine.runs)
         for event in self.recent:
-            if only is None or event.get("batch") == only:
+            if (only is None or event.get("batch") == only) and (kinds is None or event["event"] in kinds):
                 self.outboxes.event(client, request.request_id, event)
         if request.args["follow"] and live:  # a finished batch has nothing more to follow
-            self.followers[(client, request.request_id)] = only
+            self.followers[(client, request.request_id)] = (only, kinds)
             return None  # the stream stays open
         return protocol.encode_reply({"events": "end"}, request.request_id)
 

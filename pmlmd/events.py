@@ -207,3 +207,4 @@ class Dropped(Event):
 KINDS: dict[str, type[Event]] = {cls.KIND: cls for cls in (
     Sample, Decision, Start, End, Deferred, Timeout, Noncompliant, Held, Released, Finished, Halted, Intake,
     Settled, Added, Returned, Dropped)}
+STREAMED = tuple(kind for kind in KINDS if kind != Sample.KIND)  # what ``events`` may send (and filter by)

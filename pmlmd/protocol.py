@@ -55,7 +55,9 @@ request       arguments
 ``resume``    ``batch``: string, required
 ``report``    ``batch``: string, required
 ``events``    ``batch``: string or null (default null = every batch);
-              ``follow``: boolean (default false = only the events recorded so far)
+              ``follow``: boolean (default false = only the events recorded so far);
+              ``kinds``: list of event kinds (see "Events") or null (default null =
+              every kind): only events of these kinds (and ``dropped``)
 ``log``       the output tasks wrote (only the batch's owner and root): ``batch``: string,
               required; ``task``: integer or null (default null = every task, in task
               order); ``stream``: ``"stdout"`` (default) or ``"stderr"``; ``from_task``,
@@ -313,7 +315,7 @@ import resource
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import tasklines
+from . import events, tasklines
 from .batch import HALT_WHEN
 from .bounds import BOUNDS, DURATION, MAX_RLIMIT, MAX_TASKS, NUMBER
 from .options import LIMIT_OPTIONS
@@ -465,7 +467,9 @@ _SCHEMAS: dict[str, _Schema] = {
     "pause": _Schema({"batch": _BATCH}),
     "resume": _Schema({"batch": _BATCH}),
     "report": _Schema({"batch": _BATCH}),
-    "events": _Schema({"batch": _ANY_BATCH, "follow": _Field(_BOOL, default=False)}),
+    "events": _Schema({"batch": _ANY_BATCH, "follow": _Field(_BOOL, default=False),
+                       "kinds": _opt(_STR_LIST, min_items=1, max_items=len(events.STREAMED))},
+                      check=lambda req, args: _check_kinds(req, args)),
     "log": _Schema({"batch": _BATCH, "task": _bounded("task_index"),
                     "stream": _Field(_CHOICE, choices=("stdout", "stderr"), default="stdout"),
                     "from_task": _Field(_INT, default=0, low=0, high=MAX_TASKS),
@@ -728,6 +732,14 @@ def _check_args(req: str, schema: _Schema, given: dict) -> dict:
     if schema.check is not None:
         schema.check(req, args)
     return args
+
+
+def _check_kinds(req: str, args: dict) -> None:
+    """``kinds``: each one a kind of event the stream carries (events.STREAMED)."""
+    for kind in args["kinds"] or ():
+        if kind not in events.STREAMED:
+            raise ProtocolError(BAD_FIELD, f"{req}: 'kinds' holds {_show(kind)}, which is no kind of event sent; the "
+                                           f"kinds are {', '.join(events.STREAMED)}{_suggest(kind, events.STREAMED)}")
 
 
 def _check_submit(req: str, args: dict) -> None:

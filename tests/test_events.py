@@ -65,3 +65,25 @@ def test_a_daemon_sends_each_event_with_its_declared_fields_only(daemon):
         assert set(e) - {"event", "time"} <= declared, e
     ends = sorted((e["task"], e["exit_code"], e["status"]) for e in seen if e["event"] == "end")
     assert ends == [(0, 0, "succeeded"), (1, 1, "failed"), (2, 2, "failed")]
+
+
+def test_a_follower_gets_only_the_kinds_it_asked_for_and_its_other_requests_answered_meanwhile(daemon):
+    """submit --wait's stream: task ends and the batch's end, with calls on the same connection
+    between them (client.Client.open_stream and take)."""
+    from pmlmd.client import StreamEnded
+
+    batch = daemon.ctl("submit", "-n", "4", "--", "sh", "-c", "sleep 0.$PMLM_TASK_INDEX").stdout.strip()
+    with daemon.client() as client:
+        stream = client.open_stream("events", batch=batch, follow=True, kinds=["end", "finished"])
+        kinds, statuses = [], 0
+        while True:
+            assert client.call("status", batch=batch)["batch"] == batch  # answered though events come in
+            statuses += 1
+            try:
+                event = client.take(stream, 30)
+            except StreamEnded:
+                break
+            assert event is not None, "no event within 30 s"
+            kinds.append(event["event"])
+    assert kinds.count("end") == 4 and kinds[-1] == "finished" and set(kinds) == {"end", "finished"}
+    assert statuses == len(kinds) + 1
