@@ -15,6 +15,8 @@ import zmq
 from . import protocol
 
 DEFAULT_SOCKET = "/run/pmlmd/control.sock"
+READ_TIMEOUT = 3.0  # seconds a read (Client.read) waits for its answer before it is asked again
+READ_TRIES = 10  # how often: a restarting pmlmd answers within that
 
 
 class Unreachable(Exception):
@@ -115,6 +117,24 @@ class Client:
     def call(self, name: str, /, **args) -> dict:
         """Send one request and return its result; raises RemoteError for an error reply."""
         reply = self._receive(self._send(name, args), self.timeout)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
+        return reply.get("result", {})
+
+    def read(self, name: str, /, **args) -> dict:
+        """``call`` for a request that only reads (status, log, report, ping), asked again when
+        no answer comes within READ_TIMEOUT, up to READ_TRIES times: a pmlmd that stops (a
+        restart, a package upgrade) leaves unanswered what it had received, and the one after
+        it answers the request asked again."""
+        for attempt in range(READ_TRIES):
+            request_id = self._send(name, args)
+            reply = self._next(request_id, READ_TIMEOUT)
+            if reply is not None:
+                break
+        else:
+            raise Unreachable(f"pmlmd did not answer on {self.path} ({READ_TRIES} tries of {READ_TIMEOUT:g}s); "
+                              "see 'journalctl -u pmlmd'")
         if not reply.get("ok"):
             error = reply.get("error") or {}
             raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))

@@ -795,7 +795,7 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                 printer.flush()
                 break
             if status_line:
-                _draw(status_line, clock, client.call("status", batch=batch_id))
+                _draw(status_line, clock, client.read("status", batch=batch_id))
             round_at, ends_came = time.monotonic(), False
             try:
                 event = client.take(stream, WAIT_DRAW if status_line else WAIT_CHECK)
@@ -822,7 +822,7 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
         return 130
     if status_line:
         status_line.clear()
-    report = client.call("report", batch=batch_id)
+    report = client.read("report", batch=batch_id)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -840,7 +840,7 @@ def _follow_ends(client: Client, batch_id: str) -> int:
 def _instance(client: Client) -> tuple[int, float]:
     """Which pmlmd answers: its pid and when it started, in seconds on this host's monotonic clock
     (two readings of one pmlmd differ by about a request's time)."""
-    ping = client.call("ping")
+    ping = client.read("ping")
     return ping["pid"], time.monotonic() - ping["uptime_s"]
 
 
@@ -871,7 +871,7 @@ class LogReader:
 
     def poll(self) -> bool:
         while True:
-            reply = self.client.call("log", batch=self.batch_id, task=self.task, stream=self.stream,
+            reply = self.client.read("log", batch=self.batch_id, task=self.task, stream=self.stream,
                                      from_task=self.from_task, offset=self.offset, live=self.live)
             for chunk in reply["chunks"]:
                 if chunk["skipped"]:

@@ -46,6 +46,7 @@ log = logging.getLogger("pmlmd.daemon")
 
 HOUSEKEEPING = 1.0  # seconds between STATUS= updates and prune checks
 HOUSEKEEPING_IDLE = 5.0  # the same with nothing to govern (and at least twice per watchdog period)
+HOUSEKEEPING_SLACK = 0.5  # seconds housekeeping may wait for the next governor step (see serve)
 FRESH_SAMPLE = 1.0  # seconds: an idle daemon samples the node for status when its last sample is older
 GROUPS_TTL = 1.0  # seconds a user's groups, once read from the group database, are used before it is read again
 # Connections one user (not root) may hold to the control socket: each pmlmctl holds one while it
@@ -290,10 +291,17 @@ class Daemon:
         self.notifier.ready(self._status_line())
         watchdog = self.notifier.watchdog_interval()
         self.store.grouping = True  # flushed at the points of the loop below
+        slack = HOUSEKEEPING_SLACK if watchdog is None else min(HOUSEKEEPING_SLACK, watchdog / 2)
         try:
             while not self.stopping:
                 self.governor_due = self.engine.next_deadline()  # requests are served up to it (_on_request)
-                deadline = min(self.governor_due, self.next_housekeeping, self.outboxes.next_retry())
+                # Housekeeping rides along with a governor step due within ``slack`` after it: a
+                # wake-up of its own costs about what the work does (a sleeping daemon's caches are
+                # cold). Within half the watchdog's period, so that its ping is never late.
+                housekeeping = self.next_housekeeping
+                if self.governor_due <= housekeeping + slack:
+                    housekeeping = self.governor_due
+                deadline = min(self.governor_due, housekeeping, self.outboxes.next_retry())
                 self.loop.poll(0 if self.jobs else deadline - time.monotonic())
                 # The turn's ended attempts are written in one transaction (Store.grouping), and
                 # before the events about them reach any client.

@@ -79,3 +79,38 @@ def test_a_summary_costs_no_walk_over_the_tasks():
     counts = summary.counts
     assert (counts.failed, counts.cancelled, counts.queued) == (1, 1, 998)
     assert summary.started is not None and summary.terminated_attempts == 0
+
+
+def test_a_read_left_unanswered_by_a_pmlmd_that_stopped_is_asked_again(tmp_path, monkeypatch):
+    """A stopping pmlmd leaves unanswered what it had received; the one after it answers the read
+    asked again (client.Client.read). Here a stand-in at the socket drops the first request."""
+    import threading
+
+    from pmlmd import client as clientlib
+
+    monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
+    path = str(tmp_path / "ctl.sock")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("ipc://" + path)
+    seen = []
+
+    def serve():
+        for n in range(2):
+            peer, frame = router.recv_multipart()
+            request = protocol.parse_request(frame)
+            seen.append(request.name)
+            if n:  # the first is dropped, as a stopping pmlmd drops it
+                router.send_multipart([peer, protocol.encode_reply({"pid": 1, "uptime_s": 0.0}, request.request_id)])
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with clientlib.Client(path) as client:
+            assert client.read("ping") == {"pid": 1, "uptime_s": 0.0}
+    finally:
+        server.join(timeout=10)
+        router.close()
+        ctx.term()
+    assert seen == ["ping", "ping"]
