@@ -763,8 +763,8 @@ def cmd_retry(parser, args) -> int:
         return _wait(client, batch_id, args.json)
 
 
-WAIT_ROUND = 0.1  # seconds at least between two rounds of reading output: task ends in between are read at once
-WAIT_DRAW = 1.0  # seconds between redraws of the status line while no task ends (node figures, ETA)
+WAIT_ROUND = 0.1  # seconds at least between two reads of the output: task ends in between are read at once
+WAIT_OUTPUT = 0.25  # seconds between reads while no task ends: a running task's output, as it is written
 WAIT_CHECK = 2.0  # seconds without an event before pmlmctl asks whether pmlmd restarted (its stream is then gone)
 
 
@@ -772,9 +772,10 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     """Progress and the tasks' output as they finish (in task order), then the summary; exits like run.
 
     pmlmd pushes each task's end (an ``events`` stream of the batch's end and finished events):
-    the output is read when a task has ended, at most every WAIT_ROUND, and nothing is asked
-    while no task ends. A restarted pmlmd has no stream for this client: after WAIT_CHECK of
-    silence pmlmctl asks for its pid and start, and follows the batch anew on the new one.
+    the output of a task that ended is read at once (at most every WAIT_ROUND), a running task's
+    every WAIT_OUTPUT, and the wait ends with the batch. A restarted pmlmd has no stream for this
+    client: after WAIT_CHECK without an event pmlmctl asks for pmlmd's pid and start, and
+    follows the batch anew on a new one.
 
     The status reply has counts, not task times: the ETA's task times are inferred from how the
     counts move between draws (progress.StartFinishClock), not asked of the daemon."""
@@ -785,10 +786,9 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
         stream, daemon = _follow_ends(client, batch_id), _instance(client)
-        ended, ends_came, quiet_since = False, True, time.monotonic()
+        ended, quiet_since = False, time.monotonic()
         while True:
-            if ends_came or ended:
-                following = [reader for reader in following if reader.poll()]
+            following = [reader for reader in following if reader.poll()]
             if ended:
                 while following:  # what the last tasks wrote
                     following = [reader for reader in following if reader.poll()]
@@ -796,9 +796,9 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                 break
             if status_line:
                 _draw(status_line, clock, client.read("status", batch=batch_id))
-            round_at, ends_came = time.monotonic(), False
+            round_at = time.monotonic()
             try:
-                event = client.take(stream, WAIT_DRAW if status_line else WAIT_CHECK)
+                event = client.take(stream, WAIT_OUTPUT)
                 if event is None:
                     if time.monotonic() - quiet_since >= WAIT_CHECK:
                         quiet_since = time.monotonic()
@@ -806,10 +806,9 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                         if answering[0] != daemon[0] or abs(answering[1] - daemon[1]) > 1.0:
                             # pmlmd restarted: the stream went with the one before
                             stream, daemon = _follow_ends(client, batch_id), answering
-                            ends_came = True  # tasks may have ended meanwhile
                     continue
                 # A task ended: take every end that comes until the round is due, for one read.
-                quiet_since, ends_came = time.monotonic(), True
+                quiet_since = time.monotonic()
                 time.sleep(max(0.0, round_at + WAIT_ROUND - time.monotonic()))
                 while event is not None:
                     event = client.take(stream, 0)

@@ -9,6 +9,7 @@ import stat
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -182,25 +183,51 @@ def test_restart_after_sigkill_finishes_the_batch_and_strands_nothing(daemon_fac
     assert stranded["reason"].startswith("adopted after a daemon restart")
 
 
-def test_submit_wait_outlives_a_restart_of_the_daemon(daemon_factory, tmp_path):
-    """submit --wait follows its batch through pushed events; a restarted pmlmd does not know that
-    follower, so the wait asks how the batch stands after a quiet spell and ends with the batch."""
-    daemon = daemon_factory().start()
-    go = tmp_path / "go"
+def _wait_for_gated_task(daemon, go, before: str, after: str, meanwhile) -> tuple[str, str]:
+    """Run ``submit --wait`` of one task that prints ``before``, waits for the file ``go`` and
+    prints ``after``; call ``meanwhile(waiter)`` while it waits, then create ``go``. The rest of
+    the waiter's stdout and its stderr; it must have succeeded."""
     waiter = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "submit", "--wait",
-                               "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; echo done"],
+                               "--", "sh", "-c", f"{before}; while [ ! -e {go} ]; do sleep 0.05; done; {after}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: len(daemon.worker_pids()) == 1, what="the worker recorded")
-        assert daemon.stop() == 0
-        daemon.start()
+        meanwhile(waiter)
         go.touch()
         out, err = waiter.communicate(timeout=60)
     finally:
         waiter.kill()
         waiter.wait()
     assert waiter.returncode == 0, err
+    return out, err
+
+
+def test_submit_wait_outlives_a_restart_of_the_daemon(daemon_factory, tmp_path):
+    """submit --wait follows its batch through pushed events; a restarted pmlmd does not know that
+    follower, so the wait asks how the batch stands after a quiet spell and ends with the batch."""
+    daemon = daemon_factory().start()
+
+    def restart(waiter):
+        wait_for(lambda: len(daemon.worker_pids()) == 1, what="the worker recorded")
+        assert daemon.stop() == 0
+        daemon.start()
+
+    out, _ = _wait_for_gated_task(daemon, tmp_path / "go", "true", "echo done", restart)
     assert "done" in out and "1 succeeded" in out
+
+
+def test_submit_wait_prints_a_running_tasks_output_as_it_is_written(daemon_factory, tmp_path):
+    """The wait follows task ends pushed by pmlmd, and still reads a task that has not ended: what
+    it wrote so far reaches the terminal before the task ends (pmlmctl(1), wait)."""
+    daemon = daemon_factory().start()
+
+    def first_line(waiter):
+        lines = []
+        threading.Thread(target=lambda: lines.append(waiter.stdout.readline()), daemon=True).start()
+        wait_for(lambda: lines, what="the running task's first line", timeout=30)
+        assert lines == ["first\n"]  # the task still runs: it waits for the file
+
+    out, _ = _wait_for_gated_task(daemon, tmp_path / "go", "echo first", "echo second", first_line)
+    assert out.startswith("second\n") and "1 succeeded" in out
 
 
 def test_stranded_terminate_ends_a_worker_that_ignores_sigterm_and_runs_its_task_again(daemon_factory, tmp_path):
