@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from typing import Callable
 
-from . import __version__, cgroup, output, protocol, tasklines
+from . import __version__, cgroup, events, output, protocol, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("batch", metavar="ID", nargs="?")
         if name == "events":
             sub.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+            sub.add_argument("--kind", action="append", choices=events.STREAMED, metavar="KIND",
+                             help="only events of this kind (again for more): " + ", ".join(events.STREAMED))
         sub.set_defaults(handler=handler, subparser=sub)
 
     log_cmd = commands.add_parser(
@@ -1167,7 +1169,7 @@ def describe_event(e: dict) -> str:
 def cmd_events(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
         try:
-            for event in client.stream("events", batch=args.batch, follow=args.follow):
+            for event in client.stream("events", batch=args.batch, follow=args.follow, kinds=args.kind):
                 print(json.dumps(event) if args.json else describe_event(event), flush=True)
         except KeyboardInterrupt:
             return 130

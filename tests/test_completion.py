@@ -84,3 +84,4 @@ def test_new_options_and_their_values():
     assert complete("pmlmctl run --halt ") == ["soon,fail=", "now,fail=", "never"]
     assert complete("pmlmctl retry --f") == ["--failed"]
     assert complete("pmlmctl run --term-mode a") == ["agent"]
+    assert complete("pmlmctl events --kind se") == ["settled"]

@@ -87,3 +87,17 @@ def test_a_follower_gets_only_the_kinds_it_asked_for_and_its_other_requests_answ
             kinds.append(event["event"])
     assert kinds.count("end") == 4 and kinds[-1] == "finished" and set(kinds) == {"end", "finished"}
     assert statuses == len(kinds) + 1
+
+
+def test_pmlmctl_events_shows_only_the_kinds_asked_for(daemon):
+    import json
+
+    submitted = daemon.ctl("submit", "--wait", "-n", "2", "--", "true")
+    assert submitted.returncode == 0, submitted.stderr
+    batch = submitted.stderr.split()[1]  # "batch N submitted"
+    shown = daemon.ctl("events", batch, "--kind", "end", "--kind", "finished", "--json")
+    assert shown.returncode == 0, shown.stderr
+    kinds = [json.loads(line)["event"] for line in shown.stdout.splitlines()]
+    assert kinds == ["end", "end", "finished"]
+    refused = daemon.ctl("events", batch, "--kind", "sample")
+    assert refused.returncode == 2 and "invalid choice: 'sample'" in refused.stderr
