@@ -15,8 +15,9 @@ import zmq
 from . import protocol
 
 DEFAULT_SOCKET = "/run/pmlmd/control.sock"
-READ_TIMEOUT = 3.0  # seconds a read (Client.read) waits for its answer before it is asked again
-READ_TRIES = 10  # how often: a restarting pmlmd answers within that
+READ_TIMEOUT = 3.0  # seconds a read (Client.read) first waits for its answer before it is asked again
+READ_PATIENCE = 60.0  # seconds a read waits for an answer in all
+RESTART_GRACE = 10.0  # seconds nothing may listen on the socket before a read says pmlmd is not running
 
 
 class Unreachable(Exception):
@@ -96,11 +97,14 @@ class Client:
             raise Unreachable(f"pmlmd did not answer on {self.path} within {timeout:g}s; see 'journalctl -u pmlmd'")
         return reply
 
-    def _next(self, request_id: int, timeout: float | None) -> dict | None:
-        """The next message answering ``request_id``; None when none came within ``timeout`` seconds."""
-        held = self._held.get(request_id)
-        if held:
-            return held.popleft()
+    def _next(self, request_id: int | set[int], timeout: float | None) -> dict | None:
+        """The next message answering ``request_id`` (or any of a set of them); None when none came
+        within ``timeout`` seconds."""
+        wanted = request_id if isinstance(request_id, set) else {request_id}
+        for one in wanted:
+            held = self._held.get(one)
+            if held:
+                return held.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -109,7 +113,7 @@ class Client:
             reply = protocol.decode_reply(self.sock.recv())
             # An error pmlmd found before it could read the request's id (too large, not JSON)
             # comes without one: it answers the one request this client has in flight.
-            if reply.get("request_id") == request_id or (reply.get("request_id") is None and not reply.get("ok")):
+            if reply.get("request_id") in wanted or (reply.get("request_id") is None and not reply.get("ok")):
                 return reply
             if reply.get("request_id") in self._held:
                 self._held[reply["request_id"]].append(reply)
@@ -123,22 +127,47 @@ class Client:
         return reply.get("result", {})
 
     def read(self, name: str, /, **args) -> dict:
-        """``call`` for a request that only reads (status, log, report, ping), asked again when
-        no answer comes within READ_TIMEOUT, up to READ_TRIES times: a pmlmd that stops (a
-        restart, a package upgrade) leaves unanswered what it had received, and the one after
-        it answers the request asked again."""
-        for attempt in range(READ_TRIES):
-            request_id = self._send(name, args)
-            reply = self._next(request_id, READ_TIMEOUT)
+        """``call`` for a request that only reads (status, log, report, ping), asked again when no
+        answer came: a pmlmd that stops (a restart, a package upgrade) leaves unanswered what it
+        had received, and the one after it answers the request asked again. The first wait is
+        READ_TIMEOUT, each next one twice the one before (a busy pmlmd is not asked the same
+        thing over and over), and an answer to any of the asks is taken. Where nothing listens
+        on the socket for RESTART_GRACE, pmlmd is not running: Unreachable at once, saying so;
+        Unreachable too when READ_PATIENCE has passed."""
+        sent: set[int] = set()
+        wait, give_up = READ_TIMEOUT, time.monotonic() + READ_PATIENCE
+        while True:
+            sent.add(self._send(name, args))
+            reply = self._next(sent, wait)
             if reply is not None:
                 break
-        else:
-            raise Unreachable(f"pmlmd did not answer on {self.path} ({READ_TRIES} tries of {READ_TIMEOUT:g}s); "
-                              "see 'journalctl -u pmlmd'")
+            if time.monotonic() >= give_up:
+                raise Unreachable(f"pmlmd did not answer on {self.path} within {READ_PATIENCE:g}s; see "
+                                  "'journalctl -u pmlmd'")
+            self._wait_reachable(RESTART_GRACE)
+            wait = min(2 * wait, max(0.1, give_up - time.monotonic()))
         if not reply.get("ok"):
             error = reply.get("error") or {}
             raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
         return reply.get("result", {})
+
+    def _wait_reachable(self, grace: float) -> None:
+        """Return once something accepts connections on the socket again (a restarting pmlmd);
+        Unreachable (why, and what to do) when nothing has for ``grace`` seconds."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                self._check_reachable()
+                return
+            except Unreachable:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.2)
+
+    def close_stream(self, request_id: int) -> None:
+        """Forget a stream opened with ``open_stream`` (its pmlmd went away): what still comes of it
+        is dropped."""
+        self._held.pop(request_id, None)
 
     def open_stream(self, name: str, /, **args) -> int:
         """Send a streaming request whose messages are read with ``take`` (other requests may be

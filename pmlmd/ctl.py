@@ -787,7 +787,10 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     printer = TaskPrinter(_emit_to(status_line, stdout_to_stderr=as_json), lines=status_line is not None)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
-        stream, daemon = _follow_ends(client, batch_id), _instance(client)
+        # Which pmlmd first: one that stops after it was asked for the stream would leave the
+        # stream unanswered, and the next one would be taken for the one that has it.
+        daemon = _instance(client)
+        stream = _follow_ends(client, batch_id)
         ended, quiet_since = False, time.monotonic()
         while True:
             following = [reader for reader in following if reader.poll()]
@@ -807,7 +810,10 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                         answering = _instance(client)
                         if answering[0] != daemon[0] or abs(answering[1] - daemon[1]) > 1.0:
                             # pmlmd restarted: the stream went with the one before
-                            stream, daemon = _follow_ends(client, batch_id), answering
+                            client.close_stream(stream)
+                            daemon, stream = answering, _follow_ends(client, batch_id)
+                        elif client.read("status", batch=batch_id).get("ended") is not None:
+                            ended = True  # its end did not come through the stream (a reader pmlmd let go)
                     continue
                 # A task ended: take every end that comes until the round is due, for one read.
                 quiet_since = time.monotonic()

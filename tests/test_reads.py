@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import zmq
 
 from pmlmd import protocol
@@ -84,33 +85,97 @@ def test_a_summary_costs_no_walk_over_the_tasks():
 def test_a_read_left_unanswered_by_a_pmlmd_that_stopped_is_asked_again(tmp_path, monkeypatch):
     """A stopping pmlmd leaves unanswered what it had received; the one after it answers the read
     asked again (client.Client.read). Here a stand-in at the socket drops the first request."""
-    import threading
-
     from pmlmd import client as clientlib
 
     monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
+    path = str(tmp_path / "ctl.sock")
+    seen = []
+
+    def answer(router, peer, request, n):
+        seen.append(request.name)
+        if n:  # the first is dropped, as a stopping pmlmd drops it
+            router.send_multipart([peer, protocol.encode_reply({"pid": 1, "uptime_s": 0.0}, request.request_id)])
+        return not n
+
+    assert _read_ping_from(path, answer) == {"pid": 1, "uptime_s": 0.0}
+    assert seen == ["ping", "ping"]
+
+
+def _read_ping_from(path: str, answer) -> dict:
+    """client.Client.read("ping") against a stand-in at ``path`` (_stand_in)."""
+    from pmlmd import client as clientlib
+
+    thread, router, ctx = _stand_in(path, answer)
+    try:
+        with clientlib.Client(path) as client:
+            return client.read("ping")
+    finally:
+        thread.join(timeout=10)
+        router.close()
+        ctx.term()
+
+
+def _stand_in(path: str, answer):
+    """A stand-in at ``path``: a ROUTER whose thread hands the requests it receives to
+    ``answer(router, peer, request, n)``, until that returns False. (thread, router, context)."""
+    import threading
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("ipc://" + path)
+
+    def serve():
+        for n in range(10):
+            if not router.poll(10_000):
+                return
+            peer, frame = router.recv_multipart()
+            if not answer(router, peer, protocol.parse_request(frame), n):
+                return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread, router, ctx
+
+
+def test_a_read_takes_the_answer_to_an_earlier_ask(tmp_path, monkeypatch):
+    """A busy pmlmd answers the first ask after the read asked again: that answer is taken, not
+    thrown away while the read waits for the second."""
+    from pmlmd import client as clientlib
+
+    monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
+    path = str(tmp_path / "ctl.sock")
+    asks = []
+
+    def answer(router, peer, request, n):
+        asks.append(request.request_id)
+        if n == 1:  # the second ask came: answer the first one only
+            router.send_multipart([peer, protocol.encode_reply({"pid": 1, "uptime_s": 0.0}, asks[0])])
+            return False
+        return True
+
+    assert _read_ping_from(path, answer) == {"pid": 1, "uptime_s": 0.0}
+    assert len(asks) == 2
+
+
+def test_a_read_says_at_once_when_pmlmd_has_stopped(tmp_path, monkeypatch):
+    """A pmlmd that stopped for good (its socket gone) is named as not running once nothing has
+    listened for RESTART_GRACE, not after READ_PATIENCE of asking again."""
+    from pmlmd import client as clientlib
+
+    monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(clientlib, "RESTART_GRACE", 0.5)
+    monkeypatch.setattr(clientlib, "READ_PATIENCE", 3600.0)
     path = str(tmp_path / "ctl.sock")
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind("ipc://" + path)
-    seen = []
-
-    def serve():
-        for n in range(2):
-            peer, frame = router.recv_multipart()
-            request = protocol.parse_request(frame)
-            seen.append(request.name)
-            if n:  # the first is dropped, as a stopping pmlmd drops it
-                router.send_multipart([peer, protocol.encode_reply({"pid": 1, "uptime_s": 0.0}, request.request_id)])
-
-    server = threading.Thread(target=serve)
-    server.start()
     try:
         with clientlib.Client(path) as client:
-            assert client.read("ping") == {"pid": 1, "uptime_s": 0.0}
+            router.close()  # unbinding removes the socket file, as a stopping pmlmd does
+            with pytest.raises(clientlib.Unreachable, match="pmlmd is not running"):
+                client.read("ping")
     finally:
-        server.join(timeout=10)
         router.close()
         ctx.term()
-    assert seen == ["ping", "ping"]
