@@ -121,6 +121,9 @@ def schedstat(pid: int, tid: int) -> str:
     return f"{pid}/task/{tid}/schedstat"
 
 
+THREAD_LISTINGS = 5  # how often ProcReader.runtimes lists a process's threads before it gives up
+
+
 class ThreadClocks:
     """Threads' CPU times (ProcReader.thread_runtime) read through descriptors kept open, at the
     cost of one pread(2) each instead of an open, a read and a close: the /proc backend checks
@@ -267,20 +270,27 @@ class ProcReader:
         thread that ended meanwhile).
 
         A thread is made by a thread of the same process, which ran to make it: when none of the
-        threads listed here moved, the process has no new thread, child or page either."""
-        try:
-            tids = os.listdir(os.path.join(self.root, str(pid), "task"))
-        except OSError:
-            return None
+        threads listed here moved, the process has no new thread, child or page either. For that
+        the threads are listed again after they were read, until a listing shows none that was
+        not read: a thread made after that listing was made by one read before it, which has
+        moved since. (Made between the first listing and its maker's read, it would otherwise
+        be missed for as long as its maker sleeps.) None too when the list keeps changing."""
         read = read or self.thread_runtime
-        found = {}
-        for name in tids:
-            tid = int(name)
-            ran = read(pid, tid)
-            if ran is None:
+        found: dict[int, int] = {}
+        for _ in range(THREAD_LISTINGS):
+            try:
+                tids = [int(name) for name in os.listdir(os.path.join(self.root, str(pid), "task"))]
+            except OSError:
                 return None
-            found[tid] = ran
-        return found
+            new = [tid for tid in tids if tid not in found]
+            if not new:
+                return found
+            for tid in new:
+                ran = read(pid, tid)
+                if ran is None:
+                    return None
+                found[tid] = ran
+        return None
 
     def children(self, pid: int) -> list[int]:
         """The pids of the process's children, from /proc/PID/task/TID/children of each thread.

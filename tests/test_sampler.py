@@ -140,3 +140,19 @@ def test_pss_is_read_from_smaps_rollup_in_bytes(tmp_path):
     assert ProcReader(str(tmp_path)).pss(7) == 597 * 1024
     assert ProcReader(str(tmp_path)).pss(8) is None  # gone
     assert parse_pss("Rss: 1 kB\n") is None
+
+
+def test_a_thread_made_while_its_process_is_read_is_found(tmp_path):
+    """Thread 11 is made by thread 10 after the threads were listed and before 10's time was read:
+    the time read for 10 already counts the making, so 10 will not move again, and a thread
+    missed now would stay unseen while 10 sleeps. The threads are listed again until no new one
+    shows."""
+    (tmp_path / "10" / "task" / "10").mkdir(parents=True)
+    times = {10: 500, 11: 7}
+
+    def read(pid, tid):
+        if tid == 10:
+            (tmp_path / "10" / "task" / "11").mkdir(exist_ok=True)  # made as 10 runs
+        return times[tid]
+
+    assert ProcReader(str(tmp_path)).runtimes(10, read) == {10: 500, 11: 7}
