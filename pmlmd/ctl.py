@@ -807,9 +807,8 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                 if event is None:
                     if time.monotonic() - quiet_since >= WAIT_CHECK:
                         quiet_since = time.monotonic()
-                        answering = _instance(client)
-                        if answering[0] != daemon[0] or abs(answering[1] - daemon[1]) > 1.0:
-                            # pmlmd restarted: the stream went with the one before
+                        answering, restarted = _answering(client, daemon)
+                        if restarted:  # the stream went with the pmlmd before
                             client.close_stream(stream)
                             daemon, stream = answering, _follow_ends(client, batch_id)
                         elif client.read("status", batch=batch_id).get("ended") is not None:
@@ -849,6 +848,13 @@ def _instance(client: Client) -> tuple[int, float]:
     (two readings of one pmlmd differ by about a request's time)."""
     ping = client.read("ping")
     return ping["pid"], time.monotonic() - ping["uptime_s"]
+
+
+def _answering(client: Client, before: tuple[int, float]) -> tuple[tuple[int, float], bool]:
+    """Which pmlmd answers now (_instance), and whether it is another one than ``before``: a
+    restarted pmlmd knows nothing of the streams the one before had open."""
+    now = _instance(client)
+    return now, now[0] != before[0] or abs(now[1] - before[1]) > 1.0
 
 
 def _draw(status_line, clock: StartFinishClock, status: dict) -> None:
@@ -1175,11 +1181,30 @@ def describe_event(e: dict) -> str:
 def cmd_events(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
         try:
-            for event in client.stream("events", batch=args.batch, follow=args.follow, kinds=args.kind):
-                print(json.dumps(event) if args.json else describe_event(event), flush=True)
+            if not args.follow:
+                for event in client.stream("events", batch=args.batch, follow=False, kinds=args.kind):
+                    print(json.dumps(event) if args.json else describe_event(event), flush=True)
+                return 0
+            # Following: a restarted pmlmd has no stream for this client; after WAIT_CHECK without
+            # an event, ask which pmlmd answers, and follow anew on a new one (its events start
+            # with it: none is printed twice).
+            daemon = _instance(client)
+            stream = client.open_stream("events", batch=args.batch, follow=True, kinds=args.kind)
+            while True:
+                try:
+                    event = client.take(stream, WAIT_CHECK)
+                except StreamEnded:
+                    return 0
+                if event is not None:
+                    print(json.dumps(event) if args.json else describe_event(event), flush=True)
+                    continue
+                answering, restarted = _answering(client, daemon)
+                if restarted:
+                    client.close_stream(stream)
+                    daemon = answering
+                    stream = client.open_stream("events", batch=args.batch, follow=True, kinds=args.kind)
         except KeyboardInterrupt:
             return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

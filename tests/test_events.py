@@ -101,3 +101,39 @@ def test_pmlmctl_events_shows_only_the_kinds_asked_for(daemon):
     assert kinds == ["end", "end", "finished"]
     refused = daemon.ctl("events", batch, "--kind", "sample")
     assert refused.returncode == 2 and "invalid choice: 'sample'" in refused.stderr
+
+
+def test_events_follow_goes_on_when_pmlmd_restarts(daemon_factory):
+    """A restarted pmlmd does not know the streams of the one before: pmlmctl events -f notices
+    (after a quiet spell) and follows the new one, so a batch submitted after the restart shows."""
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from support import wait_for
+
+    daemon = daemon_factory().start()
+    follower = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "events", "-f", "--json",
+                                 "--kind", "finished"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finished: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [finished.put(json.loads(line)["batch"]) for line in follower.stdout],
+                     daemon=True).start()
+    try:
+        seen = []
+
+        def shown():
+            while not finished.empty():
+                seen.append(finished.get_nowait())
+            return seen
+
+        for _ in range(2):
+            batch = daemon.ctl("submit", "--", "true").stdout.strip()
+            wait_for(lambda: batch in shown(), what=f"batch {batch} followed", timeout=30)
+            assert daemon.stop() == 0
+            daemon.start()
+        assert seen == ["1", "2"] and follower.poll() is None
+    finally:
+        follower.kill()
+        follower.wait()
