@@ -120,11 +120,7 @@ class Client:
 
     def call(self, name: str, /, **args) -> dict:
         """Send one request and return its result; raises RemoteError for an error reply."""
-        reply = self._receive(self._send(name, args), self.timeout)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
-        return reply.get("result", {})
+        return _result(self._receive(self._send(name, args), self.timeout))
 
     def read(self, name: str, /, **args) -> dict:
         """``call`` for a request that only reads (status, log, report, ping), asked again when no
@@ -146,10 +142,7 @@ class Client:
                                   "'journalctl -u pmlmd'")
             self._wait_reachable(RESTART_GRACE)
             wait = min(2 * wait, max(0.1, give_up - time.monotonic()))
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
-        return reply.get("result", {})
+        return _result(reply)
 
     def _wait_reachable(self, grace: float) -> None:
         """Return once something accepts connections on the socket again (a restarting pmlmd);
@@ -183,13 +176,9 @@ class Client:
         reply = self._next(request_id, timeout)
         if reply is None:
             return None
-        if not reply.get("ok"):
+        if not reply.get("ok") or "event" not in reply:
             self._held.pop(request_id, None)
-            error = reply.get("error") or {}
-            raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
-        if "event" not in reply:
-            self._held.pop(request_id, None)
-            raise StreamEnded(reply.get("result", {}))
+            raise StreamEnded(_result(reply))
         return reply["event"]
 
     def stream(self, name: str, /, **args) -> Iterator[dict]:
@@ -197,10 +186,15 @@ class Client:
         request_id = self._send(name, args)
         while True:
             reply = self._receive(request_id, None if args.get("follow") else self.timeout)
-            if not reply.get("ok"):
-                error = reply.get("error") or {}
-                raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
-            if "event" not in reply:
+            if not reply.get("ok") or "event" not in reply:
+                _result(reply)  # raises RemoteError for an error reply
                 return
             yield reply["event"]
 
+
+def _result(reply: dict) -> dict:
+    """A reply's result; RemoteError for an error reply."""
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise RemoteError(error.get("code", "internal"), error.get("message", "unknown error"))
+    return reply.get("result", {})

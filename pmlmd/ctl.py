@@ -787,10 +787,7 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     printer = TaskPrinter(_emit_to(status_line, stdout_to_stderr=as_json), lines=status_line is not None)
     following = [LogReader(client, batch_id, stream, None, True, printer) for stream in output.STREAMS]
     try:
-        # Which pmlmd first: one that stops after it was asked for the stream would leave the
-        # stream unanswered, and the next one would be taken for the one that has it.
-        daemon = _instance(client)
-        stream = _follow_ends(client, batch_id)
+        stream = _Following(client, batch=batch_id, kinds=["end", "finished"])
         ended, quiet_since = False, time.monotonic()
         while True:
             following = [reader for reader in following if reader.poll()]
@@ -803,22 +800,18 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
                 _draw(status_line, clock, client.read("status", batch=batch_id))
             round_at = time.monotonic()
             try:
-                event = client.take(stream, WAIT_OUTPUT)
+                event = stream.take(WAIT_OUTPUT)
                 if event is None:
                     if time.monotonic() - quiet_since >= WAIT_CHECK:
                         quiet_since = time.monotonic()
-                        answering, restarted = _answering(client, daemon)
-                        if restarted:  # the stream went with the pmlmd before
-                            client.close_stream(stream)
-                            daemon, stream = answering, _follow_ends(client, batch_id)
-                        elif client.read("status", batch=batch_id).get("ended") is not None:
+                        if not stream.renewed() and client.read("status", batch=batch_id).get("ended") is not None:
                             ended = True  # its end did not come through the stream (a reader pmlmd let go)
                     continue
                 # A task ended: take every end that comes until the round is due, for one read.
                 quiet_since = time.monotonic()
                 time.sleep(max(0.0, round_at + WAIT_ROUND - time.monotonic()))
                 while event is not None:
-                    event = client.take(stream, 0)
+                    event = stream.take(0)
             except StreamEnded:
                 ended = True
     except KeyboardInterrupt:
@@ -838,23 +831,37 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     return report["exit_status"]
 
 
-def _follow_ends(client: Client, batch_id: str) -> int:
-    """Open the stream of the batch's task ends (and its end): what _wait waits on."""
-    return client.open_stream("events", batch=batch_id, follow=True, kinds=["end", "finished"])
+class _Following:
+    """An ``events`` stream with ``follow`` (Client.open_stream) that goes on when pmlmd restarts:
+    a restarted pmlmd knows nothing of the streams the one before had open, so after a quiet
+    spell the follower asks ``renewed``, which follows anew on a new pmlmd (whose events start
+    with it: none comes twice)."""
 
+    def __init__(self, client: Client, **args):
+        self.client, self.args = client, args
+        # Which pmlmd first: one that stops after it was asked for the stream would leave the
+        # stream unanswered, and the next one would be taken for the one that has it.
+        self.daemon = self._instance()
+        self.id = client.open_stream("events", follow=True, **args)
 
-def _instance(client: Client) -> tuple[int, float]:
-    """Which pmlmd answers: its pid and when it started, in seconds on this host's monotonic clock
-    (two readings of one pmlmd differ by about a request's time)."""
-    ping = client.read("ping")
-    return ping["pid"], time.monotonic() - ping["uptime_s"]
+    def _instance(self) -> tuple[int, float]:
+        """Which pmlmd answers: its pid and when it started, in seconds on this host's monotonic
+        clock (two readings of one pmlmd differ by about a request's time)."""
+        ping = self.client.read("ping")
+        return ping["pid"], time.monotonic() - ping["uptime_s"]
 
+    def take(self, timeout: float) -> dict | None:
+        """Client.take of the stream: an event, None after ``timeout`` seconds, StreamEnded."""
+        return self.client.take(self.id, timeout)
 
-def _answering(client: Client, before: tuple[int, float]) -> tuple[tuple[int, float], bool]:
-    """Which pmlmd answers now (_instance), and whether it is another one than ``before``: a
-    restarted pmlmd knows nothing of the streams the one before had open."""
-    now = _instance(client)
-    return now, now[0] != before[0] or abs(now[1] - before[1]) > 1.0
+    def renewed(self) -> bool:
+        """Whether another pmlmd answers now than the one followed; if so the stream is opened on it."""
+        now = self._instance()
+        if now[0] == self.daemon[0] and abs(now[1] - self.daemon[1]) <= 1.0:
+            return False
+        self.client.close_stream(self.id)
+        self.daemon, self.id = now, self.client.open_stream("events", follow=True, **self.args)
+        return True
 
 
 def _draw(status_line, clock: StartFinishClock, status: dict) -> None:
@@ -1185,24 +1192,16 @@ def cmd_events(parser, args) -> int:
                 for event in client.stream("events", batch=args.batch, follow=False, kinds=args.kind):
                     print(json.dumps(event) if args.json else describe_event(event), flush=True)
                 return 0
-            # Following: a restarted pmlmd has no stream for this client; after WAIT_CHECK without
-            # an event, ask which pmlmd answers, and follow anew on a new one (its events start
-            # with it: none is printed twice).
-            daemon = _instance(client)
-            stream = client.open_stream("events", batch=args.batch, follow=True, kinds=args.kind)
+            stream = _Following(client, batch=args.batch, kinds=args.kind)
             while True:
                 try:
-                    event = client.take(stream, WAIT_CHECK)
+                    event = stream.take(WAIT_CHECK)
                 except StreamEnded:
                     return 0
                 if event is not None:
                     print(json.dumps(event) if args.json else describe_event(event), flush=True)
-                    continue
-                answering, restarted = _answering(client, daemon)
-                if restarted:
-                    client.close_stream(stream)
-                    daemon = answering
-                    stream = client.open_stream("events", batch=args.batch, follow=True, kinds=args.kind)
+                else:
+                    stream.renewed()  # a quiet spell: was pmlmd restarted?
         except KeyboardInterrupt:
             return 130
 

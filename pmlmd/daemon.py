@@ -732,35 +732,8 @@ class Daemon:
         if isinstance(event, events.Sample):
             return
         run = self.engine.runs.get(getattr(event, "batch", None))
-        match event:
-            case events.Added() if run is not None:
-                self.store.task_added(run.id, run.batch.tasks[event.task])
-            case events.Settled() if run is not None:
-                self.store.tasks_changed(run.id, [run.batch.tasks[event.task]])
-            case events.Start() if run is not None:
-                task = run.batch.tasks[event.task]
-                self.store.attempt_started(run.id, task, task.attempts[-1], event.start_ticks)
-            case events.End() if run is not None:
-                task = run.batch.tasks[event.task]
-                # A queue batch's ends are written at once: its deliveries are settled with the broker
-                # from the intake's thread, not after this loop turn's flush.
-                self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
-                if run.id in self.joblogs:
-                    self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event.attempt - 1])
-            case events.Halted() if run is not None:
-                # Its queue was cancelled: a restarted pmlmd must not run those tasks.
-                self.store.queue_cancelled(run.id)
-                log.info("batch %s: %s", run.id, event.reason, extra={"BATCH_ID": run.id})
-            case events.Finished() if run is not None:
-                # Every task ended: what is still queued in the state was cancelled from the queue.
-                self.store.queue_cancelled(run.id)
-                # Its report is encoded a slice at a time, then stored with its summary (FinishJob);
-                # until then status, list and report read the batch here.
-                self.unsaved[run.id] = run
-                self.finishing.add(run.id)
-                self.jobs.append(FinishJob(self, run))
-                self._drop_batch_state(run.id)
-                log.info("batch %s finished: %s", run.id, event.summary, extra={"BATCH_ID": run.id})
+        if run is not None:
+            self._record(run, event)
         wire = {"time": round(time.time(), 3), **{k: v for k, v in event.wire().items() if v is not None}}
         self.recent.append(wire)
         for (client, request_id), (only, kinds) in list(self.followers.items()):
@@ -773,6 +746,38 @@ class Daemon:
                 self.store.flush()
                 del self.followers[(client, request_id)]
                 self._send(client, protocol.encode_reply({"events": "end"}, request_id), request_id)
+
+    def _record(self, run: BatchRun, event: events.Event) -> None:
+        """What an event of a live batch changes in the state (and the joblog, the log)."""
+        match event:
+            case events.Added():
+                self.store.task_added(run.id, run.batch.tasks[event.task])
+            case events.Settled():
+                self.store.tasks_changed(run.id, [run.batch.tasks[event.task]])
+            case events.Start():
+                task = run.batch.tasks[event.task]
+                self.store.attempt_started(run.id, task, task.attempts[-1], event.start_ticks)
+            case events.End():
+                task = run.batch.tasks[event.task]
+                # A queue batch's ends are written at once: its deliveries are settled with the broker
+                # from the intake's thread, not after this loop turn's flush.
+                self.store.attempt_ended(run.id, task, task.attempts[-1], group=run.intake is None)
+                if run.id in self.joblogs:
+                    self.joblogs[run.id].attempt_ended(run.batch.spec, task, task.attempts[event.attempt - 1])
+            case events.Halted():
+                # Its queue was cancelled: a restarted pmlmd must not run those tasks.
+                self.store.queue_cancelled(run.id)
+                log.info("batch %s: %s", run.id, event.reason, extra={"BATCH_ID": run.id})
+            case events.Finished():
+                # Every task ended: what is still queued in the state was cancelled from the queue.
+                self.store.queue_cancelled(run.id)
+                # Its report is encoded a slice at a time, then stored with its summary (FinishJob);
+                # until then status, list and report read the batch here.
+                self.unsaved[run.id] = run
+                self.finishing.add(run.id)
+                self.jobs.append(FinishJob(self, run))
+                self._drop_batch_state(run.id)
+                log.info("batch %s finished: %s", run.id, event.summary, extra={"BATCH_ID": run.id})
 
     # --- requests ------------------------------------------------------------------------------
     def _on_request(self) -> None:
