@@ -45,6 +45,7 @@ BACKENDS = ("auto", "cgroup", "proc")  # the worker_backend setting: cgroup v2 w
 MOUNTINFO = "/proc/self/mountinfo"
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists when systemd is PID 1 (sd_booted(3))
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # set by systemd on a unit with Delegate=yes
+SCOPE_PREFIX = "pmlm-"  # each batch's systemd scope is SCOPE_PREFIX + batch id + ".scope" (scopes.py)
 WARN_EVERY = 60.0  # seconds between two warnings that workers start outside their cgroups
 
 
@@ -261,6 +262,8 @@ class Worker:
 class Subtree:
     """The cgroups pmlmd owns: ``root`` and one child per worker, named by the worker's id."""
 
+    gated = False  # workers are started inside their cgroup (starting); Scoped places them from a gate
+
     def __init__(self, root: str, mount: str):
         self.root = root
         self.mount = mount
@@ -299,25 +302,10 @@ class Subtree:
         holding what a worker of an attempt the state lost left behind (the name gets a "~N"; that
         cgroup is ended as leftovers, see engine.end_leftovers). If the body raises, the cgroup
         is removed again."""
-        w = self.worker(name)
-        for suffix in range(1, 100):
-            try:
-                os.mkdir(w.path)
-                break
-            except FileExistsError:
-                # Never a frozen one: pmlmd would freeze itself stepping in.
-                if not w.populated() and not w.events().get("frozen"):
-                    break
-                w = self.worker(f"{name}~{suffix}")
-            except OSError as e:
-                self._cannot(w, e)
-                yield None
-                return
-        if self.memory:
-            # The OOM killer, when memory.max is reached, ends a whole worker rather than one of
-            # its processes, so no worker goes on without the child it depended on.
-            with contextlib.suppress(OSError):
-                w._write("memory.oom.group", "1")
+        w = self._make(name)
+        if w is None:
+            yield None
+            return
         own = os.path.dirname(self.root)  # pmlmd's own cgroup, where _usable made the subtree
         try:
             _move_self(w.path)
@@ -336,6 +324,45 @@ class Subtree:
             raise
         else:
             _move_self_back(own, w)
+
+    def _make(self, name: str) -> Worker | None:
+        """The worker's new, empty cgroup (see starting for the names); None, logged, when it cannot
+        be made."""
+        w = self.worker(name)
+        for suffix in range(1, 100):
+            try:
+                os.mkdir(w.path)
+                break
+            except FileExistsError:
+                # Never a frozen one: pmlmd would freeze itself stepping in.
+                if not w.populated() and not w.events().get("frozen"):
+                    break
+                w = self.worker(f"{name}~{suffix}")
+            except OSError as e:
+                self._cannot(w, e)
+                return None
+        if self.memory:
+            # The OOM killer, when memory.max is reached, ends a whole worker rather than one of
+            # its processes, so no worker goes on without the child it depended on.
+            with contextlib.suppress(OSError):
+                w._write("memory.oom.group", "1")
+        return w
+
+    def place(self, name: str, pid: int) -> Worker | None:
+        """Make the worker's cgroup and move ``pid`` into it: for a worker that waits at its gate
+        (engine.gated) until it is placed, so that nothing it runs is outside. None, logged, when
+        the cgroup cannot be made or entered: the worker stays where it is."""
+        w = self._make(name)
+        if w is None:
+            return None
+        try:
+            w._write("cgroup.procs", str(pid))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.rmdir(w.path)
+            self._cannot(w, e)
+            return None
+        return w
 
     def _cannot(self, w: Worker, e: OSError) -> None:
         now = time.monotonic()
@@ -395,6 +422,140 @@ class Subtree:
     def describe(self) -> str:
         guard = ", memory.high guard" if self.memory else ""
         return f"cgroup v2 ({self.root}{guard})"
+
+
+class Scoped:
+    """Worker cgroups inside each batch's systemd scope: ``SCOPE/workers/WORKER_ID``.
+
+    Under systemd each batch is a transient scope made with ``Delegate=yes`` (scopes.py): the
+    scope's own cgroup stays systemd's, what is below it is pmlmd's to arrange (systemd's cgroup
+    delegation model; kernel doc admin-guide/cgroup-v2.rst, "Delegation"). Each worker gets a
+    cgroup of its own there, with everything the cgroup backend gives (membership, freezer,
+    cgroup.kill, cpu.stat, and with the memory controller memory.current and the guard), while
+    the batch stays one unit for ``systemctl`` and survives a restart of pmlmd.
+
+    A worker waits at its gate (engine.gated) until it is placed: the first of a batch is given to
+    systemd to make the scope with, then moved down into its cgroup; the later ones are moved
+    into theirs directly, with no D-Bus call. ``workers`` between the scope and the worker
+    cgroups is where pmlmd's lines go (MemoryGuard): the scope's own memory.high is systemd's.
+
+    The methods are Subtree's, over every batch's subtree (``trees``, by batch id).
+    """
+
+    LEAF = "workers"
+    gated = True  # workers are placed from their gate (place), not started inside (Subtree.starting)
+
+    def __init__(self, mount: str, slice_path: str):
+        self.mount = mount
+        self.slice = os.path.join(mount, slice_path.lstrip("/"))  # the directory of the scopes' slice
+        self.trees: dict[str, Subtree] = {}
+        self.warn_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"cgroup.Scoped({self.slice!r})"
+
+    @property
+    def memory(self) -> bool:
+        """The memory controller is on for some batch's worker cgroups."""
+        return any(tree.memory for tree in self.trees.values())
+
+    def tree(self, batch_id: str) -> Subtree | None:
+        """The batch's subtree, once a worker of it has been placed (or adopted) by this pmlmd."""
+        return self.trees.get(batch_id)
+
+    def open(self, batch_id: str, scope: str) -> Subtree | None:
+        """The batch's subtree below its scope (``scope``: its cgroup, below the mount), made if
+        needed; None, logged, when it cannot be (the worker is then followed through /proc)."""
+        root = os.path.join(self.mount, scope.lstrip("/"), self.LEAF)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            now = time.monotonic()
+            if now >= self.warn_at:
+                self.warn_at = now + WARN_EVERY
+                log.warning("cannot make %s (%s): the workers of batch %s are followed through /proc", root,
+                            e.strerror, batch_id)
+            return None
+        tree = self.trees[batch_id] = Subtree(root, self.mount)
+        return tree
+
+    def drop(self, batch_id: str) -> Subtree | None:
+        """Forget the batch's subtree (its batch is over; systemd removes the scope)."""
+        return self.trees.pop(batch_id, None)
+
+    def cgroup_of(self, pid: int) -> Worker | None:
+        """The worker cgroup ``pid`` is in, or None; a pmlm scope's subtree found this way (a
+        worker adopted after a restart) is kept in ``trees``."""
+        relative = own_cgroup(str(pid))
+        if relative is None:
+            return None
+        path = os.path.join(self.mount, relative.lstrip("/"))
+        root = os.path.dirname(path)
+        scope = os.path.dirname(root)
+        if os.path.basename(root) != self.LEAF or os.path.dirname(scope) != self.slice:
+            return None
+        batch_id = batch_of_scope(os.path.basename(scope))
+        if batch_id is None:
+            return None
+        if batch_id not in self.trees:
+            self.trees[batch_id] = Subtree(root, self.mount)
+        return Worker(path, relative)
+
+    def member_of(self, pid: int) -> str | None:
+        w = self.cgroup_of(pid)
+        return w.worker_id if w is not None else None
+
+    def workers(self) -> list[Worker]:
+        """Every worker cgroup of every pmlm scope in the slice (also of batches this pmlmd has
+        not placed a worker of: what an earlier one left)."""
+        try:
+            names = sorted(os.listdir(self.slice))
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            if batch_of_scope(name) is not None:
+                found += Subtree(os.path.join(self.slice, name, self.LEAF), self.mount).workers()
+        return found
+
+    def cpu_usec(self) -> int | None:
+        """CPU time of every worker cgroup of the batches placed here, in microseconds."""
+        total = 0
+        for tree in self.trees.values():
+            usec = tree.cpu_usec()
+            if usec is None:
+                return None
+            total += usec
+        return total
+
+    def remove(self, wait: float = 0.0) -> None:
+        """Remove each batch's empty worker cgroups (see Subtree.remove)."""
+        for tree in list(self.trees.values()):
+            tree.remove(wait=wait)
+
+    def describe(self) -> str:
+        guard = ", memory.high guard" if self.memory else ""
+        return f"cgroup v2 in each batch's scope ({self.slice}/pmlm-ID.scope/{self.LEAF}{guard})"
+
+
+def batch_of_scope(name: str) -> str | None:
+    """The batch id of a batch scope's name (SCOPE_PREFIX + ID + ".scope", see scopes), or None."""
+    if name.startswith(SCOPE_PREFIX) and name.endswith(".scope"):
+        return name[len(SCOPE_PREFIX):-len(".scope")] or None
+    return None
+
+
+def scoped(slice_path: str) -> Scoped:
+    """Worker cgroups in batch scopes (Scoped) below ``slice_path`` (the slice's cgroup, below the
+    mount); Unusable when pmlmd may not write there (the unit's ProtectControlGroups=yes makes the
+    hierarchy read-only) or the kernel has no cgroup.kill."""
+    mount = cgroup2_mount()
+    if mount is None:
+        raise Unusable("no cgroup2 hierarchy is mounted")
+    if not os.access(mount, os.W_OK):
+        raise Unusable(f"{mount} is read-only here (ProtectControlGroups=yes in pmlmd.service?)")
+    _check_kernel()
+    return Scoped(mount, slice_path)
 
 
 class MemoryGuard:
@@ -457,6 +618,9 @@ class MemoryGuard:
                        if e.errno == errno.EBUSY else e.strerror)
                 raise Unusable(f"cannot enable the memory controller below {path}: {why}") from None
         subtree.memory = True
+        for w in subtree.workers():  # made before the controller was on (a batch scope's first worker)
+            with contextlib.suppress(OSError):
+                w._write("memory.oom.group", "1")
         return cls(subtree)
 
     def fileno(self) -> int:
@@ -475,19 +639,20 @@ class MemoryGuard:
         """memory.current of the subtree: what every worker uses, in bytes."""
         return read_int(os.path.join(self.subtree.root, "memory.current"))
 
-    def update(self, free: int, limit: int, gap: int, floor: int) -> tuple[int, int] | None:
+    def update(self, free: int, limit: int, gap: int, floor: int, share: int = 1) -> tuple[int, int] | None:
         """Move the lines for a node with ``free`` bytes free, limit L = ``limit``, gap G = ``gap``
         and floor F = ``floor`` (bytes): high = line - min(line / OVERSHOOT, G / 2) with line =
-        used + max(0, free - L); max = used + max(0, free - F). Neither is set below what the
-        workers use now: writing a line below the usage makes the writer reclaim (and at
-        memory.max, OOM-kill) in its own time. Returns (high, max) as set, or None when
-        memory.current cannot be read."""
+        used + max(0, free - L) / share; max = used + max(0, free - F) / share. ``share``: how
+        many subtrees (batch scopes) divide what the node may still give, so that together they
+        stay inside it. Neither is set below what the workers use now: writing a line below the
+        usage makes the writer reclaim (and at memory.max, OOM-kill) in its own time. Returns
+        (high, max) as set, or None when memory.current cannot be read."""
         used = self.used()
         if used is None:
             return None
-        line = used + max(0, free - limit)
+        line = used + max(0, free - limit) // share
         high = max(used, line - min(line // self.OVERSHOOT, gap // 2))
-        hard = used + max(0, free - floor, high - used)
+        hard = used + max(0, max(0, free - floor) // share, high - used)
         order = [("memory.max", hard), ("memory.high", high)]
         if self.lines["memory.max"] is not None and hard < self.lines["memory.max"]:
             order.reverse()  # raising: the hard line first, so high never stands above max; lowering: high first
@@ -581,22 +746,38 @@ def _parent() -> tuple[str, str]:
 def explain() -> str:
     """Where ``choose("auto")`` would put workers of this process, and whether the memory guard
     could be had, in one line (``pmlmd --version``); nothing is made or changed."""
+    mount = cgroup2_mount()
+    if mount is not None and os.path.isdir(SYSTEMD_RUNNING) and own_cgroup() is not None:
+        # The daemon's batches are systemd scopes (scopes.choose) and their cgroups below them pmlmd's.
+        try:
+            scoped("/")
+        except Unusable as e:
+            return f"{containment(None, 'systemd scopes')} ({e})"
+        return f"a cgroup each, in each batch's systemd scope (cgroup v2; {_guard_phrase(mount)})"
     try:
         _, parent = _parent()
         parent = os.path.normpath(parent)
         if not os.access(parent, os.W_OK):
             raise Unusable(f"{parent} is not writable")
-        release = re.match(r"(\d+)\.(\d+)", os.uname().release)
-        if release is None or (int(release[1]), int(release[2])) < (5, 14):
-            raise Unusable("Linux 5.14 or later is needed (cgroup.kill)")
+        _check_kernel()
     except Unusable as e:
         return f"{containment(None)} ({e})"
+    return f"a cgroup each, cgroup v2 (below {parent}; {_guard_phrase(parent)})"
+
+
+def _guard_phrase(parent: str) -> str:
+    """Whether the memory guard can be had below ``parent``, for explain."""
     try:
         memory = "memory" in controllers(parent)
     except OSError:
         memory = False
-    guard = "memory.high guard" if memory else "no memory guard: the memory controller is not on the cgroup2 hierarchy"
-    return f"a cgroup each, cgroup v2 (below {parent}; {guard})"
+    return "memory.high guard" if memory else "no memory guard: the memory controller is not on the cgroup2 hierarchy"
+
+
+def _check_kernel() -> None:
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if release is None or (int(release[1]), int(release[2])) < (5, 14):
+        raise Unusable("Linux 5.14 or later is needed (cgroup.kill)")
 
 
 def _usable(name: str) -> Subtree:

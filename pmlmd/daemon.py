@@ -324,6 +324,7 @@ class Daemon:
         self.notifier.status(self._status_line())
         self.notifier.watchdog()
         self.engine.agent.close_idle()
+        self.engine.reap_orphans()
         mark = self.engine.cpu_mark()
         if mark is None or mark != self.output_mark:  # output grows only while a worker runs
             self.output.enforce()
@@ -1477,19 +1478,23 @@ def subtree_name(config: Config) -> str:
     return cgroup.subtree_name("pmlmd", os.path.realpath(config.state_dir))
 
 
-def worker_cgroups(config: Config, scope_backend) -> cgroup.Subtree | None:
-    """The subtree of the workers' cgroups (config ``worker_backend``, named by subtree_name); None
-    for the /proc backend.
+def worker_cgroups(config: Config, scope_backend) -> cgroup.Subtree | cgroup.Scoped | None:
+    """Where the workers' cgroups are (config ``worker_backend``); None for the /proc backend.
 
-    A batch in a systemd scope is moved into that scope, out of any cgroup of pmlmd's: with
-    systemd scopes the workers are followed through /proc. Raises DaemonError for
-    ``worker_backend = "cgroup"`` where that cannot be."""
-    if scope_backend.name == "systemd":
-        if config.worker_backend == "cgroup":
-            raise DaemonError('worker_backend = "cgroup" needs scope_backend = "none": systemd scopes hold the '
-                              "workers' processes; set one of them in pmlmd.toml")
-        return None
+    With systemd scopes, below each batch's scope (cgroup.Scoped), where pmlmd may write the
+    hierarchy; else a subtree of pmlmd's own cgroup (named by subtree_name). Raises DaemonError
+    for ``worker_backend = "cgroup"`` where that cannot be."""
     try:
+        if scope_backend.name == "systemd":
+            if config.worker_backend == "proc":
+                return None
+            try:
+                return cgroup.scoped("/" + scopes.SLICE)
+            except cgroup.Unusable as e:
+                if config.worker_backend == "cgroup":
+                    raise
+                log.info("workers are followed through /proc: %s", e)
+                return None
         return cgroup.choose(config.worker_backend, subtree_name(config))
     except cgroup.Unusable as e:
         raise DaemonError(f'worker_backend = "cgroup": {e}; set worker_backend = "auto" or "proc" in pmlmd.toml') \
@@ -1511,7 +1516,10 @@ def release_workers(config: Config) -> int:
         backend = scopes.NoScopes()
     in_scopes = known = 0
     subtree = cgroup.existing(subtree_name(config))
-    for w in subtree.workers() if subtree is not None else []:
+    held = subtree.workers() if subtree is not None else []
+    if backend.name == "systemd" and (mount := cgroup.cgroup2_mount()) is not None:
+        held += cgroup.Scoped(mount, "/" + scopes.SLICE).workers()  # a worker cgroup's freeze outlasts ThawUnit
+    for w in held:
         try:
             w.thaw()
         except OSError as e:  # gone meanwhile, or not ours to write: the others are released all the same

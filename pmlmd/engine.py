@@ -308,14 +308,11 @@ class Engine:
             log.info("memory pressure (PSI) wakes pmlmd: %g ms of stall within %g s", self.pressure.stall_us / 1000,
                      self.pressure.window_us / 1e6)
         # The kernel's line under the memory limit, where the memory controller allows one.
-        self.memory_guard: cgroups_module.MemoryGuard | None = None
-        if cgroups is not None:
-            try:
-                self.memory_guard = cgroups_module.MemoryGuard.enable(cgroups)
-            except cgroups_module.Unusable as e:
-                log.info("no memory.high guard under the memory limit: %s", e)
-            else:
-                loop.watch(self.memory_guard.fileno(), self._memory_event, select.EPOLLPRI)
+        # One per subtree (by its root): pmlmd's own, or under systemd each batch scope's (Scoped).
+        self.guards: dict[str, cgroups_module.MemoryGuard] = {}
+        self.unguarded: set[str] = set()  # subtrees the memory controller cannot be had for
+        if cgroups is not None and not cgroups.gated:
+            self._guard(cgroups)
         self.subtree_usec: int | None = None  # the cgroups subtree's CPU time at the last refresh
         self.scope_usec: dict[str, int | None] = {}  # proc backend: cpu.stat path -> CPU time at the last refresh
         self.cgroup_mount = cgroups_module.cgroup2_mount()
@@ -500,9 +497,9 @@ class Engine:
         sample = self.node.sample()
         limits = self.limits
         free = free_bytes(sample, limits)
-        if self.memory_guard is not None:
-            self.memory_guard.update(free, limits.memory_limit_bytes(sample.mem_total), limits.memory_gap,
-                                     limits.min_free)
+        for guard in self.guards.values():  # several batches' scopes share what the node may still give
+            guard.update(free, limits.memory_limit_bytes(sample.mem_total), limits.memory_gap, limits.min_free,
+                         share=len(self.guards))
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
         paused = self.tally[PAUSED] > 0
@@ -545,9 +542,31 @@ class Engine:
         """The node stalled on memory (PressureTrigger), or the workers reached a guard line
         (memory.high, memory.max) or lost a process to the OOM killer (MemoryGuard): sample now,
         so the governor acts on it by policy."""
-        if self.memory_guard is not None:
-            self.memory_guard.events()  # reading clears the descriptor's POLLPRI
+        for guard in self.guards.values():
+            guard.events()  # reading clears the descriptor's POLLPRI
         self.next_sample_at = 0.0
+
+    def _guard(self, tree: cgroups_module.Subtree) -> None:
+        """Keep the kernel's lines under the memory limit for ``tree`` (MemoryGuard), where the
+        memory controller allows; said once in the log where it does not."""
+        if tree.root in self.guards or tree.root in self.unguarded:
+            return
+        try:
+            guard = cgroups_module.MemoryGuard.enable(tree)
+        except cgroups_module.Unusable as e:
+            if not self.unguarded:
+                log.info("no memory.high guard under the memory limit: %s", e)
+            self.unguarded.add(tree.root)
+            return
+        self.guards[tree.root] = guard
+        self.loop.watch(guard.fileno(), self._memory_event, select.EPOLLPRI)
+
+    def _unguard(self, root: str) -> None:
+        guard = self.guards.pop(root, None)
+        self.unguarded.discard(root)
+        if guard is not None:
+            self.loop.unwatch(guard.fileno())
+            guard.lift()
 
     def close(self) -> None:
         """Stop the kernel's wake-ups, lift the guard's lines (MemoryGuard.lift) and close the
@@ -557,10 +576,8 @@ class Engine:
             self.loop.unwatch(self.pressure.fileno())
             self.pressure.close()
             self.pressure = None
-        if self.memory_guard is not None:
-            self.loop.unwatch(self.memory_guard.fileno())
-            self.memory_guard.lift()
-            self.memory_guard = None
+        for root in list(self.guards):
+            self._unguard(root)
 
     def _admission_order(self) -> list[BatchRun]:
         runs = [r for r in self.runs.values()
@@ -861,6 +878,13 @@ class Engine:
             self.processes.reap_if_ours(pid)
             os.close(pidfd)
 
+    def reap_orphans(self) -> None:
+        """Housekeeping: processes that left their worker's tree were re-parented to pmlmd (the
+        subreaper); those that have ended since are reaped here while no worker is left, whose
+        refresh would look for them (_adopt_orphans_due), so that none stays a zombie."""
+        if not self.workers:
+            self._adopt_orphans()
+
     def _adopt_orphans(self, exited: Worker | None = None) -> None:
         """Take charge of the processes re-parented to pmlmd: each belongs to a worker (or a past one).
 
@@ -1012,8 +1036,8 @@ class Engine:
                 command, environ, variables = gated(rlimits, command, environ, carry=carry)
                 if variables:
                     env_fd = _memfd("pmlm-env", variables)
-            with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}") if self.cgroups is not None
-                  else contextlib.nullcontext()) as cgroup:
+            with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}")
+                  if self.cgroups is not None and not self.cgroups.gated else contextlib.nullcontext()) as cgroup:
                 child = self.processes.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc,
@@ -1050,7 +1074,7 @@ class Engine:
             if env_fd is not None:
                 os.close(env_fd)
             if self.scopes.gated:
-                self.scopes.place(run.id, run.description or f"pmlmd batch {run.id}", child.pid)
+                cgroup = self._place(run, child.pid, f"{run.id}.{task.index}.{attempt_no}")
             try:
                 # Inside its scope now (or logged why not): go on. Three bytes into a pipe nobody else
                 # writes always fit, however small its owner made it: this never waits.
@@ -1063,6 +1087,27 @@ class Engine:
             self.output.spawned(run, task, attempt)
         self._watch(Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child),
                            cgroup=cgroup))
+
+    def _place(self, run: BatchRun, pid: int, name: str) -> cgroups_module.Worker | None:
+        """Put a gated worker into its batch's scope: into a cgroup of its own below it where the
+        scopes' cgroups are pmlmd's (cgroup.Scoped), with no D-Bus call once the batch's first
+        worker has made the scope; else into the scope itself (followed through /proc)."""
+        description = run.description or f"pmlmd batch {run.id}"
+        if self.cgroups is None:
+            self.scopes.place(run.id, description, pid)
+            return None
+        tree = self.cgroups.tree(run.id)
+        if tree is None:
+            scope = self.scopes.place(run.id, description, pid, attach=False)
+            if scope is None:
+                return None
+            tree = self.cgroups.open(run.id, scope)
+        cgroup = tree.place(name, pid) if tree is not None else None
+        if cgroup is None:
+            self.scopes.place(run.id, description, pid)  # in the scope, at least
+            return None
+        self._guard(tree)  # once its first worker has left the scope's own cgroup
+        return cgroup
 
     def _spawn_room(self) -> int:
         """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
@@ -1105,6 +1150,8 @@ class Engine:
         cgroup = self.cgroups.cgroup_of(child.pid) if self.cgroups is not None else None
         if cgroup is not None and cgroup.worker_id == worker.worker_id:
             worker.cgroup = cgroup
+            if self.cgroups.gated:
+                self._guard(self.cgroups.tree(run.id))
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
@@ -1184,7 +1231,7 @@ class Engine:
         if left:
             a.reason = "; ".join(filter(None, [a.reason, f"left {len(left)} processes behind in its cgroup: "
                                                          "ended with it"]))
-        if end_cause is None and w.cgroup is not None and self.memory_guard is not None and w.cgroup.oom_kills():
+        if end_cause is None and w.cgroup is not None and self.guards and w.cgroup.oom_kills():
             # The kernel ended it at the guard's memory.max (free memory at the floor): a memory
             # termination like the governor's, requeued by the same rule.
             end_cause = CAUSE_GOVERNOR_MEMORY
@@ -1231,6 +1278,10 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
         self.scopes.stop(run.id)
+        if self.cgroups is not None and self.cgroups.gated:
+            tree = self.cgroups.drop(run.id)  # the scope goes with its cgroups
+            if tree is not None:
+                self._unguard(tree.root)
 
     def _halt_if_due(self, run: BatchRun) -> None:
         """--halt: once the batch's bookkeeping says it halts (its queue already cancelled there),

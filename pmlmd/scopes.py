@@ -28,10 +28,11 @@ from jeepney import DBusAddress, MatchRule, Properties, message_bus, new_method_
 from jeepney.io.blocking import open_dbus_connection
 from jeepney.wrappers import DBusErrorResponse, unwrap_msg
 
+from pmlmd.cgroup import SCOPE_PREFIX, batch_of_scope, own_cgroup
+
 log = logging.getLogger("pmlmd.scopes")
 
 SLICE = "pmlm.slice"
-SCOPE_PREFIX = "pmlm-"
 SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
@@ -136,10 +137,6 @@ def scope_name(batch_id: str) -> str:
     return f"{SCOPE_PREFIX}{batch_id}.scope"
 
 
-def batch_of_scope(unit: str) -> str | None:
-    if unit.startswith(SCOPE_PREFIX) and unit.endswith(".scope"):
-        return unit[len(SCOPE_PREFIX):-len(".scope")]
-    return None
 
 
 class NoScopes:
@@ -148,8 +145,8 @@ class NoScopes:
     name = "none"
     gated = False
 
-    def place(self, batch_id: str, description: str, pid: int) -> bool:
-        return False
+    def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
+        return None
 
     def freeze(self, batch_id: str) -> bool:
         return False
@@ -179,6 +176,7 @@ class SystemdScopes:
     def __init__(self, connection=None, limits: CgroupLimits | None = None):
         self.bus = connection or open_dbus_connection(bus="SYSTEM")
         self.started: set[str] = set()  # batches whose scope exists
+        self.paths: dict[str, str] = {}  # batch id -> its scope's cgroup, below the cgroup2 mount
         self.limits = limits  # None: scopes get systemd's defaults, the slice is left alone
 
     # --- D-Bus plumbing ----------------------------------------------------------------
@@ -195,24 +193,38 @@ class SystemdScopes:
         return value[1]  # (signature, value)
 
     # --- scopes --------------------------------------------------------------------------
-    def place(self, batch_id: str, description: str, pid: int) -> bool:
-        """Put ``pid`` into the batch's scope, creating the scope with it if needed."""
+    def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
+        """Put ``pid`` into the batch's scope, creating the scope with it if needed, and return the
+        scope's cgroup (its path below the cgroup2 mount, as /proc/PID/cgroup shows it); None,
+        logged, when ``pid`` is not in it.
+
+        With ``attach`` False a scope that exists already is only looked up, and ``pid`` is left
+        where it is: the caller moves it below the scope itself (cgroup.Scoped), with no D-Bus
+        call for each worker. A new scope is always made with ``pid`` in it (systemd makes no
+        scope without a process)."""
         unit = scope_name(batch_id)
         try:
             if batch_id not in self.started:
                 try:
                     self._start(unit, description, pid)
                     self.started.add(batch_id)
-                    return True
+                    path = self.paths[batch_id] = own_cgroup(str(pid)) or self._control_group(batch_id)
+                    return path
                 except DBusErrorResponse as e:
                     if e.name != "org.freedesktop.systemd1.UnitExists":
                         raise
                     self.started.add(batch_id)  # left by an earlier pmlmd: join it
-            self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
-            return True
+            if attach:
+                self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
+            if batch_id not in self.paths:
+                self.paths[batch_id] = self._control_group(batch_id)
+            return self.paths[batch_id]
         except (DBusErrorResponse, OSError, TimeoutError) as e:
             log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, e)
-            return False
+            return None
+
+    def _control_group(self, batch_id: str) -> str:
+        return self._property(batch_id, SCOPE, "ControlGroup")
 
     def _start(self, unit: str, description: str, pid: int) -> None:
         properties = [
@@ -264,6 +276,7 @@ class SystemdScopes:
         still in it, also to those that left their worker's process group.
         """
         self.started.discard(batch_id)
+        self.paths.pop(batch_id, None)
         try:
             self._call("StopUnit", "ss", (scope_name(batch_id), "replace"))
         except DBusErrorResponse as e:
@@ -299,12 +312,19 @@ class SystemdScopes:
         return [b for b in (batch_of_scope(u[0]) for u in units) if b is not None]
 
     def scope_pids(self, batch_id: str) -> list[int]:
+        """Every process in the scope, also in the worker cgroups below it (cgroup.Scoped)."""
         try:
-            group = self._property(batch_id, SCOPE, "ControlGroup")
-            with open(f"/sys/fs/cgroup{group}/cgroup.procs") as f:
-                return [int(line) for line in f if line.strip()]
-        except Exception:
+            group = self._control_group(batch_id)
+        except Exception:  # no such scope
             return []
+        pids = []
+        for directory, _, _ in os.walk(f"/sys/fs/cgroup{group}"):
+            try:
+                with open(os.path.join(directory, "cgroup.procs")) as f:
+                    pids += [int(line) for line in f if line.strip()]
+            except (OSError, ValueError):
+                continue
+        return pids
 
 
 def choose(setting: str = "auto", limits: CgroupLimits | None = None):

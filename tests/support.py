@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pmlmd.sampler import ProcReader
+from pmlmd.scopes import NoScopes
 
 HELPERS = Path(__file__).parent / "helpers"
 BURN = str(HELPERS / "burn.py")
@@ -165,6 +166,71 @@ def remove_cgroups(kind: str, key: str) -> None:
     subtree = cgroup.existing(cgroup.subtree_name(kind, key))
     if subtree is not None:
         subtree.discard()
+
+
+class CgroupScopes(NoScopes):
+    """Stands in for systemd's transient scopes (scopes.SystemdScopes) where systemd is not PID 1
+    (this host's unified hierarchy, the VM tier): a batch's scope is the cgroup
+    ``SLICE/pmlm-ID.scope``, made as systemd makes it, with the batch's first worker in it (no
+    freezing of whole scopes: NoScopes's). What systemd itself does is tested in the systemd
+    tier (tests/systemd). ``discard`` kills whatever is left in the slice and removes it."""
+
+    name = "systemd"
+    gated = True
+
+    def __init__(self, mount: str, slice_name: str):
+        self.mount = mount
+        self.slice = os.path.join(mount, slice_name)
+        os.makedirs(self.slice, exist_ok=True)
+        # systemd turns the controllers a delegated scope may have on down to it; so does this.
+        for path in (mount, self.slice):
+            with open(os.path.join(path, "cgroup.controllers")) as f:
+                available = f.read().split()
+            if "memory" in available:
+                with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+
+    def _path(self, batch_id: str) -> str:
+        return os.path.join(self.slice, f"pmlm-{batch_id}.scope")
+
+    def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
+        path = self._path(batch_id)
+        new = not os.path.isdir(path)
+        os.makedirs(path, exist_ok=True)
+        if new or attach:
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        return "/" + os.path.relpath(path, self.mount)
+
+    def stop(self, batch_id: str) -> None:
+        """As StopUnit: what is left in the scope is killed, and the scope goes once empty."""
+        self._remove(self._path(batch_id))
+
+    def scopes(self) -> list[str]:
+        return [name[len("pmlm-"):-len(".scope")] for name in os.listdir(self.slice)]
+
+    def _remove(self, path: str) -> None:
+        if not os.path.isdir(path):
+            return
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+        for directory, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):  # deepest first
+            wait_for(lambda: _rmdir(directory), timeout=10, what=f"{directory} emptied")
+
+    def discard(self) -> None:
+        for name in os.listdir(self.slice):
+            self._remove(os.path.join(self.slice, name))
+        os.rmdir(self.slice)
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 class MemorySampler:

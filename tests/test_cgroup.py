@@ -18,7 +18,7 @@ import tempfile
 import pytest
 
 from pmlmd import cgroup
-from support import EngineRun, group_states, process_state, wait_for
+from support import CgroupScopes, EngineRun, group_states, process_state, wait_for
 
 PY = sys.executable
 # A worker that leaves its process group and session, twice over, then reports every pid it made.
@@ -279,7 +279,7 @@ def test_without_the_memory_controller_the_backend_runs_without_a_guard(subtree)
             pytest.skip("the memory controller is on this cgroup2 hierarchy (the VM tier tests the guard)")
     with EngineRun(["sleep", "30"], 1, cgroups=subtree) as er:
         (w,) = er.workers(1)
-        assert er.engine.memory_guard is None and not subtree.memory
+        assert not er.engine.guards and not subtree.memory
         er.until(lambda: w.rss > 0, what="the worker measured from its processes")
 
 
@@ -302,6 +302,10 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
     assert lines() == (high, 800 * mib)
     # ... but never more than G/2: with G = 40 MiB, 20 MiB inside.
     assert guard.update(1000 * mib, 600 * mib, 40 * mib, 300 * mib) == (480 * mib, 800 * mib)
+    # Two batch scopes share the room (each its own guard): each gets half of the 400 MiB to L and
+    # of the 700 MiB to F, so together they stay inside both.
+    half = 300 * mib - 300 * mib // 16
+    assert guard.update(1000 * mib, 600 * mib, 200 * mib, 300 * mib, share=2) == (half, 450 * mib)
     # Below L: the line is what they use now, never under it (a write under the usage would make
     # pmlmd reclaim, or at memory.max OOM-kill, in its own time).
     assert guard.update(500 * mib, 600 * mib, 200 * mib, 300 * mib) == (100 * mib, 300 * mib)
@@ -362,3 +366,42 @@ def test_a_worker_that_starts_to_burn_after_standing_still_is_measured_at_its_ra
         er.until(lambda: (w.cpu or 0.0) > 0.0, what="the burner measured")
         one_core = 100.0 / er.engine.node.cpu_count
         assert w.cpu > 0.5 * one_core, f"a burner of one core measured at {w.cpu:.1f} % of the node"
+
+
+@pytest.fixture
+def scoped(subtree):
+    """Batch scopes as under systemd (CgroupScopes stands in for systemd, not PID 1 here) and the
+    Scoped worker cgroups below them; everything killed and removed at the end."""
+    name = f"pmlmt-{os.getpid()}.slice"
+    scopes = CgroupScopes(subtree.mount, name)
+    try:
+        yield cgroup.Scoped(subtree.mount, "/" + name), scopes
+    finally:
+        scopes.discard()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return process_state(pid) != "Z"
+    except FileNotFoundError:  # gone, and reaped
+        return False
+
+
+def test_under_scopes_each_worker_has_a_cgroup_below_its_batchs_scope_and_nothing_leaves_it(scoped):
+    tree, scopes = scoped
+    with EngineRun(["sh", "-c", "setsid sleep 60 </dev/null & exec sleep 60"], 2, cgroups=tree, scopes=scopes) as er:
+        workers = er.workers(2)
+        scope = os.path.join(scopes.slice, "pmlm-t.scope")
+        for w in workers:
+            assert w.cgroup is not None and w.cgroup.path == os.path.join(scope, "workers", f"t.{w.task.index}.1")
+            wait_for(lambda: len(w.cgroup.pids()) == 2, what="the worker and its setsid sleep in its cgroup")
+        with open(os.path.join(scope, "cgroup.procs")) as f:
+            assert f.read() == ""  # the first worker, which made the scope, was moved down too
+        members = [pid for w in workers for pid in w.cgroup.pids()]
+        assert tree.cpu_usec() is not None and tree.tree("t") is not None
+        # A restarted pmlmd finds a worker's cgroup (and its batch's subtree) from the pid alone.
+        again = cgroup.Scoped(tree.mount, "/" + os.path.basename(scopes.slice))
+        assert again.cgroup_of(workers[0].child.pid).path == workers[0].cgroup.path
+        assert again.tree("t").root == os.path.join(scope, "workers")
+        assert sorted(w.path for w in again.workers()) == sorted(w.cgroup.path for w in workers)
+    wait_for(lambda: not any(map(pid_alive, members)), what="every member ended with the batch")

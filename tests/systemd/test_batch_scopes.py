@@ -36,12 +36,30 @@ def running(count: int):
 
 
 def worker_pids(tb, batch: str) -> list[int]:
-    """The live pids of the batch's scope, as systemd accounts them."""
+    """The live pids of the batch's scope, as systemd accounts them (its cgroup and those below)."""
     group = tb.run(["systemctl", "show", "-p", "ControlGroup", "--value", f"pmlm-{batch}.scope"]).stdout.strip()
     if not group:
         return []
-    proc = tb.run(["cat", f"/sys/fs/cgroup{group}/cgroup.procs"], check=False)
-    return [int(pid) for pid in proc.stdout.split()]
+    proc = tb.run(f"find /sys/fs/cgroup{group} -name cgroup.procs -exec cat {{}} +", check=False)
+    return sorted(int(pid) for pid in proc.stdout.split())
+
+
+def worker_cgroups(tb, batch: str) -> dict[str, list[int]]:
+    """The worker cgroups below the batch's scope (name -> its pids), where pmlmd makes them."""
+    workers = f"/sys/fs/cgroup/pmlm.slice/pmlm-{batch}.scope/workers"
+    proc = tb.run(f"for d in {workers}/*/; do echo \"$(basename $d) $(cat $d/cgroup.procs | tr '\\n' ' ')\"; done",
+                  check=False)
+    found = {}
+    for line in proc.stdout.splitlines():
+        name, *pids = line.split()
+        if name != "*":
+            found[name] = [int(pid) for pid in pids]
+    return found
+
+
+def session_of(tb, pid: int) -> int | None:
+    proc = tb.run(["cat", f"/proc/{pid}/stat"], check=False)
+    return int(proc.stdout.rsplit(")", 1)[1].split()[3]) if proc.returncode == 0 else None
 
 
 def scope_gone(tb, batch: str) -> bool:
@@ -81,12 +99,18 @@ def test_workers_run_in_the_batch_scope_which_goes_when_the_batch_ends(pmlmd):
                        "Delegate", scope]).stdout
     assert f"ControlGroup=/pmlm.slice/{scope}" in props and "Slice=pmlm.slice" in props
     assert f"Description=pmlmd batch {batch} (scoped) of root" in props and "Delegate=yes" in props
-    for pid in pids:
+    # Each worker in a cgroup of its own below the scope (the scope's own cgroup is systemd's).
+    assert worker_cgroups(pmlmd, batch) == {f"{batch}.{task}.1": [pid] for task, pid in enumerate(pids)}, \
+        worker_cgroups(pmlmd, batch)
+    for task, pid in enumerate(pids):
         lines = pmlmd.run(["cat", f"/proc/{pid}/cgroup"]).stdout.splitlines()
-        assert f"0::/pmlm.slice/{scope}" in lines  # the unified hierarchy (the host adds v1 lines here)
-        # The gate is gone: the scope holds the command itself.
+        assert f"0::/pmlm.slice/{scope}/workers/{batch}.{task}.1" in lines  # (the host adds v1 lines here)
+        # The gate is gone: the cgroup holds the command itself.
         assert pmlmd.run(["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
+    assert pmlmd.run(["cat", f"/sys/fs/cgroup/pmlm.slice/{scope}/cgroup.procs"]).stdout == ""
     assert status(pmlmd, batch)["scope"] == scope
+    assert "a cgroup each" in json.loads(pmlmd.run(["pmlmctl", "status", "--json"]).stdout)["workers"]
+    assert "a cgroup each, in each batch's systemd scope" in pmlmd.run(["pmlmd", "--version"]).stdout
     wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished,
                 timeout=30, what="the batch to finish")
     wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), what=f"{scope} to be collected")
@@ -259,3 +283,62 @@ def test_what_escaped_its_workers_group_ends_with_the_batch(pmlmd):
     # Stopping the scope at the end of the batch took the escaped processes with it.
     wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what="the scope to go")
     assert "timeout 60 sleep 60" not in pmlmd.run(["ps", "-eo", "args"]).stdout
+
+
+def test_what_leaves_its_workers_session_stays_in_its_cgroup_and_ends_with_it(pmlmd):
+    # Each worker starts a sleep in a session of its own (setsid) and exits: out of its process
+    # group, session and process tree, the sleep is still in its worker's cgroup, which is ended.
+    batch = submit(pmlmd, "-n", "2", "-j", "2", "--term-grace", "1", "--shell", "--",
+                   "setsid sleep 300 & sleep 3")
+    apart = set()  # the worker cgroups seen holding a process of another session than their worker's
+
+    def seen_apart(_) -> bool:
+        for name, pids in worker_cgroups(pmlmd, batch).items():
+            if len({session_of(pmlmd, pid) for pid in pids} - {None}) == 2:
+                apart.add(name)
+        return len(apart) == 2
+
+    wait_inside(pmlmd, ["true"], seen_apart, what="each worker's cgroup holding its setsid sleep")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished, timeout=30, what="the batch to finish")
+    report = json.loads(pmlmd.run(["pmlmctl", "report", batch]).stdout)
+    assert report["counts"]["succeeded"] == 2, report
+    assert all("left 1 processes behind in its cgroup" in t["attempts"][0]["reason"] for t in report["tasks"]), report
+    assert "sleep 300" not in pmlmd.run(["ps", "-eo", "args"]).stdout
+    # Re-parented to pmlmd (a subreaper) when their worker exited, they are reaped: no zombie stays.
+    wait_inside(pmlmd, ["ps", "-eo", "stat="], lambda p: "Z" not in p.stdout, what="no zombie left")
+    wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what="the scope to go")
+
+
+def test_the_governor_freezes_a_workers_own_cgroup(pmlmd):
+    # Two busy loops against a 20 % CPU limit: the governor pauses workers by freezing their
+    # cgroups (state S, not T: the kernel's freezer, no SIGSTOP), the busy loop in its own session
+    # included.
+    batch = submit(pmlmd, "-n", "2", "-j", "2", "--cpu-limit", "20", "--shell", "--", f"setsid sh -c '{BUSY}' & wait")
+    frozen = wait_inside(
+        pmlmd, ["sh", "-c", f"grep -l 'frozen 1' /sys/fs/cgroup/pmlm.slice/pmlm-{batch}.scope/workers/*/cgroup.events"],
+        lambda p: p.returncode == 0, timeout=30, what="a worker cgroup frozen by the governor")
+    cgroup = frozen.stdout.split()[0].rsplit("/", 1)[0]
+    pids = [int(pid) for pid in pmlmd.run(["cat", f"{cgroup}/cgroup.procs"]).stdout.split()]
+    assert len(pids) >= 2 and "T" not in {proc_state(pmlmd, pid) for pid in pids}
+    pmlmd.run(["pmlmctl", "cancel", batch])
+    wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what="the scope to go")
+    assert "while [" not in pmlmd.run(["ps", "-eo", "args"]).stdout
+
+
+def test_a_worker_cgroup_left_frozen_by_a_killed_pmlmd_is_thawed(pmlmd, dropin):
+    dropin("[Service]\nRestart=no\n")  # so that it stays down and we can look
+    pmlmd.run(["systemctl", "restart", UNIT], timeout=60)
+    batch = submit(pmlmd, "-n", "1", "--", "sleep", "60")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], running(1), what="a running worker")
+    (name,) = worker_cgroups(pmlmd, batch)
+    events = f"/sys/fs/cgroup/pmlm.slice/pmlm-{batch}.scope/workers/{name}/cgroup.events"
+    # Frozen as a governor pause freezes it (written here, so that pmlmd dies with it frozen).
+    pmlmd.run(f"echo 1 > {events.replace('cgroup.events', 'cgroup.freeze')}")
+    wait_inside(pmlmd, ["cat", events], lambda p: "frozen 1" in p.stdout, what="the worker frozen")
+    pmlmd.run(["systemctl", "kill", "--signal=SIGKILL", UNIT])
+    wait_inside(pmlmd, ["systemctl", "is-active", UNIT], lambda p: p.stdout.strip() in ("failed", "inactive"),
+                what="pmlmd down")
+    # ExecStopPost (pmlmd --release-workers) thawed it: a frozen scope's ThawUnit alone would not.
+    wait_inside(pmlmd, ["cat", events], lambda p: "frozen 0" in p.stdout, what="the worker thawed by ExecStopPost")
+    for pid in worker_pids(pmlmd, batch):
+        pmlmd.run(["kill", str(pid)], check=False)

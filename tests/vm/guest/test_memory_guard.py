@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
 
-from support import EngineRun, MemorySampler, wait_for  # noqa: E402
+from support import CgroupScopes, EngineRun, MemorySampler, wait_for  # noqa: E402
 
 from pmlmd import cgroup  # noqa: E402
 from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, SUCCEEDED  # noqa: E402
@@ -58,7 +58,7 @@ def read_line(tree: cgroup.Subtree, name: str) -> int | None:
 def test_the_memory_controller_is_enabled_for_the_workers(subtree):
     with EngineRun(["sleep", "30"], 1, cgroups=subtree) as er:
         (w,) = er.workers(1)
-        assert er.engine.memory_guard is not None, "the guard was not enabled on a pure cgroup2 hierarchy"
+        assert er.engine.guards, "the guard was not enabled on a pure cgroup2 hierarchy"
         assert w.cgroup.memory_bytes() is not None
         with open(os.path.join(w.cgroup.path, "memory.oom.group")) as f:
             assert f.read().strip() == "1"  # the OOM killer ends the whole worker
@@ -83,7 +83,7 @@ def test_the_guard_lines_stand_where_the_limit_and_the_floor_are(subtree):
         er.workers(1)
         er.engine.next_sample_at = 0.0
         er.turn()
-        used, free = er.engine.memory_guard.used(), available()
+        used, free = er.engine.guards[subtree.root].used(), available()
         limit = limits.memory_limit_bytes(ProcReader().meminfo()["MemTotal"])
         high, hard = read_line(subtree, "memory.high"), read_line(subtree, "memory.max")
         assert high is not None and hard is not None, "memory.high and memory.max were left at max"
@@ -150,7 +150,7 @@ def test_the_kernel_holds_the_line_while_pmlmd_does_not_look_and_wakes_it(subtre
             f"free memory fell {(limit - sampler.lowest) / MIB:.0f} MiB below the limit"
         # The change of memory.events is a POLLPRI on pmlmd's descriptor: one loop turn acts on it.
         poller = select.poll()
-        poller.register(er.engine.memory_guard.fileno(), select.POLLPRI)
+        poller.register(er.engine.guards[subtree.root].fileno(), select.POLLPRI)
         assert poller.poll(0), "memory.events did not signal its change"
         er.engine.next_sample_at = float("inf")  # no sample is due but the one the event asks for
         before = er.engine.last_sample.time
@@ -210,3 +210,43 @@ def test_memory_pressure_on_the_node_wakes_pmlmd_for_a_sample(scratch_cgroup):
         finally:
             hog.kill()
             hog.wait()
+
+
+def test_batch_scopes_each_get_a_guard_and_share_what_the_node_may_still_give():
+    # Under systemd each batch's workers are below its scope (cgroup.Scoped); CgroupScopes stands
+    # in for systemd (not PID 1 in the VM; the systemd tier tests the real one, without a memory
+    # controller). Two batches: two guards, each with half of the room to L above its usage.
+    from pmlmd.batch import Batch, BatchSpec
+    from pmlmd.engine import BatchRun
+
+    mount = cgroup.cgroup2_mount()
+    name = f"pmlmvm-{uuid.uuid4().hex[:8]}.slice"
+    scopes = CgroupScopes(mount, name)
+    tree = cgroup.Scoped(mount, "/" + name)
+    # Room for both: a batch with no finished worker is admitted only with twice the gap G to spare.
+    limits = limits_with_headroom(1000 * MIB, min_free=0)
+    try:
+        with EngineRun(["sleep", "30"], 1, limits=limits, cgroups=tree, scopes=scopes, batch_id="a") as er:
+            spec = BatchSpec(batch_id="b", command=["sleep", "30"], tasks=[None], limits=limits)
+            er.engine.add(BatchRun(batch=Batch(spec, time.time()), limits=limits))
+            workers = er.workers(2)
+            assert sorted(er.engine.guards) == sorted(os.path.join(scopes.slice, f"pmlm-{b}.scope", "workers")
+                                                      for b in "ab")
+            for w in workers:
+                assert w.cgroup.memory_bytes() is not None  # the controller is on below each scope
+            er.engine.next_sample_at = 0.0
+            er.turn()
+            free = available()
+            limit = limits.memory_limit_bytes(ProcReader().meminfo()["MemTotal"])
+            for root, guard in er.engine.guards.items():
+                used = guard.used()
+                high = cgroup.read_int(os.path.join(root, "memory.high"))
+                assert high is not None, f"{root}: memory.high was left at max"
+                line = used + (free - limit) // 2
+                inside = min(line // cgroup.MemoryGuard.OVERSHOOT, limits.memory_gap // 2)
+                assert abs(high - (line - inside)) < 32 * MIB, (root, high, line - inside)
+            # A batch that ends takes its guard with it; the other keeps its own.
+            er.engine.cancel(er.run, "the test ends this batch")
+            er.until(lambda: len(er.engine.guards) == 1, what="the ended batch's guard gone")
+    finally:
+        scopes.discard()
