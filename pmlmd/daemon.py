@@ -314,7 +314,10 @@ class Daemon:
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
                     # Idle, pmlmd wakes once per HOUSEKEEPING_IDLE (or watchdog ping): it samples nothing.
-                    every = HOUSEKEEPING_IDLE if self.engine.idle() and not self.jobs else HOUSEKEEPING
+                    # So while every worker stands still: its samples are apart (Engine.still), and a
+                    # still worker writes no output.
+                    quiet = self.engine.idle() or self.engine.still
+                    every = HOUSEKEEPING_IDLE if quiet and not self.jobs else HOUSEKEEPING
                     self.next_housekeeping = time.monotonic() + min(every, watchdog or every)
         finally:
             self._shutdown()

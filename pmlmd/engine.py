@@ -336,6 +336,7 @@ class Engine:
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
         self.settled = -1  # how many workers stood still at the last refresh, all of them; else -1
+        self.still = False  # at the last step: every worker still, none paused, none to admit (see step)
         self.uncontained = 0  # how many workers have no cgroup of their own (followed through /proc)
         self.workers_due = -math.inf  # monotonic: the workers' first deadline, as next_deadline saw it
         self.still_at = -math.inf  # monotonic: the last refresh that found every worker standing still
@@ -528,11 +529,14 @@ class Engine:
         fastest = min([limits.interval] + [run.limits.interval for run in self.runs.values()])
         pace = limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
         watching = bool(self.workers)
+        # Nothing moves and nothing waits: samples may stretch (governor.next_interval).
+        self.still = (watching and self.settled == len(self.workers) and not self.tally[PAUSED]
+                      and not any(run.batch.queue or self._taking(run) for run in self.runs.values()))
         if self.previous_sample is None or sample.time - self.previous_sample.time >= 0.005:
-            interval = next_interval(self.previous_sample, sample, pace, watching=watching)
+            interval = next_interval(self.previous_sample, sample, pace, watching=watching, still=self.still)
             self.previous_sample = sample
         else:  # samples taken right after a worker exit carry no rate information
-            interval = next_interval(None, sample, pace, watching=watching)
+            interval = next_interval(None, sample, pace, watching=watching, still=self.still)
         self.last_sample = sample
         self.next_sample_at = sample.time + interval
         if self.spawn_cut:  # admission goes on at once, after the loop has looked at its sockets
@@ -1168,6 +1172,7 @@ class Engine:
         return lifecycle.born(modes, child.started, timeout_at)
 
     def _watch(self, worker: Worker) -> None:
+        self.settled = -1  # a new worker, not measured yet: not known to stand still
         self.workers[worker.child.pid] = worker
         self.tally[worker.state] += 1
         self.uncontained += worker.cgroup is None

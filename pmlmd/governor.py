@@ -74,6 +74,9 @@ ENDING = (TERMINATING, KILLED)  # being ended by pmlmd
 # on one core fills about 1.5-2 GB/s here (bench/RESULTS.md, scenario 1); earlyoom assumes RAM
 # fills at up to 6000 MiB/s and sleeps accordingly, and so does pmlmd.
 FILL_RATE_MAX = 6000 * (1 << 20)
+# While every worker stood still at the last refresh, none is paused and no batch waits to be
+# admitted, samples may be up to this many intervals apart (see next_interval).
+STILL_STRETCH = 2
 
 SPAWN = "spawn"
 PAUSE = "pause"
@@ -624,7 +627,7 @@ def _until_free(victims: list[WorkerView], projected: float, target: float, acti
 
 
 def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01,
-                  watching: bool = True) -> float:
+                  watching: bool = True, still: bool = False) -> float:
     """How long to wait before the next node sample, in seconds.
 
     The base interval while far from the limits. While workers run (``watching``), never
@@ -634,12 +637,19 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     folds its per-CPU counters in lazily). When free memory falls, at most half the time it
     needs at its measured rate. Near the CPU limit at least four times per base interval (for
     turns, rule 5). Never below ``floor``.
+
+    ``still``: every worker stood still at the last refresh (no CPU time, no growth), none is
+    paused and no batch waits to be admitted. Up to STILL_STRETCH base intervals then, within the
+    same memory bounds: a process that uses no CPU can neither allocate nor burn, one that starts
+    to is seen at the next sample, and no fill reaches a threshold before it. A CPU limit is then
+    enforced up to STILL_STRETCH intervals late, when a sleeping worker starts to burn.
     """
     base = limits.interval
+    longest = base * STILL_STRETCH if still else base
     free = free_bytes(sample, limits)
     limit = limits.memory_limit_bytes(sample.mem_total)
     thresholds = [t for t in (limit + limits.memory_gap, limit, limits.min_free) if t < free]
-    interval = base
+    interval = longest
     if thresholds:
         next_threshold = max(thresholds)
         distance = free - next_threshold
@@ -655,4 +665,4 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
         interval = base / 5  # already below the floor: watch closely
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
         interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
-    return max(floor, min(base, interval))
+    return max(floor, min(longest, interval))

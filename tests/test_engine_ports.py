@@ -251,3 +251,29 @@ def test_a_hold_freezes_the_batch_when_no_worker_is_being_ended(rig):
     (pid,) = processes.spawned
     engine.hold(run)
     assert engine.scopes.frozen == ["b"] and run.frozen and processes.of(pid) == []  # the freezer holds it
+
+
+def test_samples_stretch_while_every_worker_stands_still_and_come_back_once_one_runs(rig):
+    engine, clock, proc, processes, loop, events = rig
+    submit(engine, tasks=2)
+    advance(engine, clock, proc, 2.0, cpu=2.0, available=15 * GiB, steps=20)
+    assert len(processes.spawned) == 2 and not engine.runs["b"].batch.queue
+    assert engine.still  # both measured, neither ran since: nothing to watch closely
+    assert engine.next_sample_at - engine.last_sample.time > LIMITS.interval
+    # One wakes up and burns: the next sample sees it, and samples are an interval apart again.
+    pid = processes.spawned[0]
+    proc.worker(pid, rss=50 * MiB, ran_ns=500_000_000, state="R")
+    clock.now = engine.next_sample_at
+    proc.node(cpu=30.0, seconds=0.5)
+    engine.tick()
+    assert not engine.still
+    assert engine.next_sample_at - engine.last_sample.time <= LIMITS.interval
+
+
+def test_samples_do_not_stretch_while_a_batch_waits_to_be_admitted(rig):
+    engine, clock, proc, processes, loop, events = rig
+    submit(engine, tasks=3)  # max_workers is 2: one task waits
+    advance(engine, clock, proc, 2.0, cpu=2.0, available=15 * GiB, steps=20)
+    assert len(processes.spawned) == 2 and engine.runs["b"].batch.queue
+    assert not engine.still
+    assert engine.next_sample_at - engine.last_sample.time <= LIMITS.interval

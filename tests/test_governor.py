@@ -457,6 +457,23 @@ def test_interval_never_lets_the_fastest_fill_cross_the_next_threshold_unseen():
     assert next_interval(node(t=0), node(t=0.5), LIMITS) == 0.5
 
 
+def test_interval_stretches_while_nothing_moves_within_the_same_memory_bounds():
+    from pmlmd.governor import FILL_RATE_MAX, STILL_STRETCH
+
+    # Every worker still, none paused, none to admit: up to STILL_STRETCH intervals apart ...
+    far = node(free=TOTAL, cpu=2.0)
+    assert next_interval(far, far, LIMITS, still=True) == STILL_STRETCH * LIMITS.interval
+    assert next_interval(far, far, LIMITS) == LIMITS.interval
+    # ... but never longer than the fastest fill needs to reach the gap's edge ...
+    nearer = node(free=8 * GiB, cpu=2.0)
+    stretched = next_interval(nearer, nearer, LIMITS, still=True)
+    assert LIMITS.interval < stretched <= (8 * GiB - LIMIT - LIMITS.memory_gap) / FILL_RATE_MAX
+    # ... and as short as ever near the CPU limit or in the gap.
+    busy = node(free=TOTAL, cpu=75.0)
+    assert next_interval(busy, busy, LIMITS, still=True) == LIMITS.interval / 4
+    assert next_interval(None, node(free=LIMIT + 100 * MiB), LIMITS, still=True) <= 100 * MiB / FILL_RATE_MAX
+
+
 def test_interval_shrinks_near_the_limits():
     assert next_interval(None, node(free=LIMIT + 50 * MiB), LIMITS) < 0.5
     assert next_interval(None, node(cpu=75.0), LIMITS) <= 0.25
