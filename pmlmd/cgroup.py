@@ -415,6 +415,11 @@ class Subtree:
                         w.thaw()
                 stale.remove()
 
+    def charges(self, worker: Worker) -> bool:
+        """Whether the kernel counts ``worker``'s memory (memory.current): the memory controller is
+        on for this subtree's worker cgroups."""
+        return self.memory
+
     def cpu_usec(self) -> int | None:
         """CPU time of every worker cgroup below, in microseconds (the subtree's cpu.stat)."""
         return usage_usec(os.path.join(self.root, "cpu.stat"))
@@ -468,7 +473,9 @@ class Scoped:
         needed; None, logged, when it cannot be (the worker is then followed through /proc)."""
         root = os.path.join(self.mount, scope.lstrip("/"), self.LEAF)
         try:
-            os.makedirs(root, exist_ok=True)
+            os.mkdir(root)  # not makedirs: a scope systemd removed is never made again here
+        except FileExistsError:
+            pass
         except OSError as e:
             now = time.monotonic()
             if now >= self.warn_at:
@@ -483,9 +490,14 @@ class Scoped:
         """Forget the batch's subtree (its batch is over; systemd removes the scope)."""
         return self.trees.pop(batch_id, None)
 
+    def adopt(self, batch_id: str, worker: Worker) -> Subtree:
+        """The batch's subtree, from the cgroup of a worker adopted after a restart (cgroup_of)."""
+        if batch_id not in self.trees:
+            self.trees[batch_id] = Subtree(os.path.dirname(worker.path), self.mount)
+        return self.trees[batch_id]
+
     def cgroup_of(self, pid: int) -> Worker | None:
-        """The worker cgroup ``pid`` is in, or None; a pmlm scope's subtree found this way (a
-        worker adopted after a restart) is kept in ``trees``."""
+        """The worker cgroup ``pid`` is in (below any batch's scope), or None."""
         relative = own_cgroup(str(pid))
         if relative is None:
             return None
@@ -494,29 +506,32 @@ class Scoped:
         scope = os.path.dirname(root)
         if os.path.basename(root) != self.LEAF or os.path.dirname(scope) != self.slice:
             return None
-        batch_id = batch_of_scope(os.path.basename(scope))
-        if batch_id is None:
+        if batch_of_scope(os.path.basename(scope)) is None:
             return None
-        if batch_id not in self.trees:
-            self.trees[batch_id] = Subtree(root, self.mount)
         return Worker(path, relative)
 
     def member_of(self, pid: int) -> str | None:
         w = self.cgroup_of(pid)
         return w.worker_id if w is not None else None
 
-    def workers(self) -> list[Worker]:
-        """Every worker cgroup of every pmlm scope in the slice (also of batches this pmlmd has
-        not placed a worker of: what an earlier one left)."""
+    def roots(self) -> list[str]:
+        """The worker subtrees (SCOPE/workers) of every pmlm scope in the slice (also of batches
+        this pmlmd has not placed a worker of: what an earlier one left)."""
         try:
             names = sorted(os.listdir(self.slice))
         except OSError:
             return []
-        found = []
-        for name in names:
-            if batch_of_scope(name) is not None:
-                found += Subtree(os.path.join(self.slice, name, self.LEAF), self.mount).workers()
-        return found
+        return [os.path.join(self.slice, name, self.LEAF) for name in names
+                if batch_of_scope(name) is not None and os.path.isdir(os.path.join(self.slice, name, self.LEAF))]
+
+    def workers(self) -> list[Worker]:
+        """Every worker cgroup of every pmlm scope in the slice (see roots)."""
+        return [w for root in self.roots() for w in Subtree(root, self.mount).workers()]
+
+    def charges(self, worker: Worker) -> bool:
+        """Whether the kernel counts ``worker``'s memory: its batch's subtree has the memory controller."""
+        root = os.path.dirname(worker.path)
+        return any(tree.memory for tree in self.trees.values() if tree.root == root)
 
     def cpu_usec(self) -> int | None:
         """CPU time of every worker cgroup of the batches placed here, in microseconds."""
@@ -672,12 +687,22 @@ class MemoryGuard:
         with open(os.path.join(self.subtree.root, name), "w") as f:
             f.write(str(value))
 
+    @staticmethod
+    def lift_lines(root: str) -> None:
+        """Both lines of the subtree ``root`` to "max" (also where a killed pmlmd left them:
+        --release-workers); a subtree without the memory controller has none."""
+        for name in ("memory.high", "memory.max"):
+            try:
+                with open(os.path.join(root, name), "w") as f:
+                    f.write("max")
+            except OSError:
+                continue
+
     def lift(self) -> None:
         """Lift both lines ("max") and close the descriptor: workers left running while pmlmd is
         away (a restart) are not throttled by a line nobody moves."""
+        self.lift_lines(self.subtree.root)
         for name in self.lines:
-            with contextlib.suppress(OSError):
-                self._set(name, "max")
             self.lines[name] = None
         with contextlib.suppress(OSError):
             os.close(self.fd)

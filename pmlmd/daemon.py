@@ -272,6 +272,7 @@ class Daemon:
         self.stopping = False
         self.started = time.monotonic()
         self.next_housekeeping = 0.0
+        self.housekeeping_at = 0.0  # monotonic: when housekeeping last ran
 
     @staticmethod
     def _group_gid(name: str) -> int | None:
@@ -311,6 +312,8 @@ class Daemon:
                 self.engine.tick()
                 self.store.flush()
                 self._run_jobs()
+                if not (self.engine.idle() or self.engine.still):  # no longer quiet: the usual pace at once
+                    self.next_housekeeping = min(self.next_housekeeping, self.housekeeping_at + HOUSEKEEPING)
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
                     # Idle, pmlmd wakes once per HOUSEKEEPING_IDLE (or watchdog ping): it samples nothing.
@@ -324,6 +327,7 @@ class Daemon:
         return 0
 
     def _housekeeping(self) -> None:
+        self.housekeeping_at = time.monotonic()
         self.notifier.status(self._status_line())
         self.notifier.watchdog()
         self.engine.agent.close_idle()
@@ -510,7 +514,9 @@ class Daemon:
             log.info("removed the output of %d batches the state no longer knows", removed)
         for batch_id in self.scopes.scopes():
             self.scopes.thaw(batch_id)  # frozen by an earlier pmlmd: held batches are frozen again below
-            if batch_id not in active:
+            if batch_id in active:
+                self.scopes.adopted(batch_id)
+            else:
                 # Nothing to adopt these into: their batch is over (or unknown); end them, never orphan them.
                 pids = self.scopes.scope_pids(batch_id)
                 if pids:
@@ -1060,7 +1066,7 @@ class Daemon:
                          priority=run.priority, held=run.held,
                          paused_workers=self.engine.count(PAUSED, run) + self.engine.count(HELD, run),
                          scope=scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
-                         freezer=self.scopes.freezer_state(run.id) if live else None, intake=intake_status(run))
+                         freezer=self.scopes.freezer_state(run.id, run.frozen) if live else None, intake=intake_status(run))
 
     def _finished_summaries(self, batch_id: str | None = None) -> list[BatchSummary]:
         """The stored summaries of finished batches (of one, with ``batch_id``), owners named."""
@@ -1520,8 +1526,13 @@ def release_workers(config: Config) -> int:
     in_scopes = known = 0
     subtree = cgroup.existing(subtree_name(config))
     held = subtree.workers() if subtree is not None else []
+    roots = [subtree.root] if subtree is not None else []
     if backend.name == "systemd" and (mount := cgroup.cgroup2_mount()) is not None:
-        held += cgroup.Scoped(mount, "/" + scopes.SLICE).workers()  # a worker cgroup's freeze outlasts ThawUnit
+        scoped = cgroup.Scoped(mount, "/" + scopes.SLICE)
+        held += scoped.workers()  # a worker cgroup's freeze outlasts ThawUnit
+        roots += scoped.roots()
+    for root in roots:
+        cgroup.MemoryGuard.lift_lines(root)  # no line throttles workers that nobody governs now
     for w in held:
         try:
             w.thaw()

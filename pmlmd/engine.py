@@ -557,7 +557,7 @@ class Engine:
             return
         try:
             guard = cgroups_module.MemoryGuard.enable(tree)
-        except cgroups_module.Unusable as e:
+        except (cgroups_module.Unusable, OSError) as e:
             if not self.unguarded:
                 log.info("no memory.high guard under the memory limit: %s", e)
             self.unguarded.add(tree.root)
@@ -696,7 +696,7 @@ class Engine:
             u = usage_of(stats)
             if ticks is not None:
                 u = dataclasses.replace(u, cpu_ticks=ticks)
-            if self.cgroups.memory:  # the kernel's count: a shared page once, page cache and tmpfs too
+            if self.cgroups.charges(w.cgroup):  # the kernel's count: a shared page once, page cache and tmpfs too
                 charged = w.cgroup.memory_bytes()
                 if charged is not None:
                     u = dataclasses.replace(u, rss=charged)
@@ -786,7 +786,7 @@ class Engine:
         counts a shared page once. RSS summed per process would count it once per process.
         A worker cgroup with the memory controller has the kernel's count already (memory.current)."""
         pids = list(dict.fromkeys([*u.pids, *w.escaped]))
-        if len(pids) < 2 or (w.cgroup is not None and self.cgroups.memory):
+        if len(pids) < 2 or (w.cgroup is not None and self.cgroups.charges(w.cgroup)):
             return u.rss
         total = 0
         for pid in pids:
@@ -975,6 +975,7 @@ class Engine:
                     self.agent.request(w.worker_id, w.child.pid, command, w.run.batch.spec.agent_timeout, _uid(w), w)
                 case lifecycle.Remeasure():  # its last reading covers the time it stood still
                     w.cpu, w.ticks, w.measured_at = None, None, None
+                    self.settled = -1  # not known to stand still until measured again
                 case lifecycle.Reason(text, append):
                     w.attempt.reason = f"{w.attempt.reason or ''} {text}".strip() if append else text
                 case lifecycle.Log(text):
@@ -1101,6 +1102,11 @@ class Engine:
             self.scopes.place(run.id, description, pid)
             return None
         tree = self.cgroups.tree(run.id)
+        if tree is not None and not os.path.isdir(os.path.dirname(tree.root)):
+            # systemd removed the scope once its last process had gone (between two of its
+            # workers): it is made again with this one.
+            self._forget_scope(run.id)
+            tree = None
         if tree is None:
             scope = self.scopes.place(run.id, description, pid, attach=False)
             if scope is None:
@@ -1112,6 +1118,15 @@ class Engine:
             return None
         self._guard(tree)  # once its first worker has left the scope's own cgroup
         return cgroup
+
+    def _forget_scope(self, batch_id: str) -> None:
+        """The batch's scope is over (or gone): its subtree and guard go, and systemd makes a new
+        one with the batch's next worker."""
+        self.scopes.forget(batch_id)
+        if self.cgroups is not None and self.cgroups.gated:
+            tree = self.cgroups.drop(batch_id)
+            if tree is not None:
+                self._unguard(tree.root)
 
     def _spawn_room(self) -> int:
         """How many workers pmlmd can start and still supervise: a descriptor each, and a reserve."""
@@ -1155,7 +1170,7 @@ class Engine:
         if cgroup is not None and cgroup.worker_id == worker.worker_id:
             worker.cgroup = cgroup
             if self.cgroups.gated:
-                self._guard(self.cgroups.tree(run.id))
+                self._guard(self.cgroups.adopt(run.id, cgroup))
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
@@ -1283,10 +1298,7 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
         self.scopes.stop(run.id)
-        if self.cgroups is not None and self.cgroups.gated:
-            tree = self.cgroups.drop(run.id)  # the scope goes with its cgroups
-            if tree is not None:
-                self._unguard(tree.root)
+        self._forget_scope(run.id)  # the scope goes with its cgroups
 
     def _halt_if_due(self, run: BatchRun) -> None:
         """--halt: once the batch's bookkeeping says it halts (its queue already cancelled there),
@@ -1517,6 +1529,10 @@ class Engine:
             os.close(w.child.pidfd)
             self._forget(w)
         self.runs.pop(run.id, None)
+        if self.cgroups is not None and self.cgroups.gated:
+            tree = self.cgroups.drop(run.id)
+            if tree is not None:
+                self._unguard(tree.root)
 
     def _record(self, d: Decision, sample: NodeSample, w: Worker | None, run: BatchRun | None) -> None:
         latency_ms = (self.clock.monotonic() - sample.time) * 1000

@@ -35,7 +35,6 @@ log = logging.getLogger("pmlmd.scopes")
 SLICE = "pmlm.slice"
 SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
 MANAGER = "org.freedesktop.systemd1.Manager"
-UNIT = "org.freedesktop.systemd1.Unit"
 SCOPE = "org.freedesktop.systemd1.Scope"
 JOB_TIMEOUT = 5.0  # seconds to wait for systemd (the event loop waits with it; a scope starts in ms)
 
@@ -148,13 +147,19 @@ class NoScopes:
     def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
         return None
 
+    def forget(self, batch_id: str) -> None:
+        pass
+
+    def adopted(self, batch_id: str) -> None:
+        pass
+
     def freeze(self, batch_id: str) -> bool:
         return False
 
     def thaw(self, batch_id: str) -> bool:
         return False
 
-    def freezer_state(self, batch_id: str) -> str | None:
+    def freezer_state(self, batch_id: str, frozen: bool) -> str | None:
         return None
 
     def stop(self, batch_id: str) -> None:
@@ -215,13 +220,29 @@ class SystemdScopes:
                         raise
                     self.started.add(batch_id)  # left by an earlier pmlmd: join it
             if attach:
-                self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
+                try:
+                    self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
+                except DBusErrorResponse as e:
+                    if e.name != "org.freedesktop.systemd1.NoSuchUnit":
+                        raise
+                    # Gone with its last process (between two workers): made again with this one.
+                    self.forget(batch_id)
+                    return self.place(batch_id, description, pid, attach)
             if batch_id not in self.paths:
                 self.paths[batch_id] = self._control_group(batch_id)
             return self.paths[batch_id]
         except (DBusErrorResponse, OSError, TimeoutError) as e:
             log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, e)
             return None
+
+    def forget(self, batch_id: str) -> None:
+        """The batch's scope is no more (stopped, or gone with its last process)."""
+        self.started.discard(batch_id)
+        self.paths.pop(batch_id, None)
+
+    def adopted(self, batch_id: str) -> None:
+        """A scope an earlier pmlmd made for an active batch: it exists (freezer_state)."""
+        self.started.add(batch_id)
 
     def _control_group(self, batch_id: str) -> str:
         return self._property(batch_id, SCOPE, "ControlGroup")
@@ -275,8 +296,7 @@ class SystemdScopes:
         Stopping the scope sends SIGTERM (SIGKILL after the unit's timeout) to every process
         still in it, also to those that left their worker's process group.
         """
-        self.started.discard(batch_id)
-        self.paths.pop(batch_id, None)
+        self.forget(batch_id)
         try:
             self._call("StopUnit", "ss", (scope_name(batch_id), "replace"))
         except DBusErrorResponse as e:
@@ -300,11 +320,13 @@ class SystemdScopes:
             log.debug("%s %s: %s", member, scope_name(batch_id), e)
             return False
 
-    def freezer_state(self, batch_id: str) -> str | None:
-        try:
-            return self._property(batch_id, UNIT, "FreezerState")
-        except Exception:  # no such scope
+    def freezer_state(self, batch_id: str, frozen: bool) -> str | None:
+        """The batch scope's FreezerState as pmlmd left it (``frozen``: by FreezeUnit), "frozen" or
+        "running"; None while it has no scope. Told from memory, not asked of systemd: status and
+        list never wait on D-Bus in the loop that enforces the limits."""
+        if batch_id not in self.started:
             return None
+        return "frozen" if frozen else "running"
 
     def scopes(self) -> list[str]:
         """Batch ids of every pmlm scope systemd knows (also those of an earlier pmlmd)."""

@@ -18,6 +18,7 @@ import tempfile
 import pytest
 
 from pmlmd import cgroup
+from pmlmd.governor import Limits
 from support import CgroupScopes, EngineRun, group_states, process_state, wait_for
 
 PY = sys.executable
@@ -401,7 +402,24 @@ def test_under_scopes_each_worker_has_a_cgroup_below_its_batchs_scope_and_nothin
         assert tree.cpu_usec() is not None and tree.tree("t") is not None
         # A restarted pmlmd finds a worker's cgroup (and its batch's subtree) from the pid alone.
         again = cgroup.Scoped(tree.mount, "/" + os.path.basename(scopes.slice))
-        assert again.cgroup_of(workers[0].child.pid).path == workers[0].cgroup.path
-        assert again.tree("t").root == os.path.join(scope, "workers")
+        found = again.cgroup_of(workers[0].child.pid)
+        assert found.path == workers[0].cgroup.path
+        assert again.tree("t") is None  # looking registers nothing (an orphan of an ended batch is looked up too)
+        assert again.adopt("t", found).root == os.path.join(scope, "workers")
         assert sorted(w.path for w in again.workers()) == sorted(w.cgroup.path for w in workers)
     wait_for(lambda: not any(map(pid_alive, members)), what="every member ended with the batch")
+
+
+def test_a_batch_whose_scope_went_with_its_last_worker_gets_a_new_one_for_the_next(scoped):
+    tree, scopes = scoped
+    limits = Limits(cpu_limit=100, max_workers=1)
+    with EngineRun(["sh", "-c", "exec sleep 0.2"], 2, limits=limits, cgroups=tree, scopes=scopes) as er:
+        (first,) = er.workers(1)
+        # Not turning the loop: the first worker ends, and its scope goes with it, as systemd
+        # removes a scope whose last process has gone (CgroupScopes.stop stands in for that).
+        wait_for(lambda: process_state(first.child.pid) == "Z", what="the first worker ended")
+        scopes.stop("t")
+        er.until(lambda: any(w is not first for w in er.engine.workers.values()), what="the second worker")
+        (second,) = er.engine.workers.values()
+        assert second.cgroup is not None and second.cgroup.path.endswith("pmlm-t.scope/workers/t.1.1")
+        assert second.cgroup.pids() == [second.child.pid]

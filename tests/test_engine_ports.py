@@ -277,3 +277,15 @@ def test_samples_do_not_stretch_while_a_batch_waits_to_be_admitted(rig):
     assert len(processes.spawned) == 2 and engine.runs["b"].batch.queue
     assert not engine.still
     assert engine.next_sample_at - engine.last_sample.time <= LIMITS.interval
+
+
+def test_a_worker_resumed_is_not_taken_for_still_until_it_is_measured_again(rig):
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=2)
+    advance(engine, clock, proc, 2.0, cpu=2.0, available=15 * GiB, steps=20)
+    assert engine.still
+    engine.hold(run)
+    engine.resume(run)
+    advance(engine, clock, proc, 0.01, cpu=2.0, available=15 * GiB)  # the step resume asks for at once
+    assert not engine.still  # its last reading covers the time it was held, not what it does now
+    assert engine.next_sample_at - engine.last_sample.time <= LIMITS.interval

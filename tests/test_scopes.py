@@ -135,3 +135,17 @@ def test_a_gated_worker_runs_its_command_only_after_it_was_placed(tmp_path):
     for batch_id, description, pid, early, argv0 in scopes.placed:
         assert (batch_id, description, argv0) == ("7", "pmlmd batch 7 of root", [b"/bin/sh"])
         assert str(pid) not in early  # it had not run the command when it was placed
+
+
+def test_the_freezer_state_in_status_is_told_from_memory_without_asking_systemd():
+    # A bus that fails any call: status must not make one (the enforcing loop never waits on D-Bus).
+    class NoCalls:
+        def __getattr__(self, name):
+            raise AssertionError(f"status asked systemd ({name})")
+
+    backend = SystemdScopes(connection=NoCalls())
+    assert backend.freezer_state("7", frozen=False) is None  # no scope (yet)
+    backend.started.add("7")
+    assert backend.freezer_state("7", frozen=False) == "running"
+    assert backend.freezer_state("7", frozen=True) == "frozen"
+    assert NoScopes().freezer_state("7", frozen=True) is None

@@ -342,3 +342,14 @@ def test_a_worker_cgroup_left_frozen_by_a_killed_pmlmd_is_thawed(pmlmd, dropin):
     wait_inside(pmlmd, ["cat", events], lambda p: "frozen 0" in p.stdout, what="the worker thawed by ExecStopPost")
     for pid in worker_pids(pmlmd, batch):
         pmlmd.run(["kill", str(pid)], check=False)
+
+
+def test_one_at_a_time_every_worker_is_in_its_own_cgroup_of_the_batchs_scope(pmlmd):
+    # With -j 1 each worker ends before the next starts: systemd removes an emptied scope, and the
+    # next worker must get one again (and its own cgroup below it), not run outside.
+    batch = submit(pmlmd, "-j", "1", "-n", "4", "--shell", "--", "grep ^0:: /proc/self/cgroup; sleep 0.3")
+    wait_inside(pmlmd, ["pmlmctl", "status", "--json", batch], finished, timeout=30, what="the batch to finish")
+    lines = pmlmd.run(["pmlmctl", "log", batch]).stdout.split()
+    assert lines == [f"0::/pmlm.slice/pmlm-{batch}.scope/workers/{batch}.{task}.1" for task in range(4)], lines
+    journal = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
+    assert "outside its scope" not in journal and "cannot start a worker in the cgroup" not in journal
