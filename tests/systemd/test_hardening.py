@@ -129,6 +129,10 @@ nice -n 5 true && echo nice ok
 sh -c 'ulimit -n 256' && echo ulimit ok
 grep -E '^(CapEff|NoNewPrivs):' /proc/self/status
 unshare --user true 2>/dev/null || echo no user namespaces
+# Its cgroup is pmlmd's to arrange, not the job's: it cannot leave it, or make one below it.
+echo $$ > /sys/fs/cgroup/cgroup.procs 2>/dev/null || echo cannot leave its cgroup
+mkdir "/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/mine" 2>/dev/null || echo cannot make a cgroup
+sed -n 's/^0::/cgroup /p' /proc/self/cgroup
 """
 
 
@@ -143,8 +147,11 @@ def test_a_users_batch_job_works_and_its_files_are_where_its_user_sees_them(pmlm
     log = pmlmd.run(["cat", f"/home/{USER}/job.log"], check=False).stdout
     assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{log}\n{diagnostics(pmlmd)}"
     for line in ("home ok", "tmp ok", "vartmp ok", "srv ok", "net ok", "resolver ok", "devices ok", "nice ok",
-                 "ulimit ok", "CapEff:\t0000000000000000", "NoNewPrivs:\t1", "no user namespaces"):
+                 "ulimit ok", "CapEff:\t0000000000000000", "NoNewPrivs:\t1", "no user namespaces",
+                 "cannot leave its cgroup", "cannot make a cgroup"):
         assert line in log.splitlines(), f"{line!r} missing from the job's log:\n{log}"
+    cgroups = [line.split()[1] for line in log.splitlines() if line.startswith("cgroup ")]
+    assert len(cgroups) == 1 and cgroups[0].startswith("/pmlm.slice/pmlm-") and "/workers/" in cgroups[0], log
     # From outside pmlmd's mount namespace (a login's view): the same files, owned by the user.
     for path, text in ((f"/home/{USER}/from-batch", "home"), (f"/tmp/pmlm-{USER}-from-batch", "tmp"),
                        (f"/var/tmp/pmlm-{USER}-from-batch", "vartmp"), (f"/srv/pmlm-{USER}/from-batch", "srv")):
