@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from typing import Callable
 
-from . import __version__, cgroup, events, output, protocol, tasklines
+from . import __version__, cgroup, events, output, protocol, replies, tasklines
 from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
 from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
 from .client import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
@@ -738,9 +738,9 @@ def cmd_submit(parser, args) -> int:
     else:
         request["tasks"] = args.tasks or 1
     with Client(socket_path(args.socket)) as client:
-        result = client.call("submit", **request)
-        batch_id = result["batch"]
-        _say_lowered(result.get("rlimits_lowered") or {})
+        result = replies.Started.from_json(client.call("submit", **request))
+        batch_id = result.batch
+        _say_lowered(result.rlimits_lowered)
         if not args.wait:
             print(batch_id)
             return 0
@@ -750,15 +750,16 @@ def cmd_submit(parser, args) -> int:
 
 def cmd_retry(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
-        result = client.call("retry", batch=args.batch, failed_only=args.failed, joblog=_absolute(args.joblog))
-        batch_id = result["batch"]
-        retried = result.get("retried") or []
+        result = replies.Started.from_json(client.call("retry", batch=args.batch, failed_only=args.failed,
+                                                       joblog=_absolute(args.joblog)))
+        batch_id = result.batch
+        retried = result.retried or []
         shown = ", ".join(str(i) for i in retried[:10]) + (f" and {len(retried) - 10} more" if len(retried) > 10
                                                            else "")
         plural = "" if len(retried) == 1 else "s"
         print(f"batch {batch_id} retries {len(retried)} task{plural} of batch {args.batch} (its task{plural} "
               f"{shown}, numbered from 0 in batch {batch_id})", file=sys.stderr)
-        _say_lowered(result.get("rlimits_lowered") or {})
+        _say_lowered(result.rlimits_lowered)
         if not args.wait:
             print(batch_id)
             return 0
@@ -847,8 +848,8 @@ class _Following:
     def _instance(self) -> tuple[int, float]:
         """Which pmlmd answers: its pid and when it started, in seconds on this host's monotonic
         clock (two readings of one pmlmd differ by about a request's time)."""
-        ping = self.client.read("ping")
-        return ping["pid"], time.monotonic() - ping["uptime_s"]
+        ping = replies.Pong.from_json(self.client.read("ping"))
+        return ping.pid, time.monotonic() - ping.uptime_s
 
     def take(self, timeout: float) -> dict | None:
         """Client.take of the stream: an event, None after ``timeout`` seconds, StreamEnded."""
@@ -891,17 +892,18 @@ class LogReader:
 
     def poll(self) -> bool:
         while True:
-            reply = self.client.read("log", batch=self.batch_id, task=self.task, stream=self.stream,
-                                     from_task=self.from_task, offset=self.offset, live=self.live)
-            for chunk in reply["chunks"]:
+            reply = replies.LogSlice.from_json(self.client.read(
+                "log", batch=self.batch_id, task=self.task, stream=self.stream, from_task=self.from_task,
+                offset=self.offset, live=self.live))
+            for chunk in reply.chunks:
                 if chunk["skipped"]:
                     self.note(f"task {chunk['task']}: the first {chunk['skipped']} bytes of its {self.stream} were "
                               "not kept (output_limit in pmlmd.toml)")
                 self.printer(chunk["task"], self.stream, tasklines.raw(chunk["data"]))
-            self.from_task, self.offset = reply["from_task"], reply["offset"]
-            if reply["complete"]:
+            self.from_task, self.offset = reply.from_task, reply.offset
+            if reply.complete:
                 return False
-            if not reply["more"]:
+            if not reply.more:
                 return True
 
 
@@ -1126,7 +1128,8 @@ def cmd_control(parser, args) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"batch {result['batch']}: {CONTROL_WORDS.get((args.command, result['state']), result['state'])}")
+        control = replies.Control.from_json(result)
+        print(f"batch {control.batch}: {CONTROL_WORDS.get((args.command, control.state), control.state)}")
     return 0
 
 
@@ -1227,6 +1230,10 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as e:
         print(f"pmlmctl: {e.message}", file=sys.stderr)
         return 2 if e.code in USAGE_CODES else 1
+    except protocol.ProtocolError as e:  # a reply this pmlmctl cannot read (replies.Result.from_json)
+        print(f"pmlmctl: cannot read pmlmd's reply: {e}; are pmlmd and pmlmctl of the same version "
+              f"(pmlmctl {__version__})?", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 
 import zmq
 
-from . import __version__, cgroup, events, loginlimits, procctl, protocol, scopes, tasklines, workdir
+from . import __version__, cgroup, events, loginlimits, procctl, protocol, replies, scopes, tasklines, workdir
 from .agentchannel import AgentChannels
 from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
                     Batch, BatchSpec, Blank, IntakeSpec, iso)
@@ -755,7 +755,7 @@ class Daemon:
                 # Following one batch ends with it: the closing reply, and the follower is let go.
                 self.store.flush()
                 del self.followers[(client, request_id)]
-                self._send(client, protocol.encode_reply({"events": "end"}, request_id), request_id)
+                self._send(client, protocol.encode_reply(replies.EventsEnd().to_json(), request_id), request_id)
 
     def _record(self, run: BatchRun, event: events.Event) -> None:
         """What an event of a live batch changes in the state (and the joblog, the log)."""
@@ -853,8 +853,8 @@ class Daemon:
         return run if run is not None or action else unsaved
 
     def _do_ping(self, client, request, peer) -> bytes:
-        return protocol.encode_reply({"version": __version__, "pid": os.getpid(),
-                                      "uptime_s": round(time.monotonic() - self.started, 3)}, request.request_id)
+        return protocol.encode_reply(replies.Pong(__version__, os.getpid(), round(time.monotonic() - self.started, 3))
+                                     .to_json(), request.request_id)
 
     def _may_submit(self, uid: int, gid: int, groups: list[int]) -> None:
         if uid != 0 and (self.group_gid is None or self.group_gid not in groups + [gid]):
@@ -936,8 +936,8 @@ class Daemon:
         if lowered:
             log.info("batch %s: its workers get lower limits than its submitter has (the owner's login "
                      "limits, or pmlmd's own): %s", batch_id, lowered, extra={"BATCH_ID": batch_id})
-        return protocol.encode_reply({"batch": batch_id, "name": args["name"], "rlimits_lowered": lowered,
-                                      **(extra or {})}, request_id)
+        return protocol.encode_reply(replies.Started(batch_id, args["name"], lowered, **(extra or {})).to_json(),
+                                     request_id)
 
     def _prune_over_quota(self) -> None:
         """Each user's finished batches take at most quotas.state_bytes of the state and
@@ -1127,12 +1127,13 @@ class Daemon:
     def _do_cancel(self, client, request, peer) -> bytes:
         run = self._batch(request.args["batch"], peer, "cancel")
         if run is None:
-            return protocol.encode_reply({"batch": request.args["batch"], "state": "finished"}, request.request_id)
+            return protocol.encode_reply(replies.Control(request.args["batch"], "finished").to_json(),
+                                         request.request_id)
         reason = f"cancelled by {user_name(peer[0])} (uid {peer[0]})"
         self.store.set_cancelled(run.id, reason)
         self.engine.cancel(run, reason)
         self.store.queue_cancelled(run.id)  # its workers' ends are written as they come
-        return protocol.encode_reply({"batch": run.id, "state": "cancelling"}, request.request_id)
+        return protocol.encode_reply(replies.Control(run.id, "cancelling").to_json(), request.request_id)
 
     def _do_pause(self, client, request, peer) -> bytes:
         return self._hold(request, peer, True)
@@ -1149,7 +1150,8 @@ class Daemon:
         if run.held != held:
             self.store.set_held(run.id, held)
             (self.engine.hold if held else self.engine.resume)(run)
-        return protocol.encode_reply({"batch": run.id, "state": "held" if held else "active"}, request.request_id)
+        return protocol.encode_reply(replies.Control(run.id, "held" if held else "active").to_json(),
+                                     request.request_id)
 
     def _do_report(self, client, request, peer) -> bytes | None:
         run = self._batch(request.args["batch"], peer, None)
@@ -1230,8 +1232,8 @@ class Daemon:
         # A live queue batch may take more tasks: its output is complete when the batch has ended.
         open_ended = run is not None and run.batch.spec.open_ended and run.batch.finished is None
         complete = not more and stop is None and not (open_ended and task is None)
-        return protocol.encode_reply({"chunks": chunks, "from_task": index, "offset": offset, "more": more,
-                                      "complete": complete}, request.request_id)
+        return protocol.encode_reply(replies.LogSlice(chunks, index, offset, more, complete).to_json(),
+                                     request.request_id)
 
     def _do_events(self, client, request, peer) -> bytes | None:
         only, kinds = request.args["batch"], request.args["kinds"]
@@ -1244,7 +1246,7 @@ class Daemon:
         if request.args["follow"] and live:  # a finished batch has nothing more to follow
             self.followers[(client, request.request_id)] = (only, kinds)
             return None  # the stream stays open
-        return protocol.encode_reply({"events": "end"}, request.request_id)
+        return protocol.encode_reply(replies.EventsEnd().to_json(), request.request_id)
 
 
 class ReportJob:

@@ -216,7 +216,8 @@ the request's (null if it had none or could not be read far enough to find it)::
     {"version": 1, "ok": true, "result": {...}, "request_id": 7}
     {"version": 1, "ok": false, "error": {"code": "no-such-batch", "message": "..."}, "request_id": 7}
 
-The contents of ``result`` depend on the request and are documented with the daemon.
+The contents of ``result`` depend on the request: one typed body each, documented and read
+back in pmlmd/replies.py.
 ``status`` and ``list`` describe each batch by its summary, one shape whether the batch is
 queued, running or long finished (``summary_version`` 1; pmlmd/summary.py defines its fields,
 its counts, which add up to ``tasks``, and its ``state``: ``queued``, ``running``, ``paused``,
