@@ -1092,23 +1092,24 @@ def cmd_status(parser, args) -> int:
     elif args.batch:
         print("\n".join(_batch_details(status)))
     else:
-        print(f"pmlmd: {status['status']}")
-        limits = status["limits"]
+        node = replies.NodeStatus.from_json(status)
+        print(f"pmlmd: {node.status}")
+        limits = node.limits
         print(f"limits: cpu {limits['cpu_limit']:g}%, free memory {limits['memfree_limit']:g}% + gap "
               f"{format_size(limits['memory_gap'])}, floor {format_size(limits['min_free'])}, "
               f"up to {limits['max_workers']} workers")
-        if status.get("workers"):  # an older pmlmd does not say
-            print(f"workers: {status['workers']}")
-        if status["batches"]:
+        if node.workers:
+            print(f"workers: {node.workers}")
+        if node.batches:
             print(BATCH_HEADER)
-            for b in status["batches"]:
+            for b in node.batches:
                 print(_batch_line(b))
     return 0
 
 
 def cmd_list(parser, args) -> int:
     with Client(socket_path(args.socket)) as client:
-        batches = client.call("list")["batches"]
+        batches = replies.BatchList.from_json(client.call("list")).batches
     if args.json:
         _print_json(batches)
     else:

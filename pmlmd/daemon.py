@@ -1094,12 +1094,12 @@ class Daemon:
                 result = self._summary(run)
             return protocol.encode_reply({**result, "node": self._node()}, request.request_id)
         limits = self.engine.limits
-        return protocol.encode_reply({
-            "status": self._status_line(), "node": self._node(), "batches": [self._summary(r) for r in self._ordered()],
-            "workers": self._containment(),
-            "limits": {"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
-                       "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
-                       "max_workers": limits.max_workers, "interval": limits.interval}}, request.request_id)
+        return protocol.encode_reply(replies.NodeStatus(
+            status=self._status_line(), node=self._node(), batches=[self._summary(r) for r in self._ordered()],
+            workers=self._containment(),
+            limits={"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
+                    "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
+                    "max_workers": limits.max_workers, "interval": limits.interval}).to_json(), request.request_id)
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""
@@ -1122,7 +1122,7 @@ class Daemon:
         batches = [s.to_json() for s in self._finished_summaries()] + [
             self._summary(r) for r in sorted(self.unsaved.values(), key=lambda r: r.seq)] + [
             self._summary(r) for r in self._ordered()]
-        return protocol.encode_reply({"batches": batches}, request.request_id)
+        return protocol.encode_reply(replies.BatchList(batches).to_json(), request.request_id)
 
     def _do_cancel(self, client, request, peer) -> bytes:
         run = self._batch(request.args["batch"], peer, "cancel")

@@ -24,6 +24,13 @@ request        result fields (types; units)
                (int) and ``offset`` (int: where to go on), ``more`` (bool: ask again
                at once), ``complete`` (bool: nothing more will come)
 ``events``     ``events`` (str: "end") after the stream
+``status``     without a batch: ``status`` (str: pmlmd's STATUS= line), ``node``
+               (object or null before the first sample: ``cpu_pct``, ``free_bytes``,
+               ``total_bytes``, ``free_pct``), ``limits`` (object: the node's limits by
+               option name), ``workers`` (str: how workers are held), ``batches``
+               (list: the live batches' summaries); with one: its summary
+               (summary.BatchSummary) and ``node``
+``list``       ``batches`` (list: every batch's summary, finished ones first)
 =============  ======================================================================
 
 Adding a field is compatible (readers ignore what they do not know); renaming or removing one
@@ -118,4 +125,25 @@ class EventsEnd(Result):
     events: str = "end"
 
 
-BODIES: tuple[type[Result], ...] = (Pong, Started, Control, LogSlice, EventsEnd)
+@dataclass(frozen=True)
+class NodeStatus(Result):
+    """status without a batch (with one, the reply is that batch's summary and ``node``)."""
+
+    REQUESTS: ClassVar[tuple[str, ...]] = ("status",)
+    TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"status": (str,), "node": (dict, type(None)), "limits": (dict,),
+                                                    "batches": (list,), "workers": (str,)}
+    status: str
+    node: dict | None
+    limits: dict
+    batches: list
+    workers: str | None = None  # an older pmlmd does not say
+
+
+@dataclass(frozen=True)
+class BatchList(Result):
+    REQUESTS: ClassVar[tuple[str, ...]] = ("list",)
+    TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"batches": (list,)}
+    batches: list
+
+
+BODIES: tuple[type[Result], ...] = (Pong, Started, Control, LogSlice, EventsEnd, NodeStatus, BatchList)

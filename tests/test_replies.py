@@ -51,6 +51,8 @@ def test_every_body_and_field_is_documented_for_each_request_it_answers():
     replies.Control("7", "cancelling"),
     replies.LogSlice([{"task": 0, "offset": 0, "data": "x", "skipped": 0}], 1, 0, False, True),
     replies.EventsEnd(),
+    replies.NodeStatus("1 batch", None, {"cpu_limit": 90}, [], "a cgroup each"),
+    replies.BatchList([{"batch": "7"}]),
 ])
 def test_a_body_is_read_back_as_it_was_sent(body):
     wire = protocol.decode_reply(protocol.encode_reply(body.to_json(), 1))["result"]
@@ -81,3 +83,6 @@ def test_what_a_real_pmlmd_answers_reads_as_its_body(daemon):
         assert log.complete and [c["data"] for c in log.chunks] == ["hi\n"]
         control = replies.Control.from_json(client.call("cancel", batch=started.batch))
         assert control == replies.Control(started.batch, "finished")
+        node = replies.NodeStatus.from_json(client.call("status"))
+        assert node.workers and node.limits["interval"] == 0.5 and node.batches == []
+        assert [b["batch"] for b in replies.BatchList.from_json(client.call("list")).batches] == [started.batch]
