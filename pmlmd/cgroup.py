@@ -702,8 +702,7 @@ class MemoryGuard:
         """Lift both lines ("max") and close the descriptor: workers left running while pmlmd is
         away (a restart) are not throttled by a line nobody moves."""
         self.lift_lines(self.subtree.root)
-        for name in self.lines:
-            self.lines[name] = None
+        self.lines = dict.fromkeys(self.lines)
         with contextlib.suppress(OSError):
             os.close(self.fd)
 

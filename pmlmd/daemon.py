@@ -312,14 +312,13 @@ class Daemon:
                 self.engine.tick()
                 self.store.flush()
                 self._run_jobs()
-                if not (self.engine.idle() or self.engine.still):  # no longer quiet: the usual pace at once
+                # Quiet (nothing to govern, or every worker still): housekeeping every HOUSEKEEPING_IDLE,
+                # as nothing is sampled and a still worker writes no output; else the usual pace, at once.
+                quiet = self.engine.idle() or self.engine.still
+                if not quiet:
                     self.next_housekeeping = min(self.next_housekeeping, self.housekeeping_at + HOUSEKEEPING)
                 if time.monotonic() >= self.next_housekeeping:
                     self._housekeeping()
-                    # Idle, pmlmd wakes once per HOUSEKEEPING_IDLE (or watchdog ping): it samples nothing.
-                    # So while every worker stands still: its samples are apart (Engine.still), and a
-                    # still worker writes no output.
-                    quiet = self.engine.idle() or self.engine.still
                     every = HOUSEKEEPING_IDLE if quiet and not self.jobs else HOUSEKEEPING
                     self.next_housekeeping = time.monotonic() + min(every, watchdog or every)
         finally:

@@ -1105,7 +1105,8 @@ class Engine:
         if tree is not None and not os.path.isdir(os.path.dirname(tree.root)):
             # systemd removed the scope once its last process had gone (between two of its
             # workers): it is made again with this one.
-            self._forget_scope(run.id)
+            self.scopes.forget(run.id)
+            self._drop_tree(run.id)
             tree = None
         if tree is None:
             scope = self.scopes.place(run.id, description, pid, attach=False)
@@ -1119,10 +1120,8 @@ class Engine:
         self._guard(tree)  # once its first worker has left the scope's own cgroup
         return cgroup
 
-    def _forget_scope(self, batch_id: str) -> None:
-        """The batch's scope is over (or gone): its subtree and guard go, and systemd makes a new
-        one with the batch's next worker."""
-        self.scopes.forget(batch_id)
+    def _drop_tree(self, batch_id: str) -> None:
+        """The batch's scope is over (or gone, or no longer pmlmd's): its subtree and guard go."""
         if self.cgroups is not None and self.cgroups.gated:
             tree = self.cgroups.drop(batch_id)
             if tree is not None:
@@ -1298,7 +1297,7 @@ class Engine:
         if run.frozen:
             self.scopes.thaw(run.id)
         self.scopes.stop(run.id)
-        self._forget_scope(run.id)  # the scope goes with its cgroups
+        self._drop_tree(run.id)  # the scope goes with its cgroups
 
     def _halt_if_due(self, run: BatchRun) -> None:
         """--halt: once the batch's bookkeeping says it halts (its queue already cancelled there),
@@ -1529,10 +1528,7 @@ class Engine:
             os.close(w.child.pidfd)
             self._forget(w)
         self.runs.pop(run.id, None)
-        if self.cgroups is not None and self.cgroups.gated:
-            tree = self.cgroups.drop(run.id)
-            if tree is not None:
-                self._unguard(tree.root)
+        self._drop_tree(run.id)
 
     def _record(self, d: Decision, sample: NodeSample, w: Worker | None, run: BatchRun | None) -> None:
         latency_ms = (self.clock.monotonic() - sample.time) * 1000

@@ -43,6 +43,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .protocol import BAD_FIELD, ProtocolError
+
 
 @dataclass(frozen=True)
 class Result:
@@ -57,8 +59,6 @@ class Result:
     @classmethod
     def from_json(cls, result) -> "Result":
         """The body of a reply's ``result``; protocol.ProtocolError when it is not this shape."""
-        from .protocol import BAD_FIELD, ProtocolError
-
         if not isinstance(result, dict):
             raise ProtocolError(BAD_FIELD, f"pmlmd's reply to {cls.REQUESTS[0]} is not an object")
         values = {}

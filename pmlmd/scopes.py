@@ -136,8 +136,6 @@ def scope_name(batch_id: str) -> str:
     return f"{SCOPE_PREFIX}{batch_id}.scope"
 
 
-
-
 class NoScopes:
     """Process groups only: every feature works, nothing is placed anywhere."""
 
