@@ -311,8 +311,11 @@ def mem_trial(tmp: Path, variant: dict, rate: float, headroom: int, trial: int) 
     how = None if reaction is None else ("stopped (T or frozen)" if reaction == r["stop"] else "SIGTERM")
     latency = (reaction - r["cross"]) * 1000 if reaction is not None and r["cross"] is not None else None
     wait_memory_back(kind, start_value - 50 * MIB)
+    # The limit L the tool keeps: pmlmd's is G below where it pauses; parallel's is where it holds.
+    limit = action - (variant["gap"] if variant["tool"] == "pmlmd" else 0)
+    past_limit = None if r.get("lowest") is None else (limit - r["lowest"]) / MIB
     return {"latency_ms": latency, "how": how, "crossed": r["cross"] is not None, "reacted": reaction is not None,
-            "undone": r.get("undone", 0)}
+            "undone": r.get("undone", 0), "past_limit_mib": past_limit}
 
 
 def scenario_memory(ctx) -> dict:
@@ -348,13 +351,22 @@ def scenario_memory(ctx) -> dict:
                          "reacted": sum(t["reacted"] for t in ts), "reaction": ", ".join(hows) or "–",
                          "p50 ms": fmt(s.get("p50")), "p99 ms": fmt(s.get("p99")),
                          "min–max ms": f"{fmt(s.get('min'))}–{fmt(s.get('max'))}" if s.get("n") else "–",
-                         "parallel p50 / this p50": fmt(ratio, 1) if ratio else "–", "_stats": s, "_raw": ts})
+                         "parallel p50 / this p50": fmt(ratio, 1) if ratio else "–",
+                         "deepest below L, MiB": _below(max((t["past_limit_mib"] for t in ts if t["past_limit_mib"] is not None),
+                                                                  default=None)), "_stats": s, "_raw": ts})
     return {"title": "1. Reaction latency, memory", "rows": rows,
             "notes": [f"headroom {headroom // MIB} MiB: each tool is set to act when its free-memory figure falls "
                       f"{headroom // MIB} MiB below its value at the start of the trial; hog capped at headroom + 300 MiB",
                       f"{trials} trials per tool and rate, tools interleaved; p99 by nearest rank (with 20 trials: the maximum); "
                       "latency over the trials that reacted (a hog that stops growing inside pmlmd's gap band, above the "
-                      "limit, is by design not paused)"]}
+                      "limit, is by design not paused)",
+                      "deepest below L: the lowest free memory the probe saw until 0.3 s after the reaction, against the "
+                      "limit the tool keeps (pmlmd: L, G below where it pauses; parallel: the level it holds the hog at); "
+                      "'never' when it stayed above"]}
+
+
+def _below(mib: float | None) -> str:
+    return "–" if mib is None else "never" if mib <= 0 else fmt(mib)
 
 
 # ---------------------------------------------------------------- scenario 2: CPU reaction

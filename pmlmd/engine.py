@@ -33,8 +33,8 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
-                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, next_interval, refresh_due,
-                       workload)
+                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, next_interval, rate_reference,
+                       refresh_due, workload)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -329,7 +329,8 @@ class Engine:
         # Their threads' CPU times through kept descriptors, an eighth of the descriptors at most.
         self.clocks = ThreadClocks(self.proc, min(CLOCKS_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
         self.last_sample: NodeSample | None = None
-        self.previous_sample: NodeSample | None = None
+        # The samples a fall of free memory is measured against (governor.rate_reference), oldest first.
+        self.recent_samples: collections.deque[NodeSample] = collections.deque()
         self.next_sample_at = 0.0
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
@@ -532,11 +533,11 @@ class Engine:
         # Nothing moves and nothing waits: samples may stretch (governor.next_interval).
         self.still = (watching and self.settled == len(self.workers) and not self.tally[PAUSED]
                       and not any(run.batch.queue or self._taking(run) for run in self.runs.values()))
-        if self.previous_sample is None or sample.time - self.previous_sample.time >= 0.005:
-            interval = next_interval(self.previous_sample, sample, pace, watching=watching, still=self.still)
-            self.previous_sample = sample
-        else:  # samples taken right after a worker exit carry no rate information
-            interval = next_interval(None, sample, pace, watching=watching, still=self.still)
+        reference = rate_reference(self.recent_samples, sample.time)
+        interval = next_interval(reference, sample, pace, watching=watching, still=self.still)
+        while reference is not None and self.recent_samples[0] is not reference:
+            self.recent_samples.popleft()  # older than the reference: no longer needed
+        self.recent_samples.append(sample)
         self.last_sample = sample
         self.next_sample_at = sample.time + interval
         if self.spawn_cut:  # admission goes on at once, after the loop has looked at its sockets

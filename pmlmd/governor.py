@@ -77,6 +77,17 @@ FILL_RATE_MAX = 6000 * (1 << 20)
 # While every worker stood still at the last refresh, none is paused and no batch waits to be
 # admitted, samples may be up to this many intervals apart (see next_interval).
 STILL_STRETCH = 2
+# The shortest wait between two node samples, in seconds, while free memory falls at FALLING_FAST
+# or more: a worker growing at 200 MB/s is then seen within this (plus a loop turn) of crossing a
+# threshold. 10 ms made the worst reaction 10-11 ms (bench/RESULTS.md 1e), 5 ms about 6 ms. While
+# free memory holds still, twice that: a sample costs pmlmd 0.1-0.4 ms, and a node that sits
+# just above a threshold would otherwise be sampled 200 times a second for as long as it does.
+SHORTEST_INTERVAL = 0.005
+FALLING_FAST = 32 * (1 << 20)  # bytes/s; MemAvailable of an idle node moves by far less
+# MemAvailable moves in steps: the kernel folds its per-CPU page counts in lazily, and two samples
+# 10 ms apart often read the same figure while a worker grows at 200 MB/s, then one 7-8 MiB
+# apart (seen here). So a fall is measured against a sample at least this many seconds old.
+RATE_SPAN = 0.05
 
 SPAWN = "spawn"
 PAUSE = "pause"
@@ -626,8 +637,23 @@ def _until_free(victims: list[WorkerView], projected: float, target: float, acti
     return decisions
 
 
-def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, floor: float = 0.01,
-                  watching: bool = True, still: bool = False) -> float:
+def rate_reference(recent: Sequence[NodeSample], now: float) -> NodeSample | None:
+    """The sample a fall of free memory is measured against at ``now`` (seconds, the samples'
+    clock): the newest of ``recent`` (oldest first) taken RATE_SPAN or more before ``now``; else
+    the oldest, if it is at least SHORTEST_INTERVAL / 2 old; else None (no rate: samples taken
+    right after a worker exit would show a fall of zero over no time)."""
+    reference = None
+    for earlier in recent:
+        if now - earlier.time < RATE_SPAN:
+            break
+        reference = earlier
+    if reference is None and recent and now - recent[0].time >= SHORTEST_INTERVAL / 2:
+        reference = recent[0]
+    return reference
+
+
+def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits,
+                  shortest: float = SHORTEST_INTERVAL, watching: bool = True, still: bool = False) -> float:
     """How long to wait before the next node sample, in seconds.
 
     The base interval while far from the limits. While workers run (``watching``), never
@@ -636,7 +662,8 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     the last two samples showed (two close samples may read the same MemAvailable: the kernel
     folds its per-CPU counters in lazily). When free memory falls, at most half the time it
     needs at its measured rate. Near the CPU limit at least four times per base interval (for
-    turns, rule 5). Never below ``floor``.
+    turns, rule 5). Never below ``shortest`` while free memory falls at FALLING_FAST or more,
+    never below twice that otherwise.
 
     ``still``: every worker stood still at the last refresh (no CPU time, no growth), none is
     paused and no batch waits to be admitted. Up to STILL_STRETCH base intervals then, within the
@@ -650,6 +677,7 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     limit = limits.memory_limit_bytes(sample.mem_total)
     thresholds = [t for t in (limit + limits.memory_gap, limit, limits.min_free) if t < free]
     interval = longest
+    falling = 0.0  # bytes/s, as the last two samples show it
     if thresholds:
         next_threshold = max(thresholds)
         distance = free - next_threshold
@@ -665,4 +693,4 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
         interval = base / 5  # already below the floor: watch closely
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
         interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
-    return max(floor, min(longest, interval))
+    return max(shortest if falling >= FALLING_FAST else 2 * shortest, min(longest, interval))

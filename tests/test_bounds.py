@@ -35,7 +35,7 @@ from pmlmd import protocol
 from pmlmd.bounds import BOUNDS, INTEGER, MAX_SIZE, SIZE
 from pmlmd.config import Config, ConfigError, load_config
 from pmlmd.ctl import build_parser
-from pmlmd.governor import (PAUSED, ENDING, RUNNING, Limits, NodeSample, WorkerView, Workload, decide,
+from pmlmd.governor import (PAUSED, ENDING, RUNNING, Limits, NodeSample, SHORTEST_INTERVAL, WorkerView, Workload, decide,
                             next_interval)
 from pmlmd.options import tighten
 from pmlmd.sampler import ProcReader
@@ -431,7 +431,7 @@ def test_decide_tighten_and_next_interval_never_raise_within_the_ranges(situatio
                        mem_available=sample.mem_available // 2, mem_free=sample.mem_free // 3)
     for previous, now in ((None, sample), (sample, later), (later, sample)):
         interval = next_interval(previous, now, limits)
-        assert math.isfinite(interval) and 0.01 <= interval <= limits.interval
+        assert math.isfinite(interval) and SHORTEST_INTERVAL <= interval <= limits.interval
 
 
 # --- state that would poison every restart ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from pmlmd import procctl
 from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
 from pmlmd.events import End, Event, Timeout
-from pmlmd.governor import Limits
+from pmlmd.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
 from pmlmd.sampler import PAGE_SIZE, ProcReader
 from pmlmd.scopes import NoScopes
 
@@ -289,3 +289,27 @@ def test_a_worker_resumed_is_not_taken_for_still_until_it_is_measured_again(rig)
     advance(engine, clock, proc, 0.01, cpu=2.0, available=15 * GiB)  # the step resume asks for at once
     assert not engine.still  # its last reading covers the time it was held, not what it does now
     assert engine.next_sample_at - engine.last_sample.time <= LIMITS.interval
+
+
+def test_samples_stay_close_while_free_memory_falls_in_steps_near_the_gap(rig):
+    """MemAvailable moves in steps (the kernel folds per-CPU counts in lazily): samples that read
+    the same figure right after a fall must not make the engine think the fall has stopped."""
+    engine, clock, proc, processes, loop, events = rig
+    submit(engine, tasks=1)
+    edge = LIMIT + LIMITS.memory_gap
+    advance(engine, clock, proc, 0.3, available=edge + 100 * MiB, steps=3)
+    waits = []
+    for available in (edge + 30 * MiB, edge + 22 * MiB, edge + 22 * MiB, edge + 22 * MiB, edge + 14 * MiB):
+        seconds = engine.next_sample_at - clock.now
+        clock.now = engine.next_sample_at
+        proc.node(cpu=10.0, seconds=seconds, available=available)
+        engine.tick()
+        waits.append(engine.next_sample_at - engine.last_sample.time)
+    assert waits == pytest.approx([SHORTEST_INTERVAL] * len(waits))
+    # Once it has held still for a RATE_SPAN, the steady shortest wait (a node may sit there for long).
+    for _ in range(round(RATE_SPAN / SHORTEST_INTERVAL) + 2):
+        seconds = engine.next_sample_at - clock.now
+        clock.now = engine.next_sample_at
+        proc.node(cpu=10.0, seconds=seconds, available=edge + 14 * MiB)
+        engine.tick()
+    assert engine.next_sample_at - engine.last_sample.time == pytest.approx(2 * SHORTEST_INTERVAL)

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from pmlmd.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
-                            Limits, NodeSample, WorkerView, Workload, decide, next_interval, quiet)
+                            Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView, Workload, decide,
+                            next_interval, quiet, rate_reference)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -439,7 +440,30 @@ def test_interval_shrinks_when_memory_falls_fast():
     before, now = node(free=6 * GiB, t=0.0), node(free=5 * GiB, t=0.5)  # 2 GiB/s, 1.6 GiB above the gap
     assert next_interval(before, now, LIMITS) < 0.5
     fast_before, fast_now = node(free=LIMIT + 300 * MiB, t=0.0), node(free=LIMIT + 250 * MiB, t=0.01)
-    assert next_interval(fast_before, fast_now, LIMITS) == pytest.approx(0.01)
+    assert next_interval(fast_before, fast_now, LIMITS) == pytest.approx(SHORTEST_INTERVAL)
+
+
+@pytest.mark.parametrize("fall_mib, expected", [
+    (0, 2 * SHORTEST_INTERVAL),  # a node that sits just above the gap's edge: the steady shortest wait
+    (1, 2 * SHORTEST_INTERVAL),  # 20 MiB/s: the drift of an idle node, not a grower
+    (10, SHORTEST_INTERVAL),  # 200 MiB/s: seen within the shortest wait of crossing
+])
+def test_shortest_wait_only_while_free_memory_falls_fast(fall_mib, expected):
+    # 20 MiB above the gap's edge: the fastest fill would cross it in 3.3 ms, so the shortest wait rules.
+    before = node(free=LIMIT + LIMITS.memory_gap + 20 * MiB + fall_mib * MiB, t=0.0)
+    now = node(free=LIMIT + LIMITS.memory_gap + 20 * MiB, t=0.05)
+    assert next_interval(before, now, LIMITS) == pytest.approx(expected)
+
+
+def test_a_fall_is_measured_over_the_rate_span_not_between_the_last_two_samples():
+    # MemAvailable moves in steps: the last two samples may read the same figure while memory falls.
+    stepped = [node(free=GiB + 8 * MiB, t=0.0), node(free=GiB, t=0.02), node(free=GiB, t=0.04)]
+    assert rate_reference(stepped, 0.06) is stepped[0]  # the newest at least RATE_SPAN old
+    assert rate_reference(stepped, 0.07) is stepped[1]
+    assert rate_reference(stepped[2:], 0.06) is stepped[2]  # none that old: the oldest there is
+    assert rate_reference(stepped[2:], 0.041) is None  # a sample right after another carries no rate
+    assert rate_reference([], 0.06) is None
+    assert RATE_SPAN >= 4 * SHORTEST_INTERVAL  # several samples per span while memory falls fast
 
 
 def test_interval_never_lets_the_fastest_fill_cross_the_next_threshold_unseen():

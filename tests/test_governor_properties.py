@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from pmlmd import lifecycle as lc
 from pmlmd.batch import CAUSE_GOVERNOR_MEMORY
 from pmlmd.governor import (CONTINUE, CRITICAL, KILL, KILLED, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE,
-                            TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes, next_interval,
-                            quiet)
+                            SHORTEST_INTERVAL, TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
+                            next_interval, quiet)
 
 MiB = 1 << 20
 TOTAL = 8 << 30
@@ -187,7 +187,7 @@ def test_a_steady_sample_gives_a_steady_decision(sample, workers, workload, limi
 def test_interval_stays_between_the_floor_and_the_base(previous, sample, limits, dt):
     previous = dataclasses.replace(previous, time=NOW - dt)
     interval = next_interval(previous, sample, limits)
-    assert min(0.01, limits.interval) <= interval <= max(0.01, limits.interval)
+    assert min(SHORTEST_INTERVAL, limits.interval) <= interval <= max(2 * SHORTEST_INTERVAL, limits.interval)
 
 
 @settings(max_examples=500, deadline=None)
