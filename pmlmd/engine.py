@@ -322,6 +322,11 @@ class Engine:
         self.strays: dict[int, Stray] = {}  # pid -> a process that left its ended worker's group
         self.spawn_blocked_until = 0.0  # monotonic: no spawn before, after one failed for want of a resource
         self.resource_log_at = 0.0  # monotonic: when a shortage may be logged again
+        # Batches whose scope systemd is making (off the loop: scopes.OffLoop) -> the gated
+        # workers that wait for it, each with its gate's write end.
+        self.placing: dict[str, list[tuple[Worker, int]]] = {}
+        if self.scopes.fd is not None:
+            loop.watch(self.scopes.fd, self.scopes.deliver)
         # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
         self.subreaper = subreaper and lineage.become_subreaper()
         # Workers' trees from /proc/PID/task/TID/children: O(workers' processes) per refresh.
@@ -1079,29 +1084,35 @@ class Engine:
             os.close(gate_r)
             if env_fd is not None:
                 os.close(env_fd)
-            if self.scopes.gated:
-                cgroup = self._place(run, child.pid, f"{run.id}.{task.index}.{attempt_no}")
-            try:
-                # Inside its scope now (or logged why not): go on. Three bytes into a pipe nobody else
-                # writes always fit, however small its owner made it: this never waits.
-                os.write(gate_w, b"go\n")
-            except BrokenPipeError:
-                pass  # the gate is gone already: its exit is seen through its pidfd
-            os.close(gate_w)
         attempt = run.batch.start_attempt(task, child.pid, self.clock.wall())
         if self.output is not None:
             self.output.spawned(run, task, attempt)
-        self._watch(Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child),
-                           cgroup=cgroup))
+        worker = Worker(child=child, run=run, task=task, attempt=attempt, life=self._born(run, attempt, child),
+                        cgroup=cgroup)
+        self._watch(worker)
+        if gate_w is None:
+            return
+        if self.scopes.gated:
+            self._place(worker, gate_w)  # opens the gate once placed: now, or when systemd has made the scope
+        else:
+            _open_gate(gate_w)
 
-    def _place(self, run: BatchRun, pid: int, name: str) -> cgroups_module.Worker | None:
-        """Put a gated worker into its batch's scope: into a cgroup of its own below it where the
-        scopes' cgroups are pmlmd's (cgroup.Scoped), with no D-Bus call once the batch's first
-        worker has made the scope; else into the scope itself (followed through /proc)."""
+    def _place(self, w: Worker, gate_w: int) -> None:
+        """Put a gated worker into its batch's scope, then open its gate (``gate_w``): into a cgroup
+        of its own below the scope where the scopes' cgroups are pmlmd's (cgroup.Scoped), with no
+        D-Bus call once the batch's first worker has made the scope; else into the scope itself
+        (followed through /proc). Calls to systemd are made off the loop (scopes.OffLoop): the
+        worker waits at its gate meanwhile, watched like any other, and so do the batch's workers
+        started before its scope is there."""
+        run = w.run
         description = run.description or f"pmlmd batch {run.id}"
         if self.cgroups is None:
-            self.scopes.place(run.id, description, pid)
-            return None
+            self.scopes.place_later(run.id, description, w.child.pid, True, lambda path: _open_gate(gate_w))
+            return
+        waiting = self.placing.get(run.id)
+        if waiting is not None:
+            waiting.append((w, gate_w))
+            return
         tree = self.cgroups.tree(run.id)
         if tree is not None and not os.path.isdir(os.path.dirname(tree.root)):
             # systemd removed the scope once its last process had gone (between two of its
@@ -1109,17 +1120,45 @@ class Engine:
             self.scopes.forget(run.id)
             self._drop_tree(run.id)
             tree = None
-        if tree is None:
-            scope = self.scopes.place(run.id, description, pid, attach=False)
-            if scope is None:
-                return None
-            tree = self.cgroups.open(run.id, scope)
-        cgroup = tree.place(name, pid) if tree is not None else None
+        if tree is not None:
+            self._into_tree(w, gate_w, tree)
+            return
+        self.placing[run.id] = [(w, gate_w)]
+        self.scopes.place_later(run.id, description, w.child.pid, False, lambda scope: self._scope_made(run, scope))
+
+    def _scope_made(self, run: BatchRun, scope: str | None) -> None:
+        """systemd made the batch's scope (``scope``: its cgroup) with its first worker, or did not
+        (None, logged): the workers that waited for it go below it, or run where they are."""
+        waiting = self.placing.pop(run.id, [])
+        if self.runs.get(run.id) is not run:
+            # The batch ended while systemd made its scope (its workers were ended before they ran).
+            if scope is not None:
+                self.scopes.stop(run.id)
+            for _, gate_w in waiting:
+                os.close(gate_w)
+            return
+        tree = self.cgroups.open(run.id, scope) if scope is not None else None
+        for w, gate_w in waiting:
+            if tree is None:
+                _open_gate(gate_w)
+            else:
+                self._into_tree(w, gate_w, tree)
+
+    def _into_tree(self, w: Worker, gate_w: int, tree: cgroups_module.Subtree) -> None:
+        """Move a gated worker into a cgroup of its own below its batch's scope, then let it go;
+        into the scope itself where that fails (logged by tree.place)."""
+        if self.workers.get(w.child.pid) is not w:
+            os.close(gate_w)  # it ended at its gate
+            return
+        cgroup = tree.place(w.worker_id, w.child.pid)
         if cgroup is None:
-            self.scopes.place(run.id, description, pid)  # in the scope, at least
-            return None
+            description = w.run.description or f"pmlmd batch {w.run.id}"
+            self.scopes.place_later(w.run.id, description, w.child.pid, True, lambda path: _open_gate(gate_w))
+            return
+        w.cgroup = cgroup
+        self.uncontained -= 1
         self._guard(tree)  # once its first worker has left the scope's own cgroup
-        return cgroup
+        _open_gate(gate_w)
 
     def _drop_tree(self, batch_id: str) -> None:
         """The batch's scope is over (or gone, or no longer pmlmd's): its subtree and guard go."""
@@ -1607,6 +1646,17 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
 _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 # dash refuses an OPTIND that is not a number, and the gate would end there.
 _SHELL_REFUSES = frozenset({b"OPTIND"})
+
+
+def _open_gate(gate_w: int) -> None:
+    """Let a gated worker go on (it is in its scope, or logged why not), and close the gate's
+    write end. Three bytes into a pipe nobody else writes always fit, however small its owner
+    made it: this never waits."""
+    try:
+        os.write(gate_w, b"go\n")
+    except BrokenPipeError:
+        pass  # the gate is gone already: its exit is seen through its pidfd
+    os.close(gate_w)
 
 
 def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes], *, carry: bool = False

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, Callable
 
 from jeepney import DBusAddress, MatchRule, Properties, message_bus, new_method_call
 from jeepney.io.blocking import open_dbus_connection
@@ -36,7 +39,7 @@ SLICE = "pmlm.slice"
 SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
 MANAGER = "org.freedesktop.systemd1.Manager"
 SCOPE = "org.freedesktop.systemd1.Scope"
-JOB_TIMEOUT = 5.0  # seconds to wait for systemd (the event loop waits with it; a scope starts in ms)
+JOB_TIMEOUT = 5.0  # seconds to wait for systemd (placing workers waits off the loop, see OffLoop)
 
 UINT64_MAX = (1 << 64) - 1  # systemd's "infinity" for TasksMax and MemoryMax on the bus
 
@@ -136,14 +139,27 @@ def scope_name(batch_id: str) -> str:
     return f"{SCOPE_PREFIX}{batch_id}.scope"
 
 
+# done(path): called in the loop with the scope's cgroup (below the cgroup2 mount) or None.
+Placed = Callable[[str | None], None]
+
+
 class NoScopes:
     """Process groups only: every feature works, nothing is placed anywhere."""
 
     name = "none"
     gated = False
+    fd: int | None = None  # readable when calls made off the loop have results (deliver)
 
     def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
         return None
+
+    def place_later(self, batch_id: str, description: str, pid: int, attach: bool, done: Placed) -> None:
+        """``place``, with its result handed to ``done``: here at once; SystemdScopes calls
+        systemd off the loop and calls ``done`` from ``deliver``."""
+        done(self.place(batch_id, description, pid, attach))
+
+    def deliver(self) -> None:
+        pass
 
     def forget(self, batch_id: str) -> None:
         pass
@@ -170,6 +186,58 @@ class NoScopes:
         return []
 
 
+class OffLoop:
+    """Calls to systemd made by a thread of their own, on a bus connection of their own, so that
+    the loop that enforces the limits never waits on systemd (a scope starts in milliseconds, but
+    a busy or stuck manager may take each call's JOB_TIMEOUT).
+
+    ``submit(call, done)``: ``call(bus)`` runs in the thread, calls in the order submitted; its
+    return value (or the exception it raised) is handed to ``done(value, error)`` by ``deliver``,
+    which the loop calls when ``fd`` (an eventfd) is readable."""
+
+    def __init__(self, connect: Callable[[], Any]):
+        self.connect = connect
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, call: Callable[[Any], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        if self.thread is None:  # started with the first call: pmlmd --release-workers makes none
+            self.thread = threading.Thread(target=self._serve, name="pmlmd-systemd", daemon=True)
+            self.thread.start()
+        self.calls.put((call, done))
+
+    def _serve(self) -> None:
+        bus = None
+        while True:
+            call, done = self.calls.get()
+            try:
+                if bus is None:
+                    bus = self.connect()
+                outcome = (call(bus), None)
+            except Exception as e:  # handed to the loop, which logs it
+                outcome = (None, e)
+                if isinstance(e, (OSError, TimeoutError)) and bus is not None:
+                    bus.close()  # a reply may still come on it: the next call gets a new connection
+                    bus = None
+            self.results.put((done, outcome))
+            os.eventfd_write(self.fd, 1)
+
+    def deliver(self) -> None:
+        """In the loop: hand every result ready to its ``done``."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                done, (value, error) = self.results.get_nowait()
+            except queue.Empty:
+                return
+            done(value, error)
+
+
 class SystemdScopes:
     """Transient scopes over the system bus."""
 
@@ -181,57 +249,79 @@ class SystemdScopes:
         self.started: set[str] = set()  # batches whose scope exists
         self.paths: dict[str, str] = {}  # batch id -> its scope's cgroup, below the cgroup2 mount
         self.limits = limits  # None: scopes get systemd's defaults, the slice is left alone
+        self.off_loop = OffLoop(lambda: open_dbus_connection(bus="SYSTEM"))
+
+    @property
+    def fd(self) -> int:
+        return self.off_loop.fd
+
+    def deliver(self) -> None:
+        self.off_loop.deliver()
 
     # --- D-Bus plumbing ----------------------------------------------------------------
     def _call(self, member: str, signature: str | None = None, body: tuple = (), *, path: str = SYSTEMD[1],
-              interface: str = MANAGER):
+              interface: str = MANAGER, bus=None):
         address = DBusAddress(path, bus_name=SYSTEMD[0], interface=interface)
-        reply = self.bus.send_and_get_reply(new_method_call(address, member, signature, body), timeout=JOB_TIMEOUT)
+        reply = (bus or self.bus).send_and_get_reply(new_method_call(address, member, signature, body),
+                                                      timeout=JOB_TIMEOUT)
         return unwrap_msg(reply)
 
-    def _property(self, batch_id: str, interface: str, name: str):
-        (unit_path,) = self._call("GetUnit", "s", (scope_name(batch_id),))
+    def _property(self, batch_id: str, interface: str, name: str, bus=None):
+        (unit_path,) = self._call("GetUnit", "s", (scope_name(batch_id),), bus=bus)
         address = DBusAddress(unit_path, bus_name=SYSTEMD[0], interface=interface)
-        (value,) = unwrap_msg(self.bus.send_and_get_reply(Properties(address).get(name), timeout=JOB_TIMEOUT))
+        (value,) = unwrap_msg((bus or self.bus).send_and_get_reply(Properties(address).get(name),
+                                                                   timeout=JOB_TIMEOUT))
         return value[1]  # (signature, value)
 
     # --- scopes --------------------------------------------------------------------------
-    def place(self, batch_id: str, description: str, pid: int, attach: bool = True) -> str | None:
-        """Put ``pid`` into the batch's scope, creating the scope with it if needed, and return the
-        scope's cgroup (its path below the cgroup2 mount, as /proc/PID/cgroup shows it); None,
-        logged, when ``pid`` is not in it.
+    def place_later(self, batch_id: str, description: str, pid: int, attach: bool, done: Placed) -> None:
+        """Put ``pid`` into the batch's scope, creating the scope with it if needed, off the loop
+        (OffLoop); ``done`` then gets the scope's cgroup (its path below the cgroup2 mount, as
+        /proc/PID/cgroup shows it), or None, logged, when ``pid`` is not in it.
 
         With ``attach`` False a scope that exists already is only looked up, and ``pid`` is left
         where it is: the caller moves it below the scope itself (cgroup.Scoped), with no D-Bus
-        call for each worker. A new scope is always made with ``pid`` in it (systemd makes no
-        scope without a process)."""
+        call for each worker (and ``done`` is called at once when the scope's cgroup is known).
+        A new scope is always made with ``pid`` in it (systemd makes no scope without a process).
+        What pmlmd knows of its scopes (started, paths) changes in the loop only, in ``done``'s
+        wrapper."""
         unit = scope_name(batch_id)
-        try:
-            if batch_id not in self.started:
+        new = batch_id not in self.started
+        if not new and not attach and batch_id in self.paths:
+            done(self.paths[batch_id])
+            return
+
+        def call(bus) -> str | None:  # in the thread: D-Bus only
+            if new:
                 try:
-                    self._start(unit, description, pid)
-                    self.started.add(batch_id)
-                    path = self.paths[batch_id] = own_cgroup(str(pid)) or self._control_group(batch_id)
-                    return path
+                    self._start(unit, description, pid, bus)
+                    return own_cgroup(str(pid)) or self._control_group(batch_id, bus)
                 except DBusErrorResponse as e:
                     if e.name != "org.freedesktop.systemd1.UnitExists":
                         raise
-                    self.started.add(batch_id)  # left by an earlier pmlmd: join it
+                    # left by an earlier pmlmd (or made by a worker placed just before): join it
             if attach:
                 try:
-                    self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]))
+                    self._call("AttachProcessesToUnit", "ssau", (unit, "/", [pid]), bus=bus)
                 except DBusErrorResponse as e:
                     if e.name != "org.freedesktop.systemd1.NoSuchUnit":
                         raise
-                    # Gone with its last process (between two workers): made again with this one.
-                    self.forget(batch_id)
-                    return self.place(batch_id, description, pid, attach)
-            if batch_id not in self.paths:
-                self.paths[batch_id] = self._control_group(batch_id)
-            return self.paths[batch_id]
-        except (DBusErrorResponse, OSError, TimeoutError) as e:
-            log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, e)
-            return None
+                    return None  # gone with its last process (between two workers)
+            return self._control_group(batch_id, bus)
+
+        def placed(path: str | None, error: BaseException | None) -> None:  # in the loop
+            if error is not None:
+                log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, error)
+                done(None)
+            elif path is None:
+                self.forget(batch_id)  # made again with this worker
+                self.place_later(batch_id, description, pid, attach, done)
+            else:
+                self.started.add(batch_id)
+                self.paths[batch_id] = path
+                done(path)
+
+        self.off_loop.submit(call, placed)
 
     def forget(self, batch_id: str) -> None:
         """The batch's scope is no more (stopped, or gone with its last process)."""
@@ -242,10 +332,12 @@ class SystemdScopes:
         """A scope an earlier pmlmd made for an active batch: it exists (freezer_state)."""
         self.started.add(batch_id)
 
-    def _control_group(self, batch_id: str) -> str:
-        return self._property(batch_id, SCOPE, "ControlGroup")
+    def _control_group(self, batch_id: str, bus=None) -> str:
+        return self._property(batch_id, SCOPE, "ControlGroup", bus)
 
-    def _start(self, unit: str, description: str, pid: int) -> None:
+    def _start(self, unit: str, description: str, pid: int, bus) -> None:
+        """StartTransientUnit with ``pid`` in it, waiting for its job to end (on ``bus``, the
+        OffLoop thread's connection)."""
         properties = [
             ("PIDs", ("au", [pid])),
             ("Slice", ("s", SLICE)),
@@ -257,21 +349,22 @@ class SystemdScopes:
         # No sender in the rule: signals carry systemd's unique bus name, which jeepney's local
         # filter would compare with the well-known one and never match.
         rule = MatchRule(type="signal", interface=MANAGER, member="JobRemoved", path=SYSTEMD[1])
-        self.bus.send_and_get_reply(message_bus.AddMatch(rule), timeout=JOB_TIMEOUT)
-        self._call("Subscribe")  # systemd sends job signals only to subscribers
+        bus.send_and_get_reply(message_bus.AddMatch(rule), timeout=JOB_TIMEOUT)
+        self._call("Subscribe", bus=bus)  # systemd sends job signals only to subscribers
         try:
-            with self.bus.filter(rule, bufsize=64) as queue:
-                (job,) = self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", properties, []))
+            with bus.filter(rule, bufsize=64) as jobs:
+                (job,) = self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", properties, []),
+                                    bus=bus)
                 while True:
-                    signal = self.bus.recv_until_filtered(queue, timeout=JOB_TIMEOUT)
+                    signal = bus.recv_until_filtered(jobs, timeout=JOB_TIMEOUT)
                     _, job_path, _, result = signal.body
                     if job_path == job:
                         if result != "done":
                             raise OSError(f"starting {unit} ended with {result!r}")
                         return
         finally:
-            self._call("Unsubscribe")
-            self.bus.send_and_get_reply(message_bus.RemoveMatch(rule), timeout=JOB_TIMEOUT)
+            self._call("Unsubscribe", bus=bus)
+            bus.send_and_get_reply(message_bus.RemoveMatch(rule), timeout=JOB_TIMEOUT)
 
     def limit_slice(self) -> None:
         """Set the configured TasksMax and MemoryMax on pmlm.slice, for this boot (a runtime drop-in).

@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
 from pmlmd import cgroup
 from pmlmd.governor import Limits
+from pmlmd.scopes import OffLoop
 from support import CgroupScopes, EngineRun, group_states, process_state, wait_for
 
 PY = sys.executable
@@ -423,3 +425,73 @@ def test_a_batch_whose_scope_went_with_its_last_worker_gets_a_new_one_for_the_ne
         (second,) = er.engine.workers.values()
         assert second.cgroup is not None and second.cgroup.path.endswith("pmlm-t.scope/workers/t.1.1")
         assert second.cgroup.pids() == [second.child.pid]
+
+
+class LateScopes(CgroupScopes):
+    """CgroupScopes made as SystemdScopes makes its scopes, off the loop (scopes.OffLoop), each
+    call held until ``go`` is set: a systemd slow to answer. ``made`` is set once a scope is there."""
+
+    def __init__(self, mount: str, slice_name: str):
+        super().__init__(mount, slice_name)
+        self.go, self.made = threading.Event(), threading.Event()
+        self.off_loop = OffLoop(lambda: None)
+        self.fd = self.off_loop.fd
+
+    def deliver(self) -> None:
+        self.off_loop.deliver()
+
+    def place_later(self, batch_id, description, pid, attach, done):
+        def call(bus):
+            path = CgroupScopes.place(self, batch_id, description, pid, attach)
+            self.made.set()
+            assert self.go.wait(30)
+            return path
+
+        self.off_loop.submit(call, lambda path, error: done(None if error else path))
+
+
+@pytest.fixture
+def late(subtree):
+    name = f"pmlmt-{os.getpid()}.slice"
+    scopes = LateScopes(subtree.mount, name)
+    try:
+        yield cgroup.Scoped(subtree.mount, "/" + name), scopes
+    finally:
+        scopes.go.set()
+        scopes.discard()
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_workers_wait_at_their_gates_while_their_scope_is_made_and_the_loop_goes_on(late):
+    tree, scopes = late
+    with EngineRun(["sh", "-c", "exec sleep 60"], 2, cgroups=tree, scopes=scopes) as er:
+        workers = er.workers(2)  # the loop went on: the second worker was admitted meanwhile
+        assert scopes.made.is_set() and not scopes.go.is_set()
+        for w in workers:
+            assert w.cgroup is None
+            # At its gate (once the exec has set its name), not yet the command.
+            wait_for(lambda: comm(w.child.pid) != "python3", what="the gate's exec")
+            assert comm(w.child.pid) == "sh"
+        scopes.go.set()
+        er.until(lambda: all(w.cgroup is not None for w in workers), what="both workers placed")
+        for w in workers:
+            assert w.cgroup.path == os.path.join(scopes.slice, "pmlm-t.scope", "workers", f"t.{w.task.index}.1")
+            wait_for(lambda: comm(w.child.pid) == "sleep", what="the gate opened")
+            assert w.cgroup.pids() == [w.child.pid]
+        assert er.engine.uncontained == 0
+
+
+def test_a_batch_that_ends_while_its_scope_is_made_leaves_no_subtree(late):
+    tree, scopes = late
+    with EngineRun(["sh", "-c", "exec sleep 60"], 1, cgroups=tree, scopes=scopes) as er:
+        (w,) = er.workers(1)
+        assert scopes.made.wait(10)  # the scope is there, its result not handed back yet
+        er.engine.cancel(er.run, "the test cancels it")
+        er.until(lambda: er.run.id not in er.engine.runs, what="the batch to end")
+        scopes.go.set()
+        er.until(lambda: not er.engine.placing, what="the late result handed in")
+        assert tree.tree("t") is None and not os.path.exists(os.path.join(scopes.slice, "pmlm-t.scope"))

@@ -27,7 +27,7 @@ class RecordingScopes(NoScopes):
         self.marker_dir = marker_dir
         self.placed = []
 
-    def place(self, batch_id, description, pid):
+    def place(self, batch_id, description, pid, attach=True):
         # At this moment the worker must exist but must not have run the command yet.
         started_early = os.listdir(self.marker_dir)
         # posix_spawn returns once the exec is past its point of no return, a moment before the

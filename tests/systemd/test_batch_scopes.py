@@ -7,6 +7,8 @@ container; what it asserts is what an operator would look at: systemctl show, /p
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -353,3 +355,32 @@ def test_one_at_a_time_every_worker_is_in_its_own_cgroup_of_the_batchs_scope(pml
     assert lines == [f"0::/pmlm.slice/pmlm-{batch}.scope/workers/{batch}.{task}.1" for task in range(4)], lines
     journal = pmlmd.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
     assert "outside its scope" not in journal and "cannot start a worker in the cgroup" not in journal
+
+
+def test_pmlmd_answers_while_systemd_is_slow_to_make_a_scope(pmlmd):
+    # systemd stopped (SIGSTOP to the container's PID 1, from the host): a new batch's scope cannot
+    # be made until it goes on. pmlmd asks for it off its loop, so requests are still answered and
+    # the limits still enforced meanwhile; the batch's workers wait at their gates, and go below
+    # their scope once systemd has made it.
+    tb = pmlmd
+    os.kill(tb.leader, signal.SIGSTOP)
+    try:
+        batch = tb.run(["timeout", "3", "pmlmctl", "submit", "-n", "2", "-j", "2", "--shell", "--",
+                        "grep ^0:: /proc/self/cgroup"], check=False, timeout=10)
+        assert batch.returncode == 0, batch.stderr
+        batch = batch.stdout.strip()
+        for _ in range(3):  # each a loop turn that a synchronous StartTransientUnit would have held for 5 s
+            answer = tb.run(["timeout", "3", "pmlmctl", "status", "--json", batch], check=False, timeout=10)
+            assert answer.returncode == 0, f"status waited on systemd: {answer.stderr}"
+            assert json.loads(answer.stdout)["ended"] is None
+        wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch], running(2),
+                    what="both workers started, at their gates")
+        # Still no scope: systemd has not run since.
+        assert tb.run(["test", "-e", f"/sys/fs/cgroup/pmlm.slice/pmlm-{batch}.scope"], check=False).returncode != 0
+    finally:
+        os.kill(tb.leader, signal.SIGCONT)
+    wait_inside(tb, ["pmlmctl", "status", "--json", batch], finished, timeout=30, what="the batch to finish")
+    lines = sorted(tb.run(["pmlmctl", "log", batch]).stdout.split())
+    assert lines == [f"0::/pmlm.slice/pmlm-{batch}.scope/workers/{batch}.{task}.1" for task in range(2)], lines
+    journal = tb.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
+    assert "outside its scope" not in journal
