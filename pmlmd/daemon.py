@@ -395,6 +395,7 @@ class Daemon:
             self.engine.let_go(w)
             os.close(w.child.pidfd)
         self.engine.close()  # and no worker throttled by a memory line nobody moves
+        self.scopes.close()  # a finished batch's scope is stopped before pmlmd goes
         if self.cgroups is not None:
             self.cgroups.remove()  # the cgroups of workers that ended; those still running keep theirs
         self.loop.close()

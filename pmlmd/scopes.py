@@ -161,6 +161,9 @@ class NoScopes:
     def deliver(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def forget(self, batch_id: str) -> None:
         pass
 
@@ -223,6 +226,13 @@ class OffLoop:
                     bus = None
             self.results.put((done, outcome))
             os.eventfd_write(self.fd, 1)
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the calls submitted so far to have been made."""
+        if self.thread is not None:
+            finished = threading.Event()
+            self.calls.put((lambda bus: finished.set(), lambda value, error: None))
+            finished.wait(timeout)
 
     def deliver(self) -> None:
         """In the loop: hand every result ready to its ``done``."""
@@ -385,16 +395,24 @@ class SystemdScopes:
         """The batch is over: whatever its workers left running in the scope goes with it.
 
         Stopping the scope sends SIGTERM (SIGKILL after the unit's timeout) to every process
-        still in it, also to those that left their worker's process group.
+        still in it, also to those that left their worker's process group. Asked off the loop
+        (OffLoop), after any call for the batch made before: a scope systemd was still making
+        is stopped once made.
         """
         self.forget(batch_id)
-        try:
-            self._call("StopUnit", "ss", (scope_name(batch_id), "replace"))
-        except DBusErrorResponse as e:
-            if e.name != "org.freedesktop.systemd1.NoSuchUnit":  # already gone with its last process
-                log.warning("cannot stop %s: %s", scope_name(batch_id), e)
-        except (OSError, TimeoutError) as e:
-            log.warning("cannot stop %s: %s", scope_name(batch_id), e)
+        unit = scope_name(batch_id)
+
+        def stopped(_, error: BaseException | None) -> None:
+            if error is None or getattr(error, "name", None) == "org.freedesktop.systemd1.NoSuchUnit":
+                return  # stopped, or already gone with its last process
+            log.warning("cannot stop %s: %s", unit, error)
+
+        self.off_loop.submit(lambda bus: self._call("StopUnit", "ss", (unit, "replace"), bus=bus), stopped)
+
+    def close(self, timeout: float = JOB_TIMEOUT) -> None:
+        """pmlmd stops: let the calls already asked for (a finished batch's StopUnit) go out,
+        waiting up to ``timeout`` seconds for them."""
+        self.off_loop.drain(timeout)
 
     def freeze(self, batch_id: str) -> bool:
         return self._freezer("FreezeUnit", batch_id)

@@ -359,12 +359,17 @@ def test_one_at_a_time_every_worker_is_in_its_own_cgroup_of_the_batchs_scope(pml
 
 def test_pmlmd_answers_while_systemd_is_slow_to_make_a_scope(pmlmd):
     # systemd stopped (SIGSTOP to the container's PID 1, from the host): a new batch's scope cannot
-    # be made until it goes on. pmlmd asks for it off its loop, so requests are still answered and
-    # the limits still enforced meanwhile; the batch's workers wait at their gates, and go below
-    # their scope once systemd has made it.
+    # be made, nor an ended one's stopped, until it goes on. pmlmd asks for both off its loop, so
+    # requests are still answered and the limits still enforced meanwhile; the new batch's workers
+    # wait at their gates, and go below their scope once systemd has made it.
     tb = pmlmd
+    ending = submit(tb, "-n", "1", "--", "sleep", "1")
+    wait_inside(tb, ["pmlmctl", "status", "--json", ending], running(1), what="a worker in its scope")
     os.kill(tb.leader, signal.SIGSTOP)
     try:
+        # A batch that ends meanwhile: its scope is stopped once systemd goes on.
+        wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", ending], finished,
+                    what="the batch to end while systemd is stopped")
         batch = tb.run(["timeout", "3", "pmlmctl", "submit", "-n", "2", "-j", "2", "--shell", "--",
                         "grep ^0:: /proc/self/cgroup"], check=False, timeout=10)
         assert batch.returncode == 0, batch.stderr
@@ -384,3 +389,4 @@ def test_pmlmd_answers_while_systemd_is_slow_to_make_a_scope(pmlmd):
     assert lines == [f"0::/pmlm.slice/pmlm-{batch}.scope/workers/{batch}.{task}.1" for task in range(2)], lines
     journal = tb.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
     assert "outside its scope" not in journal
+    wait_inside(tb, ["true"], lambda p: scope_gone(tb, ending) and scope_gone(tb, batch), what="both scopes gone")
