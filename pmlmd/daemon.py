@@ -1097,9 +1097,8 @@ class Daemon:
         return protocol.encode_reply(replies.NodeStatus(
             status=self._status_line(), node=self._node(), batches=[self._summary(r) for r in self._ordered()],
             workers=self._containment(),
-            limits={"cpu_limit": limits.cpu_limit, "memfree_limit": limits.memfree_limit,
-                    "memory_gap": limits.memory_gap, "min_free": limits.min_free, "victim": limits.victim,
-                    "max_workers": limits.max_workers, "interval": limits.interval}).to_json(), request.request_id)
+            limits={**{option.name: getattr(limits, option.name) for option in LIMIT_OPTIONS},
+                    "max_workers": limits.max_workers}).to_json(), request.request_id)
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""

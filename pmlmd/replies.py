@@ -27,7 +27,8 @@ request        result fields (types; units)
 ``status``     without a batch: ``status`` (str: pmlmd's STATUS= line), ``node``
                (object or null before the first sample: ``cpu_pct``, ``free_bytes``,
                ``total_bytes``, ``free_pct``), ``limits`` (object: the node's limits by
-               option name), ``workers`` (str: how workers are held), ``batches``
+               option name, every one of options.LIMIT_OPTIONS, and ``max_workers``),
+               ``workers`` (str: how workers are held), ``batches``
                (list: the live batches' summaries); with one: its summary
                (summary.BatchSummary) and ``node``
 ``list``       ``batches`` (list: every batch's summary, finished ones first)

@@ -103,6 +103,15 @@ def test_unwritable_state_dir_is_refused_clearly(daemon_factory):
     assert "cannot use the state database" in result.stderr and "--state-dir" in result.stderr
 
 
+def test_status_shows_every_limit_the_node_sets(daemon_factory):
+    from pmlmd.options import LIMIT_OPTIONS
+
+    daemon = daemon_factory("[limits]\ncpu_margin = 7\nmemory_metric = 'free'\n").start()
+    limits = status(daemon)["limits"]
+    assert set(limits) == {option.name for option in LIMIT_OPTIONS} | {"max_workers"}
+    assert limits["cpu_margin"] == 7 and limits["memory_metric"] == "free"
+
+
 def test_sighup_applies_good_limits_and_keeps_them_on_a_bad_file(daemon_factory):
     daemon = daemon_factory("[limits]\ncpu_limit = 80\n").start()
     assert status(daemon)["limits"]["cpu_limit"] == 80
