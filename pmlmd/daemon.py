@@ -389,13 +389,16 @@ class Daemon:
                     pass
             elif hasattr(job, "close"):  # replies still being built: their readers of the database end here
                 job.close()
+        # Workers waiting at their gates for a scope systemd is making get it (or run where
+        # they are), rather than ending at their gates with pmlmd.
+        self.scopes.close()
+        self.scopes.deliver()
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():
             self.engine.let_go(w)
             os.close(w.child.pidfd)
         self.engine.close()  # and no worker throttled by a memory line nobody moves
-        self.scopes.close()  # a finished batch's scope is stopped before pmlmd goes
         if self.cgroups is not None:
             self.cgroups.remove()  # the cgroups of workers that ended; those still running keep theirs
         self.loop.close()

@@ -1138,6 +1138,23 @@ class Engine:
                 os.close(gate_w)
             return
         tree = self.cgroups.open(run.id, scope) if scope is not None else None
+        if tree is None:
+            self.scopes.forget(run.id)
+            live = []
+            for w, gate_w in waiting:
+                if self.workers.get(w.child.pid) is w:
+                    live.append((w, gate_w))
+                else:
+                    os.close(gate_w)  # it ended at its gate
+            if live and live[0] is not waiting[0]:
+                # The process the scope was made with (or was to be) ended at its gate, and the
+                # scope with it: made again with the next worker that waits.
+                self.placing[run.id] = live
+                description = run.description or f"pmlmd batch {run.id}"
+                self.scopes.place_later(run.id, description, live[0][0].child.pid, False,
+                                        lambda made: self._scope_made(run, made))
+                return
+            waiting = live  # systemd did not make it (logged): they run where they are
         for w, gate_w in waiting:
             if tree is None:
                 _open_gate(gate_w)

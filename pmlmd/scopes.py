@@ -19,6 +19,7 @@ pmlmd is down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -196,7 +197,13 @@ class OffLoop:
 
     ``submit(call, done)``: ``call(bus)`` runs in the thread, calls in the order submitted; its
     return value (or the exception it raised) is handed to ``done(value, error)`` by ``deliver``,
-    which the loop calls when ``fd`` (an eventfd) is readable."""
+    which the loop calls when ``fd`` (an eventfd) is readable.
+
+    The connection is opened by ``submit``, in the loop's thread, never by the thread itself:
+    pmlmd takes on a user's effective ids for a moment to open that user's files, and glibc
+    changes them for every thread (workdir._acting_as), so a connection the thread opened at
+    that moment would authenticate as the user. The thread closes a connection that failed;
+    the next ``submit`` opens another."""
 
     def __init__(self, connect: Callable[[], Any]):
         self.connect = connect
@@ -204,48 +211,70 @@ class OffLoop:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.bus = None  # the thread's connection; replaced only by submit, after the thread dropped it
+        self.dropped = threading.Event()  # set by the thread once it closed a failed connection
 
     def submit(self, call: Callable[[Any], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        if self.bus is None or self.dropped.is_set():
+            try:
+                bus = self.connect()
+            except Exception as e:  # no bus: this call fails, the next one tries again
+                self._hand_back(done, (None, e))
+                return
+            self.dropped.clear()
+            self.bus = bus
         if self.thread is None:  # started with the first call: pmlmd --release-workers makes none
             self.thread = threading.Thread(target=self._serve, name="pmlmd-systemd", daemon=True)
             self.thread.start()
         self.calls.put((call, done))
 
     def _serve(self) -> None:
-        bus = None
         while True:
             call, done = self.calls.get()
+            if call is None:  # drain's mark: every call before it has been made
+                done.set()
+                continue
+            bus = self.bus
             try:
-                if bus is None:
-                    bus = self.connect()
+                if self.dropped.is_set():
+                    raise OSError("the connection to the system bus failed on an earlier call")
                 outcome = (call(bus), None)
             except Exception as e:  # handed to the loop, which logs it
                 outcome = (None, e)
-                if isinstance(e, (OSError, TimeoutError)) and bus is not None:
-                    bus.close()  # a reply may still come on it: the next call gets a new connection
-                    bus = None
-            self.results.put((done, outcome))
-            os.eventfd_write(self.fd, 1)
+                if isinstance(e, (OSError, TimeoutError)) and not self.dropped.is_set():
+                    self.dropped.set()  # a reply may still come on it: the next submit opens another
+                    with contextlib.suppress(Exception):
+                        bus.close()
+            self._hand_back(done, outcome)
+
+    def _hand_back(self, done, outcome) -> None:
+        self.results.put((done, outcome))
+        os.eventfd_write(self.fd, 1)
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the calls submitted so far to have been made."""
         if self.thread is not None:
             finished = threading.Event()
-            self.calls.put((lambda bus: finished.set(), lambda value, error: None))
+            self.calls.put((None, finished))
             finished.wait(timeout)
 
     def deliver(self) -> None:
-        """In the loop: hand every result ready to its ``done``."""
+        """In the loop: hand every result ready to its ``done``. Should one raise, the eventfd is
+        written again, so the results after it are handed on at the loop's next turn."""
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:
             pass
-        while True:
-            try:
-                done, (value, error) = self.results.get_nowait()
-            except queue.Empty:
-                return
-            done(value, error)
+        try:
+            while True:
+                try:
+                    done, (value, error) = self.results.get_nowait()
+                except queue.Empty:
+                    return
+                done(value, error)
+        finally:
+            if not self.results.empty():
+                os.eventfd_write(self.fd, 1)
 
 
 class SystemdScopes:
@@ -291,15 +320,11 @@ class SystemdScopes:
 
         With ``attach`` False a scope that exists already is only looked up, and ``pid`` is left
         where it is: the caller moves it below the scope itself (cgroup.Scoped), with no D-Bus
-        call for each worker (and ``done`` is called at once when the scope's cgroup is known).
-        A new scope is always made with ``pid`` in it (systemd makes no scope without a process).
+        call for each worker. A new scope is always made with ``pid`` in it (systemd makes no scope without a process).
         What pmlmd knows of its scopes (started, paths) changes in the loop only, in ``done``'s
         wrapper."""
         unit = scope_name(batch_id)
         new = batch_id not in self.started
-        if not new and not attach and batch_id in self.paths:
-            done(self.paths[batch_id])
-            return
 
         def call(bus) -> str | None:  # in the thread: D-Bus only
             if new:

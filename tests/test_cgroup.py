@@ -445,6 +445,8 @@ class LateScopes(CgroupScopes):
             path = CgroupScopes.place(self, batch_id, description, pid, attach)
             self.made.set()
             assert self.go.wait(30)
+            if not os.path.exists(f"/proc/{pid}") and os.path.isdir(self._path(batch_id)):
+                os.rmdir(self._path(batch_id))  # as systemd collects a scope whose only process has gone
             return path
 
         self.off_loop.submit(call, lambda path, error: done(None if error else path))
@@ -495,3 +497,16 @@ def test_a_batch_that_ends_while_its_scope_is_made_leaves_no_subtree(late):
         scopes.go.set()
         er.until(lambda: not er.engine.placing, what="the late result handed in")
         assert tree.tree("t") is None and not os.path.exists(os.path.join(scopes.slice, "pmlm-t.scope"))
+
+
+def test_when_the_worker_a_scope_is_made_with_ends_at_its_gate_the_next_one_makes_it(late):
+    tree, scopes = late
+    with EngineRun(["sh", "-c", "exec sleep 60"], 2, cgroups=tree, scopes=scopes) as er:
+        first, second = er.workers(2)
+        assert scopes.made.wait(10) and first.cgroup is None
+        os.kill(first.child.pid, signal.SIGKILL)  # ended at its gate (as the governor's victim would be)
+        er.until(lambda: first.child.pid not in er.engine.workers, what="the first worker reaped")
+        scopes.go.set()
+        er.until(lambda: second.cgroup is not None, what="the second worker placed")
+        assert second.cgroup.path == os.path.join(scopes.slice, "pmlm-t.scope", "workers", "t.1.1")
+        assert second.cgroup.pids() == [second.child.pid]

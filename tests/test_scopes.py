@@ -7,6 +7,8 @@ the user's command.
 """
 
 import os
+import select
+import threading
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from pmlmd.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
 from pmlmd.governor import Limits
 from pmlmd.config import Config
-from pmlmd.scopes import (CgroupLimits, NoScopes, SystemdScopes, batch_of_scope, memory_max, scope_name,
+from pmlmd.scopes import (CgroupLimits, NoScopes, OffLoop, SystemdScopes, batch_of_scope, memory_max, scope_name,
                           tasks_max)
 
 
@@ -149,3 +151,68 @@ def test_the_freezer_state_in_status_is_told_from_memory_without_asking_systemd(
     assert backend.freezer_state("7", frozen=False) == "running"
     assert backend.freezer_state("7", frozen=True) == "frozen"
     assert NoScopes().freezer_state("7", frozen=True) is None
+
+
+class Connection:
+    """Stands in for a jeepney connection to the system bus (no systemd here): who opened it."""
+
+    def __init__(self):
+        self.thread = threading.current_thread()
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def delivered(off_loop: OffLoop, count: int) -> list:
+    """Turn a loop on the OffLoop's eventfd until ``count`` results were handed back."""
+    out = []
+    with select.epoll() as ep:
+        ep.register(off_loop.fd, select.EPOLLIN)
+        while len(out) < count:
+            assert ep.poll(10), "no result handed back"
+            off_loop.deliver()
+            out += [r for r in results if r not in out]
+    return out
+
+
+results: list = []
+
+
+def test_calls_off_the_loop_run_in_order_on_a_connection_the_loop_opened():
+    results.clear()
+    connections = []
+    off_loop = OffLoop(lambda: connections.append(Connection()) or connections[-1])
+    release = threading.Event()
+    off_loop.submit(lambda bus: (release.wait(10), (bus, threading.current_thread()))[1],
+                    lambda value, error: results.append(("first", value, error)))
+    off_loop.submit(lambda bus: 2, lambda value, error: results.append(("second", value, error)))
+    off_loop.deliver()
+    assert results == []  # the first call is still being made: nothing is waited for here
+    release.set()
+    first, second = delivered(off_loop, 2)
+    (bus, thread), error = first[1], first[2]
+    assert first[0] == "first" and error is None and second == ("second", 2, None)
+    # Opened by the submitting thread (the loop's), used by the other one.
+    assert bus is connections[0] and bus.thread is threading.current_thread() and thread is not bus.thread
+
+
+def test_a_failed_connection_is_replaced_and_a_failing_done_strands_nothing():
+    results.clear()
+    connections = []
+    off_loop = OffLoop(lambda: connections.append(Connection()) or connections[-1])
+
+    def broken(bus):
+        raise TimeoutError("systemd did not answer")
+
+    def done_that_raises(value, error):
+        results.append(("raised", error))
+        raise RuntimeError("a callback fails")
+
+    off_loop.submit(broken, done_that_raises)
+    off_loop.drain(10)
+    with pytest.raises(RuntimeError):
+        off_loop.deliver()
+    assert connections[0].closed and isinstance(results[0][1], TimeoutError)
+    off_loop.submit(lambda bus: bus, lambda value, error: results.append(("again", value, error)))
+    assert delivered(off_loop, 2)[1] == ("again", connections[1], None)  # a new connection
