@@ -33,8 +33,8 @@ from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETUR
                     Attempt, Batch, Task, describe_end)
 from .intake import REFUSED
 from .governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
-                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, next_interval, rate_reference,
-                       refresh_due, workload)
+                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, give_back, intake_credit,
+                       next_interval, rate_reference, refresh_due, workload)
 from .governor import quiet as governor_quiet
 from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -65,7 +65,6 @@ NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGST
 # A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
 OPEN_DEMAND = 1 << 20
-GIVE_BACK_AFTER = 1.0  # seconds a delivery may wait for admission before it goes back to its queue
 
 
 class Loop:
@@ -1451,34 +1450,29 @@ class Engine:
         return run.fit
 
     def _credit(self, run: BatchRun, decisions: list[Decision], running: int) -> None:
-        """A queue batch's credit after a governor step: the deliveries its ``running`` tasks held
-        before the step plus what the governor admitted for it in the step (the spawns of the
-        step came out of that). Deliveries that waited GIVE_BACK_AFTER for admission beyond the
-        credit go back to the queue, for a node with room."""
+        """A queue batch's credit after a governor step (governor.intake_credit), and its
+        deliveries that waited too long beyond it back to the queue (governor.give_back)."""
         intake = run.intake
-        if not self._taking(run) or run.held:
-            intake.set_credit(len(run.deliveries) if run.held else 0)
-            return
+        taking = self._taking(run)
         admitted = sum(d.count for d in decisions if d.action == SPAWN and d.batch == run.id)
-        credit = running + admitted
+        credit = intake_credit(run.held, taking, running, admitted, len(run.deliveries))
         before = intake.credit
-        intake.set_credit(max(credit, 0))
+        intake.set_credit(credit)
+        if run.held or not taking:
+            return
         if credit != before:
             log.debug("batch %s: intake credit %d (%d running, %d admitted)", run.id, credit, running, admitted,
                       extra={"BATCH_ID": run.id, "INTAKE_CREDIT": str(credit)})
         excess = len(run.deliveries) - credit
         if excess <= 0:
             return
-        now = self.clock.monotonic()
-        for task in reversed(list(run.batch.queue)):
-            if excess <= 0:
-                break
-            d = run.deliveries.get(task.index)
-            if d is not None and now - d.received >= GIVE_BACK_AFTER:
-                run.batch.queue.remove(task)
-                task.status = RETURNED
-                excess -= 1
-                self.on_event(events.Returned(run.id, task.index, "waited for admission: back to its queue"))
+        deliveries = run.deliveries
+        queued = [(t.index, deliveries[t.index].received if t.index in deliveries else None) for t in run.batch.queue]
+        for index in give_back(queued, excess, self.clock.monotonic()):
+            task = run.batch.tasks[index]
+            run.batch.queue.remove(task)
+            task.status = RETURNED
+            self.on_event(events.Returned(run.id, index, "waited for admission: back to its queue"))
         self._settle(run)
         self._finish_if_done(run)
 

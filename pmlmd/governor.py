@@ -211,6 +211,37 @@ def workload(key: Hashable, queued: int, room: int | None, finished: Finished, p
                     avg_cpu=(finished.cpu_sum + sum(cpus)) / cpu_n if cpu_n else None)
 
 
+# Seconds a queue batch's delivery may wait for admission beyond its credit before it goes back
+# to its queue, for a node with room (give_back).
+GIVE_BACK_AFTER = 1.0
+
+
+def intake_credit(held: bool, taking: bool, running: int, admitted: int, holding: int) -> int:
+    """How many deliveries a queue batch's intake may hold after a governor step (its prefetch,
+    AMQP basic.qos): while it takes messages, the deliveries its ``running`` tasks held before the
+    step plus the workers the step ``admitted`` for it (the step's spawns came out of those); held
+    by a user, what it is ``holding`` now (nothing more comes, nothing goes back); else none."""
+    if held:
+        return holding
+    if not taking:
+        return 0
+    return max(running + admitted, 0)
+
+
+def give_back(queued: Sequence[tuple[int, float | None]], excess: int, now: float) -> list[int]:
+    """Which of a queue batch's waiting tasks go back to the broker: ``queued`` is its queue in
+    order, (task index, when its delivery came in, monotonic seconds, or None: no delivery);
+    ``excess`` how many deliveries it holds beyond its credit. From the back of the queue, up to
+    ``excess`` of those that waited GIVE_BACK_AFTER or longer, newest first."""
+    out = []
+    for index, received in reversed(queued):
+        if len(out) >= excess:
+            break
+        if received is not None and now - received >= GIVE_BACK_AFTER:
+            out.append(index)
+    return out
+
+
 def refresh_due(sample: NodeSample, limits: Limits, since_refresh: float, paused: bool) -> bool:
     """Whether the workers are measured again at this sample, ``since_refresh`` seconds after the
     last time: every interval; near the memory limit (below L + G) every FAST_REFRESH, for a

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from pmlmd.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
-                            Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView, Workload, decide,
-                            next_interval, quiet, rate_reference)
+                            GIVE_BACK_AFTER, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView, Workload,
+                            decide, give_back, intake_credit, next_interval, quiet, rate_reference)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -610,3 +610,24 @@ def test_a_batch_profile_averages_finished_and_live_workers_and_peaks_over_the_f
     finished.add(300 * MiB, 10.0)
     w = workload("b", 3, 2, finished, [200 * MiB], [50.0])
     assert (w.avg_rss, w.avg_cpu, w.peak_rss, w.room) == (200 * MiB, 30.0, 300 * MiB, 2)
+
+
+# --- queue batches: intake credit and give-back -----------------------------------------------
+@pytest.mark.parametrize("held, taking, running, admitted, holding, credit", [
+    (False, True, 3, 2, 9, 5),  # what runs plus what this step admitted
+    (False, True, 0, 0, 4, 0),  # nothing admitted: nothing more is taken
+    (False, False, 3, 2, 9, 0),  # no longer taking (cancelled, halted, closing): none
+    (True, True, 3, 2, 9, 9),  # held by a user: keeps what it holds, takes no more
+    (True, False, 0, 0, 2, 2),
+])
+def test_intake_credit(held, taking, running, admitted, holding, credit):
+    assert intake_credit(held, taking, running, admitted, holding) == credit
+
+
+def test_give_back_returns_the_newest_that_waited_long_enough_up_to_the_excess():
+    now = 100.0
+    old, fresh = now - GIVE_BACK_AFTER, now - GIVE_BACK_AFTER / 2
+    queued = [(0, old), (1, None), (2, old), (3, fresh), (4, old)]
+    assert give_back(queued, 2, now) == [4, 2]  # from the back; 3 waited too little, 1 holds no delivery
+    assert give_back(queued, 5, now) == [4, 2, 0]
+    assert give_back(queued, 0, now) == []
