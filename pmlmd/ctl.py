@@ -1090,6 +1090,7 @@ def cmd_status(parser, args) -> int:
     if args.json:
         _print_json(status)
     elif args.batch:
+        replies.BatchStatus.from_json(status)  # a reply it cannot read is said so (main), not a traceback
         print("\n".join(_batch_details(status)))
     else:
         node = replies.NodeStatus.from_json(status)

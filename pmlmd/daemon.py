@@ -1092,10 +1092,10 @@ class Daemon:
                 if not found:
                     raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {batch_id!r} is neither running "
                                                  "nor finished: see 'pmlmctl list'")
-                result = found[0].to_json()
+                summary = found[0]
             else:
-                result = self._summary(run)
-            return protocol.encode_reply({**result, "node": self._node()}, request.request_id)
+                summary = self._batch_summary(run)
+            return protocol.encode_reply(replies.BatchStatus(summary, self._node()).to_json(), request.request_id)
         limits = self.engine.limits
         return protocol.encode_reply(replies.NodeStatus(
             status=self._status_line(), node=self._node(), batches=[self._summary(r) for r in self._ordered()],

@@ -29,8 +29,8 @@ request        result fields (types; units)
                ``total_bytes``, ``free_pct``), ``limits`` (object: the node's limits by
                option name, every one of options.LIMIT_OPTIONS, and ``max_workers``),
                ``workers`` (str: how workers are held), ``batches``
-               (list: the live batches' summaries); with one: its summary
-               (summary.BatchSummary) and ``node``
+               (list: the live batches' summaries); with one (BatchStatus): its
+               ``summary`` (summary.BatchSummary's fields, flat in the body) and ``node``
 ``list``       ``batches`` (list: every batch's summary, finished ones first)
 =============  ======================================================================
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .protocol import BAD_FIELD, ProtocolError
+from .summary import BatchSummary
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,41 @@ class NodeStatus(Result):
 
 
 @dataclass(frozen=True)
+class BatchStatus(Result):
+    """status with a batch: its summary, whose fields are the body's own (as in ``list``), and
+    ``node`` as NodeStatus has it."""
+
+    REQUESTS: ClassVar[tuple[str, ...]] = ("status",)
+    TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"summary": (dict,), "node": (dict, type(None))}
+    summary: BatchSummary
+    node: dict | None
+
+    def to_json(self) -> dict:
+        return {**self.summary.to_json(), "node": self.node}
+
+    @classmethod
+    def from_json(cls, result) -> "BatchStatus":
+        if not isinstance(result, dict):
+            raise ProtocolError(BAD_FIELD, "pmlmd's reply to status is not an object")
+        if "node" not in result:
+            raise ProtocolError(BAD_FIELD, "pmlmd's reply to status has no 'node'")
+        node = result["node"]
+        if not isinstance(node, (dict, type(None))):
+            raise ProtocolError(BAD_FIELD, f"'node' in pmlmd's reply to status has the wrong type "
+                                f"({type(node).__name__})")
+        try:
+            summary = BatchSummary.from_json({k: v for k, v in result.items() if k != "node"})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(BAD_FIELD, f"pmlmd's reply to status is not a batch summary: {e}") from None
+        return cls(summary, node)
+
+
+@dataclass(frozen=True)
 class BatchList(Result):
     REQUESTS: ClassVar[tuple[str, ...]] = ("list",)
     TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"batches": (list,)}
     batches: list
 
 
-BODIES: tuple[type[Result], ...] = (Pong, Started, Control, LogSlice, EventsEnd, NodeStatus, BatchList)
+BODIES: tuple[type[Result], ...] = (Pong, Started, Control, LogSlice, EventsEnd, NodeStatus, BatchStatus,
+                                      BatchList)

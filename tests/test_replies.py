@@ -86,3 +86,18 @@ def test_what_a_real_pmlmd_answers_reads_as_its_body(daemon):
         node = replies.NodeStatus.from_json(client.call("status"))
         assert node.workers and node.limits["interval"] == 0.5 and node.batches == []
         assert [b["batch"] for b in replies.BatchList.from_json(client.call("list")).batches] == [started.batch]
+        answer = client.call("status", batch=started.batch)
+        status = replies.BatchStatus.from_json(answer)
+        assert status.summary.batch == started.batch and status.summary.state == "finished" and status.node
+        assert status.to_json() == answer  # read back as it was sent
+
+
+@pytest.mark.parametrize("result, words", [
+    ({"batch": "7", "node": None}, "not a batch summary"),
+    ({"summary_version": 1, "batch": "7"}, "no 'node'"),
+    ({"node": 3}, "'node'"),
+    ("status", "not an object"),
+])
+def test_a_malformed_batch_status_is_a_protocol_error(result, words):
+    with pytest.raises(protocol.ProtocolError, match=re.escape(words)):
+        replies.BatchStatus.from_json(result)
