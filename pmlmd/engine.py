@@ -1106,7 +1106,7 @@ class Engine:
         run = w.run
         description = run.description or f"pmlmd batch {run.id}"
         if self.cgroups is None:
-            self.scopes.place_later(run.id, description, w.child.pid, True, lambda path: _open_gate(gate_w))
+            self.scopes.place_later(run.id, description, w.child.pid, True, lambda path: self._in_scope(w, gate_w))
             return
         waiting = self.placing.get(run.id)
         if waiting is not None:
@@ -1169,11 +1169,21 @@ class Engine:
         cgroup = tree.place(w.worker_id, w.child.pid)
         if cgroup is None:
             description = w.run.description or f"pmlmd batch {w.run.id}"
-            self.scopes.place_later(w.run.id, description, w.child.pid, True, lambda path: _open_gate(gate_w))
+            self.scopes.place_later(w.run.id, description, w.child.pid, True, lambda path: self._in_scope(w, gate_w))
             return
         w.cgroup = cgroup
         self.uncontained -= 1
+        # Its CPU time is now the new cgroup's (from zero), its memory the kernel's count: the
+        # next reading starts its rates afresh rather than against the /proc figures of its gate.
+        w.cpu, w.ticks, w.measured_at = None, None, None
+        self.settled = -1
         self._guard(tree)  # once its first worker has left the scope's own cgroup
+        _open_gate(gate_w)
+
+    def _in_scope(self, w: Worker, gate_w: int) -> None:
+        """A gated worker was attached to its batch's scope (or logged why not): the cgroup whose
+        cpu.stat says it is idle is looked up again (Worker.scope_stat), and it goes on."""
+        w.scope_stat = None
         _open_gate(gate_w)
 
     def _drop_tree(self, batch_id: str) -> None:

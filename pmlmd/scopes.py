@@ -289,6 +289,7 @@ class SystemdScopes:
         self.paths: dict[str, str] = {}  # batch id -> its scope's cgroup, below the cgroup2 mount
         self.limits = limits  # None: scopes get systemd's defaults, the slice is left alone
         self.off_loop = OffLoop(lambda: open_dbus_connection(bus="SYSTEM"))
+        self.stopping: set[str] = set()  # batches whose StopUnit is asked for and not answered yet
 
     @property
     def fd(self) -> int:
@@ -348,12 +349,13 @@ class SystemdScopes:
             if error is not None:
                 log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, error)
                 done(None)
-            elif path is None:
+            elif path is None and batch_id not in self.stopping:
                 self.forget(batch_id)  # made again with this worker
                 self.place_later(batch_id, description, pid, attach, done)
             else:
-                self.started.add(batch_id)
-                self.paths[batch_id] = path
+                if path is not None and batch_id not in self.stopping:  # (a scope stopped since is not remembered)
+                    self.started.add(batch_id)
+                    self.paths[batch_id] = path
                 done(path)
 
         self.off_loop.submit(call, placed)
@@ -425,9 +427,11 @@ class SystemdScopes:
         is stopped once made.
         """
         self.forget(batch_id)
+        self.stopping.add(batch_id)
         unit = scope_name(batch_id)
 
         def stopped(_, error: BaseException | None) -> None:
+            self.stopping.discard(batch_id)
             if error is None or getattr(error, "name", None) == "org.freedesktop.systemd1.NoSuchUnit":
                 return  # stopped, or already gone with its last process
             log.warning("cannot stop %s: %s", unit, error)
