@@ -392,7 +392,6 @@ class Daemon:
         # Workers waiting at their gates for a scope systemd is making get it (or run where
         # they are), rather than ending at their gates with pmlmd.
         self.scopes.close()
-        self.scopes.deliver()
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():

@@ -537,6 +537,8 @@ class Engine:
         # Nothing moves and nothing waits: samples may stretch (governor.next_interval).
         self.still = (watching and self.settled == len(self.workers) and not self.tally[PAUSED]
                       and not any(run.batch.queue or self._taking(run) for run in self.runs.values()))
+        if self.recent_samples and sample.time < self.recent_samples[-1].time:
+            self.recent_samples.clear()  # a clock that went back (a test's): older samples say nothing
         reference = rate_reference(self.recent_samples, sample.time)
         interval = next_interval(reference, sample, pace, watching=watching, still=self.still)
         while reference is not None and self.recent_samples[0] is not reference:

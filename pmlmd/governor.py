@@ -690,9 +690,9 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     The base interval while far from the limits. While workers run (``watching``), never
     longer than the time the fastest fill (FILL_RATE_MAX) needs to reach the next threshold
     (gap edge, limit, floor): no worker can cross it between two samples, whatever the rate
-    the last two samples showed (two close samples may read the same MemAvailable: the kernel
-    folds its per-CPU counters in lazily). When free memory falls, at most half the time it
-    needs at its measured rate. Near the CPU limit at least four times per base interval (for
+    measured (two close samples may read the same MemAvailable: the kernel folds its per-CPU
+    counters in lazily). When free memory falls since ``previous`` (rate_reference: a sample
+    RATE_SPAN old, or None), at most half the time it needs at that rate. Near the CPU limit at least four times per base interval (for
     turns, rule 5). Never below ``shortest`` while free memory falls at FALLING_FAST or more,
     never below twice that otherwise.
 
@@ -708,7 +708,7 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     limit = limits.memory_limit_bytes(sample.mem_total)
     thresholds = [t for t in (limit + limits.memory_gap, limit, limits.min_free) if t < free]
     interval = longest
-    falling = 0.0  # bytes/s, as the last two samples show it
+    falling = 0.0  # bytes/s, since previous
     if thresholds:
         next_threshold = max(thresholds)
         distance = free - next_threshold

@@ -166,7 +166,7 @@ class BatchStatus(Result):
                                 f"({type(node).__name__})")
         try:
             summary = BatchSummary.from_json({k: v for k, v in result.items() if k != "node"})
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, ArithmeticError) as e:
             raise ProtocolError(BAD_FIELD, f"pmlmd's reply to status is not a batch summary: {e}") from None
         return cls(summary, node)
 

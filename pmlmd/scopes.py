@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
@@ -197,52 +198,60 @@ class OffLoop:
 
     ``submit(call, done)``: ``call(bus)`` runs in the thread, calls in the order submitted; its
     return value (or the exception it raised) is handed to ``done(value, error)`` by ``deliver``,
-    which the loop calls when ``fd`` (an eventfd) is readable.
+    which the loop calls when ``fd`` (an eventfd) is readable. ``pending``: calls submitted
+    whose result has not been handed on yet.
 
     The connection is opened by ``submit``, in the loop's thread, never by the thread itself:
     pmlmd takes on a user's effective ids for a moment to open that user's files, and glibc
     changes them for every thread (workdir._acting_as), so a connection the thread opened at
-    that moment would authenticate as the user. The thread closes a connection that failed;
-    the next ``submit`` opens another."""
+    that moment would authenticate as the user. Each call goes with the connection current when
+    it was submitted; the thread closes one that failed (``failed``), and the next ``submit``
+    opens another."""
 
     def __init__(self, connect: Callable[[], Any]):
         self.connect = connect
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fd: int | None = None
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
-        self.bus = None  # the thread's connection; replaced only by submit, after the thread dropped it
-        self.dropped = threading.Event()  # set by the thread once it closed a failed connection
+        self.bus = None  # the connection calls are submitted with
+        self.failed = None  # the last connection the thread closed after a failure (set by the thread)
+        self.pending = 0
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:  # made when first asked for: a backend given up on at start keeps none
+            self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._fd
 
     def submit(self, call: Callable[[Any], Any], done: Callable[[Any, BaseException | None], None]) -> None:
-        if self.bus is None or self.dropped.is_set():
+        self.pending += 1
+        if self.bus is None or self.bus is self.failed:
             try:
-                bus = self.connect()
+                self.bus = self.connect()
             except Exception as e:  # no bus: this call fails, the next one tries again
+                self.bus = None
                 self._hand_back(done, (None, e))
                 return
-            self.dropped.clear()
-            self.bus = bus
         if self.thread is None:  # started with the first call: pmlmd --release-workers makes none
             self.thread = threading.Thread(target=self._serve, name="pmlmd-systemd", daemon=True)
             self.thread.start()
-        self.calls.put((call, done))
+        self.calls.put((call, done, self.bus))
 
     def _serve(self) -> None:
         while True:
-            call, done = self.calls.get()
+            call, done, bus = self.calls.get()
             if call is None:  # drain's mark: every call before it has been made
                 done.set()
                 continue
-            bus = self.bus
             try:
-                if self.dropped.is_set():
+                if bus is self.failed:
                     raise OSError("the connection to the system bus failed on an earlier call")
                 outcome = (call(bus), None)
             except Exception as e:  # handed to the loop, which logs it
                 outcome = (None, e)
-                if isinstance(e, (OSError, TimeoutError)) and not self.dropped.is_set():
-                    self.dropped.set()  # a reply may still come on it: the next submit opens another
+                if isinstance(e, (OSError, TimeoutError)) and bus is not self.failed:
+                    self.failed = bus  # a reply may still come on it: the next submit opens another
                     with contextlib.suppress(Exception):
                         bus.close()
             self._hand_back(done, outcome)
@@ -255,8 +264,16 @@ class OffLoop:
         """Wait up to ``timeout`` seconds for the calls submitted so far to have been made."""
         if self.thread is not None:
             finished = threading.Event()
-            self.calls.put((None, finished))
+            self.calls.put((None, finished, None))
             finished.wait(timeout)
+
+    def settle(self, timeout: float) -> None:
+        """pmlmd stops: make and hand on every call, also those the results handed on ask for
+        (a scope made again with the next worker, a StopUnit), for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            self.drain(deadline - time.monotonic())
+            self.deliver()
 
     def deliver(self) -> None:
         """In the loop: hand every result ready to its ``done``. Should one raise, the eventfd is
@@ -271,6 +288,7 @@ class OffLoop:
                     done, (value, error) = self.results.get_nowait()
                 except queue.Empty:
                     return
+                self.pending -= 1
                 done(value, error)
         finally:
             if not self.results.empty():
@@ -438,10 +456,12 @@ class SystemdScopes:
 
         self.off_loop.submit(lambda bus: self._call("StopUnit", "ss", (unit, "replace"), bus=bus), stopped)
 
-    def close(self, timeout: float = JOB_TIMEOUT) -> None:
-        """pmlmd stops: let the calls already asked for (a finished batch's StopUnit) go out,
-        waiting up to ``timeout`` seconds for them."""
-        self.off_loop.drain(timeout)
+    def close(self, timeout: float = 2 * JOB_TIMEOUT) -> None:
+        """pmlmd stops: the calls asked for (a new scope for workers at their gates, a finished
+        batch's StopUnit) are made and their results handed on (OffLoop.settle), for up to
+        ``timeout`` seconds. Workers still at their gates then end there, when pmlmd goes, and
+        their tasks run again at its next start (cause daemon-restart)."""
+        self.off_loop.settle(timeout)
 
     def freeze(self, batch_id: str) -> bool:
         return self._freezer("FreezeUnit", batch_id)

@@ -90,6 +90,8 @@ def test_what_a_real_pmlmd_answers_reads_as_its_body(daemon):
         status = replies.BatchStatus.from_json(answer)
         assert status.summary.batch == started.batch and status.summary.state == "finished" and status.node
         assert status.to_json() == answer  # read back as it was sent
+        with pytest.raises(protocol.ProtocolError, match="not a batch summary"):
+            replies.BatchStatus.from_json(dict(answer, elapsed_s=10**400))  # a number no float holds
 
 
 @pytest.mark.parametrize("result, words", [

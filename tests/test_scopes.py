@@ -216,3 +216,16 @@ def test_a_failed_connection_is_replaced_and_a_failing_done_strands_nothing():
     assert connections[0].closed and isinstance(results[0][1], TimeoutError)
     off_loop.submit(lambda bus: bus, lambda value, error: results.append(("again", value, error)))
     assert delivered(off_loop, 2)[1] == ("again", connections[1], None)  # a new connection
+
+
+def test_settling_makes_the_calls_that_results_ask_for_too():
+    results.clear()
+    off_loop = OffLoop(Connection)
+
+    def first_done(value, error):  # as a scope made again with the next worker asks for another call
+        results.append(("first", value))
+        off_loop.submit(lambda bus: 2, lambda value, error: results.append(("second", value)))
+
+    off_loop.submit(lambda bus: 1, first_done)
+    off_loop.settle(10)
+    assert results == [("first", 1), ("second", 2)] and off_loop.pending == 0
