@@ -324,6 +324,7 @@ class Engine:
         # Batches whose scope systemd is making (off the loop: scopes.OffLoop) -> the gated
         # workers that wait for it, each with its gate's write end.
         self.placing: dict[str, list[tuple[Worker, int]]] = {}
+        self.remade: dict[str, int] = {}  # batch id -> times its scope was lost as it was made (SCOPE_REMAKES)
         if self.scopes.fd is not None:
             loop.watch(self.scopes.fd, self.scopes.deliver)
         # Escaped descendants are re-parented to pmlmd rather than init (see lineage).
@@ -1133,6 +1134,7 @@ class Engine:
         waiting = self.placing.pop(run.id, [])
         if self.runs.get(run.id) is not run:
             # The batch ended while systemd made its scope (its workers were ended before they ran).
+            self.remade.pop(run.id, None)
             if scope is not None:
                 self.scopes.stop(run.id)
             for _, gate_w in waiting:
@@ -1147,15 +1149,19 @@ class Engine:
                     live.append((w, gate_w))
                 else:
                     os.close(gate_w)  # it ended at its gate
-            if live and live[0] is not waiting[0]:
-                # The process the scope was made with (or was to be) ended at its gate, and the
-                # scope with it: made again with the next worker that waits.
+            # The process the scope was made with (or was to be) ended at its gate, and the scope
+            # with it; or systemd was still removing the scope of the batch's last worker, and
+            # pmlmd joined that one: made again with the first worker that waits (a few times).
+            lost = scope is not None and self.remade.get(run.id, 0) < SCOPE_REMAKES
+            if live and (live[0] is not waiting[0] or lost):
+                self.remade[run.id] = self.remade.get(run.id, 0) + 1
                 self.placing[run.id] = live
                 description = run.description or f"pmlmd batch {run.id}"
                 self.scopes.place_later(run.id, description, live[0][0].child.pid, False,
                                         lambda made: self._scope_made(run, made))
                 return
             waiting = live  # systemd did not make it (logged): they run where they are
+        self.remade.pop(run.id, None)
         for w, gate_w in waiting:
             if tree is None:
                 _open_gate(gate_w)
@@ -1168,7 +1174,14 @@ class Engine:
         if self.workers.get(w.child.pid) is not w:
             os.close(gate_w)  # it ended at its gate
             return
-        cgroup = tree.place(w.worker_id, w.child.pid)
+        cgroup = tree.place(w.worker_id, w.child.pid) if os.path.isdir(tree.root) else None
+        if cgroup is None and not os.path.isdir(tree.root) and self.cgroups.tree(w.run.id) is tree:
+            # systemd removed (or is removing) the scope with the batch's last worker since pmlmd
+            # looked: made again with this one.
+            self.scopes.forget(w.run.id)
+            self._drop_tree(w.run.id)
+            self._place(w, gate_w)
+            return
         if cgroup is None:
             description = w.run.description or f"pmlmd batch {w.run.id}"
             self.scopes.place_later(w.run.id, description, w.child.pid, True, lambda path: self._in_scope(w, gate_w))
@@ -1669,6 +1682,9 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
 _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 # dash refuses an OPTIND that is not a number, and the gate would end there.
 _SHELL_REFUSES = frozenset({b"OPTIND"})
+
+
+SCOPE_REMAKES = 3  # times a batch's scope is made again when it was gone as soon as made
 
 
 def _open_gate(gate_w: int) -> None:

@@ -215,7 +215,9 @@ class OffLoop:
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.bus = None  # the connection calls are submitted with
-        self.failed = None  # the last connection the thread closed after a failure (set by the thread)
+        # The last connection the thread closed after a failure (set by the thread); at first one
+        # that is no connection at all (a stand-in's connect may return None).
+        self.failed: Any = object()
         self.pending = 0
 
     @property
