@@ -429,11 +429,27 @@ def fairness_trial(tmp: Path, trial: int, n: int, cpu_s: float, interval: float)
     cmd = [*PMLMCTL, "run", "-n", str(n), "-j", str(n), "--cpu-limit", f"{limit:g}", "--interval", str(interval),
            "--trace", str(trace), "--report", str(report), "--", PY, WORKER, "work", "1.5", str(cpu_s), str(cpu_s * n * 4)]
     t0 = time.monotonic()
+    cpu: dict[int, float] = {}  # worker pid -> its CPU seconds at the last look (every 50 ms)
+    at_first_end: dict[int, float] | None = None
     with Tree(cmd) as tree:
-        code = tree.proc.wait(timeout=cpu_s * n * 4 + 30)
+        deadline = t0 + cpu_s * n * 4 + 30
+        while tree.proc.poll() is None and time.monotonic() < deadline:
+            live = {}
+            for p in descendants(tree.pid):
+                try:
+                    if p.cmdline()[2:3] == ["work"]:
+                        live[p.pid] = cpu_seconds(p.pid)
+                except (psutil.NoSuchProcess, OSError):
+                    pass
+            if at_first_end is None and len(cpu) == n and len(live) < n:
+                at_first_end = dict(cpu)  # the last look before the first worker ended
+            cpu.update(live)
+            time.sleep(0.05)
+        code = tree.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     makespan = time.monotonic() - t0
     if code != 0:
         raise RuntimeError(f"pmlmctl run exited {code}")
+    share = min(at_first_end.values()) / max(at_first_end.values()) if at_first_end else None
     rows = read_trace(trace)
     rep = json.loads(report.read_text())
     ends = sorted(datetime.datetime.fromisoformat(a["end"]).timestamp() for t in rep["tasks"] for a in t["attempts"])
@@ -449,7 +465,7 @@ def fairness_trial(tmp: Path, trial: int, n: int, cpu_s: float, interval: float)
         elif r["decision"] == "continue" and r["pid"] in paused_since:
             longest = max(longest, r["t"] - paused_since.pop(r["pid"]))
     return {"makespan_s": makespan, "longest_pause_s": longest, "end_spread_s": ends[-1] - ends[0],
-            "workers_paused": len(pids)}
+            "workers_paused": len(pids), "least_share": share}
 
 
 def scenario_fairness(ctx) -> dict:
@@ -461,13 +477,15 @@ def scenario_fairness(ctx) -> dict:
                      "makespan s": mmm(stats([t["makespan_s"] for t in ts]), 1),
                      "longest pause s": mmm(stats([t["longest_pause_s"] for t in ts]), 2),
                      "÷ interval": fmt(stats([t["longest_pause_s"] for t in ts])["max"] / interval, 1),
-                     "first to last end s": mmm(stats([t["end_spread_s"] for t in ts]), 2), "_raw": ts})
+                     "first to last end s": mmm(stats([t["end_spread_s"] for t in ts]), 2),
+                     "least ÷ most CPU at first end": mmm(stats([t["least_share"] for t in ts]), 2), "_raw": ts})
     return {"title": "2b. CPU fairness: equal burners, room for one", "rows": rows,
             "notes": [f"{n} burners of {cpu_s:g} CPU-seconds each, admitted idle (they sleep 1.5 s first), -j {n}, "
                       "--cpu-limit 100/cores (one core's worth); "
                       "longest pause = longest time from a pause decision to the continue of the same worker "
-                      "(trace); first to last end: how far apart the equal workers finish; GNU parallel and xargs "
-                      "have no CPU limit to share"]}
+                      "(trace); first to last end: how far apart the equal workers finish; least ÷ most CPU at "
+                      "first end: each worker's CPU time (/proc/PID/stat, read every 50 ms) just before the first "
+                      "one ended, the least over the most; GNU parallel and xargs have no CPU limit to share"]}
 
 
 # ---------------------------------------------------------------- scenario 3: overhead
