@@ -530,8 +530,9 @@ class Scoped:
 
     def charges(self, worker: Worker) -> bool:
         """Whether the kernel counts ``worker``'s memory: its batch's subtree has the memory controller."""
-        root = os.path.dirname(worker.path)
-        return any(tree.memory for tree in self.trees.values() if tree.root == root)
+        root = os.path.dirname(worker.path)  # SCOPE/workers: the batch is the scope's
+        tree = self.trees.get(batch_of_scope(os.path.basename(os.path.dirname(root))) or "")
+        return tree is not None and tree.root == root and tree.memory
 
     def cpu_usec(self) -> int | None:
         """CPU time of every worker cgroup of the batches placed here, in microseconds."""

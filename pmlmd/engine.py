@@ -65,6 +65,7 @@ NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGST
 # A queue batch (see intake) asks admission for as many workers as it will give: its queue is the
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
 OPEN_DEMAND = 1 << 20
+SCOPE_REMAKES = 3  # times a batch's scope is made again when it was gone as soon as made
 
 
 class Loop:
@@ -205,6 +206,11 @@ class BatchRun:
     @property
     def id(self) -> str:
         return self.batch.spec.batch_id
+
+    @property
+    def scope_description(self) -> str:
+        """The Description= of its systemd scope."""
+        return self.description or f"pmlmd batch {self.id}"
 
 
 @dataclass
@@ -1107,26 +1113,20 @@ class Engine:
         worker waits at its gate meanwhile, watched like any other, and so do the batch's workers
         started before its scope is there."""
         run = w.run
-        description = run.description or f"pmlmd batch {run.id}"
         if self.cgroups is None:
-            self.scopes.place_later(run.id, description, w.child.pid, True, lambda path: self._in_scope(w, gate_w))
+            self._attach(w, gate_w)
             return
         waiting = self.placing.get(run.id)
         if waiting is not None:
             waiting.append((w, gate_w))
             return
         tree = self.cgroups.tree(run.id)
-        if tree is not None and not os.path.isdir(os.path.dirname(tree.root)):
-            # systemd removed the scope once its last process had gone (between two of its
-            # workers): it is made again with this one.
-            self.scopes.forget(run.id)
-            self._drop_tree(run.id)
-            tree = None
         if tree is not None:
-            self._into_tree(w, gate_w, tree)
+            self._into_tree(w, gate_w, tree)  # (made again with this worker, should systemd have removed it)
             return
         self.placing[run.id] = [(w, gate_w)]
-        self.scopes.place_later(run.id, description, w.child.pid, False, lambda scope: self._scope_made(run, scope))
+        self.scopes.place_later(run.id, run.scope_description, w.child.pid, False,
+                                lambda scope: self._scope_made(run, scope))
 
     def _scope_made(self, run: BatchRun, scope: str | None) -> None:
         """systemd made the batch's scope (``scope``: its cgroup) with its first worker, or did not
@@ -1156,8 +1156,7 @@ class Engine:
             if live and (live[0] is not waiting[0] or lost):
                 self.remade[run.id] = self.remade.get(run.id, 0) + 1
                 self.placing[run.id] = live
-                description = run.description or f"pmlmd batch {run.id}"
-                self.scopes.place_later(run.id, description, live[0][0].child.pid, False,
+                self.scopes.place_later(run.id, run.scope_description, live[0][0].child.pid, False,
                                         lambda made: self._scope_made(run, made))
                 return
             waiting = live  # systemd did not make it (logged): they run where they are
@@ -1176,15 +1175,14 @@ class Engine:
             return
         cgroup = tree.place(w.worker_id, w.child.pid) if os.path.isdir(tree.root) else None
         if cgroup is None and not os.path.isdir(tree.root) and self.cgroups.tree(w.run.id) is tree:
-            # systemd removed (or is removing) the scope with the batch's last worker since pmlmd
-            # looked: made again with this one.
+            # systemd removed (or is removing) the scope once the batch's last worker had gone:
+            # made again with this one.
             self.scopes.forget(w.run.id)
             self._drop_tree(w.run.id)
             self._place(w, gate_w)
             return
         if cgroup is None:
-            description = w.run.description or f"pmlmd batch {w.run.id}"
-            self.scopes.place_later(w.run.id, description, w.child.pid, True, lambda path: self._in_scope(w, gate_w))
+            self._attach(w, gate_w)
             return
         w.cgroup = cgroup
         self.uncontained -= 1
@@ -1195,11 +1193,15 @@ class Engine:
         self._guard(tree)  # once its first worker has left the scope's own cgroup
         _open_gate(gate_w)
 
-    def _in_scope(self, w: Worker, gate_w: int) -> None:
-        """A gated worker was attached to its batch's scope (or logged why not): the cgroup whose
-        cpu.stat says it is idle is looked up again (Worker.scope_stat), and it goes on."""
-        w.scope_stat = None
-        _open_gate(gate_w)
+    def _attach(self, w: Worker, gate_w: int) -> None:
+        """Put a gated worker into its batch's scope itself (followed through /proc there). Once
+        it is in (or logged why not), the cgroup whose cpu.stat says it is idle is looked up again
+        (Worker.scope_stat), and it goes on."""
+        def attached(path: str | None) -> None:
+            w.scope_stat = None
+            _open_gate(gate_w)
+
+        self.scopes.place_later(w.run.id, w.run.scope_description, w.child.pid, True, attached)
 
     def _drop_tree(self, batch_id: str) -> None:
         """The batch's scope is over (or gone, or no longer pmlmd's): its subtree and guard go."""
@@ -1682,9 +1684,6 @@ ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512)
 _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 # dash refuses an OPTIND that is not a number, and the gate would end there.
 _SHELL_REFUSES = frozenset({b"OPTIND"})
-
-
-SCOPE_REMAKES = 3  # times a batch's scope is made again when it was gone as soon as made
 
 
 def _open_gate(gate_w: int) -> None:

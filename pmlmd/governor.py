@@ -683,8 +683,8 @@ def rate_reference(recent: Sequence[NodeSample], now: float) -> NodeSample | Non
     return reference
 
 
-def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits,
-                  shortest: float = SHORTEST_INTERVAL, watching: bool = True, still: bool = False) -> float:
+def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, watching: bool = True,
+                  still: bool = False) -> float:
     """How long to wait before the next node sample, in seconds.
 
     The base interval while far from the limits. While workers run (``watching``), never
@@ -692,9 +692,9 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
     (gap edge, limit, floor): no worker can cross it between two samples, whatever the rate
     measured (two close samples may read the same MemAvailable: the kernel folds its per-CPU
     counters in lazily). When free memory falls since ``previous`` (rate_reference: a sample
-    RATE_SPAN old, or None), at most half the time it needs at that rate. Near the CPU limit at least four times per base interval (for
-    turns, rule 5). Never below ``shortest`` while free memory falls at FALLING_FAST or more,
-    never below twice that otherwise.
+    RATE_SPAN old, or None), at most half the time it needs at that rate. Near the CPU limit at
+    least four times per base interval (for turns, rule 5). Never below SHORTEST_INTERVAL while
+    free memory falls at FALLING_FAST or more, never below twice that otherwise.
 
     ``still``: every worker stood still at the last refresh (no CPU time, no growth), none is
     paused and no batch waits to be admitted. Up to STILL_STRETCH base intervals then, within the
@@ -724,4 +724,5 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
         interval = base / 5  # already below the floor: watch closely
     if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
         interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
-    return max(shortest if falling >= FALLING_FAST else 2 * shortest, min(longest, interval))
+    shortest = SHORTEST_INTERVAL if falling >= FALLING_FAST else 2 * SHORTEST_INTERVAL
+    return max(shortest, min(longest, interval))

@@ -368,15 +368,17 @@ class SystemdScopes:
         def placed(path: str | None, error: BaseException | None) -> None:  # in the loop
             if error is not None:
                 log.warning("worker %d of batch %s runs outside its scope %s: %s", pid, batch_id, unit, error)
-                done(None)
-            elif path is None and batch_id not in self.stopping:
-                self.forget(batch_id)  # made again with this worker
+                path = None
+            elif batch_id in self.stopping:
+                pass  # a scope stopped since is neither remembered nor made again
+            elif path is None:
+                self.forget(batch_id)  # gone with its last process: made again with this worker
                 self.place_later(batch_id, description, pid, attach, done)
+                return
             else:
-                if path is not None and batch_id not in self.stopping:  # (a scope stopped since is not remembered)
-                    self.started.add(batch_id)
-                    self.paths[batch_id] = path
-                done(path)
+                self.started.add(batch_id)
+                self.paths[batch_id] = path
+            done(path)
 
         self.off_loop.submit(call, placed)
 
