@@ -32,7 +32,7 @@ PY = sys.executable
 MIB = 1 << 20
 ENV = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "PMLM_SOCKET")}
 ENV["PYTHONPATH"] = str(ROOT) + (os.pathsep + ENV["PYTHONPATH"] if ENV.get("PYTHONPATH") else "")
-PMLMCTL = [PY, "-m", "pmlmd.ctl"]
+PMLMCTL = [PY, "-m", "pmlmd.client.ctl"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -121,7 +121,7 @@ def count_named(pid: int, name: str) -> int:
 
 def discard_cgroups(kind: str, key: str) -> None:
     """Kill what is left in the worker cgroups of a pmlmd or pmlmctl run that was killed, and remove them."""
-    from pmlmd import cgroup
+    from pmlmd.node import cgroup
 
     subtree = cgroup.existing(cgroup.subtree_name(kind, key))
     if subtree is not None:
@@ -202,7 +202,7 @@ class Daemon:
                           "--state-dir", str(base / "state"), "--log-target", "console"],
                          stdout=self.log, stderr=self.log)
         self.pid = self.tree.pid
-        from pmlmd.client import Client, Unreachable
+        from pmlmd.client.connection import Client, Unreachable
         deadline = time.monotonic() + 30
         try:
             while True:
@@ -767,7 +767,7 @@ def scenario_scale(ctx) -> dict:
         while count_named(d.pid, "sleep") and time.monotonic() < deadline:
             time.sleep(0.2)
     return {"title": "6. Scale (daemon)", "rows": rows,
-            "notes": ["status latency: pmlmd.client.Client.call('status') in the bench process, every 50 ms, "
+            "notes": ["status latency: pmlmd.client.connection.Client.call('status') in the bench process, every 50 ms, "
                       "while the load runs; CLI: wall time of a whole `pmlmctl status` process (Python start-up included)",
                       "daemon: max_workers 1100, cpu_limit 100, cpu_margin 0, memfree_limit 5, scope_backend none"]}
 
@@ -777,7 +777,7 @@ def scenario_scale(ctx) -> dict:
 READERS = 6
 READER = """
 import sys, time
-from pmlmd.client import Client
+from pmlmd.client.connection import Client
 socket, batch, until = sys.argv[1], sys.argv[2], float(sys.argv[3])
 n = 0
 with Client(socket) as c:
@@ -788,7 +788,7 @@ print(n)
 """
 PINGER = """
 import sys, time, json
-from pmlmd.client import Client
+from pmlmd.client.connection import Client
 # argv: socket, until [, period (default 0.01 s) [, start: wall time of the first ping]]
 lat = []
 period = float(sys.argv[3]) if len(sys.argv) > 3 else 0.01
@@ -938,7 +938,7 @@ LATENCY_TINY_ARG = "0.01"
 # batch running they span a few seconds, so the decisions are followed live, by a client of their own.
 DECISIONS = """
 import sys, json
-from pmlmd.client import Client
+from pmlmd.client.connection import Client
 socket, batch, start, until = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 lat = []
 with Client(socket) as c:

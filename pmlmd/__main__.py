@@ -2,6 +2,6 @@
 
 import sys
 
-from .daemon import main
+from .daemon.service import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ The engine owns every worker process. Each step it samples the node, refreshes t
 worker table from /proc, asks the governor and carries the decisions out; exits
 arrive through pidfds. It is shared by the foreground runner (``pmlmctl run``, one
 batch) and the daemon (many batches, priorities, users). It reports what happens
-as typed events (pmlmd.events) through ``on_event``; it writes no files and owns no sockets.
+as typed events (pmlmd.core.events) through ``on_event``; it writes no files and owns no sockets.
 """
 
 from __future__ import annotations
@@ -27,20 +27,22 @@ from typing import Callable
 
 import zmq
 
-from . import cgroup as cgroups_module, events, lifecycle, lineage, procctl, tasklines
-from .batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
+from .node import cgroup as cgroups_module, lineage, procctl
+
+from .core import events, lifecycle, tasklines
+from .core.batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
-from .intake import REFUSED
-from .governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
+from .broker.intake import REFUSED
+from .core.governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
                        NodeSample, WorkerView, Workload, decide_batches, free_bytes, give_back, intake_credit,
                        next_interval, rate_reference, refresh_due, workload)
-from .governor import quiet as governor_quiet
-from .sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
+from .core.governor import quiet as governor_quiet
+from .node.sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
-from .scopes import NoScopes
-from .systemd import decision_fields
-from .workdir import DirectoryError
+from .node.scopes import NoScopes
+from .node.systemd import decision_fields
+from .node.workdir import DirectoryError
 
 log = logging.getLogger("pmlmd.engine")
 
@@ -364,7 +366,7 @@ class Engine:
         self.next_sample_at = 0.0
         spec = run.batch.spec.intake
         if spec is not None and run.intake is None:
-            from .intake import Intake  # pika: only for a queue batch
+            from .broker.intake import Intake  # pika: only for a queue batch
 
             run.intake = Intake(spec.url, spec.queue, dead_letter=spec.dead_letter, watch_depth=spec.until_empty)
             _restored_counters(run)

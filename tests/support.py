@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from pmlmd.sampler import ProcReader
-from pmlmd.scopes import NoScopes
+from pmlmd.node.sampler import ProcReader
+from pmlmd.node.scopes import NoScopes
 
 HELPERS = Path(__file__).parent / "helpers"
 BURN = str(HELPERS / "burn.py")
@@ -63,7 +63,7 @@ def process_state(pid: int) -> str:
 
 def frozen(pid: int) -> bool:
     """Is the process in a cgroup v2 that is frozen (cgroup.events "frozen 1")?"""
-    from pmlmd import cgroup
+    from pmlmd.node import cgroup
 
     relative, mount = cgroup.own_cgroup(str(pid)), cgroup.cgroup2_mount()
     if not relative or relative == "/" or mount is None:
@@ -81,7 +81,7 @@ class PmlmRun:
     def __init__(self, tmp_path: Path, args: list[str], stdin=None):
         self.trace_path = tmp_path / f"trace-{id(self)}.jsonl"
         self.report_path = tmp_path / f"report-{id(self)}.json"
-        cmd = [sys.executable, "-m", "pmlmd.ctl", "run", "--trace", str(self.trace_path),
+        cmd = [sys.executable, "-m", "pmlmd.client.ctl", "run", "--trace", str(self.trace_path),
                "--report", str(self.report_path), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -126,9 +126,9 @@ class EngineRun:
     that drive the engine step by step; every worker ends with the ``with``."""
 
     def __init__(self, command: list[str], tasks: int, limits=None, batch_id: str = "t", **engine_kw):
-        from pmlmd.batch import Batch, BatchSpec
+        from pmlmd.core.batch import Batch, BatchSpec
         from pmlmd.engine import BatchRun, Engine, Loop
-        from pmlmd.governor import Limits
+        from pmlmd.core.governor import Limits
 
         limits = limits or Limits(cpu_limit=100)
         self.loop = Loop()
@@ -161,7 +161,7 @@ class EngineRun:
 def remove_cgroups(kind: str, key: str) -> None:
     """Teardown: kill what is left in the worker cgroups of a pmlmd or pmlmctl run (cgroup backend)
     and remove them, so that no test leaves cgroups behind."""
-    from pmlmd import cgroup
+    from pmlmd.node import cgroup
 
     subtree = cgroup.existing(cgroup.subtree_name(kind, key))
     if subtree is not None:
@@ -339,11 +339,11 @@ class Daemon:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def ctl(self, *args: str, timeout: float = 60.0, stdin: str | None = None, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pmlmd.ctl", "--socket", self.socket, *args], input=stdin,
+        return subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", "--socket", self.socket, *args], input=stdin,
                               capture_output=True, text=True, timeout=timeout, **kw)
 
     def client(self):
-        from pmlmd.client import Client
+        from pmlmd.client.connection import Client
         return Client(self.socket)
 
     def worker_pids(self) -> list[tuple[int, int]]:

@@ -6,9 +6,9 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pmlmd.batch import (BIN_WIDTH, BINS, CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CANCELLED,
+from pmlmd.core.batch import (BIN_WIDTH, BINS, CAUSE_CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CANCELLED,
                          EXACT_SAMPLES, FAILED, GIVEN_UP, QUEUED, SUCCEEDED, Batch, BatchSpec, Series)
-from pmlmd.governor import Limits
+from pmlmd.core.governor import Limits
 
 
 def make_batch(n=2, retries=3, retry_failed=0):
@@ -142,10 +142,10 @@ def test_series_keeps_values_outside_the_bins_in_min_and_max():
     assert series.summary() == {"min": -5.0, "median": 50.0, "max": 150.0, "samples": EXACT_SAMPLES + 3}
 
 
-# --- a queue batch (tasks from an AMQP queue, see pmlmd.intake): open-ended, its tasks go back ----------
+# --- a queue batch (tasks from an AMQP queue, see pmlmd.broker.intake): open-ended, its tasks go back ----------
 
 def make_queue_batch(retries=1, retry_failed=0):
-    from pmlmd.batch import IntakeSpec
+    from pmlmd.core.batch import IntakeSpec
 
     spec = BatchSpec(batch_id="q1", command=["true"], tasks=[], limits=Limits(), retries=retries,
                      retry_failed=retry_failed, intake=IntakeSpec(url="amqp://u:p@broker/", queue="jobs"))

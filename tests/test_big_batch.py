@@ -10,11 +10,11 @@ import signal
 import sqlite3
 import tracemalloc
 
-from pmlmd.batch import (CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, QUEUED, RUNNING, SUCCEEDED, Batch, BatchSpec,
+from pmlmd.core.batch import (CANCELLED, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, QUEUED, RUNNING, SUCCEEDED, Batch, BatchSpec,
                          Blank)
-from pmlmd.bounds import MAX_TASKS
-from pmlmd.governor import Limits
-from pmlmd.store import Store
+from pmlmd.core.bounds import MAX_TASKS
+from pmlmd.core.governor import Limits
+from pmlmd.daemon.store import Store
 
 from support import wait_for
 

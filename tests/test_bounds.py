@@ -1,6 +1,6 @@
 """Numbers pmlmd accepts are numbers it can compute with, and no stored batch can take the daemon down.
 
-One table, ``pmlmd/bounds.py``, gives every number its kind and range; the control protocol,
+One table, ``pmlmd/core/bounds.py``, gives every number its kind and range; the control protocol,
 pmlmd.toml and pmlmctl's options are all checked against it. Here: the three agree at every
 edge of every range; values that once passed validation and then broke the governor's
 arithmetic (10**400 bytes for ``min_free``, floats near 1e308, nan and inf spelled in JSON,
@@ -31,15 +31,15 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlmd import protocol
-from pmlmd.bounds import BOUNDS, INTEGER, MAX_SIZE, SIZE
-from pmlmd.config import Config, ConfigError, load_config
-from pmlmd.ctl import build_parser
-from pmlmd.governor import (PAUSED, ENDING, RUNNING, Limits, NodeSample, SHORTEST_INTERVAL, WorkerView, Workload, decide,
+from pmlmd.core import protocol
+from pmlmd.core.bounds import BOUNDS, INTEGER, MAX_SIZE, SIZE
+from pmlmd.daemon.config import Config, ConfigError, load_config
+from pmlmd.client.ctl import build_parser
+from pmlmd.core.governor import (PAUSED, ENDING, RUNNING, Limits, NodeSample, SHORTEST_INTERVAL, WorkerView, Workload, decide,
                             next_interval)
-from pmlmd.options import tighten
-from pmlmd.sampler import ProcReader
-from pmlmd.store import SCHEMA, SCHEMA_VERSION
+from pmlmd.core.options import tighten
+from pmlmd.node.sampler import ProcReader
+from pmlmd.daemon.store import SCHEMA, SCHEMA_VERSION
 
 from support import Daemon, wait_for
 
@@ -200,7 +200,7 @@ CLI_POISON = [
 @pytest.mark.parametrize("option,value", CLI_POISON, ids=lambda v: str(v)[:24])
 def test_cli_refuses_poison_with_one_line_and_exit_2(option, value):
     for command in ("run", "submit"):
-        result = subprocess.run([sys.executable, "-m", "pmlmd.ctl", "--socket", "/nonexistent/ctl.sock", command,
+        result = subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", "--socket", "/nonexistent/ctl.sock", command,
                                  option, value, "--", "true"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
@@ -211,7 +211,7 @@ def test_cli_refuses_poison_with_one_line_and_exit_2(option, value):
 def test_cli_refuses_a_tasks_file_beyond_the_task_count(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.write_text("x\n" * (BOUNDS["tasks"].high + 1))
-    result = subprocess.run([sys.executable, "-m", "pmlmd.ctl", "run", "--tasks-file", str(tasks), "--", "echo", "{}"],
+    result = subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", "run", "--tasks-file", str(tasks), "--", "echo", "{}"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"more than the {BOUNDS['tasks'].high}" in result.stderr and "split it" in result.stderr

@@ -1,4 +1,4 @@
-"""The cgroup backend: each worker in a cgroup v2 of its own (pmlmd/cgroup.py).
+"""The cgroup backend: each worker in a cgroup v2 of its own (pmlmd/node/cgroup.py).
 
 Against the real cgroup2 hierarchy of this host (on the hybrid test machines the unified
 hierarchy at /sys/fs/cgroup/unified, which has no controllers: membership, the freezer,
@@ -18,9 +18,9 @@ import threading
 
 import pytest
 
-from pmlmd import cgroup
-from pmlmd.governor import Limits
-from pmlmd.scopes import OffLoop
+from pmlmd.node import cgroup
+from pmlmd.core.governor import Limits
+from pmlmd.node.scopes import OffLoop
 from support import CgroupScopes, EngineRun, group_states, process_state, wait_for
 
 PY = sys.executable
@@ -104,7 +104,7 @@ def test_the_mount_is_read_from_mountinfo(tmp_path):
 
 
 def test_pmlmctl_run_refuses_a_cgroup_backend_it_cannot_have_and_names_the_way_out(monkeypatch):
-    from pmlmd import ctl
+    from pmlmd.client import ctl
 
     monkeypatch.setattr(cgroup, "cgroup2_mount", lambda mountinfo=None: None)  # as on a cgroup v1-only host
     with pytest.raises(SystemExit) as e:
@@ -179,8 +179,8 @@ def test_idle_workers_cgroups_are_not_read_and_a_busy_one_is(subtree):
     that used CPU has its members read. Idle workers keep what they last measured, CPU 0."""
     import time
 
-    from pmlmd.governor import Limits
-    from pmlmd.sampler import CLOCK_TICKS
+    from pmlmd.core.governor import Limits
+    from pmlmd.node.sampler import CLOCK_TICKS
     from test_refresh import CountingProc
 
     proc = CountingProc()

@@ -7,7 +7,7 @@ import pytest
 
 
 def pmlmctl(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "pmlmd.ctl", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", *args], input=stdin, capture_output=True, text=True,
                           timeout=30)
 
 
@@ -65,10 +65,10 @@ def test_the_commands_that_talk_to_the_daemon_load_no_engine_and_nothing_of_syst
     """pmlmctl status (and every command but run) needs the protocol and the client: not the engine,
     the sampler, process control, scopes, D-Bus or python-systemd, whose import costs time and
     which a client node need not have."""
-    program = ("import sys, pmlmd.ctl\n"
-               "code = pmlmd.ctl.main(['--socket', sys.argv[1], 'status'])\n"
-               "heavy = ['pmlmd.engine', 'pmlmd.runner', 'pmlmd.sampler', 'pmlmd.procctl', 'pmlmd.scopes',\n"
-               "         'pmlmd.systemd', 'pmlmd.intake', 'jeepney', 'systemd', 'pika']\n"
+    program = ("import sys, pmlmd.client.ctl\n"
+               "code = pmlmd.client.ctl.main(['--socket', sys.argv[1], 'status'])\n"
+               "heavy = ['pmlmd.engine', 'pmlmd.client.runner', 'pmlmd.node.sampler', 'pmlmd.node.procctl', 'pmlmd.node.scopes',\n"
+               "         'pmlmd.node.systemd', 'pmlmd.broker.intake', 'jeepney', 'systemd', 'pika']\n"
                "print(sorted(m for m in heavy if m in sys.modules), code)\n")
     result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none.sock")], capture_output=True,
                             text=True, timeout=60)

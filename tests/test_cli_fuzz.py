@@ -16,7 +16,7 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlmd.ctl import build_parser
+from pmlmd.client.ctl import build_parser
 
 PY = sys.executable
 
@@ -53,7 +53,7 @@ def command_lines(draw) -> list[str]:
 @given(argv=command_lines())
 def test_no_input_gives_a_traceback(tmp_path_factory, argv):
     socket = str(tmp_path_factory.mktemp("cli") / "none.sock")
-    result = subprocess.run([PY, "-m", "pmlmd.ctl", "--socket", socket, *argv], capture_output=True, timeout=60,
+    result = subprocess.run([PY, "-m", "pmlmd.client.ctl", "--socket", socket, *argv], capture_output=True, timeout=60,
                             stdin=subprocess.DEVNULL, cwd=tmp_path_factory.getbasetemp())
     stderr = result.stderr.decode(errors="replace")
     assert "Traceback" not in stderr, (argv, stderr)

@@ -9,7 +9,7 @@ import argparse
 
 import pytest
 
-from pmlmd.ctl import build_parser
+from pmlmd.client.ctl import build_parser
 
 SCRIPT = Path(__file__).parent.parent / "etc" / "bash_completion.d" / "pmlmctl"
 FRAMEWORK = Path("/usr/share/bash-completion/bash_completion")
@@ -30,7 +30,7 @@ def complete(line: str, socket: str = "/nonexistent.sock") -> list[str]:
 
 
 def _subcommands() -> dict:
-    from pmlmd.ctl import build_parser
+    from pmlmd.client.ctl import build_parser
 
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd import config
-from pmlmd.config import Config, ConfigError, load_config
-from pmlmd.governor import Limits
+from pmlmd.daemon import config
+from pmlmd.daemon.config import Config, ConfigError, load_config
+from pmlmd.core.governor import Limits
 
 SHIPPED = Path(__file__).parent.parent / "etc" / "pmlmd" / "pmlmd.toml"
 # A setting in the shipped file: "# key = value" on a line of its own.

@@ -131,7 +131,7 @@ def test_halt_counts_tasks_not_attempts(pmlm, tmp_path):
 
 def test_halt_is_checked_like_every_option(pmlm):
     for value in ("sometime,fail=1", "soon,success=1", "now,fail=0", "soon,fail=0.5%"):
-        result = subprocess.run([PY, "-m", "pmlmd.ctl", "run", "--halt", value, "--", "true"], capture_output=True,
+        result = subprocess.run([PY, "-m", "pmlmd.client.ctl", "run", "--halt", value, "--", "true"], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, value
         assert "--halt must be now,fail=N or soon,fail=N" in result.stderr or "--halt fail= takes" in result.stderr
@@ -250,7 +250,7 @@ def test_the_appended_line_counts_in_the_exec_size_check(tmp_path):
     # bytes fits once ($PMLM_TASK) but not twice (appended as well).
     tasks = tmp_path / "tasks"
     tasks.write_text("x" * 70000 + "\n")
-    command = ["prlimit", "--stack=524288", PY, "-m", "pmlmd.ctl", "run", "--tasks-file", str(tasks)]
+    command = ["prlimit", "--stack=524288", PY, "-m", "pmlmd.client.ctl", "run", "--tasks-file", str(tasks)]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     appended = subprocess.run(command + ["--", "true"], capture_output=True, text=True, timeout=60, env=env)
     assert appended.returncode == 2, appended.stderr

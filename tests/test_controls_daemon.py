@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd import protocol
+from pmlmd.core import protocol
 
 from support import group_states, wait_for
 # The users, their daemon and the cleanup that cancels what a test leaves running.

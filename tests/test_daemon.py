@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pmlmd import ctl, protocol
+from pmlmd.client import ctl
+
+from pmlmd.core import protocol
 
 from support import BURN, group_states, wait_for
 from test_daemon_auth import wait_event
@@ -74,7 +76,7 @@ def test_ready_status_and_stopping_reach_systemd(daemon):
 
 
 def test_client_without_a_daemon_exits_4_with_one_clear_line(tmp_path):
-    result = subprocess.run([PY, "-m", "pmlmd.ctl", "--socket", str(tmp_path / "none.sock"), "status"],
+    result = subprocess.run([PY, "-m", "pmlmd.client.ctl", "--socket", str(tmp_path / "none.sock"), "status"],
                             capture_output=True, text=True)
     assert result.returncode == 4
     assert result.stderr.startswith(f"pmlmctl: pmlmd is not running: cannot connect to {tmp_path / 'none.sock'}")
@@ -104,7 +106,7 @@ def test_unwritable_state_dir_is_refused_clearly(daemon_factory):
 
 
 def test_status_shows_every_limit_the_node_sets(daemon_factory):
-    from pmlmd.options import LIMIT_OPTIONS
+    from pmlmd.core.options import LIMIT_OPTIONS
 
     daemon = daemon_factory("[limits]\ncpu_margin = 7\nmemory_metric = 'free'\n").start()
     limits = status(daemon)["limits"]
@@ -149,7 +151,7 @@ def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):
 
 
 def test_events_follow_streams_decisions_and_task_ends(daemon):
-    follower = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "events", "--follow",
+    follower = subprocess.Popen([PY, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "events", "--follow",
                                  "--json"], stdout=subprocess.PIPE, text=True)
     try:
         batch = daemon.ctl("submit", "-n", "2", "--", "true").stdout.strip()
@@ -196,7 +198,7 @@ def _wait_for_gated_task(daemon, go, before: str, after: str, meanwhile) -> tupl
     """Run ``submit --wait`` of one task that prints ``before``, waits for the file ``go`` and
     prints ``after``; call ``meanwhile(waiter)`` while it waits, then create ``go``. The rest of
     the waiter's stdout and its stderr; it must have succeeded."""
-    waiter = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "submit", "--wait",
+    waiter = subprocess.Popen([sys.executable, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "submit", "--wait",
                                "--", "sh", "-c", f"{before}; while [ ! -e {go} ]; do sleep 0.05; done; {after}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

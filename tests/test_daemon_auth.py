@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pmlmd import protocol
-from pmlmd.client import Client, Unreachable
+from pmlmd.core import protocol
+from pmlmd.client.connection import Client, Unreachable
 
 from support import Daemon
 

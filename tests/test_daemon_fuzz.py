@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
-from pmlmd import protocol
-from pmlmd.protocol import ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, REQUESTS, TOO_LARGE, ProtocolError, Request
+from pmlmd.core import protocol
+from pmlmd.core.protocol import ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, REQUESTS, TOO_LARGE, ProtocolError, Request
 
 from support import Daemon
 

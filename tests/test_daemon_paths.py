@@ -29,8 +29,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pmlmd import procctl, protocol, workdir
-from pmlmd.daemon import GROUPS_TTL
+from pmlmd.node import procctl, workdir
+
+from pmlmd.core import protocol
+from pmlmd.daemon.service import GROUPS_TTL
 
 from support import Daemon, wait_for
 # no_batch_outlives_the_test: the autouse cleanup of test_daemon_auth, for this module's daemon too.

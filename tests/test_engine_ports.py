@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd import procctl
-from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
+from pmlmd.node import procctl
+from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
-from pmlmd.events import End, Event, Timeout
-from pmlmd.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
-from pmlmd.sampler import PAGE_SIZE, ProcReader
-from pmlmd.scopes import NoScopes
+from pmlmd.core.events import End, Event, Timeout
+from pmlmd.core.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
+from pmlmd.node.sampler import PAGE_SIZE, ProcReader
+from pmlmd.node.scopes import NoScopes
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -20,7 +20,7 @@ from support import wait_for
 
 
 def pmlmctl(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pmlmd.ctl", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", *args], input=stdin, capture_output=True,
                           timeout=timeout)
 
 
@@ -138,7 +138,7 @@ def test_a_broker_stopped_midway_is_exit_4_and_every_task_counted_as_enqueued_is
     queue = fresh_queue()
     broker.declare(queue)
     total = 50_000
-    proc = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "enqueue", "--amqp", broker.url, "--queue", queue,
+    proc = subprocess.Popen([sys.executable, "-m", "pmlmd.client.ctl", "enqueue", "--amqp", broker.url, "--queue", queue,
                              "--tasks-file", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -226,7 +226,7 @@ def test_progress_is_drawn_on_a_terminal(broker):
     queue = fresh_queue()
     controller, terminal = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "enqueue", "--amqp", broker.url, "--queue",
+        proc = subprocess.Popen([sys.executable, "-m", "pmlmd.client.ctl", "enqueue", "--amqp", broker.url, "--queue",
                                  queue, "--tasks-file", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=terminal)
         os.close(terminal)
@@ -252,8 +252,8 @@ def test_progress_is_drawn_on_a_terminal(broker):
 
 def test_status_never_loads_pika(tmp_path):
     # A node without pika (or a broker) still gets status, list and the rest.
-    program = ("import sys, pmlmd.ctl\n"
-               "code = pmlmd.ctl.main(['--socket', sys.argv[1], 'status'])\n"
+    program = ("import sys, pmlmd.client.ctl\n"
+               "code = pmlmd.client.ctl.main(['--socket', sys.argv[1], 'status'])\n"
                "print('pika' in sys.modules, code)\n")
     result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none.sock")], capture_output=True,
                             text=True, timeout=60)
@@ -261,7 +261,7 @@ def test_status_never_loads_pika(tmp_path):
 
 
 def test_parse_url_shapes():
-    from pmlmd import enqueue as lib
+    from pmlmd.broker import enqueue as lib
 
     params = lib.parse_url("amqp://user:p%40ss@broker.example:5673/jobs%2Fa?heartbeat=30")
     assert (params.host, params.port, params.virtual_host) == ("broker.example", 5673, "jobs/a")

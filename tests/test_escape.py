@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd import cgroup
+from pmlmd.node import cgroup
 from support import wait_for
 
 # Starts an escaped sleeper, writes its pid to $1, then (with $2) stays alive that many seconds.

@@ -1,4 +1,4 @@
-"""The events pmlmd streams: each kind declared once (pmlmd/events.py), documented in the
+"""The events pmlmd streams: each kind declared once (pmlmd/core/events.py), documented in the
 protocol, described by pmlmctl events, and sent with its declared fields and no others."""
 
 import dataclasses
@@ -7,8 +7,8 @@ import typing
 
 import pytest
 
-from pmlmd import events, protocol
-from pmlmd.ctl import describe_event
+from pmlmd.core import events, protocol
+from pmlmd.client.ctl import describe_event
 
 SENT = [kind for kind in events.KINDS if kind != "sample"]  # samples stay inside pmlmd
 
@@ -70,7 +70,7 @@ def test_a_daemon_sends_each_event_with_its_declared_fields_only(daemon):
 def test_a_follower_gets_only_the_kinds_it_asked_for_and_its_other_requests_answered_meanwhile(daemon):
     """submit --wait's stream: task ends and the batch's end, with calls on the same connection
     between them (client.Client.open_stream and take)."""
-    from pmlmd.client import StreamEnded
+    from pmlmd.client.connection import StreamEnded
 
     batch = daemon.ctl("submit", "-n", "4", "--", "sh", "-c", "sleep 0.$PMLM_TASK_INDEX").stdout.strip()
     with daemon.client() as client:
@@ -115,7 +115,7 @@ def test_events_follow_goes_on_when_pmlmd_restarts(daemon_factory):
     from support import wait_for
 
     daemon = daemon_factory().start()
-    follower = subprocess.Popen([sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "events", "-f", "--json",
+    follower = subprocess.Popen([sys.executable, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "events", "-f", "--json",
                                  "--kind", "finished"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finished: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [finished.put(json.loads(line)["batch"]) for line in follower.stdout],

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pmlmd.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
+from pmlmd.core.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
                             GIVE_BACK_AFTER, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView, Workload,
                             decide, give_back, intake_credit, next_interval, quiet, rate_reference)
 
@@ -467,7 +467,7 @@ def test_a_fall_is_measured_over_the_rate_span_not_between_the_last_two_samples(
 
 
 def test_interval_never_lets_the_fastest_fill_cross_the_next_threshold_unseen():
-    from pmlmd.governor import FILL_RATE_MAX
+    from pmlmd.core.governor import FILL_RATE_MAX
 
     # Two samples that read the same free memory (no rate seen) 300 MiB above the gap edge.
     before, now = node(free=LIMIT + 500 * MiB, t=0.0), node(free=LIMIT + 500 * MiB, t=0.02)
@@ -482,7 +482,7 @@ def test_interval_never_lets_the_fastest_fill_cross_the_next_threshold_unseen():
 
 
 def test_interval_stretches_while_nothing_moves_within_the_same_memory_bounds():
-    from pmlmd.governor import FILL_RATE_MAX, STILL_STRETCH
+    from pmlmd.core.governor import FILL_RATE_MAX, STILL_STRETCH
 
     # Every worker still, none paused, none to admit: up to STILL_STRETCH intervals apart ...
     far = node(free=TOTAL, cpu=2.0)
@@ -537,7 +537,7 @@ def test_held_workers_are_still_memory_victims():
 
 
 def test_a_batch_can_only_tighten_the_node_limits():
-    from pmlmd.options import tighten
+    from pmlmd.core.options import tighten
     out = tighten(LIMITS, cpu_limit=95.0, memfree_limit=30.0, min_free=None, victim="largest", interval=0.1)
     assert out.cpu_limit == 80.0  # looser ask held to the node's
     assert out.memfree_limit == 30.0 and out.min_free == LIMITS.min_free
@@ -555,7 +555,7 @@ def test_quiet_only_far_from_every_limit_with_nothing_paused_or_waiting():
 
 # --- batches with stricter limits (decide_batches) ------------------------------------------------
 def test_a_batch_with_a_stricter_cpu_limit_is_admitted_no_more_than_its_own_limit_allows():
-    from pmlmd.governor import decide_batches
+    from pmlmd.core.governor import decide_batches
     strict = dataclasses.replace(LIMITS, cpu_limit=30.0)
     work = dataclasses.replace(WORK, key="b")
     sample = node(cpu=50.0)  # within the node's 80 %, over the batch's 30 %
@@ -568,7 +568,7 @@ def test_a_batch_with_a_stricter_cpu_limit_is_admitted_no_more_than_its_own_limi
 
 
 def test_of_two_verdicts_on_a_worker_the_stricter_stands_and_a_continue_needs_both():
-    from pmlmd.governor import decide_batches
+    from pmlmd.core.governor import decide_batches
     strict = dataclasses.replace(LIMITS, cpu_limit=30.0)
     mine = dataclasses.replace(worker(1, cpu=45.0), batch="b")
     waiting = dataclasses.replace(paused(2, since=2.0, cpu_at_pause=5.0), batch="b")
@@ -582,7 +582,7 @@ def test_of_two_verdicts_on_a_worker_the_stricter_stands_and_a_continue_needs_bo
 
 
 def test_without_stricter_batches_decide_batches_is_decide():
-    from pmlmd.governor import decide_batches
+    from pmlmd.core.governor import decide_batches
     workers = [worker(1), paused(2)]
     assert decide_batches(node(), workers, [WORK], LIMITS, {}) == decide(node(), workers, [WORK], LIMITS)
 
@@ -598,12 +598,12 @@ def test_without_stricter_batches_decide_batches_is_decide():
     (8 * GiB, 60.0, True, 0.125, False),  # below the limit less its margin: no turns either
 ])
 def test_workers_are_measured_more_often_near_a_limit(free, cpu, paused, since, due):
-    from pmlmd.governor import refresh_due
+    from pmlmd.core.governor import refresh_due
     assert refresh_due(node(free=free, cpu=cpu), LIMITS, since, paused) is due
 
 
 def test_a_batch_profile_averages_finished_and_live_workers_and_peaks_over_the_finished():
-    from pmlmd.governor import Finished, workload
+    from pmlmd.core.governor import Finished, workload
     finished = Finished()
     assert workload("b", 3, None, finished, [], []) == Workload(queued=3, key="b")  # nothing measured yet
     finished.add(100 * MiB, 30.0)

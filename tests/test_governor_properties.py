@@ -5,9 +5,9 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmlmd import lifecycle as lc
-from pmlmd.batch import CAUSE_GOVERNOR_MEMORY
-from pmlmd.governor import (CONTINUE, CRITICAL, KILL, KILLED, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE,
+from pmlmd.core import lifecycle as lc
+from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY
+from pmlmd.core.governor import (CONTINUE, CRITICAL, KILL, KILLED, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE,
                             SHORTEST_INTERVAL, TERMINATING, Limits, NodeSample, WorkerView, Workload, decide, free_bytes,
                             next_interval, quiet)
 

@@ -25,7 +25,7 @@ import time
 import pytest
 import zmq
 
-from pmlmd import protocol
+from pmlmd.core import protocol
 from support import group_states, wait_for
 from test_daemon_auth import accounts, as_user, connect_errno, run_as, submitted, wait_event  # noqa: F401
 

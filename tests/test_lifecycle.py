@@ -1,4 +1,4 @@
-"""The worker lifecycle (pmlmd.lifecycle): tables of transitions with a fake clock, and properties
+"""The worker lifecycle (pmlmd.core.lifecycle): tables of transitions with a fake clock, and properties
 that hold for any sequence of events. Pure: no process, no signal is sent, no clock is read."""
 
 import signal
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmlmd import lifecycle as lc
-from pmlmd.batch import CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
-from pmlmd.governor import CONTINUE, HELD, KILL, KILLED, PAUSE, PAUSED, RUNNING, TERMINATE, TERMINATING, Decision
+from pmlmd.core import lifecycle as lc
+from pmlmd.core.batch import CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT
+from pmlmd.core.governor import CONTINUE, HELD, KILL, KILLED, PAUSE, PAUSED, RUNNING, TERMINATE, TERMINATING, Decision
 
 SIGNAL = lc.Modes(grace=10.0, agent_timeout=5.0)
 AGENT = lc.Modes(pause_by_agent=True, terminate_by_agent=True, grace=10.0, agent_timeout=5.0)

@@ -1,4 +1,4 @@
-"""The limit options are declared once (pmlmd.options.LIMIT_OPTIONS): what is derived from the
+"""The limit options are declared once (pmlmd.core.options.LIMIT_OPTIONS): what is derived from the
 table is checked to follow it, and what is written by hand (the protocol's field table, the man
 pages, the commented pmlmd.toml) is checked to say the same."""
 
@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmlmd import protocol
-from pmlmd.config import Config, ConfigError, load_config
-from pmlmd.ctl import build_parser
-from pmlmd.governor import Limits
-from pmlmd.options import LIMIT_OPTIONS, tighten
+from pmlmd.core import protocol
+from pmlmd.daemon.config import Config, ConfigError, load_config
+from pmlmd.client.ctl import build_parser
+from pmlmd.core.governor import Limits
+from pmlmd.core.options import LIMIT_OPTIONS, tighten
 
 ROOT = Path(__file__).parent.parent
 NAMES = [o.name for o in LIMIT_OPTIONS]

@@ -1,4 +1,4 @@
-"""What the daemon sends a client that does not read (pmlmd/outbox.py), over real ZeroMQ sockets:
+"""What the daemon sends a client that does not read (pmlmd/daemon/outbox.py), over real ZeroMQ sockets:
 replies are never lost while the client is there, events are each sent or counted in a dropped
 marker before the next message of their stream, and a client that has gone is forgotten."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import zmq
 
-from pmlmd import protocol
-from pmlmd.outbox import Outboxes
+from pmlmd.core import protocol
+from pmlmd.daemon.outbox import Outboxes
 
 from support import wait_for
 

@@ -18,8 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pmlmd import ctl, output
-from pmlmd.batch import Attempt
+from pmlmd.client import ctl
+
+from pmlmd.node import output
+from pmlmd.core.batch import Attempt
 
 from support import wait_for
 from test_daemon_auth import (SH_PATH, accounts, as_root, as_user, no_batch_outlives_the_test, outdir,  # noqa: F401
@@ -131,7 +133,7 @@ def test_follow_prints_as_tasks_write_and_ends_with_the_batch(daemon_factory, tm
     batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--", "/bin/sh", "-c",
                        f"echo first-$PMLM_TASK_INDEX; while [ ! -e {go} ]; do sleep 0.05; done; "
                        "echo second-$PMLM_TASK_INDEX").stdout.strip()
-    follower = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "log", "--follow", batch],
+    follower = subprocess.Popen([PY, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "log", "--follow", batch],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Task 0's first line arrives while it still runs; task 1's waits for task 0 (task order).
@@ -261,7 +263,7 @@ def test_keep_only_removes_the_output_of_batches_the_state_has_forgotten(tmp_pat
 # --- pmlmctl run -----------------------------------------------------------------------------------
 
 def run_ctl(*argv: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "pmlmd.ctl", "run", *argv], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run([PY, "-m", "pmlmd.client.ctl", "run", *argv], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_run_tag_prefixes_each_line_with_its_task(tmp_path):
@@ -339,7 +341,7 @@ def test_a_reader_that_goes_away_ends_pmlmctl_quietly(daemon_factory):
     daemon = daemon_factory().start()
     batch = daemon.ctl("submit", "--wait", "--", "seq", "1", "100000").stderr.split()[1]
     # As `pmlmctl log ID | head -1` does: the reader takes one line and closes the pipe.
-    reader = subprocess.Popen([PY, "-m", "pmlmd.ctl", "--socket", daemon.socket, "log", batch],
+    reader = subprocess.Popen([PY, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "log", batch],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert reader.stdout.readline() == b"1\n"
     reader.stdout.close()

@@ -1,11 +1,11 @@
-"""The ETA of the live status line (pmlmd/progress.py): the estimate, and the task times
+"""The ETA of the live status line (pmlmd/core/progress.py): the estimate, and the task times
 pmlmctl submit --wait infers from the daemon's counts."""
 
 from __future__ import annotations
 
 import pytest
 
-from pmlmd.progress import StartFinishClock, eta_seconds
+from pmlmd.core.progress import StartFinishClock, eta_seconds
 
 
 @pytest.mark.parametrize("durations, left, running, youngest, expected", [

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlmd import protocol
-from pmlmd.bounds import MAX_SIZE, MAX_TASKS
-from pmlmd.protocol import (BAD_FIELD, BAD_JSON, BAD_VERSION, ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, MISSING_FIELD,
+from pmlmd.core import protocol
+from pmlmd.core.bounds import MAX_SIZE, MAX_TASKS
+from pmlmd.core.protocol import (BAD_FIELD, BAD_JSON, BAD_VERSION, ERROR_CODES, INTERNAL, MAX_MESSAGE_BYTES, MISSING_FIELD,
                             NO_SUCH_BATCH, PERMISSION_DENIED, PROTOCOL_VERSION, QUOTA_EXCEEDED, REQUESTS, TOO_LARGE,
                             UNKNOWN_FIELD, UNKNOWN_REQUEST, ProtocolError, Request, decode_reply, encode_error,
                             encode_event, encode_reply, encode_request, parse_request)
@@ -25,7 +25,7 @@ SUBMIT_DEFAULTS = {
 # What workers inherit from the submitter; null: pmlmd's own umask, the owner's login limits.
 SUBMIT_DEFAULTS.update({"umask": None, "rlimits": None})
 SUBMIT_DEFAULTS["results"] = None  # no --results: the output stays with pmlmd only
-# Tasks from the request, not from a queue (see pmlmd.intake).
+# Tasks from the request, not from a queue (see pmlmd.broker.intake).
 SUBMIT_DEFAULTS.update({"amqp": None, "queue": None, "until_empty": False, "dead_letter": None})
 # The controls GNU parallel users know: off unless asked (append: pmlmctl asks for it by default).
 SUBMIT_DEFAULTS.update({"timeout": None, "halt": None, "halt_fail": None, "halt_fail_pct": None, "append": False,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pmlmd import protocol
+from pmlmd.core import protocol
 
 from support import Daemon, wait_for
 from test_daemon_auth import SH_PATH, accounts, as_root, as_user, submitted, wait_event  # noqa: F401

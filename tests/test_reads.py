@@ -9,7 +9,7 @@ import json
 import pytest
 import zmq
 
-from pmlmd import protocol
+from pmlmd.core import protocol
 
 from support import wait_for
 
@@ -66,9 +66,9 @@ class _NoWalk(list):
 
 
 def test_a_summary_costs_no_walk_over_the_tasks():
-    from pmlmd.batch import CANCELLED, Batch, BatchSpec
-    from pmlmd.governor import Limits
-    from pmlmd.summary import summarize
+    from pmlmd.core.batch import CANCELLED, Batch, BatchSpec
+    from pmlmd.core.governor import Limits
+    from pmlmd.core.summary import summarize
 
     spec = BatchSpec(batch_id="1", command=["true"], tasks=[None] * 1000, limits=Limits())
     batch = Batch(spec, now=1000.0)
@@ -85,7 +85,7 @@ def test_a_summary_costs_no_walk_over_the_tasks():
 def test_a_read_left_unanswered_by_a_pmlmd_that_stopped_is_asked_again(tmp_path, monkeypatch):
     """A stopping pmlmd leaves unanswered what it had received; the one after it answers the read
     asked again (client.Client.read). Here a stand-in at the socket drops the first request."""
-    from pmlmd import client as clientlib
+    from pmlmd.client import connection as clientlib
 
     monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
     path = str(tmp_path / "ctl.sock")
@@ -103,7 +103,7 @@ def test_a_read_left_unanswered_by_a_pmlmd_that_stopped_is_asked_again(tmp_path,
 
 def _read_ping_from(path: str, answer) -> dict:
     """client.Client.read("ping") against a stand-in at ``path`` (_stand_in)."""
-    from pmlmd import client as clientlib
+    from pmlmd.client import connection as clientlib
 
     thread, router, ctx = _stand_in(path, answer)
     try:
@@ -141,7 +141,7 @@ def _stand_in(path: str, answer):
 def test_a_read_takes_the_answer_to_an_earlier_ask(tmp_path, monkeypatch):
     """A busy pmlmd answers the first ask after the read asked again: that answer is taken, not
     thrown away while the read waits for the second."""
-    from pmlmd import client as clientlib
+    from pmlmd.client import connection as clientlib
 
     monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
     path = str(tmp_path / "ctl.sock")
@@ -161,7 +161,7 @@ def test_a_read_takes_the_answer_to_an_earlier_ask(tmp_path, monkeypatch):
 def test_a_read_says_at_once_when_pmlmd_has_stopped(tmp_path, monkeypatch):
     """A pmlmd that stopped for good (its socket gone) is named as not running once nothing has
     listened for RESTART_GRACE, not after READ_PATIENCE of asking again."""
-    from pmlmd import client as clientlib
+    from pmlmd.client import connection as clientlib
 
     monkeypatch.setattr(clientlib, "READ_TIMEOUT", 0.2)
     monkeypatch.setattr(clientlib, "RESTART_GRACE", 0.5)

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from pmlmd.batch import Batch, BatchSpec
+from pmlmd.core.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
-from pmlmd.events import Decision
-from pmlmd.governor import Limits
-from pmlmd.sampler import ProcReader
+from pmlmd.core.events import Decision
+from pmlmd.core.governor import Limits
+from pmlmd.node.sampler import ProcReader
 
 from support import EngineRun, wait_for
 
@@ -156,7 +156,7 @@ def test_workers_in_a_scope_that_used_no_cpu_are_not_read_again():
 
     import pytest
 
-    from pmlmd import cgroup
+    from pmlmd.node import cgroup
 
     try:
         scope = cgroup.choose("cgroup", cgroup.subtree_name("pmlmt-scope", str(os.getpid())))
@@ -240,7 +240,7 @@ def test_a_fork_from_a_thread_of_a_process_whose_main_thread_sleeps_is_found(tmp
 
 
 def test_thread_clocks_keep_a_descriptor_per_thread_and_drop_it_once_the_thread_is_gone():
-    from pmlmd.sampler import ThreadClocks
+    from pmlmd.node.sampler import ThreadClocks
 
     clocks = ThreadClocks(ProcReader(), limit=8)
     child = subprocess.Popen(["sleep", "30"])

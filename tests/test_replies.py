@@ -1,4 +1,4 @@
-"""Reply bodies (pmlmd/replies.py): documented, read back as sent, refused when malformed, and
+"""Reply bodies (pmlmd/core/replies.py): documented, read back as sent, refused when malformed, and
 what a real pmlmd answers."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pmlmd import protocol, replies
+from pmlmd.core import protocol, replies
 from support import wait_for
 
 

@@ -16,7 +16,7 @@ PY = sys.executable
 
 def test_run_with_few_open_files_runs_every_task(tmp_path):
     report = tmp_path / "report.json"
-    result = subprocess.run(["prlimit", "--nofile=64:64", "--", PY, "-m", "pmlmd.ctl", "run", "-j", "100", "-n", "100",
+    result = subprocess.run(["prlimit", "--nofile=64:64", "--", PY, "-m", "pmlmd.client.ctl", "run", "-j", "100", "-n", "100",
                              "--report", str(report), "--", "sleep", "2"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -49,7 +49,7 @@ def test_run_that_cannot_go_on_ends_its_workers_and_writes_the_report(tmp_path):
               "    if len(calls) == 3: raise RuntimeError('injected fault')\n"
               "    return step(self)\n"
               "e.Engine.step = failing\n"
-              "from pmlmd.ctl import main\n"
+              "from pmlmd.client.ctl import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     result = subprocess.run([PY, "-c", inject, "run", "--report", str(report), "--", "/bin/sh", "-c",
                              f"echo $$ > {pidfile}; exec sleep 30"], capture_output=True, text=True, timeout=60)

@@ -71,7 +71,7 @@ def test_a_worker_lost_with_the_older_pmlmd_is_run_again_and_a_held_batch_stays_
 def test_a_batch_the_older_pmlmd_finished_is_retried_with_its_stored_submission(daemon_factory):
     """retry takes the command, line, directory and environment from the stored record."""
     d = _restored(daemon_factory)
-    r = subprocess.run([sys.executable, "-m", "pmlmd.ctl", "--socket", d.socket, "retry", "--failed", "1", "--wait"],
+    r = subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", "--socket", d.socket, "retry", "--failed", "1", "--wait"],
                        capture_output=True, timeout=120, env={**os.environ, "PMLM_FIXTURE": "not this one"}, cwd="/tmp")
     assert r.returncode == 0, r.stderr
     # Renumbered from 0, so the task that failed as index 1 succeeds; the bytes of its line, the

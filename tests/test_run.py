@@ -297,7 +297,7 @@ def test_live_status_line_on_a_terminal(tmp_path):
 
     primary, secondary = pty.openpty()
     try:
-        proc = subprocess.Popen([PY, "-m", "pmlmd.ctl", "run", "-n", "3", "-j", "1", "--", "sleep", "0.5"],
+        proc = subprocess.Popen([PY, "-m", "pmlmd.client.ctl", "run", "-n", "3", "-j", "1", "--", "sleep", "0.5"],
                                 stdout=subprocess.DEVNULL, stderr=secondary, stdin=subprocess.DEVNULL)
         os.close(secondary)
         output = b""

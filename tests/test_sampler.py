@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pmlmd.sampler import (PAGE_SIZE, NodeSampler, ProcReader, count_cpus, group_usage, parse_cpu_line,
+from pmlmd.node.sampler import (PAGE_SIZE, NodeSampler, ProcReader, count_cpus, group_usage, parse_cpu_line,
                            parse_meminfo, parse_memory, parse_pid_stat)
 
 MEMINFO = """\
@@ -132,7 +132,7 @@ def test_real_proc_sees_this_process():
 
 
 def test_pss_is_read_from_smaps_rollup_in_bytes(tmp_path):
-    from pmlmd.sampler import ProcReader, parse_pss
+    from pmlmd.node.sampler import ProcReader, parse_pss
 
     (tmp_path / "7").mkdir()
     (tmp_path / "7" / "smaps_rollup").write_text(

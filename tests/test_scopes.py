@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from pmlmd.batch import Batch, BatchSpec
+from pmlmd.core.batch import Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
-from pmlmd.governor import Limits
-from pmlmd.config import Config
-from pmlmd.scopes import (CgroupLimits, NoScopes, OffLoop, SystemdScopes, batch_of_scope, memory_max, scope_name,
+from pmlmd.core.governor import Limits
+from pmlmd.daemon.config import Config
+from pmlmd.node.scopes import (CgroupLimits, NoScopes, OffLoop, SystemdScopes, batch_of_scope, memory_max, scope_name,
                           tasks_max)
 
 

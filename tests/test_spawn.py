@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pmlmd import procctl
+from pmlmd.node import procctl
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: starts a worker as another user")
 
@@ -115,7 +115,7 @@ def test_a_worker_runs_as_its_owner_with_exactly_its_groups_in_its_directory(nob
 
 @needs_root
 def test_a_directory_the_owner_may_not_enter_starts_nothing(nobody):
-    from pmlmd.workdir import DirectoryError
+    from pmlmd.node.workdir import DirectoryError
 
     private = tempfile.mkdtemp(prefix="pmlmt-spawn-")  # 0700, root's
     try:
@@ -241,7 +241,7 @@ def test_a_workers_start_time_is_the_one_the_kernel_reports(as_nobody):
     the clock around the start, not read from /proc: it must be exactly what /proc/PID/stat says."""
     if as_nobody and os.geteuid() != 0:
         pytest.skip("needs root: starts a worker as another user")
-    from pmlmd.sampler import ProcReader
+    from pmlmd.node.sampler import ProcReader
 
     entry = pwd.getpwnam("nobody")
     credentials = procctl.Credentials(entry.pw_uid, entry.pw_gid, (entry.pw_gid,)) if as_nobody else None
@@ -259,7 +259,7 @@ def test_a_root_daemon_takes_roots_login_groups_so_roots_batches_start_as_it_is(
     """Started by a service manager, pmlmd as root has no supplementary groups, while root's
     batches carry root's groups from the group database: without taking them on, every worker of
     root would start through setpriv."""
-    from pmlmd import daemon
+    from pmlmd.daemon import service as daemon
 
     before = os.getgroups()
     try:

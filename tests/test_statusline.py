@@ -16,7 +16,7 @@ import termios
 
 import pytest
 
-from pmlmd.ctl import STATUS_CLEAR, StatusLine, fit_status
+from pmlmd.client.ctl import STATUS_CLEAR, StatusLine, fit_status
 
 PY = sys.executable
 
@@ -291,7 +291,7 @@ def run_on_a_pty(columns: int, args: list[str], stdout_on_the_pty: bool) -> byte
     winsize(secondary, 24, columns)
     proc = None
     try:
-        proc = subprocess.Popen([PY, "-m", "pmlmd.ctl", *args], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([PY, "-m", "pmlmd.client.ctl", *args], stdin=subprocess.DEVNULL,
                                 stdout=secondary if stdout_on_the_pty else subprocess.DEVNULL, stderr=secondary,
                                 start_new_session=True)
         os.close(secondary)

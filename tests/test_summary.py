@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlmd import ctl
-from pmlmd.batch import (CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
+from pmlmd.client import ctl
+from pmlmd.core.batch import (CAUSE_CANCELLED, CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                          QUEUED, RUNNING, Batch, BatchSpec, Task)
-from pmlmd.daemon import unrestorable_report
-from pmlmd.governor import Limits
-from pmlmd.store import SCHEMA_VERSION, Store, StoreError
-from pmlmd.summary import (ENDED_STATES, LIVE_STATES, STATES, BatchSummary, Counts, Owner, batch_state, from_record,
+from pmlmd.daemon.service import unrestorable_report
+from pmlmd.core.governor import Limits
+from pmlmd.daemon.store import SCHEMA_VERSION, Store, StoreError
+from pmlmd.core.summary import (ENDED_STATES, LIVE_STATES, STATES, BatchSummary, Counts, Owner, batch_state, from_record,
                            summarize, task_counts)
 
 T0 = 1_700_000_000.0
@@ -473,8 +473,8 @@ def test_a_summary_stored_by_the_pmlmd_before_queue_batches_still_reads():
 
 
 def test_a_live_queue_batch_waiting_for_messages_is_live_with_nothing_pending():
-    from pmlmd.batch import IntakeSpec
-    from pmlmd.summary import IntakeStatus
+    from pmlmd.core.batch import IntakeSpec
+    from pmlmd.core.summary import IntakeStatus
 
     spec = BatchSpec(batch_id="q", command=["true"], tasks=[], limits=Limits(),
                      intake=IntakeSpec(url="amqp://u:p@b/", queue="jobs"))

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from pmlmd import systemd as sd
+from pmlmd.node import systemd as sd
 
 BOTH_BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(name not in sd.AVAILABLE_BACKENDS,
                                                              reason=f"{name} is not installed"))
@@ -180,7 +180,7 @@ def run_python(script: str, env: dict | None = None, stderr=subprocess.PIPE, blo
 @pytest.mark.skipif(sd.BACKEND_SDNOTIFY not in sd.AVAILABLE_BACKENDS, reason="sdnotify is not installed")
 def test_falls_back_to_sdnotify_without_python_systemd():
     out = run_python("""
-        from pmlmd.systemd import Notifier
+        from pmlmd.node.systemd import Notifier
         print(Notifier().backend)
         try:
             Notifier(backend="python-systemd")
@@ -192,7 +192,7 @@ def test_falls_back_to_sdnotify_without_python_systemd():
 
 def test_falls_back_to_none_and_warns_under_systemd(notify_socket):
     result = run_python("""
-        from pmlmd.systemd import Notifier
+        from pmlmd.node.systemd import Notifier
         n = Notifier()
         print(n.backend, n.ready())
     """, env={"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}, block=BLOCK_PYTHON_SYSTEMD + BLOCK_SDNOTIFY)
@@ -225,7 +225,7 @@ def test_watchdog_interval(monkeypatch, usec, pid, expected):
 def stderr_check(tmp_path, journal_stream: str | None) -> str:
     with open(tmp_path / "stderr", "w") as err:
         env = {"JOURNAL_STREAM": journal_stream} if journal_stream is not None else {}
-        return run_python("from pmlmd.systemd import stderr_is_journal; print(stderr_is_journal())",
+        return run_python("from pmlmd.node.systemd import stderr_is_journal; print(stderr_is_journal())",
                           env=env, stderr=err).stdout.strip()
 
 
@@ -252,7 +252,7 @@ def test_stderr_is_not_journal(tmp_path, mismatch):
 
 LOG_SCRIPT = """
     import logging
-    from pmlmd.systemd import setup_logging, decision_fields
+    from pmlmd.node.systemd import setup_logging, decision_fields
     print(setup_logging({target!r}, {level!r}))
     log = logging.getLogger("pmlmd.governor")
     log.debug("debug detail")
@@ -303,7 +303,7 @@ def test_auto_with_stderr_on_journal_uses_journal_handler(tmp_path):
         out = run_python("""
             import logging
             from systemd.journal import JournalHandler
-            from pmlmd.systemd import setup_logging
+            from pmlmd.node.systemd import setup_logging
             print(setup_logging("auto"))
             print([type(h).__name__ for h in logging.getLogger("pmlmd").handlers])
         """, env={"JOURNAL_STREAM": f"{dev}:{ino}"}, stderr=err).stdout.split("\n")

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmlmd import protocol
-from pmlmd.batch import Task
-from pmlmd.protocol import BAD_FIELD, ProtocolError, decode_reply, encode_reply, encode_request, parse_request
-from pmlmd.store import Store
+from pmlmd.core import protocol
+from pmlmd.core.batch import Task
+from pmlmd.core.protocol import BAD_FIELD, ProtocolError, decode_reply, encode_reply, encode_request, parse_request
+from pmlmd.daemon.store import Store
 
 PY = sys.executable
 # Linux's limits, worked out here from fs/exec.c rather than taken from pmlmd.
@@ -80,7 +80,7 @@ def tasks_file(path: Path, lines: list[bytes], separator: bytes = b"\n") -> Path
 
 
 def pmlmctl(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "pmlmd.ctl", *args], capture_output=True, timeout=120, **kw)
+    return subprocess.run([PY, "-m", "pmlmd.client.ctl", *args], capture_output=True, timeout=120, **kw)
 
 
 def what_workers_got(out: Path, count: int, kind: str) -> list[bytes]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd.config import Config
+from pmlmd.daemon.config import Config
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = SYSTEMD_DIR / "pmlmd.service"

@@ -1,6 +1,6 @@
 import pytest
 
-from pmlmd.units import format_size, parse_size
+from pmlmd.core.units import format_size, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

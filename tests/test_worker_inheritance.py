@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from pmlmd import ctl, protocol
+from pmlmd.client import ctl
+
+from pmlmd.core import protocol
 from test_daemon_auth import accounts, as_user, outdir, run_as, submitted, wait_event  # noqa: F401 (fixtures)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and changes uid")
@@ -41,7 +43,7 @@ REPORT = ("umask > umask; ulimit -Sn > nofile_soft; ulimit -Hn > nofile_hard; ul
 
 def loginlimits():
     # Imported here, not at the top: on a pmlmd without it each test fails on its own.
-    from pmlmd import loginlimits as module
+    from pmlmd.node import loginlimits as module
     return module
 
 
@@ -118,7 +120,7 @@ def test_roots_umask_and_limits_reach_a_batch_it_submits_for_a_member(daemon_fac
     daemon = start_daemon(daemon_factory, accounts)
     workdir = worker_dir(outdir, "root")
     result = subprocess.run(["prlimit", "--nofile=256:256", f"--as={FOUR_GIB}:{FOUR_GIB}", "--",
-                             sys.executable, "-m", "pmlmd.ctl", "--socket", daemon.socket, "submit", "--user",
+                             sys.executable, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "submit", "--user",
                              accounts.a, "--", "/bin/bash", "-c", REPORT],
                             capture_output=True, text=True, timeout=60, umask=0o077, cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -338,7 +340,7 @@ OWN = {NPROC: (1000, 2000), NOFILE: (1024, 4096)}
     ({NPROC: (INF, INF)}, None, {NPROC: (2000, 2000)}),
 ])
 def test_worker_limits_are_the_lowest_of_submitter_login_and_pmlmd(carried, login, expected):
-    from pmlmd.daemon import worker_rlimits
+    from pmlmd.daemon.service import worker_rlimits
 
     assert worker_rlimits(carried, login, OWN) == expected
 

@@ -751,7 +751,7 @@ install -m 0644 "$src/pmlmctl.bash" /usr/share/bash-completion/completions/pmlmc
 getent group pmlm >/dev/null || groupadd --system pmlm
 systemctl daemon-reload
 # Fail here, with Python's own message, if pmlmd does not import with Debian's Python and modules.
-python3 -c 'import pmlmd.daemon, pmlmd.ctl'
+python3 -c 'import pmlmd.daemon.service, pmlmd.client.ctl'
 """
 
 
@@ -767,8 +767,8 @@ def install_pmlmd(testbed: Testbed, repo_root: Path | str) -> None:
         shutil.rmtree(stage)
     stage.mkdir()
     shutil.copytree(repo / "pmlmd", stage / "pmlmd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (stage / "pmlmd.sbin").write_text(ENTRY_SCRIPT.format(name="pmlmd", module="pmlmd.daemon"))
-    (stage / "pmlmctl.bin").write_text(ENTRY_SCRIPT.format(name="pmlmctl", module="pmlmd.ctl"))
+    (stage / "pmlmd.sbin").write_text(ENTRY_SCRIPT.format(name="pmlmd", module="pmlmd.daemon.service"))
+    (stage / "pmlmctl.bin").write_text(ENTRY_SCRIPT.format(name="pmlmctl", module="pmlmd.client.ctl"))
     shutil.copy(repo / "systemd/pmlmd.service", stage / "pmlmd.service")
     shutil.copy(repo / "systemd/pmlm.slice", stage / "pmlm.slice")
     shutil.copy(repo / "etc/pmlmd/pmlmd.toml", stage / "pmlmd.toml")

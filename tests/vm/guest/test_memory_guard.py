@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support import CgroupScopes, EngineRun, MemorySampler, wait_for  # noqa: E402
 
-from pmlmd import cgroup  # noqa: E402
-from pmlmd.batch import CAUSE_GOVERNOR_MEMORY, SUCCEEDED  # noqa: E402
-from pmlmd.governor import KILLED, PAUSED, TERMINATING, Limits  # noqa: E402
-from pmlmd.sampler import ProcReader  # noqa: E402
+from pmlmd.node import cgroup  # noqa: E402
+from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY, SUCCEEDED  # noqa: E402
+from pmlmd.core.governor import KILLED, PAUSED, TERMINATING, Limits  # noqa: E402
+from pmlmd.node.sampler import ProcReader  # noqa: E402
 
 HELPERS = REPO / "tests" / "helpers"
 MIB = 1 << 20
@@ -172,7 +172,7 @@ def test_a_fast_grower_at_default_settings_never_takes_free_memory_below_the_lim
     free = available()
     limit = free - headroom
     pct = 100.0 * limit / total
-    cmd = [sys.executable, "-m", "pmlmd.ctl", "run", "--worker-backend", "cgroup", "--cpu-limit", "100", "--memfree-limit", f"{pct:.3f}",
+    cmd = [sys.executable, "-m", "pmlmd.client.ctl", "run", "--worker-backend", "cgroup", "--cpu-limit", "100", "--memfree-limit", f"{pct:.3f}",
            "--min-free", "0", "--retries", "0", "--", sys.executable, str(HELPERS / "hog.py"), "1000", str(step_mb),
            "0", "0.5"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -216,7 +216,7 @@ def test_batch_scopes_each_get_a_guard_and_share_what_the_node_may_still_give():
     # Under systemd each batch's workers are below its scope (cgroup.Scoped); CgroupScopes stands
     # in for systemd (not PID 1 in the VM; the systemd tier tests the real one, without a memory
     # controller). Two batches: two guards, each with half of the room to L above its usage.
-    from pmlmd.batch import Batch, BatchSpec
+    from pmlmd.core.batch import Batch, BatchSpec
     from pmlmd.engine import BatchRun
 
     mount = cgroup.cgroup2_mount()

@@ -17,14 +17,18 @@ import time
 from datetime import datetime
 from typing import Callable
 
-from . import __version__, cgroup, events, output, protocol, replies, tasklines
-from .batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
-from .bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
-from .client import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
-from .options import LIMIT_OPTIONS, limits_from
-from .joblog import Joblog
-from .progress import StartFinishClock, eta_seconds
-from .units import format_size, parse_size
+from .. import __version__
+
+from ..node import cgroup, output
+
+from ..core import events, protocol, replies, tasklines
+from ..core.batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
+from ..core.bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
+from .connection import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
+from ..core.options import LIMIT_OPTIONS, limits_from
+from ..node.joblog import Joblog
+from ..core.progress import StartFinishClock, eta_seconds
+from ..core.units import format_size, parse_size
 
 EXIT_STATUS_HELP = """\
 exit status:
@@ -415,7 +419,7 @@ def intake_from_args(parser, args) -> IntakeSpec | None:
         return None
     if not args.queue:
         parser.error("--amqp needs --queue NAME: the queue to take tasks from")
-    from .intake import URLError, check_name, check_url  # pika: only for --amqp
+    from ..broker.intake import URLError, check_name, check_url  # pika: only for --amqp
 
     try:
         check_url(args.amqp)
@@ -966,7 +970,7 @@ def cmd_wait(parser, args) -> int:
 
 def cmd_enqueue(parser, args) -> int:
     # Imported here: pika is loaded by this command only, not by status and the others.
-    from . import enqueue
+    from ..broker import enqueue
 
     try:
         params = enqueue.parse_url(args.amqp)
@@ -997,7 +1001,7 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
 
 
-# A batch summary's counts (see pmlmd/summary.py) in the words pmlmctl shows them with, in this order.
+# A batch summary's counts (see pmlmd/core/summary.py) in the words pmlmctl shows them with, in this order.
 COUNT_WORDS = (("succeeded", "succeeded"), ("failed", "failed"), ("given_up", "given up"),
                ("cancelled", "cancelled"), ("returned", "returned to the queue"), ("running", "running"),
                ("paused", "paused"), ("queued", "queued"))
@@ -1184,7 +1188,7 @@ def describe_event(e: dict) -> str:
         return f"{when} {batch}: " + EVENT_TEXTS[kind].format_map(_Fields(e))
     if kind == "intake":
         return f"{when} {batch}: intake {e.get('state')}" + (f": {e['detail']}" if e.get("detail") else "")
-    if kind == "dropped":  # the daemon could not keep up with this reader's pace (see pmlmd/outbox.py)
+    if kind == "dropped":  # the daemon could not keep up with this reader's pace (see pmlmd/daemon/outbox.py)
         return f"{when} events dropped: {e['count']} (the reader was too slow)"
     # The engine's words for a user's pause and resume; pmlmctl's commands are pause and resume.
     return f"{when} {batch}: {ENGINE_WORDS.get(kind, kind)}"

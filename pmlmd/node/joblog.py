@@ -26,7 +26,7 @@ formats (its ``print_joblog``):
 
 The command's bytes are written as they are (a task line that is not UTF-8 stays so).
 ``pmlmctl run`` writes the file itself; for ``pmlmctl submit`` the daemon opens it as the
-batch's owner at submit and writes it (see pmlmd.daemon).
+batch's owner at submit and writes it (see pmlmd.daemon.service).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import logging
 import os
 import shlex
 
-from . import tasklines
-from .batch import CAUSE_CWD, CAUSE_EXIT, CAUSE_SPAWN_FAILED, Attempt, BatchSpec, Task
+from ..core import tasklines
+from ..core.batch import CAUSE_CWD, CAUSE_EXIT, CAUSE_SPAWN_FAILED, Attempt, BatchSpec, Task
 
 log = logging.getLogger("pmlmd.joblog")
 

@@ -33,7 +33,7 @@ from jeepney import DBusAddress, MatchRule, Properties, message_bus, new_method_
 from jeepney.io.blocking import open_dbus_connection
 from jeepney.wrappers import DBusErrorResponse, unwrap_msg
 
-from pmlmd.cgroup import SCOPE_PREFIX, batch_of_scope, own_cgroup
+from pmlmd.node.cgroup import SCOPE_PREFIX, batch_of_scope, own_cgroup
 
 log = logging.getLogger("pmlmd.scopes")
 

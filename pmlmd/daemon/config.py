@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Callable
 
-from .bounds import BOUNDS, SIZE, Bound
-from .cgroup import BACKENDS as WORKER_BACKENDS
-from .governor import Limits
-from .options import LIMIT_OPTIONS, LimitOption, limits_from
-from .units import parse_size
+from ..core.bounds import BOUNDS, SIZE, Bound
+from ..node.cgroup import BACKENDS as WORKER_BACKENDS
+from ..core.governor import Limits
+from ..core.options import LIMIT_OPTIONS, LimitOption, limits_from
+from ..core.units import parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/pmlmd/pmlmd.toml"
 

@@ -26,20 +26,24 @@ import time
 
 import zmq
 
-from . import __version__, cgroup, events, loginlimits, procctl, protocol, replies, scopes, tasklines, workdir
-from .agentchannel import AgentChannels
-from .batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
+from .. import __version__
+
+from ..node import cgroup, loginlimits, procctl, scopes, workdir
+
+from ..core import events, protocol, replies, tasklines
+from ..node.agentchannel import AgentChannels
+from ..core.batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
                     Batch, BatchSpec, Blank, IntakeSpec, iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
-from .output import TaskFiles
-from .joblog import Joblog
-from .peerlimit import PeerLimit
-from .governor import HELD, PAUSED, RUNNING, free_bytes
-from .options import LIMIT_OPTIONS, tighten
+from ..engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
+from ..node.output import TaskFiles
+from ..node.joblog import Joblog
+from ..node.peerlimit import PeerLimit
+from ..core.governor import HELD, PAUSED, RUNNING, free_bytes
+from ..core.options import LIMIT_OPTIONS, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
-from .summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
-from .systemd import Notifier, setup_logging
+from ..core.summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
+from ..node.systemd import Notifier, setup_logging
 from .outbox import Outboxes
 
 log = logging.getLogger("pmlmd.daemon")
@@ -1062,7 +1066,7 @@ class Daemon:
         return self._batch_summary(run).to_json()
 
     def _batch_summary(self, run: BatchRun) -> BatchSummary:
-        """A live batch's summary (see pmlmd/summary.py); at its end, the one stored with it."""
+        """A live batch's summary (see pmlmd/core/summary.py); at its end, the one stored with it."""
         live = run.batch.finished is None
         return summarize(run.batch, now=time.time(), owner_uid=run.owner.uid, owner_user=user_name(run.owner.uid),
                          priority=run.priority, held=run.held,
@@ -1079,7 +1083,7 @@ class Daemon:
                 for s in found]
 
     def _do_status(self, client, request, peer) -> bytes:
-        """With a batch: its summary (pmlmd/summary.py, BatchSummary.to_json), live or finished, plus
+        """With a batch: its summary (pmlmd/core/summary.py, BatchSummary.to_json), live or finished, plus
         ``node``. Without: ``status`` (the STATUS= line), ``node``, ``limits`` and ``batches``, the
         summaries of the live batches in submission order. ``node`` is null before the first sample,
         else ``cpu_pct``, ``free_bytes``, ``total_bytes`` and ``free_pct``."""

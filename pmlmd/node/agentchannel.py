@@ -8,7 +8,7 @@ counts only when the kernel says it comes from the worker's owner (or root).
 Each owner has a channel of their own (``AgentChannels``): a socket pair that only that
 user and root may connect to, so no other user can read which workers run, send
 acknowledgements, or reach a libzmq listener at all. What the owner can send is bounded:
-message size, queued messages, connections (pmlmd.peerlimit hangs up those past the cap)
+message size, queued messages, connections (pmlmd.node.peerlimit hangs up those past the cap)
 and the work done per loop turn; rejected messages are counted and logged as one line per
 LOG_EVERY seconds, never one line each.
 """

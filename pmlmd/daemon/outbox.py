@@ -26,7 +26,7 @@ from typing import Callable
 
 import zmq
 
-from . import events, protocol
+from ..core import events, protocol
 
 log = logging.getLogger("pmlmd.outbox")
 

@@ -128,7 +128,7 @@ argument           type                                                default
                    shell-quoted); pmlmctl sends true unless
                    ``--no-append``
 ``joblog``         absolute path or null: a joblog (GNU parallel's     null
-                   format, see pmlmd.joblog), opened at submit as the
+                   format, see pmlmd.node.joblog), opened at submit as the
                    batch's owner, truncated, and written by the daemon
                    (``bad-field`` naming the path when the owner cannot
                    open it for writing, or it is not a regular file);
@@ -160,7 +160,7 @@ argument           type                                                default
                    from a queue of this AMQP 0-9-1 broker
                    (``amqp://USER:PASSWORD@HOST:PORT/VHOST``), one
                    per message body; the batch is open-ended (see
-                   pmlmd.intake); needs ``queue``, and no
+                   pmlmd.broker.intake); needs ``queue``, and no
                    ``task_lines``
 ``queue``          string of 1 to 255 bytes: the queue (it must exist)  null
 ``until_empty``    boolean: end once the queue is empty and no task     false
@@ -217,9 +217,9 @@ the request's (null if it had none or could not be read far enough to find it)::
     {"version": 1, "ok": false, "error": {"code": "no-such-batch", "message": "..."}, "request_id": 7}
 
 The contents of ``result`` depend on the request: one typed body each, documented and read
-back in pmlmd/replies.py.
+back in pmlmd/core/replies.py.
 ``status`` and ``list`` describe each batch by its summary, one shape whether the batch is
-queued, running or long finished (``summary_version`` 1; pmlmd/summary.py defines its fields,
+queued, running or long finished (``summary_version`` 1; pmlmd/core/summary.py defines its fields,
 its counts, which add up to ``tasks``, and its ``state``: ``queued``, ``running``, ``paused``,
 ``finishing``, ``finished``, ``cancelled`` or ``failed``). ``status`` with a batch answers
 with its summary plus ``node`` (the last sample: ``cpu_pct``, ``free_bytes``, ``total_bytes``,
@@ -242,7 +242,7 @@ it stays open for new events.
 
 An event is ``{"event": KIND, "time": T, ...}``: ``time`` in seconds since the epoch, then
 the fields of its kind below, each left out when it is null. Their types and units are in
-pmlmd/events.py, where each kind is declared once (a test checks this table against it):
+pmlmd/core/events.py, where each kind is declared once (a test checks this table against it):
 
 ================  ==============================================================================
 event             fields
@@ -266,7 +266,7 @@ event             fields
 
 A reader that does not keep up gets every reply, and every event or in their place
 ``{"event": "dropped", "count": N}``: N events of this stream were left out there, before
-the next message of the stream (see pmlmd/outbox.py). Replies are never left out while
+the next message of the stream (see pmlmd/daemon/outbox.py). Replies are never left out while
 the client is connected.
 
 Errors
@@ -762,7 +762,7 @@ def _check_intake(req: str, args: dict) -> None:
         raise ProtocolError(BAD_FIELD, f"{req}: 'amqp' needs 'queue': the queue to take the tasks from")
     if args["task_lines"] is not None:
         raise ProtocolError(BAD_FIELD, f"{req}: 'amqp' takes the tasks from the queue: leave 'task_lines' out")
-    from .intake import URLError, check_name, check_url  # pika: only for a queue batch
+    from ..broker.intake import URLError, check_name, check_url  # pika: only for a queue batch
 
     try:
         check_url(args["amqp"])

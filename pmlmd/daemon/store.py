@@ -40,10 +40,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import tasklines
-from .batch import CANCELLED, FINISHED, QUEUED, RETURNED, RUNNING, Attempt, Task
-from .bounds import BOUNDS
-from .summary import BatchSummary, from_record
+from ..core import tasklines
+from ..core.batch import CANCELLED, FINISHED, QUEUED, RETURNED, RUNNING, Attempt, Task
+from ..core.bounds import BOUNDS
+from ..core.summary import BatchSummary, from_record
 
 log = logging.getLogger("pmlmd.store")
 

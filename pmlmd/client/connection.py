@@ -12,7 +12,7 @@ from typing import Iterator
 
 import zmq
 
-from . import protocol
+from ..core import protocol
 
 DEFAULT_SOCKET = "/run/pmlmd/control.sock"
 READ_TIMEOUT = 3.0  # seconds a read (Client.read) first waits for its answer before it is asked again

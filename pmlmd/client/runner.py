@@ -19,15 +19,17 @@ from typing import Callable, TextIO
 
 import zmq
 
-from . import cgroup, events
-from .agentchannel import AgentChannels
-from .batch import CANCELLED, FINISHED, Batch, BatchSpec
-from .engine import BatchRun, Engine, Loop
-from .joblog import Joblog
-from .governor import PAUSED, RUNNING, free_bytes
-from .output import Pipes
-from .progress import eta_seconds
-from .sampler import ProcReader
+from ..node import cgroup
+
+from ..core import events
+from ..node.agentchannel import AgentChannels
+from ..core.batch import CANCELLED, FINISHED, Batch, BatchSpec
+from ..engine import BatchRun, Engine, Loop
+from ..node.joblog import Joblog
+from ..core.governor import PAUSED, RUNNING, free_bytes
+from ..node.output import Pipes
+from ..core.progress import eta_seconds
+from ..node.sampler import ProcReader
 
 log = logging.getLogger("pmlmd.runner")
 

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import uuid
 
-from . import tasklines
+from ..core import tasklines
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 4
