@@ -193,6 +193,7 @@ class BatchRun:
     env: dict[str, str] | None = None  # the workers' base environment; None: the engine's own
     held: bool = False  # paused by a user
     frozen: bool = False  # held through its scope's cgroup freezer rather than signals
+    freezing: bool = False  # its scope's FreezeUnit is under way (off the loop)
     description: str = ""  # for its scope: which batch, whose
     umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
@@ -427,29 +428,55 @@ class Engine:
         for stray in self.strays.values():
             self.processes.pidfd_signal(stray.pidfd, signal.SIGKILL)
 
-    def hold(self, run: BatchRun) -> None:
-        """A user's pause: stop every worker of the batch and admit none until it is resumed."""
-        run.held = True
-        # The freezer stops the whole scope at once, children the workers forked included; not
-        # where a worker is being ended: frozen, it could not act on its SIGTERM in its grace.
-        mine = self.workers_of(run)
-        run.frozen = (not self._modes(run).pause_by_agent and not any(w.state in ENDING for w in mine)
-                      and self.scopes.freeze(run.id))
-        now = self.clock.monotonic()
-        for w in mine:
-            self._carry(w, lifecycle.Hold(frozen=run.frozen), now)
-        self.on_event(events.Held(run.id))
+    def hold(self, run: BatchRun, done: Callable[[], None] | None = None) -> None:
+        """A user's pause: stop every worker of the batch and admit none until it is resumed.
 
-    def resume(self, run: BatchRun) -> None:
+        Where the batch has a scope, its cgroup freezer stops it whole, children the workers
+        forked included; systemd is asked off the loop, and the workers are held once it answers
+        (by signals, should it fail). ``done()`` then: the batch is held."""
+        run.held = True
+        # Not where a worker is being ended: frozen, it could not act on its SIGTERM in its grace.
+        if self._modes(run).pause_by_agent or any(w.state in ENDING for w in self.workers_of(run)):
+            self._held(run, False, done)
+            return
+        run.freezing = True
+        self.scopes.freeze_later(run.id, lambda frozen: self._frozen(run, frozen, done))
+
+    def _frozen(self, run: BatchRun, frozen: bool, done: Callable[[], None] | None) -> None:
+        run.freezing = False
+        if not run.held or run.id not in self.runs:
+            # Resumed or ended meanwhile: its ThawUnit was asked for after this FreezeUnit.
+            if done is not None:
+                done()
+            return
+        if frozen and any(w.state in ENDING for w in self.workers_of(run)):
+            self.scopes.thaw_later(run.id)  # one is being ended since: it must act on its SIGTERM
+            frozen = False
+        self._held(run, frozen, done)
+
+    def _held(self, run: BatchRun, frozen: bool, done: Callable[[], None] | None) -> None:
+        run.frozen = frozen
+        now = self.clock.monotonic()
+        for w in self.workers_of(run):
+            self._carry(w, lifecycle.Hold(frozen=frozen), now)
+        self.on_event(events.Held(run.id))
+        if done is not None:
+            done()
+
+    def resume(self, run: BatchRun, done: Callable[[], None] | None = None) -> None:
+        """Undo ``hold``: every worker continued (SIGCONT whatever holds it) and the scope thawed,
+        off the loop; ``done()`` once it is thawed (at once where it was not frozen)."""
         run.held = False
-        if run.frozen:
-            self.scopes.thaw(run.id)
-            run.frozen = False
         now = self.clock.monotonic()
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
         self.on_event(events.Released(run.id))
+        if run.frozen or run.freezing:
+            run.frozen = False
+            self.scopes.thaw_later(run.id, None if done is None else lambda _: done())
+        elif done is not None:
+            done()
 
     def cpu_mark(self) -> int | None:
         """The CPU time the workers' processes have used, in microseconds: the cgroup subtree's
@@ -1379,8 +1406,8 @@ class Engine:
         run.batch.finished = self.clock.wall()
         self.on_event(events.Finished(run.id, run.batch.exit_status(), run.batch.summary_line()))
         del self.runs[run.id]
-        if run.frozen:
-            self.scopes.thaw(run.id)
+        if run.frozen or run.freezing:
+            self.scopes.thaw_later(run.id)
         self.scopes.stop(run.id)
         self._drop_tree(run.id)  # the scope goes with its cgroups
 

@@ -17,7 +17,7 @@ import pytest
 from pmlmd.node import procctl
 from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine, Loop
-from pmlmd.core.events import End, Event, Timeout
+from pmlmd.core.events import End, Event, Held, Timeout
 from pmlmd.core.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
 from pmlmd.node.sampler import PAGE_SIZE, ProcReader
 from pmlmd.node.scopes import NoScopes
@@ -118,17 +118,34 @@ class FakeProcesses(procctl.Processes):
 
 
 class FakeScopes(NoScopes):
-    """A scope backend whose freezer works: which batches it froze and thawed."""
+    """A scope backend whose freezer works and answers when the test says (``answer``), as
+    SystemdScopes answers from off the loop: each call in the order asked (``calls``), and the
+    batches frozen now (``frozen``). With ``deferred`` False it answers at once."""
 
     def __init__(self):
-        self.frozen: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+        self.waiting: list[tuple[str, str, object]] = []
+        self.frozen: set[str] = set()
+        self.deferred = False
 
-    def freeze(self, batch_id):
-        self.frozen.append(batch_id)
-        return True
+    def freeze_later(self, batch_id, done):
+        self._later("FreezeUnit", batch_id, done)
 
-    def thaw(self, batch_id):
-        return True
+    def thaw_later(self, batch_id, done=None):
+        self._later("ThawUnit", batch_id, done)
+
+    def _later(self, member, batch_id, done):
+        self.calls.append((member, batch_id))
+        self.waiting.append((member, batch_id, done))
+        if not self.deferred:
+            self.answer()
+
+    def answer(self):
+        while self.waiting:
+            member, batch_id, done = self.waiting.pop(0)
+            (self.frozen.add if member == "FreezeUnit" else self.frozen.discard)(batch_id)
+            if done is not None:
+                done(True)
 
 
 @pytest.fixture
@@ -238,7 +255,7 @@ def test_a_hold_does_not_freeze_a_batch_whose_worker_is_in_its_grace(rig):
     advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)
     assert processes.of(second) == [signal.SIGTERM, signal.SIGCONT]
     engine.hold(run)
-    assert engine.scopes.frozen == [] and not run.frozen
+    assert engine.scopes.calls == [] and not run.frozen
     assert processes.of(first) == [signal.SIGSTOP] and processes.of(second) == [signal.SIGTERM, signal.SIGCONT]
     engine.resume(run)
     assert processes.of(first) == [signal.SIGSTOP, signal.SIGCONT]
@@ -250,7 +267,66 @@ def test_a_hold_freezes_the_batch_when_no_worker_is_being_ended(rig):
     advance(engine, clock, proc, 0.3, steps=3)
     (pid,) = processes.spawned
     engine.hold(run)
-    assert engine.scopes.frozen == ["b"] and run.frozen and processes.of(pid) == []  # the freezer holds it
+    assert engine.scopes.frozen == {"b"} and run.frozen and processes.of(pid) == []  # the freezer holds it
+    engine.resume(run)
+    assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b")] and engine.scopes.frozen == set()
+    assert processes.of(pid) == [signal.SIGCONT]
+
+
+def held_later(rig, answered: list):
+    """A batch of one running worker whose hold is asked for while systemd has not answered yet;
+    the hold's ``done`` appends "held" to ``answered``."""
+    engine, clock, proc, processes, loop, events = rig
+    engine.scopes.deferred = True
+    run = submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    engine.hold(run, lambda: answered.append("held"))
+    return run, pid
+
+
+def test_a_hold_is_done_once_systemd_has_frozen_the_scope(rig):
+    """FreezeUnit is asked for off the loop: until systemd answers, the worker is not held and
+    the user's pause is not answered; then it is held by the freezer (no signal)."""
+    engine, clock, proc, processes, loop, events = rig
+    answered = []
+    run, pid = held_later(rig, answered)
+    assert answered == [] and run.freezing and engine.scopes.calls == [("FreezeUnit", "b")]
+    advance(engine, clock, proc, 0.3, steps=3)  # the loop goes on meanwhile
+    assert not any(isinstance(e, Held) for e in events)
+    engine.scopes.answer()
+    assert answered == ["held"] and run.frozen and not run.freezing and processes.of(pid) == []
+    assert any(isinstance(e, Held) for e in events)
+
+
+def test_a_resume_while_the_freeze_is_under_way_thaws_after_it_and_holds_nothing(rig):
+    engine, clock, proc, processes, loop, events = rig
+    answered = []
+    run, pid = held_later(rig, answered)
+    engine.resume(run, lambda: answered.append("resumed"))
+    engine.scopes.answer()
+    assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b")] and engine.scopes.frozen == set()
+    assert answered == ["held", "resumed"] and not run.frozen and not run.held
+    advance(engine, clock, proc, 0.5, steps=5)
+    assert signal.SIGSTOP not in processes.of(pid)  # its Hold never came: it runs on
+
+
+def test_a_worker_ended_while_the_freeze_was_under_way_is_not_left_frozen_in_its_grace(rig):
+    """Frozen, a worker sent SIGTERM could not act on it in its grace: when one of the batch's
+    workers is being ended by the time systemd has frozen the scope, the scope is thawed again
+    and the others are stopped by signal."""
+    engine, clock, proc, processes, loop, events = rig
+    engine.scopes.deferred = True
+    run = submit(engine, tasks=2, term_grace=5.0)
+    advance(engine, clock, proc, 1.3, steps=7)
+    first, second = processes.spawned
+    engine.hold(run)
+    proc.worker(second, rss=3 * GiB, ran_ns=10**9)
+    advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)
+    assert processes.of(second)[:1] == [signal.SIGTERM]
+    engine.scopes.answer()
+    assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b")] and engine.scopes.frozen == set()
+    assert not run.frozen and processes.of(first) == [signal.SIGSTOP]
 
 
 def test_samples_stretch_while_every_worker_stands_still_and_come_back_once_one_runs(rig):

@@ -581,8 +581,8 @@ class Daemon:
 
     def _withdraw(self, run: BatchRun) -> None:
         """Take a batch that failed half-way through ``_resume`` back out of the engine."""
-        if run.frozen:
-            self.scopes.thaw(run.id)
+        if run.frozen or run.freezing:
+            self.scopes.thaw_later(run.id)
         self.engine.withdraw(run)
 
     def _resume(self, stored: StoredBatch, run: BatchRun) -> None:
@@ -1140,23 +1140,28 @@ class Daemon:
         self.store.queue_cancelled(run.id)  # its workers' ends are written as they come
         return protocol.encode_reply(replies.Control(run.id, "cancelling").to_json(), request.request_id)
 
-    def _do_pause(self, client, request, peer) -> bytes:
-        return self._hold(request, peer, True)
+    def _do_pause(self, client, request, peer) -> bytes | None:
+        return self._hold(client, request, peer, True)
 
-    def _do_resume(self, client, request, peer) -> bytes:
-        return self._hold(request, peer, False)
+    def _do_resume(self, client, request, peer) -> bytes | None:
+        return self._hold(client, request, peer, False)
 
-    def _hold(self, request, peer, held: bool) -> bytes:
+    def _hold(self, client: bytes, request, peer, held: bool) -> bytes | None:
+        """pause and resume. The reply goes once the batch's scope is frozen or thawed (off the
+        loop: engine.hold, engine.resume), so that what systemd shows of the scope afterwards
+        agrees with it."""
         action = "pause" if held else "resume"
         run = self._batch(request.args["batch"], peer, action)
         if run is None:
             raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {request.args['batch']} has finished: "
                                          f"there is nothing to {action}")
-        if run.held != held:
-            self.store.set_held(run.id, held)
-            (self.engine.hold if held else self.engine.resume)(run)
-        return protocol.encode_reply(replies.Control(run.id, "held" if held else "active").to_json(),
-                                     request.request_id)
+        reply = protocol.encode_reply(replies.Control(run.id, "held" if held else "active").to_json(),
+                                      request.request_id)
+        if run.held == held:
+            return reply
+        self.store.set_held(run.id, held)
+        (self.engine.hold if held else self.engine.resume)(run, lambda: self._send(client, reply, request.request_id))
+        return None
 
     def _do_report(self, client, request, peer) -> bytes | None:
         run = self._batch(request.args["batch"], peer, None)

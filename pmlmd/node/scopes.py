@@ -172,8 +172,13 @@ class NoScopes:
     def adopted(self, batch_id: str) -> None:
         pass
 
-    def freeze(self, batch_id: str) -> bool:
-        return False
+    def freeze_later(self, batch_id: str, done: Callable[[bool], None]) -> None:
+        """Freeze the batch's scope; ``done(frozen)`` with whether it is. Here: no scope, at once False."""
+        done(False)
+
+    def thaw_later(self, batch_id: str, done: Callable[[bool], None] | None = None) -> None:
+        if done is not None:
+            done(False)
 
     def thaw(self, batch_id: str) -> bool:
         return False
@@ -467,10 +472,30 @@ class SystemdScopes:
         their tasks run again at its next start (cause daemon-restart)."""
         self.off_loop.settle(timeout)
 
-    def freeze(self, batch_id: str) -> bool:
-        return self._freezer("FreezeUnit", batch_id)
+    def freeze_later(self, batch_id: str, done: Callable[[bool], None]) -> None:
+        """FreezeUnit of the batch's scope, off the loop (it returns once the scope's cgroup is
+        frozen); then ``done(True)`` from ``deliver``, or ``done(False)`` where it cannot be (no
+        scope yet, no cgroup2 freezer): the caller stops the workers with signals instead."""
+        self._freezer_later("FreezeUnit", batch_id, done)
+
+    def thaw_later(self, batch_id: str, done: Callable[[bool], None] | None = None) -> None:
+        """ThawUnit, off the loop, after every call asked for before (a FreezeUnit still under way
+        included); ``done(thawed)`` as for freeze_later."""
+        self._freezer_later("ThawUnit", batch_id, done)
+
+    def _freezer_later(self, member: str, batch_id: str, done: Callable[[bool], None] | None) -> None:
+        unit = scope_name(batch_id)
+
+        def result(_, error: BaseException | None) -> None:
+            if error is not None:
+                log.debug("%s %s: %s", member, unit, error)
+            if done is not None:
+                done(error is None)
+
+        self.off_loop.submit(lambda bus: self._call(member, "s", (unit,), bus=bus), result)
 
     def thaw(self, batch_id: str) -> bool:
+        """ThawUnit, waited for: for pmlmd's start and its ExecStopPost, when no loop runs."""
         return self._freezer("ThawUnit", batch_id)
 
     def _freezer(self, member: str, batch_id: str) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
+from testbed import INSIDE_ENV
 from tier import UNIT, diagnostics, show, wait_inside
 
 # A busy loop bounded in time (60 s), all in the worker's own process group.
@@ -26,6 +28,10 @@ def submit(tb, *args: str) -> str:
 
 def status(tb, batch: str) -> dict:
     return json.loads(tb.run(["pmlmctl", "status", "--json", batch]).stdout)
+
+
+def freezer_state(tb, unit: str) -> str:
+    return tb.run(["systemctl", "show", "-p", "FreezerState", "--value", unit]).stdout.strip()
 
 
 def finished(p) -> bool:
@@ -124,8 +130,8 @@ def test_pausing_a_batch_freezes_its_scope(pmlmd):
                 what="a running worker")
     assert pmlmd.run(["pmlmctl", "pause", batch]).stdout.strip() == f"batch {batch}: paused"
     scope = f"pmlm-{batch}.scope"
-    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
-                lambda p: p.stdout.strip() == "frozen", what=f"{scope} frozen")
+    # pause answers once systemd has frozen the scope
+    assert freezer_state(pmlmd, scope) == "frozen"
     assert status(pmlmd, batch)["freezer"] == "frozen"
     pids = worker_pids(pmlmd, batch)
     assert pids
@@ -135,8 +141,7 @@ def test_pausing_a_batch_freezes_its_scope(pmlmd):
     again = pmlmd.run(f"sleep 0.3; cat /sys/fs/cgroup/pmlm.slice/{scope}/cpu.stat | sed -n 's/^usage_usec //p'")
     assert again.stdout == ticks
     pmlmd.run(["pmlmctl", "resume", batch])
-    wait_inside(pmlmd, ["systemctl", "show", "-p", "FreezerState", "--value", scope],
-                lambda p: p.stdout.strip() == "running", what=f"{scope} thawed")
+    assert freezer_state(pmlmd, scope) == "running"  # and resume once it is thawed
     pmlmd.run(["pmlmctl", "cancel", batch])
     wait_inside(pmlmd, ["true"], lambda p: scope_gone(pmlmd, batch), timeout=30, what=f"{scope} gone")
 
@@ -390,3 +395,31 @@ def test_pmlmd_answers_while_systemd_is_slow_to_make_a_scope(pmlmd):
     journal = tb.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
     assert "outside its scope" not in journal
     wait_inside(tb, ["true"], lambda p: scope_gone(tb, ending) and scope_gone(tb, batch), what="both scopes gone")
+
+
+def test_a_pause_waits_for_systemd_to_freeze_the_scope_while_pmlmd_answers_others(pmlmd):
+    # FreezeUnit is asked for off pmlmd's loop: with systemd stopped (SIGSTOP to the container's
+    # PID 1, from the host), `pmlmctl pause` waits for its answer while status is answered; once
+    # systemd goes on, the pause is answered and the scope is frozen.
+    tb = pmlmd
+    batch = submit(tb, "--shell", "--", BUSY)
+    wait_inside(tb, ["pmlmctl", "status", "--json", batch], running(1), what="a running worker")
+    scope = f"pmlm-{batch}.scope"
+    pause = None
+    os.kill(tb.leader, signal.SIGSTOP)
+    try:
+        pause = subprocess.Popen([*tb.nsenter_argv(), "env", "-i", *INSIDE_ENV, "pmlmctl", "pause", batch],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch],
+                    lambda p: p.returncode == 0 and json.loads(p.stdout)["state"] == "paused",
+                    what="the batch paused, as status says while systemd is stopped")
+        assert pause.poll() is None, "pause answered before systemd froze the scope"
+    finally:
+        os.kill(tb.leader, signal.SIGCONT)
+        if pause is not None:
+            out, err = pause.communicate(timeout=30)
+    assert pause.returncode == 0 and out.strip() == f"batch {batch}: paused", err
+    assert freezer_state(tb, scope) == "frozen"
+    assert status(tb, batch)["freezer"] == "frozen"
+    tb.run(["pmlmctl", "cancel", batch])
+    wait_inside(tb, ["true"], lambda p: scope_gone(tb, batch), timeout=30, what=f"{scope} gone")
