@@ -13,11 +13,9 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import logging
 import math
 import os
-import re
 import resource
 import select
 import signal
@@ -25,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import zmq
 
 from .node import cgroup as cgroups_module, lineage, procctl
+from .node.gate import gated, memfd, open_gate
+from .node.loop import Loop
 
 from .core import events, lifecycle, tasklines
 from .core.batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
@@ -68,107 +67,6 @@ NONCOMPLIANT_NOTE = "did not comply with an agent pause: stopped by pmlmd (SIGST
 # broker's. What the governor admits becomes its credit, the deliveries it may hold.
 OPEN_DEMAND = 1 << 20
 SCOPE_REMAKES = 3  # times a batch's scope is made again when it was gone as soon as made
-
-
-class Loop:
-    """One epoll set over file descriptors and ZeroMQ sockets, plus signal delivery.
-
-    A ZeroMQ socket is in the set by its notification descriptor (ZMQ_FD, zmq_getsockopt(3)),
-    which becomes readable when the socket's state may have changed, not when a message waits:
-    each turn asks every socket's ZMQ_EVENTS, before blocking (a socket that still holds
-    messages a callback left makes the turn not wait) and after. So a turn costs one
-    epoll_wait and a getsockopt per socket, with 1,000 workers as with one; zmq.Poller would
-    build and poll its whole list of items on every call.
-
-    A file whose poll consumes the event it reports (a PSI trigger, kernel doc
-    accounting/psi.rst) is polled once per report here, as epoll_wait checks a ready item once."""
-
-    def __init__(self, on_error: Callable[[Exception], None] | None = None):
-        """With ``on_error``, an exception raised by a callback is handed to it (called inside the
-        except block, so it can log the traceback) and the loop goes on; without, it propagates."""
-        self.on_error = on_error
-        self.epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
-        self.callbacks: dict = {}
-        self.sockets: dict[int, object] = {}  # ZMQ_FD -> its ZeroMQ socket
-        self._signals: list[int] = []
-        self._restore: list[Callable[[], None]] = []
-
-    def watch(self, source, callback: Callable[[], None], events: int = select.EPOLLIN) -> None:
-        """Call ``callback`` whenever ``source`` (a ZeroMQ socket or a descriptor) is readable, or
-        for a descriptor, has one of ``events`` (select.EPOLL*: EPOLLPRI alone for a cgroup file
-        whose change the kernel signals, which always polls readable)."""
-        if not isinstance(source, int):
-            fd = source.getsockopt(zmq.FD)
-            self.sockets[fd] = source
-            source, events = fd, select.EPOLLIN
-        if source in self.callbacks:
-            self.epoll.modify(source, events)
-        else:
-            self.epoll.register(source, events)
-        self.callbacks[source] = callback
-
-    def unwatch(self, source) -> None:
-        if not isinstance(source, int):  # found by identity: it may be closed by now
-            source = next(fd for fd, sock in self.sockets.items() if sock is source)
-            del self.sockets[source]
-        try:
-            self.epoll.unregister(source)
-        except OSError:
-            pass  # closed already: the kernel took it out of the set
-        del self.callbacks[source]
-
-    def _readable_sockets(self) -> list[int]:
-        return [fd for fd, sock in self.sockets.items() if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN]
-
-    def poll(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds (inf: until something happens) and call back what is ready."""
-        ready = self._readable_sockets()
-        wait = 0 if ready else -1 if timeout == math.inf else max(0.0, timeout)
-        fired = [fd for fd, _ in self.epoll.poll(wait)]
-        if self.sockets:
-            ready = self._readable_sockets()
-        ready += [fd for fd in fired if fd not in self.sockets]
-        for source in ready:
-            callback = self.callbacks.get(source)  # an earlier callback may have unwatched it
-            if callback is None:
-                continue
-            if self.on_error is None:
-                callback()
-                continue
-            try:
-                callback()
-            except Exception as e:  # one bad event must not end the service that watches every worker
-                self.on_error(e)
-
-    def handle_signals(self, signals, handler: Callable[[int], None]) -> None:
-        """Deliver ``signals`` to ``handler`` from the loop, not from inside whatever code was running."""
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = {sig: signal.signal(sig, lambda signum, frame: self._signals.append(signum)) for sig in signals}
-        previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-
-        def dispatch():
-            try:
-                while os.read(read_end, 512):
-                    pass
-            except BlockingIOError:
-                pass
-            while self._signals:
-                handler(self._signals.pop(0))
-
-        def restore():
-            signal.set_wakeup_fd(previous_wakeup)
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            self.unwatch(read_end)
-            os.close(read_end)
-            os.close(write_end)
-
-        self.watch(read_end, dispatch)
-        self._restore.append(restore)
-
-    def close(self) -> None:
-        while self._restore:
-            self._restore.pop()()
 
 
 class Clock:
@@ -1083,7 +981,7 @@ class Engine:
             if gate_r is not None:
                 command, environ, variables = gated(rlimits, command, environ, carry=carry)
                 if variables:
-                    env_fd = _memfd("pmlm-env", variables)
+                    env_fd = memfd("pmlm-env", variables)
             with (self.cgroups.starting(f"{run.id}.{task.index}.{attempt_no}")
                   if self.cgroups is not None and not self.cgroups.gated else contextlib.nullcontext()) as cgroup:
                 child = self.processes.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
@@ -1132,7 +1030,7 @@ class Engine:
         if self.scopes.gated:
             self._place(worker, gate_w)  # opens the gate once placed: now, or when systemd has made the scope
         else:
-            _open_gate(gate_w)
+            open_gate(gate_w)
 
     def _place(self, w: Worker, gate_w: int) -> None:
         """Put a gated worker into its batch's scope, then open its gate (``gate_w``): into a cgroup
@@ -1192,7 +1090,7 @@ class Engine:
         self.remade.pop(run.id, None)
         for w, gate_w in waiting:
             if tree is None:
-                _open_gate(gate_w)
+                open_gate(gate_w)
             else:
                 self._into_tree(w, gate_w, tree)
 
@@ -1220,7 +1118,7 @@ class Engine:
         w.cpu, w.ticks, w.measured_at = None, None, None
         self.settled = -1
         self._guard(tree)  # once its first worker has left the scope's own cgroup
-        _open_gate(gate_w)
+        open_gate(gate_w)
 
     def _attach(self, w: Worker, gate_w: int) -> None:
         """Put a gated worker into its batch's scope itself (followed through /proc there). Once
@@ -1228,7 +1126,7 @@ class Engine:
         (Worker.scope_stat), and it goes on."""
         def attached(path: str | None) -> None:
             w.scope_stat = None
-            _open_gate(gate_w)
+            open_gate(gate_w)
 
         self.scopes.place_later(w.run.id, w.run.scope_description, w.child.pid, True, attached)
 
@@ -1701,118 +1599,6 @@ class Stray:
 def _threads(runtimes: dict[int, dict[int, int]]) -> set[tuple[int, int]]:
     """The (pid, tid) pairs of a Worker.runtimes."""
     return {(pid, tid) for pid, threads in runtimes.items() for tid in threads}
-
-
-# How dash's ulimit builtin names each limit and the unit it counts in (bytes per unit, or 1).
-ULIMIT_FLAGS = {resource.RLIMIT_CPU: ("t", 1), resource.RLIMIT_FSIZE: ("f", 512), resource.RLIMIT_DATA: ("d", 1024),
-                resource.RLIMIT_STACK: ("s", 1024), resource.RLIMIT_CORE: ("c", 512), resource.RLIMIT_RSS: ("m", 1024),
-                resource.RLIMIT_MEMLOCK: ("l", 1024), resource.RLIMIT_NPROC: ("p", 1), resource.RLIMIT_NOFILE: ("n", 1),
-                resource.RLIMIT_AS: ("v", 1024), resource.RLIMIT_RTPRIO: ("r", 1)}
-
-
-_SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
-# dash refuses an OPTIND that is not a number, and the gate would end there.
-_SHELL_REFUSES = frozenset({b"OPTIND"})
-
-
-def _open_gate(gate_w: int) -> None:
-    """Let a gated worker go on (it is in its scope, or logged why not), and close the gate's
-    write end. Three bytes into a pipe nobody else writes always fit, however small its owner
-    made it: this never waits."""
-    try:
-        os.write(gate_w, b"go\n")
-    except BrokenPipeError:
-        pass  # the gate is gone already: its exit is seen through its pidfd
-    os.close(gate_w)
-
-
-def gated(rlimits: dict[int, tuple[int, int]], argv: list[bytes], env: dict[bytes, bytes], *, carry: bool = False
-          ) -> tuple[list[bytes], dict[bytes, bytes], bytes]:
-    """(command, environment, variables): what starts ``argv`` through the gate (see ``gate``).
-
-    ``variables`` (empty: none) go to the gate on its descriptor ENV_FD, a memfd pmlmd writes
-    before the start (procctl.spawn's ``env_fd``): never in an argv, which every user may read
-    in /proc/PID/cmdline, and never through a pipe pmlmd would have to wait on. They are:
-
-    - the variables the dynamic loader acts on (LD_PRELOAD, GCONV_PATH, ...; see
-      _loader_variable), as export lines the gate sources just before it becomes the command:
-      its own code runs before it has set the limits and before pmlmd has placed it in its scope,
-      and could fork a process that has neither;
-    - with ``carry``, every variable, and the gate starts with no environment at all: for a gate
-      started through setpriv(1), which runs as root until it has taken on the worker's
-      credentials (procctl.spawn starts it so only with an empty environment);
-    - where a name is one the shell cannot hold or refuses (``A-B``, a non-UTF-8 byte, a
-      non-numeric OPTIND), every variable as NAME=VALUE entries ending in NUL, which perl
-      (perl-base, Essential in Debian) reads, makes its whole environment and becomes the command.
-    """
-    if all(_SHELL_NAME.match(name) and name not in _SHELL_REFUSES for name in env):
-        carried = env if carry else {name: value for name, value in env.items() if _loader_variable(name)}
-        exports = _exports(carried)
-        if carry and b"PWD" not in env:
-            exports += b"unset PWD\n"  # the shell sets one of its own: the command gets exactly ``env``
-        return gate(rlimits, source=bool(exports)) + argv, {n: v for n, v in env.items() if n not in carried}, exports
-    entries = b"".join(name + b"=" + value + b"\0" for name, value in env.items())
-    return gate(rlimits, source=False) + [procctl.PERL, b"-e", ENV_FROM_FD, b"--", *argv], {}, entries
-
-
-def _memfd(name: str, data: bytes) -> int:
-    """A close-on-exec memfd holding ``data``, sealed against change, at offset 0."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_WRITE)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _exports(env: dict[bytes, bytes]) -> bytes:
-    """Shell lines that export ``env`` exactly (single quotes: nothing in a value is expanded)."""
-    return b"".join(b"export " + name + b"='" + value.replace(b"'", b"'\\''") + b"'\n" for name, value in env.items())
-
-
-ENV_FD = procctl.ENV_FD  # where the worker's variables reach the gate (gated)
-# perl: the environment exactly as the NAME=VALUE\0 entries on ENV_FD say (then closed), then argv.
-ENV_FROM_FD = (rb'open(my $f, "<&=", %d) or die "pmlm-gate: $!\n"; my $d = do { local $/; <$f> }; close $f; '
-               rb'%%ENV = (); for (split /\0/, $d) { my ($n, $v) = split /=/, $_, 2; $ENV{$n} = $v } '
-               % ENV_FD) + procctl.EXEC_ARGV
-
-# What glibc ignores for set-user-ID programs, because it changes what the loader or libc load
-# and run (glibc's sysdeps/generic/unsecvars.h), and everything named LD_*.
-LOADER_VARIABLES = frozenset({b"GCONV_PATH", b"GETCONF_DIR", b"GLIBC_TUNABLES", b"HOSTALIASES", b"LOCALDOMAIN",
-                              b"LOCPATH", b"MALLOC_TRACE", b"NIS_PATH", b"NLSPATH", b"RESOLV_HOST_CONF",
-                              b"RES_OPTIONS", b"TMPDIR", b"TZDIR", b"MALLOC_ARENA_MAX", b"MALLOC_PERTURB_"})
-
-
-def _loader_variable(name: bytes) -> bool:
-    return name.startswith(b"LD_") or name in LOADER_VARIABLES
-
-
-def gate(rlimits: dict[int, tuple[int, int]], source: bool = False) -> list[bytes]:
-    """The command a worker starts through: set its limits, wait for "go" on stdin, take on the
-    variables on ENV_FD with ``source``, exec the command (which with perl reads ENV_FD itself).
-
-    The limits are set by the worker itself, as its user, after pmlmd's credentials are
-    gone: lowering them needs no capability, and one that would have to be raised above
-    what pmlmd has stays as it is (the shell says so on the worker's stderr). No step forks:
-    under a process limit the gate still becomes the command.
-    """
-    steps = []
-    for resource_id, (soft, hard) in sorted(rlimits.items()):
-        flag, unit = ULIMIT_FLAGS[resource_id]
-        values = ["unlimited" if v == resource.RLIM_INFINITY else str(v // unit) for v in (soft, hard)]
-        # Soft first: a hard limit may not go below the soft one in force.
-        steps.append(f"ulimit -S -{flag} {values[0]}; ulimit -H -{flag} {values[1]}; ")
-    steps.append('read -r go || exit 125; [ "$go" = go ] || exit 125; ')
-    if source:
-        steps.append(f". /dev/fd/{ENV_FD} || exit 125; exec {ENV_FD}<&-; ")
-    steps.append('exec "$@" </dev/null')
-    return [b"/bin/sh", b"-c", "".join(steps).encode(), b"pmlm-gate"]
 
 
 def _owner_uid(run: BatchRun) -> int | None:

@@ -127,7 +127,8 @@ class EngineRun:
 
     def __init__(self, command: list[str], tasks: int, limits=None, batch_id: str = "t", **engine_kw):
         from pmlmd.core.batch import Batch, BatchSpec
-        from pmlmd.engine import BatchRun, Engine, Loop
+        from pmlmd.engine import BatchRun, Engine
+        from pmlmd.node.loop import Loop
         from pmlmd.core.governor import Limits
 
         limits = limits or Limits(cpu_limit=100)

@@ -326,7 +326,7 @@ def test_the_memory_guard_places_its_lines_from_usage_free_memory_limit_and_floo
 def test_the_loop_wakes_on_a_cgroup_file_change(subtree):
     # cgroup.events polls readable always and signals a change as POLLPRI (kernfs): the loop must
     # watch for EPOLLPRI alone.
-    from pmlmd.engine import Loop
+    from pmlmd.node.loop import Loop
     import select
 
     w = subtree.worker("watched")

@@ -614,7 +614,7 @@ def test_pmlmctl_says_how_many_events_were_dropped():
 
 
 def test_a_worker_gets_the_loaders_variables_its_submitter_had(daemon_factory):
-    """They pass the gate shell by its stdin, not its environment (engine.gated): still the worker's."""
+    """They pass the gate shell by its stdin, not its environment (gate.gated): still the worker's."""
     daemon = daemon_factory("[limits]\ncpu_limit = 100\nmemfree_limit = 0\nmemory_gap = 0\nmin_free = 0\n").start()
     env = dict(os.environ, LD_LIBRARY_PATH="/nonexistent/lib:'quoted'", GCONV_PATH="$(echo not run)")
     result = daemon.ctl("submit", "--wait", "--", "sh", "-c", 'printf "%s|%s\\n" "$LD_LIBRARY_PATH" "$GCONV_PATH"',

@@ -16,7 +16,8 @@ import pytest
 
 from pmlmd.node import procctl
 from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
-from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.engine import BatchRun, Engine
+from pmlmd.node.loop import Loop
 from pmlmd.core.events import End, Event, Held, Timeout
 from pmlmd.core.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
 from pmlmd.node.sampler import PAGE_SIZE, ProcReader

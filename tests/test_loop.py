@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pmlmd.engine import Loop
+from pmlmd.node.loop import Loop
 
 
 def test_a_failing_callback_is_reported_and_the_loop_goes_on():

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from pmlmd.core.batch import Batch, BatchSpec
-from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.engine import BatchRun, Engine
+from pmlmd.node.loop import Loop
 from pmlmd.core.events import Decision
 from pmlmd.core.governor import Limits
 from pmlmd.node.sampler import ProcReader

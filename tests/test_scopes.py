@@ -14,7 +14,8 @@ import time
 import pytest
 
 from pmlmd.core.batch import Batch, BatchSpec
-from pmlmd.engine import BatchRun, Engine, Loop
+from pmlmd.engine import BatchRun, Engine
+from pmlmd.node.loop import Loop
 from pmlmd.core.governor import Limits
 from pmlmd.daemon.config import Config
 from pmlmd.node.scopes import (CgroupLimits, NoScopes, OffLoop, SystemdScopes, batch_of_scope, memory_max, scope_name,

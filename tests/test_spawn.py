@@ -55,12 +55,12 @@ def wait_asleep(child: procctl.Child) -> None:
 
 
 def through_gate(command: list, environ: dict, variables: bytes, credentials=None) -> tuple[dict, bytes, dict]:
-    """Start a gated sleep (engine.gated's words) as pmlmd does, say go, and return what the
+    """Start a gated sleep (gate.gated's words) as pmlmd does, say go, and return what the
     sleeping command has: its environment, its cmdline and its /proc status. Ends it."""
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     r, w = os.pipe2(os.O_CLOEXEC)
-    env_fd = engine._memfd("pmlm-env", variables) if variables else None
+    env_fd = gate_module.memfd("pmlm-env", variables) if variables else None
     try:
         child = procctl.spawn(command, environ, stdin_fd=r, credentials=credentials, env_fd=env_fd)
     finally:
@@ -169,12 +169,12 @@ def test_names_a_shell_cannot_hold_reach_the_command_exactly_and_in_no_argv(nobo
     """A-B, X.Y, a name with a byte that is not UTF-8, an OPTIND the shell refuses, a command
     word with "=": perl takes the variables from the gate's descriptor and becomes the command,
     with exactly the environment submitted and nothing of it in any argv."""
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     monkeypatch.setattr(procctl, "_spawn_as", None)  # no fork of pmlmd
     env = {b"A-B": b"1", b"X.Y": b"two words", b"N\xff": b"\xfe", b"OPTIND": b"abc", b"SECRET": b"hunter2",
            b"PATH": b"/usr/bin:/bin", b"EMPTY": b""}
-    command, environ, variables = engine.gated({}, [b"/bin/sleep", b"30"], env, carry=True)
+    command, environ, variables = gate_module.gated({}, [b"/bin/sleep", b"30"], env, carry=True)
     assert environ == {} and not any(b"hunter2" in word for word in command)
     got, cmdline, st = through_gate(command, environ, variables, nobody)
     assert got == env and b"hunter2" not in cmdline
@@ -189,13 +189,13 @@ def test_the_loaders_variables_skip_the_gate_and_reach_the_command():
     import pathlib
     import shutil
 
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     traces = pathlib.Path(tempfile.mkdtemp(prefix="pmlmt-ld-"))
     env = {b"LD_DEBUG": b"libs", b"LD_DEBUG_OUTPUT": str(traces / "ld").encode(), b"PATH": b"/usr/bin:/bin",
            b"GCONV_PATH": b"it's \"quoted\" $(not run)\n"}
-    command, environ, exports = engine.gated({}, [b"/bin/sleep", b"30"], env)
-    assert not any(engine._loader_variable(name) for name in environ)
+    command, environ, exports = gate_module.gated({}, [b"/bin/sleep", b"30"], env)
+    assert not any(gate_module._loader_variable(name) for name in environ)
     try:
         environ, _, _ = through_gate(command, environ, exports)
         traced = b"".join(path.read_bytes() for path in traces.iterdir())
@@ -214,14 +214,14 @@ def test_a_members_gate_starts_with_no_environment_and_hands_on_exactly_the_subm
     import pathlib
     import shutil
 
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     monkeypatch.setattr(procctl, "_spawn_as", None)  # no fork of pmlmd
     traces = pathlib.Path(tempfile.mkdtemp(prefix="pmlmt-ld-"))
     traces.chmod(0o1777)
     env = {b"LD_DEBUG": b"libs", b"LD_DEBUG_OUTPUT": str(traces / "ld").encode(), b"PATH": b"/usr/bin:/bin",
            b"PWD": b"/nowhere", b"PPID": b"1", b"IFS": b"x", b"OPTIND": b"5", b"MARK": b"it's \"quoted\" $(no)\n\xff"}
-    command, environ, exports = engine.gated({}, [b"sleep", b"30"], env, carry=True)
+    command, environ, exports = gate_module.gated({}, [b"sleep", b"30"], env, carry=True)
     assert environ == {}
     try:
         got, cmdline, st = through_gate(command, environ, exports, nobody)
@@ -274,14 +274,14 @@ def test_a_root_daemon_takes_roots_login_groups_so_roots_batches_start_as_it_is(
 def test_a_carried_environment_has_no_size_limit_of_its_own_and_the_gate_none():
     """With ``carry`` every variable goes by the gate's descriptor however large (a memfd, not a
     pipe pmlmd would have to wait on); without, only the loader's variables do."""
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     large = {b"PATH": b"/bin", b"BIG": b"x" * (1 << 20), b"LD_PRELOAD": b"x.so"}
-    command, environ, variables = engine.gated({}, [b"true"], large, carry=True)
+    command, environ, variables = gate_module.gated({}, [b"true"], large, carry=True)
     assert environ == {} and b"export BIG='" + large[b"BIG"] + b"'\n" in variables
-    command, environ, variables = engine.gated({}, [b"true"], large)
+    command, environ, variables = gate_module.gated({}, [b"true"], large)
     assert environ == {b"PATH": b"/bin", b"BIG": large[b"BIG"]} and variables == b"export LD_PRELOAD='x.so'\n"
-    command, environ, variables = engine.gated({}, [b"true"], {b"PATH": b"/bin"})
+    command, environ, variables = gate_module.gated({}, [b"true"], {b"PATH": b"/bin"})
     assert variables == b"" and b"/dev/fd/" not in command[2]  # nothing to take on: the gate reads nothing
 
 
@@ -291,10 +291,10 @@ def test_the_gate_forks_nothing_so_a_process_limit_of_one_still_runs_the_command
     (ulimit -u) a fork would fail and the task with it."""
     import resource
 
-    from pmlmd import engine
+    from pmlmd.node import gate as gate_module
 
     monkeypatch.setattr(procctl, "_spawn_as", None)
     env = {b"PATH": b"/usr/bin:/bin", b"LD_LIBRARY_PATH": b"/nowhere", b"MARK": b"1"}
-    command, environ, variables = engine.gated({resource.RLIMIT_NPROC: (1, 1)}, [b"sleep", b"30"], env, carry=True)
+    command, environ, variables = gate_module.gated({resource.RLIMIT_NPROC: (1, 1)}, [b"sleep", b"30"], env, carry=True)
     got, _, st = through_gate(command, environ, variables, nobody)
     assert got == env

@@ -24,7 +24,8 @@ from ..node import cgroup
 from ..core import events
 from ..node.agentchannel import AgentChannels
 from ..core.batch import CANCELLED, FINISHED, Batch, BatchSpec
-from ..engine import BatchRun, Engine, Loop
+from ..engine import BatchRun, Engine
+from ..node.loop import Loop
 from ..node.joblog import Joblog
 from ..core.governor import PAUSED, RUNNING, free_bytes
 from ..node.output import Pipes

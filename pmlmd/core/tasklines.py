@@ -33,7 +33,7 @@ TASK_VARIABLE = "PMLM_TASK"
 MAX_LINE_BYTES = MAX_ARG_STRLEN - len(TASK_VARIABLE) - 2
 POINTER = 8  # each string also costs its pointer in argv[] or envp[]
 # Room kept for what pmlmd adds after the check: its PMLM_* variables, the agent channel's
-# addresses, the gate's arguments (engine.gate) and the program's path. Together well under 2 KiB.
+# addresses, the gate's arguments (node.gate.gate) and the program's path. Together well under 2 KiB.
 RESERVE = 4096
 
 

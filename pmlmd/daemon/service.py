@@ -1,6 +1,6 @@
 """pmlmd: the long-running service.
 
-One event loop (an epoll set, engine.Loop) serves the control socket, watches every worker's
+One event loop (an epoll set, node.loop.Loop) serves the control socket, watches every worker's
 pidfd and runs the node-wide governor; no thread per worker. Batches are durable in
 SQLite before a submit is answered, and a restarted daemon adopts the workers an
 earlier one left running.
@@ -35,7 +35,9 @@ from ..node.agentchannel import AgentChannels
 from ..core.batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
                     Batch, BatchSpec, Blank, IntakeSpec, iso)
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from ..engine import ULIMIT_FLAGS, BatchRun, Engine, Loop
+from ..engine import BatchRun, Engine
+from ..node.gate import ULIMIT_FLAGS
+from ..node.loop import Loop
 from ..node.output import TaskFiles
 from ..node.joblog import Joblog
 from ..node.peerlimit import PeerLimit

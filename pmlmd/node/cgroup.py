@@ -350,7 +350,7 @@ class Subtree:
 
     def place(self, name: str, pid: int) -> Worker | None:
         """Make the worker's cgroup and move ``pid`` into it: for a worker that waits at its gate
-        (engine.gated) until it is placed, so that nothing it runs is outside. None, logged, when
+        (gate.gated) until it is placed, so that nothing it runs is outside. None, logged, when
         the cgroup cannot be made or entered: the worker stays where it is."""
         w = self._make(name)
         if w is None:
@@ -439,7 +439,7 @@ class Scoped:
     cgroup.kill, cpu.stat, and with the memory controller memory.current and the guard), while
     the batch stays one unit for ``systemctl`` and survives a restart of pmlmd.
 
-    A worker waits at its gate (engine.gated) until it is placed: the first of a batch is given to
+    A worker waits at its gate (gate.gated) until it is placed: the first of a batch is given to
     systemd to make the scope with, then moved down into its cgroup; the later ones are moved
     into theirs directly, with no D-Bus call. ``workers`` between the scope and the worker
     cgroups is where pmlmd's lines go (MemoryGuard): the scope's own memory.high is systemd's.

@@ -26,7 +26,7 @@ from .sampler import CLOCK_TICKS, ProcReader
 
 log = logging.getLogger("pmlmd.procctl")
 
-# The descriptor on which a gated worker finds its variables (engine.gated).
+# The descriptor on which a gated worker finds its variables (gate.gated).
 ENV_FD = 3
 # util-linux's setpriv(1), Essential in Debian: where it is missing, a worker of another user can
 # be started only with its environment given as such (a fork of pmlmd, see spawn).
@@ -71,7 +71,7 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
           umask: int | None = None, proc: ProcReader | None = None, env_fd: int | None = None) -> Child:
     """Start ``argv`` in a new session and process group with stdin from ``stdin_fd`` (default /dev/null).
 
-    ``env_fd`` (a worker's variables for its gate, see engine.gated) becomes its descriptor ENV_FD.
+    ``env_fd`` (a worker's variables for its gate, see gate.gated) becomes its descriptor ENV_FD.
 
     ``stdout_fd`` and ``stderr_fd`` (default: pmlmd's own) become its stdout and stderr,
     ``umask`` (default: pmlmd's) its file mode creation mask.
@@ -89,7 +89,7 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
     which the child inherits. A worker of another user starts as setpriv(1), which takes on the
     credentials and executes ``argv``: as setpriv still runs as root, that is done only with an
     empty ``env`` (LD_PRELOAD, GCONV_PATH, ... of a submitter must never act in a root process;
-    the engine's gate hands the worker its variables on ``env_fd``, see engine.gated). With
+    the engine's gate hands the worker its variables on ``env_fd``, see gate.gated). With
     an environment, or without setpriv, a worker of another user is started by a fork of pmlmd
     that takes on the credentials before it executes anything (_spawn_as), the environment as
     envp only: /proc/PID/cmdline is readable by every user, /proc/PID/environ is not.
