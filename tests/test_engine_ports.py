@@ -11,6 +11,7 @@ make loose."""
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -147,6 +148,42 @@ class FakeScopes(NoScopes):
             (self.frozen.add if member == "FreezeUnit" else self.frozen.discard)(batch_id)
             if done is not None:
                 done(True)
+
+
+class FakeAgent:
+    """The agent channel as a port (node.agentchannel.AgentChannels): each request kept with its
+    deadline on the fake clock; the test acknowledges one (``ack``) or lets it expire."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+        self.requests: list[SimpleNamespace] = []
+        self.asked: list[tuple[int, str]] = []  # (pid, command), in order
+
+    def environment(self, worker_id, uid):
+        return {"PMLM_AGENT_ENDPOINT": "fake"}
+
+    def request(self, worker_id, pid, command, timeout, owner_uid, context=None):
+        request = SimpleNamespace(worker_id=worker_id, pid=pid, command=command, deadline=self.clock.now + timeout,
+                                  context=context)
+        self.requests.append(request)
+        self.asked.append((pid, command))
+        return request
+
+    def worker_gone(self, worker_id, uid):
+        pass
+
+    def next_deadline(self):
+        return min((r.deadline for r in self.requests), default=float("inf"))
+
+    def expired(self, now):
+        gone = [r for r in self.requests if r.deadline <= now]
+        self.requests = [r for r in self.requests if r.deadline > now]
+        return gone
+
+    def ack(self, engine, pid, command):
+        (request,) = [r for r in self.requests if r.pid == pid and r.command == command]
+        self.requests.remove(request)
+        engine.on_agent_ack(request)
 
 
 @pytest.fixture
@@ -390,3 +427,67 @@ def test_samples_stay_close_while_free_memory_falls_in_steps_near_the_gap(rig):
         proc.node(cpu=10.0, seconds=seconds, available=edge + 14 * MiB)
         engine.tick()
     assert engine.next_sample_at - engine.last_sample.time == pytest.approx(2 * SHORTEST_INTERVAL)
+
+
+def test_an_agent_terminate_not_acknowledged_escalates_to_sigterm_then_sigkill(rig):
+    """Agent mode: below L the newest worker is asked to stop through the channel; no ack within
+    --agent-timeout, and it gets SIGTERM, then SIGKILL after the grace, each at its time."""
+    engine, clock, proc, processes, loop, events = rig
+    engine.agent = agent = FakeAgent(clock)
+    submit(engine, tasks=2, term_mode="agent", pause_mode="agent", agent_timeout=2.0, term_grace=5.0)
+    advance(engine, clock, proc, 1.3, steps=7)
+    first, second = processes.spawned
+    proc.worker(second, rss=3 * GiB, ran_ns=10**9)
+    advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)
+    assert agent.asked == [(second, "terminate")] and processes.of(second) == []  # asked, not signalled
+    asked_at = clock.now
+    advance(engine, clock, proc, 1.9, available=LIMIT - 500 * MiB + 3 * GiB, steps=10)
+    assert processes.of(second) == []
+    advance(engine, clock, proc, 0.2)
+    assert processes.of(second) == [signal.SIGTERM, signal.SIGCONT] and clock.now - asked_at >= 2.0
+    signalled_at = clock.now
+    advance(engine, clock, proc, 5.2, steps=26)
+    assert processes.of(second)[2:] == [signal.SIGKILL, signal.SIGCONT] and clock.now - signalled_at >= 5.0
+    assert processes.of(first) == []
+
+
+def test_an_agent_pause_acknowledged_keeps_the_worker_unsignalled_and_a_continue_asks_again(rig):
+    engine, clock, proc, processes, loop, events = rig
+    engine.agent = agent = FakeAgent(clock)
+    submit(engine, tasks=2, pause_mode="agent", agent_timeout=2.0)
+    advance(engine, clock, proc, 1.3, steps=7)
+    first, second = processes.spawned
+    proc.worker(first, rss=50 * MiB, ran_ns=10**9)
+    proc.worker(second, rss=50 * MiB, ran_ns=10**9)
+    advance(engine, clock, proc, 0.5, cpu=99.0)  # over the CPU limit: one is paused
+    (paused,) = [pid for pid, command in agent.asked if command == "pause"]
+    agent.ack(engine, paused, "pause")
+    proc.worker(paused, rss=50 * MiB, ran_ns=10**9)  # it complies: no CPU since
+    advance(engine, clock, proc, 3.0, cpu=99.0, steps=15)
+    assert processes.of(paused) == []  # no SIGSTOP: it did stop
+    advance(engine, clock, proc, 2.0, cpu=20.0, steps=10)  # calm: it is continued through the channel
+    assert (paused, "continue") in agent.asked and processes.of(paused) == []
+
+
+def test_a_worker_adopted_after_a_restart_is_governed_like_any_other(rig):
+    """A restarted pmlmd adopts a worker an earlier one started (not its child), continues it
+    (whatever the pmlmd before left it in) and ends it as any other when free memory falls below
+    L: SIGTERM, then SIGKILL after the grace."""
+    engine, clock, proc, processes, loop, events = rig
+    run = submit(engine, tasks=1, term_grace=5.0)
+    task = run.batch.queue.popleft()
+    pid = 39000
+    proc.worker(pid, rss=3 * GiB, ran_ns=10**9)
+    processes.pidfds[pid] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    child = procctl.Child(pid=pid, start_ticks=4242, pidfd=processes.pidfds[pid], started=clock.now - 60, adopted=True)
+    attempt = run.batch.start_attempt(task, pid, clock.wall() - 60)
+    engine.adopt(run, task, attempt, child)
+    assert processes.of(pid) == [signal.SIGCONT]
+    advance(engine, clock, proc, 0.5, available=LIMIT - 500 * MiB)
+    assert processes.of(pid) == [signal.SIGCONT, signal.SIGTERM, signal.SIGCONT] and processes.spawned == []
+    advance(engine, clock, proc, 5.2, available=LIMIT - 500 * MiB, steps=26)
+    assert processes.of(pid)[3:] == [signal.SIGKILL, signal.SIGCONT]
+    processes.exit(pid, sig=signal.SIGKILL)
+    loop.poll(0)
+    (end,) = [e for e in events if isinstance(e, End)]
+    assert end.cause == CAUSE_GOVERNOR_MEMORY
