@@ -35,7 +35,8 @@ from .core.batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, 
 from .broker.intake import REFUSED
 from .core.governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
                        NodeSample, WorkerView, Workload, decide_batches, free_bytes, give_back, intake_credit,
-                       next_interval, rate_reference, refresh_due, workload)
+                       next_interval, rate_reference, refresh_due, sampling_pace, within_backlog,
+                       workload)
 from .core.governor import quiet as governor_quiet
 from .node.sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -447,14 +448,9 @@ class Engine:
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
         if self.spawn_backlog:
-            # A follow-up of a step cut short: no batch starts more than that step admitted and did
-            # not start (the others wait for a step of their own). Queue batches start what the
-            # broker delivers; their admission is their credit (_credit), not capped here.
             backlog, self.spawn_backlog = self.spawn_backlog, {}
-            decisions = [dataclasses.replace(d, count=min(d.count, backlog.get(d.batch, 0)))
-                         if d.action == SPAWN and getattr(self.runs.get(d.batch), "intake", None) is None
-                         else d for d in decisions]
-            decisions = [d for d in decisions if d.action != SPAWN or d.count > 0]
+            decisions = within_backlog(decisions, backlog, {run.id for run in self.runs.values()
+                                                            if run.intake is not None})
         # Queue batches: the deliveries their running tasks hold before this step's spawns.
         holding = {run.id: _running_deliveries(run) for run in self.runs.values() if run.intake is not None}
         for decision in decisions:
@@ -465,8 +461,7 @@ class Engine:
         self.on_event(events.Sample(cpu_pct=None if sample.cpu_pct is None else round(sample.cpu_pct, 2), free=free,
                                     free_pct=round(100.0 * free / sample.mem_total, 2), running=self.tally[RUNNING],
                                     paused=self.tally[PAUSED]))
-        fastest = min([limits.interval] + [run.limits.interval for run in self.runs.values()])
-        pace = limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
+        pace = sampling_pace(limits, [run.limits.interval for run in self.runs.values()])
         watching = bool(self.workers)
         # Nothing moves and nothing waits: samples may stretch (governor.next_interval).
         self.still = (watching and self.settled == len(self.workers) and not self.tally[PAUSED]

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 
 from pmlmd.core.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
-                            GIVE_BACK_AFTER, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView, Workload,
-                            decide, give_back, intake_credit, next_interval, quiet, rate_reference)
+                                 GIVE_BACK_AFTER, Decision, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView,
+                                 Workload, decide, give_back, intake_credit, next_interval, quiet, rate_reference,
+                                 sampling_pace, within_backlog)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -631,3 +632,25 @@ def test_give_back_returns_the_newest_that_waited_long_enough_up_to_the_excess()
     assert give_back(queued, 2, now) == [4, 2]  # from the back; 3 waited too little, 1 holds no delivery
     assert give_back(queued, 5, now) == [4, 2, 0]
     assert give_back(queued, 0, now) == []
+
+
+# --- the step after one cut short; the pace of sampling -----------------------------------------
+
+@pytest.mark.parametrize("asked, backlog, by_credit, started", [
+    ({"a": 8}, {"a": 3}, set(), {"a": 3}),  # never more than the cut step left over: the ramp holds
+    ({"a": 2}, {"a": 3}, set(), {"a": 2}),  # fewer if this step admits fewer
+    ({"a": 4, "b": 4}, {"a": 3}, set(), {"a": 3}),  # a batch the cut step did not reach waits its turn
+    ({"q": 8}, {}, {"q"}, {"q": 8}),  # a queue batch starts what its credit admits
+])
+def test_a_step_after_a_cut_one_starts_no_more_than_was_left(asked, backlog, by_credit, started):
+    decisions = [Decision(SPAWN, count=n, batch=b) for b, n in asked.items()] + [Decision(PAUSE, worker=7)]
+    out = within_backlog(decisions, backlog, by_credit)
+    assert {d.batch: d.count for d in out if d.action == SPAWN} == started
+    assert Decision(PAUSE, worker=7) in out  # pauses and the rest are not touched
+
+
+def test_samples_come_at_the_shortest_interval_any_batch_asks_for():
+    node = Limits(interval=0.5)
+    assert sampling_pace(node, []) is node
+    assert sampling_pace(node, [0.5, 1.0]) is node  # a longer ask is held to the node's
+    assert sampling_pace(node, [0.5, 0.1]) == dataclasses.replace(node, interval=0.1)

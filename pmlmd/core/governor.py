@@ -683,6 +683,31 @@ def rate_reference(recent: Sequence[NodeSample], now: float) -> NodeSample | Non
     return reference
 
 
+def sampling_pace(limits: Limits, batch_intervals: list[float]) -> Limits:
+    """The node's limits with the shortest base interval any batch asks for (``--interval``: a
+    batch may sample more often than the node, never less often): the limits the sampling
+    schedule (next_interval) follows."""
+    fastest = min([limits.interval, *batch_intervals])
+    return limits if fastest == limits.interval else dataclasses.replace(limits, interval=fastest)
+
+
+def within_backlog(decisions: list[Decision], backlog: dict[str, int], by_credit: set[str]) -> list[Decision]:
+    """The decisions of a step that follows one cut short (the executor starts workers for a
+    limited time per loop turn, then serves its sockets): no batch starts more workers than
+    that step admitted and did not start (``backlog``: batch id -> count), so the ramp does not
+    speed up by the cut; a batch not in ``backlog`` starts none in this step. Batches in
+    ``by_credit`` (queue batches: they start what the broker delivers, admitted by their credit)
+    are not capped. Spawn decisions left with no worker are dropped."""
+    out = []
+    for d in decisions:
+        if d.action == SPAWN and d.batch not in by_credit:
+            d = dataclasses.replace(d, count=min(d.count, backlog.get(d.batch, 0)))
+            if d.count <= 0:
+                continue
+        out.append(d)
+    return out
+
+
 def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limits, watching: bool = True,
                   still: bool = False) -> float:
     """How long to wait before the next node sample, in seconds.
