@@ -346,7 +346,7 @@ def test_worker_limits_are_the_lowest_of_submitter_login_and_pmlmd(carried, logi
 
 
 def test_submit_carries_every_limit_the_gate_can_set():
-    from pmlmd.engine import ULIMIT_FLAGS
+    from pmlmd.node.gate import ULIMIT_FLAGS
 
     assert set(protocol.RLIMITS.values()) == set(ULIMIT_FLAGS)
     assert all(loginlimits().ITEMS[name][0] == resource_id for name, resource_id in protocol.RLIMITS.items())
