@@ -29,6 +29,7 @@ from .node.gate import gated, memfd, open_gate
 from .node.loop import Loop
 
 from .core import events, lifecycle, tasklines
+from .core.supervisor import Supervisor
 from .core.batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, RETURNED, SUCCEEDED, CAUSE_CANCELLED, CAUSE_CWD,
                     CAUSE_DAEMON_RESTART, CAUSE_EXIT, CAUSE_GOVERNOR_MEMORY, CAUSE_SPAWN_FAILED,
                     Attempt, Batch, Task, describe_end)
@@ -199,10 +200,9 @@ class Engine:
         self.critical_finish = critical_finish  # False in the daemon: wait out a floor breach instead
         self.on_event = on_event or (lambda event: None)
         self.runs: dict[str, BatchRun] = {}
-        self.workers: dict[int, Worker] = {}
-        # Kept as workers come, change and go, so that a step costs nothing per idle worker:
-        self.tally: collections.Counter = collections.Counter()  # how many workers are in each state
-        self.timed: dict[int, Worker] = {}  # the workers with a deadline (Life.due), by pid
+        # Every worker's lifecycle, by pid, with the count in each state and the deadlines kept as
+        # workers come, change and go (so that a step costs nothing per idle worker).
+        self.supervisor: Supervisor[Worker] = Supervisor()
         self.cgroups = cgroups
         # The node stalling on memory wakes the loop for a sample (a PSI trigger), where PSI exists.
         self.pressure: PressureTrigger | None = None
@@ -403,6 +403,11 @@ class Engine:
     def workers_of(self, run: BatchRun) -> list[Worker]:
         return [w for w in self.workers.values() if w.run is run]
 
+    @property
+    def workers(self) -> dict[int, Worker]:
+        """The workers being supervised, by pid (read only: Supervisor.add and remove change it)."""
+        return self.supervisor.records
+
     # --- time ---------------------------------------------------------------------------
     def idle(self) -> bool:
         """Nothing to govern: no batch and no process of one. An idle engine takes no samples."""
@@ -410,10 +415,7 @@ class Engine:
 
     def next_deadline(self) -> float:
         """When ``tick`` has something to do (monotonic seconds; inf: nothing but events)."""
-        workers_due = math.inf
-        for w in self.timed.values():
-            if w.life.due < workers_due:
-                workers_due = w.life.due
+        workers_due = self.supervisor.next_deadline()
         # The next tick looks at the workers only from then on: a deadline set meanwhile (by a
         # callback of this loop turn) lies after the moment it was set, so after that tick.
         self.workers_due = workers_due
@@ -443,7 +445,7 @@ class Engine:
                          share=len(self.guards))
         for run in self.runs.values():
             run.batch.record_sample(sample.cpu_pct, free, sample.mem_total)
-        paused = self.tally[PAUSED] > 0
+        paused = self.supervisor.tally[PAUSED] > 0
         if self.workers and refresh_due(sample, limits, sample.time - self.last_refresh, paused):
             self._refresh_workers(sample.time)
         decisions = self._decide(sample, paused)
@@ -458,13 +460,14 @@ class Engine:
         for run in list(self.runs.values()):
             if run.id in holding:
                 self._credit(run, decisions, holding[run.id])
+        tally = self.supervisor.tally
         self.on_event(events.Sample(cpu_pct=None if sample.cpu_pct is None else round(sample.cpu_pct, 2), free=free,
-                                    free_pct=round(100.0 * free / sample.mem_total, 2), running=self.tally[RUNNING],
-                                    paused=self.tally[PAUSED]))
+                                    free_pct=round(100.0 * free / sample.mem_total, 2), running=tally[RUNNING],
+                                    paused=tally[PAUSED]))
         pace = sampling_pace(limits, [run.limits.interval for run in self.runs.values()])
         watching = bool(self.workers)
         # Nothing moves and nothing waits: samples may stretch (governor.next_interval).
-        self.still = (watching and self.settled == len(self.workers) and not self.tally[PAUSED]
+        self.still = (watching and self.settled == len(self.workers) and not self.supervisor.tally[PAUSED]
                       and not any(run.batch.queue or self._taking(run) for run in self.runs.values()))
         if self.recent_samples and sample.time < self.recent_samples[-1].time:
             self.recent_samples.clear()  # a clock that went back (a test's): older samples say nothing
@@ -885,21 +888,8 @@ class Engine:
                                agent_timeout=spec.agent_timeout, timeout=spec.timeout)
 
     def _carry(self, w: Worker, event: lifecycle.Event, now: float) -> None:
-        """Hand ``event`` to the worker's lifecycle (lifecycle.handle) and carry out what it says."""
-        life, effects = lifecycle.handle(w.life, event, now)
-        self._relife(w, life)
-        self._do(w, effects)
-
-    def _relife(self, w: Worker, life: lifecycle.Life) -> None:
-        """The worker's lifecycle state is now ``life``: the tally and the deadlines follow."""
-        before, w.life = w.life, life
-        if before.phase.STATE != life.phase.STATE:
-            self.tally[before.phase.STATE] -= 1
-            self.tally[life.phase.STATE] += 1
-        if life.due is not None:
-            self.timed[w.child.pid] = w
-        else:
-            self.timed.pop(w.child.pid, None)
+        """Hand ``event`` to the worker's lifecycle (Supervisor.handle) and carry out what it says."""
+        self._do(w, self.supervisor.handle(w.child.pid, w, event, now))
 
     def _do(self, w: Worker, effects: list[lifecycle.Effect]) -> None:
         """Carry out what the worker's lifecycle said, in order."""
@@ -1178,9 +1168,7 @@ class Engine:
         if self.output is not None:
             self.output.adopted(run, task, attempt)
         self._watch(worker)
-        life, effects = lifecycle.adopted(worker.life, self.clock.monotonic(), terminate)
-        self._relife(worker, life)
-        self._do(worker, effects)
+        self._do(worker, self.supervisor.adopt(worker.child.pid, worker, self.clock.monotonic(), terminate))
 
     def _born(self, run: BatchRun, attempt: Attempt, child: procctl.Child) -> lifecycle.Life:
         modes = self._modes(run)
@@ -1192,11 +1180,8 @@ class Engine:
 
     def _watch(self, worker: Worker) -> None:
         self.settled = -1  # a new worker, not measured yet: not known to stand still
-        self.workers[worker.child.pid] = worker
-        self.tally[worker.state] += 1
+        self.supervisor.add(worker.child.pid, worker)
         self.uncontained += worker.cgroup is None
-        if worker.life.due is not None:
-            self.timed[worker.child.pid] = worker
         self.loop.watch(worker.child.pidfd, lambda: self._reap(worker))
         self.on_event(events.Start(worker.run.id, worker.task.index, worker.attempt.number, worker.child.pid,
                                    worker.child.start_ticks))
@@ -1211,8 +1196,9 @@ class Engine:
         if self.agent is not None:
             self._agent_expired(now)
         due, self.workers_due = self.workers_due, -math.inf  # a tick without next_deadline looks at all
-        for w in list(self.timed.values()) if now >= due else ():
-            if now >= w.life.due:
+        for pid in self.supervisor.due(now) if now >= due else ():
+            w = self.workers.get(pid)  # one ended by an earlier Tick's effects is gone
+            if w is not None and w.life.due is not None and now >= w.life.due:
                 self._carry(w, lifecycle.Tick(), now)
         for rest, deadline in list(self.stragglers.items()):
             if self._gone(rest):
@@ -1488,9 +1474,7 @@ class Engine:
             os.waitpid(w.child.pid, 0)
             self.loop.unwatch(w.child.pidfd)
             os.close(w.child.pidfd)
-        self.workers.clear()
-        self.tally.clear()
-        self.timed.clear()
+        self.supervisor.clear()
         for rest in self.stragglers:
             self._kill_rest(rest)
             if isinstance(rest, int):
@@ -1512,14 +1496,12 @@ class Engine:
     def count(self, state: str, run: BatchRun | None = None) -> int:
         """How many workers (of ``run``) are in ``state``."""
         if run is None:
-            return self.tally[state]
+            return self.supervisor.tally[state]
         return sum(1 for w in self.workers.values() if w.state == state and w.run is run)
 
     def _forget(self, w: Worker) -> None:
-        del self.workers[w.child.pid]
-        self.tally[w.state] -= 1
+        self.supervisor.remove(w.child.pid)
         self.uncontained -= w.cgroup is None
-        self.timed.pop(w.child.pid, None)
 
     def withdraw(self, run: BatchRun) -> None:
         """Stop watching the batch's workers, leaving them as they are, and drop the batch."""
