@@ -93,7 +93,14 @@ class BatchRun:
     env: dict[str, str] | None = None  # the workers' base environment; None: the engine's own
     held: bool = False  # paused by a user
     frozen: bool = False  # held through its scope's cgroup freezer rather than signals
-    freezing: bool = False  # its scope's FreezeUnit is under way (off the loop)
+    # Its scope's freezer, asked off the loop (Engine._freezer_call): each hold and resume is a new
+    # turn (a FreezeUnit's answer for an earlier turn is stale); FreezeUnit calls under way; whether
+    # the scope may be frozen (a FreezeUnit done or unanswered, and no ThawUnit done since).
+    hold_turn: int = 0
+    freezing: int = 0
+    may_be_frozen: bool = False
+    freezer_calls: int = 0  # numbers the calls, so that a ThawUnit done clears only what came before
+    last_freeze: int = 0  # the number of the last FreezeUnit asked for
     description: str = ""  # for its scope: which batch, whose
     umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
@@ -334,24 +341,61 @@ class Engine:
         forked included; systemd is asked off the loop, and the workers are held once it answers
         (by signals, should it fail). ``done()`` then: the batch is held."""
         run.held = True
+        run.hold_turn += 1
         # Not where a worker is being ended: frozen, it could not act on its SIGTERM in its grace.
         if self._modes(run).pause_by_agent or any(w.state in ENDING for w in self.workers_of(run)):
             self._held(run, False, done)
             return
-        run.freezing = True
-        self.scopes.freeze_later(run.id, lambda frozen: self._frozen(run, frozen, done))
+        turn = run.hold_turn
+        self._freezer_call(run, True, lambda answer: self._frozen(run, turn, answer is True, done))
 
-    def _frozen(self, run: BatchRun, frozen: bool, done: Callable[[], None] | None) -> None:
-        run.freezing = False
-        if not run.held or run.id not in self.runs:
-            # Resumed or ended meanwhile: its ThawUnit was asked for after this FreezeUnit.
+    def _frozen(self, run: BatchRun, turn: int, frozen: bool, done: Callable[[], None] | None) -> None:
+        if turn != run.hold_turn or run.id not in self.runs:
+            # Resumed (and maybe held again) or ended meanwhile: a ThawUnit was asked for after
+            # this FreezeUnit, and a later hold asks for its own.
             if done is not None:
                 done()
             return
         if frozen and any(w.state in ENDING for w in self.workers_of(run)):
-            self.scopes.thaw_later(run.id)  # one is being ended since: it must act on its SIGTERM
+            self._thaw(run)  # one is being ended since: it must act on its SIGTERM
             frozen = False
         self._held(run, frozen, done)
+
+    def _freezer_call(self, run: BatchRun, freeze: bool, then: Callable[[bool | None], None] | None) -> None:
+        """FreezeUnit (``freeze``) or ThawUnit of the batch's scope, off the loop, keeping what
+        pmlmd knows of the scope's freezer (BatchRun.freezing, may_be_frozen) as answers come."""
+        run.freezer_calls += 1
+        number = run.freezer_calls
+        if freeze:
+            run.freezing += 1
+            run.last_freeze = number
+
+        def answered(answer: bool | None) -> None:
+            if freeze:
+                run.freezing -= 1
+                run.may_be_frozen = run.may_be_frozen or answer is not False
+            elif answer is True and number > run.last_freeze:
+                run.may_be_frozen = False  # thawed after every FreezeUnit asked for
+            if then is not None:
+                then(answer)
+
+        (self.scopes.freeze_later if freeze else self.scopes.thaw_later)(run.id, answered)
+
+    def _thaw(self, run: BatchRun, done: Callable[[], None] | None = None, again: bool = True) -> None:
+        """ThawUnit of the batch's scope, off the loop; asked once more where it failed while the
+        scope may still be frozen (a FreezeUnit systemd took but did not answer in time fails the
+        calls queued behind it), then logged with the command that thaws it by hand."""
+        def answered(answer: bool | None) -> None:
+            if answer is not True and run.may_be_frozen and not run.held and not run.freezing:
+                if again:
+                    self._thaw(run, done, again=False)
+                    return
+                log.warning("the scope of batch %s may stay frozen: systemd did not thaw it (systemctl thaw "
+                            "pmlm-%s.scope)", run.id, run.id)
+            if done is not None:
+                done()
+
+        self._freezer_call(run, False, answered)
 
     def _held(self, run: BatchRun, frozen: bool, done: Callable[[], None] | None) -> None:
         run.frozen = frozen
@@ -366,16 +410,25 @@ class Engine:
         """Undo ``hold``: every worker continued (SIGCONT whatever holds it) and the scope thawed,
         off the loop; ``done()`` once it is thawed (at once where it was not frozen)."""
         run.held = False
+        run.hold_turn += 1
+        run.frozen = False
         now = self.clock.monotonic()
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
         self.on_event(events.Released(run.id))
-        if run.frozen or run.freezing:
-            run.frozen = False
-            self.scopes.thaw_later(run.id, None if done is None else lambda _: done())
+        if run.freezing or run.may_be_frozen:
+            self._thaw(run, done)
         elif done is not None:
             done()
+
+    def freezer(self, run: BatchRun) -> str:
+        """The batch scope's freezer as pmlmd knows it, named as systemd's FreezerState: "frozen",
+        "freezing" (a hold's FreezeUnit under way), "thawing" (resumed, the scope maybe still
+        frozen) or "running"."""
+        if run.held:
+            return "frozen" if run.frozen else "freezing" if run.freezing else "running"
+        return "thawing" if run.freezing or run.may_be_frozen else "running"
 
     def cpu_mark(self) -> int | None:
         """The CPU time the workers' processes have used, in microseconds: the cgroup subtree's
@@ -1285,8 +1338,8 @@ class Engine:
         run.batch.finished = self.clock.wall()
         self.on_event(events.Finished(run.id, run.batch.exit_status(), run.batch.summary_line()))
         del self.runs[run.id]
-        if run.frozen or run.freezing:
-            self.scopes.thaw_later(run.id)
+        if run.freezing or run.may_be_frozen:
+            self._thaw(run)
         self.scopes.stop(run.id)
         self._drop_tree(run.id)  # the scope goes with its cgroups
 

@@ -122,13 +122,16 @@ class FakeProcesses(procctl.Processes):
 class FakeScopes(NoScopes):
     """A scope backend whose freezer works and answers when the test says (``answer``), as
     SystemdScopes answers from off the loop: each call in the order asked (``calls``), and the
-    batches frozen now (``frozen``). With ``deferred`` False it answers at once."""
+    batches frozen now (``frozen``). With ``deferred`` False it answers at once. ``outcomes``:
+    what the next calls answer (True done, False refused, None no answer in time: systemd may
+    still carry a FreezeUnit out, ``frozen`` says what it did); True once they run out."""
 
     def __init__(self):
         self.calls: list[tuple[str, str]] = []
         self.waiting: list[tuple[str, str, object]] = []
         self.frozen: set[str] = set()
         self.deferred = False
+        self.outcomes: list[bool | None] = []
 
     def freeze_later(self, batch_id, done):
         self._later("FreezeUnit", batch_id, done)
@@ -142,12 +145,16 @@ class FakeScopes(NoScopes):
         if not self.deferred:
             self.answer()
 
-    def answer(self):
-        while self.waiting:
+    def answer(self, calls: int | None = None):
+        """Answer the calls waiting, those their answers ask for included (or the first ``calls``)."""
+        while self.waiting and (calls is None or calls > 0):
+            calls = None if calls is None else calls - 1
             member, batch_id, done = self.waiting.pop(0)
-            (self.frozen.add if member == "FreezeUnit" else self.frozen.discard)(batch_id)
+            outcome = self.outcomes.pop(0) if self.outcomes else True
+            if outcome is True or (outcome is None and member == "FreezeUnit"):
+                (self.frozen.add if member == "FreezeUnit" else self.frozen.discard)(batch_id)
             if done is not None:
-                done(True)
+                done(outcome)
 
 
 class FakeAgent:
@@ -491,3 +498,57 @@ def test_a_worker_adopted_after_a_restart_is_governed_like_any_other(rig):
     loop.poll(0)
     (end,) = [e for e in events if isinstance(e, End)]
     assert end.cause == CAUSE_GOVERNOR_MEMORY
+
+
+def test_a_freeze_refused_holds_by_signals_and_its_resume_asks_no_thaw(rig):
+    engine, clock, proc, processes, loop, events = rig
+    engine.scopes.outcomes = [False]  # no scope yet, or no cgroup2 freezer
+    run = submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    engine.hold(run)
+    assert processes.of(pid) == [signal.SIGSTOP] and not run.frozen and engine.freezer(run) == "running"
+    engine.resume(run)
+    assert engine.scopes.calls == [("FreezeUnit", "b")] and processes.of(pid) == [signal.SIGSTOP, signal.SIGCONT]
+
+
+def test_a_freeze_systemd_did_not_answer_is_thawed_at_the_resume_and_a_failed_thaw_asked_again(rig):
+    """No answer in time: the workers are held by signals, but systemd may still freeze the
+    scope (here it does). The resume thaws it; the first ThawUnit fails (queued behind the
+    FreezeUnit on a connection that failed), so it is asked once more."""
+    engine, clock, proc, processes, loop, events = rig
+    engine.scopes.outcomes = [None, None, True]
+    run = submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    engine.hold(run)
+    assert processes.of(pid) == [signal.SIGSTOP] and engine.scopes.frozen == {"b"}
+    answered = []
+    engine.resume(run, lambda: answered.append("resumed"))
+    assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b"), ("ThawUnit", "b")]
+    assert engine.scopes.frozen == set() and answered == ["resumed"] and engine.freezer(run) == "running"
+
+
+def test_a_late_answer_to_an_earlier_pause_is_not_taken_for_a_later_one(rig):
+    """pause, resume, pause again, with systemd answering late: the first FreezeUnit is refused
+    (no scope yet), and its answer is not taken for the second pause's; the second resume comes
+    before the second FreezeUnit is answered, and still thaws what it freezes."""
+    engine, clock, proc, processes, loop, events = rig
+    engine.scopes.deferred = True
+    engine.scopes.outcomes = [False]
+    run = submit(engine, tasks=1)
+    advance(engine, clock, proc, 0.3, steps=3)
+    (pid,) = processes.spawned
+    answered = []
+    engine.hold(run, lambda: answered.append("held 1"))
+    engine.resume(run, lambda: answered.append("resumed 1"))
+    engine.hold(run, lambda: answered.append("held 2"))
+    assert engine.freezer(run) == "freezing"
+    engine.scopes.answer(1)  # the first FreezeUnit, refused
+    assert answered == ["held 1"] and processes.of(pid) == []  # stale: not held by signals for the second pause
+    engine.resume(run, lambda: answered.append("resumed 2"))
+    assert engine.freezer(run) == "thawing"
+    engine.scopes.answer()
+    assert answered == ["held 1", "resumed 1", "held 2", "resumed 2"]
+    assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b"), ("FreezeUnit", "b"), ("ThawUnit", "b")]
+    assert engine.scopes.frozen == set() and engine.freezer(run) == "running" and not run.frozen

@@ -147,11 +147,11 @@ def test_the_freezer_state_in_status_is_told_from_memory_without_asking_systemd(
             raise AssertionError(f"status asked systemd ({name})")
 
     backend = SystemdScopes(connection=NoCalls())
-    assert backend.freezer_state("7", frozen=False) is None  # no scope (yet)
+    assert backend.freezer_state("7", "running") is None  # no scope (yet)
     backend.started.add("7")
-    assert backend.freezer_state("7", frozen=False) == "running"
-    assert backend.freezer_state("7", frozen=True) == "frozen"
-    assert NoScopes().freezer_state("7", frozen=True) is None
+    assert backend.freezer_state("7", "running") == "running"
+    assert backend.freezer_state("7", "frozen") == "frozen"
+    assert NoScopes().freezer_state("7", "frozen") is None
 
 
 class Connection:

@@ -148,7 +148,9 @@ class BatchSummary:
     ended: str | None  # when it ended; None while it is live
     elapsed_s: float | None  # from created to ended, or to now while it is live
     scope: str | None = None  # its systemd scope, if it runs in one
-    freezer: str | None = None  # the scope's FreezerState while the batch is live
+    # the scope's FreezerState while the batch is live, as pmlmd knows it: "running", "freezing",
+    # "frozen" or "thawing" (systemd's names); None without a scope
+    freezer: str | None = None
     intake: IntakeStatus | None = None  # a queue batch's
 
     @property

@@ -397,7 +397,10 @@ class Daemon:
                 job.close()
         # Workers waiting at their gates for a scope systemd is making get it (or run where
         # they are), rather than ending at their gates with pmlmd.
-        self.scopes.close()
+        try:
+            self.scopes.close()
+        except Exception:  # what the answers asked for must not keep the workers from being let go
+            log.exception("internal error while settling the calls to systemd, pmlmd goes on stopping")
         # Nothing may stay stopped while no pmlmd watches it (the next pmlmd also tells every
         # adopted agent-mode worker to go on, in case this request does not reach it).
         for w in self.engine.workers.values():
@@ -583,7 +586,7 @@ class Daemon:
 
     def _withdraw(self, run: BatchRun) -> None:
         """Take a batch that failed half-way through ``_resume`` back out of the engine."""
-        if run.frozen or run.freezing:
+        if run.freezing or run.may_be_frozen:
             self.scopes.thaw_later(run.id)
         self.engine.withdraw(run)
 
@@ -1074,7 +1077,7 @@ class Daemon:
                          priority=run.priority, held=run.held,
                          paused_workers=self.engine.count(PAUSED, run) + self.engine.count(HELD, run),
                          scope=scopes.scope_name(run.id) if self.scopes.name == "systemd" else None,
-                         freezer=self.scopes.freezer_state(run.id, run.frozen) if live else None, intake=intake_status(run))
+                         freezer=self.scopes.freezer_state(run.id, self.engine.freezer(run)) if live else None, intake=intake_status(run))
 
     def _finished_summaries(self, batch_id: str | None = None) -> list[BatchSummary]:
         """The stored summaries of finished batches (of one, with ``batch_id``), owners named."""

@@ -143,6 +143,10 @@ def scope_name(batch_id: str) -> str:
 
 # done(path): called in the loop with the scope's cgroup (below the cgroup2 mount) or None.
 Placed = Callable[[str | None], None]
+# A FreezeUnit's or ThawUnit's answer: True done, False refused (no such scope, no cgroup2
+# freezer), None unknown (no answer within JOB_TIMEOUT, or the bus connection failed: systemd may
+# still carry the call out).
+Answered = Callable[[bool | None], None]
 
 
 class NoScopes:
@@ -172,18 +176,19 @@ class NoScopes:
     def adopted(self, batch_id: str) -> None:
         pass
 
-    def freeze_later(self, batch_id: str, done: Callable[[bool], None]) -> None:
-        """Freeze the batch's scope; ``done(frozen)`` with whether it is. Here: no scope, at once False."""
+    def freeze_later(self, batch_id: str, done: Answered) -> None:
+        """Freeze the batch's scope; ``done(answer)``: True (frozen), False (it cannot be) or None
+        (unknown: no answer came). Here: no scope, at once False."""
         done(False)
 
-    def thaw_later(self, batch_id: str, done: Callable[[bool], None] | None = None) -> None:
+    def thaw_later(self, batch_id: str, done: Answered | None = None) -> None:
         if done is not None:
             done(False)
 
     def thaw(self, batch_id: str) -> bool:
         return False
 
-    def freezer_state(self, batch_id: str, frozen: bool) -> str | None:
+    def freezer_state(self, batch_id: str, state: str) -> str | None:
         return None
 
     def stop(self, batch_id: str) -> None:
@@ -472,25 +477,26 @@ class SystemdScopes:
         their tasks run again at its next start (cause daemon-restart)."""
         self.off_loop.settle(timeout)
 
-    def freeze_later(self, batch_id: str, done: Callable[[bool], None]) -> None:
+    def freeze_later(self, batch_id: str, done: Answered) -> None:
         """FreezeUnit of the batch's scope, off the loop (it returns once the scope's cgroup is
-        frozen); then ``done(True)`` from ``deliver``, or ``done(False)`` where it cannot be (no
-        scope yet, no cgroup2 freezer): the caller stops the workers with signals instead."""
+        frozen); then, from ``deliver``, ``done(True)``, or ``done(False)`` where it cannot be (no
+        scope yet, no cgroup2 freezer: the caller stops the workers with signals instead), or
+        ``done(None)`` where systemd did not answer (it may freeze the scope later)."""
         self._freezer_later("FreezeUnit", batch_id, done)
 
-    def thaw_later(self, batch_id: str, done: Callable[[bool], None] | None = None) -> None:
+    def thaw_later(self, batch_id: str, done: Answered | None = None) -> None:
         """ThawUnit, off the loop, after every call asked for before (a FreezeUnit still under way
-        included); ``done(thawed)`` as for freeze_later."""
+        included); ``done`` as for freeze_later."""
         self._freezer_later("ThawUnit", batch_id, done)
 
-    def _freezer_later(self, member: str, batch_id: str, done: Callable[[bool], None] | None) -> None:
+    def _freezer_later(self, member: str, batch_id: str, done: Answered | None) -> None:
         unit = scope_name(batch_id)
 
         def result(_, error: BaseException | None) -> None:
             if error is not None:
                 log.debug("%s %s: %s", member, unit, error)
             if done is not None:
-                done(error is None)
+                done(True if error is None else False if isinstance(error, DBusErrorResponse) else None)
 
         self.off_loop.submit(lambda bus: self._call(member, "s", (unit,), bus=bus), result)
 
@@ -507,13 +513,14 @@ class SystemdScopes:
             log.debug("%s %s: %s", member, scope_name(batch_id), e)
             return False
 
-    def freezer_state(self, batch_id: str, frozen: bool) -> str | None:
-        """The batch scope's FreezerState as pmlmd left it (``frozen``: by FreezeUnit), "frozen" or
-        "running"; None while it has no scope. Told from memory, not asked of systemd: status and
-        list never wait on D-Bus in the loop that enforces the limits."""
+    def freezer_state(self, batch_id: str, state: str) -> str | None:
+        """The batch scope's FreezerState as pmlmd knows it (``state``: "running", "freezing",
+        "frozen" or "thawing", as systemd names them; engine.Engine.freezer), None while it has no
+        scope. Told from memory, not asked of systemd: status and list never wait on D-Bus in the
+        loop that enforces the limits."""
         if batch_id not in self.started:
             return None
-        return "frozen" if frozen else "running"
+        return state
 
     def scopes(self) -> list[str]:
         """Batch ids of every pmlm scope systemd knows (also those of an earlier pmlmd)."""

@@ -410,9 +410,12 @@ def test_a_pause_waits_for_systemd_to_freeze_the_scope_while_pmlmd_answers_other
     try:
         pause = subprocess.Popen([*tb.nsenter_argv(), "env", "-i", *INSIDE_ENV, "pmlmctl", "pause", batch],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Within 4 s: after JOB_TIMEOUT (5 s) without systemd's answer pmlmd holds the workers by
+        # signals and answers the pause.
         wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch],
-                    lambda p: p.returncode == 0 and json.loads(p.stdout)["state"] == "paused",
+                    lambda p: p.returncode == 0 and json.loads(p.stdout)["state"] == "paused", timeout=4,
                     what="the batch paused, as status says while systemd is stopped")
+        assert json.loads(tb.run(["pmlmctl", "status", "--json", batch]).stdout)["freezer"] == "freezing"
         assert pause.poll() is None, "pause answered before systemd froze the scope"
     finally:
         os.kill(tb.leader, signal.SIGCONT)
