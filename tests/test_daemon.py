@@ -277,11 +277,17 @@ def test_low_priority_batch_pays_first_under_a_low_cpu_limit(daemon_factory):
     wait_finished(daemon, high, timeout=120)
     with daemon.client() as client:
         events = list(client.stream("events", batch=None, follow=False))
-    pauses = [e for e in events if e.get("decision") == "pause"]
-    assert pauses, "no worker was paused"
-    assert pauses[0]["batch"] == low
-    assert all(e["batch"] == low for e in pauses if e["time"] <= pauses[0]["time"] + 0.5), \
-        "\n".join(f"{e['time']} batch {e['batch']} {e['decision']}: {e.get('reason')}" for e in events if e.get("decision"))
+    decisions = [e for e in events if e.get("decision") in ("pause", "continue")]
+    told = "\n".join(f"{e['time']} batch {e['batch']} {e['decision']}: {e.get('reason')}" for e in decisions)
+    assert decisions and decisions[0]["decision"] == "pause" and decisions[0]["batch"] == low, told
+    # The high-priority worker pays only while the low one stands paused (when the low one's share
+    # does not cover the excess, other load on the node say, both pay, the low one first).
+    low_paused = False
+    for e in decisions:
+        if e["batch"] == low:
+            low_paused = e["decision"] == "pause"
+        elif e["decision"] == "pause":
+            assert low_paused, told
 
 
 def test_state_survives_in_sqlite(daemon):
