@@ -99,8 +99,6 @@ class BatchRun:
     hold_turn: int = 0
     freezing: int = 0
     may_be_frozen: bool = False
-    freezer_calls: int = 0  # numbers the calls, so that a ThawUnit done clears only what came before
-    last_freeze: int = 0  # the number of the last FreezeUnit asked for
     description: str = ""  # for its scope: which batch, whose
     umask: int | None = None  # the workers' file mode creation mask; None: the engine's own
     rlimits: dict[int, tuple[int, int]] | None = None  # resource.RLIMIT_* -> (soft, hard) for its workers
@@ -116,6 +114,11 @@ class BatchRun:
     @property
     def id(self) -> str:
         return self.batch.spec.batch_id
+
+    @property
+    def thaw_owed(self) -> bool:
+        """Its scope may be frozen, or is being frozen: a resume or its end asks for a ThawUnit."""
+        return bool(self.freezing) or self.may_be_frozen
 
     @property
     def scope_description(self) -> str:
@@ -363,18 +366,17 @@ class Engine:
 
     def _freezer_call(self, run: BatchRun, freeze: bool, then: Callable[[bool | None], None] | None) -> None:
         """FreezeUnit (``freeze``) or ThawUnit of the batch's scope, off the loop, keeping what
-        pmlmd knows of the scope's freezer (BatchRun.freezing, may_be_frozen) as answers come."""
-        run.freezer_calls += 1
-        number = run.freezer_calls
+        pmlmd knows of the scope's freezer (BatchRun.freezing, may_be_frozen) as answers come.
+        Answers come in the order the calls were asked for (scopes.OffLoop), so when a ThawUnit is
+        answered, the FreezeUnits still under way are those asked for after it."""
         if freeze:
             run.freezing += 1
-            run.last_freeze = number
 
         def answered(answer: bool | None) -> None:
             if freeze:
                 run.freezing -= 1
                 run.may_be_frozen = run.may_be_frozen or answer is not False
-            elif answer is True and number > run.last_freeze:
+            elif answer is True and not run.freezing:
                 run.may_be_frozen = False  # thawed after every FreezeUnit asked for
             if then is not None:
                 then(answer)
@@ -417,7 +419,7 @@ class Engine:
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
         self.on_event(events.Released(run.id))
-        if run.freezing or run.may_be_frozen:
+        if run.thaw_owed:
             self._thaw(run, done)
         elif done is not None:
             done()
@@ -428,7 +430,7 @@ class Engine:
         frozen) or "running"."""
         if run.held:
             return "frozen" if run.frozen else "freezing" if run.freezing else "running"
-        return "thawing" if run.freezing or run.may_be_frozen else "running"
+        return "thawing" if run.thaw_owed else "running"
 
     def cpu_mark(self) -> int | None:
         """The CPU time the workers' processes have used, in microseconds: the cgroup subtree's
@@ -1338,7 +1340,7 @@ class Engine:
         run.batch.finished = self.clock.wall()
         self.on_event(events.Finished(run.id, run.batch.exit_status(), run.batch.summary_line()))
         del self.runs[run.id]
-        if run.freezing or run.may_be_frozen:
+        if run.thaw_owed:
             self._thaw(run)
         self.scopes.stop(run.id)
         self._drop_tree(run.id)  # the scope goes with its cgroups

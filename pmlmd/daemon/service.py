@@ -586,7 +586,7 @@ class Daemon:
 
     def _withdraw(self, run: BatchRun) -> None:
         """Take a batch that failed half-way through ``_resume`` back out of the engine."""
-        if run.freezing or run.may_be_frozen:
+        if run.thaw_owed:
             self.scopes.thaw_later(run.id)
         self.engine.withdraw(run)
 
