@@ -256,6 +256,8 @@ class Engine:
         self.recent_samples: collections.deque[NodeSample] = collections.deque()
         self.next_sample_at = 0.0
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
+        # Descriptors pmlmd has open, as counted at the last admission plus what each start since took.
+        self.descriptors: float = math.inf
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
@@ -1006,12 +1008,15 @@ class Engine:
         # variables then reach it through the gate (see gated).
         carry = credentials is not None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
+        # Limits pmlmd can hand on by taking them on itself for the start spare the gate's exec.
+        inherited = (procctl.inheritable(rlimits, self.descriptors) if rlimits and not carry
+                     and not self.scopes.gated else None)
         gate_r = gate_w = env_fd = None
         outputs = None
         try:
             if self.output is not None:
                 outputs = self.output.open(run, task, attempt_no)
-            if self.scopes.gated or rlimits or carry:
+            if self.scopes.gated or carry or (rlimits and inherited is None):
                 # The worker waits at the gate until it is in its scope and has its limits.
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
             # As bytes, converted here and nowhere else: exec gets exactly the bytes that were
@@ -1027,7 +1032,8 @@ class Engine:
                 child = self.processes.spawn(command, environ, stdout_fd=outputs[0] if outputs else self.stdout_fd,
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc,
-                                      env_fd=env_fd)
+                                      env_fd=env_fd, rlimits=inherited or None)
+            self.descriptors += FDS_PER_WORKER + (2 if outputs else 0)
         except (OSError, DirectoryError) as e:  # a cgroup made for it is gone again (cgroup.Subtree.starting)
             if self.output is not None:
                 self.output.failed(run, task)
@@ -1183,7 +1189,7 @@ class Engine:
             return 0
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         try:
-            in_use = len(os.listdir("/proc/self/fd"))
+            in_use = self.descriptors = len(os.listdir("/proc/self/fd"))
         except OSError:
             return 0  # not even a descriptor to look: no room
         room = (soft - in_use - FD_RESERVE) // (FDS_PER_WORKER + (2 if self.output is not None else 0))

@@ -9,6 +9,7 @@ real; the point is to pin the sequence and timing of signals, which real process
 make loose."""
 
 import os
+import resource
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,11 +91,13 @@ class FakeProcesses(procctl.Processes):
         self.clock, self.proc = clock, proc
         self.next_pid = 40000
         self.spawned: list[int] = []
+        self.commands: list[tuple[list, dict]] = []  # (argv, keywords) of each spawn
         self.signals: list[tuple[int, int]] = []  # (pgid, signal), in order
         self.exits: dict[int, procctl.Exit] = {}
         self.pidfds: dict[int, int] = {}
 
     def spawn(self, argv, env, **kw):
+        self.commands.append((argv, kw))
         pid, self.next_pid = self.next_pid, self.next_pid + 1
         self.proc.worker(pid, rss=50 * MiB, ran_ns=0)
         self.pidfds[pid] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -552,3 +555,32 @@ def test_a_late_answer_to_an_earlier_pause_is_not_taken_for_a_later_one(rig):
     assert answered == ["held 1", "resumed 1", "held 2", "resumed 2"]
     assert engine.scopes.calls == [("FreezeUnit", "b"), ("ThawUnit", "b"), ("FreezeUnit", "b"), ("ThawUnit", "b")]
     assert engine.scopes.frozen == set() and engine.freezer(run) == "running" and not run.frozen
+
+
+@pytest.mark.parametrize("nofile, gated", [
+    # Only the soft descriptor limit differs from pmlmd's: pmlmd takes it on for the start.
+    (lambda hard: (300, hard), False),
+    # The hard one is lower: pmlmd could not raise its own again, the gate sets it as the worker.
+    (lambda hard: (300, 300), True),
+], ids=["soft", "hard"])
+def test_a_worker_starts_without_a_gate_when_pmlmd_can_hand_its_limits_on(tmp_path, nofile, gated):
+    clock, proc = FakeClock(), FakeProc(tmp_path)
+    processes, loop = FakeProcesses(clock, proc), Loop()
+    limit = nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
+                    scopes=FakeScopes(), worker_rlimits={resource.RLIMIT_NOFILE: limit})
+    try:
+        submit(engine, tasks=1)
+        advance(engine, clock, proc, 0.3, steps=3)
+        ((argv, kw),) = processes.commands
+        if gated:
+            assert argv[0] == b"/bin/sh" and b"ulimit -S -n 300; ulimit -H -n 300; " in argv[2]
+            assert kw["rlimits"] is None
+        else:
+            assert argv == [b"work"] and kw["stdin_fd"] is None
+            assert kw["rlimits"] == {resource.RLIMIT_NOFILE: limit}
+    finally:
+        engine.close()
+        loop.close()
+        for fd in processes.pidfds.values():
+            os.close(fd)

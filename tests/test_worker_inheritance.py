@@ -130,6 +130,42 @@ def test_roots_umask_and_limits_reach_a_batch_it_submits_for_a_member(daemon_fac
     assert stat.S_IMODE(os.stat(workdir / "created").st_mode) == 0o600
 
 
+def own_limit(pid: int, name: str) -> tuple[str, str]:
+    """(soft, hard) of a process's limit as /proc/PID/limits shows it, ``name`` e.g. "Max open files"."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith(name))
+    return tuple(line[len(name):].split()[:2])
+
+
+@pytest.mark.parametrize("lowered", [
+    # Only soft limits pmlmd can take on for the start (procctl.SELF_SETTABLE): no gate.
+    ["--nofile=300:{nofile}", "--core=0:{core}"],
+    # A hard limit lowered: the gate sets it, as the worker.
+    ["--nofile=300:{nofile}", f"--as={FOUR_GIB}:{FOUR_GIB}"],
+], ids=["soft-only", "hard-lowered"])
+def test_a_submitters_own_limits_reach_the_worker_and_pmlmd_keeps_its_own(daemon_factory, accounts, outdir,
+                                                                        lowered):
+    daemon = start_daemon(daemon_factory, accounts)
+    before = own_limit(daemon.proc.pid, "Max open files"), own_limit(daemon.proc.pid, "Max core file size")
+    nofile, core = resource.getrlimit(resource.RLIMIT_NOFILE)[1], resource.getrlimit(resource.RLIMIT_CORE)[1]
+    workdir = worker_dir(outdir, "own")
+    words = [word.format(nofile=nofile, core="unlimited" if core == INF else core) for word in lowered]
+    result = subprocess.run(["prlimit", *words, "--", sys.executable, "-m", "pmlmd.client.ctl", "--socket",
+                             daemon.socket, "submit", "-n", "3", "--", "/bin/bash", "-c",
+                             REPORT + "; ulimit -Sc > core_soft"],
+                            capture_output=True, text=True, timeout=60, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert wait_event(daemon, result.stdout.strip(), "finished")["exit_status"] == 0
+    got = reported(workdir)
+    assert (got["nofile_soft"], got["nofile_hard"]) == ("300", str(nofile))
+    if "--core=0:{core}" in lowered:
+        assert got["core_soft"] == "0"
+    else:
+        assert got["as_hard"] == str(FOUR_GIB // 1024)
+    # pmlmd took the limits on only for each start: its own are as they were.
+    assert (own_limit(daemon.proc.pid, "Max open files"), own_limit(daemon.proc.pid, "Max core file size")) == before
+
+
 @needs_root
 def test_login_limits_cap_what_a_member_asks_for(daemon_factory, accounts, outdir, limits_dir):
     (limits_dir / "limits.conf").write_text(f"# as an administrator writes it\n"
