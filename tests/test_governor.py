@@ -6,7 +6,7 @@ import pytest
 
 from pmlmd.core.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
                                  GIVE_BACK_AFTER, Decision, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView,
-                                 Workload, decide, give_back, intake_credit, next_interval, quiet, rate_reference,
+                                 Workload, decide, give_back, intake_credit, next_interval, node_cpu, quiet, rate_reference,
                                  sampling_pace, within_backlog)
 
 MiB = 1 << 20
@@ -24,10 +24,10 @@ def node(free=8 * GiB, cpu=20.0, t=NOW, mem_free=None):
 
 
 def worker(pid, started=None, state=RUNNING, rss=100 * MiB, growth=0.0, cpu=10.0, paused_at=None, cpu_at_pause=None,
-           priority=0, paused_by=None, running_since=None):
+           priority=0, paused_by=None, running_since=None, cpu_before=None):
     return WorkerView(key=pid, started=float(pid) if started is None else started, state=state, rss=rss,
                       rss_growth=growth, cpu=cpu, paused_at=paused_at, cpu_at_pause=cpu_at_pause, priority=priority,
-                      paused_by=paused_by, running_since=running_since)
+                      paused_by=paused_by, running_since=running_since, cpu_before=cpu_before)
 
 
 def paused(pid, since=1.0, cpu_at_pause=40.0, **kw):
@@ -232,6 +232,25 @@ def test_cpu_a_figure_that_still_holds_a_just_paused_worker_pauses_no_second_one
     # A worker paused before the span began is not in the figure at all: nothing is taken out.
     sample = dataclasses.replace(node(cpu=92.0), cpu_from=NOW - 0.05, cpu_to=NOW)
     assert actions(decide(sample, workers, WORK, limits)) == [(PAUSE, 2)]
+
+
+def test_right_after_a_turn_the_worker_just_continued_keeps_its_room():
+    # A turn 0.01 s ago: worker 1 (50 %) paused, worker 2 (50 % when it was paused) continued. The
+    # node's figure, taken over the last 0.05 s, is worker 1's share for the 0.04 s it still ran;
+    # worker 2 had not run yet. Worker 2 is back at its 50 % now: worker 3 must not go into its room.
+    sample = dataclasses.replace(node(cpu=39.0), cpu_from=NOW - 0.05, cpu_to=NOW)
+    workers = [paused(1, since=0.01, cpu_at_pause=50.0), paused(3, since=0.6, cpu_at_pause=50.0),
+               worker(2, cpu=None, running_since=NOW - 0.01, cpu_before=50.0)]
+    assert decide(sample, workers, WORK, HALF) == []
+    assert node_cpu(sample, workers) == pytest.approx(39.0)
+    # Counted without worker 2's share the node would read 0 %: worker 3 went on, and at the next
+    # sample two burners were over the limit.
+    alone = workers[:2] + [worker(2, cpu=None, running_since=NOW - 0.01)]
+    assert node_cpu(sample, alone) == pytest.approx(0.0, abs=1e-6)
+    assert actions(decide(sample, alone, WORK, HALF)) == [(CONTINUE, 3)]
+    # A worker continued before the span began is in the figure already: nothing is added.
+    earlier = workers[:2] + [worker(2, cpu=50.0, running_since=NOW - 0.2, cpu_before=50.0)]
+    assert node_cpu(sample, earlier) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_cpu_over_limit_admits_nothing():

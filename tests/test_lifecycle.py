@@ -37,7 +37,8 @@ def test_a_signal_mode_pause_stops_the_worker_and_a_continue_starts_it_again():
     assert life.signal_stopped and life.state == PAUSED
     life, effects = run(life, (3.0, lc.Continue()))
     assert effects == [CONT, lc.Remeasure()]
-    assert life.phase == lc.Running(since=3.0) and not life.signal_stopped
+    # It keeps the share it had when paused: the governor counts it as back before it is measured.
+    assert life.phase == lc.Running(since=3.0, cpu_before=40.0) and not life.signal_stopped
 
 
 def test_an_agent_mode_pause_asks_and_a_continue_asks_again():
@@ -192,10 +193,13 @@ def test_each_decision_about_a_worker_is_one_event(action, event):
 def test_the_governor_sees_the_pause_its_rule_and_the_running_time():
     life = lc.born(SIGNAL, 2.0)
     assert lc.governor_fields(life) == dict(state=RUNNING, paused_at=None, cpu_at_pause=None, paused_by=None,
-                                            running_since=2.0)
+                                            running_since=2.0, cpu_before=None)
     life, _ = run(life, (3.0, lc.Pause("gap", 12.0)))
     assert lc.governor_fields(life) == dict(state=PAUSED, paused_at=3.0, cpu_at_pause=12.0, paused_by="gap",
                                             running_since=None)
+    continued, _ = run(life, (3.5, lc.Continue()))
+    assert lc.governor_fields(continued) == dict(state=RUNNING, paused_at=None, cpu_at_pause=None, paused_by=None,
+                                                 running_since=3.5, cpu_before=12.0)
     life, _ = run(life, (4.0, lc.Kill(CAUSE_GOVERNOR_MEMORY, None)))
     assert lc.governor_fields(life)["state"] == KILLED
 

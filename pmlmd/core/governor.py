@@ -156,6 +156,7 @@ class WorkerView:
     batch: Hashable = None  # the Workload (batch) it belongs to
     paused_by: str | None = None  # the rule that paused it ("gap": its memory grew near the limit; "cpu")
     running_since: float | None = None  # monotonic seconds: since it last started or was continued
+    cpu_before: float | None = None  # running, continued from a pause: its share of the node when paused
 
 
 @dataclass
@@ -256,18 +257,24 @@ def refresh_due(sample: NodeSample, limits: Limits, since_refresh: float, paused
     return taking_turns and since_refresh >= limits.interval / 4
 
 
-def node_cpu(sample: NodeSample, paused: Iterable[WorkerView]) -> float | None:
+def node_cpu(sample: NodeSample, workers: Iterable[WorkerView]) -> float | None:
     """The node's CPU use now, in percent: the sample's figure less what workers paused during the
     span it was measured over (``cpu_from`` .. ``cpu_to``) added to it while they still ran, each
-    at its share when paused. Without that, the figure taken right after a pause still holds the
-    paused worker's CPU and a second worker would be paused for the first one's."""
+    at its share when paused; plus what workers continued during (or since) the span will add, each
+    at its share when it was paused, for the part of the span it stood still. Without the first,
+    the figure taken right after a pause still holds the paused worker's CPU and a second worker
+    would be paused for the first one's; without the second, the figure taken right after a turn
+    misses the worker just continued, and a third would be continued into its room."""
     cpu = sample.cpu_pct
     if cpu is None or sample.cpu_from is None or sample.cpu_to is None or sample.cpu_to <= sample.cpu_from:
         return cpu
     span = sample.cpu_to - sample.cpu_from
-    for w in paused:
-        if w.paused_at is not None and w.paused_at > sample.cpu_from and w.cpu_at_pause:
+    for w in workers:
+        if w.state == PAUSED and w.paused_at is not None and w.paused_at > sample.cpu_from and w.cpu_at_pause:
             cpu -= w.cpu_at_pause * (min(w.paused_at, sample.cpu_to) - sample.cpu_from) / span
+        elif (w.state == RUNNING and w.cpu_before and w.running_since is not None
+              and w.running_since > sample.cpu_from):
+            cpu += w.cpu_before * (min(w.running_since, sample.cpu_to) - sample.cpu_from) / span
     return max(0.0, cpu)
 
 
@@ -360,7 +367,7 @@ def decide(sample: NodeSample, workers: Sequence[WorkerView], workload: Workload
     limit = limits.memory_limit_bytes(sample.mem_total)
     s = _Situation(sample=sample, workers=workers, limits=limits, free=free, limit=limit,
                    demands=demands, by_batch={d.key: d for d in demands},
-                   cpu=node_cpu(sample, paused), running=[w for w in workers if w.state == RUNNING], paused=paused,
+                   cpu=node_cpu(sample, workers), running=[w for w in workers if w.state == RUNNING], paused=paused,
                    ending=[w for w in workers if w.state in ENDING], held=[w for w in workers if w.state == HELD],
                    seen=f"free {_mib(free)}, limit {_mib(limit)}")
     if free < limits.min_free:

@@ -64,6 +64,7 @@ class Stop:
 class Running:
     STATE: ClassVar[str] = RUNNING
     since: float  # started, continued or resumed then
+    cpu_before: float | None = None  # continued from a pause: its share of the node then (Paused.cpu_at_pause)
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,15 @@ def adopted(life: Life, now: float, terminate: bool = False) -> tuple[Life, list
 
 def governor_fields(life: Life) -> dict:
     """What the governor sees of a worker's phase: the WorkerView fields state, paused_at,
-    cpu_at_pause, paused_by and running_since."""
+    cpu_at_pause, paused_by, running_since and cpu_before."""
     phase = life.phase
     if isinstance(phase, Paused):
         return dict(state=PAUSED, paused_at=phase.at, cpu_at_pause=phase.cpu_at_pause, paused_by=phase.rule,
                     running_since=None)
-    return dict(state=phase.STATE, paused_at=None, cpu_at_pause=None, paused_by=None,
-                running_since=phase.since if isinstance(phase, Running) else None)
+    if isinstance(phase, Running):
+        return dict(state=RUNNING, paused_at=None, cpu_at_pause=None, paused_by=None, running_since=phase.since,
+                    cpu_before=phase.cpu_before)
+    return dict(state=phase.STATE, paused_at=None, cpu_at_pause=None, paused_by=None, running_since=None)
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -363,7 +366,8 @@ def _run_again(life: Life, now: float, always_sigcont: bool):
     timeout_at = life.timeout_at
     if timeout_at is not None:
         timeout_at += max(0.0, now - clock_from)
-    return replace(life, phase=Running(since=now), timeout_at=timeout_at), effects
+    cpu_before = life.phase.cpu_at_pause if isinstance(life.phase, Paused) else None
+    return replace(life, phase=Running(since=now, cpu_before=cpu_before), timeout_at=timeout_at), effects
 
 
 def _continue(life: Life, event: Continue, now: float):
