@@ -59,6 +59,10 @@ STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose wor
 CLOCKS_MAX = 4096  # descriptors kept open on workers' threads' schedstat at most (sampler.ThreadClocks)
 FDS_PER_WORKER = 1  # its pidfd; 2 more where pmlmd holds its stdout and stderr (files or pipes, see output)
 FD_RESERVE = 24
+# Descriptors are counted again after this many seconds, or sooner when fewer than DESCRIPTORS_SPARE
+# more workers would fit.
+DESCRIPTORS_RECOUNT = 1.0
+DESCRIPTORS_SPARE = 64
 # A spawn that failed for want of fds, processes or memory is retried after this many seconds.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 RESOURCE_BACKOFF = 0.2
@@ -110,6 +114,8 @@ class BatchRun:
     intake_done: str | None = None  # why the batch takes no more messages (--until-empty, a cancel)
     intake_closing: bool = False  # asked the intake to close
     fit: object | None = None  # tasklines.Fit of a queue batch, made at its first message
+    # What every worker of the batch starts with, as exec takes it (Engine._environ), made once.
+    environ: dict[bytes, bytes] | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -258,6 +264,7 @@ class Engine:
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
         # Descriptors pmlmd has open, as counted at the last admission plus what each start since took.
         self.descriptors: float = math.inf
+        self.descriptors_counted = -math.inf  # monotonic seconds
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
@@ -994,12 +1001,16 @@ class Engine:
 
     def _spawn(self, run: BatchRun, task: Task) -> None:
         attempt_no = len(task.attempts) + 1
-        env = dict(self.base_env if run.env is None else run.env, PMLM_BATCH_ID=run.id,
-                   PMLM_TASK_INDEX=str(task.index), PMLM_ATTEMPT=str(attempt_no))
+        env = {b"PMLM_TASK_INDEX": b"%d" % task.index, b"PMLM_ATTEMPT": b"%d" % attempt_no}
         if task.line is not None:
-            env["PMLM_TASK"] = task.line
+            env[b"PMLM_TASK"] = tasklines.raw(task.line)
         if self.agent is not None and run.batch.spec.uses_agent:
-            env.update(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run)))
+            env.update(self._environ(self.agent.environment(f"{run.id}.{task.index}.{attempt_no}", _owner_uid(run))))
+        if run.environ is None:
+            run.environ = self._environ(dict(self.base_env if run.env is None else run.env, PMLM_BATCH_ID=run.id))
+        # As bytes, converted once per batch: exec gets exactly the bytes that were submitted,
+        # whatever encoding pmlmd's locale would have chosen (see tasklines).
+        environ = {**run.environ, **env}
         argv = worker_argv(run, task.line)
         credentials = run.owner if run.owner is not None and os.geteuid() == 0 else None
         if credentials == procctl.own_credentials():
@@ -1019,9 +1030,6 @@ class Engine:
             if self.scopes.gated or carry or (rlimits and inherited is None):
                 # The worker waits at the gate until it is in its scope and has its limits.
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-            # As bytes, converted here and nowhere else: exec gets exactly the bytes that were
-            # submitted, whatever encoding pmlmd's locale would have chosen (see tasklines).
-            environ = {tasklines.raw(name): tasklines.raw(value) for name, value in env.items()}
             command = [tasklines.raw(word) for word in argv]
             if gate_r is not None:
                 command, environ, variables = gated(rlimits, command, environ, carry=carry)
@@ -1077,6 +1085,10 @@ class Engine:
             self._place(worker, gate_w)  # opens the gate once placed: now, or when systemd has made the scope
         else:
             open_gate(gate_w)
+
+    @staticmethod
+    def _environ(env: dict[str, str]) -> dict[bytes, bytes]:
+        return {tasklines.raw(name): tasklines.raw(value) for name, value in env.items()}
 
     def _place(self, w: Worker, gate_w: int) -> None:
         """Put a gated worker into its batch's scope, then open its gate (``gate_w``): into a cgroup
@@ -1188,11 +1200,19 @@ class Engine:
         if self.clock.monotonic() < self.spawn_blocked_until:
             return 0
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        per_worker = FDS_PER_WORKER + (2 if self.output is not None else 0)
+        now = self.clock.monotonic()
+        # The count of a moment ago, plus what each start since took (closes not subtracted: it
+        # only errs high), spares the look in /proc while it leaves room for many.
+        if now - self.descriptors_counted < DESCRIPTORS_RECOUNT and (soft - self.descriptors - FD_RESERVE
+                                                                      >= DESCRIPTORS_SPARE * per_worker):
+            return int(soft - self.descriptors - FD_RESERVE) // per_worker
         try:
             in_use = self.descriptors = len(os.listdir("/proc/self/fd"))
         except OSError:
             return 0  # not even a descriptor to look: no room
-        room = (soft - in_use - FD_RESERVE) // (FDS_PER_WORKER + (2 if self.output is not None else 0))
+        self.descriptors_counted = now
+        room = (soft - in_use - FD_RESERVE) // per_worker
         if room <= 0:
             self._log_shortage(f"{in_use} of {soft} open files in use")
         return max(room, 0)

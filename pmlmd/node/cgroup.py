@@ -724,8 +724,11 @@ def _move_self_back(own: str, w: Worker) -> None:
 
 
 def _move_self(path: str) -> None:
-    with open(os.path.join(path, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+    fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"0")  # 0: the writing process (cgroup-v2.rst, "cgroup.procs")
+    finally:
+        os.close(fd)
 
 
 def choose(setting: str, name: str) -> Subtree | None:
