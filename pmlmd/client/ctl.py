@@ -1125,7 +1125,10 @@ def cmd_list(parser, args) -> int:
 
 
 # What the daemon's state after a control request is called for the user who asked.
-CONTROL_WORDS = {("pause", "held"): "paused", ("resume", "active"): "resumed"}
+CONTROL_WORDS = {("pause", "held"): "paused", ("resume", "active"): "resumed",
+                 # Answered once systemd froze or thawed the scope: another request may have come first.
+                 ("pause", "active"): "running: resumed before the pause was done",
+                 ("resume", "held"): "paused: paused again before the resume was done"}
 
 
 def cmd_control(parser, args) -> int:

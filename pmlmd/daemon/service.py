@@ -1160,12 +1160,16 @@ class Daemon:
         if run is None:
             raise protocol.ProtocolError(protocol.NO_SUCH_BATCH, f"batch {request.args['batch']} has finished: "
                                          f"there is nothing to {action}")
-        reply = protocol.encode_reply(replies.Control(run.id, "held" if held else "active").to_json(),
-                                      request.request_id)
+        def reply() -> bytes:
+            # The batch's state when the answer goes: a resume asked while the pause's freeze was under
+            # way has set it going again, and the pause then says so.
+            return protocol.encode_reply(replies.Control(run.id, "held" if run.held else "active").to_json(),
+                                         request.request_id)
+
         if run.held == held:
-            return reply
+            return reply()
         self.store.set_held(run.id, held)
-        (self.engine.hold if held else self.engine.resume)(run, lambda: self._send(client, reply, request.request_id))
+        (self.engine.hold if held else self.engine.resume)(run, lambda: self._send(client, reply(), request.request_id))
         return None
 
     def _do_report(self, client, request, peer) -> bytes | None:

@@ -426,3 +426,31 @@ def test_a_pause_waits_for_systemd_to_freeze_the_scope_while_pmlmd_answers_other
     assert status(tb, batch)["freezer"] == "frozen"
     tb.run(["pmlmctl", "cancel", batch])
     wait_inside(tb, ["true"], lambda p: scope_gone(tb, batch), timeout=30, what=f"{scope} gone")
+
+
+def test_a_pause_overtaken_by_a_resume_says_the_batch_runs(pmlmd):
+    # Both wait for systemd (stopped, as above): the FreezeUnit is answered first, then the
+    # ThawUnit. The pause, answered once its FreezeUnit is, says what the batch is by then.
+    tb = pmlmd
+    batch = submit(tb, "--shell", "--", BUSY)
+    wait_inside(tb, ["pmlmctl", "status", "--json", batch], running(1), what="a running worker")
+    scope = f"pmlm-{batch}.scope"
+    asked = []
+    os.kill(tb.leader, signal.SIGSTOP)
+    try:
+        for command in ("pause", "resume"):
+            asked.append(subprocess.Popen([*tb.nsenter_argv(), "env", "-i", *INSIDE_ENV, "pmlmctl", command, batch],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+            wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch],
+                        lambda p, held=command == "pause": p.returncode == 0 and
+                        (json.loads(p.stdout)["state"] == "paused") == held, timeout=4, what=f"the {command} taken")
+    finally:
+        os.kill(tb.leader, signal.SIGCONT)
+        answers = [p.communicate(timeout=30) for p in asked]
+    assert [p.returncode for p in asked] == [0, 0], answers
+    assert answers[0][0].strip() == f"batch {batch}: running: resumed before the pause was done"
+    assert answers[1][0].strip() == f"batch {batch}: resumed"
+    assert freezer_state(tb, scope) == "running" and status(tb, batch)["freezer"] == "running"
+    tb.run(["pmlmctl", "cancel", batch])
+    wait_inside(tb, ["true"], lambda p: scope_gone(tb, batch), timeout=30, what=f"{scope} gone")
