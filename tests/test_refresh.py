@@ -167,6 +167,8 @@ def test_workers_in_a_scope_that_used_no_cpu_are_not_read_again():
     try:
         with EngineRun(["sleep", "30"], 1, Limits(), proc=proc) as er:  # no cgroups: the proc backend
             (w,) = er.workers(1)
+            # Asleep first: what its exec and loader still ran after the move would count in the scope.
+            wait_for(lambda: _asleep(w.child.pid), timeout=10, what="the worker's sleep(1) asleep")
             with open(os.path.join(scope.root, "cgroup.procs"), "w") as f:
                 f.write(str(w.child.pid))  # as systemd's StartTransientUnit would place it
             er.engine._refresh_workers(time.monotonic())  # first look: read, and the scope noted
@@ -272,3 +274,11 @@ def test_the_engine_closes_the_clock_descriptors_of_workers_that_ended():
             os.kill(w.child.pid, signal.SIGKILL)
         er.until(lambda: not er.engine.workers, what="both workers reaped")
         assert er.engine.clocks.fds == {}
+
+
+def _asleep(pid: int) -> bool:
+    """The process runs sleep(1) and sleeps (nothing signals the end of an exec: looked at in /proc)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        state = f.read().rsplit(b")", 1)[1].split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return state == b"S" and f.read().split(b"\0")[0].endswith(b"sleep")
