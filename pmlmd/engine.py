@@ -262,7 +262,8 @@ class Engine:
         self.recent_samples: collections.deque[NodeSample] = collections.deque()
         self.next_sample_at = 0.0
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
-        # Descriptors pmlmd has open, as counted at the last admission plus what each start since took.
+        # Descriptors pmlmd has open, as counted at the last admission plus what each start since took
+        # (only for how many may start: what pmlmd hands on of its own limits counts them anew).
         self.descriptors: float = math.inf
         self.descriptors_counted = -math.inf  # monotonic seconds
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
@@ -1020,8 +1021,7 @@ class Engine:
         carry = credentials is not None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         # Limits pmlmd can hand on by taking them on itself for the start spare the gate's exec.
-        inherited = (procctl.inheritable(rlimits, self.descriptors) if rlimits and not carry
-                     and not self.scopes.gated else None)
+        inherited = procctl.inheritable(rlimits) if rlimits and not carry and not self.scopes.gated else None
         gate_r = gate_w = env_fd = None
         outputs = None
         try:
@@ -1041,7 +1041,7 @@ class Engine:
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc,
                                       env_fd=env_fd, rlimits=inherited or None)
-            self.descriptors += FDS_PER_WORKER + (2 if outputs else 0)
+            self.descriptors += FDS_PER_WORKER + (2 if outputs else 0)  # an estimate for admission (_spawn_room)
         except (OSError, DirectoryError) as e:  # a cgroup made for it is gone again (cgroup.Subtree.starting)
             if self.output is not None:
                 self.output.failed(run, task)

@@ -312,7 +312,7 @@ def test_limits_pmlmd_takes_on_for_a_start_are_the_childs_and_pmlmds_own_again_a
     nofile_hard, core_hard = own[resource.RLIMIT_NOFILE][1], own[resource.RLIMIT_CORE][1]
     core = 0 if own[resource.RLIMIT_CORE][0] != 0 else 1 << 20 if core_hard == resource.RLIM_INFINITY else core_hard
     wanted = {resource.RLIMIT_NOFILE: (300, nofile_hard), resource.RLIMIT_CORE: (core, core_hard)}
-    assert procctl.inheritable(wanted, descriptors=10) == wanted
+    assert procctl.inheritable(wanted, lambda: 10) == wanted
     child = procctl.spawn([b"/bin/sleep", b"30"], {}, rlimits=wanted)
     try:
         assert limits_of(child.pid, "Max open files") == ["300", str(nofile_hard)]
@@ -329,12 +329,39 @@ def test_limits_pmlmd_takes_on_for_a_start_are_the_childs_and_pmlmds_own_again_a
 def test_only_limits_pmlmd_can_take_on_harmlessly_are_handed_on_the_rest_need_the_gate():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (soft, hard), resource.RLIMIT_NPROC: nproc}, 10) == {}
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, hard)}, 10) == {resource.RLIMIT_NOFILE: (300, hard)}
+    assert procctl.inheritable({resource.RLIMIT_NOFILE: (soft, hard), resource.RLIMIT_NPROC: nproc}, lambda: 10) == {}
+    wanted = {resource.RLIMIT_NOFILE: (300, hard)}
+    assert procctl.inheritable(wanted, lambda: 10) == wanted
     # A hard limit lowered could not be raised again by pmlmd without CAP_SYS_RESOURCE.
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, 300)}, 10) is None
+    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, 300)}, lambda: 10) is None
     # Another thread of pmlmd could be refused a descriptor while pmlmd has nearly that many open.
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, hard)}, 301 - procctl.DESCRIPTOR_HEADROOM) is None
+    assert procctl.inheritable(wanted, lambda: 301 - procctl.DESCRIPTOR_HEADROOM) is None
     # A soft limit outside SELF_SETTABLE (a process limit would refuse pmlmd's threads) goes through the gate.
     if nproc[1] != resource.RLIM_INFINITY or nproc[0] != resource.RLIM_INFINITY:
-        assert procctl.inheritable({resource.RLIMIT_NPROC: (1, nproc[1])}, 10) is None
+        assert procctl.inheritable({resource.RLIMIT_NPROC: (1, nproc[1])}, lambda: 10) is None
+
+
+
+def test_a_command_name_is_found_through_the_workers_path_and_a_script_without_hashbang_runs_in_sh(tmp_path):
+    """As the shell (the gate's exec) finds and runs it: through the PATH the worker gets, not
+    pmlmd's, and a file without "#!" by /bin/sh (execvp(3)); posix_spawnp does neither."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "pmlm-test-tool"
+    tool.write_text(f"echo ran > {tmp_path}/ran\n")  # no "#!": a shell script by convention only
+    tool.chmod(0o755)
+    assert str(bin_dir) not in os.environ.get("PATH", "")
+    env = {b"PATH": os.fsencode(f"/nonexistent:{bin_dir}:/usr/bin:/bin")}
+    assert procctl.command_path(b"pmlm-test-tool", env) == os.fsencode(tool)
+    child = procctl.spawn([b"pmlm-test-tool"], env)
+    os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOWAIT)
+    assert procctl.reap(child).exit_code == 0
+    os.close(child.pidfd)
+    assert (tmp_path / "ran").read_text() == "ran\n"
+    # Not on the worker's PATH: not found (127 in a shell), whatever pmlmd's own PATH holds.
+    with pytest.raises(FileNotFoundError):
+        procctl.spawn([b"sleep"], {b"PATH": os.fsencode(str(bin_dir))})
+    # There but not executable: refused (126 in a shell).
+    tool.chmod(0o644)  # no execute bit: root may not execute it either
+    with pytest.raises(PermissionError):
+        procctl.command_path(b"pmlm-test-tool", env)

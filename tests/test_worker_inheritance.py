@@ -166,6 +166,22 @@ def test_a_submitters_own_limits_reach_the_worker_and_pmlmd_keeps_its_own(daemon
     assert (own_limit(daemon.proc.pid, "Max open files"), own_limit(daemon.proc.pid, "Max core file size")) == before
 
 
+def test_a_command_is_found_through_the_submitters_path_not_pmlmds(daemon_factory, accounts, outdir):
+    # The daemon's PATH does not hold the directory; the submitter's does. Its workers start
+    # without the gate (only a soft limit differs from pmlmd's): found as the gate's shell found it.
+    daemon = start_daemon(daemon_factory, accounts)
+    bin_dir = worker_dir(outdir, "bin")
+    (bin_dir / "pmlm-own-tool").write_text("echo found > found\n")  # no "#!", run by sh as a shell would
+    (bin_dir / "pmlm-own-tool").chmod(0o755)
+    workdir = worker_dir(outdir, "tool")
+    result = subprocess.run([sys.executable, "-m", "pmlmd.client.ctl", "--socket", daemon.socket, "submit", "--",
+                             "pmlm-own-tool"], capture_output=True, text=True, timeout=60, cwd=workdir,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', os.defpath)}"})
+    assert result.returncode == 0, result.stderr
+    assert wait_event(daemon, result.stdout.strip(), "finished")["exit_status"] == 0
+    assert (workdir / "found").read_text() == "found\n"
+
+
 @needs_root
 def test_login_limits_cap_what_a_member_asks_for(daemon_factory, accounts, outdir, limits_dir):
     (limits_dir / "limits.conf").write_text(f"# as an administrator writes it\n"

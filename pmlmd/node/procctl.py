@@ -17,10 +17,11 @@ import logging
 import os
 import resource
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from . import workdir
 from .sampler import CLOCK_TICKS, ProcReader
@@ -132,20 +133,66 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
         try:
             for resource_id, pair in (rlimits or {}).items():
                 resource.setrlimit(resource_id, pair)
-            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
-                                  setsigdef=_RESET_SIGNALS, setsigmask=())
+            # Found as the shell finds it (execvp(3)): through the worker's PATH, not pmlmd's,
+            # which posix_spawnp would search; a file without "#!" run by /bin/sh.
+            path = command_path(argv[0], env)
+            try:
+                pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
+                                     setsigdef=_RESET_SIGNALS, setsigmask=())
+            except OSError as e:
+                if e.errno != errno.ENOEXEC:
+                    raise
+                pid = os.posix_spawn(SHELL, [SHELL, path, *argv[1:]], env, file_actions=actions, setsid=True,
+                                     setsigdef=_RESET_SIGNALS, setsigmask=())
         finally:
-            for resource_id, pair in own.items():
-                resource.setrlimit(resource_id, pair)
             if previous is not None:
                 os.umask(previous)
+            for resource_id, pair in own.items():
+                try:
+                    resource.setrlimit(resource_id, pair)
+                except (OSError, ValueError) as e:  # fs.nr_open lowered meanwhile, say
+                    log.error("cannot take back pmlmd's own limit %d %s after a start: %s", resource_id, pair, e)
     return _watched(pid, None, proc, before)
 
 
-def inheritable(rlimits: Mapping[int, tuple[int, int]], descriptors: int) -> dict[int, tuple[int, int]] | None:
+SHELL = b"/bin/sh"
+
+
+def command_path(name, env: Mapping):
+    """Where execvp(3) and the shell find the command ``name`` (bytes or str) with ``env``'s PATH:
+    a name with a "/" as it is; else the first directory of the PATH (unset: os.defpath, as
+    glibc's) holding an executable regular file of that name. Raises FileNotFoundError (exit
+    127 in a shell) when there is none, PermissionError (126) when only one not executable."""
+    slash = b"/" if isinstance(name, bytes) else "/"
+    if slash in name or not name:
+        return name
+    denied = None
+    for directory in os.get_exec_path(env):
+        candidate = os.path.join(os.fsencode(directory) if isinstance(name, bytes) else directory, name)
+        try:
+            info = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = candidate
+    if denied is not None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def open_descriptors() -> int:
+    """How many descriptors pmlmd has open now (/proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def inheritable(rlimits: Mapping[int, tuple[int, int]],
+                descriptors: Callable[[], int] = open_descriptors) -> dict[int, tuple[int, int]] | None:
     """What spawn's ``rlimits`` must be for a worker to start with ``rlimits``
-    (resource.RLIMIT_* -> (soft, hard)) by inheriting them from pmlmd, which has ``descriptors``
-    open; {} when pmlmd's own are those already. None when only a gate can set them (gate.gate):
+    (resource.RLIMIT_* -> (soft, hard)) by inheriting them from pmlmd, which has ``descriptors()``
+    open (counted only for a descriptor limit to take on, just before the start, since other
+    threads open them too); {} when pmlmd's own are those already. None when only a gate can set them (gate.gate):
     a hard limit other than pmlmd's (lowered, pmlmd could not raise its own again without
     CAP_SYS_RESOURCE), a soft limit other than pmlmd's outside SELF_SETTABLE, or a descriptor
     limit too close to what pmlmd has open.
@@ -159,7 +206,7 @@ def inheritable(rlimits: Mapping[int, tuple[int, int]], descriptors: int) -> dic
             continue
         if hard != own_hard or resource_id not in SELF_SETTABLE:
             return None
-        if resource_id == resource.RLIMIT_NOFILE and soft < descriptors + DESCRIPTOR_HEADROOM:
+        if resource_id == resource.RLIMIT_NOFILE and soft < descriptors() + DESCRIPTOR_HEADROOM:
             return None
         change[resource_id] = (soft, hard)
     return change
