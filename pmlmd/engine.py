@@ -413,7 +413,7 @@ class Engine:
         run.frozen = frozen
         now = self.clock.monotonic()
         for w in self.workers_of(run):
-            self._carry(w, lifecycle.Hold(frozen=frozen), now)
+            self._carry(w, lifecycle.Hold(frozen=frozen, cpu=w.cpu), now)
         self.on_event(events.Held(run.id))
         if done is not None:
             done()

@@ -100,9 +100,16 @@ def test_a_hold_stops_a_running_worker_by_its_batch_mode(modes, frozen, expected
 def test_a_hold_of_a_paused_worker_keeps_it_as_it_is_and_a_resume_continues_it():
     life, _ = run(lc.born(SIGNAL, 0.0), (1.0, lc.Pause("cpu", 20.0)))
     held, effects = run(life, (2.0, lc.Hold()))
-    assert effects == [] and held.phase == lc.Held(stop=lc.Stop(signal=True), clock_from=1.0)
+    assert effects == [] and held.phase == lc.Held(stop=lc.Stop(signal=True), clock_from=1.0, cpu_at_hold=20.0)
     resumed, effects = run(held, (4.0, lc.Resume()))
-    assert effects == [CONT, lc.Remeasure()] and resumed.phase == lc.Running(since=4.0)
+    # Back, it counts at its share when paused until it is measured again (governor.node_cpu).
+    assert effects == [CONT, lc.Remeasure()] and resumed.phase == lc.Running(since=4.0, cpu_before=20.0)
+
+
+def test_a_worker_held_while_it_ran_counts_at_its_measured_share_once_resumed():
+    life, _ = run(lc.born(SIGNAL, 0.0), (1.0, lc.Hold(cpu=30.0)), (2.0, lc.Resume()))
+    assert life.phase == lc.Running(since=2.0, cpu_before=30.0)
+    assert lc.governor_fields(life)["cpu_before"] == 30.0
 
 
 def test_a_resume_sends_sigcont_even_to_a_worker_held_by_the_freezer():

@@ -64,7 +64,7 @@ class Stop:
 class Running:
     STATE: ClassVar[str] = RUNNING
     since: float  # started, continued or resumed then
-    cpu_before: float | None = None  # continued from a pause: its share of the node then (Paused.cpu_at_pause)
+    cpu_before: float | None = None  # continued from a pause or a hold: its share of the node then
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Held:
     STATE: ClassVar[str] = HELD
     stop: Stop
     clock_from: float
+    cpu_at_hold: float | None = None  # percent of the node, as last measured (or at its pause)
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,11 @@ class Continue:
 
 @dataclass(frozen=True)
 class Hold:
-    """A user paused its batch. ``frozen``: the batch's scope is frozen, no signal is needed."""
+    """A user paused its batch. ``frozen``: the batch's scope is frozen, no signal is needed.
+    ``cpu``: the worker's share of the node as last measured (None: not yet)."""
 
     frozen: bool = False
+    cpu: float | None = None
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,7 @@ def _run_again(life: Life, now: float, always_sigcont: bool):
     timeout_at = life.timeout_at
     if timeout_at is not None:
         timeout_at += max(0.0, now - clock_from)
-    cpu_before = life.phase.cpu_at_pause if isinstance(life.phase, Paused) else None
+    cpu_before = life.phase.cpu_at_pause if isinstance(life.phase, Paused) else life.phase.cpu_at_hold
     return replace(life, phase=Running(since=now, cpu_before=cpu_before), timeout_at=timeout_at), effects
 
 
@@ -379,13 +382,13 @@ def _continue(life: Life, event: Continue, now: float):
 def _hold(life: Life, event: Hold, now: float):
     phase = life.phase
     if isinstance(phase, Paused):  # already stopped: it stays as it is, its clock stopped since its pause
-        return replace(life, phase=Held(phase.stop, phase.clock_from)), []
+        return replace(life, phase=Held(phase.stop, phase.clock_from, phase.cpu_at_pause)), []
     if not isinstance(phase, Running):
         return life, []
     if event.frozen and not life.modes.pause_by_agent:
-        return replace(life, phase=Held(Stop(), clock_from=now)), []
+        return replace(life, phase=Held(Stop(), clock_from=now, cpu_at_hold=event.cpu)), []
     stop, effects = _stopping(life.modes.pause_by_agent)
-    return replace(life, phase=Held(stop, clock_from=now)), effects
+    return replace(life, phase=Held(stop, clock_from=now, cpu_at_hold=event.cpu)), effects
 
 
 def _resume(life: Life, event: Resume, now: float):
