@@ -115,7 +115,7 @@ class BatchRun:
     intake_closing: bool = False  # asked the intake to close
     fit: object | None = None  # tasklines.Fit of a queue batch, made at its first message
     # What every worker of the batch starts with, as exec takes it (Engine._environ), made once.
-    environ: dict[bytes, bytes] | None = field(default=None, repr=False)
+    environ: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def id(self) -> str:
