@@ -101,6 +101,7 @@ class BatchRun:
     # turn (a FreezeUnit's answer for an earlier turn is stale); FreezeUnit calls under way; whether
     # the scope may be frozen (a FreezeUnit done or unanswered, and no ThawUnit done since).
     hold_turn: int = 0
+    held_told: bool = False  # a Held event went out, and no Released since
     freezing: int = 0
     may_be_frozen: bool = False
     description: str = ""  # for its scope: which batch, whose
@@ -414,6 +415,7 @@ class Engine:
         now = self.clock.monotonic()
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Hold(frozen=frozen, cpu=w.cpu), now)
+        run.held_told = True
         self.on_event(events.Held(run.id))
         if done is not None:
             done()
@@ -428,7 +430,9 @@ class Engine:
         for w in self.workers_of(run):
             self._carry(w, lifecycle.Resume(), now)
         self.next_sample_at = 0.0
-        self.on_event(events.Released(run.id))
+        if run.held_told:  # a hold resumed before it took hold was never told: nor is its end
+            run.held_told = False
+            self.on_event(events.Released(run.id))
         if run.thaw_owed:
             self._thaw(run, done)
         elif done is not None:

@@ -20,7 +20,7 @@ from pmlmd.node import procctl
 from pmlmd.core.batch import CAUSE_GOVERNOR_MEMORY, CAUSE_TIMEOUT, QUEUED, Batch, BatchSpec
 from pmlmd.engine import BatchRun, Engine
 from pmlmd.node.loop import Loop
-from pmlmd.core.events import End, Event, Held, Timeout
+from pmlmd.core.events import End, Event, Held, Released, Timeout
 from pmlmd.core.governor import RATE_SPAN, SHORTEST_INTERVAL, Limits
 from pmlmd.node.sampler import PAGE_SIZE, ProcReader
 from pmlmd.node.scopes import NoScopes
@@ -357,6 +357,8 @@ def test_a_resume_while_the_freeze_is_under_way_thaws_after_it_and_holds_nothing
     assert answered == ["held", "resumed"] and not run.frozen and not run.held
     advance(engine, clock, proc, 0.5, steps=5)
     assert signal.SIGSTOP not in processes.of(pid)  # its Hold never came: it runs on
+    # Followers are told of neither: a "released" with no "held" before it would say nothing true.
+    assert not any(isinstance(e, (Held, Released)) for e in events)
 
 
 def test_a_worker_ended_while_the_freeze_was_under_way_is_not_left_frozen_in_its_grace(rig):
