@@ -59,10 +59,6 @@ STRAY_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a process whose wor
 CLOCKS_MAX = 4096  # descriptors kept open on workers' threads' schedstat at most (sampler.ThreadClocks)
 FDS_PER_WORKER = 1  # its pidfd; 2 more where pmlmd holds its stdout and stderr (files or pipes, see output)
 FD_RESERVE = 24
-# Descriptors are counted again after this many seconds, or sooner when fewer than DESCRIPTORS_SPARE
-# more workers would fit.
-DESCRIPTORS_RECOUNT = 1.0
-DESCRIPTORS_SPARE = 64
 # A spawn that failed for want of fds, processes or memory is retried after this many seconds.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 RESOURCE_BACKOFF = 0.2
@@ -263,10 +259,9 @@ class Engine:
         self.recent_samples: collections.deque[NodeSample] = collections.deque()
         self.next_sample_at = 0.0
         self.spawn_cut = False  # this step stopped starting workers when its time was up (SPAWN_BUDGET)
-        # Descriptors pmlmd has open, as counted at the last admission plus what each start since took
-        # (only for how many may start: what pmlmd hands on of its own limits counts them anew).
+        # Descriptors pmlmd has open: counted at each admission (_spawn_room), plus what each start
+        # of it took since.
         self.descriptors: float = math.inf
-        self.descriptors_counted = -math.inf  # monotonic seconds
         self.spawn_backlog: dict[str, int] = {}  # batch id -> workers admitted but not started by a cut step
         self.last_refresh = float("-inf")
         self.orphans_due = float("-inf")  # monotonic: the next look for orphans (see _refresh_workers)
@@ -1025,7 +1020,8 @@ class Engine:
         carry = credentials is not None
         rlimits = {**self.worker_rlimits, **(run.rlimits or {})}
         # Limits pmlmd can hand on by taking them on itself for the start spare the gate's exec.
-        inherited = procctl.inheritable(rlimits) if rlimits and not carry and not self.scopes.gated else None
+        inherited = (procctl.inheritable(rlimits, self.descriptors) if rlimits and not carry
+                     and not self.scopes.gated else None)
         gate_r = gate_w = env_fd = None
         outputs = None
         try:
@@ -1045,7 +1041,7 @@ class Engine:
                                       stderr_fd=outputs[1] if outputs else None, stdin_fd=gate_r, cwd=run.cwd,
                                       credentials=credentials, umask=run.umask, proc=self.proc,
                                       env_fd=env_fd, rlimits=inherited or None)
-            self.descriptors += FDS_PER_WORKER + (2 if outputs else 0)  # an estimate for admission (_spawn_room)
+            self.descriptors += FDS_PER_WORKER + (2 if outputs else 0)
         except (OSError, DirectoryError) as e:  # a cgroup made for it is gone again (cgroup.Subtree.starting)
             if self.output is not None:
                 self.output.failed(run, task)
@@ -1204,19 +1200,11 @@ class Engine:
         if self.clock.monotonic() < self.spawn_blocked_until:
             return 0
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        per_worker = FDS_PER_WORKER + (2 if self.output is not None else 0)
-        now = self.clock.monotonic()
-        # The count of a moment ago, plus what each start since took (closes not subtracted: it
-        # only errs high), spares the look in /proc while it leaves room for many.
-        if now - self.descriptors_counted < DESCRIPTORS_RECOUNT and (soft - self.descriptors - FD_RESERVE
-                                                                      >= DESCRIPTORS_SPARE * per_worker):
-            return int(soft - self.descriptors - FD_RESERVE) // per_worker
         try:
             in_use = self.descriptors = len(os.listdir("/proc/self/fd"))
         except OSError:
             return 0  # not even a descriptor to look: no room
-        self.descriptors_counted = now
-        room = (soft - in_use - FD_RESERVE) // per_worker
+        room = (soft - in_use - FD_RESERVE) // (FDS_PER_WORKER + (2 if self.output is not None else 0))
         if room <= 0:
             self._log_shortage(f"{in_use} of {soft} open files in use")
         return max(room, 0)

@@ -383,3 +383,10 @@ class Daemon:
         remove_cgroups("pmlmd", os.path.realpath(self.state_dir))
         self._reader = None
         self.notify.close()
+
+
+def proc_limit(pid: int, name: str) -> tuple[str, str]:
+    """(soft, hard) of a process's limit as /proc/PID/limits shows it, ``name`` e.g. "Max open files"."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith(name))
+    return tuple(line[len(name):].split()[:2])

@@ -8,6 +8,7 @@ Mocked here, and why: process control and the clock, which the other engine test
 real; the point is to pin the sequence and timing of signals, which real processes and real time
 make loose."""
 
+import contextlib
 import os
 import resource
 import signal
@@ -196,23 +197,33 @@ class FakeAgent:
         engine.on_agent_ack(request)
 
 
-@pytest.fixture
-def rig(tmp_path):
+@contextlib.contextmanager
+def rigged(tmp_path, **engine_kw):
+    """(engine, clock, proc, processes, loop, events): an engine with fake ports (``engine_kw``:
+    more of Engine's), ended with the ``with``."""
     clock = FakeClock()
     proc = FakeProc(tmp_path)
     processes = FakeProcesses(clock, proc)
     loop = Loop()
     events: list[Event] = []
     engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
-                    on_event=events.append, scopes=FakeScopes())
-    yield engine, clock, proc, processes, loop, events
-    engine.close()
-    loop.close()
-    for fd in processes.pidfds.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # closed by the engine when it reaped the worker
+                    on_event=events.append, scopes=FakeScopes(), **engine_kw)
+    try:
+        yield engine, clock, proc, processes, loop, events
+    finally:
+        engine.close()
+        loop.close()
+        for fd in processes.pidfds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed by the engine when it reaped the worker
+
+
+@pytest.fixture
+def rig(tmp_path):
+    with rigged(tmp_path) as parts:
+        yield parts
 
 
 def submit(engine, tasks=2, **spec):
@@ -566,12 +577,8 @@ def test_a_late_answer_to_an_earlier_pause_is_not_taken_for_a_later_one(rig):
     (lambda hard: (300, 300), True),
 ], ids=["soft", "hard"])
 def test_a_worker_starts_without_a_gate_when_pmlmd_can_hand_its_limits_on(tmp_path, nofile, gated):
-    clock, proc = FakeClock(), FakeProc(tmp_path)
-    processes, loop = FakeProcesses(clock, proc), Loop()
     limit = nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    engine = Engine(LIMITS, loop, proc=ProcReader(str(tmp_path)), clock=clock, processes=processes,
-                    scopes=FakeScopes(), worker_rlimits={resource.RLIMIT_NOFILE: limit})
-    try:
+    with rigged(tmp_path, worker_rlimits={resource.RLIMIT_NOFILE: limit}) as (engine, clock, proc, processes, _, _):
         submit(engine, tasks=1)
         advance(engine, clock, proc, 0.3, steps=3)
         ((argv, kw),) = processes.commands
@@ -581,8 +588,3 @@ def test_a_worker_starts_without_a_gate_when_pmlmd_can_hand_its_limits_on(tmp_pa
         else:
             assert argv == [b"work"] and kw["stdin_fd"] is None
             assert kw["rlimits"] == {resource.RLIMIT_NOFILE: limit}
-    finally:
-        engine.close()
-        loop.close()
-        for fd in processes.pidfds.values():
-            os.close(fd)

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from pmlmd.node import procctl
+from support import proc_limit
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: starts a worker as another user")
 
@@ -301,22 +302,16 @@ def test_the_gate_forks_nothing_so_a_process_limit_of_one_still_runs_the_command
     assert got == env
 
 
-def limits_of(pid: int, name: str) -> list[str]:
-    """(soft, hard) of a limit as /proc/PID/limits shows it, ``name`` e.g. "Max open files"."""
-    with open(f"/proc/{pid}/limits") as f:
-        return next(line for line in f if line.startswith(name))[len(name):].split()[:2]
-
-
 def test_limits_pmlmd_takes_on_for_a_start_are_the_childs_and_pmlmds_own_again_after():
     own = {r: resource.getrlimit(r) for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)}
     nofile_hard, core_hard = own[resource.RLIMIT_NOFILE][1], own[resource.RLIMIT_CORE][1]
     core = 0 if own[resource.RLIMIT_CORE][0] != 0 else 1 << 20 if core_hard == resource.RLIM_INFINITY else core_hard
     wanted = {resource.RLIMIT_NOFILE: (300, nofile_hard), resource.RLIMIT_CORE: (core, core_hard)}
-    assert procctl.inheritable(wanted, lambda: 10) == wanted
+    assert procctl.inheritable(wanted, 10) == wanted
     child = procctl.spawn([b"/bin/sleep", b"30"], {}, rlimits=wanted)
     try:
-        assert limits_of(child.pid, "Max open files") == ["300", str(nofile_hard)]
-        assert limits_of(child.pid, "Max core file size")[0] == str(core)
+        assert proc_limit(child.pid, "Max open files") == ("300", str(nofile_hard))
+        assert proc_limit(child.pid, "Max core file size")[0] == str(core)
     finally:
         end(child)
     assert {r: resource.getrlimit(r) for r in own} == own
@@ -329,16 +324,16 @@ def test_limits_pmlmd_takes_on_for_a_start_are_the_childs_and_pmlmds_own_again_a
 def test_only_limits_pmlmd_can_take_on_harmlessly_are_handed_on_the_rest_need_the_gate():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (soft, hard), resource.RLIMIT_NPROC: nproc}, lambda: 10) == {}
+    assert procctl.inheritable({resource.RLIMIT_NOFILE: (soft, hard), resource.RLIMIT_NPROC: nproc}, 10) == {}
     wanted = {resource.RLIMIT_NOFILE: (300, hard)}
-    assert procctl.inheritable(wanted, lambda: 10) == wanted
+    assert procctl.inheritable(wanted, 10) == wanted
     # A hard limit lowered could not be raised again by pmlmd without CAP_SYS_RESOURCE.
-    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, 300)}, lambda: 10) is None
+    assert procctl.inheritable({resource.RLIMIT_NOFILE: (300, 300)}, 10) is None
     # Another thread of pmlmd could be refused a descriptor while pmlmd has nearly that many open.
-    assert procctl.inheritable(wanted, lambda: 301 - procctl.DESCRIPTOR_HEADROOM) is None
+    assert procctl.inheritable(wanted, 301 - procctl.DESCRIPTOR_HEADROOM) is None
     # A soft limit outside SELF_SETTABLE (a process limit would refuse pmlmd's threads) goes through the gate.
     if nproc[1] != resource.RLIM_INFINITY or nproc[0] != resource.RLIM_INFINITY:
-        assert procctl.inheritable({resource.RLIMIT_NPROC: (1, nproc[1])}, lambda: 10) is None
+        assert procctl.inheritable({resource.RLIMIT_NPROC: (1, nproc[1])}, 10) is None
 
 
 

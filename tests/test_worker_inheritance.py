@@ -29,6 +29,7 @@ import pytest
 from pmlmd.client import ctl
 
 from pmlmd.core import protocol
+from support import proc_limit
 from test_daemon_auth import accounts, as_user, outdir, run_as, submitted, wait_event  # noqa: F401 (fixtures)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and changes uid")
@@ -130,13 +131,6 @@ def test_roots_umask_and_limits_reach_a_batch_it_submits_for_a_member(daemon_fac
     assert stat.S_IMODE(os.stat(workdir / "created").st_mode) == 0o600
 
 
-def own_limit(pid: int, name: str) -> tuple[str, str]:
-    """(soft, hard) of a process's limit as /proc/PID/limits shows it, ``name`` e.g. "Max open files"."""
-    with open(f"/proc/{pid}/limits") as f:
-        line = next(line for line in f if line.startswith(name))
-    return tuple(line[len(name):].split()[:2])
-
-
 @pytest.mark.parametrize("lowered", [
     # Only soft limits pmlmd can take on for the start (procctl.SELF_SETTABLE): no gate.
     ["--nofile=300:{nofile}", "--core=0:{core}"],
@@ -146,7 +140,7 @@ def own_limit(pid: int, name: str) -> tuple[str, str]:
 def test_a_submitters_own_limits_reach_the_worker_and_pmlmd_keeps_its_own(daemon_factory, accounts, outdir,
                                                                         lowered):
     daemon = start_daemon(daemon_factory, accounts)
-    before = own_limit(daemon.proc.pid, "Max open files"), own_limit(daemon.proc.pid, "Max core file size")
+    before = proc_limit(daemon.proc.pid, "Max open files"), proc_limit(daemon.proc.pid, "Max core file size")
     nofile, core = resource.getrlimit(resource.RLIMIT_NOFILE)[1], resource.getrlimit(resource.RLIMIT_CORE)[1]
     workdir = worker_dir(outdir, "own")
     words = [word.format(nofile=nofile, core="unlimited" if core == INF else core) for word in lowered]
@@ -163,7 +157,7 @@ def test_a_submitters_own_limits_reach_the_worker_and_pmlmd_keeps_its_own(daemon
     else:
         assert got["as_hard"] == str(FOUR_GIB // 1024)
     # pmlmd took the limits on only for each start: its own are as they were.
-    assert (own_limit(daemon.proc.pid, "Max open files"), own_limit(daemon.proc.pid, "Max core file size")) == before
+    assert (proc_limit(daemon.proc.pid, "Max open files"), proc_limit(daemon.proc.pid, "Max core file size")) == before
 
 
 def test_a_command_is_found_through_the_submitters_path_not_pmlmds(daemon_factory, accounts, outdir):

@@ -21,7 +21,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from . import workdir
 from .sampler import CLOCK_TICKS, ProcReader
@@ -158,17 +158,16 @@ def spawn(argv: list, env: Mapping, *, stdout_fd: int | None = None, stdin_fd: i
 SHELL = b"/bin/sh"
 
 
-def command_path(name, env: Mapping):
-    """Where execvp(3) and the shell find the command ``name`` (bytes or str) with ``env``'s PATH:
-    a name with a "/" as it is; else the first directory of the PATH (unset: os.defpath, as
-    glibc's) holding an executable regular file of that name. Raises FileNotFoundError (exit
-    127 in a shell) when there is none, PermissionError (126) when only one not executable."""
-    slash = b"/" if isinstance(name, bytes) else "/"
-    if slash in name or not name:
+def command_path(name: bytes, env: Mapping) -> bytes:
+    """Where execvp(3) and the shell find the command ``name`` with ``env``'s PATH: a name with a
+    "/" as it is; else the first directory of the PATH (unset: os.defpath, as glibc's) holding an
+    executable regular file of that name. Raises FileNotFoundError (exit 127 in a shell) when
+    there is none, PermissionError (126) when only one not executable."""
+    if b"/" in name or not name:
         return name
     denied = None
     for directory in os.get_exec_path(env):
-        candidate = os.path.join(os.fsencode(directory) if isinstance(name, bytes) else directory, name)
+        candidate = os.path.join(os.fsencode(directory), name)
         try:
             info = os.stat(candidate)
         except OSError:
@@ -182,20 +181,13 @@ def command_path(name, env: Mapping):
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
-def open_descriptors() -> int:
-    """How many descriptors pmlmd has open now (/proc/self/fd)."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def inheritable(rlimits: Mapping[int, tuple[int, int]],
-                descriptors: Callable[[], int] = open_descriptors) -> dict[int, tuple[int, int]] | None:
+def inheritable(rlimits: Mapping[int, tuple[int, int]], descriptors: int) -> dict[int, tuple[int, int]] | None:
     """What spawn's ``rlimits`` must be for a worker to start with ``rlimits``
-    (resource.RLIMIT_* -> (soft, hard)) by inheriting them from pmlmd, which has ``descriptors()``
-    open (counted only for a descriptor limit to take on, just before the start, since other
-    threads open them too); {} when pmlmd's own are those already. None when only a gate can set them (gate.gate):
-    a hard limit other than pmlmd's (lowered, pmlmd could not raise its own again without
-    CAP_SYS_RESOURCE), a soft limit other than pmlmd's outside SELF_SETTABLE, or a descriptor
-    limit too close to what pmlmd has open.
+    (resource.RLIMIT_* -> (soft, hard)) by inheriting them from pmlmd, which has ``descriptors``
+    open (counted, not remembered: other threads open them too); {} when pmlmd's own are those
+    already. None when only a gate can set them (gate.gate): a hard limit other than pmlmd's
+    (lowered, pmlmd could not raise its own again without CAP_SYS_RESOURCE), a soft limit other
+    than pmlmd's outside SELF_SETTABLE, or a descriptor limit too close to what pmlmd has open.
 
     Without a gate a worker is one exec, not two: a tiny task costs the node about a third less.
     """
@@ -206,7 +198,7 @@ def inheritable(rlimits: Mapping[int, tuple[int, int]],
             continue
         if hard != own_hard or resource_id not in SELF_SETTABLE:
             return None
-        if resource_id == resource.RLIMIT_NOFILE and soft < descriptors() + DESCRIPTOR_HEADROOM:
+        if resource_id == resource.RLIMIT_NOFILE and soft < descriptors + DESCRIPTOR_HEADROOM:
             return None
         change[resource_id] = (soft, hard)
     return change

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
-from testbed import INSIDE_ENV
 from tier import UNIT, diagnostics, show, wait_inside
 
 # A busy loop bounded in time (60 s), all in the worker's own process group.
@@ -408,8 +406,7 @@ def test_a_pause_waits_for_systemd_to_freeze_the_scope_while_pmlmd_answers_other
     pause = None
     os.kill(tb.leader, signal.SIGSTOP)
     try:
-        pause = subprocess.Popen([*tb.nsenter_argv(), "env", "-i", *INSIDE_ENV, "pmlmctl", "pause", batch],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pause = tb.background(["pmlmctl", "pause", batch])
         # Within 4 s: after JOB_TIMEOUT (5 s) without systemd's answer pmlmd holds the workers by
         # signals and answers the pause.
         wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch],
@@ -439,9 +436,7 @@ def test_a_pause_overtaken_by_a_resume_says_the_batch_runs(pmlmd):
     os.kill(tb.leader, signal.SIGSTOP)
     try:
         for command in ("pause", "resume"):
-            asked.append(subprocess.Popen([*tb.nsenter_argv(), "env", "-i", *INSIDE_ENV, "pmlmctl", command, batch],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
+            asked.append(tb.background(["pmlmctl", command, batch]))
             wait_inside(tb, ["timeout", "3", "pmlmctl", "status", "--json", batch],
                         lambda p, held=command == "pause": p.returncode == 0 and
                         (json.loads(p.stdout)["state"] == "paused") == held, timeout=4, what=f"the {command} taken")

@@ -647,7 +647,7 @@ class Testbed:
         raises CommandFailed, whose message includes stdout and stderr.
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        full = [*self.nsenter_argv(), "env", "-i", *INSIDE_ENV, *argv]
+        full = self._inside(argv)
         binary = isinstance(input, bytes)
         kwargs = {} if binary else {"text": True, "encoding": "utf-8", "errors": "replace"}
         if input is None:
@@ -657,6 +657,14 @@ class Testbed:
         if check and proc.returncode != 0:
             raise CommandFailed(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
+
+    def background(self, argv: list[str]) -> subprocess.Popen:
+        """``argv`` inside as ``run`` runs it, in the background: its stdout and stderr piped (text)."""
+        return subprocess.Popen(self._inside(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=HOST_ENV)
+
+    def _inside(self, argv: list[str]) -> list[str]:
+        return [*self.nsenter_argv(), "env", "-i", *INSIDE_ENV, *argv]
 
     def shell(self) -> int:
         """An interactive bash inside, on our terminal."""
