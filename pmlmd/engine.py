@@ -1590,12 +1590,19 @@ class Engine:
         target = f" worker {w.child.pid} (batch {run.id}, task {w.task.index})" if w else ""
         count = f" {d.count} for batch {d.batch}" if d.action == SPAWN else ""
         free = free_bytes(sample, self.limits)
-        fields = decision_fields(batch_id=run.id if run else None, task_index=w.task.index if w else None,
-                                 worker_pid=w.child.pid if w else None, decision=d.action, rule=d.rule,
-                                 reason=d.reason, cpu_pct=None if sample.cpu_pct is None else f"{sample.cpu_pct:.1f}",
-                                 mem_free_pct=f"{100.0 * free / sample.mem_total:.1f}", latency_ms=f"{latency_ms:.3f}")
-        log.log(logging.WARNING if d.rule == "floor" else logging.INFO, "%s%s%s [%s]: %s", d.action, count, target,
-                d.rule, d.reason, extra=fields)
+        # Admissions are routine, one per task ended when tasks are tiny: at INFO they would reach
+        # journald's default rate limit (10,000 messages in 30 s per service) within seconds of a
+        # batch of tiny tasks, and the journal would then drop pmlmd's pauses, terminations and
+        # warnings with them. They are DEBUG; every decision is an event (pmlmctl events).
+        level = logging.WARNING if d.rule == "floor" else logging.DEBUG if d.action == SPAWN else logging.INFO
+        if log.isEnabledFor(level):
+            fields = decision_fields(batch_id=run.id if run else None, task_index=w.task.index if w else None,
+                                     worker_pid=w.child.pid if w else None, decision=d.action, rule=d.rule,
+                                     reason=d.reason,
+                                     cpu_pct=None if sample.cpu_pct is None else f"{sample.cpu_pct:.1f}",
+                                     mem_free_pct=f"{100.0 * free / sample.mem_total:.1f}",
+                                     latency_ms=f"{latency_ms:.3f}")
+            log.log(level, "%s%s%s [%s]: %s", d.action, count, target, d.rule, d.reason, extra=fields)
         self.on_event(events.Decision(
             d.action, d.count or None, run.id if run else None, w.child.pid if w else None,
             w.task.index if w else None, d.rule, d.reason, None if sample.cpu_pct is None else round(sample.cpu_pct, 2),

@@ -111,13 +111,16 @@ def test_cpu_burners_are_paused_and_the_batch_completes(pmlm):
         pytest.skip("needs two cores to exceed a one-core CPU limit")
     limit = 100.0 / cpus  # one core's worth: two burners at once exceed it
     # Each burner sleeps 0.3 s first, so the governor sees idle workers and admits a second one.
-    run = pmlm("-n", "4", "--cpu-limit", str(limit), "--", PY, BURN, "1.0", "0.3", "60")
+    run = pmlm("-v", "-n", "4", "--cpu-limit", str(limit), "--", PY, BURN, "1.0", "0.3", "60")
     assert run.wait(timeout=120) == 0, run.stderr
     report = run.report()
     assert report["counts"]["succeeded"] == 4
     assert sum(a["pauses"] for a in attempts(report)) >= 1
     pauses = [r for r in run.trace() if r.get("decision") == "pause"]
     assert pauses and all(r["rule"] in ("cpu", "turn") for r in pauses)
+    # -v logs the pauses; the admissions (one per task) only with -vv, as pmlmd logs them at DEBUG.
+    assert "pmlmctl: pause worker" in run.stderr and "pmlmctl: spawn " not in run.stderr, run.stderr
+    assert any(r.get("decision") == "spawn" for r in run.trace())
     # Node CPU kept near the limit: the median sample is not above it by more than noise.
     assert report["cpu_pct"]["median"] <= limit + 5
 

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--results", metavar="DIR", type=_directory,
                      help="also write each task's stdout, stderr and exit status to DIR/TASK/stdout, stderr, exit")
     out.add_argument("--task-id", metavar="ID", help="an id of your own, echoed as task_id in the report")
-    out.add_argument("-v", "--verbose", action="count", default=0, help="log decisions on stderr (-vv: more)")
+    out.add_argument("-v", "--verbose", action="count", default=0, help="log pauses, continues and terminations on stderr (-vv: admissions too, and more)")
     run.add_argument("--worker-backend", choices=cgroup.BACKENDS, default="auto",
                      help="how workers are contained and measured: cgroup (each in a cgroup v2 of its own: "
                           "frozen, killed and counted whole by the kernel), proc (process groups and trees from "
