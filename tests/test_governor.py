@@ -253,6 +253,16 @@ def test_right_after_a_turn_the_worker_just_continued_keeps_its_room():
     assert node_cpu(sample, earlier) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_node_figure_with_a_worker_just_continued_is_at_most_100():
+    # The node is at 95 % and a worker (60 % when paused) was continued 0.1 s into the 0.5 s
+    # span: counted at its old share it would make 107 %. It can only take from the others.
+    sample = dataclasses.replace(node(cpu=95.0), cpu_from=NOW - 0.5, cpu_to=NOW)
+    workers = [worker(1, cpu=95.0), worker(2, cpu=None, running_since=NOW - 0.4, cpu_before=60.0)]
+    assert node_cpu(sample, workers) == 100.0
+    (pause,) = decide(sample, workers, WORK, HALF)
+    assert (pause.action, pause.worker) == (PAUSE, 1) and pause.reason.startswith("cpu 100% > limit 50%"), pause
+
+
 def test_cpu_over_limit_admits_nothing():
     assert decide(node(cpu=90.0), [], WORK, LIMITS) == []
 

@@ -264,7 +264,8 @@ def node_cpu(sample: NodeSample, workers: Iterable[WorkerView]) -> float | None:
     at its share when it was paused, for the part of the span it stood still. Without the first,
     the figure taken right after a pause still holds the paused worker's CPU and a second worker
     would be paused for the first one's; without the second, the figure taken right after a turn
-    misses the worker just continued, and a third would be continued into its room."""
+    misses the worker just continued, and a third would be continued into its room. At most 100:
+    what a worker continued on a busy node adds, the others lose."""
     cpu = sample.cpu_pct
     if cpu is None or sample.cpu_from is None or sample.cpu_to is None or sample.cpu_to <= sample.cpu_from:
         return cpu
@@ -275,7 +276,7 @@ def node_cpu(sample: NodeSample, workers: Iterable[WorkerView]) -> float | None:
         elif (w.state == RUNNING and w.cpu_before and w.running_since is not None
               and w.running_since > sample.cpu_from):
             cpu += w.cpu_before * (min(w.running_since, sample.cpu_to) - sample.cpu_from) / span
-    return max(0.0, cpu)
+    return min(100.0, max(0.0, cpu))
 
 
 def free_bytes(sample: NodeSample, limits: Limits) -> int:
