@@ -97,6 +97,27 @@ def test_results_are_written_as_the_submitter(served, accounts, outdir):
     assert results.stat().st_uid == uid
 
 
+def test_a_fifo_among_a_members_results_cannot_hold_the_daemon(served, accounts, outdir):
+    # A FIFO where a task's stdout is to go: opening it for writing would wait for a reader, and
+    # pmlmd's loop (its governor too) would stand still, acting as the member, until one came.
+    results = outdir / "res"
+    fifo = results / "0" / "stdout"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    uid = accounts.uid(accounts.a)
+    for path in (results, fifo.parent, fifo):
+        os.chown(path, uid, -1)
+    try:
+        batch = submitted(as_user(served, accounts.a, "submit", command=["/bin/sh", "-c", "echo hi"], cwd="/tmp",
+                                  env=SH_PATH, results=str(results)))
+        assert wait_event(served, batch, "finished", timeout=30)["exit_status"] == 0
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+        wait_for(lambda: "not a regular file" in served.logs(), timeout=10, what="the refusal in the log")
+    finally:
+        # Had pmlmd opened it, this lets its open return, so that the daemon can be stopped.
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+
 def test_results_where_the_submitter_may_not_write_are_refused_at_submit(served, accounts):
     private = Path(tempfile.mkdtemp(prefix="pmlmt-private-"))  # root's, 0700
     try:

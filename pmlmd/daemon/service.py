@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import grp
 import json
 import logging
@@ -20,7 +19,6 @@ import pwd
 import resource
 import signal
 import socket
-import stat
 import sys
 import time
 
@@ -730,8 +728,8 @@ class Daemon:
     def _open_joblog(path: str, owner: procctl.Credentials | None, umask: int | None, append: bool) -> Joblog:
         """The batch's --joblog, opened as its owner would open it (see workdir.open_file): truncated
         at submit, appended to after a restart; created with the submitter's umask. Only a regular
-        file: a FIFO would block the daemon, a device is no log. Raises OSError."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK | (os.O_APPEND if append else os.O_TRUNC)
+        file (open_file refuses the rest). Raises OSError."""
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         credentials = owner if os.geteuid() == 0 else None
         previous = os.umask(umask) if umask is not None else None
         try:
@@ -740,9 +738,6 @@ class Daemon:
         finally:
             if previous is not None:
                 os.umask(previous)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, "not a regular file", path)
         return Joblog(fd, path)
 
     def _add(self, run: BatchRun) -> None:

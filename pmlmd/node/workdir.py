@@ -22,6 +22,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 from typing import Iterator
 
 log = logging.getLogger("pmlmd.workdir")
@@ -218,24 +219,45 @@ def open_file(path: str, flags: int, mode: int = 0o666, credentials=None) -> int
     For files pmlmd writes on a user's behalf (``--results``, ``--joblog``): root's
     permissions are never used to reach them. ``flags`` are os.open's (O_CLOEXEC is added);
     ``mode`` is filtered by pmlmd's umask as usual. Paths through a /proc magic link
-    (/proc/self/fd/N would be one of pmlmd's own files) are refused. Raises OSError, with
-    ``filename`` set, when the file cannot be opened.
+    (/proc/self/fd/N would be one of pmlmd's own files) are refused, and so is anything but a
+    regular file: opening a FIFO waits for a reader (a user could hold pmlmd's loop there, acting
+    as them), and a device or socket is no file to write. Raises OSError, with ``filename``
+    set, when the file cannot be opened.
     """
-    flags |= os.O_CLOEXEC
-    with _acting_as(credentials) if credentials is not None else contextlib.nullcontext():
-        if "\0" in path:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
-        if _have_openat2():
-            try:
-                return _openat2(path, RESOLVE_NO_MAGICLINKS, flags, mode)
-            except OSError as e:
-                if e.errno == errno.ELOOP and _through_magic_link(path):
-                    raise OSError(errno.ELOOP, "refused, the path goes through a /proc magic link", path) from None
-                raise
-        normal = os.path.normpath(path)
-        if normal == "/proc" or normal.startswith("/proc/"):
-            raise OSError(errno.EPERM, "refused, files under /proc are not written for a user", path)
-        return os.open(path, flags, mode)
+    # O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of blocking the open;
+    # it changes nothing for a regular file (open(2)).
+    flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        with _acting_as(credentials) if credentials is not None else contextlib.nullcontext():
+            fd = _open_as_is(path, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, NOT_REGULAR, path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, NOT_REGULAR, path)
+    return fd
+
+
+NOT_REGULAR = "not a regular file (a FIFO, a device or a socket)"
+
+
+def _open_as_is(path: str, flags: int, mode: int) -> int:
+    """open_file's open, with the credentials it acts as already taken on."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+    if _have_openat2():
+        try:
+            return _openat2(path, RESOLVE_NO_MAGICLINKS, flags, mode)
+        except OSError as e:
+            if e.errno == errno.ELOOP and _through_magic_link(path):
+                raise OSError(errno.ELOOP, "refused, the path goes through a /proc magic link", path) from None
+            raise
+    normal = os.path.normpath(path)
+    if normal == "/proc" or normal.startswith("/proc/"):
+        raise OSError(errno.EPERM, "refused, files under /proc are not written for a user", path)
+    return os.open(path, flags, mode)
 
 
 def make_directories(path: str, credentials=None, mode: int = 0o777) -> None:
