@@ -104,8 +104,29 @@ def test_an_empty_state_db_is_restored_from_the_backup_and_ids_go_on(daemon_fact
     (state / "start-empty").touch()
     daemon.start()
     assert not (state / "start-empty").exists()
+    # Stopped before any id was handed out: the next start finds a whole state, and goes on
+    # above the mark all the same.
+    assert daemon.stop() == 0
+    daemon.start()
     again = daemon.ctl("submit", "--", "true").stdout.strip()
     assert int(again) > int(new), (again, new)
+
+
+def test_a_second_pmlmd_on_the_same_state_is_refused(daemon_factory):
+    # It would adopt the first one's workers and run their tasks again beside them.
+    first = daemon_factory().start()
+    second = daemon_factory()
+    second.state_dir = first.state_dir
+    assert start_refused(second) == 1
+    said = [line for line in second.logs().splitlines() if line.startswith("pmlmd: ")]
+    assert said == [f"pmlmd: another pmlmd (pid {first.proc.pid}) uses the state in {first.state_dir}: stop it "
+                    "first, or give this one a state directory of its own (--state-dir, state_dir in pmlmd.toml)"], \
+        second.logs()
+    assert first.ctl("submit", "--wait", "--", "true").returncode == 0
+    # Once the first has stopped, however it stopped, the state is free for the next.
+    first.stop(signal.SIGKILL)
+    second.start()
+    assert second.ctl("submit", "--wait", "--", "true").returncode == 0
 
 
 def test_a_corrupt_page_is_told_in_one_line_not_a_traceback(daemon_factory):

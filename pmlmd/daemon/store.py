@@ -26,11 +26,19 @@ names the batches that may be missing: those handed out after the backup), else 
 refused with one line that says what to do (``StoreError``). Either way batch ids go on above
 the mark in ``last-batch-id``: an id is never handed out twice. An empty state is started over
 a lost one only when asked: a file ``start-empty`` in the state directory, removed once used.
+The mark a recovery goes on above is written into the restored (or empty) database at once, so
+that later starts of a state that is whole again go on above it too.
+
+One pmlmd per state. A Store holds an exclusive flock(2) on ``lock`` in the state directory
+while it is open (the kernel lets go of it when its process ends, however it ends); a second
+pmlmd on the same directory, which would adopt and run the first one's workers and tasks again,
+is refused at start.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -51,6 +59,7 @@ SCHEMA_VERSION = 4
 MARKER = "last-batch-id"  # the highest batch id that may have been handed out; written atomically
 BACKUP = "state.db.backup"
 START_EMPTY = "start-empty"  # asks a start to go on with an empty state over a lost one
+LOCK = "lock"  # held (flock) by the one pmlmd that uses the state; holds its pid
 ID_BLOCK = 64  # last-batch-id is written once per this many ids
 BACKUP_INTERVAL = 300.0  # seconds, at least, between backups made while the daemon runs
 
@@ -250,6 +259,36 @@ class Store:
         self.retrying = False  # a retry failed and was logged
         try:
             os.makedirs(state_dir, mode=0o750, exist_ok=True)
+            self.lock_fd = self._lock()
+        except OSError as e:
+            raise self._cannot(e) from e
+        try:
+            self._start()
+        except BaseException:
+            os.close(self.lock_fd)
+            raise
+
+    def _lock(self) -> int:
+        """The state directory's lock, taken (see the module's docstring); raises StoreError when
+        another process holds it."""
+        fd = os.open(self._file(LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 24, 0).strip()
+            os.close(fd)
+            who = f" (pid {holder.decode()})" if holder.isdigit() else ""
+            raise StoreError(f"another pmlmd{who} uses the state in {self.state_dir}: stop it first, or give this "
+                             "one a state directory of its own (--state-dir, state_dir in pmlmd.toml)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return fd
+
+    def _start(self) -> None:
+        try:
             self.high_water = self._read_marker()
             self._check_damage()
         except OSError as e:
@@ -257,7 +296,7 @@ class Store:
         try:
             version = self._open()
         except sqlite3.OperationalError as e:
-            if not _space_trouble(e, state_dir):
+            if not _space_trouble(e, self.state_dir):
                 raise self._cannot(e) from e
             # A start on a full disk: read what the file holds and run it; write once there is space.
             self._fail_write(e)
@@ -276,6 +315,15 @@ class Store:
             last = self._last_seq()
             if last:
                 self._write_marker(last)  # a state of an older pmlmd: mark it as existing
+        if self.floor > self._last_seq() and not self.read_only:
+            # Recovered: the restored or empty database goes on above the mark from now on, not
+            # only in this run (a later start finds it whole and takes its ids from it).
+            try:
+                with self.db:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.floor),))
+            except sqlite3.OperationalError as e:  # no space: this run goes on above it all the same
+                log.warning("cannot write the recovered mark %d into %s yet: %s", self.floor, self.path, e)
 
     def _cannot(self, e: Exception) -> StoreError:
         return StoreError(f"cannot use the state database {self.path}: {e}; check that --state-dir (state_dir "
@@ -314,7 +362,9 @@ class Store:
             text = None
         if text is not None:
             try:
-                mark = max(0, int(text))
+                mark = int(text)
+                if not 0 <= mark < 2 ** 63:  # SQLite's integers: no id of pmlmd's is outside
+                    raise ValueError(mark)
             except ValueError:
                 mark = 1  # damaged too, but it says that a state existed
                 log.warning("%s holds no batch id (%r): the highest id is taken from what else is kept",
@@ -545,6 +595,7 @@ class Store:
             log.error("%d writes to the state could not be made (%s): the next pmlmd finds the state as it was "
                       "before them", len(self.pending), self.unwritable)
         self.db.close()
+        os.close(self.lock_fd)
 
     # --- writes ---------------------------------------------------------------------
     def add_batch(self, batch_id: str, seq: int, name: str | None, owner: tuple[int, int, list[int]], priority: int,
