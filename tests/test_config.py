@@ -121,6 +121,7 @@ BAD = [
     ("daemon", "socket_mode", '"rw"', "octal digits"),
     ("daemon", "socket_mode", '"0680"', "octal digits"),
     ("daemon", "socket_mode", "432", "octal digits"),
+    ("daemon", "socket_mode", '"7777"', "no set-user-ID, set-group-ID or sticky bit"),
     ("daemon", "group", '""', "group name"),
     ("daemon", "group", '"my group"', "group name"),
     ("daemon", "state_dir", '"var/lib/pmlmd"', "absolute path"),

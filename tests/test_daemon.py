@@ -132,6 +132,19 @@ def test_sighup_applies_good_limits_and_keeps_them_on_a_bad_file(daemon_factory)
     assert "limits.cpu_limit" in daemon.logs()
 
 
+def test_sighup_applies_the_log_level_and_says_what_waits_for_a_restart(daemon_factory):
+    daemon = daemon_factory().start()
+    daemon.config_path.write_text('[daemon]\nlog_level = "debug"\nworker_backend = "proc"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_notify("RELOADING=1")
+    daemon.wait_notify("READY=1")
+    assert "reload: worker_backend changed, and takes effect only at the next start of pmlmd" in daemon.logs()
+    # The admissions (DEBUG) are logged from now on.
+    assert "spawn 1 for batch" not in daemon.logs()
+    assert daemon.ctl("submit", "--wait", "--", "true").returncode == 0
+    assert "spawn 1 for batch" in daemon.logs()
+
+
 def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):
     batch = daemon.ctl("submit", "-n", "2", "-j", "2", "--", "sleep", "30").stdout.strip()
     wait_for(lambda: status(daemon, batch)["counts"]["running"] == 2, what="two running workers")

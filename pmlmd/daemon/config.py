@@ -46,6 +46,12 @@ class ConfigError(Exception):
     """A config file or override that cannot be used; str() is one line for the log."""
 
 
+# What pmlmd reads once, at start: a reload (SIGHUP) keeps the running values of these and logs
+# which it kept, with the restart that applies them. Everything else applies at the reload.
+AT_START = ("socket", "socket_mode", "group", "state_dir", "agent_socket", "scope_backend", "worker_backend",
+            "slice_tasks_max", "slice_memory_max", "scope_tasks_max", "scope_memory_max")
+
+
 @dataclass(frozen=True)
 class Config:
     # [daemon]
@@ -184,16 +190,18 @@ def _socket_path(value: Any) -> str:
 
 def _socket_mode(value: Any) -> int:
     if isinstance(value, str) and re.fullmatch(r"[0-7]{3,4}", value):
-        return int(value, 8)
+        return _socket_mode_bits(int(value, 8))
     # An unquoted 0660 is not valid TOML and an unquoted 660 would be read as decimal,
     # so the mode is always a quoted string of octal digits, as chmod takes it.
     raise ValueError(f'expected a quoted string of 3 or 4 octal digits like "0660", got {_show(value)}')
 
 
 def _socket_mode_bits(value: Any) -> int:
-    """An override arrives already converted: permission bits as an int."""
-    if not _is_number(value) or isinstance(value, float) or not 0 <= value <= 0o7777:
-        raise ValueError(f"expected permission bits from 0 to 0o7777, got {_show(value)}")
+    """An override arrives already converted: permission bits as an int. Only the read, write
+    and execute bits: set-user-ID, set-group-ID and sticky mean nothing on a socket."""
+    if not _is_number(value) or isinstance(value, float) or not 0 <= value <= 0o777:
+        raise ValueError(f"expected permission bits from 0000 to 0777 (no set-user-ID, set-group-ID or sticky "
+                         f"bit: they mean nothing on a socket), got {_show(value) if not _is_number(value) else format(value, '04o')}")
     return value
 
 

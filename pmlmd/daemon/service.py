@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import grp
 import json
 import logging
@@ -32,7 +33,7 @@ from ..core import events, protocol, replies, tasklines
 from ..node.agentchannel import AgentChannels
 from ..core.batch import (CANCELLED, CAUSE_DAEMON_RESTART, FAILED, FINISHED, GIVEN_UP, REPORT_VERSION, RETURNED, SUCCEEDED,
                     Batch, BatchSpec, Blank, IntakeSpec, iso)
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .config import AT_START, DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from ..engine import BatchRun, Engine
 from ..node.gate import ULIMIT_FLAGS
 from ..node.loop import Loop
@@ -428,6 +429,15 @@ class Daemon:
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
         else:
+            kept = [key for key in AT_START if getattr(new, key) != getattr(self.config, key)]
+            if kept:
+                # The socket, state and cgroups in use stay what they are until a restart (and the
+                # socket pmlmd removes when it stops is the one it bound).
+                new = dataclasses.replace(new, **{key: getattr(self.config, key) for key in AT_START})
+                log.warning("reload: %s changed, and take%s effect only at the next start of pmlmd "
+                            "(systemctl restart pmlmd)", ", ".join(kept), "s" if len(kept) == 1 else "")
+            if (new.log_target, new.log_level) != (self.config.log_target, self.config.log_level):
+                self.log_backend = setup_logging(new.log_target, new.log_level)
             if new.limits_conf_dir != self.config.limits_conf_dir:
                 self.login_limits = loginlimits.LoginLimits(new.limits_conf_dir)
                 self.identities.clear()  # the next worker of each batch gets the new directory's limits
