@@ -20,7 +20,7 @@ from pmlmd.client import ctl
 
 from pmlmd.core import protocol
 
-from support import BURN, group_states, wait_for
+from support import BURN, group_states, meminfo, wait_for
 from test_daemon_auth import wait_event
 from test_summary import write_v1_state
 
@@ -143,6 +143,25 @@ def test_sighup_applies_the_log_level_and_says_what_waits_for_a_restart(daemon_f
     assert "spawn 1 for batch" not in daemon.logs()
     assert daemon.ctl("submit", "--wait", "--", "true").returncode == 0
     assert "spawn 1 for batch" in daemon.logs()
+
+
+def test_a_batch_that_could_never_start_is_refused_and_one_that_waits_says_why(daemon):
+    never = daemon.ctl("submit", "--min-free", "1048576T", "--", "true")
+    assert never.returncode == 2 and "no task could ever start" in never.stderr, never.stderr
+    assert "min_free 1048576.0T free before a first task starts, and this node has " in never.stderr, never.stderr
+    # A memory limit between what is free now and all of memory: the batch waits, and says why.
+    info = meminfo()
+    between = (info["MemAvailable"] + info["MemTotal"] - (200 << 20)) / 2
+    batch = daemon.ctl("submit", "--memfree-limit", f"{100 * between / info['MemTotal']:.2f}", "--", "true")
+    assert batch.returncode == 0, batch.stderr
+    batch = batch.stdout.strip()
+    try:
+        said = wait_for(lambda: status(daemon, batch).get("waiting"), what="the reason it waits")
+        assert "below the batch's memory limit" in said and "its tasks start once that much is free" in said, said
+        assert status(daemon, batch)["counts"]["queued"] == 1
+    finally:
+        daemon.ctl("cancel", batch)
+    assert "waiting" not in wait_finished(daemon, batch)
 
 
 def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):

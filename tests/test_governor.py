@@ -6,7 +6,7 @@ import pytest
 
 from pmlmd.core.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
                                  GIVE_BACK_AFTER, Decision, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView,
-                                 Workload, decide, give_back, intake_credit, next_interval, node_cpu, quiet, rate_reference,
+                                 Workload, decide, give_back, held_back, intake_credit, next_interval, node_cpu, quiet, rate_reference,
                                  sampling_pace, within_backlog)
 
 MiB = 1 << 20
@@ -261,6 +261,25 @@ def test_the_node_figure_with_a_worker_just_continued_is_at_most_100():
     assert node_cpu(sample, workers) == 100.0
     (pause,) = decide(sample, workers, WORK, HALF)
     assert (pause.action, pause.worker) == (PAUSE, 1) and pause.reason.startswith("cpu 100% > limit 50%"), pause
+
+
+@pytest.mark.parametrize("sample, others_run, says", [
+    (node(free=200 * MiB), False, "available memory 200MiB is below the batch's floor 300MiB (min_free)"),
+    (node(free=2 * GiB), False, "below the batch's memory limit 3277MiB (memfree_limit 20% of 16384MiB)"),
+    (node(free=LIMIT + 100 * MiB), False, "leaves less than the gap 200MiB above the batch's memory limit"),
+    (node(cpu=75.0), True, "cpu 75% is above the batch's cpu limit less its margin (70%)"),
+    (node(cpu=75.0), False, None),  # nothing else runs: one worker may always try
+    (node(), True, None),
+])
+def test_held_back_says_why_a_batch_of_which_nothing_runs_waits_as_decide_has_it(sample, others_run, says):
+    reason = held_back(sample, LIMITS, others_run)
+    assert reason == says if says is None else says in reason, reason
+    # decide agrees: a new batch (nothing measured) is admitted exactly when nothing holds it back.
+    fresh = Workload(queued=3, key="new")
+    workers = [worker(9, cpu=60.0)] if others_run else []  # another batch's
+    admitted = [d for d in decide(sample, workers, [Workload(queued=0, key="other"), fresh], LIMITS)
+                if d.action == SPAWN]
+    assert bool(admitted) == (says is None), admitted
 
 
 def test_cpu_over_limit_admits_nothing():

@@ -92,6 +92,10 @@ def test_what_a_real_pmlmd_answers_reads_as_its_body(daemon):
         assert status.to_json() == answer  # read back as it was sent
         with pytest.raises(protocol.ProtocolError, match="not a batch summary"):
             replies.BatchStatus.from_json(dict(answer, elapsed_s=10**400))  # a number no float holds
+        waiting = dict(answer, waiting="free memory 1MiB is below the batch's floor 300MiB (min_free)")
+        assert replies.BatchStatus.from_json(waiting).to_json() == waiting  # and with what it waits for
+        with pytest.raises(protocol.ProtocolError, match="'waiting'"):
+            replies.BatchStatus.from_json(dict(answer, waiting=3))
 
 
 @pytest.mark.parametrize("result, words", [

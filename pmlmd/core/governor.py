@@ -651,6 +651,31 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
             Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
 
 
+def held_back(sample: NodeSample, limits: Limits, others_run: bool) -> str | None:
+    """Why a batch with ``limits`` whose tasks wait, and of which nothing runs, starts none at
+    ``sample``, where the node is the reason (one line, for ``status``): free memory below its
+    floor, its memory limit, or the gap above that limit (the headroom a new worker needs), or,
+    while other batches' workers run (``others_run``), CPU above its limit less the margin (the
+    rules of ``decide``). None when the node holds it back in none of these ways."""
+    free = free_bytes(sample, limits)
+    limit = limits.memory_limit_bytes(sample.mem_total)
+    metric = "available" if limits.memory_metric == "available" else "free"
+    if free < limits.min_free:
+        return (f"{metric} memory {_mib(free)} is below the batch's floor {_mib(limits.min_free)} (min_free): "
+                "its tasks start once that much is free")
+    if free < limit:
+        return (f"{metric} memory {_mib(free)} is below the batch's memory limit {_mib(limit)} (memfree_limit "
+                f"{limits.memfree_limit:g}% of {_mib(sample.mem_total)}): its tasks start once that much is free")
+    if free < limit + limits.memory_gap:
+        return (f"{metric} memory {_mib(free)} leaves less than the gap {_mib(limits.memory_gap)} above the batch's "
+                f"memory limit {_mib(limit)}: a first worker needs that headroom (memory_gap)")
+    calm = limits.cpu_limit - limits.cpu_margin
+    if others_run and sample.cpu_pct is not None and sample.cpu_pct > calm:
+        return (f"cpu {sample.cpu_pct:.0f}% is above the batch's cpu limit less its margin ({calm:g}%): its tasks "
+                "start once other work leaves that room")
+    return None
+
+
 def quiet(sample: NodeSample, limits: Limits, paused: bool, queued: bool) -> bool:
     """True when ``decide`` would decide nothing, whatever the workers measure: no limit is near
     (free memory at or above L + G and the floor, CPU within C), no worker is paused

@@ -219,7 +219,7 @@ the request's (null if it had none or could not be read far enough to find it)::
 The contents of ``result`` depend on the request: one typed body each, documented and read
 back in pmlmd/core/replies.py.
 ``status`` and ``list`` describe each batch by its summary, one shape whether the batch is
-queued, running or long finished (``summary_version`` 1; pmlmd/core/summary.py defines its fields,
+queued, running or long finished (``summary_version`` 2; pmlmd/core/summary.py defines its fields,
 its counts, which add up to ``tasks``, and its ``state``: ``queued``, ``running``, ``paused``,
 ``finishing``, ``finished``, ``cancelled`` or ``failed``). ``status`` with a batch answers
 with its summary plus ``node`` (the last sample: ``cpu_pct``, ``free_bytes``, ``total_bytes``,

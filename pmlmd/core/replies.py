@@ -30,7 +30,9 @@ request        result fields (types; units)
                option name, every one of options.LIMIT_OPTIONS, and ``max_workers``),
                ``workers`` (str: how workers are held), ``batches``
                (list: the live batches' summaries); with one (BatchStatus): its
-               ``summary`` (summary.BatchSummary's fields, flat in the body) and ``node``
+               ``summary`` (summary.BatchSummary's fields, flat in the body), ``node``
+               and, only while the node starts none of its waiting tasks, ``waiting``
+               (str: why, governor.held_back)
 ``list``       ``batches`` (list: every batch's summary, finished ones first)
 =============  ======================================================================
 
@@ -144,15 +146,21 @@ class NodeStatus(Result):
 @dataclass(frozen=True)
 class BatchStatus(Result):
     """status with a batch: its summary, whose fields are the body's own (as in ``list``), and
-    ``node`` as NodeStatus has it."""
+    ``node`` as NodeStatus has it; ``waiting`` (only while it is so) why the node starts none of
+    the batch's tasks now (governor.held_back)."""
 
     REQUESTS: ClassVar[tuple[str, ...]] = ("status",)
-    TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"summary": (dict,), "node": (dict, type(None))}
+    TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"summary": (dict,), "node": (dict, type(None)),
+                                                    "waiting": (str, type(None))}
     summary: BatchSummary
     node: dict | None
+    waiting: str | None = None
 
     def to_json(self) -> dict:
-        return {**self.summary.to_json(), "node": self.node}
+        body = {**self.summary.to_json(), "node": self.node}
+        if self.waiting is not None:
+            body["waiting"] = self.waiting
+        return body
 
     @classmethod
     def from_json(cls, result) -> "BatchStatus":
@@ -164,11 +172,15 @@ class BatchStatus(Result):
         if not isinstance(node, (dict, type(None))):
             raise ProtocolError(BAD_FIELD, f"'node' in pmlmd's reply to status has the wrong type "
                                 f"({type(node).__name__})")
+        waiting = result.get("waiting")
+        if not isinstance(waiting, (str, type(None))):
+            raise ProtocolError(BAD_FIELD, f"'waiting' in pmlmd's reply to status has the wrong type "
+                                f"({type(waiting).__name__})")
         try:
-            summary = BatchSummary.from_json({k: v for k, v in result.items() if k != "node"})
+            summary = BatchSummary.from_json({k: v for k, v in result.items() if k not in ("node", "waiting")})
         except (ValueError, KeyError, TypeError, ArithmeticError) as e:
             raise ProtocolError(BAD_FIELD, f"pmlmd's reply to status is not a batch summary: {e}") from None
-        return cls(summary, node)
+        return cls(summary, node, waiting)
 
 
 @dataclass(frozen=True)

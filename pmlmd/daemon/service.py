@@ -40,10 +40,11 @@ from ..node.loop import Loop
 from ..node.output import TaskFiles
 from ..node.joblog import Joblog
 from ..node.peerlimit import PeerLimit
-from ..core.governor import HELD, PAUSED, RUNNING, free_bytes
+from ..core.governor import HELD, PAUSED, RUNNING, free_bytes, held_back
 from ..core.options import LIMIT_OPTIONS, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
 from ..core.summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
+from ..core.units import format_size
 from ..node.systemd import Notifier, setup_logging
 from .outbox import Outboxes
 
@@ -714,6 +715,23 @@ class Daemon:
                 f"can only make the node's limits stricter; ask for {shown(ours)} or stricter, or "
                 f"have the administrator change {option} in [limits] of {self.config_path or DEFAULT_CONFIG_PATH}"))
 
+    def _refuse_impossible(self, req: str, args: dict) -> None:
+        """A batch whose limits ask for more free memory than the node has could never start a
+        task: it would wait for ever (governor.held_back). Refused, saying so."""
+        sample = self._fresh_sample()
+        if sample is None:
+            return
+        limits, total = tighten(self.engine.limits, **self._asked(args)), sample.mem_total
+        limit = limits.memory_limit_bytes(total)
+        if max(limits.min_free, limit + limits.memory_gap) < total:
+            return
+        need = (f"min_free {format_size(limits.min_free)}" if limits.min_free >= limit + limits.memory_gap else
+                f"memfree_limit {limits.memfree_limit:g}% ({format_size(limit)}) plus memory_gap "
+                f"{format_size(limits.memory_gap)}")
+        raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: the batch's limits ask for {need} free before a "
+                                     f"first task starts, and this node has {format_size(total)} of memory in all: "
+                                     "no task could ever start; ask for lower memory limits")
+
     @staticmethod
     def _asked(args: dict) -> dict:
         return {o.name: args[o.name] for o in LIMIT_OPTIONS if args.get(o.name) is not None}
@@ -912,6 +930,7 @@ class Daemon:
                 raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: cannot make the results directory "
                                              f"{args['results']}: {e.strerror}") from None
         self._refuse_looser(args)
+        self._refuse_impossible(req, args)
         joblog = None
         if args["joblog"] is not None:
             try:
@@ -1100,6 +1119,7 @@ class Daemon:
         batch_id = request.args["batch"]
         if batch_id is not None:
             run = self._batch(batch_id, peer, None)
+            waiting = None
             if run is None:
                 found = self._finished_summaries(batch_id)
                 if not found:
@@ -1107,14 +1127,25 @@ class Daemon:
                                                  "nor finished: see 'pmlmctl list'")
                 summary = found[0]
             else:
-                summary = self._batch_summary(run)
-            return protocol.encode_reply(replies.BatchStatus(summary, self._node()).to_json(), request.request_id)
+                summary, waiting = self._batch_summary(run), self._waiting(run)
+            return protocol.encode_reply(replies.BatchStatus(summary, self._node(), waiting).to_json(),
+                                         request.request_id)
         limits = self.engine.limits
         return protocol.encode_reply(replies.NodeStatus(
             status=self._status_line(), node=self._node(), batches=[self._summary(r) for r in self._ordered()],
             workers=self._containment(),
             limits={**{option.name: getattr(limits, option.name) for option in LIMIT_OPTIONS},
                     "max_workers": limits.max_workers}).to_json(), request.request_id)
+
+    def _waiting(self, run: BatchRun) -> str | None:
+        """Why the node starts none of the batch's waiting tasks now (governor.held_back), while
+        none of its workers is there; None otherwise, or when the node is not the reason."""
+        if run.held or not run.batch.queue or any(w.run is run for w in self.engine.workers.values()):
+            return None
+        sample = self._fresh_sample()
+        if sample is None:
+            return None
+        return held_back(sample, run.limits, any(w.view().state == RUNNING for w in self.engine.workers.values()))
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""
