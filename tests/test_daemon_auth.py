@@ -330,12 +330,20 @@ def test_member_may_not_submit_as_another_user(served, accounts, target):
     assert batch_ids(served) == before
 
 
-def test_root_may_submit_as_a_member(served, accounts, outdir):
-    batch = as_root(served, "submit", command=write_ids(outdir), cwd="/tmp", env=SH_PATH,
-                    user=accounts.a)["batch"]
+@pytest.mark.parametrize("by", ["name", "uid"])
+def test_root_may_submit_as_a_member(served, accounts, outdir, by):
+    user = accounts.a if by == "name" else str(accounts.uid(accounts.a))
+    batch = as_root(served, "submit", command=write_ids(outdir), cwd="/tmp", env=SH_PATH, user=user)["batch"]
     assert wait_event(served, batch, "finished")["exit_status"] == 0
     assert int((outdir / "uid-0").read_text()) == accounts.uid(accounts.a)
     assert {int(g) for g in (outdir / "groups-0").read_text().split()} == accounts.groups(accounts.a)
+
+
+def test_a_member_may_name_themselves_as_the_user(served, accounts, outdir):
+    batch = submitted(as_user(served, accounts.a, "submit", command=write_ids(outdir), cwd="/tmp", env=SH_PATH,
+                              user=accounts.a))
+    assert wait_event(served, batch, "finished")["exit_status"] == 0
+    assert int((outdir / "uid-0").read_text()) == accounts.uid(accounts.a)
 
 
 def test_members_may_read_each_others_batches(served, accounts):

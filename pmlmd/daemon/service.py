@@ -210,6 +210,21 @@ def take_login_groups() -> None:
             log.warning("cannot take root's groups (%s): root's workers start through setpriv", e.strerror)
 
 
+def _account(user: str) -> pwd.struct_passwd:
+    """submit's --user: a user name, else a number that is a uid (as chown(1) takes them: a name
+    first). Raises ProtocolError (bad-field) when it is neither."""
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        pass
+    if user.isascii() and user.isdigit():
+        try:
+            return pwd.getpwuid(int(user))
+        except (KeyError, OverflowError):
+            pass
+    raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {user!r} (a user name or a uid)")
+
+
 class Daemon:
     def __init__(self, config_path: str | None, overrides: dict):
         keep_descriptors_from_workers()
@@ -901,12 +916,9 @@ class Daemon:
         groups = user_groups(uid, gid)
         self._may_submit(uid, gid, groups)
         if args["user"] is not None:
-            if uid != 0:
+            entry = _account(args["user"])
+            if uid != 0 and entry.pw_uid != uid:
                 raise Denied("only root may submit a batch to run as another user")
-            try:
-                entry = pwd.getpwnam(args["user"])
-            except KeyError:
-                raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {args['user']!r}")
             uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
         owner = procctl.Credentials(uid, gid, tuple(groups))
         return self._start("submit", args, owner, peer, request.request_id)
