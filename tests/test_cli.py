@@ -22,6 +22,18 @@ def pmlmctl(*args, stdin=""):
     (["run", "--cpu-limit", "150", "--", "true"], "--cpu-limit must be between 1 and 100"),
     (["run", "--memfree-limit", "lots", "--", "true"], "--memfree-limit must be a number"),
     (["run", "--memory-gap", "12X", "--", "true"], "use a number of bytes or a number with K, M, G or T"),
+    # Negative-looking values are values, said to be out of range (or not a number) as -5 is.
+    (["run", "--memory-gap", "-5M", "--", "true"], "--memory-gap must be between 0 and 1048576T, not '-5M'"),
+    (["run", "--min-free", "-1.5G", "--", "true"], "--min-free must be between 0 and 1048576T, not '-1.5G'"),
+    (["run", "--cpu-margin", "-1e3", "--", "true"], "--cpu-margin must be between 0 and 99, not '-1e3'"),
+    (["run", "--timeout", "-5s", "--", "true"], "--timeout must be a number, not '-5s'"),
+    # Digits of other scripts are no numbers here (int() and float() would read them).
+    (["run", "-n", "\u0663", "--", "true"], "--tasks takes a number in ASCII digits (0-9), not '\u0663'"),
+    (["run", "--memory-gap", "\u0663M", "--", "true"], "--memory-gap takes a number in ASCII digits (0-9)"),
+    (["run", "--cpu-limit", "\uff15\uff10", "--", "true"], "--cpu-limit takes a number in ASCII digits (0-9)"),
+    (["run", "--halt", "now,fail=\u0663", "--", "true"], "--halt fail= takes a count of failed tasks"),
+    (["run", "--halt", "soon,fail=\u0663%", "--", "true"], "--halt fail= takes a share of the tasks"),
+    (["log", "1", "\u0663"], "TASK takes a number in ASCII digits (0-9)"),
     (["run", "--victim", "random", "--", "true"], "invalid choice: 'random'"),
     (["run", "-j", "many", "--", "true"], "--max-workers must be a number"),
     (["run", "--tasks-file", "/nonexistent/tasks", "--", "true"], "cannot read tasks file '/nonexistent/tasks'"),

@@ -21,7 +21,8 @@ from pmlmd.client.ctl import build_parser
 PY = sys.executable
 
 HOSTILE = ["0", "-1", "1e400", "nan", "inf", "-inf", "99999999999999999999999999P", "10**400", "", " ", "1.5",
-           "0x10", "1_000", "½", os.fsdecode(b"\xff\xfe"), "--", "-", "true", "1d", "9" * 400, "abc"]
+           "0x10", "1_000", "½", os.fsdecode(b"\xff\xfe"), "--", "-", "true", "1d", "9" * 400, "abc", "-5M", "-1e3",
+           "\u0663", "\x1b[2J\n\u202e"]
 
 
 def options_by_command() -> dict[str, list[argparse.Action]]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import resource
 import secrets
 import shlex
@@ -23,7 +26,7 @@ from ..node import cgroup, output
 
 from ..core import events, protocol, replies, tasklines
 from ..core.batch import CAUSE_CANCELLED, HALT_WHEN, BatchSpec, Blank, IntakeSpec
-from ..core.bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE
+from ..core.bounds import BOUNDS, INTEGER, MAX_RLIMIT, MAX_TASKS, SIZE, size_text
 from .connection import DEFAULT_SOCKET, Client, RemoteError, StreamEnded, Unreachable, socket_path
 from ..core.options import LIMIT_OPTIONS, limits_from
 from ..node.joblog import Joblog
@@ -42,12 +45,39 @@ exit status:
 """
 
 
+# What reads as a negative number (a size, a float, a number with a unit: -5M, -1e3, -5s, -inf)
+# is a value, not an option: argparse takes only -5 and -.5 for values, and would call
+# "--memory-gap -5M" a missing argument instead of saying what is wrong with the value, as
+# "--cpu-limit -5" is told. (No option but -0 starts with a digit, and argparse finds "-0..."
+# as that option, with what follows, before it asks this.)
+_NEGATIVE = re.compile(r"^-\.?\d|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors on one line, the fix pointed to, exit 2: a script's log shows the whole reason
     in one line, and a person is told where the options are explained."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE
+
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        # Escaped: a message may quote what was read (a tasks file's name, a broker's reply).
+        self.exit(2, f"{self.prog}: error: {_printable(message)} (see '{self.prog} --help')\n")
+
+
+def _signed_size(text: str) -> int:
+    """parse_size, and a negative size as the negative number it is (parse_size takes no sign),
+    so that it is said to be out of range, as any other negative number is."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        if text.startswith("-"):
+            try:
+                return -parse_size(text[1:])
+            except ValueError:
+                pass
+        raise
 
 
 def _ranged(name, what: str | None = None):
@@ -59,9 +89,11 @@ def _ranged(name, what: str | None = None):
 
     def parse(text):
         shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+        if not text.isascii():  # int(), float() and parse_size read any script's digits: '٣' as 3
+            raise argparse.ArgumentTypeError(f"{what} takes a number in ASCII digits (0-9), not {shown}")
         try:
             if bound.kind == SIZE:
-                value = parse_size(text)
+                value = _signed_size(text)
             else:
                 value = (int if bound.kind == INTEGER else float)(text)
         except ValueError as e:
@@ -73,6 +105,17 @@ def _ranged(name, what: str | None = None):
                                              f"{bound.text(bound.high)}, not {shown}")
         return value
     return parse
+
+
+def _batch_id(text):
+    """A batch ID as pmlmd names batches: text. One that is not UTF-8 names no batch; refused here,
+    so that the message names the command given (wait asks pmlmd through log and events)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8 (surrogate escapes)
+        raise argparse.ArgumentTypeError(f"{tasklines.raw(text)!r} is not UTF-8 text, so it names no batch; "
+                                         f"'pmlmctl list' shows the batch ids") from None
+    return text
 
 
 def _directory(text):
@@ -100,7 +143,7 @@ def _halt(text):
     name = "halt_fail_pct" if value.endswith("%") else "halt_fail"
     bound = BOUNDS[name]
     try:
-        number = float(value[:-1]) if name == "halt_fail_pct" else int(value)
+        number = None if not value.isascii() else float(value[:-1]) if name == "halt_fail_pct" else int(value)
     except ValueError:
         number = None
     if number is None or not bound.admits(number):
@@ -267,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a task's line is kept. Prints the new batch id; with --wait, waits and exits like 'run'.",
         epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    retry.add_argument("batch", metavar="ID")
+    retry.add_argument("batch", metavar="ID", type=_batch_id)
     retry.add_argument("--failed", action="store_true",
                        help="only tasks that failed or were given up, not cancelled ones")
     retry.add_argument("--joblog", metavar="FILE",
@@ -289,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=parents, help=helptext, description=helptext[0].upper() +
                                   helptext[1:] + ".")
         if needs_id == "required":
-            sub.add_argument("batch", metavar="ID")
+            sub.add_argument("batch", metavar="ID", type=_batch_id)
         elif needs_id == "optional":
-            sub.add_argument("batch", metavar="ID", nargs="?")
+            sub.add_argument("batch", metavar="ID", nargs="?", type=_batch_id)
         if name == "events":
             sub.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
             sub.add_argument("--kind", action="append", choices=events.STREAMED, metavar="KIND",
@@ -302,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "log", parents=[daemon], help="what a batch's tasks wrote (only its owner and root may read it)",
         description="Print what the tasks of batch ID wrote to stdout (or stderr), task after task in task order; "
                     "pmlmd keeps the last output_limit bytes of each (pmlmd.toml(5)).")
-    log_cmd.add_argument("batch", metavar="ID")
+    log_cmd.add_argument("batch", metavar="ID", type=_batch_id)
     log_cmd.add_argument("task", metavar="TASK", nargs="?", type=_ranged("task_index", "TASK"),
                          help="only this task (numbered from 0, as $PMLM_TASK_INDEX)")
     log_cmd.add_argument("--stderr", action="store_true", help="print what the tasks wrote to stderr instead")
@@ -318,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "'run'.",
         epilog=EXIT_STATUS_HELP + "  4  pmlmd is not running or cannot be reached\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    wait.add_argument("batch", metavar="ID")
+    wait.add_argument("batch", metavar="ID", type=_batch_id)
     wait.add_argument("--json", action="store_true", help="print the report as JSON (the tasks' stdout goes to stderr)")
     wait.set_defaults(handler=cmd_wait, subparser=wait)
 
@@ -344,13 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_tasks(parser, args, command: list[str], env: dict[str, str]) -> list[str] | None:
+TASKS_CHUNK = 1 << 20  # bytes of a tasks file read at a time: it is split as it comes, never held whole
+# The most of a tasks file each command reads (bytes, what takes no more, the fix). run holds
+# every task line (and its report lists each), and input that never ends (/dev/zero, yes '')
+# must end in a usage error, not in all of the memory: a thousand bytes for each of the most
+# tasks a batch may have is beyond any real tasks file. submit sends its lines in one request,
+# which pmlmd refuses beyond the protocol's MAX_MESSAGE_BYTES.
+RUN_TASKS_LIMIT = (1 << 30, "pmlmctl run reads", "split it into several batches")
+SUBMIT_TASKS_LIMIT = (protocol.MAX_MESSAGE_BYTES, "one submit request carries (its command and environment included)",
+                      "split it into several batches, or run it with pmlmctl run")
+# A separator run and the line after it (empty at the end of the data): one match per line, so
+# a run of empty lines costs one match, not one Python step each.
+_LINES = {False: re.compile(b"\n*([^\n]*)"), True: re.compile(b"\0*([^\0]*)")}
+
+
+def _read_tasks(parser, args, command: list[str], env: dict[str, str],
+                limit: tuple[int, str, str]) -> list[str] | None:
     """The tasks of --tasks-file as pmlmd carries them (see tasklines), or None without one.
 
     The file is read as bytes and split on newlines (on NULs with --null) and nothing else, so
-    each task is exactly the bytes between. Each is checked now against what a worker's exec
-    takes with this command and environment, so that a line that could never be executed is a
-    usage error naming it instead of a failing task.
+    each task is exactly the bytes between (tasklines.split, a chunk at a time). Each is checked
+    now against what a worker's exec takes with this command and environment, so that a line
+    that could never be executed is a usage error naming it instead of a failing task. What is
+    read is bounded: at most MAX_TASKS tasks, a line no longer than exec takes (however long it
+    goes on), and at most ``limit`` bytes in all (RUN_TASKS_LIMIT, SUBMIT_TASKS_LIMIT).
     """
     path = args.tasks_file
     if path is None:
@@ -358,35 +418,64 @@ def _read_tasks(parser, args, command: list[str], env: dict[str, str]) -> list[s
             parser.error("--null says how --tasks-file is split: give --tasks-file FILE (or - for stdin) too")
         return None
     source = "standard input" if path == "-" else repr(path)
-    try:
-        if path == "-":
-            if sys.stdin is None:  # started with its standard input closed
-                parser.error("cannot read tasks file '-': standard input is closed")
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        parser.error(f"cannot read tasks file {path!r}: {e.strerror or e}")
-    lines = tasklines.split(data, args.null)
-    if not lines:
-        unit = "NUL-terminated item" if args.null else "line"
-        parser.error(f"tasks file {path!r} holds no tasks (one task per {unit})")
-    if len(lines) > MAX_TASKS:
-        parser.error(f"tasks file {path!r} holds {len(lines)} tasks, more than the {MAX_TASKS} a batch may have: "
-                     f"split it into several batches")
+    unit = "item" if args.null else "line"
     fit = tasklines.Fit(command, args.shell, env, append=args.append)
-    tasks = []
-    for number, line in lines:
+    tasks: list[str] = []
+
+    def take(number: int, line: bytes, whole: bool = True) -> None:
         if b"\0" in line:  # only without --null
             parser.error(f"line {number} of {source} contains a NUL byte, which no argument or environment "
                          f"variable can hold; use --null to split on NUL")
         task = tasklines.text(line)
         problem = fit.problem(task)
         if problem:
-            parser.error(f"{'item' if args.null else 'line'} {number} of {source} is too long ({len(line)} bytes): "
-                         f"{problem}")
+            size = f"{len(line)} bytes" if whole else f"{len(line)} bytes or more"
+            parser.error(f"{unit} {number} of {source} is too long ({size}): {problem}")
+        if len(tasks) == MAX_TASKS:
+            parser.error(f"tasks file {path!r} holds more than the {MAX_TASKS} tasks a batch may have: split it into "
+                         f"several batches")
         tasks.append(task)
+
+    max_bytes, takes, fix = limit
+    try:
+        if path == "-":
+            if sys.stdin is None:  # started with its standard input closed
+                parser.error("cannot read tasks file '-': standard input is closed")
+            opened = contextlib.nullcontext(sys.stdin.buffer)
+        else:
+            opened = open(path, "rb")
+        with opened as stream:
+            lines, total, rest = 0, 0, b""  # lines ended so far, bytes read, the line not ended yet
+            while chunk := stream.read(TASKS_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    parser.error(f"tasks file {path!r} holds more than {max_bytes} bytes ({size_text(max_bytes)}), "
+                                 f"more than {takes}: {fix}")
+                data = rest + chunk if rest else chunk
+                rest = b""
+                for match in _LINES[args.null].finditer(data):
+                    lines += match.start(1) - match.start(0)  # the separators before this line
+                    line = match.group(1)
+                    if not line:
+                        continue  # an empty line, or the end of the data
+                    if match.end(1) == len(data):
+                        rest = line  # not ended yet: the next chunk goes on with it
+                    else:
+                        take(lines + 1, line)
+                if len(rest) > tasklines.MAX_LINE_BYTES:  # no exec takes it, whatever comes after
+                    take(lines + 1, rest, whole=False)
+            if rest:
+                take(lines + 1, rest)
+    except OSError as e:
+        parser.error(f"cannot read tasks file {path!r}: {e.strerror or e}")
+    except MemoryError:
+        count = len(tasks)
+        tasks.clear()
+        parser.error(f"not enough memory to hold the tasks of {source} ({count} read): split it into several "
+                     f"batches, or raise ulimit -v")
+    if not tasks:
+        each = "NUL-terminated item" if args.null else unit
+        parser.error(f"tasks file {path!r} holds no tasks (one task per {each})")
     return tasks
 
 
@@ -435,7 +524,7 @@ def spec_from_args(parser, args) -> BatchSpec:
     argv = _command(parser, args)
     intake = intake_from_args(parser, args)
     tasks: list[str | None] | Blank = [] if intake else \
-        _read_tasks(parser, args, argv, tasklines.environment()) or Blank(args.tasks or 1)
+        _read_tasks(parser, args, argv, tasklines.environment(), RUN_TASKS_LIMIT) or Blank(args.tasks or 1)
     cpus = os.cpu_count() or 1
     limits = limits_from(args, args.max_workers or 8 * cpus)
     halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
@@ -670,14 +759,14 @@ def cmd_run(parser, args) -> int:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(batch.summary_line())
+        print(_printable(batch.summary_line()))
         print(f"lowest free memory {format_size(batch.lowest_free or 0)} "
               f"({report['lowest_free_memory_pct']}%), highest cpu "
               + ("n/a (no sample)" if report["highest_cpu_pct"] is None else f"{report['highest_cpu_pct']}%"))
     if report["error_message"]:
-        print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {report['error_message']}"), file=sys.stderr)
     if stopped is not None:
-        print(f"pmlmctl: {stopped}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {stopped}"), file=sys.stderr)
         return 1
     if runner.interrupted_by is not None:
         return 128 + runner.interrupted_by
@@ -715,22 +804,38 @@ def _say_lowered(lowered: dict) -> None:
               "them to the owner's login limits (limits.conf) and to its own", file=sys.stderr)
 
 
-def _absolute(path: str | None) -> str | None:
+def _cwd(parser, needed_for: str, fix: str = "cd to an existing directory and try again") -> bytes:
+    """pmlmctl's current directory; a usage error when it is gone (removed while a shell stood in
+    it: getcwd fails), saying what it was ``needed_for`` and the ``fix``."""
+    try:
+        return os.getcwdb()
+    except OSError as e:
+        gone = "no longer exists (it was removed)" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+        parser.error(f"the current directory {gone}, and {needed_for}: {fix}")
+
+
+def _absolute(parser, path: str | None, option: str) -> str | None:
     """A path given to pmlmctl as the daemon gets it: absolute (from pmlmctl's directory), bytes as text."""
-    return None if path is None else tasklines.text(os.path.abspath(os.fsencode(path)))
+    if path is None:
+        return None
+    path = os.fsencode(path)
+    if not os.path.isabs(path):
+        path = os.path.join(_cwd(parser, f"{option} {os.fsdecode(path)!r} is relative to it",
+                                 f"cd to an existing directory, or give {option} an absolute path"), path)
+    return tasklines.text(os.path.normpath(path))
 
 
 def cmd_submit(parser, args) -> int:
     argv = _command(parser, args)
     halt, halt_fail, halt_fail_pct = args.halt or (None, None, None)
     request = dict(command=argv, shell=args.shell, name=args.name, priority=args.priority, user=args.user,
-                   cwd=tasklines.text(os.getcwdb()), env=tasklines.environment(),
+                   cwd=tasklines.text(_cwd(parser, "pmlmd runs the workers there")), env=tasklines.environment(),
                    max_workers=args.max_workers, **{o.name: getattr(args, o.name) for o in LIMIT_OPTIONS},
                    term_grace=args.term_grace, retries=args.retries,
                    retry_failed=args.retry_failed, term_mode=args.term_mode, pause_mode=args.pause_mode,
                    agent_timeout=args.agent_timeout, timeout=args.timeout, halt=halt, halt_fail=halt_fail,
-                   halt_fail_pct=halt_fail_pct, append=args.append, joblog=_absolute(args.joblog),
-                   results=_absolute(args.results))
+                   halt_fail_pct=halt_fail_pct, append=args.append, joblog=_absolute(parser, args.joblog, "--joblog"),
+                   results=_absolute(parser, args.results, "--results"))
     # The workers start with this shell's umask and limits, as those of 'run' do.
     request.update(umask=own_umask(), rlimits=own_rlimits())
     intake = intake_from_args(parser, args)
@@ -738,7 +843,7 @@ def cmd_submit(parser, args) -> int:
         request.update(amqp=intake.url, queue=intake.queue, until_empty=intake.until_empty,
                        dead_letter=intake.dead_letter)
     elif args.tasks_file:
-        request["task_lines"] = _read_tasks(parser, args, argv, request["env"])
+        request["task_lines"] = _read_tasks(parser, args, argv, request["env"], SUBMIT_TASKS_LIMIT)
     else:
         request["tasks"] = args.tasks or 1
     with Client(socket_path(args.socket)) as client:
@@ -753,16 +858,17 @@ def cmd_submit(parser, args) -> int:
 
 
 def cmd_retry(parser, args) -> int:
+    joblog = _absolute(parser, args.joblog, "--joblog")  # a usage error before pmlmd is asked anything
     with Client(socket_path(args.socket)) as client:
         result = replies.Started.from_json(client.call("retry", batch=args.batch, failed_only=args.failed,
-                                                       joblog=_absolute(args.joblog)))
+                                                       joblog=joblog))
         batch_id = result.batch
         retried = result.retried or []
         shown = ", ".join(str(i) for i in retried[:10]) + (f" and {len(retried) - 10} more" if len(retried) > 10
                                                            else "")
         plural = "" if len(retried) == 1 else "s"
-        print(f"batch {batch_id} retries {len(retried)} task{plural} of batch {args.batch} (its task{plural} "
-              f"{shown}, numbered from 0 in batch {batch_id})", file=sys.stderr)
+        print(_printable(f"batch {batch_id} retries {len(retried)} task{plural} of batch {args.batch} (its "
+                         f"task{plural} {shown}, numbered from 0 in batch {batch_id})"), file=sys.stderr)
         _say_lowered(result.rlimits_lowered)
         if not args.wait:
             print(batch_id)
@@ -830,9 +936,9 @@ def _wait(client: Client, batch_id: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(report["execution_message"])
+        print(_printable(report["execution_message"]))
     if report["error_message"]:
-        print(f"pmlmctl: {report['error_message']}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {report['error_message']}"), file=sys.stderr)
     return report["exit_status"]
 
 
@@ -980,20 +1086,21 @@ def cmd_enqueue(parser, args) -> int:
     except ValueError as e:
         parser.error(str(e))
     except enqueue.Failed as e:
-        print(f"pmlmctl: {e}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {e}"), file=sys.stderr)
         return e.status
     if not bodies:
-        print(f"pmlmctl: no tasks in {enqueue.source_name(args.tasks_file)}: nothing enqueued", file=sys.stderr)
+        print(_printable(f"pmlmctl: no tasks in {enqueue.source_name(args.tasks_file)}: nothing enqueued"),
+              file=sys.stderr)
         return 0
     progress = enqueue.Progress(len(bodies))
     try:
         done = enqueue.publish(params, args.queue, bodies, progress)
     except enqueue.Failed as e:
         progress.clear()
-        print(f"pmlmctl: {e}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {e}"), file=sys.stderr)
         return e.status
     progress.clear()
-    print(f"enqueued {done} task{'' if done == 1 else 's'} to {args.queue}", file=sys.stderr)
+    print(_printable(f"enqueued {done} task{'' if done == 1 else 's'} to {args.queue}"), file=sys.stderr)
     return 0
 
 
@@ -1007,9 +1114,27 @@ COUNT_WORDS = (("succeeded", "succeeded"), ("failed", "failed"), ("given_up", "g
                ("paused", "paused"), ("queued", "queued"))
 
 
+# What a terminal acts on instead of showing: the C0 controls (newline, carriage return, tab and
+# escape among them), DEL and the C1 controls, the line and paragraph separators, and the
+# bidirectional marks, embeddings, overrides and isolates, which reorder what follows them
+# ("Trojan Source", CVE-2021-42574). Names, commands, task lines and reasons come from any user
+# of the node and everyone may list them: raw, one could clear a reader's screen, set its
+# title or forge rows of `pmlmctl list`.
+_UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
 def _printable(text: str) -> str:
-    """Text for the terminal: a byte that is not UTF-8 (a surrogate, see tasklines) as \\udcNN."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """Text supplied by a user, made safe to print on a terminal, as ls and systemctl show names:
+    what a terminal would act on (_UNSHOWABLE) escaped visibly (\\x1b, \\n, \\u202e), and a byte
+    that is not UTF-8 (a surrogate, see tasklines) as \\udcNN. Every text line pmlmctl prints with
+    such text in it goes through here; --json needs nothing (json.dumps escapes them all)."""
+    return _UNSHOWABLE.sub(_escape, text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _tasks_text(b: dict) -> str:
@@ -1047,11 +1172,12 @@ def _owner_text(b: dict) -> str:
 
 def _batch_line(b: dict) -> str:
     """One batch summary as a line under BATCH_HEADER."""
+    # Escaped before they are cut to their columns, so that an escape is never cut in two.
     name = _printable(str(b.get("name") or "-"))
     priority = "-" if b.get("priority") is None else b["priority"]
-    return (f"{b['batch']:>6}  {name[:16]:<16}  {_printable(_owner_text(b))[:10]:<10}  {priority:>4}  "
-            f"{b['state']:<9}  {_local_time(b.get('created')):<16}  {_duration(b.get('elapsed_s')):>9}  "
-            f"{_tasks_text(b)}")
+    return _printable(f"{b['batch']:>6}  {name[:16]:<16}  {_printable(_owner_text(b))[:10]:<10}  {priority:>4}  "
+                      f"{b['state']:<9}  {_local_time(b.get('created')):<16}  {_duration(b.get('elapsed_s')):>9}  "
+                      f"{_tasks_text(b)}")
 
 
 BATCH_HEADER = (f"{'ID':>6}  {'NAME':<16}  {'OWNER':<10}  {'PRIO':>4}  {'STATE':<9}  {'CREATED':<16}  "
@@ -1098,7 +1224,7 @@ def cmd_status(parser, args) -> int:
         print("\n".join(_batch_details(status)))
     else:
         node = replies.NodeStatus.from_json(status)
-        print(f"pmlmd: {node.status}")
+        print(_printable(f"pmlmd: {node.status}"))
         limits = node.limits
         print(f"limits: cpu {limits['cpu_limit']:g}%, free memory {limits['memfree_limit']:g}% + gap "
               f"{format_size(limits['memory_gap'])}, floor {format_size(limits['min_free'])}, "
@@ -1138,7 +1264,7 @@ def cmd_control(parser, args) -> int:
         _print_json(result)
     else:
         control = replies.Control.from_json(result)
-        print(f"batch {control.batch}: {CONTROL_WORDS.get((args.command, control.state), control.state)}")
+        print(_printable(f"batch {control.batch}: {CONTROL_WORDS.get((args.command, control.state), control.state)}"))
     return 0
 
 
@@ -1174,6 +1300,11 @@ class _Fields(dict):
 
 
 def describe_event(e: dict) -> str:
+    """An event as one line of text (pmlmctl events, without --json)."""
+    return _printable(_event_text(e))
+
+
+def _event_text(e: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
     batch = f"batch {e['batch']}" if e.get("batch") else "node"
     kind = e.get("event")
@@ -1234,14 +1365,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 128 + 13  # SIGPIPE
     except Unreachable as e:
-        print(f"pmlmctl: {e}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {e}"), file=sys.stderr)
         return EXIT_UNREACHABLE
     except RemoteError as e:
-        print(f"pmlmctl: {e.message}", file=sys.stderr)
+        print(_printable(f"pmlmctl: {e.message}"), file=sys.stderr)
         return 2 if e.code in USAGE_CODES else 1
     except protocol.ProtocolError as e:  # a reply this pmlmctl cannot read (replies.Result.from_json)
-        print(f"pmlmctl: cannot read pmlmd's reply: {e}; are pmlmd and pmlmctl of the same version "
-              f"(pmlmctl {__version__})?", file=sys.stderr)
+        print(_printable(f"pmlmctl: cannot read pmlmd's reply: {e}; are pmlmd and pmlmctl of the same version "
+                         f"(pmlmctl {__version__})?"), file=sys.stderr)
         return 1
 
 
