@@ -159,9 +159,13 @@ def test_a_batch_that_could_never_start_is_refused_and_one_that_waits_says_why(d
         said = wait_for(lambda: status(daemon, batch).get("waiting"), what="the reason it waits")
         assert "below the batch's memory limit" in said and "its tasks start once that much is free" in said, said
         assert status(daemon, batch)["counts"]["queued"] == 1
+        shown = daemon.ctl("status", batch).stdout.splitlines()
+        assert [line for line in shown if line.startswith("waiting   ")], shown
     finally:
         daemon.ctl("cancel", batch)
     assert "waiting" not in wait_finished(daemon, batch)
+    again = daemon.ctl("cancel", batch)
+    assert (again.returncode, again.stdout) == (0, f"batch {batch}: has ended already: nothing to cancel\n")
 
 
 def test_pause_and_resume_a_batch_stop_and_continue_every_worker(daemon):

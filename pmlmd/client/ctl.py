@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--name", help="a name to recognise the batch by")
     batch.add_argument("--priority", type=_ranged("priority"), default=0,
                        help="higher runs first and pays last when the node is short (default 0)")
-    batch.add_argument("--user", help="run the workers as this user (root only)")
+    batch.add_argument("--user", help="run the workers as this user, a name or a uid (root only; a member may "
+                                      "name themselves)")
     batch.add_argument("--wait", action="store_true", help="wait for the batch to finish; show progress")
     batch.add_argument("--json", action="store_true", help="with --wait: print the report as JSON")
     batch.add_argument("--results", metavar="DIR", type=_directory,
@@ -1190,6 +1191,7 @@ def _batch_details(b: dict) -> list[str]:
     uid = "" if owner.get("uid") is None or owner.get("user") == str(owner["uid"]) else f" (uid {owner['uid']})"
     state = b["state"] + ("" if b.get("exit_status") is None else f", exit status {b['exit_status']}")
     rows = [("batch", b["batch"] + (f" ({b['name']})" if b.get("name") else "")), ("state", state),
+            *([("waiting", b["waiting"])] if b.get("waiting") else []),
             ("owner", _owner_text(b) + uid), ("priority", "-" if b.get("priority") is None else str(b["priority"])),
             ("command", "-" if b.get("command") is None else shlex.join(b["command"])),
             ("tasks", _tasks_text(b))]
@@ -1254,7 +1256,8 @@ def cmd_list(parser, args) -> int:
 CONTROL_WORDS = {("pause", "held"): "paused", ("resume", "active"): "resumed",
                  # Answered once systemd froze or thawed the scope: another request may have come first.
                  ("pause", "active"): "running: resumed before the pause was done",
-                 ("resume", "held"): "paused: paused again before the resume was done"}
+                 ("resume", "held"): "paused: paused again before the resume was done",
+                 ("cancel", "finished"): "has ended already: nothing to cancel"}
 
 
 def cmd_control(parser, args) -> int:
