@@ -169,6 +169,21 @@ def test_yes_as_a_tasks_file_stops_at_the_first_limit(command, refused):
     assert refused in usage_error(result)
 
 
+@pytest.mark.parametrize("feed", ["zeros", "yes"])
+def test_enqueue_of_input_that_never_ends_is_refused_before_anything_is_sent(feed):
+    # Every line is checked before the first is published, so what is read is held: it is bounded.
+    source = subprocess.Popen(["cat", "/dev/zero"] if feed == "zeros" else ["yes"], stdout=subprocess.PIPE)
+    try:
+        result = pmlmctl("enqueue", "--amqp", "amqp://guest:guest@127.0.0.1:1/%2F", "--queue", "q", "-0",
+                         "--tasks-file", "-", stdin=source.stdout, memory=LIMITED, timeout=120)
+    finally:
+        source.kill()
+        source.wait()
+        source.stdout.close()
+    message = usage_error(result)
+    assert "split it and enqueue each part" in message or "split it, and enqueue each part" in message, message
+
+
 def test_a_million_tasks_are_still_a_batch(tmp_path):
     """The most tasks a batch may have are read (and checked) whole; one more is refused."""
     path = tmp_path / "tasks"

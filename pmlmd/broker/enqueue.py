@@ -298,17 +298,33 @@ def _close(connection) -> None:
         pass
 
 
-def read_source(path: str) -> bytes:
-    """The bytes of a tasks file, or of standard input for ``-``. Raises ValueError if unreadable."""
+SOURCE_LIMIT = 1 << 30  # bytes of a tasks file enqueue reads: every line is checked before any is sent
+SOURCE_CHUNK = 1 << 20
+
+
+def read_source(path: str, limit: int = SOURCE_LIMIT) -> bytes:
+    """The bytes of a tasks file, or of standard input for ``-``, at most ``limit`` of them (input
+    that never ends, /dev/zero or yes, must not take all memory). Raises ValueError if unreadable
+    or longer."""
     try:
         if path == "-":
             if sys.stdin is None:  # started with its standard input closed
                 raise ValueError("cannot read tasks file '-': standard input is closed")
-            return sys.stdin.buffer.read()
+            return _bounded(sys.stdin.buffer, path, limit)
         with open(path, "rb") as f:
-            return f.read()
+            return _bounded(f, path, limit)
     except OSError as e:
         raise ValueError(f"cannot read tasks file {path!r}: {e.strerror or e}") from None
+
+
+def _bounded(stream, path: str, limit: int) -> bytes:
+    data = bytearray()
+    while chunk := stream.read(SOURCE_CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"tasks file {path!r} holds more than {limit} bytes, more than enqueue reads at once "
+                             "(every line is checked before any is sent): split it, and enqueue each part")
+    return bytes(data)
 
 
 def source_name(path: str) -> str:

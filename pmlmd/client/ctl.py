@@ -1086,6 +1086,9 @@ def cmd_enqueue(parser, args) -> int:
                                      enqueue.source_name(args.tasks_file))
     except ValueError as e:
         parser.error(str(e))
+    except MemoryError:
+        parser.error(f"not enough memory to hold the tasks of {enqueue.source_name(args.tasks_file)} (every line is "
+                     "checked before any is sent): split it and enqueue each part, or raise ulimit -v")
     except enqueue.Failed as e:
         print(_printable(f"pmlmctl: {e}"), file=sys.stderr)
         return e.status
