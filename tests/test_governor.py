@@ -282,6 +282,17 @@ def test_held_back_says_why_a_batch_of_which_nothing_runs_waits_as_decide_has_it
     assert bool(admitted) == (says is None), admitted
 
 
+def test_a_margin_above_a_low_limit_still_leaves_room_below_it():
+    # --cpu-limit 8 (5 cores of a 64-core node) with the default margin of 10 points: 8 - 10 is
+    # below zero, and a second worker would never have been admitted beside the first. The margin
+    # is at most half the limit: below 4 % more are admitted, above it none.
+    low = dataclasses.replace(LIMITS, cpu_limit=8.0, cpu_margin=10.0)
+    assert low.margin == 4.0 and LIMITS.margin == LIMITS.cpu_margin
+    running, light = [worker(1, cpu=1.0)], dataclasses.replace(WORK, avg_cpu=1.0)
+    assert [d.action for d in decide(node(cpu=3.0), running, light, low)] == [SPAWN]
+    assert decide(node(cpu=5.0), running, light, low) == []
+
+
 def test_cpu_over_limit_admits_nothing():
     assert decide(node(cpu=90.0), [], WORK, LIMITS) == []
 

@@ -141,6 +141,13 @@ class Limits:
     def memory_limit_bytes(self, total: int) -> int:
         return int(total * self.memfree_limit / 100)
 
+    @property
+    def margin(self) -> float:
+        """cpu_margin as the rules apply it: at most half of cpu_limit. A margin at or above a low
+        limit (--cpu-limit 8 on a big node, the default margin 10) would leave no CPU below which
+        a worker is continued or admitted beside others: one worker at a time however many fit."""
+        return min(self.cpu_margin, self.cpu_limit / 2)
+
 
 @dataclass(frozen=True)
 class WorkerView:
@@ -253,7 +260,7 @@ def refresh_due(sample: NodeSample, limits: Limits, since_refresh: float, paused
     near_memory = free_bytes(sample, limits) < limits.memory_limit_bytes(sample.mem_total) + limits.memory_gap
     if near_memory and since_refresh >= FAST_REFRESH:
         return True
-    taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin
+    taking_turns = paused and sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.margin
     return taking_turns and since_refresh >= limits.interval / 4
 
 
@@ -463,7 +470,7 @@ def cpu_rule(s: _Situation) -> list[Decision]:
     for w in victim_order(burners, limits.victim, "cpu"):
         if covered >= excess:
             break
-        alone_fits = w.cpu <= limits.cpu_limit + limits.cpu_margin / 2  # half the margin absorbs tick noise
+        alone_fits = w.cpu <= limits.cpu_limit + limits.margin / 2  # half the margin absorbs tick noise
         if left_running == 1 and alone_fits and cpu - covered - w.cpu <= limits.cpu_limit:
             break  # the last runner fits the limit alone and the rest of the node is within it: keep it
         left_running -= 1
@@ -480,7 +487,7 @@ def calm_rule(s: _Situation) -> list[Decision]:
     """5. Within the limits: continue a paused worker, take turns, or admit."""
     limits, seen = s.limits, s.seen
     cpu_now = s.cpu or 0.0
-    calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
+    calm = cpu_now <= limits.cpu_limit - limits.margin
     if not s.paused:
         return s.admit()
     ready = [w for w in s.paused if s.sample.time - w.paused_at >= limits.interval]
@@ -563,7 +570,7 @@ def _admit(demands: list[Workload], workers: Sequence[WorkerView], running: list
     if sum(d.queued for d in demands) <= 0:
         return []
     cpu_now = cpu or 0.0
-    calm = cpu_now <= limits.cpu_limit - limits.cpu_margin
+    calm = cpu_now <= limits.cpu_limit - limits.margin
     room = limits.max_workers - len(workers)
     if room <= 0 or (running and not calm):
         return []
@@ -642,7 +649,7 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
     turned = sorted((w for w in busy if w.cpu is not None and w.running_since is not None
                      and sample.time - w.running_since >= turn),
                     key=lambda w: (w.running_since, repr(w.key)))
-    if not waiting or not turned or cpu_now > limits.cpu_limit + limits.cpu_margin / 2:
+    if not waiting or not turned or cpu_now > limits.cpu_limit + limits.margin / 2:
         return []
     out, back = turned[0], waiting[0]
     why = (f"{seen}, cpu {cpu_now:.0f}% of limit {limits.cpu_limit:.0f}%: taking turns: worker paused "
@@ -669,7 +676,7 @@ def held_back(sample: NodeSample, limits: Limits, others_run: bool) -> str | Non
     if free < limit + limits.memory_gap:
         return (f"{metric} memory {_mib(free)} leaves less than the gap {_mib(limits.memory_gap)} above the batch's "
                 f"memory limit {_mib(limit)}: a first worker needs that headroom (memory_gap)")
-    calm = limits.cpu_limit - limits.cpu_margin
+    calm = limits.cpu_limit - limits.margin
     if others_run and sample.cpu_pct is not None and sample.cpu_pct > calm:
         return (f"cpu {sample.cpu_pct:.0f}% is above the batch's cpu limit less its margin ({calm:g}%): its tasks "
                 "start once other work leaves that room")
@@ -780,7 +787,7 @@ def next_interval(previous: NodeSample | None, sample: NodeSample, limits: Limit
                 interval = min(interval, distance / falling / 2)
     else:
         interval = base / 5  # already below the floor: watch closely
-    if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.cpu_margin:
+    if sample.cpu_pct is not None and sample.cpu_pct > limits.cpu_limit - limits.margin:
         interval = min(interval, base / 4)  # often enough for turns (rule 5) to be taken on time
     shortest = SHORTEST_INTERVAL if falling >= FALLING_FAST else 2 * SHORTEST_INTERVAL
     return max(shortest, min(longest, interval))

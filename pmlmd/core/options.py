@@ -62,7 +62,8 @@ LIMIT_OPTIONS: tuple[LimitOption, ...] = (
     LimitOption("cpu_limit", "node-wide CPU utilisation over all cores to stay under", "PCT",
                 stricter=min, refuse_looser=True),
     LimitOption("cpu_margin", "CPU must fall this many points below the limit before workers are "
-                "continued or admitted while others run", "PCT", stricter=max, refuse_looser=True),
+                "continued or admitted while others run (at most half the limit)", "PCT", stricter=max,
+                refuse_looser=True),
     LimitOption("memfree_limit", "share of total memory that must stay free", "PCT",
                 stricter=max, refuse_looser=True),
     LimitOption("memory_metric", "what counts as free: MemAvailable (includes reclaimable cache) "
