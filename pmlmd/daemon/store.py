@@ -29,8 +29,7 @@ a lost one only when asked: a file ``start-empty`` in the state directory, remov
 The mark a recovery goes on above is written into the restored (or empty) database at once, so
 that later starts of a state that is whole again go on above it too.
 
-One pmlmd per state. A Store holds an exclusive flock(2) on ``lock`` in the state directory
-while it is open (the kernel lets go of it when its process ends, however it ends); a second
+One pmlmd per state. A Store holds an exclusive flock(2) on the state directory while it is open (the kernel lets go of it when its process ends, however it ends); a second
 pmlmd on the same directory, which would adopt and run the first one's workers and tasks again,
 is refused at start.
 """
@@ -59,7 +58,6 @@ SCHEMA_VERSION = 4
 MARKER = "last-batch-id"  # the highest batch id that may have been handed out; written atomically
 BACKUP = "state.db.backup"
 START_EMPTY = "start-empty"  # asks a start to go on with an empty state over a lost one
-LOCK = "lock"  # held (flock) by the one pmlmd that uses the state; holds its pid
 ID_BLOCK = 64  # last-batch-id is written once per this many ids
 BACKUP_INTERVAL = 300.0  # seconds, at least, between backups made while the daemon runs
 
@@ -269,22 +267,21 @@ class Store:
             raise
 
     def _lock(self) -> int:
-        """The state directory's lock, taken (see the module's docstring); raises StoreError when
-        another process holds it."""
-        fd = os.open(self._file(LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+        """The state directory's lock, taken (see the module's docstring): a flock(2) on the
+        directory itself, which needs no file made or written (a start on a full disk runs);
+        raises StoreError when another process holds it."""
+        fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 24, 0).strip()
+            holder = _flock_holder(fd)
             os.close(fd)
-            who = f" (pid {holder.decode()})" if holder.isdigit() else ""
+            who = f" (pid {holder})" if holder is not None else ""
             raise StoreError(f"another pmlmd{who} uses the state in {self.state_dir}: stop it first, or give this "
                              "one a state directory of its own (--state-dir, state_dir in pmlmd.toml)") from None
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         return fd
 
     def _start(self) -> None:
@@ -315,15 +312,17 @@ class Store:
             last = self._last_seq()
             if last:
                 self._write_marker(last)  # a state of an older pmlmd: mark it as existing
-        if self.floor > self._last_seq() and not self.read_only:
+        if self.floor > self._last_seq():
             # Recovered: the restored or empty database goes on above the mark from now on, not
-            # only in this run (a later start finds it whole and takes its ids from it).
-            try:
-                with self.db:
-                    self.db.execute("BEGIN IMMEDIATE")
-                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.floor),))
-            except sqlite3.OperationalError as e:  # no space: this run goes on above it all the same
-                log.warning("cannot write the recovered mark %d into %s yet: %s", self.floor, self.path, e)
+            # only in this run (a later start finds it whole and takes its ids from it). On a full
+            # disk the write waits with the others (retry); ids go on above the mark meanwhile.
+            self._write(("floor",), self._write_floor)
+
+    def _write_floor(self) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self._last_seq() < self.floor:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.floor),))
 
     def _cannot(self, e: Exception) -> StoreError:
         return StoreError(f"cannot use the state database {self.path}: {e}; check that --state-dir (state_dir "
@@ -1086,6 +1085,22 @@ def _damage(path: str) -> str | None:
         return f"damaged ({e})"
     except OSError as e:
         return f"unreadable ({e.strerror})"
+    return None
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The pid holding a flock(2) on ``fd``'s file, from /proc/locks (proc(5): "FLOCK ... PID
+    MAJOR:MINOR:INODE", device numbers in hex); None when it cannot be told."""
+    info = os.fstat(fd)
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted and fields[4].isdigit():
+                    return int(fields[4])
+    except OSError:
+        pass
     return None
 
 
