@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from pmlmd.client import ctl
 
 from pmlmd.node import output
@@ -259,16 +261,26 @@ def test_task_files_forward_whole_lines(tmp_path):
     assert lines[2:] == [(0, "stdout", b"two"), (0, "stdout", b"three")]
 
 
-def test_results_of_an_attempt_hold_its_exit_status(tmp_path):
-    results = tmp_path / "res"
+@pytest.mark.parametrize("where", ["beside", "tmpfs"])
+def test_results_of_an_attempt_hold_its_exit_status(tmp_path, where):
+    # On another file system than pmlmd's copy of the output (/dev/shm: tmpfs), where
+    # copy_file_range(2) refuses to copy (EXDEV).
+    if where == "tmpfs" and (not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev):
+        pytest.skip("no /dev/shm on a file system of its own here")
+    results = (tmp_path if where == "beside" else Path(tempfile.mkdtemp(dir="/dev/shm"))) / "res"
+    on_tmpfs = where == "tmpfs"
     files = output.TaskFiles(str(tmp_path / "out"), limit=1 << 20)
     run, task = _Run("1", results=str(results)), _Task(4)
     out_fd, _ = files.open(run, task, 1)
     os.write(out_fd, b"x\n")
-    files.ended(run, task, Attempt(number=1, pid=None, start=0.0, signal=9))
-    assert (results / "4" / "stdout").read_text() == "x\n"
-    assert (results / "4" / "stderr").read_text() == ""
-    assert (results / "4" / "exit").read_text() == "137\n"
+    try:
+        files.ended(run, task, Attempt(number=1, pid=None, start=0.0, signal=9))
+        assert (results / "4" / "stdout").read_text() == "x\n"
+        assert (results / "4" / "stderr").read_text() == ""
+        assert (results / "4" / "exit").read_text() == "137\n"
+    finally:
+        if on_tmpfs:
+            shutil.rmtree(results.parent, ignore_errors=True)
 
 
 def test_keep_only_removes_the_output_of_batches_the_state_has_forgotten(tmp_path):

@@ -349,6 +349,11 @@ def results_file(directory: str, index: int, name: str, credentials) -> int:
                              credentials)
 
 
+def _send(source: int, target: int, count: int, offset: int) -> int:
+    """copy_file_range's call, made with sendfile(2)."""
+    return os.sendfile(target, source, offset, count)
+
+
 def write_results(directory: str, index: int, sources: dict[str, str], attempt, credentials) -> None:
     """``--results`` for a daemon batch: DIRECTORY/TASK/stdout and stderr get what the task's files
     kept (see TaskFiles), DIRECTORY/TASK/exit its exit status; all made as the submitting user
@@ -362,8 +367,19 @@ def write_results(directory: str, index: int, sources: dict[str, str], attempt, 
             continue
         try:
             offset, size = first_kept(source), os.fstat(source).st_size
+            copy = os.copy_file_range
             while offset < size:
-                copied = os.copy_file_range(source, target, size - offset, offset)
+                try:
+                    copied = copy(source, target, size - offset, offset)
+                except OSError as e:
+                    # copy_file_range(2) copies within one file system type only (EXDEV from the
+                    # state's to a results directory on another, EINVAL or ENOSYS elsewhere):
+                    # sendfile(2) takes any regular file, as copy_file_range advances the target.
+                    if copy is _send or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                                               errno.EOPNOTSUPP):
+                        raise
+                    copy = _send
+                    continue
                 if copied == 0:
                     break
                 offset += copied
