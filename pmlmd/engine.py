@@ -35,9 +35,9 @@ from .core.batch import (CAUSE_BAD_MESSAGE, FAILED, FINISHED, HALT_NOW, QUEUED, 
                     Attempt, Batch, Task, describe_end)
 from .broker.intake import REFUSED
 from .core.governor import (CONTINUE, CRITICAL, ENDING, PAUSE, PAUSED, RUNNING, SPAWN, Decision, Finished, Limits,
-                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, give_back, intake_credit,
-                       next_interval, rate_reference, refresh_due, sampling_pace, within_backlog,
-                       workload)
+                       NodeSample, WorkerView, Workload, decide_batches, free_bytes, give_back, held_back,
+                       intake_credit, next_interval, node_cpu, rate_reference, refresh_due, sampling_pace,
+                       within_backlog, workload)
 from .core.governor import quiet as governor_quiet
 from .node.sampler import (CLOCK_TICKS, GroupUsage, NodeSampler, PressureTrigger, ProcReader, ThreadClocks, group_usage,
                       usage_of)
@@ -466,6 +466,16 @@ class Engine:
 
     def workers_of(self, run: BatchRun) -> list[Worker]:
         return [w for w in self.workers.values() if w.run is run]
+
+    def waiting(self, run: BatchRun, sample: NodeSample) -> str | None:
+        """Why the node starts none of ``run``'s waiting tasks at ``sample`` while none of its
+        workers is there (governor.held_back, by the rules of decide_batches); None otherwise, or
+        when the node is not the reason."""
+        if run.held or not run.batch.queue or self.workers_of(run):
+            return None
+        views = [w.view() for w in self.workers.values()]
+        return held_back(sample, node_cpu(sample, views), self.limits, run.limits,
+                         any(v.state == RUNNING for v in views), self._workload(run).peak_rss is not None)
 
     @property
     def workers(self) -> dict[int, Worker]:

@@ -6,7 +6,7 @@ import pytest
 
 from pmlmd.core.governor import (CONTINUE, CRITICAL, HELD, KILL, PAUSE, PAUSED, RUNNING, SPAWN, TERMINATE, TERMINATING,
                                  GIVE_BACK_AFTER, Decision, Limits, NodeSample, RATE_SPAN, SHORTEST_INTERVAL, WorkerView,
-                                 Workload, decide, give_back, held_back, intake_credit, next_interval, node_cpu, quiet, rate_reference,
+                                 Workload, decide, decide_batches, give_back, held_back, intake_credit, next_interval, node_cpu, quiet, rate_reference,
                                  sampling_pace, within_backlog)
 
 MiB = 1 << 20
@@ -263,22 +263,32 @@ def test_the_node_figure_with_a_worker_just_continued_is_at_most_100():
     assert (pause.action, pause.worker) == (PAUSE, 1) and pause.reason.startswith("cpu 100% > limit 50%"), pause
 
 
-@pytest.mark.parametrize("sample, others_run, says", [
-    (node(free=200 * MiB), False, "available memory 200MiB is below the batch's floor 300MiB (min_free)"),
-    (node(free=2 * GiB), False, "below the batch's memory limit 3277MiB (memfree_limit 20% of 16384MiB)"),
-    (node(free=LIMIT + 100 * MiB), False, "leaves less than the gap 200MiB above the batch's memory limit"),
-    (node(cpu=75.0), True, "cpu 75% is above the batch's cpu limit less its margin (70%)"),
-    (node(cpu=75.0), False, None),  # nothing else runs: one worker may always try
-    (node(), True, None),
+STRICT = dataclasses.replace(LIMITS, cpu_limit=50.0)  # a batch that asked for --cpu-limit 50
+
+
+@pytest.mark.parametrize("sample, batch, others_run, profiled, says", [
+    (node(free=200 * MiB), LIMITS, False, False, "available memory 200MiB is below the batch's floor 300MiB"),
+    (node(free=2 * GiB), LIMITS, False, False,
+     "below the batch's memory limit 3277MiB (memfree_limit 20% of 16384MiB)"),
+    (node(free=LIMIT + 100 * MiB), LIMITS, False, False, "leaves less than the gap 200MiB above"),
+    (node(free=LIMIT + 100 * MiB), LIMITS, False, True, None),  # packed by its profile in the gap
+    (node(cpu=95.0), LIMITS, False, False, "cpu 95% is above the node's cpu limit 80%"),  # others' load
+    (node(cpu=60.0), STRICT, False, False, "cpu 60% is above the batch's cpu limit 50%"),
+    (node(cpu=45.0), STRICT, True, False, None),  # the node's calm line (70 %) is the one for others
+    (node(cpu=75.0), LIMITS, True, False, "cpu 75% is above the node's cpu limit less its margin (70%)"),
+    (node(cpu=75.0), LIMITS, False, False, None),  # nothing else runs: one worker may always try
+    (node(), LIMITS, True, False, None),
 ])
-def test_held_back_says_why_a_batch_of_which_nothing_runs_waits_as_decide_has_it(sample, others_run, says):
-    reason = held_back(sample, LIMITS, others_run)
+def test_held_back_says_why_a_batch_of_which_nothing_runs_waits_as_decide_has_it(sample, batch, others_run,
+                                                                                  profiled, says):
+    reason = held_back(sample, sample.cpu_pct, LIMITS, batch, others_run, profiled)
     assert reason == says if says is None else says in reason, reason
-    # decide agrees: a new batch (nothing measured) is admitted exactly when nothing holds it back.
-    fresh = Workload(queued=3, key="new")
-    workers = [worker(9, cpu=60.0)] if others_run else []  # another batch's
-    admitted = [d for d in decide(sample, workers, [Workload(queued=0, key="other"), fresh], LIMITS)
-                if d.action == SPAWN]
+    # decide_batches agrees: the batch (nothing of it runs) is admitted exactly when nothing holds it back.
+    new = Workload(queued=3, key="new", peak_rss=50 * MiB if profiled else None)
+    workers = [dataclasses.replace(worker(9, cpu=40.0), batch="other")] if others_run else []
+    stricter = {"new": (batch, new)} if batch != LIMITS else {}
+    admitted = [d for d in decide_batches(sample, workers, [Workload(queued=0, key="other"), new], LIMITS, stricter)
+                if d.action == SPAWN and d.count > 0]
     assert bool(admitted) == (says is None), admitted
 
 

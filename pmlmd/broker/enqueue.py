@@ -318,13 +318,14 @@ def read_source(path: str, limit: int = SOURCE_LIMIT) -> bytes:
 
 
 def _bounded(stream, path: str, limit: int) -> bytes:
-    data = bytearray()
+    chunks, total = [], 0
     while chunk := stream.read(SOURCE_CHUNK):
-        data += chunk
-        if len(data) > limit:
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
             raise ValueError(f"tasks file {path!r} holds more than {limit} bytes, more than enqueue reads at once "
                              "(every line is checked before any is sent): split it, and enqueue each part")
-    return bytes(data)
+    return b"".join(chunks)
 
 
 def source_name(path: str) -> str:

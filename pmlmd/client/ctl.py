@@ -1176,7 +1176,8 @@ def _owner_text(b: dict) -> str:
 
 def _batch_line(b: dict) -> str:
     """One batch summary as a line under BATCH_HEADER."""
-    # Escaped before they are cut to their columns, so that an escape is never cut in two.
+    # Escaped, then cut to their columns: a long name may lose the end of an escape there, but no
+    # control character reaches the terminal.
     name = _printable(str(b.get("name") or "-"))
     priority = "-" if b.get("priority") is None else b["priority"]
     return _printable(f"{b['batch']:>6}  {name[:16]:<16}  {_printable(_owner_text(b))[:10]:<10}  {priority:>4}  "

@@ -658,28 +658,39 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
             Decision(CONTINUE, back.key, rule="turn", reason=f"{why} pauses")]
 
 
-def held_back(sample: NodeSample, limits: Limits, others_run: bool) -> str | None:
-    """Why a batch with ``limits`` whose tasks wait, and of which nothing runs, starts none at
-    ``sample``, where the node is the reason (one line, for ``status``): free memory below its
-    floor, its memory limit, or the gap above that limit (the headroom a new worker needs), or,
-    while other batches' workers run (``others_run``), CPU above its limit less the margin (the
-    rules of ``decide``). None when the node holds it back in none of these ways."""
-    free = free_bytes(sample, limits)
-    limit = limits.memory_limit_bytes(sample.mem_total)
-    metric = "available" if limits.memory_metric == "available" else "free"
-    if free < limits.min_free:
-        return (f"{metric} memory {_mib(free)} is below the batch's floor {_mib(limits.min_free)} (min_free): "
+def held_back(sample: NodeSample, cpu: float | None, node: Limits, batch: Limits, others_run: bool,
+              profiled: bool) -> str | None:
+    """Why a batch with limits ``batch`` (the node's ``node``, made stricter) whose tasks wait,
+    and of which nothing runs, starts none at ``sample``, where the node is the reason (one line,
+    for ``status``); None when the node holds it back in none of these ways. ``cpu``: the node's
+    CPU as decide counts it (node_cpu); ``others_run``: other batches' workers run; ``profiled``:
+    a worker of the batch has finished (its memory profile, Workload.peak_rss).
+
+    The rules of decide_batches: a batch is admitted when both the node's verdict and its own
+    (its limits, its workers: none) admit it. Memory: free below its floor, its memory limit, or
+    (without a profile) the gap above that limit a first worker needs. CPU: above its limit or
+    the node's; or, while other workers run, above the node's limit less the margin."""
+    free = free_bytes(sample, batch)
+    limit = batch.memory_limit_bytes(sample.mem_total)
+    metric = "available" if batch.memory_metric == "available" else "free"
+    if free < batch.min_free:
+        return (f"{metric} memory {_mib(free)} is below the batch's floor {_mib(batch.min_free)} (min_free): "
                 "its tasks start once that much is free")
     if free < limit:
         return (f"{metric} memory {_mib(free)} is below the batch's memory limit {_mib(limit)} (memfree_limit "
-                f"{limits.memfree_limit:g}% of {_mib(sample.mem_total)}): its tasks start once that much is free")
-    if free < limit + limits.memory_gap:
-        return (f"{metric} memory {_mib(free)} leaves less than the gap {_mib(limits.memory_gap)} above the batch's "
+                f"{batch.memfree_limit:g}% of {_mib(sample.mem_total)}): its tasks start once that much is free")
+    if free < limit + batch.memory_gap and not profiled:
+        return (f"{metric} memory {_mib(free)} leaves less than the gap {_mib(batch.memory_gap)} above the batch's "
                 f"memory limit {_mib(limit)}: a first worker needs that headroom (memory_gap)")
-    calm = limits.cpu_limit - limits.margin
-    if others_run and sample.cpu_pct is not None and sample.cpu_pct > calm:
-        return (f"cpu {sample.cpu_pct:.0f}% is above the batch's cpu limit less its margin ({calm:g}%): its tasks "
-                "start once other work leaves that room")
+    if cpu is None:
+        return None
+    if cpu > batch.cpu_limit:
+        whose = "the node's" if batch.cpu_limit == node.cpu_limit else "the batch's"
+        return f"cpu {cpu:.0f}% is above {whose} cpu limit {batch.cpu_limit:g}%: its tasks start once it is below"
+    calm = node.cpu_limit - node.margin
+    if others_run and cpu > calm:
+        return (f"cpu {cpu:.0f}% is above the node's cpu limit less its margin ({calm:g}%), with other work "
+                "running: its tasks start once that work leaves room")
     return None
 
 

@@ -201,7 +201,7 @@ def _socket_mode_bits(value: Any) -> int:
     and execute bits: set-user-ID, set-group-ID and sticky mean nothing on a socket."""
     if not _is_number(value) or isinstance(value, float) or not 0 <= value <= 0o777:
         raise ValueError(f"expected permission bits from 0000 to 0777 (no set-user-ID, set-group-ID or sticky "
-                         f"bit: they mean nothing on a socket), got {_show(value) if not _is_number(value) else format(value, '04o')}")
+                         f"bit: they mean nothing on a socket), got {format(value, '04o') if isinstance(value, int) and not isinstance(value, bool) else _show(value)}")
     return value
 
 

@@ -40,7 +40,7 @@ from ..node.loop import Loop
 from ..node.output import TaskFiles
 from ..node.joblog import Joblog
 from ..node.peerlimit import PeerLimit
-from ..core.governor import HELD, PAUSED, RUNNING, free_bytes, held_back
+from ..core.governor import HELD, PAUSED, RUNNING, free_bytes
 from ..core.options import LIMIT_OPTIONS, tighten
 from .store import Store, StoreError, StoredBatch, Unwritable, looks_like_report
 from ..core.summary import STATE_FAILED, BatchSummary, IntakeStatus, summarize
@@ -217,12 +217,14 @@ def _account(user: str) -> pwd.struct_passwd:
         return pwd.getpwnam(user)
     except KeyError:
         pass
-    if user.isascii() and user.isdigit():
+    except (ValueError, UnicodeError):  # a NUL in it, or text that is no name
+        raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: {user[:64]!r} is no user name or uid") from None
+    if user.isascii() and user.isdigit() and len(user) <= 20:
         try:
             return pwd.getpwuid(int(user))
         except (KeyError, OverflowError):
             pass
-    raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {user!r} (a user name or a uid)")
+    raise protocol.ProtocolError(protocol.BAD_FIELD, f"submit: no such user {user[:64]!r} (a user name or a uid)")
 
 
 class Daemon:
@@ -736,16 +738,20 @@ class Daemon:
         sample = self._fresh_sample()
         if sample is None:
             return
-        limits, total = tighten(self.engine.limits, **self._asked(args)), sample.mem_total
-        limit = limits.memory_limit_bytes(total)
-        if max(limits.min_free, limit + limits.memory_gap) < total:
-            return
-        need = (f"min_free {format_size(limits.min_free)}" if limits.min_free >= limit + limits.memory_gap else
-                f"memfree_limit {limits.memfree_limit:g}% ({format_size(limit)}) plus memory_gap "
-                f"{format_size(limits.memory_gap)}")
-        raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: the batch's limits ask for {need} free before a "
-                                     f"first task starts, and this node has {format_size(total)} of memory in all: "
-                                     "no task could ever start; ask for lower memory limits")
+        total = sample.mem_total
+        for limits, whose, fix in (
+                (self.engine.limits, f"pmlmd's own [limits] (in {self.config_path or DEFAULT_CONFIG_PATH})",
+                 "the administrator must lower them (pmlmd.toml(5))"),
+                (tighten(self.engine.limits, **self._asked(args)), "the batch's limits", "ask for lower memory limits")):
+            limit = limits.memory_limit_bytes(total)
+            if max(limits.min_free, limit + limits.memory_gap) < total:
+                continue
+            need = (f"min_free {format_size(limits.min_free)}" if limits.min_free >= limit + limits.memory_gap else
+                    f"memfree_limit {limits.memfree_limit:g}% ({format_size(limit)}) plus memory_gap "
+                    f"{format_size(limits.memory_gap)}")
+            raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: {whose} ask for {need} free before a first "
+                                         f"task starts, and this node has {format_size(total)} of memory in all: no "
+                                         f"task could ever start; {fix}")
 
     @staticmethod
     def _asked(args: dict) -> dict:
@@ -917,9 +923,14 @@ class Daemon:
         self._may_submit(uid, gid, groups)
         if args["user"] is not None:
             entry = _account(args["user"])
-            if uid != 0 and entry.pw_uid != uid:
-                raise Denied("only root may submit a batch to run as another user")
-            uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
+            if uid != 0:
+                if entry.pw_uid != uid:
+                    raise Denied("only root may submit a batch to run as another user")
+                # Their own account: the batch is theirs as without --user. (A batch with --user is
+                # one root vouches for: it goes on when its owner leaves the group.)
+                args = dict(args, user=None)
+            else:
+                uid, gid, groups = entry.pw_uid, entry.pw_gid, user_groups(entry.pw_uid, entry.pw_gid)
         owner = procctl.Credentials(uid, gid, tuple(groups))
         return self._start("submit", args, owner, peer, request.request_id)
 
@@ -929,6 +940,8 @@ class Daemon:
         if os.geteuid() != 0 and uid != os.geteuid():
             raise Denied(f"pmlmd runs as uid {os.geteuid()} and cannot start workers as uid {uid}")
         self._check_quotas(req, args, uid, peer)
+        self._refuse_looser(args)
+        self._refuse_impossible(req, args)
         # Every spawn enters the directory as the user again (it may change meanwhile); checked
         # here too, so that a directory the user cannot enter is refused at once, not task by task.
         try:
@@ -941,8 +954,6 @@ class Daemon:
             except OSError as e:
                 raise protocol.ProtocolError(protocol.BAD_FIELD, f"{req}: cannot make the results directory "
                                              f"{args['results']}: {e.strerror}") from None
-        self._refuse_looser(args)
-        self._refuse_impossible(req, args)
         joblog = None
         if args["joblog"] is not None:
             try:
@@ -1150,14 +1161,9 @@ class Daemon:
                     "max_workers": limits.max_workers}).to_json(), request.request_id)
 
     def _waiting(self, run: BatchRun) -> str | None:
-        """Why the node starts none of the batch's waiting tasks now (governor.held_back), while
-        none of its workers is there; None otherwise, or when the node is not the reason."""
-        if run.held or not run.batch.queue or any(w.run is run for w in self.engine.workers.values()):
-            return None
+        """Why the node starts none of the batch's waiting tasks now (Engine.waiting)."""
         sample = self._fresh_sample()
-        if sample is None:
-            return None
-        return held_back(sample, run.limits, any(w.view().state == RUNNING for w in self.engine.workers.values()))
+        return None if sample is None else self.engine.waiting(run, sample)
 
     def _containment(self) -> str:
         """How workers are held, for the ready line and status: one line."""
