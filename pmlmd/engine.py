@@ -475,7 +475,7 @@ class Engine:
             return None
         views = [w.view() for w in self.workers.values()]
         return held_back(sample, node_cpu(sample, views), self.limits, run.limits,
-                         any(v.state == RUNNING for v in views), self._workload(run).peak_rss is not None)
+                         any(v.state == RUNNING for v in views), self._workload(run).peak_rss is not None, len(views))
 
     @property
     def workers(self) -> dict[int, Worker]:

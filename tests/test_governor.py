@@ -267,6 +267,7 @@ STRICT = dataclasses.replace(LIMITS, cpu_limit=50.0)  # a batch that asked for -
 
 
 @pytest.mark.parametrize("sample, batch, others_run, profiled, says", [
+    (node(cpu=20.0), LIMITS, 8, False, "the node has as many workers as it may (max_workers 8)"),
     (node(free=200 * MiB), LIMITS, False, False, "available memory 200MiB is below the batch's floor 300MiB"),
     (node(free=2 * GiB), LIMITS, False, False,
      "below the batch's memory limit 3277MiB (memfree_limit 20% of 16384MiB)"),
@@ -281,11 +282,13 @@ STRICT = dataclasses.replace(LIMITS, cpu_limit=50.0)  # a batch that asked for -
 ])
 def test_held_back_says_why_a_batch_of_which_nothing_runs_waits_as_decide_has_it(sample, batch, others_run,
                                                                                   profiled, says):
-    reason = held_back(sample, sample.cpu_pct, LIMITS, batch, others_run, profiled)
+    # others_run: how many workers of another batch run (True: one).
+    workers = [dataclasses.replace(worker(9 + i, cpu=40.0 / int(others_run)), batch="other")
+               for i in range(int(others_run))]
+    reason = held_back(sample, sample.cpu_pct, LIMITS, batch, bool(others_run), profiled, len(workers))
     assert reason == says if says is None else says in reason, reason
     # decide_batches agrees: the batch (nothing of it runs) is admitted exactly when nothing holds it back.
     new = Workload(queued=3, key="new", peak_rss=50 * MiB if profiled else None)
-    workers = [dataclasses.replace(worker(9, cpu=40.0), batch="other")] if others_run else []
     stricter = {"new": (batch, new)} if batch != LIMITS else {}
     admitted = [d for d in decide_batches(sample, workers, [Workload(queued=0, key="other"), new], LIMITS, stricter)
                 if d.action == SPAWN and d.count > 0]

@@ -659,17 +659,19 @@ def _turn(sample: NodeSample, running: list[WorkerView], paused: list[WorkerView
 
 
 def held_back(sample: NodeSample, cpu: float | None, node: Limits, batch: Limits, others_run: bool,
-              profiled: bool) -> str | None:
+              profiled: bool, workers: int = 0) -> str | None:
     """Why a batch with limits ``batch`` (the node's ``node``, made stricter) whose tasks wait,
     and of which nothing runs, starts none at ``sample``, where the node is the reason (one line,
     for ``status``); None when the node holds it back in none of these ways. ``cpu``: the node's
     CPU as decide counts it (node_cpu); ``others_run``: other batches' workers run; ``profiled``:
-    a worker of the batch has finished (its memory profile, Workload.peak_rss).
+    a worker of the batch has finished (its memory profile, Workload.peak_rss); ``workers``: how
+    many workers the node has (max_workers caps them).
 
     The rules of decide_batches: a batch is admitted when both the node's verdict and its own
     (its limits, its workers: none) admit it. Memory: free below its floor, its memory limit, or
     (without a profile) the gap above that limit a first worker needs. CPU: above its limit or
-    the node's; or, while other workers run, above the node's limit less the margin."""
+    the node's. The node's most workers (max_workers) running already. Or, while other workers
+    run, CPU above the node's limit less the margin."""
     free = free_bytes(sample, batch)
     limit = batch.memory_limit_bytes(sample.mem_total)
     metric = "available" if batch.memory_metric == "available" else "free"
@@ -687,6 +689,9 @@ def held_back(sample: NodeSample, cpu: float | None, node: Limits, batch: Limits
     if cpu > batch.cpu_limit:
         whose = "the node's" if batch.cpu_limit == node.cpu_limit else "the batch's"
         return f"cpu {cpu:.0f}% is above {whose} cpu limit {batch.cpu_limit:g}%: its tasks start once it is below"
+    if workers >= node.max_workers:
+        return (f"the node has as many workers as it may (max_workers {node.max_workers}): its tasks start as "
+                "others end")
     calm = node.cpu_limit - node.margin
     if others_run and cpu > calm:
         return (f"cpu {cpu:.0f}% is above the node's cpu limit less its margin ({calm:g}%), with other work "
